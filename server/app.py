@@ -1,0 +1,103 @@
+"""Wires the server from one Settings object: Redis, the plan, the rater, the servicers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from creditline.rating import IncrementRater, Plan, load_plan
+from creditline.redis_process import RedisProcess
+from creditline.service import AdminService, ChargingService
+from creditline.settings import Settings
+from creditline.store import Store
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    redis: Redis
+    plan: Plan
+
+
+def redis_client(url: str, settings: Settings) -> Redis:
+    # BlockingConnectionPool waits for a free connection under load; the default pool
+    # raises MaxConnectionsError instead (shared/reference/performance-floor.md).
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections,
+        timeout=settings.redis_call_timeout_s,
+        socket_timeout=settings.redis_call_timeout_s,
+        socket_connect_timeout=settings.redis_call_timeout_s,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def start_server(settings: Settings, redis_url: str) -> RunningServer:
+    """Builds and starts the gRPC server; the caller stops it (stop_server)."""
+    plan = load_plan(Path(settings.plan_path))
+    redis = redis_client(redis_url, settings)
+    store = Store(redis, settings.answer_retention_s)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ])
+    charging_pb2_grpc.add_ChargingServicer_to_server(
+        ChargingService(store, plan, IncrementRater(), settings), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(store, settings), server)
+    port = server.add_insecure_port(settings.listen_address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {settings.listen_address}")
+    await server.start()
+    return RunningServer(server=server, port=port, redis=redis, plan=plan)
+
+
+async def stop_server(running: RunningServer, grace_s: float) -> None:
+    # The grace lets calls in flight finish: a script either ran whole or not at all,
+    # but the client should get its answer rather than a cancelled call.
+    await running.server.stop(grace_s)
+    await running.redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def redis_for(settings: Settings) -> AsyncIterator[str]:
+    """The Redis URL to use: the configured one, or an embedded redis-server for the run."""
+    if settings.redis_url:
+        yield settings.redis_url
+        return
+    extra: tuple[str, ...] = ()
+    if settings.embedded_redis_dir:
+        extra = ("--appendonly", "yes", "--appendfsync", "always")
+    process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra)
+    process.start()
+    log.info("started embedded redis-server %s on %s (data in %s)",
+             process.binary, process.url, process.data_dir)
+    try:
+        yield process.url
+    finally:
+        process.stop()
+
+
+async def serve(settings: Settings) -> None:
+    async with redis_for(settings) as url:
+        running = await start_server(settings, url)
+        log.info("creditline listening on port %d, plan %r with %d tariffs",
+                 running.port, running.plan.name, len(running.plan.tariffs))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: finishing calls in flight for up to %.1f s",
+                 settings.shutdown_grace_s)
+        await stop_server(running, settings.shutdown_grace_s)

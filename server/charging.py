@@ -1,0 +1,251 @@
+"""The charging path between the gRPC messages and the charging script.
+
+`validate_*` check a request and name the first bad field; `script_blocks` turns the
+rating-group blocks into the script's arguments (tariff status, units, price schedule);
+`decode_*` turn the script's answer string into the protobuf answer. No I/O here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, Tariff, UnitKind
+from creditline.settings import Settings
+from creditline.v1 import charging_pb2 as pb
+
+SUCCESS = pb.SUCCESS
+INVALID = pb.INVALID_AVP_VALUE
+MISSING = pb.MISSING_AVP
+
+# Account ids become part of Redis keys inside the hash tag: no braces, no spaces.
+ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+\-]+")
+# Request numbers are unsigned 32-bit in Diameter (CC-Request-Number).
+EVENT_ACTIONS = {
+    pb.DIRECT_DEBIT: "DEBIT", pb.REFUND: "REFUND",
+    pb.CHECK_BALANCE: "CHECK", pb.PRICE_ENQUIRY: "PRICE",
+}
+_UNIT_FIELD = {
+    UnitKind.TIME: "time_s",
+    UnitKind.VOLUME: "total_octets",
+    UnitKind.SERVICE_SPECIFIC: "service_specific_units",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request refused before it reaches Redis: nothing is charged."""
+
+    result_code: int
+    message: str
+
+
+def _check_ids(session_id: str, account_id: str, settings: Settings) -> Refusal | None:
+    if not session_id:
+        return Refusal(MISSING, "session_id: missing")
+    if len(session_id.encode()) > settings.max_session_id_bytes:
+        return Refusal(INVALID, f"session_id: longer than {settings.max_session_id_bytes} bytes")
+    if not session_id.isprintable():
+        return Refusal(INVALID, "session_id: contains control characters")
+    if not account_id:
+        return Refusal(MISSING, "account_id: missing")
+    if len(account_id.encode()) > settings.max_account_id_bytes:
+        return Refusal(INVALID, f"account_id: longer than {settings.max_account_id_bytes} bytes")
+    if not ACCOUNT_ID_PATTERN.fullmatch(account_id):
+        return Refusal(INVALID, "account_id: only letters, digits and . _ : @ + - are allowed")
+    return None
+
+
+def _check_units(units: pb.Units, where: str) -> Refusal | None:
+    for field in ("time_s", "total_octets", "uplink_octets", "downlink_octets",
+                  "service_specific_units"):
+        if getattr(units, field) > MAX_SAFE_INTEGER:
+            return Refusal(INVALID, f"{where}.{field}: above the limit of {MAX_SAFE_INTEGER}")
+    if units.uplink_octets + units.downlink_octets > MAX_SAFE_INTEGER:
+        return Refusal(INVALID, f"{where}: uplink_octets + downlink_octets above the limit")
+    return None
+
+
+def _check_blocks(
+    blocks: Sequence[pb.RatingGroupRequest], settings: Settings, need_units: bool
+) -> Refusal | None:
+    if len(blocks) > settings.max_rating_groups_per_request:
+        return Refusal(INVALID, f"rating_groups: more than "
+                       f"{settings.max_rating_groups_per_request} blocks")
+    seen: set[tuple[int, int | None]] = set()
+    for index, block in enumerate(blocks):
+        where = f"rating_groups[{index}]"
+        key = (block.rating_group, block.service_id if block.HasField("service_id") else None)
+        if key in seen:
+            return Refusal(INVALID, f"{where}.rating_group: {block.rating_group} appears twice")
+        seen.add(key)
+        if block.reporting_reason not in pb.ReportingReason.values():
+            return Refusal(INVALID, f"{where}.reporting_reason: unknown value "
+                           f"{block.reporting_reason}")
+        if need_units and not block.HasField("requested"):
+            return Refusal(MISSING, f"{where}.requested: missing")
+        for name in ("requested", "used"):
+            refusal = _check_units(getattr(block, name), f"{where}.{name}")
+            if refusal:
+                return refusal
+    return None
+
+
+def validate_credit_control(
+    request: pb.CreditControlRequest, kind: str, settings: Settings
+) -> Refusal | None:
+    refusal = _check_ids(request.session_id, request.account_id, settings)
+    if refusal:
+        return refusal
+    if kind == "I" and request.request_number != 0:
+        return Refusal(INVALID, "request_number: must be 0 on Initial")
+    if kind != "I" and request.request_number == 0:
+        return Refusal(INVALID, "request_number: must be above 0 after Initial")
+    return _check_blocks(request.rating_groups, settings, need_units=False)
+
+
+def validate_event(request: pb.EventRequest, settings: Settings) -> Refusal | None:
+    refusal = _check_ids(request.session_id, request.account_id, settings)
+    if refusal:
+        return refusal
+    if request.action == pb.REQUESTED_ACTION_UNSPECIFIED:
+        return Refusal(MISSING, "action: missing")
+    if request.action not in EVENT_ACTIONS:
+        return Refusal(INVALID, f"action: unknown value {request.action}")
+    if not request.rating_groups:
+        return Refusal(MISSING, "rating_groups: at least one is required")
+    return _check_blocks(request.rating_groups, settings, need_units=True)
+
+
+def units_of(units: pb.Units, kind: UnitKind) -> int:
+    if kind is UnitKind.VOLUME and not units.HasField("total_octets"):
+        return units.uplink_octets + units.downlink_octets
+    value: int = getattr(units, _UNIT_FIELD[kind])
+    return value
+
+
+def set_units(units: pb.Units, kind: UnitKind, amount: int) -> None:
+    setattr(units, _UNIT_FIELD[kind], amount)
+
+
+@dataclass(frozen=True, slots=True)
+class RatedBlock:
+    request: pb.RatingGroupRequest
+    tariff: Tariff | None
+
+
+def script_blocks(
+    blocks: Sequence[pb.RatingGroupRequest], plan: Plan, rater: Rater,
+    event_time_unix_ms: int, default_grant: bool,
+) -> tuple[list[RatedBlock], list[int | str]]:
+    """The blocks with their tariffs, and the charging script's block arguments."""
+    rated: list[RatedBlock] = []
+    args: list[int | str] = [len(blocks)]
+    for block in blocks:
+        service_id = block.service_id if block.HasField("service_id") else None
+        tariff = plan.tariff_for(block.rating_group, service_id)
+        rated.append(RatedBlock(block, tariff))
+        block_id = str(block.rating_group) if service_id is None else (
+            f"{block.rating_group}.{service_id}")
+        if tariff is None or tariff.free:
+            status = "none" if tariff is None else "free"
+            used = 0 if tariff is None else units_of(block.used, tariff.unit_kind)
+            args += [block_id, block.rating_group, status, -1, used, 0, 0]
+            continue
+        requested = -1
+        if block.HasField("requested"):
+            requested = units_of(block.requested, tariff.unit_kind)
+            if requested == 0 and default_grant:
+                requested = tariff.default_grant_units
+        used = units_of(block.used, tariff.unit_kind)
+        schedule = rater.schedule(tariff, event_time_unix_ms)
+        args += [block_id, block.rating_group, "ok", requested, used,
+                 *schedule.as_script_args()]
+    return rated, args
+
+
+def _split_answer(answer: str) -> tuple[int, list[list[str]], str]:
+    """'<code>;<block>;...' -> (code, blocks as fields, refusal reason or '')."""
+    parts = answer.split(";")
+    code = int(parts[0])
+    if len(parts) > 1 and parts[1].startswith("!"):
+        return code, [], parts[1][1:]
+    return code, [p.split(",") for p in parts[1:]], ""
+
+
+def decode_credit_control(
+    answer: str, request: pb.CreditControlRequest, rated: Sequence[RatedBlock], plan: Plan,
+) -> pb.CreditControlAnswer:
+    code, fields, reason = _split_answer(answer)
+    result = pb.CreditControlAnswer(
+        session_id=request.session_id, request_number=request.request_number,
+        result_code=code, error_message=reason,
+        failure_handling=pb.FAILURE_HANDLING_RETRY_AND_TERMINATE,
+    )
+    for block, values in zip(rated, fields, strict=False):
+        result.rating_groups.append(_rating_group_answer(block, values, plan))
+    return result
+
+
+def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan) -> pb.RatingGroupAnswer:
+    request, tariff = block.request, block.tariff
+    code, granted, charged, final = int(values[1]), int(values[2]), int(values[3]), values[4]
+    answer = pb.RatingGroupAnswer(
+        rating_group=request.rating_group, result_code=code, charged_micros=charged)
+    if request.HasField("service_id"):
+        answer.service_id = request.service_id
+    if tariff is None or code != SUCCESS or granted == 0:
+        return answer
+    set_units(answer.granted, tariff.unit_kind, granted)
+    answer.validity_time_s = plan.validity_time_s
+    answer.quota_holding_time_s = plan.quota_holding_time_s
+    threshold = granted * plan.quota_threshold_percent // 100
+    if tariff.unit_kind is UnitKind.VOLUME:
+        answer.volume_quota_threshold_octets = threshold
+    elif tariff.unit_kind is UnitKind.TIME:
+        answer.time_quota_threshold_s = threshold
+    if final == "1":
+        fui = answer.final_unit_indication
+        fui.action = pb.FinalUnitAction.Value(tariff.final_unit_action.name)
+        fui.redirect_address = tariff.redirect_address
+        fui.restriction_filter_ids.extend(tariff.restriction_filter_ids)
+    return answer
+
+
+def decode_event(
+    answer: str, request: pb.EventRequest, rated: Sequence[RatedBlock]
+) -> pb.EventAnswer:
+    code, fields, reason = _split_answer(answer)
+    result = pb.EventAnswer(
+        session_id=request.session_id, request_number=request.request_number,
+        result_code=code, error_message=reason,
+    )
+    if fields and fields[-1][0].startswith("B"):
+        result.balance_micros = int(fields[-1][0][1:])
+        result.sufficient = fields[-1][1] == "1"
+        fields = fields[:-1]
+    for block, values in zip(rated, fields, strict=False):
+        item = result.rating_groups.add(
+            rating_group=block.request.rating_group, result_code=int(values[1]),
+            amount_micros=int(values[3]), units_from_buckets=int(values[4]),
+        )
+        if block.request.HasField("service_id"):
+            item.service_id = block.request.service_id
+        if block.tariff is not None:
+            set_units(item.units, block.tariff.unit_kind, int(values[2]))
+    return result
+
+
+def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal) -> pb.CreditControlAnswer:
+    return pb.CreditControlAnswer(
+        session_id=request.session_id, request_number=request.request_number,
+        result_code=refusal.result_code, error_message=refusal.message,
+    )
+
+
+def event_refusal_answer(request: pb.EventRequest, refusal: Refusal) -> pb.EventAnswer:
+    return pb.EventAnswer(
+        session_id=request.session_id, request_number=request.request_number,
+        result_code=refusal.result_code, error_message=refusal.message,
+    )

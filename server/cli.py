@@ -1,0 +1,140 @@
+"""The `creditline` command: `serve`, and client commands that call a running server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from creditline import settings as settings_module
+from creditline.rating import PlanError
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+
+_UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
+
+
+def _print(message: Message) -> None:
+    print(json_format.MessageToJson(message, preserving_proto_field_name=True))
+
+
+def _units(args: argparse.Namespace, prefix: str) -> pb.Units:
+    units = pb.Units()
+    for name in _UNIT_FLAGS:
+        value = getattr(args, f"{prefix}_{name}")
+        if value is not None:
+            setattr(units, name, value)
+    return units
+
+
+def _add_unit_flags(parser: argparse.ArgumentParser, prefix: str) -> None:
+    for name in _UNIT_FLAGS:
+        parser.add_argument(f"--{prefix}-{name.replace('_', '-')}", type=int,
+                            dest=f"{prefix}_{name}")
+
+
+def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    account = commands.add_parser("account", help="create, top up, bar and show accounts")
+    account.add_argument("--server", default="127.0.0.1:50051")
+    account_commands = account.add_subparsers(dest="account_command", required=True)
+    create = account_commands.add_parser("create")
+    create.add_argument("account_id")
+    create.add_argument("--balance-micros", type=int, default=0)
+    create.add_argument("--credit-limit-micros", type=int, default=0)
+    top_up = account_commands.add_parser("top-up")
+    top_up.add_argument("account_id")
+    top_up.add_argument("amount_micros", type=int)
+    top_up.add_argument("--top-up-id", default="", help="idempotency key (default: random)")
+    for name in ("show", "bar", "unbar"):
+        account_commands.add_parser(name).add_argument("account_id")
+
+    for name in ("initial", "update", "terminate"):
+        cc = commands.add_parser(name, help=f"send one {name} credit-control request")
+        cc.add_argument("--server", default="127.0.0.1:50051")
+        cc.add_argument("session_id")
+        cc.add_argument("account_id")
+        cc.add_argument("--request-number", type=int, default=0)
+        cc.add_argument("--rating-group", type=int, required=True)
+        _add_unit_flags(cc, "requested")
+        _add_unit_flags(cc, "used")
+
+
+async def _account_command(args: argparse.Namespace) -> Message:
+    async with grpc.aio.insecure_channel(args.server) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        command = args.account_command
+        if command == "create":
+            return await admin.CreateAccount(admin_pb.CreateAccountRequest(
+                account_id=args.account_id, initial_balance_micros=args.balance_micros,
+                credit_limit_micros=args.credit_limit_micros))
+        if command == "top-up":
+            return await admin.TopUp(admin_pb.TopUpRequest(
+                account_id=args.account_id, amount_micros=args.amount_micros,
+                top_up_id=args.top_up_id or uuid.uuid4().hex))
+        if command in ("bar", "unbar"):
+            state = admin_pb.BARRED if command == "bar" else admin_pb.ACTIVE
+            return await admin.SetAccountState(admin_pb.SetAccountStateRequest(
+                account_id=args.account_id, state=state))
+        return await admin.GetAccount(admin_pb.GetAccountRequest(account_id=args.account_id))
+
+
+async def _credit_control_command(args: argparse.Namespace) -> Message:
+    block = pb.RatingGroupRequest(rating_group=args.rating_group)
+    requested, used = _units(args, "requested"), _units(args, "used")
+    if requested.ListFields():
+        block.requested.CopyFrom(requested)
+    if used.ListFields():
+        block.used.CopyFrom(used)
+    request = pb.CreditControlRequest(
+        session_id=args.session_id, account_id=args.account_id,
+        request_number=args.request_number, rating_groups=[block])
+    async with grpc.aio.insecure_channel(args.server) as channel:
+        stub = charging_pb2_grpc.ChargingStub(channel)
+        method = {"initial": stub.Initial, "update": stub.Update,
+                  "terminate": stub.Terminate}[args.command]
+        return await method(request)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="creditline", description="online charging server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the charging server")
+    settings_module.add_arguments(serve)
+    serve.add_argument("--log-level", default="INFO")
+    _client_parsers(commands)
+    args = parser.parse_args(argv)
+
+    if args.command == "serve":
+        logging.basicConfig(level=args.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            settings = settings_module.from_arguments(args)
+            from creditline.app import serve as run_server
+            import uvloop
+
+            uvloop.run(run_server(settings))
+        except (ValueError, PlanError) as error:
+            print(f"creditline: {error}", file=sys.stderr)
+            return 2
+        return 0
+    try:
+        if args.command == "account":
+            _print(asyncio.run(_account_command(args)))
+        else:
+            _print(asyncio.run(_credit_control_command(args)))
+    except grpc.aio.AioRpcError as error:
+        print(f"creditline: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

