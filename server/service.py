@@ -249,5 +249,6 @@ def account_message(account_id: str, snapshot: AccountSnapshot, now_s: int) -> a
             rating_group=int(rg.split(".")[0]), used_units=values.get("used", 0),
             charged_micros=values.get("charged", 0),
             units_from_buckets=values.get("from_buckets", 0),
+            uncharged_micros=values.get("uncharged", 0),
         )
     return account

@@ -112,12 +112,15 @@ class RatingGroupUsage(_message.Message):
     USED_UNITS_FIELD_NUMBER: _builtins.int
     CHARGED_MICROS_FIELD_NUMBER: _builtins.int
     UNITS_FROM_BUCKETS_FIELD_NUMBER: _builtins.int
+    UNCHARGED_MICROS_FIELD_NUMBER: _builtins.int
     rating_group: _builtins.int
     used_units: _builtins.int
     """in the unit kind of the rating group's tariff"""
     charged_micros: _builtins.int
     """money charged (not counting units from buckets)"""
     units_from_buckets: _builtins.int
+    uncharged_micros: _builtins.int
+    """usage above a grant that the balance and credit limit could not pay: recorded, not charged"""
     def __init__(
         self,
         *,
@@ -125,10 +128,11 @@ class RatingGroupUsage(_message.Message):
         used_units: _builtins.int = ...,
         charged_micros: _builtins.int = ...,
         units_from_buckets: _builtins.int = ...,
+        uncharged_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "rating_group", b"rating_group", "units_from_buckets", b"units_from_buckets", "used_units", b"used_units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "rating_group", b"rating_group", "uncharged_micros", b"uncharged_micros", "units_from_buckets", b"units_from_buckets", "used_units", b"used_units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,74 @@
+"""The books, read straight from Redis: for every account,
+initial + top-ups - charges + refunds = balance, reserved = the sum of the money held by
+its open sessions, and bucket units reserved = the sum held by its open sessions."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from creditline.store import account_keys
+
+
+@dataclass
+class AccountBooks:
+    balance: int
+    reserved: int
+    charged: int
+    refunded: int
+    topped_up: int
+    initial: int
+    credit_limit: int
+    sessions_reserved: int
+    bucket_reserved: dict[str, int]
+    sessions_bucket_reserved: dict[str, int]
+    usage_charged: int
+
+
+class Books:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.accounts: list[str] = []
+
+    def track(self, account_id: str) -> None:
+        self.accounts.append(account_id)
+
+    async def read(self, account_id: str) -> AccountBooks:
+        keys = account_keys(account_id)
+        account = await self.redis.hgetall(keys.account)
+        sessions_reserved = 0
+        sessions_bucket: dict[str, int] = defaultdict(int)
+        for session_key in await self.redis.smembers(keys.open_sessions):
+            session = await self.redis.hgetall(session_key)
+            assert session.get("state") == "open", f"{session_key} in the open set but closed"
+            for field, value in session.items():
+                if field.startswith("m:"):
+                    sessions_reserved += int(value)
+                elif field.startswith("b:"):
+                    rg = session["k:" + field[2:]]
+                    sessions_bucket[rg] += int(value)
+        usage = await self.redis.hgetall(keys.usage)
+        return AccountBooks(
+            balance=int(account["balance"]), reserved=int(account["reserved"]),
+            charged=int(account["charged"]), refunded=int(account["refunded"]),
+            topped_up=int(account["topped_up"]), initial=int(account["initial"]),
+            credit_limit=int(account["credit_limit"]),
+            sessions_reserved=sessions_reserved,
+            bucket_reserved={f[5:]: int(v) for f, v in account.items()
+                             if f.startswith("bres:") and int(v) != 0},
+            sessions_bucket_reserved={k: v for k, v in sessions_bucket.items() if v},
+            usage_charged=sum(int(v) for f, v in usage.items() if f.endswith(":charged")),
+        )
+
+    async def assert_balanced(self, account_id: str | None = None) -> None:
+        for account in [account_id] if account_id else self.accounts:
+            b = await self.read(account)
+            assert b.initial + b.topped_up - b.charged + b.refunded == b.balance, (account, b)
+            assert b.reserved == b.sessions_reserved, (account, b)
+            assert b.bucket_reserved == b.sessions_bucket_reserved, (account, b)
+            # usage records net charges (refunds recorded negative) per rating group
+            assert b.usage_charged == b.charged - b.refunded, (account, b)
+            assert b.balance - b.reserved >= -b.credit_limit, (account, b)
+            assert b.reserved >= 0, (account, b)

@@ -1,0 +1,100 @@
+"""Fixtures: a real redis-server process and a real Creditline server on an ephemeral
+port, called through the generated stubs. No fakes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from creditline.app import RunningServer, start_server, stop_server
+from creditline.redis_process import RedisProcess
+from creditline.settings import Settings
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from tests.books import Books
+
+_account_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def redis_process() -> Iterator[RedisProcess]:
+    with RedisProcess() as process:
+        yield process
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings(listen_address="127.0.0.1:0", answer_retention_s=600,
+                    plan_path=str(Path(__file__).parent / "plan.toml"))
+
+
+@pytest.fixture(scope="session")
+async def server(redis_process: RedisProcess, settings: Settings) -> AsyncIterator[RunningServer]:
+    running = await start_server(settings, redis_process.url)
+    yield running
+    await stop_server(running, grace_s=1.0)
+
+
+@pytest.fixture(scope="session")
+async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def charging(channel: grpc.aio.Channel) -> charging_pb2_grpc.ChargingStub:
+    return charging_pb2_grpc.ChargingStub(channel)
+
+
+@pytest.fixture(scope="session")
+def admin(channel: grpc.aio.Channel) -> admin_pb2_grpc.AdminStub:
+    return admin_pb2_grpc.AdminStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def redis(redis_process: RedisProcess) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_process.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def books(redis: Redis) -> Books:
+    return Books(redis)
+
+
+@pytest.fixture
+def new_account_id(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh account id per call, unique across the session (no flush between tests)."""
+    yield f"t{os.getpid()}-{next(_account_numbers)}"
+
+
+@pytest.fixture
+def make_account(admin: admin_pb2_grpc.AdminStub, books: Books):  # type: ignore[no-untyped-def]
+    async def make(balance_micros: int = 0, credit_limit_micros: int = 0,
+                   buckets: list[admin_pb.Bucket] | None = None) -> str:
+        account_id = f"t{os.getpid()}-{next(_account_numbers)}"
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(
+            account_id=account_id, initial_balance_micros=balance_micros,
+            credit_limit_micros=credit_limit_micros, buckets=buckets or []))
+        books.track(account_id)
+        return account_id
+    return make
+
+
+@pytest.fixture
+async def checked_books(books: Books) -> AsyncIterator[Books]:
+    """Books that are checked after the test: every account it made must balance."""
+    yield books
+    await books.assert_balanced()
+
+
+def settings_with(settings: Settings, **changes: object) -> Settings:
+    return replace(settings, **changes)  # type: ignore[arg-type]
