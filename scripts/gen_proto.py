@@ -62,7 +62,8 @@ def main() -> int:
             old.unlink()
         for g in generated:
             shutil.copy(g, OUTPUT_DIR / g.name)
-        (OUTPUT_DIR / "__init__.py").write_text('"""Generated protobuf code: see scripts/gen_proto.py."""\n')
+        init_text = '"""Generated protobuf code: see scripts/gen_proto.py."""\n'
+        (OUTPUT_DIR / "__init__.py").write_text(init_text)
     return 0
 
 

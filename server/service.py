@@ -6,11 +6,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-from redis.exceptions import RedisError
-
 from creditline import charging
 from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, UnitKind
 from creditline.settings import Settings
@@ -18,12 +16,14 @@ from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class ChargingUnavailable(Exception):
+class StoreUnavailableError(Exception):
     """Redis failed or did not answer within the deadline: nothing was applied, or the
     whole request was (a script is atomic); the client retransmits."""
 
@@ -31,9 +31,9 @@ class ChargingUnavailable(Exception):
 async def _call_store(call: Awaitable[T], timeout_s: float) -> T:
     try:
         return await asyncio.wait_for(call, timeout_s)
-    except (RedisError, OSError, asyncio.TimeoutError) as error:
+    except (TimeoutError, RedisError, OSError) as error:
         log.warning("redis call failed: %r", error)
-        raise ChargingUnavailable(repr(error)) from error
+        raise StoreUnavailableError(repr(error)) from error
 
 
 class ChargingService(charging_pb2_grpc.ChargingServicer):
@@ -43,16 +43,16 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         self._rater = rater
         self._settings = settings
 
-    async def Initial(self, request: pb.CreditControlRequest, context: grpc.aio.ServicerContext
+    async def Initial(self, request: pb.CreditControlRequest, context: Context
                       ) -> pb.CreditControlAnswer:
         return await self._credit_control(request, "I")
 
-    async def Update(self, request: pb.CreditControlRequest, context: grpc.aio.ServicerContext
+    async def Update(self, request: pb.CreditControlRequest, context: Context
                      ) -> pb.CreditControlAnswer:
         return await self._credit_control(request, "U")
 
     async def Terminate(self, request: pb.CreditControlRequest,
-                        context: grpc.aio.ServicerContext) -> pb.CreditControlAnswer:
+                        context: Context) -> pb.CreditControlAnswer:
         return await self._credit_control(request, "T")
 
     async def _credit_control(self, request: pb.CreditControlRequest, kind: str
@@ -68,13 +68,13 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
             answer = await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
                 now_ms // 1000, "-", blocks), self._settings.redis_call_timeout_s)
-        except ChargingUnavailable:
+        except StoreUnavailableError:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
                 "handling"))
         return charging.decode_credit_control(answer, request, rated, self._plan)
 
-    async def Event(self, request: pb.EventRequest, context: grpc.aio.ServicerContext
+    async def Event(self, request: pb.EventRequest, context: Context
                     ) -> pb.EventAnswer:
         refusal = charging.validate_event(request, self._settings)
         if refusal:
@@ -88,7 +88,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                 "E", request.account_id, request.session_id, request.request_number,
                 now_ms // 1000, charging.EVENT_ACTIONS[request.action], blocks),
                 self._settings.redis_call_timeout_s)
-        except ChargingUnavailable:
+        except StoreUnavailableError:
             return charging.event_refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"))
         return charging.decode_event(answer, request, rated)
@@ -108,30 +108,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._store = store
         self._settings = settings
 
-    async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+    async def _run(self, context: Context, call: Callable[[], Awaitable[T]]
                    ) -> T:
         try:
             return await _call_store(call(), self._settings.redis_call_timeout_s)
-        except ChargingUnavailable:
+        except StoreUnavailableError:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "charging store unavailable")
             raise
 
-    async def _check_account_id(self, account_id: str, context: grpc.aio.ServicerContext
+    async def _check_account_id(self, account_id: str, context: Context
                                 ) -> None:
         refusal = charging._check_ids("-", account_id, self._settings)
         if refusal:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
 
-    async def _account(self, account_id: str, context: grpc.aio.ServicerContext
+    async def _account(self, account_id: str, context: Context
                        ) -> admin_pb.Account:
         snapshot = await self._run(context, lambda: self._store.snapshot(account_id))
         if snapshot is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} unknown")
-            raise AssertionError("unreachable")
+            await _abort_unknown(context, account_id)
         return account_message(account_id, snapshot, int(time.time()))
 
     async def CreateAccount(self, request: admin_pb.CreateAccountRequest,
-                            context: grpc.aio.ServicerContext) -> admin_pb.Account:
+                            context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         for name in ("initial_balance_micros", "credit_limit_micros"):
             value = getattr(request, name)
@@ -156,7 +155,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._account(request.account_id, context)
 
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
-                           context: grpc.aio.ServicerContext) -> list[int | str]:
+                           context: Context) -> list[int | str]:
         problems = []
         if not bucket.bucket_id or not charging.ACCOUNT_ID_PATTERN.fullmatch(bucket.bucket_id):
             problems.append(f"{where}.bucket_id: missing or not made of letters, digits, ._:@+-")
@@ -171,7 +170,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return [bucket.bucket_id, bucket.rating_group, bucket.initial_units,
                 bucket.expires_at_unix_s, bucket.priority, _UNIT_KIND_NAMES[bucket.unit_kind]]
 
-    async def TopUp(self, request: admin_pb.TopUpRequest, context: grpc.aio.ServicerContext
+    async def TopUp(self, request: admin_pb.TopUpRequest, context: Context
                     ) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         if not 0 < request.amount_micros <= MAX_SAFE_INTEGER:
@@ -183,11 +182,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         result = await self._run(context, lambda: self._store.admin(
             request.account_id, "TOPUP", request.amount_micros, request.top_up_id))
         if result == b"UNKNOWN":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown")
+            await _abort_unknown(context, request.account_id)
         return await self._account(request.account_id, context)
 
     async def AddBucket(self, request: admin_pb.AddBucketRequest,
-                        context: grpc.aio.ServicerContext) -> admin_pb.Account:
+                        context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         args = await self._bucket_args(request.bucket, "bucket", context)
         result = await self._run(context, lambda: self._store.admin(
@@ -203,7 +202,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._account(request.account_id, context)
 
     async def SetAccountState(self, request: admin_pb.SetAccountStateRequest,
-                              context: grpc.aio.ServicerContext) -> admin_pb.Account:
+                              context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         states = {admin_pb.ACTIVE: "active", admin_pb.BARRED: "barred"}
         if request.state not in states:
@@ -211,13 +210,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         result = await self._run(context, lambda: self._store.admin(
             request.account_id, "STATE", states[request.state]))
         if result == b"UNKNOWN":
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown")
+            await _abort_unknown(context, request.account_id)
         return await self._account(request.account_id, context)
 
     async def GetAccount(self, request: admin_pb.GetAccountRequest,
-                         context: grpc.aio.ServicerContext) -> admin_pb.Account:
+                         context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         return await self._account(request.account_id, context)
+
+
+async def _abort_unknown(context: Context, account_id: str) -> NoReturn:
+    await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} unknown")
+    raise AssertionError("abort raises")
 
 
 def account_message(account_id: str, snapshot: AccountSnapshot, now_s: int) -> admin_pb.Account:

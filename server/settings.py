@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -72,16 +72,16 @@ def from_arguments(
     for f in fields(Settings):
         flag_value = getattr(namespace, f.name, None)
         env_value = environ.get(ENV_PREFIX + f.name.upper())
-        kind = type(f.default)
+        kind: Callable[[str], object] = type(f.default)
         if flag_value is not None:
             values[f.name] = flag_value
         elif env_value is not None:
             try:
                 values[f.name] = kind(env_value)
             except ValueError:
-                raise ValueError(
-                    f"environment {ENV_PREFIX}{f.name.upper()}: {env_value!r} is not a {kind.__name__}"
-                ) from None
+                expected = type(f.default).__name__
+                raise ValueError(f"environment {ENV_PREFIX}{f.name.upper()}: "
+                                 f"{env_value!r} is not a {expected}") from None
     return Settings(**values)  # type: ignore[arg-type]
 
 

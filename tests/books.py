@@ -7,9 +7,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from creditline.store import account_keys
+from redis.asyncio import Redis
 
 
 @dataclass

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from redis.asyncio import Redis
-
 from creditline.app import RunningServer, start_server, stop_server
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from redis.asyncio import Redis
+
 from tests.books import Books
 
 _account_numbers = itertools.count(1)

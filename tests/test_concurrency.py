@@ -6,6 +6,7 @@ import asyncio
 
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
+
 from tests.messages import RG_WEB, block, ccr, granted
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
+
 from tests.messages import RG_SMS, RG_VOICE, block
 
 

@@ -6,8 +6,17 @@ import time
 
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
+
 from tests.messages import (
-    RG_FREE, RG_UNRATED, RG_VIDEO, RG_VOICE, RG_WEB, block, ccr, granted, rg_answer,
+    RG_FREE,
+    RG_UNRATED,
+    RG_VIDEO,
+    RG_VOICE,
+    RG_WEB,
+    block,
+    ccr,
+    granted,
+    rg_answer,
 )
 
 

@@ -1,0 +1,76 @@
+"""`creditline serve` as a user runs it: no Redis given, so it starts its own; a first
+session; SIGTERM stops it cleanly and the embedded redis-server with it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from creditline.redis_process import free_port
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+
+from tests.messages import RG_VOICE, block, ccr, granted
+
+START_TIMEOUT_S = 30
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                continue
+    pytest.fail("server did not start")
+
+
+def test_serve_with_embedded_redis_then_sigterm() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_port(port, process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            admin.CreateAccount(admin_pb.CreateAccountRequest(
+                account_id="alice", initial_balance_micros=5_000_000))
+            answer = charging.Initial(ccr("call-1", "alice", 0, block(RG_VOICE, requested=60)))
+            assert answer.result_code == pb.SUCCESS and granted(answer, RG_VOICE) == 60
+            charging.Terminate(ccr("call-1", "alice", 1, block(RG_VOICE, used=42)))
+            state = admin.GetAccount(admin_pb.GetAccountRequest(account_id="alice"))
+            assert state.balance_micros == 5_000_000 - 700_000  # connect + first minute
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert "started embedded redis-server" in output
+        redis_port = output.split("redis://127.0.0.1:")[1].split("/")[0]
+        with pytest.raises(OSError):
+            import socket
+            socket.create_connection(("127.0.0.1", int(redis_port)), timeout=1).close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_serve_refuses_a_bad_plan_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    plan = tmp_path / "plan.toml"
+    plan.write_text("[[tariff]]\nrating_group = 1\nunit = 'furlongs'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "creditline", "serve", "--plan-path", str(plan)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "tariff[0].unit" in result.stderr and str(plan) in result.stderr
