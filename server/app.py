@@ -15,7 +15,7 @@ from creditline.rating import IncrementRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
-from creditline.store import Store
+from creditline.store import Store, StoreConfig
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -28,6 +28,7 @@ class RunningServer:
     port: int
     redis: Redis
     plan: Plan
+    store: Store
 
 
 def redis_client(url: str, settings: Settings) -> Redis:
@@ -42,11 +43,22 @@ def redis_client(url: str, settings: Settings) -> Redis:
     return Redis(connection_pool=pool)
 
 
+def store_config(settings: Settings) -> StoreConfig:
+    return StoreConfig(
+        partitions=settings.partitions, answer_retention_s=settings.answer_retention_s,
+        events_max_length=settings.events_max_length,
+        events_retention_s=settings.events_retention_s,
+        spike_fast_window_s=settings.spike_fast_window_s,
+        spike_slow_window_s=settings.spike_slow_window_s, spike_factor=settings.spike_factor,
+    )
+
+
 async def start_server(settings: Settings, redis_url: str) -> RunningServer:
     """Builds and starts the gRPC server; the caller stops it (stop_server)."""
     plan = load_plan(Path(settings.plan_path))
     redis = redis_client(redis_url, settings)
-    store = Store(redis, settings.answer_retention_s)
+    store = Store(redis, store_config(settings))
+    await store.check_partitions()
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
@@ -58,7 +70,7 @@ async def start_server(settings: Settings, redis_url: str) -> RunningServer:
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
     await server.start()
-    return RunningServer(server=server, port=port, redis=redis, plan=plan)
+    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store)
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:

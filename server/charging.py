@@ -148,10 +148,11 @@ def script_blocks(
         rated.append(RatedBlock(block, tariff))
         block_id = str(block.rating_group) if service_id is None else (
             f"{block.rating_group}.{service_id}")
+        tariff_id = f"{plan.name}/{block_id}"
         if tariff is None or tariff.free:
             status = "none" if tariff is None else "free"
             used = 0 if tariff is None else units_of(block.used, tariff.unit_kind)
-            args += [block_id, block.rating_group, status, -1, used, 0, 0]
+            args += [block_id, block.rating_group, tariff_id, status, -1, used, 0, 0]
             continue
         requested = -1
         if block.HasField("requested"):
@@ -160,7 +161,7 @@ def script_blocks(
                 requested = tariff.default_grant_units
         used = units_of(block.used, tariff.unit_kind)
         schedule = rater.schedule(tariff, event_time_unix_ms)
-        args += [block_id, block.rating_group, "ok", requested, used,
+        args += [block_id, block.rating_group, tariff_id, "ok", requested, used,
                  *schedule.as_script_args()]
     return rated, args
 

@@ -61,13 +61,13 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         if refusal:
             return charging.refusal_answer(request, refusal)
         now_ms = int(time.time() * 1000)
+        event_time_ms = request.event_time_unix_ms or now_ms
         rated, blocks = charging.script_blocks(
-            request.rating_groups, self._plan, self._rater,
-            request.event_time_unix_ms or now_ms, default_grant=True)
+            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant=True)
         try:
             answer = await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
-                now_ms // 1000, "-", blocks), self._settings.redis_call_timeout_s)
+                now_ms, event_time_ms, "-", blocks), self._settings.redis_call_timeout_s)
         except StoreUnavailableError:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
@@ -80,13 +80,13 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         if refusal:
             return charging.event_refusal_answer(request, refusal)
         now_ms = int(time.time() * 1000)
+        event_time_ms = request.event_time_unix_ms or now_ms
         rated, blocks = charging.script_blocks(
-            request.rating_groups, self._plan, self._rater,
-            request.event_time_unix_ms or now_ms, default_grant=False)
+            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant=False)
         try:
             answer = await _call_store(self._store.charge(
                 "E", request.account_id, request.session_id, request.request_number,
-                now_ms // 1000, charging.EVENT_ACTIONS[request.action], blocks),
+                now_ms, event_time_ms, charging.EVENT_ACTIONS[request.action], blocks),
                 self._settings.redis_call_timeout_s)
         except StoreUnavailableError:
             return charging.event_refusal_answer(request, charging.Refusal(
@@ -145,10 +145,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         bucket_args: list[int | str] = []
         for index, bucket in enumerate(request.buckets):
             bucket_args += await self._bucket_args(bucket, f"buckets[{index}]", context)
+        thresholds = request.low_balance_thresholds_micros
+        if any(abs(t) > MAX_SAFE_INTEGER for t in thresholds):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "low_balance_thresholds_micros: out of range")
         result = await self._run(context, lambda: self._store.admin(
             request.account_id, "CREATE", request.initial_balance_micros,
-            request.credit_limit_micros, int(time.time()), MAX_BUCKETS_PER_ACCOUNT,
-            *bucket_args))
+            request.credit_limit_micros, MAX_BUCKETS_PER_ACCOUNT,
+            ",".join(str(t) for t in sorted(set(thresholds))), *bucket_args))
         if result == b"EXISTS":
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"account_id: {request.account_id} exists")

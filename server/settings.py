@@ -27,6 +27,16 @@ class Settings:
     plan_path: str = str(DEFAULT_PLAN_PATH)
     # how long a closed session's or an event's answer is kept for retransmissions
     answer_retention_s: int = 600
+    # accounts are spread over this many partitions (hash tags); each has its own
+    # notification and CDR stream. Fixed once a Redis holds data.
+    partitions: int = 16
+    # notifications kept per partition stream: by length, or by age when > 0
+    events_max_length: int = 100_000
+    events_retention_s: int = 0
+    # usage spike: the rate over the fast window above `factor` x the slow window's
+    spike_fast_window_s: int = 300
+    spike_slow_window_s: int = 86_400
+    spike_factor: float = 20.0
     # limits on one request
     max_rating_groups_per_request: int = 64
     max_session_id_bytes: int = 256
@@ -41,15 +51,20 @@ class Settings:
 
     def __post_init__(self) -> None:
         positive = (
-            "answer_retention_s", "max_rating_groups_per_request", "max_session_id_bytes",
+            "answer_retention_s", "partitions", "events_max_length", "spike_fast_window_s",
+            "spike_slow_window_s", "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name}: must be greater than 0")
-        if self.shutdown_grace_s < 0:
-            raise ValueError("setting shutdown_grace_s: must be 0 or more")
+        for name in ("shutdown_grace_s", "events_retention_s", "spike_factor"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"setting {name}: must be 0 or more")
+        if self.spike_fast_window_s >= self.spike_slow_window_s:
+            raise ValueError("setting spike_fast_window_s: must be shorter than "
+                             "spike_slow_window_s")
         if ":" not in self.listen_address:
             raise ValueError(f"setting listen_address: {self.listen_address!r} is not host:port")
 

@@ -8,6 +8,8 @@ Redis restart) and retries.
 
 from __future__ import annotations
 
+import time
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -18,30 +20,94 @@ from redis.commands.core import AsyncScript
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
 MAX_BUCKETS_PER_ACCOUNT = 32
+# Where the partition count of a deployment is recorded: changing it would move every
+# account to another partition, so a server with another count refuses to start.
+META_KEY = f"{KEY_PREFIX}:meta"
+
+
+def partition_of(account_id: str, partitions: int) -> int:
+    """The partition of an account: stable, and the same in every process."""
+    return zlib.crc32(account_id.encode()) % partitions
+
+
+def partition_tag(partition: int) -> str:
+    return f"{KEY_PREFIX}:{{{partition}}}"
+
+
+def events_key(partition: int) -> str:
+    return f"{partition_tag(partition)}:events"
+
+
+def cdrs_key(partition: int) -> str:
+    return f"{partition_tag(partition)}:cdrs"
 
 
 @dataclass(frozen=True, slots=True)
 class AccountKeys:
-    account: str
-    buckets: str
-    usage: str
-    open_sessions: str
-    top_ups: str
-    tag: str
+    """The keys of one account. They share the hash tag of the account's partition, so a
+    script touches one hash slot (Redis Cluster), and the partition's event and CDR
+    streams can be written in the same atomic step."""
+
+    partition: int
+    prefix: str
+
+    @property
+    def account(self) -> str:
+        return f"{self.prefix}:acct"
+
+    @property
+    def buckets(self) -> str:
+        return f"{self.prefix}:buckets"
+
+    @property
+    def usage(self) -> str:
+        return f"{self.prefix}:usage"
+
+    @property
+    def open_sessions(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    @property
+    def final_sessions(self) -> str:
+        return f"{self.prefix}:final"
+
+    @property
+    def top_ups(self) -> str:
+        return f"{self.prefix}:topups"
+
+    @property
+    def rates(self) -> str:
+        return f"{self.prefix}:rates"
+
+    @property
+    def events(self) -> str:
+        return events_key(self.partition)
+
+    @property
+    def cdrs(self) -> str:
+        return cdrs_key(self.partition)
 
     def session(self, session_id: str) -> str:
-        return f"{self.tag}:sess:{session_id}"
+        return f"{self.prefix}:s:{session_id}"
 
     def event(self, session_id: str) -> str:
-        return f"{self.tag}:evt:{session_id}"
+        return f"{self.prefix}:e:{session_id}"
 
 
-def account_keys(account_id: str) -> AccountKeys:
-    tag = f"{KEY_PREFIX}:{{{account_id}}}"
-    return AccountKeys(
-        account=f"{tag}:acct", buckets=f"{tag}:buckets", usage=f"{tag}:usage",
-        open_sessions=f"{tag}:sessions", top_ups=f"{tag}:topups", tag=tag,
-    )
+def account_keys(account_id: str, partitions: int) -> AccountKeys:
+    partition = partition_of(account_id, partitions)
+    return AccountKeys(partition, f"{partition_tag(partition)}:a:{account_id}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    partitions: int
+    answer_retention_s: int
+    events_max_length: int        # per partition stream, approximate
+    events_retention_s: int       # 0: keep by length only
+    spike_fast_window_s: int
+    spike_slow_window_s: int
+    spike_factor: float           # 0: no spike detection
 
 
 def _script_source(name: str) -> str:
@@ -67,31 +133,54 @@ def _text(value: Any) -> str:
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
-    def __init__(self, redis: Redis, answer_retention_s: int) -> None:
+    def __init__(self, redis: Redis, config: StoreConfig) -> None:
         self._redis = redis
-        self._answer_retention_s = answer_retention_s
+        self.config = config
         self._charge: AsyncScript = redis.register_script(_script_source("charge.lua"))
         self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
+        self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
+            f"{config.spike_factor}"
+
+    def keys(self, account_id: str) -> AccountKeys:
+        return account_keys(account_id, self.config.partitions)
+
+    async def check_partitions(self) -> None:
+        """Records the partition count on first use; refuses another one later."""
+        await self._redis.hsetnx(META_KEY, "partitions", self.config.partitions)
+        recorded = int(await self._redis.hget(META_KEY, "partitions") or 0)
+        if recorded != self.config.partitions:
+            raise ValueError(
+                f"setting partitions: this Redis holds data for {recorded} partitions, "
+                f"not {self.config.partitions}; the count cannot change once data exists")
+
+    def _event_trim(self, now_ms: int) -> str:
+        if self.config.events_retention_s > 0:
+            return f"MINID,{now_ms - self.config.events_retention_s * 1000}"
+        return f"MAXLEN,{self.config.events_max_length}"
 
     async def charge(
         self, kind: str, account_id: str, session_id: str, request_number: int,
-        now_s: int, event_action: str, blocks: list[int | str],
+        now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
     ) -> str:
         """Runs one charging request (kind I/U/T/E); returns the script's answer string."""
-        keys = account_keys(account_id)
+        keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
         result = await self._charge(
-            keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions],
-            args=[kind, request_number, now_s, self._answer_retention_s, event_action,
-                  *blocks],
+            keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
+                  keys.final_sessions, keys.events, keys.cdrs, keys.rates],
+            args=[kind, request_number, account_id, session_id, now_ms, event_time_ms,
+                  self.config.answer_retention_s, event_action, self._event_trim(now_ms),
+                  self._spike, *blocks],
         )
         return _text(result)
 
     async def admin(self, account_id: str, operation: str, *args: int | str) -> Any:
-        keys = account_keys(account_id)
+        keys = self.keys(account_id)
+        now_ms = int(time.time() * 1000)
         return await self._admin(
-            keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups],
-            args=[operation, *args],
+            keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
+                  keys.final_sessions, keys.events],
+            args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
 
     async def snapshot(self, account_id: str) -> AccountSnapshot | None:

@@ -27,15 +27,16 @@ class AccountBooks:
 
 
 class Books:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, partitions: int) -> None:
         self.redis = redis
+        self.partitions = partitions
         self.accounts: list[str] = []
 
     def track(self, account_id: str) -> None:
         self.accounts.append(account_id)
 
     async def read(self, account_id: str) -> AccountBooks:
-        keys = account_keys(account_id)
+        keys = account_keys(account_id, self.partitions)
         account = await self.redis.hgetall(keys.account)
         sessions_reserved = 0
         sessions_bucket: dict[str, int] = defaultdict(int)

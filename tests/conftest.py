@@ -66,8 +66,8 @@ async def redis(redis_process: RedisProcess) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def books(redis: Redis) -> Books:
-    return Books(redis)
+def books(redis: Redis, settings: Settings) -> Books:
+    return Books(redis, settings.partitions)
 
 
 @pytest.fixture

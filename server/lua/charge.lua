@@ -1,27 +1,38 @@
 --[[
 charge.lua: every charging request (session Initial / Update / Terminate and one-shot
 events) in one atomic step: one EVALSHA, one round trip. It reads and checks everything
-first, then writes; a refusal writes nothing.
+first, then writes; a refusal writes nothing. The charge notifications and the CDRs are
+written here too, in the same step: one exists if and only if its charge happened.
 
-KEYS (all of one account, under one hash tag, so the script runs on Redis Cluster):
+KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
-                          charged, refunded, bres:<rg> (bucket units reserved by sessions)
+                          charged, refunded, bres:<rg> (bucket units reserved by sessions),
+                          low_balance (thresholds, "t1,t2,...")
   KEYS[2] request key     session hash (kinds I/U/T) or event answer string (kind E)
   KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind"
   KEYS[4] usage hash      <rg>:used, <rg>:charged, <rg>:from_buckets, <rg>:uncharged
-  KEYS[5] open sessions   set of the ids of the sessions that are open
+  KEYS[5] open sessions   set of the keys of the account's open sessions
+  KEYS[6] final sessions  set of the ids of open sessions holding their final units
+  KEYS[7] event stream    the partition's charge notifications
+  KEYS[8] CDR stream      the partition's charging data records
+  KEYS[9] rates hash      <rg>:fast, <rg>:slow, <rg>:at_ms, <rg>:since_ms, <rg>:spike
 
 ARGV:
   [1] kind: "I", "U", "T" (session) or "E" (event)
   [2] request number
-  [3] now, unix seconds (bucket expiry)
-  [4] answer retention, seconds: how long a closed session or an event answer is kept
+  [3] account id
+  [4] session id
+  [5] now, unix ms (server clock: bucket expiry, records)
+  [6] event time, unix ms (network clock: usage rates for spike detection)
+  [7] answer retention, seconds: how long a closed session or an event answer is kept
       so that a retransmission gets the same answer
-  [5] event action (kind E): "DEBIT", "REFUND", "CHECK", "PRICE"; "-" otherwise
-  [6] number of rating-group blocks, then each block as:
+  [8] event action (kind E): "DEBIT", "REFUND", "CHECK", "PRICE"; "-" otherwise
+  [9] event stream trimming, "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
+  [10] usage spike detection "fast window s,slow window s,factor"
+  [11] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
-      unit buckets apply, tariff status ("ok" / "free" / "none"), requested units (-1: none),
-      used units, connect fee, number of price segments S, then S triples
+      unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
+      units (-1: none), used units, connect fee, number of price segments S, then S triples
       (segment end in cumulative units or -1 for no end, increment units, increment price)
 
 Return: the answer as one string "<code>;<block>;<block>...". A session block is
@@ -39,26 +50,33 @@ local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 
 
 local function int(x) return string.format('%d', x) end
 
-local account_key, request_key, buckets_key, usage_key, sessions_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
+  events_key, cdrs_key, rates_key = unpack(KEYS, 1, 9)
 local kind = ARGV[1]
 local request_number = tonumber(ARGV[2])
-local now_s = tonumber(ARGV[3])
-local retention_s = tonumber(ARGV[4])
-local event_action = ARGV[5]
+local account_id, session_id = ARGV[3], ARGV[4]
+local now_ms = tonumber(ARGV[5])
+local now_s = math.floor(now_ms / 1000)
+local event_time_ms = tonumber(ARGV[6])
+local retention_s = tonumber(ARGV[7])
+local event_action = ARGV[8]
+local trim_strategy, trim_threshold = string.match(ARGV[9], '^(%u+),(%d+)$')
+local spike_fast_s, spike_slow_s, spike_factor = string.match(ARGV[10], '^(.-),(.-),(.-)$')
+spike_fast_s, spike_slow_s, spike_factor =
+  tonumber(spike_fast_s), tonumber(spike_slow_s), tonumber(spike_factor)
 
 -- ---------------------------------------------------------------- decoding the blocks
 local blocks = {}
 do
-  local i = 7
-  for _ = 1, tonumber(ARGV[6]) do
+  local i = 12
+  for _ = 1, tonumber(ARGV[11]) do
     local block = {
-      rg = ARGV[i], bucket_rg = ARGV[i + 1], status = ARGV[i + 2],
-      requested = tonumber(ARGV[i + 3]), used = tonumber(ARGV[i + 4]),
-      connect_fee = tonumber(ARGV[i + 5]), segments = {},
+      rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2], status = ARGV[i + 3],
+      requested = tonumber(ARGV[i + 4]), used = tonumber(ARGV[i + 5]),
+      connect_fee = tonumber(ARGV[i + 6]), segments = {},
     }
-    local segment_count = tonumber(ARGV[i + 6])
-    i = i + 7
+    local segment_count = tonumber(ARGV[i + 7])
+    i = i + 8
     for s = 1, segment_count do
       local ending = tonumber(ARGV[i])
       if ending < 0 then ending = math.huge end
@@ -122,6 +140,7 @@ end
 local account = hash(account_key)
 if account.balance == nil then return USER_UNKNOWN .. ';!unknown account' end
 local balance = tonumber(account.balance)
+local balance_at_start = balance
 local reserved = tonumber(account.reserved)
 local credit_limit = tonumber(account.credit_limit)
 local barred = account.state == 'barred'
@@ -134,7 +153,8 @@ local function available_money()
 end
 
 -- Unit buckets: parsed once; changes are kept in memory and written at the end.
-local buckets_by_rg = {}
+-- Expired buckets with units left are removed (and announced) when the script writes.
+local buckets_by_rg, expired_buckets = {}, {}
 do
   local raw = redis.call('HGETALL', buckets_key)
   for i = 1, #raw, 2 do
@@ -146,6 +166,8 @@ do
       list[#list + 1] = { id = raw[i], rg = f[1], remaining = tonumber(f[2]),
         expires = expires, priority = tonumber(f[4]), initial = f[5], kind = f[6] }
       buckets_by_rg[f[1]] = list
+    elseif tonumber(f[2]) > 0 then
+      expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = f[1], remaining = f[2] }
     end
   end
   local function order(a, b)
@@ -214,6 +236,88 @@ local function charge_money(amount)
   account_add('charged', amount)
 end
 
+-- ---------------------------------------------------------------- notifications
+local notifications = {}
+local function notify(event_type, fields)
+  local flat = { 't', event_type, 'a', account_id, 's', session_id, 'ts', int(now_ms) }
+  for i = 1, #fields, 2 do
+    if fields[i + 1] ~= nil then
+      flat[#flat + 1] = fields[i]
+      local value = fields[i + 1]
+      if type(value) == 'number' then value = int(value) end
+      flat[#flat + 1] = value
+    end
+  end
+  notifications[#notifications + 1] = flat
+end
+
+-- Low-balance thresholds crossed downwards by this request: once per crossing.
+local function notify_low_balance()
+  if not account.low_balance or balance >= balance_at_start then return end
+  for threshold in string.gmatch(account.low_balance, '[^,]+') do
+    local t = tonumber(threshold)
+    if balance_at_start >= t and balance < t then
+      notify('low_balance', { 'threshold', t, 'balance', balance })
+    end
+  end
+end
+
+-- Usage spike: two exponentially decaying usage rates per rating group, over a short and
+-- a long window, on the network's event time. A spike is the short-window rate above
+-- `factor` times the long-window one, once the account has a long window of history;
+-- announced once, and again only after the rate has come back down.
+local rate_changes = {}
+local function observe_usage(rg, units)
+  if units <= 0 or spike_factor <= 0 then return end
+  local rates = rate_changes[rg]
+  if not rates then
+    local stored = redis.call('HMGET', rates_key, rg .. ':fast', rg .. ':slow',
+      rg .. ':at_ms', rg .. ':since_ms', rg .. ':spike')
+    rates = { fast = tonumber(stored[1]) or 0, slow = tonumber(stored[2]) or 0,
+      at_ms = tonumber(stored[3]) or event_time_ms,
+      since_ms = tonumber(stored[4]) or event_time_ms, spike = stored[5] == '1' }
+    rate_changes[rg] = rates
+  end
+  local elapsed_s = math.max(0, event_time_ms - rates.at_ms) / 1000
+  rates.fast = rates.fast * math.exp(-elapsed_s / spike_fast_s) + units / spike_fast_s
+  rates.slow = rates.slow * math.exp(-elapsed_s / spike_slow_s) + units / spike_slow_s
+  rates.at_ms = math.max(rates.at_ms, event_time_ms)
+  local history_s = (rates.at_ms - rates.since_ms) / 1000
+  local high = history_s >= spike_slow_s and rates.fast > spike_factor * rates.slow
+  if high and not rates.spike then
+    notify('usage_spike', { 'rg', rg, 'units', units,
+      'rate_per_s', string.format('%.3f', rates.fast),
+      'usual_rate_per_s', string.format('%.3f', rates.slow) })
+  end
+  if high then rates.spike = true
+  elseif rates.fast < spike_factor * rates.slow / 2 then rates.spike = false end
+end
+
+-- All writes of the request that are not the charge itself: notifications, rates,
+-- expired buckets. Called once, after every check has passed.
+local function write_records()
+  for _, b in ipairs(expired_buckets) do
+    redis.call('HDEL', buckets_key, b.id)
+    notify('bucket_expired', { 'rg', b.rg, 'bucket', b.id, 'units', b.remaining })
+  end
+  for rg, r in pairs(rate_changes) do
+    redis.call('HSET', rates_key, rg .. ':fast', string.format('%.17g', r.fast),
+      rg .. ':slow', string.format('%.17g', r.slow), rg .. ':at_ms', int(r.at_ms),
+      rg .. ':since_ms', int(r.since_ms), rg .. ':spike', r.spike and '1' or '0')
+  end
+  notify_low_balance()
+  for _, flat in ipairs(notifications) do
+    redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*', unpack(flat))
+  end
+end
+
+local function write_cdr(fields)
+  local flat = { 'account', account_id, 'session', session_id, 'ended_ms', int(now_ms),
+    'balance_after', int(balance) }
+  for i = 1, #fields do flat[#flat + 1] = fields[i] end
+  redis.call('XADD', cdrs_key, '*', unpack(flat))
+end
+
 local function overall_code(codes)
   if #codes == 0 then return SUCCESS end
   -- the request as a whole fails only when every rating group failed the same way
@@ -238,6 +342,7 @@ local function handle_event()
     return DENIED .. ';!account is barred'
   end
   local parts, codes, sufficient = {}, {}, 1
+  local cdr_items, cdr_total = {}, 0
   for _, block in ipairs(blocks) do
     local code, amount, from_buckets = SUCCESS, 0, 0
     local units = block.requested
@@ -253,16 +358,30 @@ local function handle_event()
       account_add('balance', amount)
       account_add('refunded', amount)
       record_usage(block.rg, 0, -amount, 0, 0)
+      notify('event_refunded', { 'rg', block.rg, 'units', units, 'amount', amount,
+        'balance', balance })
+      cdr_items[#cdr_items + 1] = table.concat(
+        { block.rg, block.tariff, int(units), int(-amount), 0, 0 }, '|')
+      cdr_total = cdr_total - amount
     else  -- DEBIT or CHECK: buckets first, then money
       from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
       amount = cost(block, units - from_buckets)
       if amount > available_money() then
         code, sufficient = LIMIT_REACHED, 0
-        if event_action == 'DEBIT' then from_buckets = 0 end
+        if event_action == 'DEBIT' then
+          from_buckets = 0
+          notify('credit_exhausted', { 'rg', block.rg })
+        end
       elseif event_action == 'DEBIT' then
         consume_buckets(block.bucket_rg, from_buckets)
         charge_money(amount)
         record_usage(block.rg, units, amount, from_buckets, 0)
+        observe_usage(block.rg, units)
+        notify('event_charged', { 'rg', block.rg, 'units', units, 'amount', amount,
+          'from_buckets', from_buckets, 'balance', balance })
+        cdr_items[#cdr_items + 1] = table.concat(
+          { block.rg, block.tariff, int(units), int(amount), int(from_buckets), 0 }, '|')
+        cdr_total = cdr_total + amount
       end
     end
     codes[#codes + 1] = code
@@ -272,15 +391,38 @@ local function handle_event()
   local answer = overall_code(codes)
   if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
   answer = answer .. ';B' .. int(balance) .. ',' .. sufficient
+  if event_action ~= 'DEBIT' and event_action ~= 'REFUND' then return answer end
   write_buckets()
   write_account()
-  if event_action == 'DEBIT' or event_action == 'REFUND' then
-    redis.call('SET', request_key, int(request_number) .. '|' .. answer, 'EX', retention_s)
+  write_records()
+  if #cdr_items > 0 then
+    write_cdr({ 'kind', (event_action == 'DEBIT') and 'event' or 'refund',
+      'started_ms', int(event_time_ms), 'cause', 'event', 'result', answer:match('^%d+'),
+      'charged', int(cdr_total), 'items', table.concat(cdr_items, ';') })
   end
+  redis.call('SET', request_key, int(request_number) .. '|' .. answer, 'EX', retention_s)
   return answer
 end
 
 -- ---------------------------------------------------------------- sessions
+
+-- The CDR of a closed session: one item per rating group it charged or reserved.
+local function write_session_cdr(session, cause, result)
+  local items, total = {}, 0
+  for field, _ in pairs(session) do
+    local rg = string.match(field, '^k:(.+)$')
+    if rg then
+      local function n(prefix) return tonumber(session[prefix .. rg] or 0) end
+      items[#items + 1] = table.concat({ rg, session['tf:' .. rg] or '', int(n('u:')),
+        int(n('c:')), int(n('fb:')), int(n('x:')) }, '|')
+      total = total + n('c:')
+    end
+  end
+  table.sort(items)
+  write_cdr({ 'kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+    'result', result, 'charged', int(total), 'items', table.concat(items, ';') })
+end
+
 local function handle_session()
   local session = hash(request_key)
   local exists = session.state ~= nil
@@ -325,7 +467,12 @@ local function handle_session()
     sset('r:' .. rg, rated + money_units)
     sset('u:' .. rg, sget('u:' .. rg) + used)
     sset('c:' .. rg, sget('c:' .. rg) + charged)
+    sset('fb:' .. rg, sget('fb:' .. rg) + from_buckets)
+    sset('x:' .. rg, sget('x:' .. rg) + price - charged)
     record_usage(rg, used, charged, from_buckets, price - charged)
+    observe_usage(rg, used)
+    notify('usage_charged', { 'rg', rg, 'units', used, 'amount', charged,
+      'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance })
     return charged
   end
 
@@ -361,6 +508,7 @@ local function handle_session()
       if block.used > 0 then record_usage(rg, block.used, 0, 0, 0) end
     else
       sset('k:' .. rg, block.bucket_rg)  -- remembers the rating group for Terminate
+      sset('tf:' .. rg, block.tariff)
       release(rg, block.bucket_rg)
       if block.used > 0 then charged = charge_usage(block) end
       if kind ~= 'T' and block.requested >= 0 then
@@ -371,8 +519,14 @@ local function handle_session()
           granted, is_final = grant(block, block.requested)
           if granted == 0 then
             code = LIMIT_REACHED
-          elseif is_final then
-            final = 1
+            notify('credit_exhausted', { 'rg', rg })
+          else
+            notify('quota_granted', { 'rg', rg, 'units', granted,
+              'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0' })
+            if is_final then
+              final = 1
+              notify('final_units_granted', { 'rg', rg, 'units', granted })
+            end
           end
         end
       end
@@ -391,21 +545,32 @@ local function handle_session()
   local answer = overall_code(codes)
   if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
 
+  if kind == 'I' then sset('started_ms', now_ms) end
+  local any_final = false
+  for _, part in ipairs(parts) do
+    if string.sub(part, -2) == ',1' then any_final = true end
+  end
+
   write_buckets()
   write_account()
   local flat = { 'last_request', int(request_number), 'answer', answer,
     'state', (kind == 'T') and 'closed' or 'open' }
   for field, value in pairs(session_changes) do
     flat[#flat + 1] = field
-    flat[#flat + 1] = int(value)
+    flat[#flat + 1] = (type(value) == 'number') and int(value) or value
   end
   redis.call('HSET', request_key, unpack(flat))
   if kind == 'T' then
+    notify('session_ended', { 'cause', 'terminate' })
     redis.call('SREM', sessions_key, request_key)
+    redis.call('SREM', final_key, session_id)
     redis.call('EXPIRE', request_key, retention_s)
-  elseif kind == 'I' then
-    redis.call('SADD', sessions_key, request_key)
+    write_session_cdr(hash(request_key), 'terminate', answer:match('^%d+'))
+  else
+    if kind == 'I' then redis.call('SADD', sessions_key, request_key) end
+    if any_final then redis.call('SADD', final_key, session_id) end
   end
+  write_records()
   return answer
 end
 

@@ -209,11 +209,16 @@ class CreateAccountRequest(_message.Message):
     INITIAL_BALANCE_MICROS_FIELD_NUMBER: _builtins.int
     CREDIT_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     BUCKETS_FIELD_NUMBER: _builtins.int
+    LOW_BALANCE_THRESHOLDS_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     initial_balance_micros: _builtins.int
     credit_limit_micros: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
+    @_builtins.property
+    def low_balance_thresholds_micros(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """A low_balance notification is sent each time the balance falls below one of these."""
+
     def __init__(
         self,
         *,
@@ -221,10 +226,11 @@ class CreateAccountRequest(_message.Message):
         initial_balance_micros: _builtins.int = ...,
         credit_limit_micros: _builtins.int = ...,
         buckets: _abc.Iterable[Global___Bucket] | None = ...,
+        low_balance_thresholds_micros: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "low_balance_thresholds_micros", b"low_balance_thresholds_micros"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
