@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from creditline.notifications import READ_BLOCK_MS, EventHub, NotificationsService
 from creditline.rating import IncrementRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
 from creditline.store import Store, StoreConfig
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from redis.asyncio import BlockingConnectionPool, Redis
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,18 @@ class RunningServer:
     redis: Redis
     plan: Plan
     store: Store
+    hub: EventHub
+    hub_redis: Redis
 
 
-def redis_client(url: str, settings: Settings) -> Redis:
+def redis_client(url: str, settings: Settings, max_connections: int = 0,
+                 read_timeout_s: float = 0) -> Redis:
     # BlockingConnectionPool waits for a free connection under load; the default pool
     # raises MaxConnectionsError instead (shared/reference/performance-floor.md).
     pool = BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections,
+        url, max_connections=max_connections or settings.redis_max_connections,
         timeout=settings.redis_call_timeout_s,
-        socket_timeout=settings.redis_call_timeout_s,
+        socket_timeout=read_timeout_s or settings.redis_call_timeout_s,
         socket_connect_timeout=settings.redis_call_timeout_s,
     )
     return Redis(connection_pool=pool)
@@ -66,17 +70,28 @@ async def start_server(settings: Settings, redis_url: str) -> RunningServer:
     charging_pb2_grpc.add_ChargingServicer_to_server(
         ChargingService(store, plan, IncrementRater(), settings), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(store, settings), server)
+    # The hub's reader blocks in XREAD: it gets a connection of its own.
+    hub_redis = redis_client(redis_url, settings, max_connections=2,
+                             read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
+    hub = EventHub(hub_redis, settings.partitions)
+    await hub.start()
+    notifications_pb2_grpc.add_NotificationsServicer_to_server(
+        NotificationsService(hub, settings.subscriber_queue_size, settings.max_subscribers),
+        server)
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
     await server.start()
-    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store)
+    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
+                         hub=hub, hub_redis=hub_redis)
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:
     # The grace lets calls in flight finish: a script either ran whole or not at all,
     # but the client should get its answer rather than a cancelled call.
     await running.server.stop(grace_s)
+    await running.hub.stop()
+    await running.hub_redis.aclose()
     await running.redis.aclose()
 
 

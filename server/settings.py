@@ -37,6 +37,10 @@ class Settings:
     spike_fast_window_s: int = 300
     spike_slow_window_s: int = 86_400
     spike_factor: float = 20.0
+    # notification subscribers: events queued per subscriber before it is ended as too
+    # slow, and subscribers per process
+    subscriber_queue_size: int = 1000
+    max_subscribers: int = 5000
     # limits on one request
     max_rating_groups_per_request: int = 64
     max_session_id_bytes: int = 256
@@ -52,7 +56,8 @@ class Settings:
     def __post_init__(self) -> None:
         positive = (
             "answer_retention_s", "partitions", "events_max_length", "spike_fast_window_s",
-            "spike_slow_window_s", "max_rating_groups_per_request", "max_session_id_bytes",
+            "spike_slow_window_s", "subscriber_queue_size", "max_subscribers",
+            "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections",
         )

@@ -38,6 +38,10 @@ def events_key(partition: int) -> str:
     return f"{partition_tag(partition)}:events"
 
 
+def event_counter_key(partition: int) -> str:
+    return f"{partition_tag(partition)}:events:n"
+
+
 def cdrs_key(partition: int) -> str:
     return f"{partition_tag(partition)}:cdrs"
 
@@ -167,7 +171,8 @@ class Store:
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
         result = await self._charge(
             keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
-                  keys.final_sessions, keys.events, keys.cdrs, keys.rates],
+                  keys.final_sessions, keys.events, keys.cdrs, keys.rates,
+                  event_counter_key(keys.partition)],
             args=[kind, request_number, account_id, session_id, now_ms, event_time_ms,
                   self.config.answer_retention_s, event_action, self._event_trim(now_ms),
                   self._spike, *blocks],
@@ -179,7 +184,7 @@ class Store:
         now_ms = int(time.time() * 1000)
         return await self._admin(
             keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
-                  keys.final_sessions, keys.events],
+                  keys.final_sessions, keys.events, event_counter_key(keys.partition)],
             args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
 

@@ -15,7 +15,7 @@ from creditline.app import RunningServer, start_server, stop_server
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from redis.asyncio import Redis
 
 from tests.books import Books
@@ -79,11 +79,13 @@ def new_account_id(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def make_account(admin: admin_pb2_grpc.AdminStub, books: Books):  # type: ignore[no-untyped-def]
     async def make(balance_micros: int = 0, credit_limit_micros: int = 0,
-                   buckets: list[admin_pb.Bucket] | None = None) -> str:
+                   buckets: list[admin_pb.Bucket] | None = None,
+                   low_balance_thresholds_micros: list[int] | None = None) -> str:
         account_id = f"t{os.getpid()}-{next(_account_numbers)}"
         await admin.CreateAccount(admin_pb.CreateAccountRequest(
             account_id=account_id, initial_balance_micros=balance_micros,
-            credit_limit_micros=credit_limit_micros, buckets=buckets or []))
+            credit_limit_micros=credit_limit_micros, buckets=buckets or [],
+            low_balance_thresholds_micros=low_balance_thresholds_micros or []))
         books.track(account_id)
         return account_id
     return make
@@ -98,3 +100,8 @@ async def checked_books(books: Books) -> AsyncIterator[Books]:
 
 def settings_with(settings: Settings, **changes: object) -> Settings:
     return replace(settings, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def notifications(channel: grpc.aio.Channel) -> notifications_pb2_grpc.NotificationsStub:
+    return notifications_pb2_grpc.NotificationsStub(channel)

@@ -9,6 +9,7 @@ KEYS (all under the account's partition hash tag):
   KEYS[5] top-ups hash    top-up id -> amount (applied once per id)
   KEYS[6] final sessions  set of the ids of open sessions holding their final units
   KEYS[7] event stream    the partition's charge notifications
+  KEYS[8] event counter   the partition's count of notifications (see charge.lua)
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
@@ -24,8 +25,8 @@ A top-up announces itself, and asks for re-authorisation of every session held a
 final units, on the event stream.
 ]]
 
-local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key =
-  unpack(KEYS, 1, 7)
+local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
+  event_counter_key = unpack(KEYS, 1, 8)
 local op, account_id, now_ms = ARGV[1], ARGV[2], ARGV[3]
 local trim_strategy, trim_threshold = string.match(ARGV[4], '^(%u+),(%d+)$')
 
@@ -35,7 +36,8 @@ end
 
 local function notify(...)
   redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*',
-    't', select(1, ...), 'a', account_id, 'ts', now_ms, select(2, ...))
+    't', select(1, ...), 'a', account_id, 'ts', now_ms,
+    'n', redis.call('INCR', event_counter_key), select(2, ...))
 end
 
 local exists = redis.call('EXISTS', account_key) == 1

@@ -16,6 +16,9 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
   KEYS[7] event stream    the partition's charge notifications
   KEYS[8] CDR stream      the partition's charging data records
   KEYS[9] rates hash      <rg>:fast, <rg>:slow, <rg>:at_ms, <rg>:since_ms, <rg>:spike
+  KEYS[10] event counter  the partition's count of notifications ever written: each one
+                          carries its number `n`, so a subscriber can tell whether
+                          retention dropped any after its cursor
 
 ARGV:
   [1] kind: "I", "U", "T" (session) or "E" (event)
@@ -51,7 +54,7 @@ local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 
 local function int(x) return string.format('%d', x) end
 
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
-  events_key, cdrs_key, rates_key = unpack(KEYS, 1, 9)
+  events_key, cdrs_key, rates_key, event_counter_key = unpack(KEYS, 1, 10)
 local kind = ARGV[1]
 local request_number = tonumber(ARGV[2])
 local account_id, session_id = ARGV[3], ARGV[4]
@@ -307,6 +310,8 @@ local function write_records()
   end
   notify_low_balance()
   for _, flat in ipairs(notifications) do
+    flat[#flat + 1] = 'n'
+    flat[#flat + 1] = redis.call('INCR', event_counter_key)
     redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*', unpack(flat))
   end
 end

@@ -1,0 +1,296 @@
+"""Charge notifications: one Redis reader per process fans events out to subscribers.
+
+The charging scripts append every event to its partition's stream (see charge.lua). The
+`EventHub` reads all partition streams with one blocking XREAD loop and offers each event
+to the subscriptions whose filters match. Each subscription has a bounded queue: one that
+falls behind is ended with RESOURCE_EXHAUSTED and the cursor to resume from, so a slow
+subscriber never slows charging or the other subscribers.
+
+A cursor is the position of a subscription in every partition it reads: per partition,
+the stream id of the last event delivered and its sequence number `n`. Resuming reads the
+streams from there up to where the hub was when the subscription joined, then takes the
+hub's live events; positions drop anything already delivered, so nothing is lost or
+delivered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from creditline.store import event_counter_key, events_key, partition_of
+from creditline.v1 import notifications_pb2 as pb
+from creditline.v1 import notifications_pb2_grpc
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+RESUME_CURSOR_METADATA = "creditline-resume-cursor"
+# Sent in the initial metadata once the subscription is live: a client that waits for it
+# knows every later charge reaches it, and holds a cursor before the first event.
+START_CURSOR_METADATA = "creditline-start-cursor"
+# Entries per XREAD / XRANGE call: bounds the memory of one read.
+READ_BATCH = 500
+READ_BLOCK_MS = 1000
+# How long the hub waits before reading again after Redis failed.
+RETRY_PAUSE_S = 0.5
+_STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance", "n"})
+_CURSOR_PART = re.compile(r"(\d+)=(\d+-\d+)/(\d+)")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """Where a reader is in one partition stream: after entry `stream_id`, number `n`."""
+
+    n: int
+    stream_id: str
+
+
+START = Position(0, "0-0")
+
+
+def encode_cursor(positions: Mapping[int, Position]) -> str:
+    return ",".join(f"{p}={pos.stream_id}/{pos.n}" for p, pos in sorted(positions.items()))
+
+
+def decode_cursor(cursor: str) -> dict[int, Position]:
+    positions: dict[int, Position] = {}
+    for part in cursor.split(","):
+        match = _CURSOR_PART.fullmatch(part)
+        if not match:
+            raise ValueError(f"cursor: {part[:40]!r} is not <partition>=<stream id>/<number>")
+        positions[int(match[1])] = Position(int(match[3]), match[2])
+    return positions
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    partition: int
+    position: Position
+    fields: Mapping[str, str]
+
+
+def _decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[bytes, bytes]
+                  ) -> StreamEvent:
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    return StreamEvent(partition, Position(int(fields.get("n", "0")), sid), fields)
+
+
+@dataclass(eq=False)
+class Subscription:
+    partitions: frozenset[int]
+    account_ids: frozenset[str] | None
+    event_types: frozenset[str] | None
+    queue: asyncio.Queue[StreamEvent]
+    positions: dict[int, Position] = field(default_factory=dict)
+    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def matches(self, event: StreamEvent) -> bool:
+        if self.account_ids is not None and event.fields.get("a") not in self.account_ids:
+            return False
+        return self.event_types is None or event.fields.get("t") in self.event_types
+
+    def offer(self, event: StreamEvent) -> None:
+        if event.partition not in self.partitions or not self.matches(event):
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+
+    def is_new(self, event: StreamEvent) -> bool:
+        """False for an event at or before this subscription's position: already sent."""
+        seen = self.positions.get(event.partition, START)
+        return event.position.n > seen.n
+
+
+class EventHub:
+    """The one reader of the partition streams in this process."""
+
+    def __init__(self, redis: Redis, partitions: int) -> None:
+        self.redis = redis
+        self.partitions = partitions
+        self.positions: dict[int, Position] = {}
+        self.subscriptions: set[Subscription] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        for partition in range(self.partitions):
+            self.positions[partition] = await self.latest(partition)
+        self._task = asyncio.create_task(self._read_forever(), name="event-hub")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def latest(self, partition: int) -> Position:
+        """The position after the last event written to a partition so far."""
+        newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
+        if newest:
+            return _decode_entry(partition, *newest[0]).position
+        # empty stream: everything written so far (if anything) was trimmed
+        written = int(await self.redis.get(event_counter_key(partition)) or 0)
+        return Position(written, "0-0")
+
+    async def oldest_kept(self, partition: int) -> int | None:
+        """The number of the oldest event still kept in a partition, or None if empty."""
+        oldest: Any = await self.redis.xrange(events_key(partition), count=1)
+        return _decode_entry(partition, *oldest[0]).position.n if oldest else None
+
+    async def _read_forever(self) -> None:
+        while True:
+            streams = {events_key(p): pos.stream_id for p, pos in self.positions.items()}
+            try:
+                replies: Any = await self.redis.xread(
+                    streams, count=READ_BATCH, block=READ_BLOCK_MS)  # type: ignore[arg-type]
+            except (RedisError, OSError) as error:
+                log.warning("event hub: reading the streams failed: %r", error)
+                await asyncio.sleep(RETRY_PAUSE_S)
+                continue
+            for key, entries in replies or []:
+                partition = int(key.decode().split("{")[1].split("}")[0])
+                for stream_id, raw in entries:
+                    event = _decode_entry(partition, stream_id, raw)
+                    self.positions[partition] = event.position
+                    for subscription in self.subscriptions:
+                        subscription.offer(event)
+
+    async def read_range(self, partition: int, after: Position, until: Position
+                         ) -> list[StreamEvent]:
+        """Events of a partition after `after`, up to and including `until`, one batch."""
+        if until.n <= after.n:
+            return []
+        entries: Any = await self.redis.xrange(
+            events_key(partition), min=f"({after.stream_id}", max=until.stream_id,
+            count=READ_BATCH)
+        return [_decode_entry(partition, sid, raw) for sid, raw in entries]
+
+
+def event_message(event: StreamEvent, cursor: str) -> pb.ChargeEvent:
+    f = event.fields
+    message = pb.ChargeEvent(
+        event_id=f"{event.partition}-{event.position.stream_id}", cursor=cursor,
+        type=pb.EventType.Value(f["t"].upper()), account_id=f.get("a", ""),
+        session_id=f.get("s", ""), rating_group=f.get("rg", ""),
+        units=int(f.get("units", 0)), amount_micros=int(f.get("amount", 0)),
+        balance_micros=int(f.get("balance", 0)), time_unix_ms=int(f.get("ts", 0)),
+    )
+    for key, value in f.items():
+        if key not in _STANDARD_FIELDS:
+            message.details[key] = value
+    return message
+
+
+class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
+    def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int) -> None:
+        self._hub = hub
+        self._queue_size = queue_size
+        self._max_subscribers = max_subscribers
+
+    # Not an async generator: events are written with context.write() from a task, so
+    # that a subscriber stalled in a write can still be ended with its cursor.
+    async def Subscribe(  # type: ignore[override]
+            self, request: pb.SubscribeRequest,
+                        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
+                        ) -> None:
+        if len(self._hub.subscriptions) >= self._max_subscribers:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"at most {self._max_subscribers} subscribers per process")
+        subscription = await self._subscription(request, context)
+        start = await self._start_positions(request, subscription, context)
+        # Joining the hub and taking its positions happen without an await between them:
+        # every event after `joined` reaches the queue, every one before is read below.
+        self._hub.subscriptions.add(subscription)
+        joined = {p: self._hub.positions[p] for p in subscription.partitions}
+        subscription.positions = start
+        await context.send_initial_metadata(((START_CURSOR_METADATA, encode_cursor(start)),))
+        writer = asyncio.create_task(self._deliver(subscription, joined, context))
+        overflow = asyncio.create_task(subscription.overflowed.wait())
+        try:
+            await asyncio.wait({writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._hub.subscriptions.discard(subscription)
+            writer.cancel()
+            overflow.cancel()
+        if subscription.overflowed.is_set():
+            cursor = encode_cursor(subscription.positions)
+            context.set_trailing_metadata(((RESUME_CURSOR_METADATA, cursor),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"subscriber fell behind; resume from cursor {cursor}")
+        writer.result()  # re-raises what ended the delivery
+
+    async def _subscription(self, request: pb.SubscribeRequest,
+                            context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
+                            ) -> Subscription:
+        names = set()
+        for value in request.event_types:
+            if value not in pb.EventType.values() or value == pb.EVENT_TYPE_UNSPECIFIED:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"event_types: unknown value {value}")
+            names.add(pb.EventType.Name(value).lower())
+        accounts = frozenset(request.account_ids) or None
+        partitions = frozenset(
+            range(self._hub.partitions) if accounts is None
+            else (partition_of(a, self._hub.partitions) for a in accounts))
+        return Subscription(partitions=partitions, account_ids=accounts,
+                            event_types=frozenset(names) or None,
+                            queue=asyncio.Queue(self._queue_size))
+
+    async def _start_positions(
+        self, request: pb.SubscribeRequest, subscription: Subscription,
+        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent],
+    ) -> dict[int, Position]:
+        if not request.cursor:
+            return {p: self._hub.positions[p] for p in subscription.partitions}
+        try:
+            cursor = decode_cursor(request.cursor)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        missing = subscription.partitions - cursor.keys()
+        if missing:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"cursor: does not cover partition {min(missing)}; resume "
+                                "with the account filter the cursor came from")
+        for partition in subscription.partitions:
+            oldest = await self._hub.oldest_kept(partition)
+            latest = self._hub.positions[partition]
+            lost = (oldest is not None and oldest > cursor[partition].n + 1) or (
+                oldest is None and latest.n > cursor[partition].n)
+            if lost:
+                await context.abort(grpc.StatusCode.OUT_OF_RANGE,
+                                    f"cursor: older than the retention of partition "
+                                    f"{partition}; events after it were dropped")
+        return {p: cursor[p] for p in subscription.partitions}
+
+    async def _deliver(self, subscription: Subscription, joined: Mapping[int, Position],
+                       context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
+                       ) -> None:
+        for partition, until in sorted(joined.items()):
+            while True:
+                batch = await self._hub.read_range(
+                    partition, subscription.positions[partition], until)
+                if not batch:
+                    break
+                await self._send(subscription, batch, context)
+        while True:
+            await self._send(subscription, [await subscription.queue.get()], context)
+
+    async def _send(self, subscription: Subscription, events: Iterable[StreamEvent],
+                    context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
+                    ) -> None:
+        for event in events:
+            if not subscription.is_new(event):
+                continue
+            subscription.positions[event.partition] = event.position
+            if subscription.matches(event):
+                await context.write(event_message(event, encode_cursor(subscription.positions)))

@@ -1,0 +1,271 @@
+"""Charge notifications: every charge reaches subscribers, filtered, in order, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+import grpc
+import pytest
+from creditline.notifications import RESUME_CURSOR_METADATA, START_CURSOR_METADATA
+from creditline.store import account_keys
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import charging_pb2 as pb
+from creditline.v1 import notifications_pb2 as npb
+
+from tests.messages import RG_SMS, RG_WEB, block, ccr
+
+READ_TIMEOUT_S = 5.0
+
+
+class Subscriber:
+    """A subscription read without cancelling it: a read that times out stays pending
+    (cancelling a read would cancel the whole call)."""
+
+    def __init__(self, call, start_cursor: str) -> None:  # type: ignore[no-untyped-def]
+        self.call = call
+        self.start_cursor = start_cursor
+        self._pending: asyncio.Future[npb.ChargeEvent] | None = None
+
+    async def next(self, timeout_s: float = READ_TIMEOUT_S) -> npb.ChargeEvent:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self.call.read())
+        done, _ = await asyncio.wait({self._pending}, timeout=timeout_s)
+        if not done:
+            raise TimeoutError
+        event, self._pending = self._pending.result(), None
+        return event
+
+    async def read(self, count: int) -> list[npb.ChargeEvent]:
+        return [await self.next() for _ in range(count)]
+
+    async def no_more(self) -> None:
+        with pytest.raises(asyncio.TimeoutError):
+            await self.next(0.3)
+
+    async def drain(self) -> list[npb.ChargeEvent]:
+        events = []
+        while True:
+            try:
+                events.append(await self.next(0.5))
+            except TimeoutError:
+                return events
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def subscribe(notifications, **filters) -> Subscriber:  # type: ignore[no-untyped-def]
+    """Starts a subscription and waits until it is live (its start cursor arrives)."""
+    call = notifications.Subscribe(npb.SubscribeRequest(**filters))
+    metadata = dict(await asyncio.wait_for(call.initial_metadata(), READ_TIMEOUT_S))
+    return Subscriber(call, metadata[START_CURSOR_METADATA])
+
+
+def types(events: list[npb.ChargeEvent]) -> list[str]:
+    return [npb.EventType.Name(e.type) for e in events]
+
+
+async def sms(charging, acct: str, sid: str, action=pb.DIRECT_DEBIT, count: int = 1):  # type: ignore[no-untyped-def]
+    return await charging.Event(pb.EventRequest(
+        session_id=sid, account_id=acct, action=action,
+        rating_groups=[block(RG_SMS, requested=count)]))
+
+
+async def test_filters_deliver_exactly_the_matching_events_in_order(
+        charging, notifications, make_account, checked_books):  # type: ignore[no-untyped-def]
+    alice = await make_account(balance_micros=10_000_000)
+    bob = await make_account(balance_micros=10_000_000)
+    only_alice = await subscribe(notifications, account_ids=[alice])
+    alice_refunds = await subscribe(notifications, account_ids=[alice, bob],
+                                       event_types=[npb.EVENT_REFUNDED])
+    for n in range(5):
+        await sms(charging, bob, f"b{n}")
+        await sms(charging, alice, f"a{n}", count=n + 1)
+    await sms(charging, alice, "refund", action=pb.REFUND)
+
+    events = await only_alice.read(6)
+    assert types(events) == ["EVENT_CHARGED"] * 5 + ["EVENT_REFUNDED"]
+    assert [e.units for e in events] == [1, 2, 3, 4, 5, 1]
+    assert [e.balance_micros for e in events[:2]] == [9_950_000, 9_850_000]
+    assert all(e.account_id == alice for e in events)
+    assert [e.session_id for e in events] == ["a0", "a1", "a2", "a3", "a4", "refund"]
+    refunds = await alice_refunds.read(1)
+    assert refunds[0].account_id == alice and refunds[0].amount_micros == 50_000
+    await only_alice.no_more()
+    await alice_refunds.no_more()
+    only_alice.cancel()
+    alice_refunds.cancel()
+
+
+async def scenario_events(notifications, make_account, run, **account) -> Counter[str]:  # type: ignore[no-untyped-def]
+    acct = await make_account(**account)
+    subscriber = await subscribe(notifications, account_ids=[acct])
+    await run(acct)
+    events = await subscriber.drain()
+    subscriber.cancel()
+    return Counter(types(events))
+
+
+async def test_each_event_type_comes_from_its_scenario_and_no_other(
+        charging, admin, notifications, make_account, checked_books):  # type: ignore[no-untyped-def]
+    async def session(acct: str) -> None:
+        await charging.Initial(ccr(f"{acct};s", acct, 0, block(RG_WEB, requested=1_024)))
+        await charging.Update(ccr(f"{acct};s", acct, 1, block(RG_WEB, requested=1_024,
+                                                                used=1_024)))
+        await charging.Terminate(ccr(f"{acct};s", acct, 2, block(RG_WEB, used=10)))
+
+    async def exhaust(acct: str) -> None:
+        await charging.Initial(ccr(f"{acct};s", acct, 0, block(RG_WEB, requested=4_096)))
+        await charging.Update(ccr(f"{acct};s", acct, 1, block(RG_WEB, requested=4_096,
+                                                                used=4_096)))
+
+    async def top_up_after_final_units(acct: str) -> None:
+        await exhaust(acct)
+        await admin.TopUp(admin_pb.TopUpRequest(account_id=acct, amount_micros=10_000,
+                                                top_up_id="t1"))
+
+    async def expire_bucket(acct: str) -> None:
+        await charging.Initial(ccr(f"{acct};s", acct, 0, block(RG_WEB, requested=1_024)))
+
+    expired = admin_pb.Bucket(bucket_id="old", rating_group=RG_WEB, unit_kind=admin_pb.VOLUME,
+                              initial_units=100, expires_at_unix_s=int(time.time()) - 1)
+    cases = [
+        (session, {"balance_micros": 1_000_000},
+         {"QUOTA_GRANTED": 2, "USAGE_CHARGED": 2, "SESSION_ENDED": 1}),
+        (lambda a: sms(charging, a, "e"), {"balance_micros": 1_000_000}, {"EVENT_CHARGED": 1}),
+        (lambda a: sms(charging, a, "r", action=pb.REFUND), {}, {"EVENT_REFUNDED": 1}),
+        (lambda a: sms(charging, a, "c", action=pb.CHECK_BALANCE), {}, {}),
+        (lambda a: sms(charging, a, "x", count=10), {"balance_micros": 100},
+         {"CREDIT_EXHAUSTED": 1}),
+        (lambda a: sms(charging, a, "l", count=2),
+         {"balance_micros": 200_000, "low_balance_thresholds_micros": [150_000, 120_000, 50_000]},
+         {"EVENT_CHARGED": 1, "LOW_BALANCE": 2}),
+        # 4 KiB of money: the first grant is the last (final), the next ask is refused
+        (exhaust, {"balance_micros": 4_000},
+         {"QUOTA_GRANTED": 1, "FINAL_UNITS_GRANTED": 1, "USAGE_CHARGED": 1,
+          "CREDIT_EXHAUSTED": 1}),
+        (top_up_after_final_units, {"balance_micros": 4_000},
+         {"QUOTA_GRANTED": 1, "FINAL_UNITS_GRANTED": 1, "USAGE_CHARGED": 1,
+          "CREDIT_EXHAUSTED": 1, "TOP_UP": 1, "REAUTHORIZATION_NEEDED": 1}),
+        (expire_bucket, {"balance_micros": 1_000_000, "buckets": [expired]},
+         {"QUOTA_GRANTED": 1, "BUCKET_EXPIRED": 1}),
+    ]
+    for run, account, expected in cases:
+        got = await scenario_events(notifications, make_account, run, **account)
+        assert got == Counter({k: v for k, v in expected.items() if v}), (expected, got)
+
+
+async def test_usage_spike_against_the_accounts_own_rate(
+        charging, notifications, make_account, settings):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10**12)
+    call = await subscribe(notifications, account_ids=[acct], event_types=[npb.USAGE_SPIKE])
+    start_ms = 1_700_000_000_000
+    step_s = 1_800
+    # a day and a half of steady use: 10 messages every half hour, no spike
+    for n in range(int(1.5 * settings.spike_slow_window_s / step_s)):
+        await charging.Event(pb.EventRequest(
+            session_id=f"steady{n}", account_id=acct, action=pb.DIRECT_DEBIT,
+            event_time_unix_ms=start_ms + n * step_s * 1000,
+            rating_groups=[block(RG_SMS, requested=10)]))
+    await call.no_more()
+    burst_ms = start_ms + (n + 1) * step_s * 1000
+    for k in range(3):  # a burst: 1000 messages a minute; announced once
+        await charging.Event(pb.EventRequest(
+            session_id=f"burst{k}", account_id=acct, action=pb.DIRECT_DEBIT,
+            event_time_unix_ms=burst_ms + k * 60_000,
+            rating_groups=[block(RG_SMS, requested=1_000)]))
+    (spike,) = await call.read(1)
+    assert spike.type == npb.USAGE_SPIKE and spike.rating_group == str(RG_SMS)
+    assert float(spike.details["rate_per_s"]) > 20 * float(spike.details["usual_rate_per_s"])
+    await call.no_more()
+    call.cancel()
+
+
+async def test_resume_from_cursor_loses_and_duplicates_nothing_under_load(
+        charging, notifications, make_account, redis, settings, checked_books):  # type: ignore[no-untyped-def]
+    accounts = [await make_account(balance_micros=10**12) for _ in range(3)]
+    call = await subscribe(notifications, account_ids=accounts)
+    received: list[npb.ChargeEvent] = []
+
+    async def load() -> None:
+        for n in range(150):
+            await asyncio.gather(*(sms(charging, a, f"{a};{n}") for a in accounts))
+
+    loader = asyncio.create_task(load())
+    for _ in range(4):  # read a little, drop the connection, resume from the last cursor
+        batch = await call.read(40)
+        received += batch
+        call.cancel()
+        call = await subscribe(notifications, account_ids=accounts, cursor=batch[-1].cursor)
+    await loader
+    while len(received) < 450:
+        received += await call.read(1)
+    await call.no_more()
+    call.cancel()
+
+    expected = {}
+    for acct in accounts:  # the ground truth: the streams in Redis
+        keys = account_keys(acct, settings.partitions)
+        for stream_id, fields in await redis.xrange(keys.events):
+            if fields["a"] == acct:
+                expected[f"{keys.partition}-{stream_id}"] = fields["s"]
+    for acct in accounts:  # in order per account
+        ids = [tuple(map(int, e.event_id.split("-"))) for e in received if e.account_id == acct]
+        assert ids == sorted(ids)
+    assert Counter(e.event_id for e in received) == Counter(expected.keys())  # none lost or twice
+
+
+async def test_thousand_subscribers_each_get_the_charge(
+        charging, notifications, make_account):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10**9)
+    calls = [notifications.Subscribe(npb.SubscribeRequest(account_ids=[acct]))
+             for _ in range(1_000)]
+    await asyncio.gather(*(asyncio.wait_for(c.initial_metadata(), 30) for c in calls))
+    await sms(charging, acct, "for-all")
+    events = await asyncio.gather(*(asyncio.wait_for(c.read(), 30) for c in calls))
+    assert {(e.type, e.session_id) for e in events} == {(npb.EVENT_CHARGED, "for-all")}
+    for c in calls:
+        c.cancel()
+
+
+async def test_stalled_subscriber_is_ended_with_its_cursor_while_charging_goes_on(
+        server, charging, make_account, settings):  # type: ignore[no-untyped-def]
+    from creditline.v1 import notifications_pb2_grpc
+
+    acct = await make_account(balance_micros=10**12)
+    # a client that never reads, with flow control windows as small as gRPC allows
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 1024)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as ch:
+        stalled = notifications_pb2_grpc.NotificationsStub(ch).Subscribe(
+            npb.SubscribeRequest(account_ids=[acct]))
+        await stalled.initial_metadata()
+        answers = []
+        for n in range(settings.subscriber_queue_size + 2_000):
+            answers.append(await sms(charging, acct, f"s{n}"))
+        assert all(a.result_code == pb.SUCCESS for a in answers)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await asyncio.wait_for(stalled.read(), READ_TIMEOUT_S)
+        assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailing = dict(ended.value.trailing_metadata() or ())
+        assert trailing[RESUME_CURSOR_METADATA] in (ended.value.details() or "")
+
+
+async def test_cursor_older_than_retention_is_refused(
+        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10**9)
+    cursor = (await subscribe(notifications, account_ids=[acct])).start_cursor
+    await sms(charging, acct, "gone")
+    await redis.xtrim(account_keys(acct, settings.partitions).events, maxlen=0)
+    call = notifications.Subscribe(npb.SubscribeRequest(account_ids=[acct], cursor=cursor))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "retention" in (refused.value.details() or "")
+
+    bad = notifications.Subscribe(npb.SubscribeRequest(account_ids=[acct], cursor="nonsense"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await bad.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
