@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Sequence
@@ -19,6 +21,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
+DEFAULT_SINK = "sqlite:///cdrs.sqlite"
 
 
 def _print(message: Message) -> None:
@@ -38,6 +41,55 @@ def _add_unit_flags(parser: argparse.ArgumentParser, prefix: str) -> None:
     for name in _UNIT_FLAGS:
         parser.add_argument(f"--{prefix}-{name.replace('_', '-')}", type=int,
                             dest=f"{prefix}_{name}")
+
+
+def _books_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    cdr = commands.add_parser("cdr", help="charging data records")
+    cdr_commands = cdr.add_subparsers(dest="cdr_command", required=True)
+    export = cdr_commands.add_parser(
+        "export", help="drain CDRs from Redis into a sink (at least once, loaded once)")
+    reconcile = commands.add_parser(
+        "reconcile", help="check balances, reservations and CDRs agree; exit 1 if not")
+    for parser in (export, reconcile):
+        parser.add_argument("--redis-url", default=os.environ.get("CREDITLINE_REDIS_URL", ""),
+                            help="(env CREDITLINE_REDIS_URL)")
+        parser.add_argument("--sink", default=os.environ.get("CREDITLINE_CDR_SINK",
+                                                             DEFAULT_SINK),
+                            help="sqlite:///file, postgresql://..., jsonl:///dir "
+                                 f"(env CREDITLINE_CDR_SINK; default {DEFAULT_SINK})")
+    export.add_argument("--follow", action="store_true",
+                        help="keep exporting beside the server until interrupted")
+    export.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _books_command(args: argparse.Namespace) -> int:
+    from creditline.cdr import open_sink
+    from creditline.exporter import Exporter
+    from creditline.reconcile import reconcile
+    from creditline.store import recorded_partitions
+    from redis import Redis
+
+    if not args.redis_url:
+        print("creditline: --redis-url (or CREDITLINE_REDIS_URL) is required", file=sys.stderr)
+        return 2
+    redis = Redis.from_url(args.redis_url)
+    partitions = recorded_partitions(redis)
+    sink = open_sink(args.sink)
+    try:
+        if args.command == "cdr":
+            exporter = Exporter(redis, partitions, sink)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends a --follow run
+                exporter.run(follow=args.follow, report=None if args.quiet else sys.stderr)
+            return 0
+        checked, problems = reconcile(redis, partitions, sink)
+        for problem in problems:
+            print(problem)
+        print(f"reconciled {checked} accounts: {len(problems)} discrepancies",
+              file=sys.stderr)
+        return 1 if problems else 0
+    finally:
+        sink.close()
+        redis.close()
 
 
 def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -109,7 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings_module.add_arguments(serve)
     serve.add_argument("--log-level", default="INFO")
     _client_parsers(commands)
+    _books_parsers(commands)
     args = parser.parse_args(argv)
+    if args.command in ("cdr", "reconcile"):
+        return _books_command(args)
 
     if args.command == "serve":
         logging.basicConfig(level=args.log_level,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
@@ -23,6 +24,14 @@ MAX_BUCKETS_PER_ACCOUNT = 32
 # Where the partition count of a deployment is recorded: changing it would move every
 # account to another partition, so a server with another count refuses to start.
 META_KEY = f"{KEY_PREFIX}:meta"
+
+
+def recorded_partitions(redis: SyncRedis) -> int:
+    """The partition count the server recorded in this Redis (for offline tools)."""
+    value = redis.hget(META_KEY, "partitions")
+    if value is None:
+        raise ValueError("this Redis holds no Creditline data (no partition count recorded)")
+    return int(value)
 
 
 def partition_of(account_id: str, partitions: int) -> int:

@@ -1,0 +1,98 @@
+"""`creditline reconcile`: proves that balances, reservations and CDRs agree.
+
+For every account:
+    initial + top-ups - charges in CDRs (refunds negative) - charges of open sessions
+        = balance
+    reserved = the money held by the open sessions
+CDRs are counted from the sink and from the streams not yet exported, each id once.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from creditline.cdr import Sink, cdr_from_stream
+from creditline.store import KEY_PREFIX, cdrs_key
+from redis import Redis
+
+SCAN_BATCH = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Discrepancy:
+    account_id: str
+    what: str
+    expected_micros: int
+    actual_micros: int
+
+    def __str__(self) -> str:
+        return (f"{self.account_id}: {self.what} is {self.actual_micros}, the books say "
+                f"{self.expected_micros} (difference {self.actual_micros - self.expected_micros})")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _account_keys(redis: Redis) -> Iterator[tuple[str, str]]:
+    """(account id, account hash key) of every account."""
+    for key in redis.scan_iter(match=f"{KEY_PREFIX}:{{*}}:a:*:acct", count=SCAN_BATCH):
+        name = _text(key)
+        account_id = name.split(":a:", 1)[1].rsplit(":acct", 1)[0]
+        yield account_id, name
+
+
+def _unexported_charges(redis: Redis, partitions: int) -> tuple[dict[str, int], list[str]]:
+    totals: dict[str, int] = defaultdict(int)
+    ids: list[str] = []
+    for partition in range(partitions):
+        last = "-"
+        while True:
+            entries: Any = redis.xrange(cdrs_key(partition), min=last, count=SCAN_BATCH)
+            entries = [e for e in entries if _text(e[0]) != last]
+            if not entries:
+                break
+            for stream_id, raw in entries:
+                fields = {_text(k): _text(v) for k, v in raw.items()}
+                cdr = cdr_from_stream(partition, _text(stream_id), fields)
+                totals[cdr.account_id] += cdr.charged_micros
+                ids.append(cdr.cdr_id)
+            last = _text(entries[-1][0])
+    return totals, ids
+
+
+def _open_sessions(redis: Redis, account_key: str) -> tuple[int, int]:
+    """(money charged so far, money reserved) of the account's open sessions."""
+    charged = reserved = 0
+    for session_key in redis.smembers(account_key.replace(":acct", ":sessions")):
+        session = {_text(k): _text(v) for k, v in redis.hgetall(_text(session_key)).items()}
+        for field, value in session.items():
+            if field.startswith("c:"):
+                charged += int(value)
+            elif field.startswith("m:"):
+                reserved += int(value)
+    return charged, reserved
+
+
+def reconcile(redis: Redis, partitions: int, sink: Sink) -> tuple[int, list[Discrepancy]]:
+    """Checks every account; returns how many were checked and what disagrees."""
+    unexported, unexported_ids = _unexported_charges(redis, partitions)
+    exported = sink.charged_by_account(excluding_ids=unexported_ids)
+    problems: list[Discrepancy] = []
+    checked = 0
+    for account_id, key in _account_keys(redis):
+        account = {_text(k): _text(v) for k, v in redis.hgetall(key).items()}
+        open_charged, open_reserved = _open_sessions(redis, key)
+        recorded = exported.get(account_id, 0) + unexported.get(account_id, 0)
+        expected = (int(account["initial"]) + int(account["topped_up"]) - recorded
+                    - open_charged)
+        if expected != int(account["balance"]):
+            problems.append(Discrepancy(account_id, "balance", expected, int(account["balance"])))
+        if open_reserved != int(account["reserved"]):
+            problems.append(Discrepancy(account_id, "reserved", open_reserved,
+                                        int(account["reserved"])))
+        checked += 1
+    return checked, problems
