@@ -17,6 +17,7 @@ from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
 from creditline.store import Store, StoreConfig
+from creditline.supervision import Supervisor
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from redis.asyncio import BlockingConnectionPool, Redis
 
@@ -32,6 +33,7 @@ class RunningServer:
     store: Store
     hub: EventHub
     hub_redis: Redis
+    supervisor: Supervisor
 
 
 def redis_client(url: str, settings: Settings, max_connections: int = 0,
@@ -78,18 +80,21 @@ async def start_server(settings: Settings, redis_url: str) -> RunningServer:
     notifications_pb2_grpc.add_NotificationsServicer_to_server(
         NotificationsService(hub, settings.subscriber_queue_size, settings.max_subscribers),
         server)
+    supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
+    supervisor.start()
     port = server.add_insecure_port(settings.listen_address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {settings.listen_address}")
     await server.start()
     return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
-                         hub=hub, hub_redis=hub_redis)
+                         hub=hub, hub_redis=hub_redis, supervisor=supervisor)
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:
     # The grace lets calls in flight finish: a script either ran whole or not at all,
     # but the client should get its answer rather than a cancelled call.
     await running.server.stop(grace_s)
+    await running.supervisor.stop()
     await running.hub.stop()
     await running.hub_redis.aclose()
     await running.redis.aclose()

@@ -42,6 +42,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         self._plan = plan
         self._rater = rater
         self._settings = settings
+        self._supervision_ms = int(plan.validity_time_s * 1000 * settings.supervision_factor)
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context
                       ) -> pb.CreditControlAnswer:
@@ -67,7 +68,8 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         try:
             answer = await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
-                now_ms, event_time_ms, "-", blocks), self._settings.redis_call_timeout_s)
+                now_ms, event_time_ms, "-", blocks, self._supervision_ms),
+                self._settings.redis_call_timeout_s)
         except StoreUnavailableError:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "

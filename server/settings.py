@@ -37,6 +37,11 @@ class Settings:
     spike_fast_window_s: int = 300
     spike_slow_window_s: int = 86_400
     spike_factor: float = 20.0
+    # stale sessions: closed after supervision_factor x the validity time with no request;
+    # every process sweeps every sweep interval, closing at most `batch` per partition
+    supervision_factor: float = 2.0
+    supervision_interval_s: float = 1.0
+    supervision_batch: int = 100
     # notification subscribers: events queued per subscriber before it is ended as too
     # slow, and subscribers per process
     subscriber_queue_size: int = 1000
@@ -57,6 +62,7 @@ class Settings:
         positive = (
             "answer_retention_s", "partitions", "events_max_length", "spike_fast_window_s",
             "spike_slow_window_s", "subscriber_queue_size", "max_subscribers",
+            "supervision_factor", "supervision_interval_s", "supervision_batch",
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections",

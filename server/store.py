@@ -51,6 +51,10 @@ def event_counter_key(partition: int) -> str:
     return f"{partition_tag(partition)}:events:n"
 
 
+def deadlines_key(partition: int) -> str:
+    return f"{partition_tag(partition)}:deadlines"
+
+
 def cdrs_key(partition: int) -> str:
     return f"{partition_tag(partition)}:cdrs"
 
@@ -174,19 +178,40 @@ class Store:
     async def charge(
         self, kind: str, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
+        supervision_ms: int = 0,
     ) -> str:
-        """Runs one charging request (kind I/U/T/E); returns the script's answer string."""
+        """Runs one charging request (kind I/U/T/E/S); returns the script's answer."""
         keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
         result = await self._charge(
             keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
                   keys.final_sessions, keys.events, keys.cdrs, keys.rates,
-                  event_counter_key(keys.partition)],
+                  event_counter_key(keys.partition), deadlines_key(keys.partition)],
             args=[kind, request_number, account_id, session_id, now_ms, event_time_ms,
                   self.config.answer_retention_s, event_action, self._event_trim(now_ms),
-                  self._spike, *blocks],
+                  self._spike, supervision_ms, *blocks],
         )
         return _text(result)
+
+    async def due_sessions(self, partition: int, now_ms: int, limit: int
+                           ) -> list[tuple[str, str]]:
+        """(account id, session id) of up to `limit` sessions past their deadline."""
+        keys: Any = await self._redis.zrangebyscore(
+            deadlines_key(partition), "-inf", now_ms, start=0, num=limit)
+        due = []
+        for key in keys:
+            account_id, session_id = await self._redis.hmget(_text(key), "account", "session")
+            if account_id is not None and session_id is not None:
+                due.append((_text(account_id), _text(session_id)))
+            else:  # a session whose hash expired or never held those fields
+                await self._redis.zrem(deadlines_key(partition), key)
+        return due
+
+    async def close_if_stale(self, account_id: str, session_id: str, now_ms: int) -> bool:
+        """Closes a session whose deadline passed; False if another process did first
+        or a request came in meanwhile (the script checks both atomically)."""
+        answer = await self.charge("S", account_id, session_id, 0, now_ms, now_ms, "-", [0])
+        return not answer.startswith("0;")
 
     async def admin(self, account_id: str, operation: str, *args: int | str) -> Any:
         keys = self.keys(account_id)

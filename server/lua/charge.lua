@@ -1,6 +1,6 @@
 --[[
-charge.lua: every charging request (session Initial / Update / Terminate and one-shot
-events) in one atomic step: one EVALSHA, one round trip. It reads and checks everything
+charge.lua: every charging request (session Initial / Update / Terminate, one-shot
+events, and the closing of a stale session by supervision) in one atomic step: one EVALSHA, one round trip. It reads and checks everything
 first, then writes; a refusal writes nothing. The charge notifications and the CDRs are
 written here too, in the same step: one exists if and only if its charge happened.
 
@@ -19,9 +19,12 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
   KEYS[10] event counter  the partition's count of notifications ever written: each one
                           carries its number `n`, so a subscriber can tell whether
                           retention dropped any after its cursor
+  KEYS[11] deadlines      the partition's sorted set: session key -> supervision deadline
+                          (unix ms); a session with no request by then is closed ("S")
 
 ARGV:
-  [1] kind: "I", "U", "T" (session) or "E" (event)
+  [1] kind: "I", "U", "T" (session), "E" (event), or "S" (close the session if its
+      supervision deadline has passed: charges nothing more, releases what it holds)
   [2] request number
   [3] account id
   [4] session id
@@ -32,7 +35,8 @@ ARGV:
   [8] event action (kind E): "DEBIT", "REFUND", "CHECK", "PRICE"; "-" otherwise
   [9] event stream trimming, "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
   [10] usage spike detection "fast window s,slow window s,factor"
-  [11] number of rating-group blocks, then each block as:
+  [11] supervision time, ms: a session with no request for this long is closed
+  [12] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, connect fee, number of price segments S, then S triples
@@ -54,7 +58,7 @@ local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 
 local function int(x) return string.format('%d', x) end
 
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
-  events_key, cdrs_key, rates_key, event_counter_key = unpack(KEYS, 1, 10)
+  events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = unpack(KEYS, 1, 11)
 local kind = ARGV[1]
 local request_number = tonumber(ARGV[2])
 local account_id, session_id = ARGV[3], ARGV[4]
@@ -69,10 +73,11 @@ spike_fast_s, spike_slow_s, spike_factor =
   tonumber(spike_fast_s), tonumber(spike_slow_s), tonumber(spike_factor)
 
 -- ---------------------------------------------------------------- decoding the blocks
+local supervision_ms = tonumber(ARGV[11])
 local blocks = {}
 do
-  local i = 12
-  for _ = 1, tonumber(ARGV[11]) do
+  local i = 13
+  for _ = 1, tonumber(ARGV[12]) do
     local block = {
       rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2], status = ARGV[i + 3],
       requested = tonumber(ARGV[i + 4]), used = tonumber(ARGV[i + 5]),
@@ -431,7 +436,13 @@ end
 local function handle_session()
   local session = hash(request_key)
   local exists = session.state ~= nil
-  if exists then
+  if kind == 'S' then
+    local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
+    if session.state ~= 'open' or not deadline or deadline > now_ms then
+      return '0;!not due'
+    end
+    request_number = tonumber(session.last_request)
+  elseif exists then
     local last = tonumber(session.last_request)
     if request_number == last then return session.answer end
     if request_number < last then
@@ -441,9 +452,10 @@ local function handle_session()
   if kind == 'I' then
     if exists then return INVALID_VALUE .. ';!session already exists' end
     if barred then return DENIED .. ';!account is barred' end
-  elseif not exists or session.state ~= 'open' then
+  elseif session.state ~= 'open' then
     return UNKNOWN_SESSION .. ';!unknown or closed session'
   end
+  local closing = kind == 'T' or kind == 'S'
 
   local session_changes = {}  -- field -> new value
   local function sget(field) return tonumber(session_changes[field] or session[field] or 0) end
@@ -516,7 +528,7 @@ local function handle_session()
       sset('tf:' .. rg, block.tariff)
       release(rg, block.bucket_rg)
       if block.used > 0 then charged = charge_usage(block) end
-      if kind ~= 'T' and block.requested >= 0 then
+      if not closing and block.requested >= 0 then
         if barred then
           code = DENIED
         else
@@ -539,7 +551,7 @@ local function handle_session()
     codes[#codes + 1] = code
     parts[#parts + 1] = table.concat({ rg, code, int(granted), int(charged), final }, ',')
   end
-  if kind == 'T' then
+  if closing then
     -- release the rating groups the Terminate did not mention
     for field, _ in pairs(session) do
       local rg = string.match(field, '^k:(.+)$')
@@ -549,8 +561,13 @@ local function handle_session()
 
   local answer = overall_code(codes)
   if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
+  if kind == 'S' then answer = session.answer end  -- the client's last answer stays
 
-  if kind == 'I' then sset('started_ms', now_ms) end
+  if kind == 'I' then
+    sset('started_ms', now_ms)
+    sset('account', account_id)  -- for the supervision sweep, which starts from the key
+    sset('session', session_id)
+  end
   local any_final = false
   for _, part in ipairs(parts) do
     if string.sub(part, -2) == ',1' then any_final = true end
@@ -559,21 +576,24 @@ local function handle_session()
   write_buckets()
   write_account()
   local flat = { 'last_request', int(request_number), 'answer', answer,
-    'state', (kind == 'T') and 'closed' or 'open' }
+    'state', closing and 'closed' or 'open' }
   for field, value in pairs(session_changes) do
     flat[#flat + 1] = field
     flat[#flat + 1] = (type(value) == 'number') and int(value) or value
   end
   redis.call('HSET', request_key, unpack(flat))
-  if kind == 'T' then
-    notify('session_ended', { 'cause', 'terminate' })
+  if closing then
+    local cause = (kind == 'T') and 'terminate' or 'supervision'
+    notify('session_ended', { 'cause', cause })
     redis.call('SREM', sessions_key, request_key)
     redis.call('SREM', final_key, session_id)
+    redis.call('ZREM', deadlines_key, request_key)
     redis.call('EXPIRE', request_key, retention_s)
-    write_session_cdr(hash(request_key), 'terminate', answer:match('^%d+'))
+    write_session_cdr(hash(request_key), cause, answer:match('^%d+'))
   else
     if kind == 'I' then redis.call('SADD', sessions_key, request_key) end
     if any_final then redis.call('SADD', final_key, session_id) end
+    redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
   end
   write_records()
   return answer
