@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -76,8 +76,67 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                 "handling"))
         return charging.decode_credit_control(answer, request, rated, self._plan)
 
-    async def Event(self, request: pb.EventRequest, context: Context
-                    ) -> pb.EventAnswer:
+    async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
+                     ) -> AsyncIterator[pb.StreamAnswer]:
+        """Answers each request as soon as it is done; at most max_in_flight_per_stream
+        at once. One writer: answers go through a queue to this generator."""
+        answers: asyncio.Queue[pb.StreamAnswer | None] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(self._settings.max_in_flight_per_stream)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.StreamRequest) -> None:
+            try:
+                await answers.put(await self._stream_answer(request))
+            except Exception:
+                # every request gets an answer, or its client waits for ever
+                log.exception("stream request %d failed", request.correlation_id)
+                failed = pb.StreamAnswer(correlation_id=request.correlation_id)
+                failed.credit_control.result_code = pb.UNABLE_TO_COMPLY
+                await answers.put(failed)
+            finally:
+                in_flight.release()
+
+        async def read_all() -> None:
+            try:
+                async for request in requests:
+                    await in_flight.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(set(tasks))
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+            await reader  # re-raises what ended the reading
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _stream_answer(self, request: pb.StreamRequest) -> pb.StreamAnswer:
+        which = request.WhichOneof("request")
+        result = pb.StreamAnswer(correlation_id=request.correlation_id)
+        if which == "event":
+            result.event.CopyFrom(await self._event(request.event))
+        elif which in ("initial", "update", "terminate"):
+            kind = {"initial": "I", "update": "U", "terminate": "T"}[which]
+            result.credit_control.CopyFrom(
+                await self._credit_control(getattr(request, which), kind))
+        else:
+            result.credit_control.result_code = pb.MISSING_AVP
+            result.credit_control.error_message = "request: missing (initial, update, " \
+                "terminate or event)"
+        return result
+
+    async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
+        return await self._event(request)
+
+    async def _event(self, request: pb.EventRequest) -> pb.EventAnswer:
         refusal = charging.validate_event(request, self._settings)
         if refusal:
             return charging.event_refusal_answer(request, refusal)

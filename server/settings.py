@@ -55,6 +55,8 @@ class Settings:
     redis_call_timeout_s: float = 2.0
     # Redis connections per server process
     redis_max_connections: int = 32
+    # requests of one Charging.Stream worked on at once (then the stream is not read)
+    max_in_flight_per_stream: int = 256
     # grace given to calls in flight when the server stops
     shutdown_grace_s: float = 5.0
 
@@ -63,6 +65,7 @@ class Settings:
             "answer_retention_s", "partitions", "events_max_length", "spike_fast_window_s",
             "spike_slow_window_s", "subscriber_queue_size", "max_subscribers",
             "supervision_factor", "supervision_interval_s", "supervision_batch",
+            "max_in_flight_per_stream",
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections",

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_g
 from redis.asyncio import Redis
 
 from tests.books import Books
+from tests.stream_client import StreamCharging
 
 _account_numbers = itertools.count(1)
 
@@ -48,9 +50,18 @@ async def channel(server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
 
 
-@pytest.fixture(scope="session")
-def charging(channel: grpc.aio.Channel) -> charging_pb2_grpc.ChargingStub:
-    return charging_pb2_grpc.ChargingStub(channel)
+@pytest.fixture(scope="session", params=["unary", "stream"])
+async def charging(request: pytest.FixtureRequest, channel: grpc.aio.Channel
+                   ) -> AsyncIterator[Any]:
+    """The Charging service, through the unary RPCs and through Charging.Stream: every
+    scenario runs on both."""
+    stub = charging_pb2_grpc.ChargingStub(channel)
+    if request.param == "unary":
+        yield stub
+        return
+    stream = StreamCharging(stub)
+    yield stream
+    await stream.close()
 
 
 @pytest.fixture(scope="session")

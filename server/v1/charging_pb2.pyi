@@ -161,6 +161,75 @@ PRICE_ENQUIRY: RequestedAction.ValueType  # 4
 Global___RequestedAction: _TypeAlias = RequestedAction  # noqa: Y015
 
 @_typing.final
+class StreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    INITIAL_FIELD_NUMBER: _builtins.int
+    UPDATE_FIELD_NUMBER: _builtins.int
+    TERMINATE_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.int
+    """chosen by the client, echoed in the answer"""
+    @_builtins.property
+    def initial(self) -> Global___CreditControlRequest: ...
+    @_builtins.property
+    def update(self) -> Global___CreditControlRequest: ...
+    @_builtins.property
+    def terminate(self) -> Global___CreditControlRequest: ...
+    @_builtins.property
+    def event(self) -> Global___EventRequest: ...
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.int = ...,
+        initial: Global___CreditControlRequest | None = ...,
+        update: Global___CreditControlRequest | None = ...,
+        terminate: Global___CreditControlRequest | None = ...,
+        event: Global___EventRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "initial", b"initial", "request", b"request", "terminate", b"terminate", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "event", b"event", "initial", b"initial", "request", b"request", "terminate", b"terminate", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_request: _TypeAlias = _typing.Literal["initial", "update", "terminate", "event"]  # noqa: Y015
+    _WhichOneofArgType_request: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_request) -> _WhichOneofReturnType_request | None: ...
+
+Global___StreamRequest: _TypeAlias = StreamRequest  # noqa: Y015
+
+@_typing.final
+class StreamAnswer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
+    CREDIT_CONTROL_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    correlation_id: _builtins.int
+    @_builtins.property
+    def credit_control(self) -> Global___CreditControlAnswer:
+        """to initial, update, terminate"""
+
+    @_builtins.property
+    def event(self) -> Global___EventAnswer: ...
+    def __init__(
+        self,
+        *,
+        correlation_id: _builtins.int = ...,
+        credit_control: Global___CreditControlAnswer | None = ...,
+        event: Global___EventAnswer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "credit_control", b"credit_control", "event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "correlation_id", b"correlation_id", "credit_control", b"credit_control", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_answer: _TypeAlias = _typing.Literal["credit_control", "event"]  # noqa: Y015
+    _WhichOneofArgType_answer: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_answer) -> _WhichOneofReturnType_answer | None: ...
+
+Global___StreamAnswer: _TypeAlias = StreamAnswer  # noqa: Y015
+
+@_typing.final
 class Units(_message.Message):
     """Units of service. Only the kind that the rating group's tariff counts is rated;
     the others are recorded. Volumes are 64-bit octet counts.

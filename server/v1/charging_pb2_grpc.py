@@ -55,6 +55,11 @@ class ChargingStub:
                 request_serializer=creditline_dot_v1_dot_charging__pb2.EventRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_charging__pb2.EventAnswer.FromString,
                 _registered_method=True)
+        self.Stream = channel.stream_stream(
+                '/creditline.v1.Charging/Stream',
+                request_serializer=creditline_dot_v1_dot_charging__pb2.StreamRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_charging__pb2.StreamAnswer.FromString,
+                _registered_method=True)
 
 
 class ChargingServicer:
@@ -89,6 +94,17 @@ class ChargingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stream(self, request_iterator, context):
+        """The same requests and answers over one long-lived stream, for gateways that
+        multiplex many sessions over one connection (as Diameter does). Answers carry the
+        request's correlation id and may come in any order. The server works on at most
+        `max_in_flight_per_stream` requests of a stream at once and reads no more until
+        one is answered: HTTP/2 flow control then pushes back on the client.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChargingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +127,11 @@ def add_ChargingServicer_to_server(servicer, server):
                     servicer.Event,
                     request_deserializer=creditline_dot_v1_dot_charging__pb2.EventRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_charging__pb2.EventAnswer.SerializeToString,
+            ),
+            'Stream': grpc.stream_stream_rpc_method_handler(
+                    servicer.Stream,
+                    request_deserializer=creditline_dot_v1_dot_charging__pb2.StreamRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_charging__pb2.StreamAnswer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +243,33 @@ class Charging:
             '/creditline.v1.Charging/Event',
             creditline_dot_v1_dot_charging__pb2.EventRequest.SerializeToString,
             creditline_dot_v1_dot_charging__pb2.EventAnswer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/creditline.v1.Charging/Stream',
+            creditline_dot_v1_dot_charging__pb2.StreamRequest.SerializeToString,
+            creditline_dot_v1_dot_charging__pb2.StreamAnswer.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,13 @@ class ChargingStub:
     """Charges the final usage and releases what is left (CCR-Terminate / Nchf Release)."""
     Event: _grpc.UnaryUnaryMultiCallable[_charging_pb2.EventRequest, _charging_pb2.EventAnswer]
     """One-shot charging: direct debit, refund, balance check, price enquiry (CCR-Event)."""
+    Stream: _grpc.StreamStreamMultiCallable[_charging_pb2.StreamRequest, _charging_pb2.StreamAnswer]
+    """The same requests and answers over one long-lived stream, for gateways that
+    multiplex many sessions over one connection (as Diameter does). Answers carry the
+    request's correlation id and may come in any order. The server works on at most
+    `max_in_flight_per_stream` requests of a stream at once and reads no more until
+    one is answered: HTTP/2 flow control then pushes back on the client.
+    """
 
 @_typing.type_check_only
 class ChargingAsyncStub(ChargingStub):
@@ -66,6 +73,13 @@ class ChargingAsyncStub(ChargingStub):
     """Charges the final usage and releases what is left (CCR-Terminate / Nchf Release)."""
     Event: _aio.UnaryUnaryMultiCallable[_charging_pb2.EventRequest, _charging_pb2.EventAnswer]  # type: ignore[assignment]
     """One-shot charging: direct debit, refund, balance check, price enquiry (CCR-Event)."""
+    Stream: _aio.StreamStreamMultiCallable[_charging_pb2.StreamRequest, _charging_pb2.StreamAnswer]  # type: ignore[assignment]
+    """The same requests and answers over one long-lived stream, for gateways that
+    multiplex many sessions over one connection (as Diameter does). Answers carry the
+    request's correlation id and may come in any order. The server works on at most
+    `max_in_flight_per_stream` requests of a stream at once and reads no more until
+    one is answered: HTTP/2 flow control then pushes back on the client.
+    """
 
 class ChargingServicer(metaclass=_abc_1.ABCMeta):
     """Session and event charging, called by network functions (gateways, SMFs, SMS centres)."""
@@ -101,5 +115,18 @@ class ChargingServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_charging_pb2.EventAnswer, _abc.Awaitable[_charging_pb2.EventAnswer]]:
         """One-shot charging: direct debit, refund, balance check, price enquiry (CCR-Event)."""
+
+    @_abc_1.abstractmethod
+    def Stream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_charging_pb2.StreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_charging_pb2.StreamAnswer], _abc.AsyncIterator[_charging_pb2.StreamAnswer]]:
+        """The same requests and answers over one long-lived stream, for gateways that
+        multiplex many sessions over one connection (as Diameter does). Answers carry the
+        request's correlation id and may come in any order. The server works on at most
+        `max_in_flight_per_stream` requests of a stream at once and reads no more until
+        one is answered: HTTP/2 flow control then pushes back on the client.
+        """
 
 def add_ChargingServicer_to_server(servicer: ChargingServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
