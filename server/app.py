@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,8 @@ def store_config(settings: Settings) -> StoreConfig:
     )
 
 
-async def start_server(settings: Settings, redis_url: str) -> RunningServer:
+async def start_server(settings: Settings, redis_url: str, reuse_port: bool = False
+                       ) -> RunningServer:
     """Builds and starts the gRPC server; the caller stops it (stop_server)."""
     plan = load_plan(Path(settings.plan_path))
     redis = redis_client(redis_url, settings)
@@ -67,7 +69,9 @@ async def start_server(settings: Settings, redis_url: str) -> RunningServer:
     await store.check_partitions()
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # several worker processes share one port (SO_REUSEPORT); a lone server must not
+        # silently share its port with a stale one
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
     charging_pb2_grpc.add_ChargingServicer_to_server(
         ChargingService(store, plan, IncrementRater(), settings), server)
@@ -100,8 +104,8 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     await running.redis.aclose()
 
 
-@contextlib.asynccontextmanager
-async def redis_for(settings: Settings) -> AsyncIterator[str]:
+@contextlib.contextmanager
+def redis_for(settings: Settings) -> Iterator[str]:
     """The Redis URL to use: the configured one, or an embedded redis-server for the run."""
     if settings.redis_url:
         yield settings.redis_url
@@ -119,16 +123,16 @@ async def redis_for(settings: Settings) -> AsyncIterator[str]:
         process.stop()
 
 
-async def serve(settings: Settings) -> None:
-    async with redis_for(settings) as url:
-        running = await start_server(settings, url)
-        log.info("creditline listening on port %d, plan %r with %d tariffs",
-                 running.port, running.plan.name, len(running.plan.tariffs))
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("stopping: finishing calls in flight for up to %.1f s",
-                 settings.shutdown_grace_s)
-        await stop_server(running, settings.shutdown_grace_s)
+async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool = False
+                           ) -> None:
+    """Runs one server process until SIGINT or SIGTERM."""
+    running = await start_server(settings, redis_url, reuse_port)
+    log.info("creditline listening on port %d (pid %d), plan %r with %d tariffs",
+             running.port, os.getpid(), running.plan.name, len(running.plan.tariffs))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing calls in flight for up to %.1f s", settings.shutdown_grace_s)
+    await stop_server(running, settings.shutdown_grace_s)

@@ -10,6 +10,7 @@ import os
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from creditline import settings as settings_module
@@ -171,14 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = settings_module.from_arguments(args)
-            import uvloop
-            from creditline.app import serve as run_server
+            from creditline.rating import load_plan
+            from creditline.workers import serve as serve_processes
 
-            uvloop.run(run_server(settings))
+            load_plan(Path(settings.plan_path))  # a bad plan is refused before anything starts
+            return serve_processes(settings, args.log_level)
         except (ValueError, PlanError) as error:
             print(f"creditline: {error}", file=sys.stderr)
             return 2
-        return 0
     try:
         if args.command == "account":
             _print(asyncio.run(_account_command(args)))

@@ -19,6 +19,8 @@ ENV_PREFIX = "CREDITLINE_"
 class Settings:
     # where the gRPC server listens
     listen_address: str = "127.0.0.1:50051"
+    # server processes sharing the port (SO_REUSEPORT); 0: one per core
+    workers: int = 0
     # Redis URL (redis://, rediss://, unix://); empty: start an embedded redis-server
     redis_url: str = ""
     # directory for the embedded redis-server's data; empty: a temporary directory
@@ -73,7 +75,7 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"setting {name}: must be greater than 0")
-        for name in ("shutdown_grace_s", "events_retention_s", "spike_factor"):
+        for name in ("shutdown_grace_s", "events_retention_s", "spike_factor", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"setting {name}: must be 0 or more")
         if self.spike_fast_window_s >= self.spike_slow_window_s:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -38,7 +39,8 @@ def test_serve_with_embedded_redis_then_sigterm() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
+         "--workers", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for_port(port, process)
@@ -74,3 +76,43 @@ def test_serve_refuses_a_bad_plan_file(tmp_path) -> None:  # type: ignore[no-unt
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2
     assert "tariff[0].unit" in result.stderr and str(plan) in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
+         "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for_port(port, process)
+        time.sleep(1)  # both workers have bound the port by now
+        for n in range(20):  # new connections: the kernel spreads them over the workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                admin = admin_pb2_grpc.AdminStub(channel)
+                account = admin.CreateAccount(admin_pb.CreateAccountRequest(
+                    account_id=f"w{n}", initial_balance_micros=n))
+                assert account.balance_micros == n
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        pids = {line.split("(pid ")[1].split(")")[0] for line in output.splitlines()
+                if "listening on port" in line}
+        assert len(pids) == 2, output
+        assert not _children(process.pid)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -1,0 +1,65 @@
+"""`creditline serve`: one process, or N worker processes sharing the port.
+
+gRPC in Python runs one event loop per process (about 5.5k unary calls/s per core here,
+shared/reference/performance-floor.md): more cores need more processes. Workers share the
+listen port through SO_REUSEPORT, so the kernel spreads connections over them; they
+share nothing else but Redis, where every charge is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import replace
+from types import FrameType
+
+import uvloop
+from creditline.app import redis_for, serve_with_redis
+from creditline.settings import Settings
+
+log = logging.getLogger(__name__)
+# How long the parent waits for its workers to stop after passing on SIGTERM.
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
+def worker_count(settings: Settings) -> int:
+    return settings.workers or os.cpu_count() or 1
+
+
+def _worker_main(settings: Settings, redis_url: str, log_level: str) -> None:
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvloop.run(serve_with_redis(settings, redis_url, reuse_port=True))
+
+
+def serve(settings: Settings, log_level: str = "INFO") -> int:
+    """Runs the server until SIGINT or SIGTERM; returns the exit code."""
+    workers = worker_count(settings)
+    with redis_for(settings) as redis_url:
+        if workers == 1:
+            uvloop.run(serve_with_redis(settings, redis_url))
+            return 0
+        if settings.listen_address.endswith(":0"):
+            raise ValueError("setting listen_address: workers need a fixed port to share")
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=_worker_main, name=f"creditline-worker-{n}",
+                            args=(replace(settings, redis_url=redis_url), redis_url, log_level))
+            for n in range(workers)
+        ]
+        for process in processes:
+            process.start()
+        log.info("started %d workers on %s", workers, settings.listen_address)
+
+        def pass_on(signum: int, frame: FrameType | None) -> None:
+            for process in processes:
+                if process.is_alive() and process.pid:
+                    os.kill(process.pid, signal.SIGTERM)
+
+        signal.signal(signal.SIGTERM, pass_on)
+        signal.signal(signal.SIGINT, pass_on)
+        for process in processes:
+            process.join()
+        return max((p.exitcode or 0) for p in processes)
