@@ -17,10 +17,11 @@ from creditline.rating import IncrementRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
-from creditline.store import Store, StoreConfig
+from creditline.store import RedisClient, Store, StoreConfig
 from creditline.supervision import Supervisor
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +30,21 @@ log = logging.getLogger(__name__)
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    redis: Redis
+    redis: RedisClient
     plan: Plan
     store: Store
     hub: EventHub
-    hub_redis: Redis
+    hub_redis: RedisClient
     supervisor: Supervisor
 
 
 def redis_client(url: str, settings: Settings, max_connections: int = 0,
-                 read_timeout_s: float = 0) -> Redis:
+                 read_timeout_s: float = 0) -> RedisClient:
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url, max_connections=max_connections or settings.redis_max_connections,
+            socket_timeout=read_timeout_s or settings.redis_call_timeout_s,
+            socket_connect_timeout=settings.redis_call_timeout_s)
     # BlockingConnectionPool waits for a free connection under load; the default pool
     # raises MaxConnectionsError instead (shared/reference/performance-floor.md).
     pool = BlockingConnectionPool.from_url(
@@ -77,7 +83,7 @@ async def start_server(settings: Settings, redis_url: str, reuse_port: bool = Fa
         ChargingService(store, plan, IncrementRater(), settings), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(store, settings), server)
     # The hub's reader blocks in XREAD: it gets a connection of its own.
-    hub_redis = redis_client(redis_url, settings, max_connections=2,
+    hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
     hub = EventHub(hub_redis, settings.partitions)
     await hub.start()

@@ -1,8 +1,9 @@
 """Charge notifications: one Redis reader per process fans events out to subscribers.
 
 The charging scripts append every event to its partition's stream (see charge.lua). The
-`EventHub` reads all partition streams with one blocking XREAD loop and offers each event
-to the subscriptions whose filters match. Each subscription has a bounded queue: one that
+`EventHub` reads the partition streams, one blocking XREAD per partition (each stream may
+sit on another Redis Cluster node), and offers each event to the subscriptions whose
+filters match. Each subscription has a bounded queue: one that
 falls behind is ended with RESOURCE_EXHAUSTED and the cursor to resume from, so a slow
 subscriber never slows charging or the other subscribers.
 
@@ -24,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from creditline.store import event_counter_key, events_key, partition_of
+from creditline.store import RedisClient, event_counter_key, events_key, partition_of
 from creditline.v1 import notifications_pb2 as pb
 from creditline.v1 import notifications_pb2_grpc
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
@@ -115,23 +115,25 @@ class Subscription:
 class EventHub:
     """The one reader of the partition streams in this process."""
 
-    def __init__(self, redis: Redis, partitions: int) -> None:
+    def __init__(self, redis: RedisClient, partitions: int) -> None:
         self.redis = redis
         self.partitions = partitions
         self.positions: dict[int, Position] = {}
         self.subscriptions: set[Subscription] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         for partition in range(self.partitions):
             self.positions[partition] = await self.latest(partition)
-        self._task = asyncio.create_task(self._read_forever(), name="event-hub")
+        self._tasks = [asyncio.create_task(self._read_forever(p), name=f"event-hub-{p}")
+                       for p in range(self.partitions)]
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
@@ -147,18 +149,18 @@ class EventHub:
         oldest: Any = await self.redis.xrange(events_key(partition), count=1)
         return _decode_entry(partition, *oldest[0]).position.n if oldest else None
 
-    async def _read_forever(self) -> None:
+    async def _read_forever(self, partition: int) -> None:
+        key = events_key(partition)
         while True:
-            streams = {events_key(p): pos.stream_id for p, pos in self.positions.items()}
             try:
                 replies: Any = await self.redis.xread(
-                    streams, count=READ_BATCH, block=READ_BLOCK_MS)  # type: ignore[arg-type]
+                    {key: self.positions[partition].stream_id}, count=READ_BATCH,
+                    block=READ_BLOCK_MS)
             except (RedisError, OSError) as error:
-                log.warning("event hub: reading the streams failed: %r", error)
+                log.warning("event hub: reading %s failed: %r", key, error)
                 await asyncio.sleep(RETRY_PAUSE_S)
                 continue
-            for key, entries in replies or []:
-                partition = int(key.decode().split("{")[1].split("}")[0])
+            for _, entries in replies or []:
                 for stream_id, raw in entries:
                     event = _decode_entry(partition, stream_id, raw)
                     self.positions[partition] = event.position

@@ -23,6 +23,8 @@ class Settings:
     workers: int = 0
     # Redis URL (redis://, rediss://, unix://); empty: start an embedded redis-server
     redis_url: str = ""
+    # the Redis URL names one node of a Redis Cluster
+    redis_cluster: bool = False
     # directory for the embedded redis-server's data; empty: a temporary directory
     embedded_redis_dir: str = ""
     # the TOML plan file with the tariffs
@@ -85,13 +87,25 @@ class Settings:
             raise ValueError(f"setting listen_address: {self.listen_address!r} is not host:port")
 
 
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _parser_of(default: object) -> Callable[[str], object]:
+    return _parse_bool if isinstance(default, bool) else type(default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One --flag per setting; each defaults to CREDITLINE_<NAME> from the environment."""
     for f in fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
         parser.add_argument(
-            flag, dest=f.name, type=kind, default=None,
+            flag, dest=f.name, type=_parser_of(f.default), default=None,
             help=f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
         )
 
@@ -103,7 +117,7 @@ def from_arguments(
     for f in fields(Settings):
         flag_value = getattr(namespace, f.name, None)
         env_value = environ.get(ENV_PREFIX + f.name.upper())
-        kind: Callable[[str], object] = type(f.default)
+        kind = _parser_of(f.default)
         if flag_value is not None:
             values[f.name] = flag_value
         elif env_value is not None:

@@ -16,8 +16,11 @@ from typing import Any
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 
+# One Redis server, or a Redis Cluster: every script touches one hash slot either way.
+RedisClient = Redis | RedisCluster
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
 MAX_BUCKETS_PER_ACCOUNT = 32
@@ -150,7 +153,7 @@ def _text(value: Any) -> str:
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
-    def __init__(self, redis: Redis, config: StoreConfig) -> None:
+    def __init__(self, redis: RedisClient, config: StoreConfig) -> None:
         self._redis = redis
         self.config = config
         self._charge: AsyncScript = redis.register_script(_script_source("charge.lua"))

