@@ -243,10 +243,14 @@ def decode_event(
 
 
 def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal) -> pb.CreditControlAnswer:
-    return pb.CreditControlAnswer(
+    answer = pb.CreditControlAnswer(
         session_id=request.session_id, request_number=request.request_number,
         result_code=_result(refusal.result_code), error_message=refusal.message,
     )
+    if refusal.result_code == pb.UNABLE_TO_COMPLY:
+        # nothing was applied: retransmitting is safe, and is what the client should do
+        answer.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
+    return answer
 
 
 def event_refusal_answer(request: pb.EventRequest, refusal: Refusal) -> pb.EventAnswer:

@@ -116,3 +116,17 @@ def settings_with(settings: Settings, **changes: object) -> Settings:
 @pytest.fixture(scope="session")
 def notifications(channel: grpc.aio.Channel) -> notifications_pb2_grpc.NotificationsStub:
     return notifications_pb2_grpc.NotificationsStub(channel)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The fault run says what it did, in every run that included it (CI's too)."""
+    import sys
+
+    faults = sys.modules.get("tests.test_faults")
+    if faults is not None and faults.REPORT.requests:
+        r = faults.REPORT
+        terminalreporter.write_sep("-", "fault run")
+        terminalreporter.write_line(
+            f"requests served {r.requests}; faults injected {dict(r.faults)}; "
+            f"retransmissions {r.retransmissions}; reconcile: {r.reconciled_accounts} "
+            f"accounts, {r.discrepancies} discrepancies")
