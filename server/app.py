@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from creditline.handlers import add_service
 from creditline.notifications import READ_BLOCK_MS, EventHub, NotificationsService
 from creditline.rating import IncrementRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
@@ -19,7 +20,7 @@ from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings
 from creditline.store import RedisClient, Store, StoreConfig
 from creditline.supervision import Supervisor
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -73,23 +74,24 @@ async def start_server(settings: Settings, redis_url: str, reuse_port: bool = Fa
     redis = redis_client(redis_url, settings)
     store = Store(redis, store_config(settings))
     await store.check_partitions()
-    server = grpc.aio.server(options=[
+    server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_concurrent_calls, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         # several worker processes share one port (SO_REUSEPORT); a lone server must not
         # silently share its port with a stale one
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ])
-    charging_pb2_grpc.add_ChargingServicer_to_server(
-        ChargingService(store, plan, IncrementRater(), settings), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(store, settings), server)
+    add_service(server, ChargingService(store, plan, IncrementRater(), settings),
+                charging_pb2.DESCRIPTOR.services_by_name["Charging"])
+    add_service(server, AdminService(store, settings),
+                admin_pb2.DESCRIPTOR.services_by_name["Admin"])
     # The hub's reader blocks in XREAD: it gets a connection of its own.
     hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
     hub = EventHub(hub_redis, settings.partitions)
     await hub.start()
-    notifications_pb2_grpc.add_NotificationsServicer_to_server(
-        NotificationsService(hub, settings.subscriber_queue_size, settings.max_subscribers),
-        server)
+    add_service(server, NotificationsService(
+        hub, settings.subscriber_queue_size, settings.max_subscribers),
+        notifications_pb2.DESCRIPTOR.services_by_name["Notifications"])
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
     supervisor.start()
     port = server.add_insecure_port(settings.listen_address)

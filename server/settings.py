@@ -55,6 +55,9 @@ class Settings:
     max_session_id_bytes: int = 256
     max_account_id_bytes: int = 128
     max_message_bytes: int = 64 * 1024
+    # calls (unary, streams and subscriptions) one process serves at once; past it
+    # RESOURCE_EXHAUSTED
+    max_concurrent_calls: int = 10_000
     # how long one Redis call may take before the request fails with UNABLE_TO_COMPLY
     redis_call_timeout_s: float = 2.0
     # Redis connections per server process
@@ -69,7 +72,7 @@ class Settings:
             "answer_retention_s", "partitions", "events_max_length", "spike_fast_window_s",
             "spike_slow_window_s", "subscriber_queue_size", "max_subscribers",
             "supervision_factor", "supervision_interval_s", "supervision_batch",
-            "max_in_flight_per_stream",
+            "max_in_flight_per_stream", "max_concurrent_calls",
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections",

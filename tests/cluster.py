@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from creditline.redis_process import RedisProcess, redis_server_binary
+from creditline.redis_process import RedisProcess, free_port, redis_server_binary
 
 READY_TIMEOUT_S = 30.0
 
@@ -40,9 +40,31 @@ def _cluster_state(port: int) -> str:
     return ""
 
 
+# A cluster node also listens on its port + 10000 (the cluster bus).
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def _port_pair_free(port: int) -> bool:
+    for candidate in (port, port + CLUSTER_BUS_OFFSET):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def cluster_port() -> int:
+    for _ in range(1000):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536 and _port_pair_free(port):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class RedisCluster:
     def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisProcess(extra_args=(
+        self.nodes = [RedisProcess(port=cluster_port(), extra_args=(
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", "5000", "--appendonly", "no")) for _ in range(masters)]
 
