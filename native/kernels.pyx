@@ -28,7 +28,12 @@ REACH_UNBOUNDED = UNBOUNDED
 NO_END = -1
 
 
-cdef inline int64_t _checked(object value, str name) except -1:
+# A budget is a cost (at most MAX_SAFE) plus an amount (as much): _affordable asks
+# _max_units_within for up to twice MAX_SAFE.
+cdef int64_t MAX_BUDGET = 2 * MAX_SAFE
+
+
+cdef inline int64_t _checked(object value, str name, int64_t maximum=MAX_SAFE) except -1:
     cdef int64_t result
     if isinstance(value, float) or not isinstance(value, int):
         raise TypeError(f"{name}: an integer is required, got {type(value).__name__}")
@@ -36,9 +41,9 @@ cdef inline int64_t _checked(object value, str name) except -1:
         result = value
     except OverflowError:
         raise ValueError(
-            f"{name}: must be between 0 and {MAX_SAFE}, got {value}") from None
-    if result < 0 or result > MAX_SAFE:
-        raise ValueError(f"{name}: must be between 0 and {MAX_SAFE}, got {value}")
+            f"{name}: must be between 0 and {maximum}, got {value}") from None
+    if result < 0 or result > maximum:
+        raise ValueError(f"{name}: must be between 0 and {maximum}, got {value}")
     return result
 
 
@@ -99,7 +104,7 @@ cdef class Schedule:
     def max_units_within(self, budget_micros):
         """The largest cumulative unit count, at an increment boundary, whose cost is
         within the budget; REACH_UNBOUNDED when the rest is free."""
-        return self._max_units_within(_checked(budget_micros, "budget_micros"))
+        return self._max_units_within(_checked(budget_micros, "budget_micros", MAX_BUDGET))
 
     def affordable(self, from_units, amount_micros, wanted_units):
         """Units beyond `from_units` (at most `wanted_units`) that the amount pays for:

@@ -26,12 +26,17 @@ REACH_UNBOUNDED = 2**62
 NO_END = -1
 
 
-def _checked(value: int, name: str) -> int:
-    # operator.index semantics: ints (and bools) only, as the compiled twin's conversion
+# A budget is a cost (at most MAX_SAFE_INTEGER) plus an amount (as much): affordable()
+# asks max_units_within for up to twice MAX_SAFE_INTEGER.
+MAX_BUDGET = 2 * MAX_SAFE_INTEGER
+
+
+def _checked(value: int, name: str, maximum: int = MAX_SAFE_INTEGER) -> int:
+    # ints (and bools) only, as the compiled twin's conversion to int64
     if isinstance(value, float) or not isinstance(value, int):
         raise TypeError(f"{name}: an integer is required, got {type(value).__name__}")
-    if not 0 <= value <= MAX_SAFE_INTEGER:
-        raise ValueError(f"{name}: must be between 0 and {MAX_SAFE_INTEGER}, got {value}")
+    if not 0 <= value <= maximum:
+        raise ValueError(f"{name}: must be between 0 and {maximum}, got {value}")
     return int(value)
 
 
@@ -83,7 +88,7 @@ class Schedule:
     def max_units_within(self, budget_micros: int) -> int:
         """The largest cumulative unit count, at an increment boundary, whose cost is within
         the budget; REACH_UNBOUNDED when the rest is free."""
-        return self._max_units_within(_checked(budget_micros, "budget_micros"))
+        return self._max_units_within(_checked(budget_micros, "budget_micros", MAX_BUDGET))
 
     def affordable(self, from_units: int, amount_micros: int, wanted_units: int) -> int:
         """Units beyond `from_units` (at most `wanted_units`) that the amount pays for:
