@@ -21,6 +21,7 @@ cdef enum:
 
 cdef int64_t MAX_SAFE = 9007199254740991          # 2^53 - 1
 cdef int64_t UNBOUNDED = 4611686018427387904      # 2^62
+cdef int64_t PRODUCT_SAFE = 2147483648            # 2^31
 
 MAX_SAFE_INTEGER = MAX_SAFE
 MAX_SEGMENTS = SEGMENTS_MAX
@@ -60,6 +61,9 @@ cdef class Schedule:
     cdef int64_t _ends[SEGMENTS_MAX]        # NO_END (-1) on the last segment: no end
     cdef int64_t _increments[SEGMENTS_MAX]
     cdef int64_t _prices[SEGMENTS_MAX]
+    # The connect fee plus the price of segments 0..i bought whole, capped at UNBOUNDED
+    # (above any budget): computed once, so a rating divides only in its last segment.
+    cdef int64_t _prefix[SEGMENTS_MAX]
 
     def __init__(self, connect_fee_micros, ends, increments, prices):
         cdef Py_ssize_t count = len(ends), index
@@ -86,6 +90,23 @@ cdef class Schedule:
                 raise ValueError(f"increments[{index}]: must be at least 1")
             self._prices[index] = _checked(prices[index], f"prices[{index}]")
         self._count = <int>count
+        self._fill_prefix()
+
+    cdef void _fill_prefix(self) noexcept nogil:
+        cdef int64_t total = self._connect_fee, start = 0, added, price
+        cdef int index
+        for index in range(self._count):
+            if self._ends[index] < 0:
+                self._prefix[index] = UNBOUNDED
+                break
+            price = self._prices[index]
+            added = 0
+            if price > 0:
+                added = _ceil_div(self._ends[index] - start, self._increments[index])
+                added = UNBOUNDED if added > UNBOUNDED // price else added * price
+            total = UNBOUNDED if added >= UNBOUNDED - total else total + added
+            self._prefix[index] = total
+            start = self._ends[index]
 
     @property
     def segment_count(self):
@@ -115,29 +136,33 @@ cdef class Schedule:
         return self._affordable(start, amount, wanted)
 
     cdef int64_t _cost_to(self, int64_t units) noexcept nogil:
-        cdef int64_t total = self._connect_fee, start = 0, stop, end, count, price
+        # Same result as the segment-by-segment walk of the twin: the prefix holds what
+        # the segments before cost, saturation included (all terms are non-negative).
+        cdef int64_t before = self._connect_fee, start = 0, end, count, price, total
         cdef int index
         if units <= 0:
             return 0
-        if total >= MAX_SAFE:
-            return MAX_SAFE
         for index in range(self._count):
             end = self._ends[index]
-            stop = units if (end < 0 or units < end) else end
-            count = _ceil_div(stop - start, self._increments[index])
-            price = self._prices[index]
-            # total + count * price >= MAX_SAFE, decided without forming the product
-            if price > 0 and count >= _ceil_div(MAX_SAFE - total, price):
-                return MAX_SAFE
-            total += count * price
             if end < 0 or units <= end:
-                return total
+                if before >= MAX_SAFE:
+                    return MAX_SAFE
+                count = _ceil_div(units - start, self._increments[index])
+                price = self._prices[index]
+                if (count | price) < PRODUCT_SAFE:
+                    # both below 2^31: the product and the sum fit in int64
+                    total = before + count * price
+                    return MAX_SAFE if total >= MAX_SAFE else total
+                # before + count * price >= MAX_SAFE, decided without the product
+                if price > 0 and count >= _ceil_div(MAX_SAFE - before, price):
+                    return MAX_SAFE
+                return before + count * price
+            before = self._prefix[index]
             start = end
         return MAX_SAFE  # units beyond the last segment have no price: unaffordable
 
     cdef int64_t _max_units_within(self, int64_t budget) noexcept nogil:
-        cdef int64_t spent = self._connect_fee, start = 0, end, increment, price
-        cdef int64_t increments, buyable
+        cdef int64_t spent = self._connect_fee, start = 0, end, increment, price, buyable
         cdef int index
         if budget < spent:
             return 0
@@ -152,13 +177,12 @@ cdef class Schedule:
                 if buyable > (UNBOUNDED - start) // increment:
                     return UNBOUNDED
                 return start + buyable * increment
-            increments = _ceil_div(end - start, increment)
-            if price > 0:
+            if self._prefix[index] > budget:
+                # the segment cannot be bought whole, so its price is above 0 and
+                # buyable is below its increment count
                 buyable = (budget - spent) // price
-                if buyable < increments:
-                    return start + buyable * increment
-            # fits: increments * price <= budget - spent when price > 0
-            spent += increments * price
+                return start + buyable * increment
+            spent = self._prefix[index]
             start = end
         return start
 

@@ -81,10 +81,13 @@ def _schedule(connect_fee_micros: int, aligned: bool,
 
 
 # Flat draws (no @composite): generation is most of the cost of 10,000 examples.
-_segments = st.tuples(st.sampled_from(INCREMENTS), st.integers(1, 50), st.integers(0, 50_000),
+# prices mostly small, sometimes up to 2^53 - 1 (the saturating paths)
+_prices = st.integers(0, 50_000) | st.integers(0, MAX_SAFE_INTEGER)
+_segments = st.tuples(st.sampled_from(INCREMENTS), st.integers(1, 50), _prices,
                       st.integers(0, 99))
 schedules = st.builds(
-    _schedule, st.integers(0, 1_000_000), st.booleans(), st.lists(_segments, max_size=6),
+    _schedule, st.integers(0, 1_000_000) | st.integers(0, MAX_SAFE_INTEGER), st.booleans(),
+    st.lists(_segments, max_size=6),
     # mostly open-ended; sometimes the price list ends
     st.one_of(_segments, _segments, _segments, st.none()))
 
