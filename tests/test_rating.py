@@ -9,6 +9,7 @@ reference the Lua charging script follows.
 from __future__ import annotations
 
 import datetime as dt
+import random
 import tomllib
 from array import array
 from collections.abc import Callable, Iterator
@@ -31,8 +32,10 @@ from creditline.rating import (
     load_plan,
     parse_plan,
 )
+from creditline.redis_process import RedisProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis import Redis as SyncRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 PARIS = ZoneInfo("Europe/Paris")
@@ -515,6 +518,64 @@ def test_the_shipped_plan_rates_as_before() -> None:
         assert BandedRater().schedule(found, 0) == IncrementRater().schedule(found, 0), key
     free = plan.tariff_for(900, None)
     assert free is not None and free.free  # answered 4011, no credit control
+
+
+# ---------------------------------------------------------------- the charging script agrees
+
+LUA_RATING_HARNESS = """
+local MAX_SAFE = 9007199254740991
+%s
+-- ARGV: connect fee, segment count, (end, increment, price) per segment, then queries of
+-- (from, units, amount, wanted); returns "cost,affordable" per query
+local block = { connect_fee = tonumber(ARGV[1]), segments = {} }
+local i = 3
+for s = 1, tonumber(ARGV[2]) do
+  local ending = tonumber(ARGV[i])
+  if ending < 0 then ending = math.huge end
+  block.segments[s] = { ending = ending, increment = tonumber(ARGV[i + 1]),
+    price = tonumber(ARGV[i + 2]) }
+  i = i + 3
+end
+local out = {}
+while i <= #ARGV do
+  local from, units = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
+  local amount, wanted = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  out[#out + 1] = string.format('%%d,%%d', cost(block, from + units) - cost(block, from),
+    affordable_units(block, from, amount, wanted))
+  i = i + 4
+end
+return out
+"""
+
+
+def lua_rating_functions() -> str:
+    """The rating functions of the charging script, as they are (not a copy)."""
+    script = (ROOT / "server" / "lua" / "charge.lua").read_text(encoding="utf-8")
+    rule = "-- " + "-" * 64
+    begin, end = script.index(f"{rule} rating"), script.index(f"{rule} state")
+    return script[begin:end]
+
+
+def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(
+        redis_process: RedisProcess, kernels: Kernels, banded_plan: Plan) -> None:
+    rng = random.Random(20261129)
+    client = SyncRedis.from_url(redis_process.url, decode_responses=True)
+    harness = LUA_RATING_HARNESS % lua_rating_functions()
+    try:
+        for rating_group in (100, 101, 10):
+            event_ms = unix_ms(2026, 11, 30, 0, 0, 0) + rng.randrange(7 * 86_400_000)
+            schedule = BandedRater().schedule(tariff(banded_plan, rating_group), event_ms,
+                                              rng.choice([0, MIB - 8 * KIB, 3 * MIB]))
+            kernel = kernels.schedule(schedule)
+            queries = [(rng.randrange(200_000), rng.randrange(200_000),
+                        rng.randrange(10**8), rng.randrange(10**6)) for _ in range(300)]
+            flat = [value for query in queries for value in query]
+            answers = client.eval(harness, 0, *schedule.as_script_args(), *flat)
+            expected = [f"{kernel.cost(f, u)},{kernel.affordable(f, a, w)}"
+                        for f, u, a, w in queries]
+            assert answers == expected, schedule
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- activation dates
