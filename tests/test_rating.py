@@ -578,6 +578,17 @@ def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(
         client.close()
 
 
+def test_the_example_plan_loads_and_rates(kernels: Kernels) -> None:
+    plan = load_plan(ROOT / "server" / "plans" / "bands-and-tiers.toml")
+    monday_evening = unix_ms(2026, 11, 30, 19, 59, 0)
+    voice = plan.tariff_for(100, None, monday_evening)
+    assert voice is not None and voice.first_increment_units == 60
+    schedule = kernels.schedule(BandedRater().schedule(voice, monday_evening))
+    assert schedule.cost(0, 120) == 100_000 + 450_000 + 300_000
+    later = plan.tariff_for(100, None, unix_ms(2027, 1, 1, 0, 0, 0))
+    assert later is not None and later.next_increment_units == 6
+
+
 # ---------------------------------------------------------------- activation dates
 
 VERSIONED_PLAN = """
