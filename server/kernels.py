@@ -58,8 +58,11 @@ class KernelModule(Protocol):
                          wanted_units: array[int]) -> array[int]: ...
 
 
-class KernelsUnavailableError(RuntimeError):
-    """The compiled kernels are missing and the pure path was not allowed."""
+class KernelsUnavailableError(ValueError):
+    """The compiled kernels are missing and the pure path was not allowed.
+
+    A ValueError, as the other configuration errors: `creditline serve` reports those as
+    one line and exits with status 2 instead of a traceback."""
 
 
 @dataclass(frozen=True, slots=True)
