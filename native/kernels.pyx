@@ -3,7 +3,10 @@
 """Compiled rating kernels: the cost of a usage and its inverse over a price schedule.
 
 The pure-Python twin (native/kernels_py.py) is the reference: same functions, same results
-(tests/test_rating.py compares them). Everything here is int64 arithmetic on values below
+(tests/test_rating.py compares them on 10,000 generated schedules and usages). It walks
+the segments one by one as rating.py and the charging script do; here the cost of each
+segment bought whole is summed once per schedule (_prefix), so a rating compares its way
+to its last segment and divides only there. Everything here is int64 arithmetic on values below
 2^53, arranged so that no intermediate overflows: a product is formed only after a
 division has shown that it fits.
 
