@@ -117,7 +117,8 @@ def require_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
         raise KernelsUnavailableError(
             f"the compiled rating kernels ({COMPILED_MODULE}) cannot be loaded: "
             f"{kernels.compiled_error}; rebuild the package (pip install .) or set "
-            f"{ALLOW_PURE_ENV}=1 to run on the pure-Python kernels, about 30 times slower")
+            f"{ALLOW_PURE_ENV}=1 to run on the pure-Python kernels "
+            "(tens of times slower: bench/rating_bench.py)")
     return kernels
 
 
