@@ -1,0 +1,1 @@
+"""Rating kernels: compiled (kernels.pyx) and the pure-Python twin (kernels_py.py)."""
