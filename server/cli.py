@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 import uuid
 from collections.abc import Sequence
 
 import grpc
 from creditline import settings as settings_module
+from creditline.logging_setup import configure_logging
 from creditline.rating import PlanError
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
@@ -40,9 +40,33 @@ def _add_unit_flags(parser: argparse.ArgumentParser, prefix: str) -> None:
                             dest=f"{prefix}_{name}")
 
 
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051")
+    parser.add_argument("--tls-ca-file", default="",
+                        help="CA to verify the server with: TLS on (default: insecure)")
+    parser.add_argument("--tls-cert-file", default="",
+                        help="client certificate (mutual TLS); its roles decide what it may do")
+    parser.add_argument("--tls-key-file", default="", help="the client certificate's key")
+
+
+def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    if not args.tls_ca_file:
+        return grpc.aio.insecure_channel(args.server)
+    with open(args.tls_ca_file, "rb") as file:
+        root = file.read()
+    key = chain = None
+    if args.tls_cert_file:
+        with open(args.tls_cert_file, "rb") as file:
+            chain = file.read()
+        with open(args.tls_key_file, "rb") as file:
+            key = file.read()
+    credentials = grpc.ssl_channel_credentials(root, key, chain)
+    return grpc.aio.secure_channel(args.server, credentials)
+
+
 def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     account = commands.add_parser("account", help="create, top up, bar and show accounts")
-    account.add_argument("--server", default="127.0.0.1:50051")
+    _add_connection_flags(account)
     account_commands = account.add_subparsers(dest="account_command", required=True)
     create = account_commands.add_parser("create")
     create.add_argument("account_id")
@@ -57,7 +81,7 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
 
     for name in ("initial", "update", "terminate"):
         cc = commands.add_parser(name, help=f"send one {name} credit-control request")
-        cc.add_argument("--server", default="127.0.0.1:50051")
+        _add_connection_flags(cc)
         cc.add_argument("session_id")
         cc.add_argument("account_id")
         cc.add_argument("--request-number", type=int, default=0)
@@ -67,7 +91,7 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
 
 
 async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    async with _channel(args) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         command = args.account_command
         if command == "create":
@@ -95,7 +119,7 @@ async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlA
     request = pb.CreditControlRequest(
         session_id=args.session_id, account_id=args.account_id,
         request_number=args.request_number, rating_groups=[block])
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    async with _channel(args) as channel:
         stub = charging_pb2_grpc.ChargingStub(channel)
         method = {"initial": stub.Initial, "update": stub.Update,
                   "terminate": stub.Terminate}[args.command]
@@ -107,15 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the charging server")
     settings_module.add_arguments(serve)
-    serve.add_argument("--log-level", default="INFO")
     _client_parsers(commands)
     args = parser.parse_args(argv)
 
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = settings_module.from_arguments(args)
+            configure_logging(settings.log_format, settings.log_level)
             import uvloop
             from creditline.app import serve as run_server
 

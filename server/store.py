@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+if TYPE_CHECKING:
+    from creditline.telemetry import ScriptInstrument
 
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
@@ -67,9 +70,12 @@ def _text(value: Any) -> str:
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
-    def __init__(self, redis: Redis, answer_retention_s: int) -> None:
+    def __init__(self, redis: Redis, answer_retention_s: int,
+                 instrument: ScriptInstrument | None = None) -> None:
         self._redis = redis
         self._answer_retention_s = answer_retention_s
+        # a span and a latency sample per script call; None (telemetry off): nothing
+        self._instrument = instrument
         self._charge: AsyncScript = redis.register_script(_script_source("charge.lua"))
         self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
 
@@ -80,19 +86,24 @@ class Store:
         """Runs one charging request (kind I/U/T/E); returns the script's answer string."""
         keys = account_keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
-        result = await self._charge(
+        call = self._charge(
             keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions],
             args=[kind, request_number, now_s, self._answer_retention_s, event_action,
                   *blocks],
         )
-        return _text(result)
+        if self._instrument is None:
+            return _text(await call)
+        return _text(await self._instrument.run("charge.lua", call))
 
     async def admin(self, account_id: str, operation: str, *args: int | str) -> Any:
         keys = account_keys(account_id)
-        return await self._admin(
+        call = self._admin(
             keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups],
             args=[operation, *args],
         )
+        if self._instrument is None:
+            return await call
+        return await self._instrument.run("admin.lua", call)
 
     async def snapshot(self, account_id: str) -> AccountSnapshot | None:
         raw = await self.admin(account_id, "GET")
