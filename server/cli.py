@@ -129,7 +129,7 @@ async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlA
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creditline", description="online charging server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the charging server")
+    serve = commands.add_parser("serve", help="run the charging server", allow_abbrev=False)
     settings_module.add_arguments(serve)
     _client_parsers(commands)
     args = parser.parse_args(argv)

@@ -268,6 +268,7 @@ def from_arguments(
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Settings:
-    parser = argparse.ArgumentParser(prog="creditline serve")
+    # no abbreviations: --redis-password must not pass as --redis-password-file
+    parser = argparse.ArgumentParser(prog="creditline serve", allow_abbrev=False)
     add_arguments(parser)
     return from_arguments(parser.parse_args(argv), environ)
