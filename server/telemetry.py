@@ -46,7 +46,7 @@ from opentelemetry.sdk.trace.sampling import (
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import SpanKind, Tracer
 
 if TYPE_CHECKING:
     from creditline.rating import PriceSchedule, Rater, Tariff
@@ -343,16 +343,15 @@ class ScriptInstrument:
     async def run(self, script: str, call: Awaitable[T]) -> T:
         start_s = time.perf_counter()
         try:
-            if self._tracer is None:
+            # Only under a recorded call span: a sampled-out call pays for no child span.
+            if self._tracer is None or not trace.get_current_span().is_recording():
                 return await call
             with self._tracer.start_as_current_span(
                     f"EVALSHA {script}", kind=SpanKind.CLIENT,
                     attributes={"db.system.name": "redis", "db.system": "redis",
                                 "db.operation.name": "EVALSHA",
-                                "creditline.script": script}) as span:
-                result = await call
-                span.set_status(Status(StatusCode.OK))
-                return result
+                                "creditline.script": script}):
+                return await call
         finally:
             if self._metrics is not None:
                 self._metrics.redis_duration.record(time.perf_counter() - start_s,
@@ -367,9 +366,10 @@ class TracedRater:
         self._tracer = tracer
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule:
-        with self._tracer.start_as_current_span("rating") as span:
-            if span.is_recording():
-                span.set_attribute("creditline.rating_group", tariff.rating_group)
+        if not trace.get_current_span().is_recording():
+            return self._rater.schedule(tariff, event_time_unix_ms)
+        with self._tracer.start_as_current_span(
+                "rating", attributes={"creditline.rating_group": tariff.rating_group}):
             return self._rater.schedule(tariff, event_time_unix_ms)
 
     def __getattr__(self, name: str) -> Any:

@@ -1,0 +1,166 @@
+"""What tracing costs: throughput of Initial + Terminate with tracing off, with every call
+traced (100% sampling) and with 1% sampling, as ratios to off.
+
+    python bench/tracing_overhead.py [--sessions 1500] [--concurrency 64] [--rounds 3]
+
+The server runs in this process (uvloop, as `creditline serve` runs it) against its own
+redis-server; the client runs in a child process (this script with --client) with its own
+event loop, so the two do not share one loop; it warms up before it measures. Spans go
+through a BatchSpanProcessor, as in production, to an exporter that drops them: what is
+measured is the span work on the call path, not an exporter's network. The modes are
+interleaved over several rounds and each mode's median is reported, since one run on a
+shared 2-core machine is noisy. Goals: 100% >= 0.9 of off,
+1% >= 0.97 of off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import uvloop
+from creditline.app import start_server, stop_server
+from creditline.redis_process import RedisProcess
+from creditline.settings import Settings
+from creditline.telemetry import Telemetry
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+
+RG_VOICE = 100
+CLIENT_TIMEOUT_S = 300
+ACCOUNTS = 64
+MODES: dict[str, Sampler | None] = {
+    "off": None,
+    "100%": ParentBased(ALWAYS_ON),
+    "1%": ParentBased(TraceIdRatioBased(0.01)),
+}
+
+
+class DroppingExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def _telemetry(sampler: Sampler | None) -> Telemetry:
+    if sampler is None:
+        return Telemetry()
+    provider = TracerProvider(sampler=sampler)
+    provider.add_span_processor(BatchSpanProcessor(DroppingExporter()))
+    return Telemetry(tracer=provider.get_tracer("creditline"), tracer_provider=provider)
+
+
+async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> float:
+    """Calls/s of `sessions` Initial + Terminate pairs, `concurrency` sessions at once."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        charging = charging_pb2_grpc.ChargingStub(channel)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for number in range(sessions):
+            queue.put_nowait(number)
+
+        async def worker() -> None:
+            while not queue.empty():
+                number = queue.get_nowait()
+                account_id = f"bench-{number % ACCOUNTS}"
+                session_id = f"{run_id}-{number}"
+                request = pb.CreditControlRequest(
+                    session_id=session_id, account_id=account_id, request_number=0,
+                    rating_groups=[pb.RatingGroupRequest(
+                        rating_group=RG_VOICE, requested=pb.Units(time_s=60))])
+                answer = await charging.Initial(request)
+                assert answer.result_code == pb.SUCCESS, answer
+                request.request_number = 1
+                request.rating_groups[0].ClearField("requested")
+                request.rating_groups[0].used.time_s = 30
+                await charging.Terminate(request)
+
+        start_s = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return 2 * sessions / (time.perf_counter() - start_s)
+
+
+async def _client(target: str, run_id: str, sessions: int, concurrency: int) -> float:
+    await _drive(target, f"{run_id}-warm", concurrency, concurrency)  # connect, warm up
+    return await _drive(target, run_id, sessions, concurrency)
+
+
+async def _accounts(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        for number in range(ACCOUNTS):
+            try:
+                await admin.CreateAccount(admin_pb.CreateAccountRequest(
+                    account_id=f"bench-{number}", initial_balance_micros=10**15))
+            except grpc.aio.AioRpcError as error:
+                if error.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+
+
+async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
+                   sessions: int, concurrency: int) -> float:
+    running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
+    target = f"127.0.0.1:{running.port}"
+    try:
+        await _accounts(target)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", target, run_id, str(sessions),
+            str(concurrency), stdout=asyncio.subprocess.PIPE)
+        output, _ = await asyncio.wait_for(child.communicate(), CLIENT_TIMEOUT_S)
+        if child.returncode != 0:
+            raise RuntimeError(f"client failed with exit code {child.returncode}")
+        return float(output.decode().split()[-1])
+    finally:
+        await stop_server(running, 1.0)
+
+
+async def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--sessions", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--client", nargs=4, metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE"),
+                        help="(internal) be the load generator and print calls/s")
+    args = parser.parse_args(argv)
+    if args.client:
+        target, run_id, sessions, concurrency = args.client
+        print(await _client(target, run_id, int(sessions), int(concurrency)))
+        return 0
+    plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+    settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
+                       redis_max_connections=64)
+    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with RedisProcess() as redis:
+        for round_number in range(args.rounds):
+            for mode in MODES:
+                rate = await _measure(settings, redis.url, mode,
+                                      f"r{round_number}-{mode}", args.sessions,
+                                      args.concurrency)
+                rates[mode].append(rate)
+                print(f"round {round_number + 1} {mode:>5}: {rate:8.0f} calls/s", flush=True)
+    median = {mode: statistics.median(values) for mode, values in rates.items()}
+    print(f"\nmedian of {args.rounds} rounds, {2 * args.sessions} calls each "
+          f"(Initial + Terminate), {args.concurrency} sessions at once:")
+    goals = {"100%": 0.9, "1%": 0.97}
+    for mode, rate in median.items():
+        ratio = rate / median["off"]
+        goal = f" (goal >= {goals[mode]})" if mode in goals else ""
+        print(f"  tracing {mode:>5}: {rate:8.0f} calls/s  ratio to off {ratio:.3f}{goal}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(uvloop.run(main(sys.argv[1:])))
