@@ -17,6 +17,7 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 
@@ -79,6 +80,12 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
 
+    health = commands.add_parser(
+        "health", help="ask a running server's gRPC health service; exit 0 when SERVING")
+    _add_connection_flags(health)
+    health.add_argument("--service", default="", help="a service name (default: the server)")
+    health.add_argument("--timeout-s", type=float, default=5.0)
+
     for name in ("initial", "update", "terminate"):
         cc = commands.add_parser(name, help=f"send one {name} credit-control request")
         _add_connection_flags(cc)
@@ -126,6 +133,14 @@ async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlA
         return await method(request)
 
 
+async def _health_command(args: argparse.Namespace) -> health_pb2.HealthCheckResponse:
+    async with _channel(args) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer: health_pb2.HealthCheckResponse = await stub.Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        return answer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creditline", description="online charging server")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +162,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         return 0
     try:
+        if args.command == "health":
+            answer = asyncio.run(_health_command(args))
+            _print(answer)
+            return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
         if args.command == "account":
             _print(asyncio.run(_account_command(args)))
         else:
