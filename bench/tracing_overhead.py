@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -110,19 +110,28 @@ async def _accounts(target: str) -> None:
                     raise
 
 
+@dataclass
+class Run:
+    calls_per_s: float
+    cpu_us_per_call: float  # this (server) process's CPU time, all its threads
+
+
 async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
-                   sessions: int, concurrency: int) -> float:
+                   sessions: int, concurrency: int) -> Run:
     running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
     target = f"127.0.0.1:{running.port}"
     try:
         await _accounts(target)
+        cpu_start_s = time.process_time()
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--client", target, run_id, str(sessions),
             str(concurrency), stdout=asyncio.subprocess.PIPE)
         output, _ = await asyncio.wait_for(child.communicate(), CLIENT_TIMEOUT_S)
+        cpu_s = time.process_time() - cpu_start_s
         if child.returncode != 0:
             raise RuntimeError(f"client failed with exit code {child.returncode}")
-        return float(output.decode().split()[-1])
+        calls = 2 * (sessions + concurrency)  # the warm-up and the measured calls
+        return Run(float(output.decode().split()[-1]), cpu_s / calls * 1e6)
     finally:
         await stop_server(running, 1.0)
 
@@ -142,23 +151,28 @@ async def main(argv: Sequence[str]) -> int:
     plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
                        redis_max_connections=64)
-    rates: dict[str, list[float]] = {mode: [] for mode in MODES}
+    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
     with RedisProcess() as redis:
         for round_number in range(args.rounds):
             for mode in MODES:
-                rate = await _measure(settings, redis.url, mode,
-                                      f"r{round_number}-{mode}", args.sessions,
-                                      args.concurrency)
-                rates[mode].append(rate)
-                print(f"round {round_number + 1} {mode:>5}: {rate:8.0f} calls/s", flush=True)
-    median = {mode: statistics.median(values) for mode, values in rates.items()}
-    print(f"\nmedian of {args.rounds} rounds, {2 * args.sessions} calls each "
+                run = await _measure(settings, redis.url, mode, f"r{round_number}-{mode}",
+                                     args.sessions, args.concurrency)
+                runs[mode].append(run)
+                print(f"round {round_number + 1} {mode:>5}: {run.calls_per_s:8.0f} calls/s, "
+                      f"server CPU {run.cpu_us_per_call:6.0f} us/call", flush=True)
+    rate = {mode: statistics.median(r.calls_per_s for r in rs) for mode, rs in runs.items()}
+    cpu = {mode: statistics.median(r.cpu_us_per_call for r in rs) for mode, rs in runs.items()}
+    print(f"\nmedians of {args.rounds} rounds, {2 * args.sessions} calls each "
           f"(Initial + Terminate), {args.concurrency} sessions at once:")
+    print("  throughput ratio = calls/s over off's (noisy where others share the cores);")
+    print("  CPU ratio = off's server CPU per call over this mode's: the throughput ratio")
+    print("  of a CPU-bound server, and steadier on a shared machine")
     goals = {"100%": 0.9, "1%": 0.97}
-    for mode, rate in median.items():
-        ratio = rate / median["off"]
-        goal = f" (goal >= {goals[mode]})" if mode in goals else ""
-        print(f"  tracing {mode:>5}: {rate:8.0f} calls/s  ratio to off {ratio:.3f}{goal}")
+    for mode in MODES:
+        goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
+        print(f"  tracing {mode:>5}: {rate[mode]:7.0f} calls/s, ratio "
+              f"{rate[mode] / rate['off']:.3f}; {cpu[mode]:5.0f} us CPU/call, ratio "
+              f"{cpu['off'] / cpu[mode]:.3f}{goal}")
     return 0
 
 
