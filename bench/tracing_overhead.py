@@ -33,7 +33,7 @@ from creditline.telemetry import Telemetry
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
@@ -57,11 +57,10 @@ class DroppingExporter(SpanExporter):
 
 
 def _telemetry(sampler: Sampler | None) -> Telemetry:
-    if sampler is None:
-        return Telemetry()
-    provider = TracerProvider(sampler=sampler)
-    provider.add_span_processor(BatchSpanProcessor(DroppingExporter()))
-    return Telemetry(tracer=provider.get_tracer("creditline"), tracer_provider=provider)
+    telemetry = Telemetry()
+    if sampler is not None:
+        telemetry.use_tracing(sampler, [BatchSpanProcessor(DroppingExporter())])
+    return telemetry
 
 
 async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> float:

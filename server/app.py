@@ -85,7 +85,7 @@ def _interceptors(settings: Settings, telemetry: Telemetry) -> list[grpc.aio.Ser
     # it was (no wrapper, no span, no clock read).
     if not (settings.mutual_tls or telemetry.enabled):
         return []
-    return [CallInterceptor(tracer=telemetry.tracer, metrics=telemetry.metrics,
+    return [CallInterceptor(spans=telemetry.spans, metrics=telemetry.metrics,
                             check_roles=settings.mutual_tls)]
 
 

@@ -22,11 +22,11 @@ from typing import Any, TypeAlias
 
 import grpc
 from creditline import security
-from creditline.telemetry import Metrics
+from creditline.telemetry import MAX_SPAN_RATING_GROUPS, Metrics, OpenSpan, SpanRecorder
 from creditline.v1.charging_pb2 import DIRECT_DEBIT
 from opentelemetry.context import Context as TraceContext
 from opentelemetry.context import attach, detach
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer, set_span_in_context
+from opentelemetry.trace import NonRecordingSpan, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
@@ -69,14 +69,15 @@ def request_attributes(request: Any) -> dict[str, Any]:
         attributes["creditline.request_number"] = request.request_number
     blocks = getattr(request, "rating_groups", None)
     if blocks:
-        attributes["creditline.rating_groups"] = [block.rating_group for block in blocks]
+        attributes["creditline.rating_groups"] = [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
     return attributes
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, *, tracer: Tracer | None, metrics: Metrics | None,
+    def __init__(self, *, spans: SpanRecorder | None, metrics: Metrics | None,
                  check_roles: bool) -> None:
-        self._tracer = tracer
+        self._spans = spans
         self._metrics = metrics
         self._check_roles = check_roles
         # method -> (the handler wrapped, its wrapper); bounded by the registered methods
@@ -120,7 +121,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def _unary(self, method: str, inner: Callable[..., Any]
                ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
         service, name = _split_method(method)
-        tracer, metrics, check_roles = self._tracer, self._metrics, self._check_roles
+        spans, metrics, check_roles = self._spans, self._metrics, self._check_roles
         base_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
         name_of_span = method.lstrip("/")
 
@@ -128,14 +129,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if check_roles:
                 await self._authorize(service, context)
             span = None
-            if tracer is not None:
-                span = tracer.start_span(name_of_span, context=parent_context(context),
-                                         kind=SpanKind.SERVER, attributes=base_attributes)
-                # Sampled out: no context switch and no child spans (they look for a
-                # recording parent); only the metrics.
-                if not span.is_recording():
-                    span = None
-            token = attach(set_span_in_context(span)) if span is not None else None
+            if spans is not None:
+                # None when sampled out: then no context switch and no child spans
+                span = spans.start_call(name_of_span, parent_context(context),
+                                        base_attributes)
+            token = None if span is None else attach(
+                set_span_in_context(NonRecordingSpan(span.context)))
             start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None
@@ -147,10 +146,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 raise
             finally:
                 status = _status_code(context, error)
-                if span is not None and token is not None:
-                    _annotate(span, request, response, status, error)
+                if span is not None and spans is not None and token is not None:
                     detach(token)
-                    span.end()
+                    _annotate(spans, span, request, response, status, error)
                 if metrics is not None:
                     _record(metrics, base_attributes, status, request, response,
                             time.perf_counter() - start_s)
@@ -187,18 +185,19 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             response_serializer=handler.response_serializer)
 
 
-def _annotate(span: Any, request: Any, response: Any, status: grpc.StatusCode,
-              error: BaseException | None) -> None:
-    attributes = request_attributes(request)
+def _annotate(spans: SpanRecorder, span: OpenSpan, request: Any, response: Any,
+              status: grpc.StatusCode, error: BaseException | None) -> None:
+    attributes = span.attributes
+    attributes.update(request_attributes(request))
     attributes["rpc.grpc.status_code"] = status.value[0]
     result_code = getattr(response, "result_code", None)
     if result_code is not None:
         attributes["creditline.result_code"] = int(result_code)
-    span.set_attributes(attributes)  # one call: the span takes its lock once
-    if status is not grpc.StatusCode.OK:
-        span.set_status(Status(StatusCode.ERROR, status.name))
-        if error is not None and not isinstance(error, grpc.aio.AbortError):
-            span.record_exception(error)
+    if status is grpc.StatusCode.OK:
+        spans.end(span)
+        return
+    unexpected = error is not None and not isinstance(error, grpc.aio.AbortError)
+    spans.end(span, Status(StatusCode.ERROR, status.name), error if unexpected else None)
 
 
 def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,

@@ -266,7 +266,7 @@ async def test_notification_stream_hook_filters_by_account(pki: Pki) -> None:
         seen.append(account_id)
         await context.write(b"event for " + request)
 
-    server = grpc.aio.server(interceptors=[CallInterceptor(tracer=None, metrics=None,
+    server = grpc.aio.server(interceptors=[CallInterceptor(spans=None, metrics=None,
                                                            check_roles=True)])
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         "creditline.v1.Notifications",
