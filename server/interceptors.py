@@ -126,8 +126,6 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         name_of_span = method.lstrip("/")
 
         async def call(request: Any, context: ServicerContext) -> Any:
-            if check_roles:
-                await self._authorize(service, context)
             span = None
             if spans is not None:
                 # None when sampled out: then no context switch and no child spans
@@ -139,6 +137,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             error: BaseException | None = None
             response: Any = None
             try:
+                # a refused call is traced and counted too, but never reaches the servicer
+                if check_roles:
+                    await self._authorize(service, context)
                 response = await inner(request, context)
                 return response
             except BaseException as raised:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import os
+import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
@@ -148,6 +150,12 @@ async def test_metrics_count_calls_units_money_and_redis_latency(observed: Obser
     assert {p.attributes["creditline.script"] for p in redis} >= {"charge.lua", "admin.lua"}
 
 
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
+
+
 async def test_prometheus_endpoint_serves_the_metrics(
         redis_process: RedisProcess, settings: Settings) -> None:
     running = await start_server(
@@ -160,10 +168,14 @@ async def test_prometheus_endpoint_serves_the_metrics(
             with pytest.raises(grpc.aio.AioRpcError):
                 await admin.GetAccount(admin_pb.GetAccountRequest(account_id="nobody-y"))
         url = f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
+        text = await asyncio.to_thread(_scrape, url)
         assert "creditline_rpc_requests" in text and 'rpc_method="GetAccount"' in text
         assert "rpc_server_call_duration" in text
+        deadline = time.monotonic() + 10
+        while "creditline_accounts" not in text:  # the first SCAN may still be running
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.1)
+            text = await asyncio.to_thread(_scrape, url)
     finally:
         await stop_server(running, grace_s=1.0)
 
