@@ -10,6 +10,9 @@ trace from the W3C `traceparent` / `tracestate` metadata, and carries the standa
 attributes (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code) and
 creditline.account_id, creditline.session_id, creditline.request_number,
 creditline.rating_groups and creditline.result_code read from the request and answer.
+Spans are made by telemetry.SpanRecorder; a sampled-out call makes none, and its children
+(rating, the Redis script) see no sampled parent and make none either. A call refused by
+the role check is traced and counted with its status, and never reaches the servicer.
 Health and reflection calls get neither spans nor metrics.
 """
 
