@@ -7,6 +7,7 @@
 #   docker build -t creditline .
 #   docker run --rm -p 50051:50051 creditline            # embedded Redis, insecure
 #   docker compose up                                     # Redis + server + collector
+#   deploy/check_image_steps.sh      # these steps without a Docker engine, as non-root
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
