@@ -238,3 +238,32 @@ def test_tracing_off_creates_no_rater_wrapper() -> None:
     from creditline.rating import IncrementRater
     rater = IncrementRater()
     assert Telemetry().traced_rater(rater) is rater
+
+
+def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
+    from creditline.interceptors import _PROPAGATOR
+    from creditline.telemetry import SpanRecorder
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    exporter = InMemorySpanExporter()
+    recorder = SpanRecorder(ParentBased(ALWAYS_ON), [SimpleSpanProcessor(exporter)],
+                            TracerProvider().resource)
+    not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})
+    assert recorder.start_call("creditline.v1.Charging/Initial", not_sampled, {}) is None
+    assert recorder.start_child("rating", SpanKind.INTERNAL, {}) is None  # no current span
+    sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
+    span = recorder.start_call("creditline.v1.Charging/Initial", sampled, {"a": 1})
+    assert span is not None
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(span.context)))
+    try:
+        child = recorder.start_child("rating", SpanKind.INTERNAL, {})
+        assert child is not None
+        recorder.end(child)
+    finally:
+        otel_context.detach(token)
+    recorder.end(span)
+    rating, call = exporter.get_finished_spans()
+    assert rating.parent is not None and rating.parent.span_id == call.context.span_id
+    assert format(call.context.trace_id, "032x") == TRACE_ID
