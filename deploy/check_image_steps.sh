@@ -13,7 +13,8 @@ REF=${1:-HEAD}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/creditline-image-XXXXXX)
 chmod 755 "$WORK"
-trap 'rm -rf "$WORK"' EXIT
+SERVER=""
+trap '[ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$WORK"' EXIT
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
 echo "== build stage ($REF)"
@@ -37,10 +38,14 @@ u.find_spec('creditline.native.kernels').origin)"
 echo "== runtime stage, as nobody"
 PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); \
 print(s.getsockname()[1])")
-as_nobody() { env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFERED=1 \
-    CREDITLINE_LISTEN_ADDRESS="127.0.0.1:$PORT" CREDITLINE_LOG_FORMAT=json \
+as_nobody() { env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp \
     setpriv --reuid=65534 --regid=65534 --clear-groups "$@"; }
-as_nobody creditline serve > "$WORK/serve.log" 2>&1 &
+# run directly (not through the function), so $! is the server itself: env and setpriv
+# exec into it, and SIGTERM reaches creditline
+env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFERED=1 \
+    CREDITLINE_LISTEN_ADDRESS="127.0.0.1:$PORT" CREDITLINE_LOG_FORMAT=json \
+    setpriv --reuid=65534 --regid=65534 --clear-groups creditline serve \
+    > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 healthy=no
 for _ in $(seq 1 60); do
@@ -52,6 +57,7 @@ done
 echo "health check: $healthy"
 kill -TERM "$SERVER"
 code=0; wait "$SERVER" || code=$?
+SERVER=""
 cat "$WORK/serve.log"
 echo "serve exit code after SIGTERM: $code"
 [ "$healthy" = yes ] && [ "$code" = 0 ]
