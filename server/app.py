@@ -1,4 +1,5 @@
-"""Wires the server from one Settings object: Redis, the plan, the rater, the servicers."""
+"""Wires the server from one Settings object: Redis, the plan, the rater, the servicers,
+notifications, supervision, health and reflection, TLS and roles, traces and metrics."""
 
 from __future__ import annotations
 
@@ -7,24 +8,39 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+from creditline import security
 from creditline.handlers import add_service
+from creditline.interceptors import CallInterceptor
+from creditline.kernels import require_kernels
 from creditline.notifications import READ_BLOCK_MS, EventHub, NotificationsService
-from creditline.rating import IncrementRater, Plan, load_plan
+from creditline.rating import BandedRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
-from creditline.settings import Settings
+from creditline.settings import Settings, check_files, redact_url, redis_password
 from creditline.store import RedisClient, Store, StoreConfig
 from creditline.supervision import Supervisor
+from creditline.telemetry import Telemetry, build_telemetry
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+
+CHARGING = charging_pb2.DESCRIPTOR.services_by_name["Charging"]
+ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+NOTIFICATIONS = notifications_pb2.DESCRIPTOR.services_by_name["Notifications"]
+CHARGING_SERVICE = CHARGING.full_name
+ADMIN_SERVICE = ADMIN.full_name
 
 
 @dataclass
@@ -37,15 +53,34 @@ class RunningServer:
     hub: EventHub
     hub_redis: RedisClient
     supervisor: Supervisor
+    health: Any  # grpc_health's aio HealthServicer (untyped)
+    telemetry: Telemetry
+
+
+def _redis_options(url: str, settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if settings.redis_username:
+        options["username"] = settings.redis_username
+    password = redis_password(settings)
+    if password:
+        options["password"] = password
+    if url.startswith("rediss://"):
+        if settings.redis_tls_ca_file:
+            options["ssl_ca_certs"] = settings.redis_tls_ca_file
+        if settings.redis_tls_cert_file:
+            options["ssl_certfile"] = settings.redis_tls_cert_file
+            options["ssl_keyfile"] = settings.redis_tls_key_file
+    return options
 
 
 def redis_client(url: str, settings: Settings, max_connections: int = 0,
                  read_timeout_s: float = 0) -> RedisClient:
+    options = _redis_options(url, settings)
     if settings.redis_cluster:
         return RedisCluster.from_url(
             url, max_connections=max_connections or settings.redis_max_connections,
             socket_timeout=read_timeout_s or settings.redis_call_timeout_s,
-            socket_connect_timeout=settings.redis_call_timeout_s)
+            socket_connect_timeout=settings.redis_call_timeout_s, **options)
     # BlockingConnectionPool waits for a free connection under load; the default pool
     # raises MaxConnectionsError instead (shared/reference/performance-floor.md).
     pool = BlockingConnectionPool.from_url(
@@ -53,8 +88,19 @@ def redis_client(url: str, settings: Settings, max_connections: int = 0,
         timeout=settings.redis_call_timeout_s,
         socket_timeout=read_timeout_s or settings.redis_call_timeout_s,
         socket_connect_timeout=settings.redis_call_timeout_s,
+        **options,
     )
     return Redis(connection_pool=pool)
+
+
+async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
+    """One PING at start: a wrong address, password or TLS set-up is said at once, with
+    the URL's password masked, instead of as 5012 on every call."""
+    try:
+        await asyncio.wait_for(redis.ping(), timeout_s)
+    except (TimeoutError, RedisError, OSError) as error:
+        raise ValueError(f"cannot use Redis at {redact_url(url)}: "
+                         f"{type(error).__name__}: {error}") from None
 
 
 def store_config(settings: Settings) -> StoreConfig:
@@ -67,48 +113,100 @@ def store_config(settings: Settings) -> StoreConfig:
     )
 
 
-async def start_server(settings: Settings, redis_url: str, reuse_port: bool = False
-                       ) -> RunningServer:
-    """Builds and starts the gRPC server; the caller stops it (stop_server)."""
-    plan = load_plan(Path(settings.plan_path))
-    redis = redis_client(redis_url, settings)
-    store = Store(redis, store_config(settings))
-    await store.check_partitions()
-    server = grpc.aio.server(maximum_concurrent_rpcs=settings.max_concurrent_calls, options=[
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        # several worker processes share one port (SO_REUSEPORT); a lone server must not
-        # silently share its port with a stale one
-        ("grpc.so_reuseport", 1 if reuse_port else 0),
-    ])
-    add_service(server, ChargingService(store, plan, IncrementRater(), settings),
-                charging_pb2.DESCRIPTOR.services_by_name["Charging"])
-    add_service(server, AdminService(store, settings),
-                admin_pb2.DESCRIPTOR.services_by_name["Admin"])
-    # The hub's reader blocks in XREAD: it gets a connection of its own.
+def _interceptors(settings: Settings, telemetry: Telemetry) -> list[grpc.aio.ServerInterceptor]:  # type: ignore[type-arg]
+    # No interceptor at all when nothing needs one: the plain call path stays as fast as
+    # it was (no wrapper, no span, no clock read).
+    if not (settings.mutual_tls or telemetry.enabled):
+        return []
+    return [CallInterceptor(spans=telemetry.spans, metrics=telemetry.metrics,
+                            check_roles=settings.mutual_tls)]
+
+
+def _grpc_server(settings: Settings, telemetry: Telemetry, reuse_port: bool) -> grpc.aio.Server:
+    return grpc.aio.server(
+        interceptors=_interceptors(settings, telemetry),
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            # several worker processes share one port (SO_REUSEPORT); a lone server must
+            # not silently share its port with a stale one
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ])
+
+
+async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, RedisClient]:
+    # The hub's readers block in XREAD: they get connections of their own.
     hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
     hub = EventHub(hub_redis, settings.partitions)
     await hub.start()
+    return hub, hub_redis
+
+
+async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry | None = None,
+                       environ: Mapping[str, str] = os.environ, *, reuse_port: bool = False,
+                       ) -> RunningServer:
+    """Builds and starts the gRPC server; the caller stops it (stop_server). Telemetry is
+    built from the settings and OTEL_* variables unless given (tests give in-memory ones)."""
+    check_files(settings)
+    kernels = require_kernels()  # refuses the pure path unless allowed
+    log.info("rating kernels: %s", kernels.implementation)
+    plan = load_plan(Path(settings.plan_path))
+    credentials = security.server_credentials(settings)
+    telemetry = telemetry or build_telemetry(settings, environ)
+    redis = redis_client(redis_url, settings)
+    try:
+        await check_redis(redis, redis_url, settings.redis_call_timeout_s)
+    except ValueError:
+        await redis.aclose()
+        await telemetry.shutdown()
+        raise
+    store = Store(redis, store_config(settings), telemetry.script_instrument())
+    await store.check_partitions()
+    server = _grpc_server(settings, telemetry, reuse_port)
+    rater = telemetry.traced_rater(BandedRater())
+    add_service(server, ChargingService(store, plan, rater, settings), CHARGING)
+    add_service(server, AdminService(store, settings), ADMIN)
+    hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(
-        hub, settings.subscriber_queue_size, settings.max_subscribers),
-        notifications_pb2.DESCRIPTOR.services_by_name["Notifications"])
+        hub, settings.subscriber_queue_size, settings.max_subscribers), NOTIFICATIONS)
+    health_servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]
+    if settings.reflection_enabled:
+        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
-    supervisor.start()
-    port = server.add_insecure_port(settings.listen_address)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen_address)
+    else:
+        port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
-        raise RuntimeError(f"cannot listen on {settings.listen_address}")
+        await hub.stop()
+        await hub_redis.aclose()
+        await redis.aclose()
+        await telemetry.shutdown()
+        raise ValueError(f"setting listen_address: cannot listen on {settings.listen_address}")
     await server.start()
+    supervisor.start()
+    for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s)
     return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
-                         hub=hub, hub_redis=hub_redis, supervisor=supervisor)
+                         hub=hub, hub_redis=hub_redis, supervisor=supervisor,
+                         health=health_servicer, telemetry=telemetry)
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:
-    # The grace lets calls in flight finish: a script either ran whole or not at all,
-    # but the client should get its answer rather than a cancelled call.
+    # Health says NOT_SERVING first, so balancers stop sending; then the server takes no
+    # new calls and gives those in flight the grace to finish. A charge is one atomic
+    # script: a call cut at the end of the grace was applied whole or not at all, and its
+    # retransmission gets the stored answer. Redis closes only after the last call.
+    await running.health.enter_graceful_shutdown()
     await running.server.stop(grace_s)
     await running.supervisor.stop()
     await running.hub.stop()
     await running.hub_redis.aclose()
+    await running.telemetry.shutdown()
     await running.redis.aclose()
 
 
@@ -134,9 +232,16 @@ def redis_for(settings: Settings) -> Iterator[str]:
 async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool = False
                            ) -> None:
     """Runs one server process until SIGINT or SIGTERM."""
-    running = await start_server(settings, redis_url, reuse_port)
-    log.info("creditline listening on port %d (pid %d), plan %r with %d tariffs",
-             running.port, os.getpid(), running.plan.name, len(running.plan.tariffs))
+    running = await start_server(settings, redis_url, reuse_port=reuse_port)
+    telemetry = running.telemetry
+    log.info("creditline listening on port %d (pid %d, %s), plan %r with %d tariffs; "
+             "tracing %s, metrics %s", running.port, os.getpid(),
+             "mutual TLS" if settings.mutual_tls else
+             "TLS" if settings.tls_enabled else "insecure",
+             running.plan.name, len(running.plan.tariffs),
+             "on" if telemetry.tracer else "off",
+             f"on (prometheus port {telemetry.prometheus_port})"
+             if telemetry.prometheus_port else "on" if telemetry.metrics else "off")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -144,3 +249,4 @@ async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool 
     await stop.wait()
     log.info("stopping: finishing calls in flight for up to %.1f s", settings.shutdown_grace_s)
     await stop_server(running, settings.shutdown_grace_s)
+    log.info("stopped")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 import uuid
@@ -14,12 +13,14 @@ from pathlib import Path
 
 import grpc
 from creditline import settings as settings_module
+from creditline.logging_setup import configure_logging
 from creditline.rating import PlanError
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 DEFAULT_SINK = "sqlite:///cdrs.sqlite"
@@ -91,11 +92,33 @@ def _books_command(args: argparse.Namespace) -> int:
     finally:
         sink.close()
         redis.close()
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default="127.0.0.1:50051")
+    parser.add_argument("--tls-ca-file", default="",
+                        help="CA to verify the server with: TLS on (default: insecure)")
+    parser.add_argument("--tls-cert-file", default="",
+                        help="client certificate (mutual TLS); its roles decide what it may do")
+    parser.add_argument("--tls-key-file", default="", help="the client certificate's key")
+
+
+def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
+    if not args.tls_ca_file:
+        return grpc.aio.insecure_channel(args.server)
+    with open(args.tls_ca_file, "rb") as file:
+        root = file.read()
+    key = chain = None
+    if args.tls_cert_file:
+        with open(args.tls_cert_file, "rb") as file:
+            chain = file.read()
+        with open(args.tls_key_file, "rb") as file:
+            key = file.read()
+    credentials = grpc.ssl_channel_credentials(root, key, chain)
+    return grpc.aio.secure_channel(args.server, credentials)
 
 
 def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     account = commands.add_parser("account", help="create, top up, bar and show accounts")
-    account.add_argument("--server", default="127.0.0.1:50051")
+    _add_connection_flags(account)
     account_commands = account.add_subparsers(dest="account_command", required=True)
     create = account_commands.add_parser("create")
     create.add_argument("account_id")
@@ -108,9 +131,15 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
 
+    health = commands.add_parser(
+        "health", help="ask a running server's gRPC health service; exit 0 when SERVING")
+    _add_connection_flags(health)
+    health.add_argument("--service", default="", help="a service name (default: the server)")
+    health.add_argument("--timeout-s", type=float, default=5.0)
+
     for name in ("initial", "update", "terminate"):
         cc = commands.add_parser(name, help=f"send one {name} credit-control request")
-        cc.add_argument("--server", default="127.0.0.1:50051")
+        _add_connection_flags(cc)
         cc.add_argument("session_id")
         cc.add_argument("account_id")
         cc.add_argument("--request-number", type=int, default=0)
@@ -120,7 +149,7 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
 
 
 async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    async with _channel(args) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         command = args.account_command
         if command == "create":
@@ -148,19 +177,26 @@ async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlA
     request = pb.CreditControlRequest(
         session_id=args.session_id, account_id=args.account_id,
         request_number=args.request_number, rating_groups=[block])
-    async with grpc.aio.insecure_channel(args.server) as channel:
+    async with _channel(args) as channel:
         stub = charging_pb2_grpc.ChargingStub(channel)
         method = {"initial": stub.Initial, "update": stub.Update,
                   "terminate": stub.Terminate}[args.command]
         return await method(request)
 
 
+async def _health_command(args: argparse.Namespace) -> health_pb2.HealthCheckResponse:
+    async with _channel(args) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        answer: health_pb2.HealthCheckResponse = await stub.Check(
+            health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s)
+        return answer
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="creditline", description="online charging server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the charging server")
+    serve = commands.add_parser("serve", help="run the charging server", allow_abbrev=False)
     settings_module.add_arguments(serve)
-    serve.add_argument("--log-level", default="INFO")
     _client_parsers(commands)
     _books_parsers(commands)
     args = parser.parse_args(argv)
@@ -168,19 +204,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _books_command(args)
 
     if args.command == "serve":
-        logging.basicConfig(level=args.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
             settings = settings_module.from_arguments(args)
             from creditline.rating import load_plan
             from creditline.workers import serve as serve_processes
 
+            configure_logging(settings.log_format, settings.log_level)
             load_plan(Path(settings.plan_path))  # a bad plan is refused before anything starts
-            return serve_processes(settings, args.log_level)
+            return serve_processes(settings)
         except (ValueError, PlanError) as error:
             print(f"creditline: {error}", file=sys.stderr)
             return 2
     try:
+        if args.command == "health":
+            answer = asyncio.run(_health_command(args))
+            _print(answer)
+            return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
         if args.command == "account":
             _print(asyncio.run(_account_command(args)))
         else:

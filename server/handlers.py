@@ -1,11 +1,13 @@
 """Registers servicers with gRPC so that a request that is not valid protobuf gets
 INVALID_ARGUMENT naming the message type, not gRPC's INTERNAL "Exception deserializing
-request!". The methods take raw bytes; the parsing happens here, where it can be answered.
+request!". The deserializer never raises: it hands an `Unparsable` to the method wrapper,
+which answers it; interceptors still see parsed messages for every good request.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -16,40 +18,56 @@ from google.protobuf.message_factory import GetMessageClass
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-def _parser(message_class: type[Message]) -> Callable[[bytes, Context], Any]:
-    async def parse(raw: bytes, context: Context) -> Message:
+@dataclass(frozen=True, slots=True)
+class Unparsable:
+    message_type: str
+    error: str
+
+
+def _deserializer(message_class: type[Message]) -> Callable[[bytes], Message | Unparsable]:
+    def parse(raw: bytes) -> Message | Unparsable:
         try:
             return message_class.FromString(raw)
         except DecodeError as error:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request: not a valid {message_class.DESCRIPTOR.full_name}: {error}")
-            raise  # abort raises; this keeps the type checker informed
+            return Unparsable(message_class.DESCRIPTOR.full_name, str(error))
     return parse
 
 
+async def _checked(request: Message | Unparsable, context: Context) -> Message:
+    if isinstance(request, Unparsable):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"request: not a valid {request.message_type}: {request.error}")
+        raise AssertionError("abort raises")
+    return request
+
+
 def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHandler[Any, Any]:
-    parse = _parser(GetMessageClass(method.input_type))
+    parse = _deserializer(GetMessageClass(method.input_type))
     serialize = GetMessageClass(method.output_type).SerializeToString
 
-    async def one(raw: bytes, context: Context) -> Any:
-        return await implementation(await parse(raw, context), context)
+    async def one(request: Message | Unparsable, context: Context) -> Any:
+        return await implementation(await _checked(request, context), context)
 
-    async def each(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Message]:
-        async for raw in raws:
-            yield await parse(raw, context)
+    async def each(requests: AsyncIterator[Message | Unparsable], context: Context
+                   ) -> AsyncIterator[Message]:
+        async for request in requests:
+            yield await _checked(request, context)
 
     if method.client_streaming and method.server_streaming:
-        async def both(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Message]:
+        async def both(requests: AsyncIterator[Message | Unparsable], context: Context
+                       ) -> AsyncIterator[Message]:
             # an async generator itself: that is how grpc.aio recognises a streaming handler
-            async for answer in implementation(each(raws, context), context):
+            async for answer in implementation(each(requests, context), context):
                 yield answer
-        return grpc.stream_stream_rpc_method_handler(both, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(
+            both, request_deserializer=parse, response_serializer=serialize)
     if method.server_streaming:
-        return grpc.unary_stream_rpc_method_handler(one, response_serializer=serialize)
+        return grpc.unary_stream_rpc_method_handler(
+            one, request_deserializer=parse, response_serializer=serialize)
     if method.client_streaming:
         raise NotImplementedError(f"{method.full_name}: client streaming alone is not used")
-    return grpc.unary_unary_rpc_method_handler(one, response_serializer=serialize)
+    return grpc.unary_unary_rpc_method_handler(
+        one, request_deserializer=parse, response_serializer=serialize)
 
 
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:

@@ -1,21 +1,37 @@
-"""One typed settings object for the server, from flags and environment variables.
+"""One typed settings object for the server, from flags, environment variables and a file.
 
 Every limit is named here with its unit; `creditline serve --help` lists them all.
+Precedence: a flag, then `CREDITLINE_<NAME>` from the environment, then the TOML settings
+file (`--config FILE` or `CREDITLINE_CONFIG`), then the default. Secrets (the Redis
+password) have no flag, so they never show in a process list: give them through the
+environment or a file (`redis_password_file`). Settings are checked when they are built
+(`Settings(...)` raises ValueError naming the setting) and files are checked at start
+(`check_files`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "plans" / "default.toml"
 ENV_PREFIX = "CREDITLINE_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# Settings that hold secrets: no flag, never printed (repr and logs show "***").
+SECRET_SETTINGS = frozenset({"redis_password"})
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     # where the gRPC server listens
     listen_address: str = "127.0.0.1:50051"
@@ -66,6 +82,30 @@ class Settings:
     max_in_flight_per_stream: int = 256
     # grace given to calls in flight when the server stops
     shutdown_grace_s: float = 5.0
+    # Redis AUTH: user (empty: the default user) and password (secret: environment
+    # CREDITLINE_REDIS_PASSWORD or the file redis_password_file, never a flag)
+    redis_username: str = ""
+    redis_password: str = field(default="", metadata={"secret": True})
+    redis_password_file: str = ""
+    # Redis TLS (with a rediss:// URL): CA bundle to verify the server, and a client
+    # certificate and key when Redis asks for one (tls-auth-clients)
+    redis_tls_ca_file: str = ""
+    redis_tls_cert_file: str = ""
+    redis_tls_key_file: str = ""
+    # gRPC TLS: server certificate and key (PEM); with tls_client_ca_file, mutual TLS:
+    # clients must show a certificate signed by that CA, and its roles are enforced
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    # logs: text or json (json carries trace_id and span_id), and the level
+    log_format: str = "text"
+    log_level: str = "INFO"
+    # Prometheus scrape endpoint (host:port); empty: none
+    metrics_listen_address: str = ""
+    # how often the account count (the subscribers gauge) is refreshed from Redis
+    metrics_accounts_interval_s: float = 60.0
+    # the grpc.reflection service (grpcurl list / describe)
+    reflection_enabled: bool = True
 
     def __post_init__(self) -> None:
         positive = (
@@ -75,7 +115,7 @@ class Settings:
             "max_in_flight_per_stream", "max_concurrent_calls",
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
-            "redis_max_connections",
+            "redis_max_connections", "metrics_accounts_interval_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -86,29 +126,163 @@ class Settings:
         if self.spike_fast_window_s >= self.spike_slow_window_s:
             raise ValueError("setting spike_fast_window_s: must be shorter than "
                              "spike_slow_window_s")
-        if ":" not in self.listen_address:
-            raise ValueError(f"setting listen_address: {self.listen_address!r} is not host:port")
+        for name in ("listen_address", "metrics_listen_address"):
+            value = getattr(self, name)
+            if (value or name == "listen_address") and ":" not in value:
+                raise ValueError(f"setting {name}: {value!r} is not host:port")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"setting log_format: {self.log_format!r} is not one of "
+                             f"{', '.join(LOG_FORMATS)}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"setting log_level: {self.log_level!r} is not one of "
+                             f"{', '.join(LOG_LEVELS)}")
+        self._check_pairs()
+
+    def _check_pairs(self) -> None:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("settings tls_cert_file and tls_key_file: give both or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("setting tls_client_ca_file: mutual TLS needs tls_cert_file and "
+                             "tls_key_file too")
+        if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
+            raise ValueError("settings redis_tls_cert_file and redis_tls_key_file: give both "
+                             "or neither")
+        redis_tls = self.redis_tls_ca_file or self.redis_tls_cert_file
+        if redis_tls and not self.redis_url.startswith("rediss://"):
+            raise ValueError("settings redis_tls_*: need a rediss:// redis_url")
+        if self.redis_password and self.redis_password_file:
+            raise ValueError("settings redis_password and redis_password_file: give one")
+
+    @property
+    def tls_enabled(self) -> bool:
+        return bool(self.tls_cert_file)
+
+    @property
+    def mutual_tls(self) -> bool:
+        """Clients show certificates, and their roles are enforced."""
+        return bool(self.tls_client_ca_file)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.redacted().items())
+        return f"Settings({shown})"
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as they may be logged: secrets and URL passwords masked."""
+        values: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_SETTINGS and value:
+                value = "***"
+            elif f.name == "redis_url":
+                value = redact_url(value)
+            values[f.name] = value
+        return values
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{text!r} is not true or false")
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***: for logs and errors."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def _parser_of(default: object) -> Callable[[str], object]:
-    return _parse_bool if isinstance(default, bool) else type(default)
+def redis_password(settings: Settings) -> str:
+    """The Redis password: the setting, or the first line of redis_password_file."""
+    if settings.redis_password_file:
+        try:
+            text = Path(settings.redis_password_file).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ValueError(f"setting redis_password_file: cannot read "
+                             f"{settings.redis_password_file}: {error.strerror}") from None
+        return text.splitlines()[0] if text else ""
+    return settings.redis_password
+
+
+def check_files(settings: Settings) -> None:
+    """Every file a setting names exists and is readable: a clear error at start rather
+    than a TLS handshake failing on the first call."""
+    for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file",
+                 "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
+                 "redis_password_file"):
+        path = getattr(settings, name)
+        if not path:
+            continue
+        if not Path(path).is_file():
+            raise ValueError(f"setting {name}: {path} is not a file")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"setting {name}: {path} is not readable")
+
+
+def _kind(name: str) -> type:
+    default = Settings.__dataclass_fields__[name].default
+    assert default is not MISSING
+    return type(default)
+
+
+def _convert(name: str, text: str, source: str) -> object:
+    kind = _kind(name)
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ValueError(f"{source}: {text!r} is not a boolean (true/false)")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{source}: {text!r} is not a {kind.__name__}") from None
+
+
+def _from_file(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as file:
+            data: dict[str, Any] = tomllib.load(file)
+    except OSError as error:
+        raise ValueError(f"settings file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"settings file {path}: {error}") from None
+    known = {f.name for f in fields(Settings)}
+    values: dict[str, object] = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ValueError(f"settings file {path}: unknown setting {name!r}")
+        kind = _kind(name)
+        accepted = (int, float) if kind is float else (kind,)
+        if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(f"settings file {path}: {name}: {value!r} is not a "
+                             f"{kind.__name__}")
+        values[name] = float(value) if kind is float else value  # type: ignore[arg-type]
+    return values
+
+
+def _flag_converter(name: str) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        try:
+            return _convert(name, text, "flag")
+        except ValueError as error:
+            # argparse reports ArgumentTypeError's message as it is
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One --flag per setting; each defaults to CREDITLINE_<NAME> from the environment."""
+    """One --flag per setting (none for secrets); each defaults to CREDITLINE_<NAME>."""
+    parser.add_argument("--config", dest="config", default=None,
+                        help=f"TOML settings file (env {CONFIG_ENV})")
     for f in fields(Settings):
+        if f.name in SECRET_SETTINGS:
+            continue
         flag = "--" + f.name.replace("_", "-")
         parser.add_argument(
-            flag, dest=f.name, type=_parser_of(f.default), default=None,
+            flag, dest=f.name, type=_flag_converter(f.name), default=None,
             help=f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
         )
 
@@ -116,24 +290,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def from_arguments(
     namespace: argparse.Namespace, environ: Mapping[str, str] = os.environ
 ) -> Settings:
-    values: dict[str, object] = {}
+    config_path = getattr(namespace, "config", None) or environ.get(CONFIG_ENV)
+    values: dict[str, object] = _from_file(config_path) if config_path else {}
     for f in fields(Settings):
         flag_value = getattr(namespace, f.name, None)
-        env_value = environ.get(ENV_PREFIX + f.name.upper())
-        kind = _parser_of(f.default)
-        if flag_value is not None:
+        env_name = ENV_PREFIX + f.name.upper()
+        env_value = environ.get(env_name)
+        if flag_value is not None and f.name not in SECRET_SETTINGS:
             values[f.name] = flag_value
         elif env_value is not None:
-            try:
-                values[f.name] = kind(env_value)
-            except ValueError:
-                expected = type(f.default).__name__
-                raise ValueError(f"environment {ENV_PREFIX}{f.name.upper()}: "
-                                 f"{env_value!r} is not a {expected}") from None
+            values[f.name] = _convert(f.name, env_value, f"environment {env_name}")
     return Settings(**values)  # type: ignore[arg-type]
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str] = os.environ) -> Settings:
-    parser = argparse.ArgumentParser(prog="creditline serve")
+    # no abbreviations: --redis-password must not pass as --redis-password-file
+    parser = argparse.ArgumentParser(prog="creditline serve", allow_abbrev=False)
     add_arguments(parser)
     return from_arguments(parser.parse_args(argv), environ)

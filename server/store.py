@@ -12,7 +12,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -21,6 +21,9 @@ from redis.commands.core import AsyncScript
 
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
+if TYPE_CHECKING:
+    from creditline.telemetry import ScriptInstrument
+
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
 MAX_BUCKETS_PER_ACCOUNT = 32
@@ -153,9 +156,12 @@ def _text(value: Any) -> str:
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
-    def __init__(self, redis: RedisClient, config: StoreConfig) -> None:
+    def __init__(self, redis: RedisClient, config: StoreConfig,
+                 instrument: ScriptInstrument | None = None) -> None:
         self._redis = redis
         self.config = config
+        # a span and a latency sample per script call; None (telemetry off): nothing
+        self._instrument = instrument
         self._charge: AsyncScript = redis.register_script(_script_source("charge.lua"))
         self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
         self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
@@ -186,7 +192,7 @@ class Store:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer."""
         keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
-        result = await self._charge(
+        call = self._charge(
             keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
                   keys.final_sessions, keys.events, keys.cdrs, keys.rates,
                   event_counter_key(keys.partition), deadlines_key(keys.partition)],
@@ -194,7 +200,9 @@ class Store:
                   self.config.answer_retention_s, event_action, self._event_trim(now_ms),
                   self._spike, supervision_ms, *blocks],
         )
-        return _text(result)
+        if self._instrument is None:
+            return _text(await call)
+        return _text(await self._instrument.run("charge.lua", call))
 
     async def due_sessions(self, partition: int, now_ms: int, limit: int
                            ) -> list[tuple[str, str]]:
@@ -219,11 +227,14 @@ class Store:
     async def admin(self, account_id: str, operation: str, *args: int | str) -> Any:
         keys = self.keys(account_id)
         now_ms = int(time.time() * 1000)
-        return await self._admin(
+        call = self._admin(
             keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
                   keys.final_sessions, keys.events, event_counter_key(keys.partition)],
             args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
+        if self._instrument is None:
+            return await call
+        return await self._instrument.run("admin.lua", call)
 
     async def snapshot(self, account_id: str) -> AccountSnapshot | None:
         raw = await self.admin(account_id, "GET")

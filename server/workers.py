@@ -17,6 +17,7 @@ from types import FrameType
 
 import uvloop
 from creditline.app import redis_for, serve_with_redis
+from creditline.logging_setup import configure_logging
 from creditline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,12 @@ def worker_count(settings: Settings) -> int:
     return settings.workers or os.cpu_count() or 1
 
 
-def _worker_main(settings: Settings, redis_url: str, log_level: str) -> None:
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _worker_main(settings: Settings, redis_url: str) -> None:
+    configure_logging(settings.log_format, settings.log_level)
     uvloop.run(serve_with_redis(settings, redis_url, reuse_port=True))
 
 
-def serve(settings: Settings, log_level: str = "INFO") -> int:
+def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM; returns the exit code."""
     workers = worker_count(settings)
     with redis_for(settings) as redis_url:
@@ -46,7 +46,7 @@ def serve(settings: Settings, log_level: str = "INFO") -> int:
         context = multiprocessing.get_context("spawn")
         processes = [
             context.Process(target=_worker_main, name=f"creditline-worker-{n}",
-                            args=(replace(settings, redis_url=redis_url), redis_url, log_level))
+                            args=(replace(settings, redis_url=redis_url), redis_url))
             for n in range(workers)
         ]
         for process in processes:

@@ -1,0 +1,246 @@
+"""What tracing costs: throughput of Initial + Terminate with tracing off, with every call
+traced (100% sampling) and with 1% sampling, as ratios to off.
+
+    python bench/tracing_overhead.py [--sessions 1500] [--concurrency 64] [--rounds 3]
+
+The server runs in this process (uvloop, as `creditline serve` runs it) against its own
+redis-server; the client runs in a child process (this script with --client) with its own
+event loop, so the two do not share one loop; it warms up before it measures. Spans go
+through a BatchSpanProcessor, as in production, to an exporter that drops them: what is
+measured is the span work on the call path, not an exporter's network. The modes are
+interleaved over several rounds and each mode's median is reported, since one run on a
+shared 2-core machine is noisy; each round starts with another mode. Goals: 100% >= 0.9 of off,
+1% >= 0.97 of off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import uvloop
+from creditline.app import start_server, stop_server
+from creditline.interceptors import CallInterceptor
+from creditline.rating import IncrementRater, load_plan
+from creditline.redis_process import RedisProcess
+from creditline.settings import Settings
+from creditline.telemetry import Telemetry
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+
+RG_VOICE = 100
+CLIENT_TIMEOUT_S = 300
+ACCOUNTS = 64
+MODES: dict[str, Sampler | None] = {
+    "off": None,
+    "100%": ParentBased(ALWAYS_ON),
+    "1%": ParentBased(TraceIdRatioBased(0.01)),
+}
+
+
+class DroppingExporter(SpanExporter):
+    def __init__(self) -> None:
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.exported += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def _telemetry(sampler: Sampler | None, max_queue_size: int = 2048) -> Telemetry:
+    telemetry = Telemetry()
+    if sampler is not None:
+        telemetry.use_tracing(sampler, [BatchSpanProcessor(DroppingExporter(),
+                                                           max_queue_size=max_queue_size)])
+    return telemetry
+
+
+async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> float:
+    """Calls/s of `sessions` Initial + Terminate pairs, `concurrency` sessions at once."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        charging = charging_pb2_grpc.ChargingStub(channel)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for number in range(sessions):
+            queue.put_nowait(number)
+
+        async def worker() -> None:
+            while not queue.empty():
+                number = queue.get_nowait()
+                account_id = f"bench-{number % ACCOUNTS}"
+                session_id = f"{run_id}-{number}"
+                request = pb.CreditControlRequest(
+                    session_id=session_id, account_id=account_id, request_number=0,
+                    rating_groups=[pb.RatingGroupRequest(
+                        rating_group=RG_VOICE, requested=pb.Units(time_s=60))])
+                answer = await charging.Initial(request)
+                assert answer.result_code == pb.SUCCESS, answer
+                request.request_number = 1
+                request.rating_groups[0].ClearField("requested")
+                request.rating_groups[0].used.time_s = 30
+                await charging.Terminate(request)
+
+        start_s = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return 2 * sessions / (time.perf_counter() - start_s)
+
+
+async def _client(target: str, run_id: str, sessions: int, concurrency: int) -> float:
+    await _drive(target, f"{run_id}-warm", concurrency, concurrency)  # connect, warm up
+    return await _drive(target, run_id, sessions, concurrency)
+
+
+async def _accounts(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        for number in range(ACCOUNTS):
+            try:
+                await admin.CreateAccount(admin_pb.CreateAccountRequest(
+                    account_id=f"bench-{number}", initial_balance_micros=10**15))
+            except grpc.aio.AioRpcError as error:
+                if error.code() is not grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+
+
+@dataclass
+class Run:
+    calls_per_s: float
+    cpu_us_per_call: float  # this (server) process's CPU time, all its threads
+
+
+async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
+                   sessions: int, concurrency: int) -> Run:
+    running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
+    target = f"127.0.0.1:{running.port}"
+    try:
+        await _accounts(target)
+        cpu_start_s = time.process_time()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", target, run_id, str(sessions),
+            str(concurrency), stdout=asyncio.subprocess.PIPE)
+        output, _ = await asyncio.wait_for(child.communicate(), CLIENT_TIMEOUT_S)
+        cpu_s = time.process_time() - cpu_start_s
+        if child.returncode != 0:
+            raise RuntimeError(f"client failed with exit code {child.returncode}")
+        calls = 2 * (sessions + concurrency)  # the warm-up and the measured calls
+        return Run(float(output.decode().split()[-1]), cpu_s / calls * 1e6)
+    finally:
+        await stop_server(running, 1.0)
+
+
+class _Context:
+    """The little of a grpc.aio ServicerContext the interceptor reads."""
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("user-agent", "bench"),)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+
+async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
+    """Server CPU per call of what tracing adds, in this process without network or Redis:
+    the interceptor's call span, the rating span and the script span, around a handler
+    that rates one tariff and awaits a finished script call."""
+    # a queue for every span of the loop: a tight loop outruns the export thread, and
+    # dropping spans would understate the cost
+    telemetry = _telemetry(MODES[mode], max_queue_size=4 * (calls + 200))
+    rater = telemetry.traced_rater(IncrementRater())
+    instrument = telemetry.script_instrument()
+    tariff = load_plan(plan).tariff_for(RG_VOICE, None)
+    assert tariff is not None
+    answer = pb.CreditControlAnswer(result_code=pb.SUCCESS)
+
+    async def script() -> str:
+        return "answer"
+
+    async def handler(request: pb.CreditControlRequest, context: object
+                      ) -> pb.CreditControlAnswer:
+        rater.schedule(tariff, 0)
+        await (script() if instrument is None else instrument.run("charge.lua", script()))
+        return answer
+
+    call = handler
+    if telemetry.spans is not None:
+        interceptor = CallInterceptor(spans=telemetry.spans, metrics=None, check_roles=False)
+        call = interceptor._wrap("/creditline.v1.Charging/Initial",
+                                 grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+    request = pb.CreditControlRequest(
+        session_id="s", account_id="a",
+        rating_groups=[pb.RatingGroupRequest(rating_group=RG_VOICE)])
+    context = _Context()
+    for _ in range(200):
+        await call(request, context)
+    start_s = time.process_time()
+    for _ in range(calls):
+        await call(request, context)
+    cpu_s = time.process_time() - start_s
+    await telemetry.shutdown()
+    return cpu_s / calls * 1e6
+
+
+async def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--sessions", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--client", nargs=4, metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE"),
+                        help="(internal) be the load generator and print calls/s")
+    args = parser.parse_args(argv)
+    if args.client:
+        target, run_id, sessions, concurrency = args.client
+        print(await _client(target, run_id, int(sessions), int(concurrency)))
+        return 0
+    plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+    # a long Redis deadline: on a crowded machine a call may wait, but must not fail
+    settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
+                       redis_max_connections=64, redis_call_timeout_s=30.0)
+    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    with RedisProcess() as redis:
+        names = list(MODES)
+        for round_number in range(args.rounds):
+            # each round starts with another mode: no mode always runs after the same one
+            shift = round_number % len(names)
+            for mode in names[shift:] + names[:shift]:
+                run = await _measure(settings, redis.url, mode, f"r{round_number}-{mode}",
+                                     args.sessions, args.concurrency)
+                runs[mode].append(run)
+                print(f"round {round_number + 1} {mode:>5}: {run.calls_per_s:8.0f} calls/s, "
+                      f"server CPU {run.cpu_us_per_call:6.0f} us/call", flush=True)
+    rate = {mode: statistics.median(r.calls_per_s for r in rs) for mode, rs in runs.items()}
+    cpu = {mode: statistics.median(r.cpu_us_per_call for r in rs) for mode, rs in runs.items()}
+    print(f"\nmedians of {args.rounds} rounds, {2 * args.sessions} calls each "
+          f"(Initial + Terminate), {args.concurrency} sessions at once:")
+    print("  throughput ratio = calls/s over off's (noisy where others share the cores);")
+    print("  CPU ratio = off's server CPU per call over this mode's: the throughput ratio")
+    print("  of a CPU-bound server, and steadier on a shared machine")
+    goals = {"100%": 0.9, "1%": 0.97}
+    for mode in MODES:
+        goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
+        print(f"  tracing {mode:>5}: {rate[mode]:7.0f} calls/s, ratio "
+              f"{rate[mode] / rate['off']:.3f}; {cpu[mode]:5.0f} us CPU/call, ratio "
+              f"{cpu['off'] / cpu[mode]:.3f}{goal}")
+    work = {mode: statistics.median([await _tracing_work_us(mode, plan, 5000)
+                                     for _ in range(3)]) for mode in MODES}
+    print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the")
+    print(f"ratio it implies for a server spending off's {cpu['off']:.0f} us CPU per call:")
+    for mode in MODES:
+        extra = max(0.0, work[mode] - work["off"])
+        goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
+        print(f"  tracing {mode:>5}: {work[mode]:6.1f} us, +{extra:5.1f} us, ratio "
+              f"{cpu['off'] / (cpu['off'] + extra):.3f}{goal}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(uvloop.run(main(sys.argv[1:])))

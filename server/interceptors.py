@@ -1,0 +1,228 @@
+"""One gRPC server interceptor for what every call shares: the role check, the span and
+the metrics. The servicers know nothing of them.
+
+It is installed only when something is switched on (mutual TLS, a tracer or metrics):
+a server without them has no interceptor and pays nothing per call. Each method's handler
+is wrapped once and reused, so the per-call cost is the wrapper itself.
+
+The span of a call is named `<service>/<method>` (kind SERVER), continues the caller's
+trace from the W3C `traceparent` / `tracestate` metadata, and carries the standard rpc.*
+attributes (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code) and
+creditline.account_id, creditline.session_id, creditline.request_number,
+creditline.rating_groups and creditline.result_code read from the request and answer.
+Spans are made by telemetry.SpanRecorder; a sampled-out call makes none, and its children
+(rating, the Redis script) see no sampled parent and make none either. A call refused by
+the role check is traced and counted with its status, and never reaches the servicer.
+Health and reflection calls get neither spans nor metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+from creditline import security
+from creditline.telemetry import MAX_SPAN_RATING_GROUPS, Metrics, OpenSpan, SpanRecorder
+from creditline.v1.charging_pb2 import DIRECT_DEBIT
+from opentelemetry.context import Context as TraceContext
+from opentelemetry.context import attach, detach
+from opentelemetry.trace import NonRecordingSpan, Status, StatusCode, set_span_in_context
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+# Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]"
+ServicerContext = grpc.aio.ServicerContext[Any, Any]
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+_PROPAGATOR = TraceContextTextMapPropagator()
+_UNIT_FIELDS = ("time_s", "total_octets", "service_specific_units")
+
+
+def _split_method(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+def parent_context(context: ServicerContext) -> TraceContext | None:
+    """The caller's trace context from the call's W3C trace headers, if any."""
+    carrier = {key: value for key, value in (context.invocation_metadata() or ())
+               if key in _TRACE_HEADERS and isinstance(value, str)}
+    return _PROPAGATOR.extract(carrier) if carrier else None
+
+
+def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    if error is None:
+        return grpc.StatusCode.OK
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+        return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def request_attributes(request: Any) -> dict[str, Any]:
+    attributes: dict[str, Any] = {}
+    for name in ("account_id", "session_id"):
+        value = getattr(request, name, None)
+        if value:
+            attributes[f"creditline.{name}"] = value
+    if hasattr(request, "request_number"):
+        attributes["creditline.request_number"] = request.request_number
+    blocks = getattr(request, "rating_groups", None)
+    if blocks:
+        attributes["creditline.rating_groups"] = [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
+    return attributes
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    def __init__(self, *, spans: SpanRecorder | None, metrics: Metrics | None,
+                 check_roles: bool) -> None:
+        self._spans = spans
+        self._metrics = metrics
+        self._check_roles = check_roles
+        # method -> (the handler wrapped, its wrapper); bounded by the registered methods
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    async def intercept_service(self, continuation: Continuation,
+                                handler_call_details: grpc.HandlerCallDetails) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if isinstance(method, bytes):
+            method = method.decode()
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapper = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapper)
+        return wrapper
+
+    def _wrap(self, method: str, handler: Handler) -> Handler:
+        service, _ = _split_method(method)
+        is_open = service in security.OPEN_SERVICES
+        if handler.unary_unary is not None and not is_open:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if is_open or not self._check_roles:
+            return handler
+        return self._streaming(method, handler)
+
+    async def _authorize(self, service: str, context: ServicerContext
+                         ) -> security.Principal:
+        try:
+            return security.authorize(service, context.auth_context())
+        except security.CallRefusedError as refused:
+            await context.abort(refused.code, refused.reason)
+            raise
+
+    def _unary(self, method: str, inner: Callable[..., Any]
+               ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
+        service, name = _split_method(method)
+        spans, metrics, check_roles = self._spans, self._metrics, self._check_roles
+        base_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        name_of_span = method.lstrip("/")
+
+        async def call(request: Any, context: ServicerContext) -> Any:
+            span = None
+            if spans is not None:
+                # None when sampled out: then no context switch and no child spans
+                span = spans.start_call(name_of_span, parent_context(context),
+                                        base_attributes)
+            token = None if span is None else attach(
+                set_span_in_context(NonRecordingSpan(span.context)))
+            start_s = time.perf_counter()
+            error: BaseException | None = None
+            response: Any = None
+            try:
+                # a refused call is traced and counted too, but never reaches the servicer
+                if check_roles:
+                    await self._authorize(service, context)
+                response = await inner(request, context)
+                return response
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                status = _status_code(context, error)
+                if span is not None and spans is not None and token is not None:
+                    detach(token)
+                    _annotate(spans, span, request, response, status, error)
+                if metrics is not None:
+                    _record(metrics, base_attributes, status, request, response,
+                            time.perf_counter() - start_s)
+
+        return call
+
+    def _streaming(self, method: str, handler: Handler) -> Handler:
+        """Streams (the future notification stream): the role check, and the caller
+        kept as current_principal() for the handler's own per-account filter."""
+        service, _ = _split_method(method)
+        inner: Callable[..., Any] = (handler.unary_stream or handler.stream_unary
+                                     or handler.stream_stream)  # type: ignore[assignment]
+
+        async def call(request: Any, context: ServicerContext) -> Any:
+            principal = await self._authorize(service, context)
+            token = security.set_current_principal(principal)
+            try:
+                result = inner(request, context)
+                if inspect.isasyncgen(result):
+                    async for message in result:
+                        await context.write(message)
+                    return None
+                return await result
+            finally:
+                security.reset_current_principal(token)
+
+        kinds: Mapping[bool, Callable[..., Handler]] = {
+            True: grpc.stream_stream_rpc_method_handler if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler,
+            False: grpc.stream_unary_rpc_method_handler,
+        }
+        return kinds[handler.response_streaming](
+            call, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+
+def _annotate(spans: SpanRecorder, span: OpenSpan, request: Any, response: Any,
+              status: grpc.StatusCode, error: BaseException | None) -> None:
+    attributes = span.attributes
+    attributes.update(request_attributes(request))
+    attributes["rpc.grpc.status_code"] = status.value[0]
+    result_code = getattr(response, "result_code", None)
+    if result_code is not None:
+        attributes["creditline.result_code"] = int(result_code)
+    if status is grpc.StatusCode.OK:
+        spans.end(span)
+        return
+    unexpected = error is not None and not isinstance(error, grpc.aio.AbortError)
+    spans.end(span, Status(StatusCode.ERROR, status.name), error if unexpected else None)
+
+
+def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,
+            request: Any, response: Any, duration_s: float) -> None:
+    attributes = {**base, "rpc.grpc.status_code": status.value[0]}
+    metrics.duration.record(duration_s, attributes)
+    result_code = int(getattr(response, "result_code", 0) or 0)
+    metrics.requests.add(1, {**attributes, "creditline.result_code": result_code})
+    blocks = getattr(response, "rating_groups", None)
+    if not blocks:
+        return
+    for block in blocks:
+        rating_group = {"creditline.rating_group": block.rating_group}
+        granted = getattr(block, "granted", None)
+        if granted is not None:
+            for unit in _UNIT_FIELDS:
+                if granted.HasField(unit) and getattr(granted, unit):
+                    metrics.granted_units.add(getattr(granted, unit),
+                                              {**rating_group, "creditline.unit": unit})
+        charged = getattr(block, "charged_micros", 0) or 0
+        if getattr(request, "action", None) == DIRECT_DEBIT:
+            charged = block.amount_micros
+        if charged > 0:
+            metrics.charged_micros.add(charged, {**rating_group, "rpc.method": base["rpc.method"]})

@@ -1,0 +1,269 @@
+"""Traces, metrics and logs, read from in-memory exporters and a real scrape endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from creditline.app import RunningServer, _interceptors, start_server, stop_server
+from creditline.logging_setup import JsonFormatter, TraceIdFilter
+from creditline.redis_process import RedisProcess
+from creditline.settings import Settings
+from creditline.telemetry import Telemetry, TelemetryError, build_telemetry, sampler_from
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.conftest import settings_with
+from tests.messages import RG_FREE, RG_VOICE, block, ccr
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN_ID = "00f067aa0ba902b7"
+
+
+@dataclass
+class Observed:
+    running: RunningServer
+    spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
+    charging: charging_pb2_grpc.ChargingStub
+    admin: admin_pb2_grpc.AdminStub
+
+
+@pytest.fixture(scope="module")
+async def observed(redis_process: RedisProcess, settings: Settings
+                   ) -> AsyncIterator[Observed]:
+    spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = build_telemetry(settings, {}, span_exporter=spans, sampler=ALWAYS_ON,
+                                metric_reader=reader)
+    running = await start_server(settings, redis_process.url, telemetry)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield Observed(running, spans, reader, charging_pb2_grpc.ChargingStub(channel),
+                       admin_pb2_grpc.AdminStub(channel))
+    await stop_server(running, grace_s=1.0)
+
+
+def _by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
+    return [span for span in spans if span.name == name]
+
+
+async def _account(observed: Observed, balance_micros: int = 5_000_000) -> str:
+    account_id = f"tel{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    await observed.admin.CreateAccount(admin_pb.CreateAccountRequest(
+        account_id=account_id, initial_balance_micros=balance_micros))
+    return account_id
+
+
+async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed) -> None:
+    account_id = await _account(observed)
+    observed.spans.clear()
+    traceparent = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
+    answer = await observed.charging.Initial(
+        ccr("trace-1", account_id, 0, block(RG_VOICE, requested=60), block(RG_FREE)),
+        metadata=(("traceparent", traceparent),))
+    assert answer.result_code == pb.SUCCESS
+    spans = observed.spans.get_finished_spans()
+    [rpc] = _by_name(spans, "creditline.v1.Charging/Initial")
+    assert rpc.kind is SpanKind.SERVER
+    assert format(rpc.context.trace_id, "032x") == TRACE_ID
+    assert rpc.parent is not None and format(rpc.parent.span_id, "016x") == PARENT_SPAN_ID
+    attributes = dict(rpc.attributes or {})
+    assert attributes["rpc.system"] == "grpc"
+    assert attributes["rpc.service"] == "creditline.v1.Charging"
+    assert attributes["rpc.method"] == "Initial"
+    assert attributes["rpc.grpc.status_code"] == 0
+    assert attributes["creditline.account_id"] == account_id
+    assert attributes["creditline.session_id"] == "trace-1"
+    assert list(attributes["creditline.rating_groups"]) == [RG_VOICE, RG_FREE]  # type: ignore[arg-type]
+    assert attributes["creditline.result_code"] == pb.SUCCESS
+    # children: the rating of the voice tariff (the free one needs none) and the script
+    [rating] = _by_name(spans, "rating")
+    [script] = _by_name(spans, "EVALSHA charge.lua")
+    for child in (rating, script):
+        assert child.parent is not None and child.parent.span_id == rpc.context.span_id
+        assert child.context.trace_id == rpc.context.trace_id
+    assert (rating.attributes or {})["creditline.rating_group"] == RG_VOICE
+    assert script.kind is SpanKind.CLIENT
+    assert (script.attributes or {})["db.system.name"] == "redis"
+
+
+async def test_a_new_trace_without_trace_context(observed: Observed) -> None:
+    account_id = await _account(observed)
+    observed.spans.clear()
+    await observed.charging.Initial(ccr("trace-2", account_id, 0, block(RG_VOICE, requested=1)))
+    [rpc] = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Charging/Initial")
+    assert rpc.parent is None and format(rpc.context.trace_id, "032x") != TRACE_ID
+
+
+async def test_a_refused_admin_call_is_an_error_span(observed: Observed) -> None:
+    observed.spans.clear()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await observed.admin.GetAccount(admin_pb.GetAccountRequest(account_id="nobody-x"))
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    [rpc] = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Admin/GetAccount")
+    assert rpc.status.status_code is StatusCode.ERROR
+    assert (rpc.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def _points(reader: InMemoryMetricReader, name: str) -> list[Any]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    return [point for resource in data.resource_metrics for scope in resource.scope_metrics
+            for metric in scope.metrics if metric.name == name
+            for point in metric.data.data_points]
+
+
+async def test_metrics_count_calls_units_money_and_redis_latency(observed: Observed) -> None:
+    account_id = await _account(observed)
+    await observed.charging.Initial(ccr("metrics-1", account_id, 0, block(RG_VOICE, requested=60)))
+    await observed.charging.Terminate(ccr("metrics-1", account_id, 1, block(RG_VOICE, used=60)))
+    requests = _points(observed.metrics, "creditline.rpc.requests")
+    initial = [p for p in requests if p.attributes["rpc.method"] == "Initial"
+               and p.attributes["creditline.result_code"] == pb.SUCCESS]
+    assert initial and initial[0].value >= 1
+    assert any(p.attributes["rpc.method"] == "CreateAccount" for p in requests)
+    durations = _points(observed.metrics, "rpc.server.call.duration")
+    assert sum(p.count for p in durations if p.attributes["rpc.method"] == "Terminate") >= 1
+    granted = _points(observed.metrics, "creditline.units.granted")
+    assert any(p.attributes == {"creditline.rating_group": RG_VOICE, "creditline.unit": "time_s"}
+               and p.value >= 60 for p in granted)
+    charged = _points(observed.metrics, "creditline.charged")
+    assert sum(p.value for p in charged) >= 700_000  # connect fee + first minute
+    redis = _points(observed.metrics, "creditline.redis.script.duration")
+    assert {p.attributes["creditline.script"] for p in redis} >= {"charge.lua", "admin.lua"}
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
+
+
+async def test_prometheus_endpoint_serves_the_metrics(
+        redis_process: RedisProcess, settings: Settings) -> None:
+    running = await start_server(
+        settings_with(settings, metrics_listen_address="127.0.0.1:0",
+                      metrics_accounts_interval_s=0.05), redis_process.url, environ={})
+    try:
+        assert running.telemetry.tracer is None  # metrics only
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await admin.GetAccount(admin_pb.GetAccountRequest(account_id="nobody-y"))
+        url = f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"
+        text = await asyncio.to_thread(_scrape, url)
+        assert "creditline_rpc_requests" in text and 'rpc_method="GetAccount"' in text
+        assert "rpc_server_call_duration" in text
+        deadline = time.monotonic() + 10
+        while "creditline_accounts" not in text:  # the first SCAN may still be running
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.1)
+            text = await asyncio.to_thread(_scrape, url)
+    finally:
+        await stop_server(running, grace_s=1.0)
+
+
+def test_telemetry_is_off_by_default_and_costs_no_interceptor() -> None:
+    telemetry = build_telemetry(Settings(), {})
+    assert telemetry.tracer is None and telemetry.metrics is None
+    assert telemetry.script_instrument() is None
+    assert _interceptors(Settings(), telemetry) == []
+    disabled = build_telemetry(Settings(), {"OTEL_SDK_DISABLED": "true",
+                                            "OTEL_TRACES_EXPORTER": "console"})
+    assert disabled.tracer is None
+
+
+def test_exporters_and_samplers_come_from_the_standard_variables() -> None:
+    telemetry = build_telemetry(Settings(), {"OTEL_TRACES_EXPORTER": "console"})
+    assert telemetry.tracer is not None and telemetry.metrics is None
+    assert isinstance(telemetry.tracer_provider, TracerProvider)
+    for protocol in ("grpc", "http/protobuf"):
+        otlp = build_telemetry(Settings(), {"OTEL_TRACES_EXPORTER": "otlp",
+                                            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol})
+        assert otlp.tracer_provider is not None
+        otlp.tracer_provider.shutdown()
+    sampler = sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                            "OTEL_TRACES_SAMPLER_ARG": "0.01"})
+    assert "0.01" in sampler.get_description()
+    with pytest.raises(TelemetryError, match="OTEL_TRACES_EXPORTER"):
+        build_telemetry(Settings(), {"OTEL_TRACES_EXPORTER": "jaeger"})
+    with pytest.raises(TelemetryError, match="OTEL_TRACES_SAMPLER_ARG"):
+        sampler_from({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"})
+    with pytest.raises(TelemetryError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        build_telemetry(Settings(), {"OTEL_TRACES_EXPORTER": "otlp",
+                                     "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
+
+
+def test_json_logs_carry_the_trace_ids() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(TraceIdFilter())
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("creditline.test-json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    try:
+        with provider.get_tracer("test").start_as_current_span("call") as span:
+            logger.warning("inside %s", "a call")
+        logger.warning("outside")
+    finally:
+        logger.removeHandler(handler)
+    inside, outside = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert inside["message"] == "inside a call" and inside["level"] == "WARNING"
+    assert inside["trace_id"] == format(span.get_span_context().trace_id, "032x")
+    assert inside["span_id"] == format(span.get_span_context().span_id, "016x")
+    assert "trace_id" not in outside
+
+
+def test_tracing_off_creates_no_rater_wrapper() -> None:
+    from creditline.rating import IncrementRater
+    rater = IncrementRater()
+    assert Telemetry().traced_rater(rater) is rater
+
+
+def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
+    from creditline.interceptors import _PROPAGATOR
+    from creditline.telemetry import SpanRecorder
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.sampling import ParentBased
+
+    exporter = InMemorySpanExporter()
+    recorder = SpanRecorder(ParentBased(ALWAYS_ON), [SimpleSpanProcessor(exporter)],
+                            TracerProvider().resource)
+    not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})
+    assert recorder.start_call("creditline.v1.Charging/Initial", not_sampled, {}) is None
+    assert recorder.start_child("rating", SpanKind.INTERNAL, {}) is None  # no current span
+    sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
+    span = recorder.start_call("creditline.v1.Charging/Initial", sampled, {"a": 1})
+    assert span is not None
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(span.context)))
+    try:
+        child = recorder.start_child("rating", SpanKind.INTERNAL, {})
+        assert child is not None
+        recorder.end(child)
+    finally:
+        otel_context.detach(token)
+    recorder.end(span)
+    rating, call = exporter.get_finished_spans()
+    assert rating.parent is not None and rating.parent.span_id == call.context.span_id
+    assert format(call.context.trace_id, "032x") == TRACE_ID
