@@ -391,10 +391,12 @@ def _process_main(config: DriverConfig, process_index: int, start_at_unix_s: flo
     return uvloop.run(drive(config, process_index, start_at_unix_s))
 
 
-def run_processes(config: DriverConfig) -> DriverResult:
+def run_processes(config: DriverConfig, start_at_unix_s: float | None = None) -> DriverResult:
     """Runs the load in config.processes fresh processes (spawned: grpc does not survive a
-    fork) that start together, and merges their results. Blocks until they are done."""
-    start_at_unix_s = time.time() + PROCESS_START_ALLOWANCE_S
+    fork) that start together at start_at_unix_s (default: in PROCESS_START_ALLOWANCE_S),
+    and merges their results. Blocks until they are done."""
+    if start_at_unix_s is None:
+        start_at_unix_s = time.time() + PROCESS_START_ALLOWANCE_S
     context = get_context("spawn")
     with ProcessPoolExecutor(config.processes, mp_context=context) as pool:
         futures = [pool.submit(_process_main, config, index, start_at_unix_s)
