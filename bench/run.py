@@ -30,6 +30,7 @@ import logging
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,8 @@ RSS_SAMPLE_INTERVAL_S = 1.0
 GOAL_RATIO_TO_BASELINE = 0.8
 GOAL_P99_MS = 5.0
 GOAL_ROUND_TRIPS_PER_REQUEST = 1.0
-# The server's RSS is "flat" when it grew by at most this much over the soak window.
+# The server's RSS is "flat" when it grew by at most this much over the soak window
+# (median of the last quarter of the samples against the median of the first quarter).
 FLAT_RSS_GROWTH_PERCENT = 5.0
 
 
@@ -195,6 +197,7 @@ class Bench:
             hot_share=args.hot_share, event_request_share=args.event_share)
         self.in_script = redis_stats.script_commands()
         self.phases: dict[str, dict[str, Any]] = {}
+        self.trips: dict[str, redis_stats.RoundTrips] = {}
         self._tags = 0
 
     def config(self, server: ServerProcess, mode: str, **changes: Any) -> DriverConfig:
@@ -273,12 +276,41 @@ class Bench:
         summary.update(server=server.name, cpu=cpu, redis=trips.summary(),
                        server_rss_mib=round(server.rss_bytes() / 2**20, 1))
         self.phases[name] = summary
+        self.trips[name] = trips
         latency = summary["latency"]["all"]
         log.info("  %.0f req/s, p50 %.2f p90 %.2f p99 %.2f ms, errors %d, shed %d, "
                  "round trips/request %.3f, cpu %s", result.throughput_rps, latency["p50_ms"],
                  latency["p90_ms"], latency["p99_ms"], result.error_count, result.shed,
                  trips.per_request, cpu)
         return result
+
+    def aggregate(self, name: str, parts: dict[str, DriverResult]) -> DriverResult:
+        """One figure from alternating rounds: all their answers over all their windows."""
+        first = next(iter(parts.values()))
+        merged = DriverResult(first.mode, sum(r.duration_s for r in parts.values()),
+                              0.0, first.processes)
+        by_command: dict[str, int] = {}
+        for part in parts:
+            merged.merge(parts[part])
+            for command, count in self.trips[part].by_command.items():
+                by_command[command] = by_command.get(command, 0) + count
+        trips = redis_stats.RoundTrips(
+            requests=sum(self.trips[p].requests for p in parts),
+            client_commands=sum(self.trips[p].client_commands for p in parts),
+            connection_commands=sum(self.trips[p].connection_commands for p in parts),
+            in_script_commands=sum(self.trips[p].in_script_commands for p in parts),
+            by_command=by_command)
+        cpu_keys = self.phases[next(iter(parts))]["cpu"]
+        summary = merged.summary()
+        summary.update(
+            server=self.phases[next(iter(parts))]["server"], rounds=list(parts),
+            throughput_rps_per_round=[self.phases[p]["throughput_rps"] for p in parts],
+            redis=trips.summary(),
+            cpu={key: round(sum(self.phases[p]["cpu"][key] for p in parts) / len(parts), 1)
+                 for key in cpu_keys})
+        self.phases[name] = summary
+        self.trips[name] = trips
+        return merged
 
     async def memory_per_open_session(self) -> dict[str, Any]:
         """Opens --memory-sessions sessions (one per account: what a subscriber base
@@ -337,15 +369,20 @@ def _slope_per_min(samples: list[tuple[float, int]]) -> float:
 
 
 def soak_summary(samples: list[tuple[float, int]], duration_s: float) -> dict[str, Any]:
+    """RSS moves with the requests in flight (a latency spike holds more of them), so the
+    growth compares the medians of the first and the last quarter of the samples rather
+    than two single samples."""
     if not samples:
         return {"duration_s": duration_s, "samples": 0}
-    first, last = samples[0][1], samples[-1][1]
+    quarter = max(1, len(samples) // 4)
+    first = statistics.median(b for _, b in samples[:quarter])
+    last = statistics.median(b for _, b in samples[-quarter:])
     growth = 100.0 * (last - first) / first
     return {
         "duration_s": duration_s,
         "samples": len(samples),
-        "rss_start_mib": round(first / 2**20, 2),
-        "rss_end_mib": round(last / 2**20, 2),
+        "rss_first_quarter_median_mib": round(first / 2**20, 2),
+        "rss_last_quarter_median_mib": round(last / 2**20, 2),
         "rss_max_mib": round(max(b for _, b in samples) / 2**20, 2),
         "rss_growth_percent": round(growth, 2),
         "rss_slope_mib_per_min": round(_slope_per_min(samples), 3),
@@ -359,6 +396,9 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
     baseline = phases["baseline_saturation"]["throughput_rps"]
     creditline = phases["creditline_saturation"]["throughput_rps"]
     ratio = creditline / baseline if baseline else 0.0
+    per_round = [c / b if b else 0.0 for b, c in zip(
+        phases["baseline_saturation"]["throughput_rps_per_round"],
+        phases["creditline_saturation"]["throughput_rps_per_round"], strict=True)]
     half = phases[half_name]
     trips = phases["creditline_saturation"]["redis"]["round_trips_per_request"]
     p99 = half["latency"]["all"]["p99_ms"]
@@ -366,6 +406,7 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
         "baseline_rps": baseline,
         "creditline_rps": creditline,
         "ratio_to_baseline": round(ratio, 3),
+        "ratio_to_baseline_per_round": [round(r, 3) for r in per_round],
         "half_saturation": {
             "offered_rps": half["offered_rps"], "achieved_rps": half["throughput_rps"],
             **{k: half["latency"]["all"][k] for k in ("p50_ms", "p90_ms", "p99_ms")},
@@ -449,12 +490,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 async def _phases(bench: Bench, creditline: ServerProcess, baseline: ServerProcess
                   ) -> dict[str, Any]:
     args = bench.args
-    base = await bench.phase("baseline_saturation", bench.config(baseline, CLOSED_LOOP),
-                             baseline)
     await bench.phase("creditline_warmup", bench.config(
         creditline, CLOSED_LOOP, duration_s=CREDITLINE_WARMUP_S, warmup_s=0.0), creditline)
-    saturated = await bench.phase("creditline_saturation",
-                                  bench.config(creditline, CLOSED_LOOP), creditline)
+    # Baseline and creditline alternate, round after round: load from other users of the
+    # machine then hits both alike, and the ratio of each round shows how much it moved.
+    baselines: dict[str, DriverResult] = {}
+    creditlines: dict[str, DriverResult] = {}
+    for number in range(1, args.rounds + 1):
+        name = f"baseline_saturation_round{number}"
+        baselines[name] = await bench.phase(name, bench.config(baseline, CLOSED_LOOP),
+                                            baseline)
+        name = f"creditline_saturation_round{number}"
+        creditlines[name] = await bench.phase(name, bench.config(creditline, CLOSED_LOOP),
+                                              creditline)
+    base = bench.aggregate("baseline_saturation", baselines)
+    saturated = bench.aggregate("creditline_saturation", creditlines)
+    log.info("saturation: baseline %.0f req/s, creditline %.0f req/s (ratio %.2f)",
+             base.throughput_rps, saturated.throughput_rps,
+             saturated.throughput_rps / max(base.throughput_rps, 1e-9))
     saturation_rps = saturated.throughput_rps
     if saturated.requests == 0 or base.requests == 0:
         raise RuntimeError("a saturation phase served nothing: see the errors above")
@@ -472,8 +525,9 @@ async def _phases(bench: Bench, creditline: ServerProcess, baseline: ServerProce
             creditline, OPEN_LOOP, rate_rps=0.5 * saturation_rps, duration_s=args.soak_s),
             creditline, rss_samples=samples)
         soak = soak_summary(samples, args.soak_s)
-        log.info("soak: server RSS %.1f -> %.1f MiB (%+.1f%%), slope %.2f MiB/min",
-                 soak.get("rss_start_mib", 0), soak.get("rss_end_mib", 0),
+        log.info("soak: server RSS (medians of first and last quarter) %.1f -> %.1f MiB "
+                 "(%+.1f%%), slope %.2f MiB/min", soak.get("rss_first_quarter_median_mib", 0),
+                 soak.get("rss_last_quarter_median_mib", 0),
                  soak.get("rss_growth_percent", 0), soak.get("rss_slope_mib_per_min", 0))
     return {"figures": _figures(bench.phases, half_name, memory, soak),
             "phases": bench.phases, "memory": memory, "soak": soak}
@@ -502,6 +556,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measured window of each phase (default 20)")
     parser.add_argument("--warmup-s", type=_bounded(0, 600), default=3.0,
                         help="load before each window, not measured (default 3)")
+    parser.add_argument("--rounds", type=int, choices=range(1, 11), default=2,
+                        metavar="1..10", help="alternating baseline/creditline saturation "
+                        "rounds, each --duration-s long (default 2)")
     parser.add_argument("--processes", type=int, default=2, help="driver processes")
     parser.add_argument("--channels-per-process", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=128,
