@@ -380,7 +380,7 @@ async def drive(config: DriverConfig, process_index: int = 0,
                              start, stop_at, result)
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(grace=None)
     return result
 
 

@@ -63,6 +63,8 @@ def _options(parser: Any) -> None:
 
 def _workload(environment: Environment) -> Workload:
     options = environment.parsed_options
+    if options is None:  # a Locust run from a library, without the command line
+        return Workload()
     return Workload(account_count=options.accounts, hot_account_count=options.hot_accounts,
                     hot_share=options.hot_share, event_request_share=options.event_share)
 
@@ -74,7 +76,7 @@ def _create_accounts(environment: Environment, **_: Any) -> None:
     if not environment.parsed_options.create_accounts:
         return
     accounts = _workload(environment).all_accounts()
-    with grpc.insecure_channel(environment.host) as channel:
+    with grpc.insecure_channel(environment.host or ChargingUser.host) as channel:
         admin = admin_pb2_grpc.AdminStub(channel)
         for start in range(0, len(accounts), ACCOUNT_CREATION_BATCH):
             futures = [admin.CreateAccount.future(admin_pb.CreateAccountRequest(
@@ -100,7 +102,9 @@ class ChargingClient:
 
     def call(self, method: str, request: Any) -> Any | None:
         started = time.perf_counter()
-        answer, exception, length = None, None, 0
+        answer: Any | None = None
+        exception: Exception | None = None
+        length = 0
         try:
             answer = getattr(self._stub, method)(request, timeout=CALL_TIMEOUT_S)
             length = answer.ByteSize()

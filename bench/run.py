@@ -2,12 +2,13 @@
 do-nothing baseline server (each its own process), creates the accounts, drives the load
 and writes bench/results/<timestamp>.json and .png.
 
-    python -m bench.run --duration-s 20 --processes 2 --concurrency 128 --soak-s 60
+    python -m bench.run --duration-s 20 --rounds 2 --processes 2 --concurrency 128
 
 Phases, in this order (each measured for --duration-s after --warmup-s):
- 1. baseline saturation: closed loop against the do-nothing server;
- 2. creditline saturation: the same driver against Creditline, with INFO commandstats
-    read before and after (Redis round trips per request);
+ 1. a short closed-loop warm-up of Creditline (connections opened, script loaded);
+ 2. saturation, --rounds times: closed loop against the do-nothing baseline server, then
+    the same driver against Creditline, with INFO commandstats read before and after each
+    phase (Redis round trips per request);
  3. creditline open loop at fractions of its saturation rate (--load-fractions), and the
     baseline at half of it: p50/p90/p99 per offered load;
  4. Redis memory per open session: --memory-sessions sessions opened (Initial) and left
@@ -75,7 +76,7 @@ GOAL_RATIO_TO_BASELINE = 0.8
 GOAL_P99_MS = 5.0
 GOAL_ROUND_TRIPS_PER_REQUEST = 1.0
 # The server's RSS is "flat" when it grew by at most this much over the soak window
-# (median of the last quarter of the samples against the median of the first quarter).
+# (floor of the last quarter of the samples against the floor of the first: soak_summary).
 FLAT_RSS_GROWTH_PERCENT = 5.0
 
 
@@ -268,12 +269,17 @@ class Bench:
         start_at_unix_s = time.time() + PROCESS_START_ALLOWANCE_S
         watcher = asyncio.create_task(
             self._watch_window(config, server, start_at_unix_s, rss_samples))
-        result = await asyncio.to_thread(run_processes, config, start_at_unix_s)
+        try:
+            result = await asyncio.to_thread(run_processes, config, start_at_unix_s)
+        except BaseException:
+            watcher.cancel()
+            raise
         cpu = await watcher
         after = await redis_stats.command_calls(self.redis)
         trips = redis_stats.round_trips(before, after, result.requests_total, self.in_script)
         summary = result.summary()
         summary.update(server=server.name, cpu=cpu, redis=trips.summary(),
+                       cpu_ms_per_request=_cpu_per_request(cpu, result),
                        server_rss_mib=round(server.rss_bytes() / 2**20, 1))
         self.phases[name] = summary
         self.trips[name] = trips
@@ -302,12 +308,12 @@ class Bench:
             by_command=by_command)
         cpu_keys = self.phases[next(iter(parts))]["cpu"]
         summary = merged.summary()
+        cpu = {key: round(sum(self.phases[p]["cpu"][key] for p in parts) / len(parts), 1)
+               for key in cpu_keys}
         summary.update(
             server=self.phases[next(iter(parts))]["server"], rounds=list(parts),
             throughput_rps_per_round=[self.phases[p]["throughput_rps"] for p in parts],
-            redis=trips.summary(),
-            cpu={key: round(sum(self.phases[p]["cpu"][key] for p in parts) / len(parts), 1)
-                 for key in cpu_keys})
+            redis=trips.summary(), cpu=cpu, cpu_ms_per_request=_cpu_per_request(cpu, merged))
         self.phases[name] = summary
         self.trips[name] = trips
         return merged
@@ -354,6 +360,17 @@ class Bench:
         return result
 
 
+def _cpu_per_request(cpu: dict[str, float], result: DriverResult) -> dict[str, float]:
+    """CPU milliseconds per answered request in the window, per process group: what a
+    request costs, whatever share of the cores other users of the machine took."""
+    if not result.requests:
+        return {}
+    return {key.removesuffix("_cpu_percent"): round(
+                percent / 100.0 * result.duration_s * 1000.0 / result.requests, 4)
+            for key, percent in cpu.items()
+            if key in ("server_cpu_percent", "redis_cpu_percent", "driver_cpu_percent")}
+
+
 def _slope_per_min(samples: list[tuple[float, int]]) -> float:
     """Least-squares slope of (seconds, bytes) samples, in MiB per minute."""
     if len(samples) < 2:
@@ -369,22 +386,27 @@ def _slope_per_min(samples: list[tuple[float, int]]) -> float:
 
 
 def soak_summary(samples: list[tuple[float, int]], duration_s: float) -> dict[str, Any]:
-    """RSS moves with the requests in flight (a latency spike holds more of them), so the
-    growth compares the medians of the first and the last quarter of the samples rather
-    than two single samples."""
+    """RSS moves with the requests in flight: a latency spike on a shared machine holds
+    thousands of them for a while, then frees them. So the growth compares the floors (the
+    10th percentile) of the first and the last quarter of the samples, which a leak raises
+    and a transient backlog does not; the medians and the maximum are reported beside."""
     if not samples:
         return {"duration_s": duration_s, "samples": 0}
     quarter = max(1, len(samples) // 4)
-    first = statistics.median(b for _, b in samples[:quarter])
-    last = statistics.median(b for _, b in samples[-quarter:])
-    growth = 100.0 * (last - first) / first
+    first = sorted(b for _, b in samples[:quarter])
+    last = sorted(b for _, b in samples[-quarter:])
+    first_floor, last_floor = first[len(first) // 10], last[len(last) // 10]
+    growth = 100.0 * (last_floor - first_floor) / first_floor
+    median_growth = 100.0 * (statistics.median(last) - statistics.median(first)) / (
+        statistics.median(first))
     return {
         "duration_s": duration_s,
         "samples": len(samples),
-        "rss_first_quarter_median_mib": round(first / 2**20, 2),
-        "rss_last_quarter_median_mib": round(last / 2**20, 2),
-        "rss_max_mib": round(max(b for _, b in samples) / 2**20, 2),
+        "rss_first_quarter_floor_mib": round(first_floor / 2**20, 2),
+        "rss_last_quarter_floor_mib": round(last_floor / 2**20, 2),
         "rss_growth_percent": round(growth, 2),
+        "rss_median_growth_percent": round(median_growth, 2),
+        "rss_max_mib": round(max(b for _, b in samples) / 2**20, 2),
         "rss_slope_mib_per_min": round(_slope_per_min(samples), 3),
         "flat": growth <= FLAT_RSS_GROWTH_PERCENT,
         "rss_mib_series": [[round(t, 1), round(b / 2**20, 2)] for t, b in samples],
@@ -395,6 +417,8 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
              soak: dict[str, Any]) -> dict[str, Any]:
     baseline = phases["baseline_saturation"]["throughput_rps"]
     creditline = phases["creditline_saturation"]["throughput_rps"]
+    baseline_cpu_ms = phases["baseline_saturation"]["cpu_ms_per_request"].get("server", 0.0)
+    creditline_cpu_ms = phases["creditline_saturation"]["cpu_ms_per_request"].get("server", 0.0)
     ratio = creditline / baseline if baseline else 0.0
     per_round = [c / b if b else 0.0 for b, c in zip(
         phases["baseline_saturation"]["throughput_rps_per_round"],
@@ -407,6 +431,14 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
         "creditline_rps": creditline,
         "ratio_to_baseline": round(ratio, 3),
         "ratio_to_baseline_per_round": [round(r, 3) for r in per_round],
+        # server CPU per request at saturation, and the ratio it implies for a server that
+        # gets a whole core: less sensitive to other users of the machine than req/s
+        "server_cpu_ms_per_request": {"baseline": baseline_cpu_ms,
+                                      "creditline": creditline_cpu_ms},
+        "redis_cpu_ms_per_request": phases["creditline_saturation"][
+            "cpu_ms_per_request"].get("redis", 0.0),
+        "cpu_normalised_ratio_to_baseline": round(
+            baseline_cpu_ms / creditline_cpu_ms, 3) if creditline_cpu_ms else None,
         "half_saturation": {
             "offered_rps": half["offered_rps"], "achieved_rps": half["throughput_rps"],
             **{k: half["latency"]["all"][k] for k in ("p50_ms", "p90_ms", "p99_ms")},
@@ -525,9 +557,9 @@ async def _phases(bench: Bench, creditline: ServerProcess, baseline: ServerProce
             creditline, OPEN_LOOP, rate_rps=0.5 * saturation_rps, duration_s=args.soak_s),
             creditline, rss_samples=samples)
         soak = soak_summary(samples, args.soak_s)
-        log.info("soak: server RSS (medians of first and last quarter) %.1f -> %.1f MiB "
-                 "(%+.1f%%), slope %.2f MiB/min", soak.get("rss_first_quarter_median_mib", 0),
-                 soak.get("rss_last_quarter_median_mib", 0),
+        log.info("soak: server RSS floor (first, last quarter) %.1f -> %.1f MiB "
+                 "(%+.1f%%), slope %.2f MiB/min", soak.get("rss_first_quarter_floor_mib", 0),
+                 soak.get("rss_last_quarter_floor_mib", 0),
                  soak.get("rss_growth_percent", 0), soak.get("rss_slope_mib_per_min", 0))
     return {"figures": _figures(bench.phases, half_name, memory, soak),
             "phases": bench.phases, "memory": memory, "soak": soak}

@@ -86,7 +86,8 @@ class Workload:
 
 
 def _block(rating_group: int, requested: pb.Units | None, used: pb.Units | None,
-           reason: int = pb.REPORTING_REASON_UNSPECIFIED) -> pb.RatingGroupRequest:
+           reason: pb.ReportingReason.ValueType = pb.REPORTING_REASON_UNSPECIFIED
+           ) -> pb.RatingGroupRequest:
     block = pb.RatingGroupRequest(rating_group=rating_group, reporting_reason=reason)
     if requested is not None:
         block.requested.CopyFrom(requested)
