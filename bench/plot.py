@@ -37,7 +37,11 @@ def _throughput(ax: Any, phases: dict[str, Any], figures: dict[str, Any]) -> Non
                     va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), labels, fontsize=7)
     ax.set_ylabel("requests/s answered")
-    ax.set_title(f"Throughput (creditline / baseline = {figures['ratio_to_baseline']:.2f})")
+    rounds = ", ".join(f"{r:.2f}" for r in figures.get("ratio_to_baseline_per_round", []))
+    cpu_ratio = figures.get("cpu_normalised_ratio_to_baseline")
+    ax.set_title(f"Throughput: creditline / baseline = {figures['ratio_to_baseline']:.2f} "
+                 f"(rounds {rounds})" + (f"\nper server CPU second: {cpu_ratio:.2f}"
+                                         if cpu_ratio else ""), fontsize=10)
 
 
 def _latency(ax: Any, phases: dict[str, Any]) -> None:
