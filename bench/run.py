@@ -71,6 +71,7 @@ ACCOUNT_CREATION_CONCURRENCY = 64
 # the charging script, so that the round-trip count measures the steady state.
 CREDITLINE_WARMUP_S = 3.0
 RSS_SAMPLE_INTERVAL_S = 1.0
+CPU_WATCH_MARGIN_S = 0.5
 # The goals of issue 6.
 GOAL_RATIO_TO_BASELINE = 0.8
 GOAL_P99_MS = 5.0
@@ -251,12 +252,15 @@ class Bench:
         """CPU use over the measured window of a phase (drivers exist by then)."""
         await asyncio.sleep(max(0.0, start_at_unix_s + config.warmup_s - time.time()))
         watch = CpuWatch(self._cpu_groups(server))
-        window_end = time.monotonic() + config.duration_s
+        # Stop a little before the drivers do: a driver process that has exited can no
+        # longer say how much CPU it used. Percentages are over the watched time.
+        window_end = time.monotonic() + max(0.5, config.duration_s - CPU_WATCH_MARGIN_S)
         # one sample per interval: bounded by the duration
         while rss_samples is not None and time.monotonic() < window_end:
             rss_samples.append((time.time() - start_at_unix_s - config.warmup_s,
                                 server.rss_bytes()))
-            await asyncio.sleep(RSS_SAMPLE_INTERVAL_S)
+            await asyncio.sleep(min(RSS_SAMPLE_INTERVAL_S,
+                                    max(0.0, window_end - time.monotonic())))
         await asyncio.sleep(max(0.0, window_end - time.monotonic()))
         return watch.stop()
 
