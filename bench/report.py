@@ -39,7 +39,9 @@ def _figure_rows(results: dict[str, Any]) -> list[str]:
         f"| server CPU per request | baseline {cpu_ms['baseline']:.3f} ms, creditline "
         f"{cpu_ms['creditline']:.3f} ms (+ Redis {figures['redis_cpu_ms_per_request']:.3f} ms)"
         f" |",
-        f"| ratio per server CPU second | {figures['cpu_normalised_ratio_to_baseline']} |",
+        f"| ratio per server CPU second | {figures['cpu_normalised_ratio_to_baseline']}"
+        + (" (**disagrees with the req/s ratio: others took CPU unevenly**)"
+           if figures.get("ratios_disagree") else "") + " |",
         f"| half saturation: offered / answered | {half['offered_rps']:.0f} / "
         f"{half['achieved_rps']:.0f} req/s |",
         f"| half saturation: p50 / p90 / p99 | {half['p50_ms']:.2f} / {half['p90_ms']:.2f} / "

@@ -74,6 +74,8 @@ RSS_SAMPLE_INTERVAL_S = 1.0
 CPU_WATCH_MARGIN_S = 0.5
 # The goals of issue 6.
 GOAL_RATIO_TO_BASELINE = 0.8
+# How far the req/s ratio and the CPU-normalised ratio may differ before the run says so.
+RATIO_DISAGREEMENT = 0.15
 GOAL_P99_MS = 5.0
 GOAL_ROUND_TRIPS_PER_REQUEST = 1.0
 # The server's RSS is "flat" when it grew by at most this much over the soak window
@@ -451,8 +453,15 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
         "round_trips_per_request": trips,
         "redis_bytes_per_open_session": memory.get("bytes_per_open_session"),
         "server_rss_flat": soak.get("flat"),
+        # the two ratios disagree when others took more CPU from one server's phases than
+        # from the other's: then the req/s ratio is not to be trusted
+        "ratios_disagree": (abs(ratio - baseline_cpu_ms / creditline_cpu_ms)
+                            > RATIO_DISAGREEMENT if creditline_cpu_ms else None),
         "goals": {
             "ratio_to_baseline >= 0.8": ratio >= GOAL_RATIO_TO_BASELINE,
+            "ratio per server CPU second >= 0.8": (
+                baseline_cpu_ms / creditline_cpu_ms >= GOAL_RATIO_TO_BASELINE
+                if creditline_cpu_ms else None),
             "p99_ms at half saturation <= 5": p99 <= GOAL_P99_MS,
             "round_trips_per_request == 1.00": round(trips, 2) == GOAL_ROUND_TRIPS_PER_REQUEST,
             "server RSS flat over the soak": soak.get("flat"),
