@@ -17,7 +17,8 @@ Phases, in this order (each measured for --duration-s after --warmup-s):
 
 The machine is shared and small: every figure is noisy, so the ratios of figures measured
 side by side in this one run are what to compare; CPU use of each process and of the
-whole machine during each window is recorded next to the figures.
+whole machine during each window is recorded next to the figures, and the server CPU per
+request gives the ratio each server would reach with a whole core.
 """
 
 from __future__ import annotations
