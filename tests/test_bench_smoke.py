@@ -1,0 +1,108 @@
+"""The benchmark driver against a real server and Redis for a few seconds: every request
+answered with success, no errors, every request one EVALSHA (counted by Redis), and the
+books balanced afterwards with no money left reserved. No timing assertions: the machine
+is shared."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+
+from creditline.app import RunningServer
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import charging_pb2 as pb
+from redis.asyncio import Redis
+
+from bench import redis_stats
+from bench.driver import CLOSED_LOOP, OPEN_LOOP, DriverConfig, DriverResult, drive
+from bench.histogram import LatencyHistogram
+from bench.workload import METHODS, Workload, event_request
+from tests.books import Books
+
+_prefixes = itertools.count(1)
+
+
+async def _accounts(admin, books: Books) -> Workload:  # type: ignore[no-untyped-def]
+    # a prefix of its own: the test Redis is shared by the session and never flushed
+    workload = Workload(account_count=20, hot_account_count=2, hot_share=0.3,
+                        account_prefix=f"bench{os.getpid()}x{next(_prefixes)}")
+    for account_id, balance_micros in workload.all_accounts():
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(
+            account_id=account_id, initial_balance_micros=balance_micros))
+        books.track(account_id)
+    return workload
+
+
+async def _drive_counted(config: DriverConfig, charging, redis: Redis  # type: ignore[no-untyped-def]
+                         ) -> tuple[DriverResult, redis_stats.RoundTrips]:
+    # one request first, so that the charging script is loaded before the count starts
+    warm = await charging.Event(event_request(f"warm-{config.run_tag}",
+                                              config.workload.account_id(0)))
+    assert warm.result_code == pb.SUCCESS
+    before = await redis_stats.command_calls(redis)
+    result = await drive(config)
+    after = await redis_stats.command_calls(redis)
+    trips = redis_stats.round_trips(before, after, result.requests_total,
+                                    redis_stats.script_commands())
+    return result, trips
+
+
+def _assert_all_served(result: DriverResult, trips: redis_stats.RoundTrips) -> None:
+    summary = result.summary()
+    assert result.error_count == 0, summary["errors_by_kind"]
+    assert result.shed == 0
+    assert result.requests > 0
+    for method in METHODS:
+        assert set(result.result_codes[method]) == {pb.SUCCESS}, summary["result_codes"]
+    assert result.success_count() == result.requests
+    # Redis saw exactly one EVALSHA per request, and the scripts' own commands beside it
+    assert trips.by_command.get("evalsha") == result.requests_total, trips.summary()
+    assert trips.in_script_commands > result.requests_total
+    # one round trip per request; new pool connections' handshakes are counted apart
+    assert trips.per_request == 1.0, trips.summary()
+
+
+async def _assert_nothing_reserved(admin, books: Books, workload: Workload  # type: ignore[no-untyped-def]
+                                   ) -> None:
+    await books.assert_balanced()
+    for account_id, _ in workload.all_accounts():
+        account = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+        assert account.reserved_micros == 0 and account.open_sessions == 0, account
+
+
+async def test_closed_loop_against_the_server(server: RunningServer, charging, admin,  # type: ignore[no-untyped-def]
+                                              redis: Redis, books: Books) -> None:
+    workload = await _accounts(admin, books)
+    config = DriverConfig(target=f"127.0.0.1:{server.port}", mode=CLOSED_LOOP,
+                          duration_s=2.0, warmup_s=0.3, concurrency=8, run_tag="smoke-closed",
+                          workload=workload)
+    result, trips = await _drive_counted(config, charging, redis)
+    _assert_all_served(result, trips)
+    assert result.histograms["Initial"].count > 0 and result.histograms["Event"].count > 0
+    await _assert_nothing_reserved(admin, books, workload)
+
+
+async def test_open_loop_closes_its_sessions(server: RunningServer, charging, admin,  # type: ignore[no-untyped-def]
+                                             redis: Redis, books: Books) -> None:
+    workload = await _accounts(admin, books)
+    config = DriverConfig(target=f"127.0.0.1:{server.port}", mode=OPEN_LOOP,
+                          duration_s=1.5, warmup_s=0.2, rate_rps=150.0, run_tag="smoke-open",
+                          workload=workload)
+    result, trips = await _drive_counted(config, charging, redis)
+    _assert_all_served(result, trips)
+    assert result.from_due.count == result.requests
+    # sessions still open when the window closed were terminated by the driver
+    await _assert_nothing_reserved(admin, books, workload)
+
+
+def test_histogram_percentiles_within_one_percent() -> None:
+    rng = random.Random(7)
+    latencies_s = [rng.expovariate(1 / 0.002) for _ in range(20_000)]
+    histogram = LatencyHistogram()
+    for latency_s in latencies_s:
+        histogram.record_s(latency_s)
+    latencies_s.sort()
+    for percent in (50, 90, 99):
+        exact_ms = latencies_s[int(len(latencies_s) * percent / 100) - 1] * 1000
+        assert exact_ms <= histogram.percentile_ms(percent) <= exact_ms * 1.0101 + 1e-3
