@@ -144,7 +144,7 @@ def script_blocks(
     args: list[int | str] = [len(blocks)]
     for block in blocks:
         service_id = block.service_id if block.HasField("service_id") else None
-        tariff = plan.tariff_for(block.rating_group, service_id)
+        tariff = plan.tariff_for(block.rating_group, service_id, event_time_unix_ms)
         rated.append(RatedBlock(block, tariff))
         block_id = str(block.rating_group) if service_id is None else (
             f"{block.rating_group}.{service_id}")

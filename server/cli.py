@@ -207,10 +207,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = settings_module.from_arguments(args)
             from creditline.rating import load_plan
+            from creditline.settings import check_files
             from creditline.workers import serve as serve_processes
 
             configure_logging(settings.log_format, settings.log_level)
-            load_plan(Path(settings.plan_path))  # a bad plan is refused before anything starts
+            # bad files are refused before anything starts
+            check_files(settings)
+            load_plan(Path(settings.plan_path))
             return serve_processes(settings)
         except (ValueError, PlanError) as error:
             print(f"creditline: {error}", file=sys.stderr)

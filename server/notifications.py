@@ -17,7 +17,6 @@ delivered twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -41,6 +40,8 @@ READ_BATCH = 500
 READ_BLOCK_MS = 1000
 # How long the hub waits before reading again after Redis failed.
 RETRY_PAUSE_S = 0.5
+# How long stopping waits for the readers (each is at most one blocking read away).
+STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 _STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance", "n"})
 _CURSOR_PART = re.compile(r"(\d+)=(\d+-\d+)/(\d+)")
 
@@ -121,6 +122,7 @@ class EventHub:
         self.positions: dict[int, Position] = {}
         self.subscriptions: set[Subscription] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
 
     async def start(self) -> None:
         for partition in range(self.partitions):
@@ -129,11 +131,13 @@ class EventHub:
                        for p in range(self.partitions)]
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: a cancel that lands while redis-py waits for a
+        # pooled connection can come back as a connection error, which the loop survives.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
 
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
@@ -151,7 +155,7 @@ class EventHub:
 
     async def _read_forever(self, partition: int) -> None:
         key = events_key(partition)
-        while True:
+        while not self._stopping:
             try:
                 replies: Any = await self.redis.xread(
                     {key: self.positions[partition].stream_id}, count=READ_BATCH,

@@ -9,7 +9,6 @@ partition, so one pass is bounded whatever the backlog.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -18,6 +17,8 @@ from creditline.store import Store
 from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
+# How long stopping waits for a sweep under way.
+STOP_TIMEOUT_S = 10.0
 
 
 class Supervisor:
@@ -26,16 +27,18 @@ class Supervisor:
         self._interval_s = interval_s
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self.closed = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="supervision")
 
     async def stop(self) -> None:
+        # the flag too: a cancel can surface as a Redis error, which the loop survives
+        self._stopping = True
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
 
     async def sweep_once(self) -> int:
         """One pass over every partition; returns the sessions this pass closed."""
@@ -52,7 +55,7 @@ class Supervisor:
         return closed
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._interval_s)
             try:
                 closed = await self.sweep_once()

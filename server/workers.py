@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import replace
 from types import FrameType
 
@@ -31,7 +32,11 @@ def worker_count(settings: Settings) -> int:
 
 def _worker_main(settings: Settings, redis_url: str) -> None:
     configure_logging(settings.log_format, settings.log_level)
-    uvloop.run(serve_with_redis(settings, redis_url, reuse_port=True))
+    try:
+        uvloop.run(serve_with_redis(settings, redis_url, reuse_port=True))
+    except ValueError as error:  # a setting that cannot work: said once, plainly
+        print(f"creditline: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def serve(settings: Settings) -> int:
