@@ -26,6 +26,10 @@ from redis.asyncio import Redis
 BENCH_COMMANDS = frozenset({"info", "dbsize", "memory|usage", "memory|stats"})
 # Sent once per new connection by redis-py.
 CONNECTION_COMMANDS = frozenset({"hello", "client", "auth", "select"})
+# Sent by the server's background work, not by requests: the notification hub's blocking
+# reads, the supervision sweep, the account gauge, the start-up check.
+BACKGROUND_COMMANDS = frozenset({"xread", "xrange", "xrevrange", "zrangebyscore", "scan",
+                                 "ping", "hsetnx", "hget"})
 _SCRIPT_CALL = re.compile(r"""redis\.p?call\(\s*['"]([A-Za-z]+)['"]""")
 
 
@@ -50,6 +54,7 @@ class RoundTrips:
     requests: int
     client_commands: int           # commands the server sent for requests: the round trips
     connection_commands: int       # commands the server sent to open connections
+    background_commands: int       # notification readers, supervision sweeps, gauges
     in_script_commands: int        # commands run by the Lua scripts
     by_command: dict[str, int]     # every command's delta, for the reader to check
 
@@ -68,6 +73,7 @@ class RoundTrips:
             "round_trips": self.client_commands,
             "round_trips_per_request": round(self.per_request, 4),
             "connection_setup_commands": self.connection_commands,
+            "background_commands": self.background_commands,
             "round_trips_per_request_with_connection_setup": round(
                 self.per_request_with_connections, 4),
             "in_script_commands_per_request": (
@@ -80,15 +86,17 @@ def round_trips(before: dict[str, int], after: dict[str, int], requests: int,
                 in_script: frozenset[str]) -> RoundTrips:
     delta = {name: after[name] - before.get(name, 0) for name in after
              if after[name] != before.get(name, 0)}
-    client = connection = inner = 0
+    client = connection = background = inner = 0
     for name, count in delta.items():
         if name in in_script:
             inner += count
         elif name.split("|")[0] in CONNECTION_COMMANDS:
             connection += count
+        elif name in BACKGROUND_COMMANDS:
+            background += count
         elif name not in BENCH_COMMANDS:
             client += count
-    return RoundTrips(requests, client, connection, inner, delta)
+    return RoundTrips(requests, client, connection, background, inner, delta)
 
 
 async def used_memory_bytes(redis: Redis) -> int:

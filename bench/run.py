@@ -311,6 +311,7 @@ class Bench:
             requests=sum(self.trips[p].requests for p in parts),
             client_commands=sum(self.trips[p].client_commands for p in parts),
             connection_commands=sum(self.trips[p].connection_commands for p in parts),
+            background_commands=sum(self.trips[p].background_commands for p in parts),
             in_script_commands=sum(self.trips[p].in_script_commands for p in parts),
             by_command=by_command)
         cpu_keys = self.phases[next(iter(parts))]["cpu"]

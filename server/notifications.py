@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from creditline.security import Role, current_principal
 from creditline.store import RedisClient, event_counter_key, events_key, partition_of
 from creditline.v1 import notifications_pb2 as pb
 from creditline.v1 import notifications_pb2_grpc
@@ -182,6 +183,21 @@ class EventHub:
         return [_decode_entry(partition, sid, raw) for sid, raw in entries]
 
 
+async def _authorize(accounts: frozenset[str] | None,
+                     context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """With mutual TLS, a subscriber reads its own accounts only; admins read all."""
+    principal = current_principal()
+    if accounts is None:
+        if Role.ADMIN not in principal.roles:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{principal.name}: account_ids: name your own accounts")
+        return
+    for account_id in sorted(accounts):
+        if not principal.may_read_account(account_id):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{principal.name}: may not read account {account_id}")
+
+
 def event_message(event: StreamEvent, cursor: str) -> pb.ChargeEvent:
     f = event.fields
     message = pb.ChargeEvent(
@@ -245,6 +261,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
                                     f"event_types: unknown value {value}")
             names.add(pb.EventType.Name(value).lower())
         accounts = frozenset(request.account_ids) or None
+        await _authorize(accounts, context)
         partitions = frozenset(
             range(self._hub.partitions) if accounts is None
             else (partition_of(a, self._hub.partitions) for a in accounts))

@@ -3,6 +3,7 @@ sight. Every certificate is made here, by a throw-away CA."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -18,13 +19,13 @@ import grpc
 import pytest
 from creditline import security
 from creditline.app import check_redis, redis_client, start_server, stop_server
-from creditline.interceptors import CallInterceptor
 from creditline.redis_process import RedisProcess, free_port
 from creditline.settings import Settings, parse
 from creditline.store import account_keys
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from creditline.v1 import notifications_pb2 as npb
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -256,43 +257,26 @@ def test_roles_from_certificate_names() -> None:
     assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_notification_stream_hook_filters_by_account(pki: Pki) -> None:
-    """The future Subscribe stream: the interceptor admits subscribers and admins and hands
-    the caller to the handler, which keeps to the accounts it may read."""
-    seen: list[str] = []
+async def test_notification_stream_keeps_subscribers_to_their_own_accounts(
+        mtls_port: int, pki: Pki) -> None:
+    """Subscribe: a subscriber certificate reads its own account only, an admin any; a
+    network function may not subscribe. A refusal happens before anything is streamed."""
 
-    async def subscribe(request: bytes, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
-        account_id = request.decode()
-        if not security.current_principal().may_read_account(account_id):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not {account_id}")
-        seen.append(account_id)
-        await context.write(b"event for " + request)
+    async def subscribe(identity: Identity, account_ids: list[str]) -> str:
+        async with _channel(mtls_port, pki, identity) as channel:
+            call = notifications_pb2_grpc.NotificationsStub(channel).Subscribe(
+                npb.SubscribeRequest(account_ids=account_ids))
+            metadata = dict(await asyncio.wait_for(call.initial_metadata(), 10))
+            status = await asyncio.wait_for(call.code(), 0.5) if not metadata else None
+            call.cancel()
+            return "live" if metadata else str(status)
 
-    server = grpc.aio.server(interceptors=[CallInterceptor(spans=None, metrics=None,
-                                                           check_roles=True)])
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "creditline.v1.Notifications",
-        {"Subscribe": grpc.unary_stream_rpc_method_handler(subscribe)}),))
-    credentials = grpc.ssl_server_credentials(
-        [(pki.server.key, pki.server.cert)], root_certificates=pki.ca.pem,
-        require_client_auth=True)
-    port = server.add_secure_port("127.0.0.1:0", credentials)
-    await server.start()
-    try:
-        async def read(identity: Identity, account_id: str) -> list[bytes]:
-            async with _channel(port, pki, identity) as channel:
-                call = channel.unary_stream("/creditline.v1.Notifications/Subscribe")
-                return [message async for message in call(account_id.encode())]
-
-        assert await read(pki.subscriber, "alice") == [b"event for alice"]
-        assert await read(pki.admin, "bob") == [b"event for bob"]
-        for identity, account_id in ((pki.subscriber, "bob"), (pki.network_function, "alice")):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await read(identity, account_id)
-            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
-        assert seen == ["alice", "bob"]
-    finally:
-        await server.stop(None)
+    assert await subscribe(pki.subscriber, ["alice"]) == "live"
+    assert await subscribe(pki.admin, ["bob"]) == "live"
+    assert await subscribe(pki.admin, []) == "live"   # an admin may read every account
+    for identity, accounts in ((pki.subscriber, ["bob"]), (pki.subscriber, ["alice", "bob"]),
+                               (pki.subscriber, []), (pki.network_function, ["alice"])):
+        assert await subscribe(identity, accounts) == str(grpc.StatusCode.PERMISSION_DENIED)
 
 
 # --- Redis AUTH and TLS ----------------------------------------------------------------
