@@ -169,7 +169,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     add_service(server, AdminService(store, settings), ADMIN)
     hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(
-        hub, settings.subscriber_queue_size, settings.max_subscribers), NOTIFICATIONS)
+        hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics),
+        NOTIFICATIONS)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 from creditline.security import Role, current_principal
 from creditline.store import RedisClient, event_counter_key, events_key, partition_of
+from creditline.telemetry import Metrics
 from creditline.v1 import notifications_pb2 as pb
 from creditline.v1 import notifications_pb2_grpc
 from redis.exceptions import RedisError
@@ -214,10 +215,12 @@ def event_message(event: StreamEvent, cursor: str) -> pb.ChargeEvent:
 
 
 class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
-    def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int) -> None:
+    def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int,
+                 metrics: Metrics | None = None) -> None:
         self._hub = hub
         self._queue_size = queue_size
         self._max_subscribers = max_subscribers
+        self._metrics = metrics  # None: telemetry off
 
     # Not an async generator: events are written with context.write() from a task, so
     # that a subscriber stalled in a write can still be ended with its cursor.
@@ -233,6 +236,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
         # Joining the hub and taking its positions happen without an await between them:
         # every event after `joined` reaches the queue, every one before is read below.
         self._hub.subscriptions.add(subscription)
+        self._count_subscribers(+1)
         joined = {p: self._hub.positions[p] for p in subscription.partitions}
         subscription.positions = start
         await context.send_initial_metadata(((START_CURSOR_METADATA, encode_cursor(start)),))
@@ -242,6 +246,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             await asyncio.wait({writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._hub.subscriptions.discard(subscription)
+            self._count_subscribers(-1)
             writer.cancel()
             overflow.cancel()
         if subscription.overflowed.is_set():
@@ -250,6 +255,10 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"subscriber fell behind; resume from cursor {cursor}")
         writer.result()  # re-raises what ended the delivery
+
+    def _count_subscribers(self, change: int) -> None:
+        if self._metrics is not None:
+            self._metrics.notification_subscribers.add(change)
 
     async def _subscription(self, request: pb.SubscribeRequest,
                             context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
