@@ -41,7 +41,7 @@ class Refusal:
     message: str
 
 
-def _check_ids(session_id: str, account_id: str, settings: Settings) -> Refusal | None:
+def check_ids(session_id: str, account_id: str, settings: Settings) -> Refusal | None:
     if not session_id:
         return Refusal(MISSING, "session_id: missing")
     if len(session_id.encode()) > settings.max_session_id_bytes:
@@ -95,7 +95,7 @@ def _check_blocks(
 def validate_credit_control(
     request: pb.CreditControlRequest, kind: str, settings: Settings
 ) -> Refusal | None:
-    refusal = _check_ids(request.session_id, request.account_id, settings)
+    refusal = check_ids(request.session_id, request.account_id, settings)
     if refusal:
         return refusal
     if kind == "I" and request.request_number != 0:
@@ -106,7 +106,7 @@ def validate_credit_control(
 
 
 def validate_event(request: pb.EventRequest, settings: Settings) -> Refusal | None:
-    refusal = _check_ids(request.session_id, request.account_id, settings)
+    refusal = check_ids(request.session_id, request.account_id, settings)
     if refusal:
         return refusal
     if request.action == pb.REQUESTED_ACTION_UNSPECIFIED:

@@ -61,16 +61,8 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         refusal = charging.validate_credit_control(request, kind, self._settings)
         if refusal:
             return charging.refusal_answer(request, refusal)
-        now_ms = int(time.time() * 1000)
-        event_time_ms = request.event_time_unix_ms or now_ms
-        rated, blocks = charging.script_blocks(
-            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant=True)
-        try:
-            answer = await _call_store(self._store.charge(
-                kind, request.account_id, request.session_id, request.request_number,
-                now_ms, event_time_ms, "-", blocks, self._supervision_ms),
-                self._settings.redis_call_timeout_s)
-        except StoreUnavailableError:
+        rated, answer = await self._charge(kind, request, "-", default_grant=True)
+        if answer is None:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
                 "handling"))
@@ -133,6 +125,25 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                 "terminate or event)"
         return result
 
+    async def _charge(self, kind: str, request: pb.CreditControlRequest | pb.EventRequest,
+                      event_action: str, default_grant: bool
+                      ) -> tuple[list[charging.RatedBlock], str | None]:
+        """Rates the blocks and runs the charging script once; the answer is None when
+        Redis failed (nothing was applied: the script is atomic)."""
+        now_ms = int(time.time() * 1000)
+        event_time_ms = request.event_time_unix_ms or now_ms
+        rated, blocks = charging.script_blocks(
+            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant)
+        supervision_ms = 0 if kind == "E" else self._supervision_ms
+        try:
+            answer = await _call_store(self._store.charge(
+                kind, request.account_id, request.session_id, request.request_number,
+                now_ms, event_time_ms, event_action, blocks, supervision_ms),
+                self._settings.redis_call_timeout_s)
+        except StoreUnavailableError:
+            return rated, None
+        return rated, answer
+
     async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
         return await self._event(request)
 
@@ -140,16 +151,9 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         refusal = charging.validate_event(request, self._settings)
         if refusal:
             return charging.event_refusal_answer(request, refusal)
-        now_ms = int(time.time() * 1000)
-        event_time_ms = request.event_time_unix_ms or now_ms
-        rated, blocks = charging.script_blocks(
-            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant=False)
-        try:
-            answer = await _call_store(self._store.charge(
-                "E", request.account_id, request.session_id, request.request_number,
-                now_ms, event_time_ms, charging.EVENT_ACTIONS[request.action], blocks),
-                self._settings.redis_call_timeout_s)
-        except StoreUnavailableError:
+        rated, answer = await self._charge(
+            "E", request, charging.EVENT_ACTIONS[request.action], default_grant=False)
+        if answer is None:
             return charging.event_refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"))
         return charging.decode_event(answer, request, rated)
@@ -179,7 +183,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def _check_account_id(self, account_id: str, context: Context
                                 ) -> None:
-        refusal = charging._check_ids("-", account_id, self._settings)
+        refusal = charging.check_ids("-", account_id, self._settings)
         if refusal:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
 
