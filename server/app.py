@@ -12,9 +12,11 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import grpc
 from creditline import security
+from creditline.fastredis import FastScriptClient
 from creditline.handlers import add_service
 from creditline.interceptors import CallInterceptor
 from creditline.kernels import require_kernels
@@ -50,6 +52,7 @@ class RunningServer:
     redis: RedisClient
     plan: Plan
     store: Store
+    fast: FastScriptClient | None
     hub: EventHub
     hub_redis: RedisClient
     supervisor: Supervisor
@@ -101,6 +104,15 @@ async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
     except (TimeoutError, RedisError, OSError) as error:
         raise ValueError(f"cannot use Redis at {redact_url(url)}: "
                          f"{type(error).__name__}: {error}") from None
+
+
+def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
+    credentials = bool(settings.redis_username or redis_password(settings)
+                       or urlparse(redis_url).password)
+    if settings.redis_fast_path and FastScriptClient.usable_for(
+            redis_url, credentials, settings.redis_cluster):
+        return FastScriptClient(redis_url, settings.redis_call_timeout_s)
+    return None
 
 
 def store_config(settings: Settings) -> StoreConfig:
@@ -161,7 +173,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         await redis.aclose()
         await telemetry.shutdown()
         raise
-    store = Store(redis, store_config(settings), telemetry.script_instrument())
+    fast = _fast_path(redis_url, settings)
+    store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
     await store.check_partitions()
     server = _grpc_server(settings, telemetry, reuse_port)
     rater = telemetry.traced_rater(BandedRater())
@@ -192,7 +205,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s)
-    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
+    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store, fast=fast,
                          hub=hub, hub_redis=hub_redis, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)
 
@@ -207,6 +220,8 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     await running.supervisor.stop()
     await running.hub.stop()
     await running.hub_redis.aclose()
+    if running.fast is not None:
+        await running.fast.aclose()
     await running.telemetry.shutdown()
     await running.redis.aclose()
 

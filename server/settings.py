@@ -41,6 +41,9 @@ class Settings:
     redis_url: str = ""
     # the Redis URL names one node of a Redis Cluster
     redis_cluster: bool = False
+    # the charging script over a lean pipelined connection (hiredis) instead of redis-py,
+    # where it applies: one redis:// server without AUTH or TLS
+    redis_fast_path: bool = True
     # directory for the embedded redis-server's data; empty: a temporary directory
     embedded_redis_dir: str = ""
     # the TOML plan file with the tariffs

@@ -22,6 +22,7 @@ from redis.commands.core import AsyncScript
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
 if TYPE_CHECKING:
+    from creditline.fastredis import FastScriptClient
     from creditline.telemetry import ScriptInstrument
 
 KEY_PREFIX = "cl"
@@ -157,12 +158,16 @@ class Store:
     """The charging and admin scripts bound to one Redis client."""
 
     def __init__(self, redis: RedisClient, config: StoreConfig,
-                 instrument: ScriptInstrument | None = None) -> None:
+                 instrument: ScriptInstrument | None = None,
+                 fast: FastScriptClient | None = None) -> None:
         self._redis = redis
         self.config = config
+        # the lean pipelined path for the charging script (None: redis-py for everything)
+        self._fast = fast
+        self._charge_source = _script_source("charge.lua")
         # a span and a latency sample per script call; None (telemetry off): nothing
         self._instrument = instrument
-        self._charge: AsyncScript = redis.register_script(_script_source("charge.lua"))
+        self._charge: AsyncScript = redis.register_script(self._charge_source)
         self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
         self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
             f"{config.spike_factor}"
@@ -192,14 +197,16 @@ class Store:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer."""
         keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
-        call = self._charge(
-            keys=[keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
-                  keys.final_sessions, keys.events, keys.cdrs, keys.rates,
-                  event_counter_key(keys.partition), deadlines_key(keys.partition)],
-            args=[kind, request_number, account_id, session_id, now_ms, event_time_ms,
-                  self.config.answer_retention_s, event_action, self._event_trim(now_ms),
-                  self._spike, supervision_ms, *blocks],
-        )
+        script_keys = [keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
+                       keys.final_sessions, keys.events, keys.cdrs, keys.rates,
+                       event_counter_key(keys.partition), deadlines_key(keys.partition)]
+        script_args: list[int | str] = [
+            kind, request_number, account_id, session_id, now_ms, event_time_ms,
+            self.config.answer_retention_s, event_action, self._event_trim(now_ms),
+            self._spike, supervision_ms, *blocks]
+        call = (self._fast.evalsha(self._charge.sha, self._charge_source, script_keys,
+                                   script_args) if self._fast is not None
+                else self._charge(keys=script_keys, args=script_args))
         if self._instrument is None:
             return _text(await call)
         return _text(await self._instrument.run("charge.lua", call))
