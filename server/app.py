@@ -25,7 +25,7 @@ from creditline.rating import BandedRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings, check_files, redact_url, redis_password
-from creditline.store import RedisClient, Store, StoreConfig
+from creditline.store import RedisClient, Store, StoreConfig, cdrs_key
 from creditline.supervision import Supervisor
 from creditline.telemetry import Telemetry, build_telemetry
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
@@ -204,7 +204,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     supervisor.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s)
+    telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
+                                  [cdrs_key(p) for p in range(settings.partitions)])
     return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store, fast=fast,
                          hub=hub, hub_redis=hub_redis, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from threading import Thread
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -343,10 +343,13 @@ class Telemetry:
     def traced_rater(self, rater: Rater) -> Rater:
         return rater if self.spans is None else TracedRater(rater, self.spans)
 
-    def start_account_gauge(self, redis: RedisClient, interval_s: float) -> None:
+    def start_account_gauge(self, redis: RedisClient, interval_s: float,
+                            cdr_streams: Sequence[str] = ()) -> None:
+        """Counts the accounts and the CDR backlog (the CDR streams' lengths: the exporter
+        deletes what it has exported) every interval."""
         if self.metrics is not None:
             self._tasks.append(asyncio.create_task(
-                _count_accounts_every(redis, self.metrics, interval_s)))
+                _count_accounts_every(redis, self.metrics, interval_s, cdr_streams)))
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -423,7 +426,8 @@ def _prometheus_endpoint(address: str) -> tuple[MetricReader, tuple[WSGIServer, 
     return reader, (server, thread)
 
 
-async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s: float) -> None:
+async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s: float,
+                                cdr_streams: Sequence[str]) -> None:
     """Counts account keys with SCAN (never KEYS: it would block Redis) now and then."""
     while True:
         try:
@@ -431,6 +435,10 @@ async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s
             async for _ in redis.scan_iter(match="cl:{*}:a:*:acct", count=ACCOUNT_SCAN_COUNT):
                 count += 1
             metrics.accounts = count
+            backlog = 0
+            for stream in cdr_streams:
+                backlog += int(await redis.xlen(stream))
+            metrics.cdr_backlog_source = (lambda value=backlog: value) if cdr_streams else None
         except Exception as error:  # a metric must never stop the server
             log.warning("counting accounts failed: %r", error)
         await asyncio.sleep(interval_s)

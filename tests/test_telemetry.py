@@ -172,10 +172,16 @@ async def test_prometheus_endpoint_serves_the_metrics(
         assert "creditline_rpc_requests" in text and 'rpc_method="GetAccount"' in text
         assert "rpc_server_call_duration" in text
         deadline = time.monotonic() + 10
-        while "creditline_accounts" not in text:  # the first SCAN may still be running
+        while "creditline_accounts" not in text or "creditline_cdr_backlog" not in text:
+            # the first count may still be running
             assert time.monotonic() < deadline, text
             await asyncio.sleep(0.1)
             text = await asyncio.to_thread(_scrape, url)
+        # the CDR backlog: the CDR streams' lengths (the session Redis holds unexported CDRs)
+        backlog = sum([await running.redis.xlen(f"cl:{{{p}}}:cdrs")  # type: ignore[misc]
+                       for p in range(settings.partitions)])
+        lines = [line for line in text.splitlines() if line.startswith("creditline_cdr_backlog")]
+        assert lines and float(lines[0].split()[-1]) >= min(backlog, 1), text
     finally:
         await stop_server(running, grace_s=1.0)
 
