@@ -166,7 +166,7 @@ async def latency_phase(target: str, accounts: list[str], rate: float, duration_
     event_after_answer = [received[s] - answered[s] for s in measured
                           if s in received and s in answered]
     missing = sum(1 for s in measured if s in answered and s not in received)
-    result = {
+    result: dict[str, Any] = {
         "rate_rps": rate, "duration_s": duration_s, "warmup_s": warmup_s,
         "accounts": len(accounts), "requests_measured": len(measured),
         "result_codes": {str(k): v for k, v in codes.items()}, "errors": errors,
@@ -224,7 +224,7 @@ class Subscribers:
             call.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
 
 
 async def throughput_round(config: DriverConfig, server: ServerProcess,
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"notify-{args.tag}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    summary = {"load_average_at_start": load}
+    summary: dict[str, Any] = {"load_average_at_start": load}
     if "latency" in figures:
         summary["latency"] = {k: figures["latency"][k] for k in (
             "send_to_event", "send_to_answer", "events_missing", "goal_p99_le_10ms")}
