@@ -62,6 +62,8 @@ EVENT_GRACE_S = 3.0
 CALL_TIMEOUT_S = 5.0
 SUBSCRIBE_TIMEOUT_S = 10.0
 MAX_RATE = 5_000.0
+SLOW_EVENT_S = GOAL_P99_MS / 1000
+MAX_SLOW_LISTED = 500
 MAX_SECONDS = 3_600.0
 
 
@@ -175,6 +177,11 @@ async def latency_phase(target: str, accounts: list[str], rate: float, duration_
         "send_to_answer": percentiles_ms(to_answer),
         "answer_to_event": percentiles_ms(event_after_answer),
         "sender_late": percentiles_ms(late_s[warmup_count:]),
+        # when the slow ones were sent (s after the first request) and their latency (ms):
+        # to tell periodic stalls from random ones
+        "slow_events": [[round(sent[s] - start, 3), round((received[s] - sent[s]) * 1000, 2)]
+                        for s in measured if s in received
+                        and received[s] - sent[s] > SLOW_EVENT_S][:MAX_SLOW_LISTED],
     }
     p99 = result["send_to_event"].get("p99_ms")
     result["goal_p99_le_10ms"] = p99 is not None and p99 <= GOAL_P99_MS and missing == 0
