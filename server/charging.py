@@ -21,7 +21,6 @@ MISSING = pb.MISSING_AVP
 
 # Account ids become part of Redis keys inside the hash tag: no braces, no spaces.
 ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+\-]+")
-# Request numbers are unsigned 32-bit in Diameter (CC-Request-Number).
 EVENT_ACTIONS = {
     pb.DIRECT_DEBIT: "DEBIT", pb.REFUND: "REFUND",
     pb.CHECK_BALANCE: "CHECK", pb.PRICE_ENQUIRY: "PRICE",

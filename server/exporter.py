@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from creditline.cdr import Cdr, Sink, cdr_from_stream
-from creditline.store import cdrs_key
+from creditline.store import cdrs_key, text
 from redis import Redis
 from redis.exceptions import ResponseError
 
@@ -34,9 +34,6 @@ class ExportProgress:
     exported: int = 0
     backlog: int = 0
 
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Exporter:
@@ -61,7 +58,7 @@ class Exporter:
             GROUP, self._consumer, {cdrs_key(partition): "0" if pending else ">"},
             count=self._batch_size)
         entries = reply[0][1] if reply else []
-        return [(_text(sid), {_text(k): _text(v) for k, v in fields.items()})
+        return [(text(sid), {text(k): text(v) for k, v in fields.items()})
                 for sid, fields in entries if fields]
 
     def export_partition(self, partition: int,
@@ -98,7 +95,7 @@ class Exporter:
                 return total
 
     def run(self, follow: bool, report: TextIO | None = sys.stderr,
-            report_every_s: float = 1.0, max_runtime_s: float = 0) -> None:
+            report_every_s: float = 1.0) -> None:
         """Drains; with `follow`, keeps going beside the server (until stopped)."""
         started = last_report = time.monotonic()
         while True:
@@ -107,8 +104,6 @@ class Exporter:
             if report and now - last_report >= report_every_s:
                 self._report(report, now - started)
                 last_report = now
-            if max_runtime_s and now - started >= max_runtime_s:
-                break
             if exported == 0:
                 if not follow:
                     break

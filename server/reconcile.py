@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from creditline.cdr import Sink, cdr_from_stream
-from creditline.store import KEY_PREFIX, cdrs_key
+from creditline.store import KEY_PREFIX, cdrs_key, text
 from redis import Redis
 
 SCAN_BATCH = 1000
@@ -33,14 +33,11 @@ class Discrepancy:
                 f"{self.expected_micros} (difference {self.actual_micros - self.expected_micros})")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
 
 def _account_keys(redis: Redis) -> Iterator[tuple[str, str]]:
     """(account id, account hash key) of every account."""
     for key in redis.scan_iter(match=f"{KEY_PREFIX}:{{*}}:a:*:acct", count=SCAN_BATCH):
-        name = _text(key)
+        name = text(key)
         account_id = name.split(":a:", 1)[1].rsplit(":acct", 1)[0]
         yield account_id, name
 
@@ -52,15 +49,15 @@ def _unexported_charges(redis: Redis, partitions: int) -> tuple[dict[str, int], 
         last = "-"
         while True:
             entries: Any = redis.xrange(cdrs_key(partition), min=last, count=SCAN_BATCH)
-            entries = [e for e in entries if _text(e[0]) != last]
+            entries = [e for e in entries if text(e[0]) != last]
             if not entries:
                 break
             for stream_id, raw in entries:
-                fields = {_text(k): _text(v) for k, v in raw.items()}
-                cdr = cdr_from_stream(partition, _text(stream_id), fields)
+                fields = {text(k): text(v) for k, v in raw.items()}
+                cdr = cdr_from_stream(partition, text(stream_id), fields)
                 totals[cdr.account_id] += cdr.charged_micros
                 ids.append(cdr.cdr_id)
-            last = _text(entries[-1][0])
+            last = text(entries[-1][0])
     return totals, ids
 
 
@@ -68,7 +65,7 @@ def _open_sessions(redis: Redis, account_key: str) -> tuple[int, int]:
     """(money charged so far, money reserved) of the account's open sessions."""
     charged = reserved = 0
     for session_key in redis.smembers(account_key.replace(":acct", ":sessions")):
-        session = {_text(k): _text(v) for k, v in redis.hgetall(_text(session_key)).items()}
+        session = {text(k): text(v) for k, v in redis.hgetall(text(session_key)).items()}
         for field, value in session.items():
             if field.startswith("c:"):
                 charged += int(value)
@@ -84,7 +81,7 @@ def reconcile(redis: Redis, partitions: int, sink: Sink) -> tuple[int, list[Disc
     problems: list[Discrepancy] = []
     checked = 0
     for account_id, key in _account_keys(redis):
-        account = {_text(k): _text(v) for k, v in redis.hgetall(key).items()}
+        account = {text(k): text(v) for k, v in redis.hgetall(key).items()}
         open_charged, open_reserved = _open_sessions(redis, key)
         recorded = exported.get(account_id, 0) + unexported.get(account_id, 0)
         expected = (int(account["initial"]) + int(account["topped_up"]) - recorded

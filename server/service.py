@@ -192,7 +192,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         snapshot = await self._run(context, lambda: self._store.snapshot(account_id))
         if snapshot is None:
             await _abort_unknown(context, account_id)
-        return account_message(account_id, snapshot, int(time.time()))
+        return account_message(account_id, snapshot)
 
     async def CreateAccount(self, request: admin_pb.CreateAccountRequest,
                             context: Context) -> admin_pb.Account:
@@ -293,7 +293,7 @@ async def _abort_unknown(context: Context, account_id: str) -> NoReturn:
     raise AssertionError("abort raises")
 
 
-def account_message(account_id: str, snapshot: AccountSnapshot, now_s: int) -> admin_pb.Account:
+def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Account:
     fields = snapshot.account
     balance, credit_limit = int(fields["balance"]), int(fields["credit_limit"])
     reserved = int(fields["reserved"])

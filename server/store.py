@@ -147,10 +147,11 @@ class AccountSnapshot:
 
 
 def _pairs(flat: list[Any]) -> dict[str, str]:
-    return {_text(flat[i]): _text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply as str (clients may or may not decode responses)."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -208,8 +209,8 @@ class Store:
                                    script_args) if self._fast is not None
                 else self._charge(keys=script_keys, args=script_args))
         if self._instrument is None:
-            return _text(await call)
-        return _text(await self._instrument.run("charge.lua", call))
+            return text(await call)
+        return text(await self._instrument.run("charge.lua", call))
 
     async def due_sessions(self, partition: int, now_ms: int, limit: int
                            ) -> list[tuple[str, str]]:
@@ -218,9 +219,9 @@ class Store:
             deadlines_key(partition), "-inf", now_ms, start=0, num=limit)
         due = []
         for key in keys:
-            account_id, session_id = await self._redis.hmget(_text(key), "account", "session")
+            account_id, session_id = await self._redis.hmget(text(key), "account", "session")
             if account_id is not None and session_id is not None:
-                due.append((_text(account_id), _text(session_id)))
+                due.append((text(account_id), text(session_id)))
             else:  # a session whose hash expired or never held those fields
                 await self._redis.zrem(deadlines_key(partition), key)
         return due
