@@ -33,11 +33,14 @@ from typing import Any
 import psycopg
 from creditline.app import redis_client, store_config
 from creditline.cdr import open_sink
+from creditline.charging import script_blocks
 from creditline.exporter import Exporter
+from creditline.rating import BandedRater, load_plan
 from creditline.reconcile import reconcile
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
 from creditline.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.v1 import charging_pb2 as pb
 from redis import Redis as SyncRedis
 
 log = logging.getLogger("bench.cdr")
@@ -46,10 +49,7 @@ RG_SMS = 300
 # Script calls in flight while the CDRs are written: within the client's connection pool.
 GENERATE_CONCURRENCY = 100
 MAX_CDRS = 2_000_000
-# One Event DEBIT of one SMS on RG 300 (tests/test_cdrs.py: the blocks the charging
-# script takes for it): one CDR per call.
-SMS_BLOCKS: list[int | str] = [1, str(RG_SMS), RG_SMS, f"default/{RG_SMS}", "ok", 1, 0, 0, 2,
-                               1, 1, 50_000, -1, 1, 50_000]
+DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
 ACCOUNT_BALANCE_MICROS = 10**12
 
 
@@ -67,14 +67,20 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
                 store.admin(name, "CREATE", ACCOUNT_BALANCE_MICROS, 0,
                             MAX_BUCKETS_PER_ACCOUNT, "")
                 for name in names[start:start + GENERATE_CONCURRENCY]))
-            if any(answer == b"EXISTS" for answer in answers):
+            if any(answer.status == "EXISTS" for answer in answers):
                 raise RuntimeError("an account existed after FLUSHALL")
         now_ms = int(time.time() * 1000)
+        # one Event DEBIT of one SMS: the charging script's arguments, as the server
+        # builds them; one CDR per call
+        _, sms_blocks = script_blocks(
+            [pb.RatingGroupRequest(rating_group=RG_SMS,
+                                   requested=pb.Units(service_specific_units=1))],
+            load_plan(DEFAULT_PLAN), BandedRater(), now_ms, default_grant=False)
         started = time.perf_counter()
         for start in range(0, cdrs, GENERATE_CONCURRENCY):
             await asyncio.gather(*(
                 store.charge("E", names[n % accounts], f"cdrbench-ev{n}", 0, now_ms, now_ms,
-                             "DEBIT", SMS_BLOCKS)
+                             "DEBIT", sms_blocks)
                 for n in range(start, min(cdrs, start + GENERATE_CONCURRENCY))))
         elapsed = time.perf_counter() - started
         return {"generate_s": round(elapsed, 2), "generate_per_s": round(cdrs / elapsed, 1),

@@ -166,7 +166,7 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
 
     async def handler(request: pb.CreditControlRequest, context: object
                       ) -> pb.CreditControlAnswer:
-        rater.schedule(tariff, 0)
+        rater.rate_table(tariff, 0, 0, "")
         await (script() if instrument is None else instrument.run("charge.lua", script()))
         return answer
 

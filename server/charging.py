@@ -141,6 +141,7 @@ def script_blocks(
     """The blocks with their tariffs, and the charging script's block arguments."""
     rated: list[RatedBlock] = []
     args: list[int | str] = [len(blocks)]
+    period = ""  # the billing period, found once and only for a tariff with tiers
     for block in blocks:
         service_id = block.service_id if block.HasField("service_id") else None
         tariff = plan.tariff_for(block.rating_group, service_id, event_time_unix_ms)
@@ -151,7 +152,7 @@ def script_blocks(
         if tariff is None or tariff.free:
             status = "none" if tariff is None else "free"
             used = 0 if tariff is None else units_of(block.used, tariff.unit_kind)
-            args += [block_id, block.rating_group, tariff_id, status, -1, used, 0, 0]
+            args += [block_id, block.rating_group, tariff_id, status, -1, used]
             continue
         requested = -1
         if block.HasField("requested"):
@@ -159,9 +160,13 @@ def script_blocks(
             if requested == 0 and default_grant:
                 requested = tariff.default_grant_units
         used = units_of(block.used, tariff.unit_kind)
-        schedule = rater.schedule(tariff, event_time_unix_ms)
+        if tariff.tiers and not period:
+            period = plan.billing_period(event_time_unix_ms)
+        # time-unit usage reported now ended now: the table looks back over it
+        lookback_s = used if tariff.unit_kind is UnitKind.TIME else 0
+        table = rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
         args += [block_id, block.rating_group, tariff_id, "ok", requested, used,
-                 *schedule.as_script_args()]
+                 *table.as_script_args()]
     return rated, args
 
 

@@ -1,23 +1,28 @@
-"""Tariffs, the plan file that holds them, and the price schedule the charging script walks.
+"""Tariffs, the plan file that holds them, and the rate table the charging script prices with.
 
 A tariff prices one rating group (optionally narrowed by a service id): a connect fee, a
 first increment and the following increments, each with its price in micro-units. Usage
 is rounded up to whole increments; that is the one rounding rule.
 
 Rating is behind one small interface, `Rater`: it turns the tariff that applies to a
-request into a `PriceSchedule`, a piecewise-linear price list of segments that the Lua
-charging script (server/lua/charge.lua) walks atomically against the balance. The
-schedule's `cost` and `max_units_within` here are the reference for the Lua functions of
-the same names; the tests check that both agree.
+request into a `RateTable`: the increments, the price of each band in each tier, when the
+bands change around the event time and where the tiers start in the billing period. Where
+a session stands (units already rated, usage of the billing period) lives in Redis, so
+the charging script (server/lua/charge.lua) turns the table into a `PriceSchedule` there,
+atomically with the balance: a piecewise-linear price list of segments that it walks for
+costs and grants. `RateTable.schedule` and `PriceSchedule.cost / max_units_within` here
+are the reference for the Lua functions of the same names; the tests check that they
+agree, and the compiled kernels (native/) compute the same costs and grants.
 
-`BandedRater` builds schedules from the full tariff: time-of-day / day-of-week bands in the
-plan's time zone, tiers by cumulative usage, both turned into segment ends. Every segment
-end it makes falls on an increment boundary, so an increment is never split: an increment
-that starts in a band (or tier) is priced by that band (or tier) whole.
+Every segment end falls on an increment boundary of the session, so an increment is never
+split: an increment that starts in a band (or tier) is priced by that band (or tier) whole.
+Time-unit usage is placed on the clock by the request: the units an Update reports ended
+at its event time, the units it is granted start there.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import enum
 import math
@@ -37,6 +42,21 @@ MAX_SEGMENTS = 64
 # How far ahead band changes are looked for: a time-unit schedule covers a week of usage
 # from the event time; beyond it (or beyond MAX_SEGMENTS) the last band's price goes on.
 BAND_HORIZON_S = 7 * 24 * 3600
+# How far back: reported usage ended at the event time, so a report of N seconds started N
+# seconds before it. Usage reported for longer than this is priced, before the look-back,
+# at the band in force at its start.
+BAND_LOOKBACK_S = 7 * 24 * 3600
+# Band changes in one rate table (bounds the script's arguments): at most this many in the
+# look-back, the rest ahead; beyond them the last band found goes on.
+MAX_BAND_CHANGES = 64
+MAX_BAND_CHANGES_BEHIND = 16
+# The band changes of a tariff are found for the look-back and the horizon plus this much
+# on each side, and reused while a request's window stays inside.
+TIMELINE_SLACK_S = 7 * 24 * 3600
+MAX_CACHED_TIMELINES = 1024
+# The billing period (tiers count usage within it) starts on this day of the month, at
+# midnight in the plan's time zone; 28 at most, so that every month has it.
+MAX_BILLING_DAY = 28
 MAX_BANDS_PER_TARIFF = 16
 MAX_TIERS_PER_TARIFF = 16
 MINUTES_PER_DAY = 24 * 60
@@ -116,6 +136,93 @@ class PriceSchedule:
         for seg in self.segments:
             end = -1 if seg.end_units is None else seg.end_units
             args += [end, seg.increment_units, seg.increment_price_micros]
+        return args
+
+
+NO_PERIOD = "-"  # the period of a rate table whose tariff has no tiers
+
+
+@dataclass(frozen=True, slots=True)
+class RateTable:
+    """A tariff as the charging script prices it, from wherever a session stands.
+
+    `band_prices_micros[b]` holds band b's first-increment price, then its following-
+    increment price below the first tier and in each tier (band 0: outside every band, the
+    tariff's own prices). `band_changes` are (seconds from the event time, band index),
+    ascending; the first one's band also holds before it. `tier_from_units` are where the
+    tiers start in the billing period `period` (NO_PERIOD: no tiers)."""
+
+    connect_fee_micros: int
+    first_increment_units: int
+    next_increment_units: int
+    time_based: bool
+    period: str
+    tier_from_units: tuple[int, ...]
+    band_prices_micros: tuple[tuple[int, ...], ...]
+    band_changes: tuple[tuple[int, int], ...]
+
+    def schedule(self, rated_units: int, period_units: int, offset_s: int) -> PriceSchedule:
+        """The price schedule over the session's cumulative units, for the units from
+        `rated_units` on: unit `rated_units` is `offset_s` seconds from the event time
+        (time-unit tariffs) and at `period_units` of the billing period. Segments before it
+        cost what it costs: they are paid already, and cancel out of every difference."""
+        first, following = self.first_increment_units, self.next_increment_units
+
+        def aligned(units: int) -> int:
+            # the first increment boundary at or after `units`: increments are never split
+            if units <= first:
+                return first
+            return first + -(-(units - first) // following) * following
+
+        boundaries = {first}
+        if self.time_based:
+            boundaries.update(aligned(rated_units + change_s - offset_s)
+                              for change_s, _ in self.band_changes[1:]
+                              if rated_units + change_s - offset_s > rated_units)
+        boundaries.update(aligned(rated_units + from_units - period_units)
+                          for from_units in self.tier_from_units if from_units > period_units)
+
+        def prices_at(units: int) -> tuple[int, ...]:
+            ahead = max(0, units - rated_units)
+            band = self._band_at(offset_s + ahead if self.time_based else offset_s)
+            return self.band_prices_micros[band]
+
+        def tier_at(units: int) -> int:
+            position = period_units + max(0, units - rated_units)
+            return sum(1 for from_units in self.tier_from_units if from_units <= position)
+
+        segments = [Segment(first, first, prices_at(0)[0])]
+        starts = sorted(boundaries)[:MAX_SEGMENTS - 1]
+        for index, start in enumerate(starts):
+            end = starts[index + 1] if index + 1 < len(starts) else None
+            price = prices_at(start)[1 + tier_at(start)]
+            previous = segments[-1]
+            if previous.increment_units == following and previous.increment_price_micros == price:
+                # same price as the segment before: one segment (shorter walk in the script)
+                segments[-1] = Segment(end, following, price)
+            else:
+                segments.append(Segment(end, following, price))
+        return PriceSchedule(self.connect_fee_micros, tuple(segments))
+
+    def _band_at(self, offset_s: int) -> int:
+        band = self.band_changes[0][1]
+        for change_s, changed_to in self.band_changes:
+            if change_s > offset_s:
+                break
+            band = changed_to
+        return band
+
+    def as_script_args(self) -> list[int | str]:
+        """The table as the charging script reads it (server/lua/charge.lua, ARGV)."""
+        args: list[int | str] = [
+            self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
+            1 if self.time_based else 0, self.period, len(self.tier_from_units),
+            *self.tier_from_units, len(self.band_prices_micros)]
+        for prices in self.band_prices_micros:
+            args += prices
+        args.append(len(self.band_changes))
+        for change_s, band in self.band_changes:
+            args += [change_s, band]
         return args
 
 
@@ -220,6 +327,16 @@ class Plan:
     # entry in `tariffs`
     tariff_versions: Mapping[TariffKey, tuple[Tariff, ...]] = field(default_factory=dict)
     time_zone: str = "UTC"
+    billing_day: int = 1  # the billing period starts on this day of the month, local midnight
+
+    def billing_period(self, at_unix_ms: int) -> str:
+        """The billing period holding the instant, named by its first day ("2026-11-01"):
+        tiers count the usage within it."""
+        local = dt.datetime.fromtimestamp(at_unix_ms // 1000, _zone(self.time_zone)).date()
+        year, month = local.year, local.month
+        if local.day < self.billing_day:
+            year, month = (year, month - 1) if month > 1 else (year - 1, 12)
+        return f"{year:04d}-{month:02d}-{self.billing_day:02d}"
 
     def tariff_for(self, rating_group: int, service_id: int | None,
                    at_unix_ms: int | None = None) -> Tariff | None:
@@ -246,100 +363,163 @@ class Plan:
 
 
 class Rater(Protocol):
-    """What the charging path needs from rating (the Cython kernels will implement it)."""
+    """What the charging path needs from rating: the rate table of a tariff around an
+    event time, looking `lookback_s` seconds back (the usage the request reports)."""
 
-    def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule: ...
+    def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
+                   period: str) -> RateTable: ...
 
 
 class IncrementRater:
-    """The first rater: connect fee, a first increment, then the following increments."""
+    """The first rater: connect fee, a first increment, then the following increments
+    (bands and tiers ignored)."""
+
+    def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
+                   period: str) -> RateTable:
+        return simple_table(tariff)
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule:
         return simple_schedule(tariff)
 
 
 class BandedRater:
-    """The full rater: bands and tiers become segment ends, aligned on increments.
+    """The full rater: time-of-day / day-of-week bands in the plan's time zone, and tiers
+    by usage in the billing period.
 
-    Unit 0 of the schedule is `event_time_unix_ms` (for time-unit tariffs, unit k is k
-    seconds later), and tiers count from `period_used_units`, the usage of the billing
-    period before the schedule starts."""
+    Finding band changes takes time-zone arithmetic over two weeks of days (about 100 us
+    for one band); the changes of each tariff are kept for a window of weeks around the
+    event times seen, so a request looks them up instead."""
+
+    def __init__(self) -> None:
+        # id(tariff) -> (the tariff, its band changes); the tariff is kept so that the id
+        # cannot be reused by another one while the entry lives
+        self._timelines: dict[int, tuple[Tariff, BandTimeline]] = {}
+
+    def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
+                   period: str) -> RateTable:
+        if not tariff.bands and not tariff.tiers:
+            return simple_table(tariff)
+        changes: list[tuple[int, Band | None]] = [(0, tariff.band_at(event_time_unix_ms))]
+        if tariff.unit_kind is UnitKind.TIME and tariff.bands:
+            changes = self._timeline(tariff, event_time_unix_ms).changes(
+                event_time_unix_ms, min(max(0, lookback_s), BAND_LOOKBACK_S))
+        return banded_table(tariff, changes, period)
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int,
                  period_used_units: int = 0) -> PriceSchedule:
-        if not tariff.bands and not tariff.tiers:
-            return simple_schedule(tariff)
-        return banded_schedule(tariff, event_time_unix_ms, period_used_units)
+        """The schedule of a usage starting at the event time, with `period_used_units`
+        already used in the billing period: unit 0 is the event time."""
+        table = self.rate_table(tariff, event_time_unix_ms, 0, NO_PERIOD)
+        return table.schedule(0, period_used_units, 0)
+
+    def _timeline(self, tariff: Tariff, event_time_unix_ms: int) -> BandTimeline:
+        cached = self._timelines.get(id(tariff))
+        if cached is not None and cached[0] is tariff and cached[1].covers(event_time_unix_ms):
+            return cached[1]
+        timeline = BandTimeline.around(tariff, event_time_unix_ms)
+        if len(self._timelines) >= MAX_CACHED_TIMELINES:
+            self._timelines.clear()
+        self._timelines[id(tariff)] = (tariff, timeline)
+        return timeline
 
 
-def banded_schedule(tariff: Tariff, event_time_unix_ms: int,
-                    period_used_units: int) -> PriceSchedule:
-    first, following = tariff.first_increment_units, tariff.next_increment_units
+@dataclass(frozen=True, slots=True)
+class BandTimeline:
+    """The band changes of a time-unit tariff from `from_ms` to `until_ms`: the band in
+    force at from_ms, then (instant, band from then on) for every change."""
 
-    def aligned(offset_units: int) -> int:
-        # the first increment boundary at or after the offset: increments are never split
-        if offset_units <= first:
-            return first
-        return first + -(-(offset_units - first) // following) * following
+    from_ms: int
+    until_ms: int
+    first_band: Band | None
+    instants_ms: tuple[int, ...]
+    bands: tuple[Band | None, ...]
 
-    changes = _band_changes(tariff, event_time_unix_ms)
-    boundaries = {aligned(offset) for offset, _ in changes}
-    boundaries.update(aligned(tier.from_units - period_used_units) for tier in tariff.tiers
-                      if tier.from_units > period_used_units)
-    boundaries.add(first)
+    @classmethod
+    def around(cls, tariff: Tariff, event_time_unix_ms: int) -> BandTimeline:
+        from_ms = event_time_unix_ms - (BAND_LOOKBACK_S + TIMELINE_SLACK_S) * 1000
+        until_ms = event_time_unix_ms + (BAND_HORIZON_S + TIMELINE_SLACK_S) * 1000
+        current = first_band = tariff.band_at(from_ms)
+        instants: list[int] = []
+        bands: list[Band | None] = []
+        for instant_ms in _band_edges(tariff, from_ms, until_ms):
+            then = tariff.band_at(instant_ms)
+            if then != current:
+                instants.append(instant_ms)
+                bands.append(then)
+                current = then
+        return cls(from_ms, until_ms, first_band, tuple(instants), tuple(bands))
 
-    def band_at(offset_units: int) -> Band | None:
-        band = changes[0][1]
-        for change_offset, changed_to in changes:
-            if change_offset > offset_units:
-                break
-            band = changed_to
-        return band
+    def covers(self, event_time_unix_ms: int) -> bool:
+        return (self.from_ms <= event_time_unix_ms - BAND_LOOKBACK_S * 1000
+                and event_time_unix_ms + BAND_HORIZON_S * 1000 <= self.until_ms)
 
-    segments = [Segment(first, first, tariff.first_price(band_at(0)))]
-    starts = sorted(boundaries)[:MAX_SEGMENTS - 1]
-    for index, start in enumerate(starts):
-        end = starts[index + 1] if index + 1 < len(starts) else None
-        price = tariff.next_price(band_at(start), tariff.tier_at(period_used_units + start))
-        previous = segments[-1]
-        if previous.increment_units == following and previous.increment_price_micros == price:
-            # same price as the segment before: one segment (shorter walk in the script)
-            segments[-1] = Segment(end, following, price)
-        else:
-            segments.append(Segment(end, following, price))
-    return PriceSchedule(tariff.connect_fee_micros, tuple(segments))
+    def changes(self, event_time_unix_ms: int,
+                lookback_s: int) -> list[tuple[int, Band | None]]:
+        """(seconds from the event time, band from then on), ascending, from `lookback_s`
+        before the event time to the horizon; the first one holds before it too."""
+        start_ms = event_time_unix_ms - lookback_s * 1000
+        first = bisect.bisect_right(self.instants_ms, start_ms)
+        last = bisect.bisect_right(self.instants_ms, event_time_unix_ms + BAND_HORIZON_S * 1000)
+        band_at_start = self.bands[first - 1] if first > 0 else self.first_band
+        changes: list[tuple[int, Band | None]] = [(-lookback_s, band_at_start)]
+        for index in range(first, last):
+            # the first whole second at or after the change
+            offset_s = -(-(self.instants_ms[index] - event_time_unix_ms) // 1000)
+            changes.append((offset_s, self.bands[index]))
+        behind = [change for change in changes if change[0] <= 0][-MAX_BAND_CHANGES_BEHIND:]
+        ahead = [change for change in changes if change[0] > 0]
+        return (behind + ahead)[:MAX_BAND_CHANGES]
 
 
-def _band_changes(tariff: Tariff, event_time_unix_ms: int) -> list[tuple[int, Band | None]]:
-    """(offset in units, band from then on), the first at offset 0. Only time-unit tariffs
-    change band during a usage; for others the band at the event time holds throughout."""
-    changes: list[tuple[int, Band | None]] = [(0, tariff.band_at(event_time_unix_ms))]
-    if tariff.unit_kind is not UnitKind.TIME or not tariff.bands:
-        return changes
+def simple_table(tariff: Tariff) -> RateTable:
+    return RateTable(
+        connect_fee_micros=tariff.connect_fee_micros,
+        first_increment_units=tariff.first_increment_units,
+        next_increment_units=tariff.next_increment_units,
+        time_based=False, period=NO_PERIOD, tier_from_units=(),
+        band_prices_micros=((tariff.first_increment_price_micros,
+                             tariff.next_increment_price_micros),),
+        band_changes=((0, 0),),
+    )
+
+
+def banded_table(tariff: Tariff, changes: Sequence[tuple[int, Band | None]],
+                 period: str) -> RateTable:
+    """The rate table of a tariff with bands or tiers, given its band changes."""
+    bands: tuple[Band | None, ...] = (None, *tariff.bands)
+    tiers: tuple[Tier | None, ...] = (None, *tariff.tiers)
+    prices = tuple((tariff.first_price(band), *(tariff.next_price(band, tier) for tier in tiers))
+                   for band in bands)
+    index_of = {id(band): index for index, band in enumerate(bands)}  # the tariff's own
+    return RateTable(
+        connect_fee_micros=tariff.connect_fee_micros,
+        first_increment_units=tariff.first_increment_units,
+        next_increment_units=tariff.next_increment_units,
+        time_based=tariff.unit_kind is UnitKind.TIME,
+        period=period if tariff.tiers else NO_PERIOD,
+        tier_from_units=tuple(tier.from_units for tier in tariff.tiers),
+        band_prices_micros=prices,
+        band_changes=tuple((offset_s, index_of[id(band)]) for offset_s, band in changes),
+    )
+
+
+def _band_edges(tariff: Tariff, after_ms: int, until_ms: int) -> list[int]:
+    """Every band start and end in (after_ms, until_ms], ascending: the candidates for a
+    change; band_at decides what holds there, so DST gaps and folds need no special case."""
     zone = _zone(tariff.time_zone)
-    horizon_ms = event_time_unix_ms + BAND_HORIZON_S * 1000
-    first_day = dt.datetime.fromtimestamp(event_time_unix_ms // 1000, zone).date()
-    # Candidate instants: every band start and end on the days of the horizon (plus one,
-    # for time-zone shifts); band_at decides what holds there, so DST gaps and folds need
-    # no special case.
-    candidates: set[int] = set()
-    for day in range(BAND_HORIZON_S // 86400 + 2):
+    first_day = dt.datetime.fromtimestamp(after_ms // 1000, zone).date()
+    days = (until_ms - after_ms) // 86_400_000 + 2  # plus one, for time-zone shifts
+    edges: set[int] = set()
+    for day in range(days):
         date = first_day + dt.timedelta(days=day)
         for band in tariff.bands:
             for minute in (band.start_minute, band.end_minute):
                 # aware + timedelta is wall-clock arithmetic: local midnight + minutes
                 local = dt.datetime.combine(date, dt.time(), zone) + dt.timedelta(minutes=minute)
                 instant_ms = _unix_ms(local)
-                if event_time_unix_ms < instant_ms <= horizon_ms:
-                    candidates.add(instant_ms)
-    current = changes[0][1]
-    for instant_ms in sorted(candidates):
-        then = tariff.band_at(instant_ms)
-        if then != current:
-            # the first whole second at or after the change
-            changes.append((-(-(instant_ms - event_time_unix_ms) // 1000), then))
-            current = then
-    return changes
+                if after_ms < instant_ms <= until_ms:
+                    edges.add(instant_ms)
+    return sorted(edges)
 
 
 def _unix_ms(moment: dt.datetime) -> int:
@@ -352,14 +532,7 @@ def _zone(name: str) -> zoneinfo.ZoneInfo:
 
 
 def simple_schedule(tariff: Tariff) -> PriceSchedule:
-    return PriceSchedule(
-        connect_fee_micros=tariff.connect_fee_micros,
-        segments=(
-            Segment(tariff.first_increment_units, tariff.first_increment_units,
-                    tariff.first_increment_price_micros),
-            Segment(None, tariff.next_increment_units, tariff.next_increment_price_micros),
-        ),
-    )
+    return simple_table(tariff).schedule(0, 0, 0)
 
 
 # ---------------------------------------------------------------- plan files
@@ -373,6 +546,7 @@ _PLAN_DEFAULTS: dict[str, int] = {
     "quota_holding_time_s": 300,
     "quota_threshold_percent": 20,
 }
+_PLAN_KEYS = {"name", "time_zone", "billing_day", *_PLAN_DEFAULTS}
 _TARIFF_INTEGERS = (
     "connect_fee_micros", "first_increment_units", "first_increment_price_micros",
     "next_increment_units", "next_increment_price_micros", "default_grant_units",
@@ -401,12 +575,17 @@ def parse_plan(data: Mapping[str, Any], source: str) -> Plan:
     plan_table = data.get("plan", {})
     if not isinstance(plan_table, dict):
         raise PlanError(f"{source}: plan: must be a table")
+    unknown = set(plan_table) - _PLAN_KEYS
+    if unknown:
+        raise PlanError(f"{source}: plan.{sorted(unknown)[0]}: unknown field")
     settings = {
         key: _integer(plan_table.get(key, default), f"{source}: plan.{key}", minimum=0)
         for key, default in _PLAN_DEFAULTS.items()
     }
     if settings["quota_threshold_percent"] > 100:
         raise PlanError(f"{source}: plan.quota_threshold_percent: must be 0..100")
+    billing_day = _integer(plan_table.get("billing_day", 1), f"{source}: plan.billing_day",
+                           minimum=1, maximum=MAX_BILLING_DAY)
     time_zone = plan_table.get("time_zone", "UTC")
     try:
         if not isinstance(time_zone, str):
@@ -433,7 +612,8 @@ def parse_plan(data: Mapping[str, Any], source: str) -> Plan:
                for key, found in versions.items()}
     return Plan(name=str(plan_table.get("name", Path(source).stem)),
                 tariffs={key: found[0] for key, found in ordered.items()},
-                tariff_versions=ordered, time_zone=time_zone, **settings)
+                tariff_versions=ordered, time_zone=time_zone, billing_day=billing_day,
+                **settings)
 
 
 def _parse_tariff(raw: Any, where: str, time_zone: str) -> Tariff:

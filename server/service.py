@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from creditline import charging
@@ -187,12 +187,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if refusal:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
 
-    async def _account(self, account_id: str, context: Context
-                       ) -> admin_pb.Account:
-        snapshot = await self._run(context, lambda: self._store.snapshot(account_id))
-        if snapshot is None:
-            await _abort_unknown(context, account_id)
-        return account_message(account_id, snapshot)
+    async def _operate(self, context: Context, account_id: str, operation: str,
+                       *args: int | str) -> admin_pb.Account:
+        """Runs the operation; the account it left, or the call aborted with the status
+        that names the refusal."""
+        result = await self._run(context, lambda: self._store.admin(
+            account_id, operation, *args))
+        if result.account is None:
+            code, message = _ADMIN_REFUSALS.get(
+                result.status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}"))
+            await context.abort(code, message.format(account_id=account_id))
+            raise AssertionError("abort raises")
+        return account_message(account_id, result.account)
 
     async def CreateAccount(self, request: admin_pb.CreateAccountRequest,
                             context: Context) -> admin_pb.Account:
@@ -214,14 +220,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if any(abs(t) > MAX_SAFE_INTEGER for t in thresholds):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "low_balance_thresholds_micros: out of range")
-        result = await self._run(context, lambda: self._store.admin(
-            request.account_id, "CREATE", request.initial_balance_micros,
+        return await self._operate(
+            context, request.account_id, "CREATE", request.initial_balance_micros,
             request.credit_limit_micros, MAX_BUCKETS_PER_ACCOUNT,
-            ",".join(str(t) for t in sorted(set(thresholds))), *bucket_args))
-        if result == b"EXISTS":
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                                f"account_id: {request.account_id} exists")
-        return await self._account(request.account_id, context)
+            ",".join(str(t) for t in sorted(set(thresholds))), *bucket_args)
 
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
                            context: Context) -> list[int | str]:
@@ -248,27 +250,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not request.top_up_id or len(request.top_up_id) > 128:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "top_up_id: required (1..128 characters), makes top-ups idempotent")
-        result = await self._run(context, lambda: self._store.admin(
-            request.account_id, "TOPUP", request.amount_micros, request.top_up_id))
-        if result == b"UNKNOWN":
-            await _abort_unknown(context, request.account_id)
-        return await self._account(request.account_id, context)
+        # a top-up id seen before changes nothing and answers the account as it is
+        return await self._operate(context, request.account_id, "TOPUP",
+                                   request.amount_micros, request.top_up_id)
 
     async def AddBucket(self, request: admin_pb.AddBucketRequest,
                         context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         args = await self._bucket_args(request.bucket, "bucket", context)
-        result = await self._run(context, lambda: self._store.admin(
-            request.account_id, "BUCKET", MAX_BUCKETS_PER_ACCOUNT, *args))
-        errors = {
-            b"UNKNOWN": (grpc.StatusCode.NOT_FOUND, f"account_id: {request.account_id} unknown"),
-            b"EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "bucket.bucket_id: exists"),
-            b"TOO_MANY_BUCKETS": (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"bucket: the account holds {MAX_BUCKETS_PER_ACCOUNT} already"),
-        }
-        if result in errors:
-            await context.abort(*errors[result])
-        return await self._account(request.account_id, context)
+        return await self._operate(context, request.account_id, "BUCKET",
+                                   MAX_BUCKETS_PER_ACCOUNT, *args)
 
     async def SetAccountState(self, request: admin_pb.SetAccountStateRequest,
                               context: Context) -> admin_pb.Account:
@@ -276,21 +267,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         states = {admin_pb.ACTIVE: "active", admin_pb.BARRED: "barred"}
         if request.state not in states:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "state: ACTIVE or BARRED")
-        result = await self._run(context, lambda: self._store.admin(
-            request.account_id, "STATE", states[request.state]))
-        if result == b"UNKNOWN":
-            await _abort_unknown(context, request.account_id)
-        return await self._account(request.account_id, context)
+        return await self._operate(context, request.account_id, "STATE",
+                                   states[request.state])
 
     async def GetAccount(self, request: admin_pb.GetAccountRequest,
                          context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
-        return await self._account(request.account_id, context)
+        return await self._operate(context, request.account_id, "GET")
 
 
-async def _abort_unknown(context: Context, account_id: str) -> NoReturn:
-    await context.abort(grpc.StatusCode.NOT_FOUND, f"account_id: {account_id} unknown")
-    raise AssertionError("abort raises")
+# admin.lua refusals -> (gRPC status, message; {account_id} is filled in)
+_ADMIN_REFUSALS = {
+    "UNKNOWN": (grpc.StatusCode.NOT_FOUND, "account_id: {account_id} unknown"),
+    "EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "account_id: {account_id} exists"),
+    "BUCKET_EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "bucket.bucket_id: exists"),
+    "TOO_MANY_BUCKETS": (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"buckets: the account would hold more than {MAX_BUCKETS_PER_ACCOUNT}"),
+}
 
 
 def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Account:
@@ -314,14 +307,19 @@ def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Acco
             unit_kind=_UNIT_KIND_ENUMS.get(kind, admin_pb.UNIT_KIND_UNSPECIFIED),
         )
     usage: dict[str, dict[str, int]] = {}
+    periods: dict[str, str] = {}
     for field, value in snapshot.usage.items():
         rg, name = field.rsplit(":", 1)
-        usage.setdefault(rg, {})[name] = int(value)
+        if name == "period":
+            periods[rg] = value
+        else:
+            usage.setdefault(rg, {})[name] = int(value)
     for rg, values in sorted(usage.items(), key=lambda item: item[0]):
         account.usage.add(
             rating_group=int(rg.split(".")[0]), used_units=values.get("used", 0),
             charged_micros=values.get("charged", 0),
             units_from_buckets=values.get("from_buckets", 0),
             uncharged_micros=values.get("uncharged", 0),
+            billing_period=periods.get(rg, ""), period_units=values.get("period_units", 0),
         )
     return account

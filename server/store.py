@@ -146,6 +146,15 @@ class AccountSnapshot:
     open_sessions: int
 
 
+@dataclass(frozen=True, slots=True)
+class AdminResult:
+    """An admin.lua answer: "OK", "DUPLICATE" (a top-up id seen before) or the refusal
+    ("UNKNOWN", "EXISTS", "TOO_MANY_BUCKETS"), and the account when there is one."""
+
+    status: str
+    account: AccountSnapshot | None
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -232,7 +241,9 @@ class Store:
         answer = await self.charge("S", account_id, session_id, 0, now_ms, now_ms, "-", [0])
         return not answer.startswith("0;")
 
-    async def admin(self, account_id: str, operation: str, *args: int | str) -> Any:
+    async def admin(self, account_id: str, operation: str, *args: int | str
+                    ) -> AdminResult:
+        """Runs one admin.lua operation; the account as it left it, in the same step."""
         keys = self.keys(account_id)
         now_ms = int(time.time() * 1000)
         call = self._admin(
@@ -240,15 +251,14 @@ class Store:
                   keys.final_sessions, keys.events, event_counter_key(keys.partition)],
             args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
-        if self._instrument is None:
-            return await call
-        return await self._instrument.run("admin.lua", call)
+        raw = await (call if self._instrument is None
+                     else self._instrument.run("admin.lua", call))
+        if not isinstance(raw, list):
+            return AdminResult(text(raw), None)
+        return AdminResult(text(raw[0]), AccountSnapshot(
+            account=_pairs(raw[1]), buckets=_pairs(raw[2]), usage=_pairs(raw[3]),
+            open_sessions=int(raw[4]),
+        ))
 
     async def snapshot(self, account_id: str) -> AccountSnapshot | None:
-        raw = await self.admin(account_id, "GET")
-        if not isinstance(raw, list):
-            return None
-        return AccountSnapshot(
-            account=_pairs(raw[0]), buckets=_pairs(raw[1]), usage=_pairs(raw[2]),
-            open_sessions=int(raw[3]),
-        )
+        return (await self.admin(account_id, "GET")).account

@@ -53,7 +53,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, Tracer
 
 if TYPE_CHECKING:
-    from creditline.rating import PriceSchedule, Rater, Tariff
+    from creditline.rating import Rater, RateTable, Tariff
     from creditline.store import RedisClient
 
 log = logging.getLogger(__name__)
@@ -478,17 +478,18 @@ def _script_attributes(script: str) -> dict[str, Any]:
 
 
 class TracedRater:
-    """The rater with a child span per rated tariff (the price schedule it builds)."""
+    """The rater with a child span per rated tariff (the rate table it builds)."""
 
     def __init__(self, rater: Rater, spans: SpanRecorder) -> None:
         self._rater = rater
         self._spans = spans
 
-    def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule:
+    def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
+                   period: str) -> RateTable:
         span = self._spans.start_child("rating", SpanKind.INTERNAL,
                                        {"creditline.rating_group": tariff.rating_group})
         try:
-            return self._rater.schedule(tariff, event_time_unix_ms)
+            return self._rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
         finally:
             if span is not None:
                 self._spans.end(span)

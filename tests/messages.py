@@ -10,9 +10,12 @@ RG_VOICE = 100     # time: connect 100_000, first 60 s 600_000, then 10_000 per 
 RG_SMS = 300       # service-specific: 50_000 per message
 RG_FREE = 900      # free: 4011
 RG_UNRATED = 55    # no tariff: 5031
+RG_PEAK_VOICE = 101  # time, by the second: 30 micros in peak (08:00-20:00 UTC), 10 off-peak
+RG_TIERED_DATA = 11  # volume, 1_000 micros per KiB, 500 after 1 MiB in the billing period
 
 UNIT_FIELD = {RG_WEB: "total_octets", RG_VIDEO: "total_octets", RG_VOICE: "time_s",
-              RG_SMS: "service_specific_units", RG_FREE: "time_s", RG_UNRATED: "time_s"}
+              RG_SMS: "service_specific_units", RG_FREE: "time_s", RG_UNRATED: "time_s",
+              RG_PEAK_VOICE: "time_s", RG_TIERED_DATA: "total_octets"}
 
 
 def units(rating_group: int, amount: int) -> pb.Units:

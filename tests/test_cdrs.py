@@ -17,7 +17,9 @@ import psycopg
 import pytest
 from creditline.app import RunningServer, redis_client, start_server, stop_server
 from creditline.cdr import Sink, open_sink
+from creditline.charging import script_blocks
 from creditline.exporter import Exporter
+from creditline.rating import BandedRater, load_plan
 from creditline.reconcile import reconcile
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
@@ -228,9 +230,11 @@ async def test_hundred_thousand_cdrs_exported_and_reconciled(books: Books,
     for acct in accounts:
         await books.admin.CreateAccount(admin_pb.CreateAccountRequest(
             account_id=acct, initial_balance_micros=10**12))
-    blocks = [1, str(RG_SMS), RG_SMS, f"default/{RG_SMS}", "ok", 1, 0, 0, 2,
-              1, 1, 50_000, -1, 1, 50_000]
     now_ms = 1_800_000_000_000
+    # the charging script's arguments for one SMS, as the server builds them
+    _, blocks = script_blocks([block(RG_SMS, requested=1)],
+                              load_plan(Path(__file__).parent / "plan.toml"), BandedRater(),
+                              now_ms, default_grant=False)
     total = 100_000
     batch = 100  # concurrent calls: within the pool of Redis connections
     for start in range(0, total, batch):  # the real charging script, without gRPC

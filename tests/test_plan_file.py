@@ -33,6 +33,9 @@ next_increment_price_micros = 1000
     (GOOD_TARIFF + GOOD_TARIFF, "tariff[1]", "defined twice"),
     ("[plan]\nquota_threshold_percent = 101\n" + GOOD_TARIFF, "plan.quota_threshold_percent",
      "0..100"),
+    ("[plan]\nbilling_day = 29\n" + GOOD_TARIFF, "plan.billing_day", "between 1 and 28"),
+    ("[plan]\nbilling_day = 0\n" + GOOD_TARIFF, "plan.billing_day", "between 1 and 28"),
+    ("[plan]\nbiling_day = 3\n" + GOOD_TARIFF, "plan.biling_day", "unknown field"),
     ("", "tariff", "at least one"),
     ("[[tariff]\n", "", "not valid TOML"),
 ])

@@ -552,7 +552,8 @@ def lua_rating_functions() -> str:
     """The rating functions of the charging script, as they are (not a copy)."""
     script = (ROOT / "server" / "lua" / "charge.lua").read_text(encoding="utf-8")
     rule = "-- " + "-" * 64
-    begin, end = script.index(f"{rule} rating"), script.index(f"{rule} state")
+    begin = script.index(f"{rule} rating")
+    end = script.index(f"{rule} decoding the blocks")
     return script[begin:end]
 
 
@@ -576,6 +577,98 @@ def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(
             assert answers == expected, schedule
     finally:
         client.close()
+
+
+GOOD_TARIFF_TEXT = """
+[[tariff]]
+rating_group = 1
+unit = "service_specific"
+next_increment_price_micros = 5
+"""
+
+LUA_RATE_TABLE_HARNESS = """
+local MAX_SAFE = 9007199254740991
+%s
+-- ARGV: a rate table, then rated units, period units, offset s, then queries of
+-- (units, amount, wanted) from the rated units; returns "cost,affordable" per query
+local position = 0
+local function take()
+  position = position + 1
+  return ARGV[position]
+end
+local block = {}
+read_rate_table(block, take)
+local rated, period_units, offset_s = tonumber(take()), tonumber(take()), tonumber(take())
+local schedule = schedule_from(block, rated, period_units, offset_s)
+local out = {}
+while position < #ARGV do
+  local units, amount, wanted = tonumber(take()), tonumber(take()), tonumber(take())
+  out[#out + 1] = string.format('%%d,%%d',
+    cost(schedule, rated + units) - cost(schedule, rated),
+    affordable_units(schedule, rated, amount, wanted))
+end
+return out
+"""
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(banded_tariffs(), st.integers(1_700_000_000_000, 1_900_000_000_000),
+       st.integers(0, 200_000), st.integers(0, 200_000), st.integers(0, 30_000),
+       st.integers(0, 3 * 86_400), st.randoms(use_true_random=False))
+def test_the_charging_script_builds_schedules_as_the_rate_table_does(
+        redis_process: RedisProcess, tariff_: Tariff, event_ms: int, rated: int,
+        period_units: int, reported_s: int, lookback_s: int, rng: random.Random) -> None:
+    """From any point of a session (units rated, billing-period usage, seconds before the
+    event time) the script's schedule prices and grants as RateTable.schedule."""
+    table = BandedRater().rate_table(tariff_, event_ms, lookback_s, "2026-11-01")
+    offset_s = -min(reported_s, lookback_s)
+    schedule = table.schedule(rated, period_units, offset_s)
+    queries = [(rng.randrange(300_000), rng.randrange(10**8), rng.randrange(10**6))
+               for _ in range(20)]
+    client = SyncRedis.from_url(redis_process.url, decode_responses=True)
+    try:
+        answers = client.eval(LUA_RATE_TABLE_HARNESS % lua_rating_functions(), 0,
+                              *table.as_script_args(), rated, period_units, offset_s,
+                              *[value for query in queries for value in query])
+    finally:
+        client.close()
+    expected = [f"{schedule.cost(rated + u) - schedule.cost(rated)},"
+                f"{schedule.affordable_units(rated, a, w)}" for u, a, w in queries]
+    assert answers == expected
+
+
+def test_reported_usage_is_priced_by_the_bands_it_was_used_in(banded_plan: Plan) -> None:
+    # per second: 30 in peak (08:00-20:00), 10 off-peak (the first second: 20)
+    per_second = tariff(banded_plan, 101)
+    update_at = unix_ms(2026, 11, 30, 20, 1, 0)
+    table = BandedRater().rate_table(per_second, update_at, 120, "")
+    # 120 s reported at 20:01:00 after 60 s already rated: 60 s of peak, 60 off-peak
+    schedule = table.schedule(60, 0, -120)
+    assert schedule.cost(180) - schedule.cost(60) == 60 * 30 + 60 * 10
+    # what is granted at 20:01:00 is off-peak
+    grant = table.schedule(180, 0, 0)
+    assert grant.cost(240) - grant.cost(180) == 60 * 10
+
+
+def test_tiers_count_from_where_the_billing_period_stands(banded_plan: Plan) -> None:
+    web = tariff(banded_plan, 10)
+    table = BandedRater().rate_table(web, unix_ms(2026, 12, 1, 12, 0, 0), 0, "2026-12-01")
+    # a session 10 KiB in, the period 4 KiB short of the 1 MiB tier: 4 KiB at 1000, then 500
+    schedule = table.schedule(10 * KIB, MIB - 4 * KIB, 0)
+    assert schedule.cost(18 * KIB) - schedule.cost(10 * KIB) == 4 * 1000 + 4 * 500
+
+
+@pytest.mark.parametrize(("billing_day", "moment", "period"), [
+    (1, (2026, 11, 30, 23, 59, 59), "2026-11-01"),
+    (1, (2026, 12, 1, 0, 0, 0), "2026-12-01"),
+    (15, (2026, 12, 14, 23, 0, 0), "2026-11-15"),
+    (15, (2027, 1, 3, 0, 0, 0), "2026-12-15"),
+])
+def test_the_billing_period_starts_on_the_billing_day_in_the_plan_time_zone(
+        billing_day: int, moment: tuple[int, int, int, int, int, int], period: str) -> None:
+    plan = plan_from(f'[plan]\ntime_zone = "Europe/Paris"\nbilling_day = {billing_day}\n'
+                     + GOOD_TARIFF_TEXT)
+    assert plan.billing_period(unix_ms(*moment, zone=PARIS)) == period
 
 
 def test_the_example_plan_loads_and_rates(kernels: Kernels) -> None:

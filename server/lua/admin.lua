@@ -14,12 +14,15 @@ KEYS (all under the account's partition hash tag):
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
   CREATE  initial_balance credit_limit bucket_limit low_balance_thresholds ("t1,t2" or "")
-          [bucket fields x6]...            -> "OK" | "EXISTS" | "TOO_MANY_BUCKETS"
-  TOPUP   amount top_up_id                 -> "OK" | "DUPLICATE" | "UNKNOWN"
+          [bucket fields x6]...            -> account | "EXISTS" | "TOO_MANY_BUCKETS"
+  TOPUP   amount top_up_id                 -> account | "UNKNOWN"
   BUCKET  bucket_limit id rg units expires_at_s priority kind
-          -> "OK" | "UNKNOWN" | "EXISTS" | "TOO_MANY_BUCKETS"
-  STATE   active|barred                    -> "OK" | "UNKNOWN"
-  GET     -> { account fields, buckets, usage, open session count } or "UNKNOWN"
+          -> account | "UNKNOWN" | "BUCKET_EXISTS" | "TOO_MANY_BUCKETS"
+  STATE   active|barred                    -> account | "UNKNOWN"
+  GET     -> account | "UNKNOWN"
+where account is { status ("OK", or "DUPLICATE" for a top-up id seen before), account
+fields, buckets, usage, open session count }, read in the same step as the operation: the
+answer shows the account as the operation left it, in one round trip.
 Bucket fields: id, rating group, units, expires_at_s (0: never), priority, unit kind.
 A top-up announces itself, and asks for re-authorisation of every session held at its
 final units, on the event stream.
@@ -42,6 +45,11 @@ end
 
 local exists = redis.call('EXISTS', account_key) == 1
 
+local function account(status)
+  return { status, redis.call('HGETALL', account_key), redis.call('HGETALL', buckets_key),
+    redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key) }
+end
+
 if op == 'CREATE' then
   if exists then return 'EXISTS' end
   local bucket_limit = tonumber(ARGV[7])
@@ -55,13 +63,15 @@ if op == 'CREATE' then
     redis.call('HSET', buckets_key, ARGV[i],
       bucket_value(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]))
   end
-  return 'OK'
+  return account('OK')
 end
 
 if not exists then return 'UNKNOWN' end
 
 if op == 'TOPUP' then
-  if redis.call('HSETNX', topups_key, ARGV[6], ARGV[5]) == 0 then return 'DUPLICATE' end
+  if redis.call('HSETNX', topups_key, ARGV[6], ARGV[5]) == 0 then
+    return account('DUPLICATE')
+  end
   local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
   redis.call('HINCRBY', account_key, 'topped_up', ARGV[5])
   notify('top_up', 'amount', ARGV[5], 'balance', string.format('%d', balance),
@@ -70,18 +80,17 @@ if op == 'TOPUP' then
     notify('reauthorization_needed', 's', session_id)
   end
   redis.call('DEL', final_key)
-  return 'OK'
+  return account('OK')
 elseif op == 'BUCKET' then
-  if redis.call('HEXISTS', buckets_key, ARGV[6]) == 1 then return 'EXISTS' end
+  if redis.call('HEXISTS', buckets_key, ARGV[6]) == 1 then return 'BUCKET_EXISTS' end
   if redis.call('HLEN', buckets_key) >= tonumber(ARGV[5]) then return 'TOO_MANY_BUCKETS' end
   redis.call('HSET', buckets_key, ARGV[6],
     bucket_value(ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]))
-  return 'OK'
+  return account('OK')
 elseif op == 'STATE' then
   redis.call('HSET', account_key, 'state', ARGV[5])
-  return 'OK'
+  return account('OK')
 elseif op == 'GET' then
-  return { redis.call('HGETALL', account_key), redis.call('HGETALL', buckets_key),
-    redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key) }
+  return account('OK')
 end
 return redis.error_reply('admin.lua: unknown operation ' .. tostring(op))

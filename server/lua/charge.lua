@@ -10,7 +10,9 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           low_balance (thresholds, "t1,t2,...")
   KEYS[2] request key     session hash (kinds I/U/T) or event answer string (kind E)
   KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind"
-  KEYS[4] usage hash      <rg>:used, <rg>:charged, <rg>:from_buckets, <rg>:uncharged
+  KEYS[4] usage hash      <rg>:used, <rg>:charged, <rg>:from_buckets, <rg>:uncharged,
+                          <rg>:period and <rg>:period_units (units rated in the billing
+                          period, which the tiers count; tariffs with tiers only)
   KEYS[5] open sessions   set of the keys of the account's open sessions
   KEYS[6] final sessions  set of the ids of open sessions holding their final units
   KEYS[7] event stream    the partition's charge notifications
@@ -39,8 +41,13 @@ ARGV:
   [12] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
-      units (-1: none), used units, connect fee, number of price segments S, then S triples
-      (segment end in cumulative units or -1 for no end, increment units, increment price)
+      units (-1: none), used units, and when the status is "ok" the rate table
+      (server/rating.py RateTable.as_script_args): connect fee, first increment units,
+      following increment units, time-based 0/1, billing period ("-": no tiers), tier
+      count T and T tier starts (units of the billing period), band count B and per band
+      1 + (T + 1) prices (first increment; following increments below the first tier and
+      in each tier), change count C and C pairs (seconds from the event time, band index
+      from 0)
 
 Return: the answer as one string "<code>;<block>;<block>...". A session block is
 "rg,code,granted,charged,final"; an event block is "rg,code,units,amount,from_buckets",
@@ -72,39 +79,81 @@ local spike_fast_s, spike_slow_s, spike_factor = string.match(ARGV[10], '^(.-),(
 spike_fast_s, spike_slow_s, spike_factor =
   tonumber(spike_fast_s), tonumber(spike_slow_s), tonumber(spike_factor)
 
--- ---------------------------------------------------------------- decoding the blocks
-local supervision_ms = tonumber(ARGV[11])
-local blocks = {}
-do
-  local i = 13
-  for _ = 1, tonumber(ARGV[12]) do
-    local block = {
-      rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2], status = ARGV[i + 3],
-      requested = tonumber(ARGV[i + 4]), used = tonumber(ARGV[i + 5]),
-      connect_fee = tonumber(ARGV[i + 6]), segments = {},
-    }
-    local segment_count = tonumber(ARGV[i + 7])
-    i = i + 8
-    for s = 1, segment_count do
-      local ending = tonumber(ARGV[i])
-      if ending < 0 then ending = math.huge end
-      block.segments[s] = { ending = ending, increment = tonumber(ARGV[i + 1]),
-        price = tonumber(ARGV[i + 2]) }
-      i = i + 3
-    end
-    blocks[#blocks + 1] = block
+-- ---------------------------------------------------------------- rating
+-- Keep in step with server/rating.py (RateTable.schedule, PriceSchedule.cost /
+-- max_units_within). A schedule is { connect_fee, segments }, over the session's
+-- cumulative units; segment ends fall on the session's increment boundaries.
+
+local MAX_SEGMENTS = 64
+
+local function band_at(block, offset_s)
+  local band = block.changes[1].band
+  for _, change in ipairs(block.changes) do
+    if change.offset_s > offset_s then break end
+    band = change.band
   end
+  return block.bands[band]
 end
 
--- ---------------------------------------------------------------- rating
--- Keep in step with server/rating.py (PriceSchedule.cost / max_units_within).
+-- The schedule for the units from `rated` on: unit `rated` is `offset_s` seconds from the
+-- event time (time-based tariffs) and at `period_units` of the billing period. Segments
+-- before `rated` are priced as at `rated`: paid already, they cancel out of every difference.
+local function schedule_from(block, rated, period_units, offset_s)
+  local first, following = block.first, block.following
+  local function aligned(units)
+    if units <= first then return first end
+    return first + math.ceil((units - first) / following) * following
+  end
+  local seen, starts = { [first] = true }, { first }
+  local function add(units)
+    local start = aligned(units)
+    if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
+  end
+  if block.time_based then
+    for c = 2, #block.changes do
+      local at = rated + block.changes[c].offset_s - offset_s
+      if at > rated then add(at) end
+    end
+  end
+  for _, from_units in ipairs(block.tiers) do
+    if from_units > period_units then add(rated + from_units - period_units) end
+  end
+  table.sort(starts)
+  local function prices_at(units)
+    local ahead = math.max(0, units - rated)
+    if block.time_based then return band_at(block, offset_s + ahead) end
+    return band_at(block, offset_s)
+  end
+  local function tier_at(units)
+    local position, tier = period_units + math.max(0, units - rated), 0
+    for _, from_units in ipairs(block.tiers) do
+      if from_units <= position then tier = tier + 1 end
+    end
+    return tier
+  end
+  local segments = { { ending = first, increment = first, price = prices_at(0)[1] } }
+  local count = math.min(#starts, MAX_SEGMENTS - 1)
+  for index = 1, count do
+    local start = starts[index]
+    local ending = math.huge
+    if index < count then ending = starts[index + 1] end
+    local price = prices_at(start)[2 + tier_at(start)]
+    local previous = segments[#segments]
+    if previous.increment == following and previous.price == price then
+      previous.ending = ending  -- same price as the segment before: one segment
+    else
+      segments[#segments + 1] = { ending = ending, increment = following, price = price }
+    end
+  end
+  return { connect_fee = block.connect_fee, segments = segments }
+end
 
 -- Price of the first `units` units counted from the start of the session (or event):
 -- the connect fee once, then whole increments of each segment, the last one rounded up.
-local function cost(block, units)
+local function cost(schedule, units)
   if units <= 0 then return 0 end
-  local total, start = block.connect_fee, 0
-  for _, seg in ipairs(block.segments) do
+  local total, start = schedule.connect_fee, 0
+  for _, seg in ipairs(schedule.segments) do
     local stop = math.min(units, seg.ending)
     total = total + math.ceil((stop - start) / seg.increment) * seg.price
     if total >= MAX_SAFE then return MAX_SAFE end
@@ -115,10 +164,10 @@ local function cost(block, units)
 end
 
 -- The largest cumulative unit count n, at an increment boundary, with cost(n) <= budget.
-local function max_units_within(block, budget)
-  if budget < block.connect_fee then return 0 end
-  local spent, start = block.connect_fee, 0
-  for _, seg in ipairs(block.segments) do
+local function max_units_within(schedule, budget)
+  if budget < schedule.connect_fee then return 0 end
+  local spent, start = schedule.connect_fee, 0
+  for _, seg in ipairs(schedule.segments) do
     local increments = math.ceil((seg.ending - start) / seg.increment)
     local buyable = increments
     if seg.price > 0 then buyable = math.floor((budget - spent) / seg.price) end
@@ -131,10 +180,45 @@ local function max_units_within(block, budget)
 end
 
 -- Units beyond `from` (at most `wanted`) that `amount` more money pays for.
-local function affordable_units(block, from, amount, wanted)
+local function affordable_units(schedule, from, amount, wanted)
   if amount < 0 then amount = 0 end
-  local reach = max_units_within(block, cost(block, from) + amount)
+  local reach = max_units_within(schedule, cost(schedule, from) + amount)
   return math.max(0, math.min(wanted, reach - from))
+end
+
+-- The rate table of a block (server/rating.py RateTable.as_script_args), read with `take`,
+-- which returns the next argument.
+local function read_rate_table(block, take)
+  local function number() return tonumber(take()) end
+  block.connect_fee, block.first, block.following = number(), number(), number()
+  block.time_based, block.period = take() == '1', take()
+  block.tiers, block.bands, block.changes = {}, {}, {}
+  for t = 1, number() do block.tiers[t] = number() end
+  for b = 1, number() do
+    local prices = {}
+    for p = 1, #block.tiers + 2 do prices[p] = number() end
+    block.bands[b] = prices
+  end
+  for c = 1, number() do
+    block.changes[c] = { offset_s = number(), band = number() + 1 }
+  end
+end
+
+-- ---------------------------------------------------------------- decoding the blocks
+local supervision_ms = tonumber(ARGV[11])
+local blocks = {}
+do
+  local i = 13
+  local function take()
+    i = i + 1
+    return ARGV[i - 1]
+  end
+  for _ = 1, tonumber(ARGV[12]) do
+    local block = { rg = take(), bucket_rg = take(), tariff = take(), status = take(),
+      requested = tonumber(take()), used = tonumber(take()) }
+    if block.status == 'ok' then read_rate_table(block, take) end
+    blocks[#blocks + 1] = block
+  end
 end
 
 -- ---------------------------------------------------------------- state
@@ -158,6 +242,30 @@ local function account_add(field, delta)
 end
 local function available_money()
   return balance + credit_limit - reserved
+end
+
+-- Units rated in the billing period, per block of a tariff with tiers: where its tiers
+-- stand. Another period's count is stale: the new period starts from 0.
+local period_units_by_rg = {}
+local function period_units(block)
+  if block.period == '-' then return 0 end
+  local known = period_units_by_rg[block.rg]
+  if known == nil then
+    local stored = redis.call('HMGET', usage_key, block.rg .. ':period',
+      block.rg .. ':period_units')
+    known = 0
+    if stored[1] == block.period then known = tonumber(stored[2]) or 0 end
+    period_units_by_rg[block.rg] = known
+  end
+  return known
+end
+
+local function add_period_units(block, units)
+  if block.period == '-' or units <= 0 then return end
+  local total = period_units(block) + units
+  period_units_by_rg[block.rg] = total
+  redis.call('HSET', usage_key, block.rg .. ':period', block.period,
+    block.rg .. ':period_units', int(total))
 end
 
 -- Unit buckets: parsed once; changes are kept in memory and written at the end.
@@ -361,9 +469,10 @@ local function handle_event()
     elseif block.status == 'free' then
       code = NOT_APPLICABLE
     elseif event_action == 'PRICE' then
-      amount = cost(block, units)
+      amount = cost(schedule_from(block, 0, period_units(block), 0), units)
     elseif event_action == 'REFUND' then
-      amount = cost(block, units)
+      -- refunded at today's prices; the tier position is left where it is
+      amount = cost(schedule_from(block, 0, period_units(block), 0), units)
       balance = balance + amount
       account_add('balance', amount)
       account_add('refunded', amount)
@@ -375,7 +484,7 @@ local function handle_event()
       cdr_total = cdr_total - amount
     else  -- DEBIT or CHECK: buckets first, then money
       from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
-      amount = cost(block, units - from_buckets)
+      amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
       if amount > available_money() then
         code, sufficient = LIMIT_REACHED, 0
         if event_action == 'DEBIT' then
@@ -386,6 +495,7 @@ local function handle_event()
         consume_buckets(block.bucket_rg, from_buckets)
         charge_money(amount)
         record_usage(block.rg, units, amount, from_buckets, 0)
+        add_period_units(block, units - from_buckets)
         observe_usage(block.rg, units)
         notify('event_charged', { 'rg', block.rg, 'units', units, 'amount', amount,
           'from_buckets', from_buckets, 'balance', balance })
@@ -478,9 +588,12 @@ local function handle_session()
       math.min(used, bucket_units_free(block.bucket_rg)))
     local rated = sget('r:' .. rg)
     local money_units = used - from_buckets
-    local price = cost(block, rated + money_units) - cost(block, rated)
+    -- the usage ended at the event time: its rated units are the last ones before it
+    local schedule = schedule_from(block, rated, period_units(block), -money_units)
+    local price = cost(schedule, rated + money_units) - cost(schedule, rated)
     local charged = math.min(price, math.max(0, available_money()))
     charge_money(charged)
+    add_period_units(block, money_units)
     sset('r:' .. rg, rated + money_units)
     sset('u:' .. rg, sget('u:' .. rg) + used)
     sset('c:' .. rg, sget('c:' .. rg) + charged)
@@ -499,8 +612,11 @@ local function handle_session()
     local rg = block.rg
     local from_buckets = math.min(wanted, bucket_units_free(block.bucket_rg))
     local rated = sget('r:' .. rg)
-    local money_units = affordable_units(block, rated, available_money(), wanted - from_buckets)
-    local money = cost(block, rated + money_units) - cost(block, rated)
+    -- the grant starts at the event time
+    local schedule = schedule_from(block, rated, period_units(block), 0)
+    local money_units = affordable_units(schedule, rated, available_money(),
+      wanted - from_buckets)
+    local money = cost(schedule, rated + money_units) - cost(schedule, rated)
     reserved = reserved + money
     account_add('reserved', money)
     account_add('bres:' .. block.bucket_rg, from_buckets)
@@ -508,7 +624,7 @@ local function handle_session()
     sset('b:' .. rg, from_buckets)
     local granted = from_buckets + money_units
     local more = bucket_units_free(block.bucket_rg) > 0
-      or affordable_units(block, rated + money_units, available_money(), 1) > 0
+      or affordable_units(schedule, rated + money_units, available_money(), 1) > 0
     return granted, (granted < wanted) or not more
   end
 

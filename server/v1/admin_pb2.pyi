@@ -113,6 +113,8 @@ class RatingGroupUsage(_message.Message):
     CHARGED_MICROS_FIELD_NUMBER: _builtins.int
     UNITS_FROM_BUCKETS_FIELD_NUMBER: _builtins.int
     UNCHARGED_MICROS_FIELD_NUMBER: _builtins.int
+    BILLING_PERIOD_FIELD_NUMBER: _builtins.int
+    PERIOD_UNITS_FIELD_NUMBER: _builtins.int
     rating_group: _builtins.int
     used_units: _builtins.int
     """in the unit kind of the rating group's tariff"""
@@ -121,6 +123,11 @@ class RatingGroupUsage(_message.Message):
     units_from_buckets: _builtins.int
     uncharged_micros: _builtins.int
     """usage above a grant that the balance and credit limit could not pay: recorded, not charged"""
+    billing_period: _builtins.str
+    """tariffs with tiers: the billing period last charged ("2026-11-01", its first day) and
+    the units rated in it, which the tiers count (units from buckets do not)
+    """
+    period_units: _builtins.int
     def __init__(
         self,
         *,
@@ -129,10 +136,12 @@ class RatingGroupUsage(_message.Message):
         charged_micros: _builtins.int = ...,
         units_from_buckets: _builtins.int = ...,
         uncharged_micros: _builtins.int = ...,
+        billing_period: _builtins.str = ...,
+        period_units: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["charged_micros", b"charged_micros", "rating_group", b"rating_group", "uncharged_micros", b"uncharged_micros", "units_from_buckets", b"units_from_buckets", "used_units", b"used_units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_period", b"billing_period", "charged_micros", b"charged_micros", "period_units", b"period_units", "rating_group", b"rating_group", "uncharged_micros", b"uncharged_micros", "units_from_buckets", b"units_from_buckets", "used_units", b"used_units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
