@@ -166,7 +166,7 @@ def script_blocks(
         lookback_s = used if tariff.unit_kind is UnitKind.TIME else 0
         table = rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
         args += [block_id, block.rating_group, tariff_id, "ok", requested, used,
-                 *table.as_script_args()]
+                 *table.script_args]
     return rated, args
 
 

@@ -53,7 +53,7 @@ MAX_BAND_CHANGES_BEHIND = 16
 # The band changes of a tariff are found for the look-back and the horizon plus this much
 # on each side, and reused while a request's window stays inside.
 TIMELINE_SLACK_S = 7 * 24 * 3600
-MAX_CACHED_TIMELINES = 1024
+MAX_CACHED_TIMELINES = 1024  # per kind of cache entry: more than any plan has tariffs
 # The billing period (tiers count usage within it) starts on this day of the month, at
 # midnight in the plan's time zone; 28 at most, so that every month has it.
 MAX_BILLING_DAY = 28
@@ -160,6 +160,11 @@ class RateTable:
     tier_from_units: tuple[int, ...]
     band_prices_micros: tuple[tuple[int, ...], ...]
     band_changes: tuple[tuple[int, int], ...]
+    # the arguments, built once: a cached table is sent with every request
+    script_args: tuple[int | str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "script_args", tuple(self._script_args()))
 
     def schedule(self, rated_units: int, period_units: int, offset_s: int) -> PriceSchedule:
         """The price schedule over the session's cumulative units, for the units from
@@ -212,7 +217,7 @@ class RateTable:
             band = changed_to
         return band
 
-    def as_script_args(self) -> list[int | str]:
+    def _script_args(self) -> list[int | str]:
         """The table as the charging script reads it (server/lua/charge.lua, ARGV)."""
         args: list[int | str] = [
             self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
@@ -391,14 +396,16 @@ class BandedRater:
     event times seen, so a request looks them up instead."""
 
     def __init__(self) -> None:
-        # id(tariff) -> (the tariff, its band changes); the tariff is kept so that the id
-        # cannot be reused by another one while the entry lives
+        # id(tariff) -> (the tariff, its band changes / its table when it has neither bands
+        # nor tiers); the tariff is kept so that its id cannot be reused by another one
+        # while the entry lives
         self._timelines: dict[int, tuple[Tariff, BandTimeline]] = {}
+        self._simple_tables: dict[int, tuple[Tariff, RateTable]] = {}
 
     def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
                    period: str) -> RateTable:
         if not tariff.bands and not tariff.tiers:
-            return simple_table(tariff)
+            return self._simple_table(tariff)
         changes: list[tuple[int, Band | None]] = [(0, tariff.band_at(event_time_unix_ms))]
         if tariff.unit_kind is UnitKind.TIME and tariff.bands:
             changes = self._timeline(tariff, event_time_unix_ms).changes(
@@ -411,6 +418,17 @@ class BandedRater:
         already used in the billing period: unit 0 is the event time."""
         table = self.rate_table(tariff, event_time_unix_ms, 0, NO_PERIOD)
         return table.schedule(0, period_used_units, 0)
+
+    def _simple_table(self, tariff: Tariff) -> RateTable:
+        # the same table for every request: built once per tariff
+        cached = self._simple_tables.get(id(tariff))
+        if cached is not None and cached[0] is tariff:
+            return cached[1]
+        table = simple_table(tariff)
+        if len(self._simple_tables) >= MAX_CACHED_TIMELINES:
+            self._simple_tables.clear()
+        self._simple_tables[id(tariff)] = (tariff, table)
+        return table
 
     def _timeline(self, tariff: Tariff, event_time_unix_ms: int) -> BandTimeline:
         cached = self._timelines.get(id(tariff))

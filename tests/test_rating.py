@@ -628,7 +628,7 @@ def test_the_charging_script_builds_schedules_as_the_rate_table_does(
     client = SyncRedis.from_url(redis_process.url, decode_responses=True)
     try:
         answers = client.eval(LUA_RATE_TABLE_HARNESS % lua_rating_functions(), 0,
-                              *table.as_script_args(), rated, period_units, offset_s,
+                              *table.script_args, rated, period_units, offset_s,
                               *[value for query in queries for value in query])
     finally:
         client.close()

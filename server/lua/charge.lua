@@ -42,7 +42,7 @@ ARGV:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, and when the status is "ok" the rate table
-      (server/rating.py RateTable.as_script_args): connect fee, first increment units,
+      (server/rating.py RateTable.script_args): connect fee, first increment units,
       following increment units, time-based 0/1, billing period ("-": no tiers), tier
       count T and T tier starts (units of the billing period), band count B and per band
       1 + (T + 1) prices (first increment; following increments below the first tier and
@@ -186,7 +186,7 @@ local function affordable_units(schedule, from, amount, wanted)
   return math.max(0, math.min(wanted, reach - from))
 end
 
--- The rate table of a block (server/rating.py RateTable.as_script_args), read with `take`,
+-- The rate table of a block (server/rating.py RateTable.script_args), read with `take`,
 -- which returns the next argument.
 local function read_rate_table(block, take)
   local function number() return tonumber(take()) end
