@@ -19,7 +19,7 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_g
 from creditline.v1 import notifications_pb2 as npb
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
-from tests import test_concurrency, test_events, test_schedule, test_sessions
+from tests import test_concurrency, test_events, test_schedule, test_sessions, test_tariffs
 from tests.books import Books
 from tests.cluster import RedisCluster
 from tests.stream_client import StreamCharging
@@ -28,6 +28,8 @@ SCENARIOS = [
     *(f for name, f in inspect.getmembers(test_sessions, inspect.iscoroutinefunction)
       if name.startswith("test_")),
     *(f for name, f in inspect.getmembers(test_events, inspect.iscoroutinefunction)
+      if name.startswith("test_")),
+    *(f for name, f in inspect.getmembers(test_tariffs, inspect.iscoroutinefunction)
       if name.startswith("test_")),
     test_concurrency.test_hundred_concurrent_sessions_never_exceed_the_credit_limit,
     test_schedule.test_lua_grants_match_the_python_inverse,
