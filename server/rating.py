@@ -53,7 +53,7 @@ MAX_BAND_CHANGES_BEHIND = 16
 # The band changes of a tariff are found for the look-back and the horizon plus this much
 # on each side, and reused while a request's window stays inside.
 TIMELINE_SLACK_S = 7 * 24 * 3600
-MAX_CACHED_TIMELINES = 1024  # per kind of cache entry: more than any plan has tariffs
+MAX_KEPT_TARIFFS = 1024  # tariffs the rater keeps tables of: more than any plan has
 # The billing period (tiers count usage within it) starts on this day of the month, at
 # midnight in the plan's time zone; 28 at most, so that every month has it.
 MAX_BILLING_DAY = 28
@@ -391,26 +391,32 @@ class BandedRater:
     """The full rater: time-of-day / day-of-week bands in the plan's time zone, and tiers
     by usage in the billing period.
 
-    Finding band changes takes time-zone arithmetic over two weeks of days (about 100 us
-    for one band); the changes of each tariff are kept for a window of weeks around the
-    event times seen, so a request looks them up instead."""
+    What does not move with the request is kept per tariff: its prices by band and tier,
+    and its band changes for a window of weeks around the event times seen (finding them
+    takes time-zone arithmetic over weeks of days, about 100 us for one band), so a
+    request looks them up instead."""
 
     def __init__(self) -> None:
-        # id(tariff) -> (the tariff, its band changes / its table when it has neither bands
-        # nor tiers); the tariff is kept so that its id cannot be reused by another one
-        # while the entry lives
-        self._timelines: dict[int, tuple[Tariff, BandTimeline]] = {}
-        self._simple_tables: dict[int, tuple[Tariff, RateTable]] = {}
+        # id(tariff) -> what is kept of it (the entry holds the tariff, so that its id
+        # cannot be reused by another one while the entry lives)
+        self._kept: dict[int, _KeptTariff] = {}
 
     def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
                    period: str) -> RateTable:
+        kept = self._kept_of(tariff)
+        template = kept.template
         if not tariff.bands and not tariff.tiers:
-            return self._simple_table(tariff)
-        changes: list[tuple[int, Band | None]] = [(0, tariff.band_at(event_time_unix_ms))]
+            return template
         if tariff.unit_kind is UnitKind.TIME and tariff.bands:
-            changes = self._timeline(tariff, event_time_unix_ms).changes(
+            changes = self._timeline(kept, event_time_unix_ms).changes(
                 event_time_unix_ms, min(max(0, lookback_s), BAND_LOOKBACK_S))
-        return banded_table(tariff, changes, period)
+        else:
+            changes = [(0, kept.band_index[id(tariff.band_at(event_time_unix_ms))])]
+        return RateTable(
+            template.connect_fee_micros, template.first_increment_units,
+            template.next_increment_units, template.time_based,
+            period if tariff.tiers else NO_PERIOD, template.tier_from_units,
+            template.band_prices_micros, tuple(changes))
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int,
                  period_used_units: int = 0) -> PriceSchedule:
@@ -419,74 +425,100 @@ class BandedRater:
         table = self.rate_table(tariff, event_time_unix_ms, 0, NO_PERIOD)
         return table.schedule(0, period_used_units, 0)
 
-    def _simple_table(self, tariff: Tariff) -> RateTable:
-        # the same table for every request: built once per tariff
-        cached = self._simple_tables.get(id(tariff))
-        if cached is not None and cached[0] is tariff:
-            return cached[1]
-        table = simple_table(tariff)
-        if len(self._simple_tables) >= MAX_CACHED_TIMELINES:
-            self._simple_tables.clear()
-        self._simple_tables[id(tariff)] = (tariff, table)
-        return table
+    def _kept_of(self, tariff: Tariff) -> _KeptTariff:
+        kept = self._kept.get(id(tariff))
+        if kept is not None and kept.tariff is tariff:
+            return kept
+        kept = _KeptTariff.of(tariff)
+        if len(self._kept) >= MAX_KEPT_TARIFFS:
+            self._kept.clear()
+        self._kept[id(tariff)] = kept
+        return kept
 
-    def _timeline(self, tariff: Tariff, event_time_unix_ms: int) -> BandTimeline:
-        cached = self._timelines.get(id(tariff))
-        if cached is not None and cached[0] is tariff and cached[1].covers(event_time_unix_ms):
-            return cached[1]
-        timeline = BandTimeline.around(tariff, event_time_unix_ms)
-        if len(self._timelines) >= MAX_CACHED_TIMELINES:
-            self._timelines.clear()
-        self._timelines[id(tariff)] = (tariff, timeline)
-        return timeline
+    def _timeline(self, kept: _KeptTariff, event_time_unix_ms: int) -> BandTimeline:
+        if kept.timeline is None or not kept.timeline.covers(event_time_unix_ms):
+            kept.timeline = BandTimeline.around(kept.tariff, kept.band_index,
+                                                event_time_unix_ms)
+        return kept.timeline
+
+
+@dataclass(slots=True)
+class _KeptTariff:
+    """What the rater keeps of one tariff: its rate table without band changes (the whole
+    table of a tariff with neither bands nor tiers), the index of each band in it, and the
+    band changes found last."""
+
+    tariff: Tariff
+    template: RateTable
+    band_index: dict[int, int]  # id(band or None) -> its row in the prices
+    timeline: BandTimeline | None = None
+
+    @classmethod
+    def of(cls, tariff: Tariff) -> _KeptTariff:
+        if not tariff.bands and not tariff.tiers:
+            return cls(tariff, simple_table(tariff), {id(None): 0})
+        bands: tuple[Band | None, ...] = (None, *tariff.bands)
+        tiers: tuple[Tier | None, ...] = (None, *tariff.tiers)
+        prices = tuple((tariff.first_price(band),
+                        *(tariff.next_price(band, tier) for tier in tiers)) for band in bands)
+        template = RateTable(
+            connect_fee_micros=tariff.connect_fee_micros,
+            first_increment_units=tariff.first_increment_units,
+            next_increment_units=tariff.next_increment_units,
+            time_based=tariff.unit_kind is UnitKind.TIME, period=NO_PERIOD,
+            tier_from_units=tuple(tier.from_units for tier in tariff.tiers),
+            band_prices_micros=prices, band_changes=((0, 0),),
+        )
+        return cls(tariff, template, {id(band): index for index, band in enumerate(bands)})
 
 
 @dataclass(frozen=True, slots=True)
 class BandTimeline:
-    """The band changes of a time-unit tariff from `from_ms` to `until_ms`: the band in
-    force at from_ms, then (instant, band from then on) for every change."""
+    """The band changes of a time-unit tariff from `from_ms` to `until_ms`: the band (its
+    row in the tariff's prices) in force at from_ms, then (instant, band from then on)
+    for every change."""
 
     from_ms: int
     until_ms: int
-    first_band: Band | None
+    first_band: int
     instants_ms: tuple[int, ...]
-    bands: tuple[Band | None, ...]
+    bands: tuple[int, ...]
 
     @classmethod
-    def around(cls, tariff: Tariff, event_time_unix_ms: int) -> BandTimeline:
+    def around(cls, tariff: Tariff, band_index: Mapping[int, int],
+               event_time_unix_ms: int) -> BandTimeline:
         from_ms = event_time_unix_ms - (BAND_LOOKBACK_S + TIMELINE_SLACK_S) * 1000
         until_ms = event_time_unix_ms + (BAND_HORIZON_S + TIMELINE_SLACK_S) * 1000
-        current = first_band = tariff.band_at(from_ms)
+        current = tariff.band_at(from_ms)
         instants: list[int] = []
-        bands: list[Band | None] = []
+        bands: list[int] = []
         for instant_ms in _band_edges(tariff, from_ms, until_ms):
             then = tariff.band_at(instant_ms)
             if then != current:
                 instants.append(instant_ms)
-                bands.append(then)
+                bands.append(band_index[id(then)])
                 current = then
-        return cls(from_ms, until_ms, first_band, tuple(instants), tuple(bands))
+        return cls(from_ms, until_ms, band_index[id(tariff.band_at(from_ms))],
+                   tuple(instants), tuple(bands))
 
     def covers(self, event_time_unix_ms: int) -> bool:
         return (self.from_ms <= event_time_unix_ms - BAND_LOOKBACK_S * 1000
                 and event_time_unix_ms + BAND_HORIZON_S * 1000 <= self.until_ms)
 
-    def changes(self, event_time_unix_ms: int,
-                lookback_s: int) -> list[tuple[int, Band | None]]:
+    def changes(self, event_time_unix_ms: int, lookback_s: int) -> list[tuple[int, int]]:
         """(seconds from the event time, band from then on), ascending, from `lookback_s`
         before the event time to the horizon; the first one holds before it too."""
         start_ms = event_time_unix_ms - lookback_s * 1000
         first = bisect.bisect_right(self.instants_ms, start_ms)
         last = bisect.bisect_right(self.instants_ms, event_time_unix_ms + BAND_HORIZON_S * 1000)
         band_at_start = self.bands[first - 1] if first > 0 else self.first_band
-        changes: list[tuple[int, Band | None]] = [(-lookback_s, band_at_start)]
+        behind = [(-lookback_s, band_at_start)]
+        ahead: list[tuple[int, int]] = []
         for index in range(first, last):
             # the first whole second at or after the change
             offset_s = -(-(self.instants_ms[index] - event_time_unix_ms) // 1000)
-            changes.append((offset_s, self.bands[index]))
-        behind = [change for change in changes if change[0] <= 0][-MAX_BAND_CHANGES_BEHIND:]
-        ahead = [change for change in changes if change[0] > 0]
-        return (behind + ahead)[:MAX_BAND_CHANGES]
+            (behind if offset_s <= 0 else ahead).append((offset_s, self.bands[index]))
+        return (behind[-MAX_BAND_CHANGES_BEHIND:] + ahead)[:MAX_BAND_CHANGES]
 
 
 def simple_table(tariff: Tariff) -> RateTable:
@@ -498,26 +530,6 @@ def simple_table(tariff: Tariff) -> RateTable:
         band_prices_micros=((tariff.first_increment_price_micros,
                              tariff.next_increment_price_micros),),
         band_changes=((0, 0),),
-    )
-
-
-def banded_table(tariff: Tariff, changes: Sequence[tuple[int, Band | None]],
-                 period: str) -> RateTable:
-    """The rate table of a tariff with bands or tiers, given its band changes."""
-    bands: tuple[Band | None, ...] = (None, *tariff.bands)
-    tiers: tuple[Tier | None, ...] = (None, *tariff.tiers)
-    prices = tuple((tariff.first_price(band), *(tariff.next_price(band, tier) for tier in tiers))
-                   for band in bands)
-    index_of = {id(band): index for index, band in enumerate(bands)}  # the tariff's own
-    return RateTable(
-        connect_fee_micros=tariff.connect_fee_micros,
-        first_increment_units=tariff.first_increment_units,
-        next_increment_units=tariff.next_increment_units,
-        time_based=tariff.unit_kind is UnitKind.TIME,
-        period=period if tariff.tiers else NO_PERIOD,
-        tier_from_units=tuple(tier.from_units for tier in tariff.tiers),
-        band_prices_micros=prices,
-        band_changes=tuple((offset_s, index_of[id(band)]) for offset_s, band in changes),
     )
 
 
