@@ -17,7 +17,7 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
   KEYS[6] final sessions  set of the ids of open sessions holding their final units
   KEYS[7] event stream    the partition's charge notifications
   KEYS[8] CDR stream      the partition's charging data records
-  KEYS[9] rates hash      <rg>:fast, <rg>:slow, <rg>:at_ms, <rg>:since_ms, <rg>:spike
+  KEYS[9] rates hash      <rg> -> "fast|slow|at_ms|since_ms|spike" (usage spike detection)
   KEYS[10] event counter  the partition's count of notifications ever written: each one
                           carries its number `n`, so a subscriber can tell whether
                           retention dropped any after its cursor
@@ -329,10 +329,15 @@ local function write_buckets()
   end
 end
 
+-- One HSET of the changed fields' new values (the script read them all, and nothing else
+-- runs meanwhile): one call instead of one HINCRBY per field.
 local function write_account()
+  local flat = {}
   for field, delta in pairs(account_changes) do
-    redis.call('HINCRBY', account_key, field, int(delta))
+    flat[#flat + 1] = field
+    flat[#flat + 1] = int((tonumber(account[field]) or 0) + delta)
   end
+  if #flat > 0 then redis.call('HSET', account_key, unpack(flat)) end
 end
 
 local function record_usage(rg, used, charged, from_buckets, uncharged)
@@ -387,11 +392,13 @@ local function observe_usage(rg, units)
   if units <= 0 or spike_factor <= 0 then return end
   local rates = rate_changes[rg]
   if not rates then
-    local stored = redis.call('HMGET', rates_key, rg .. ':fast', rg .. ':slow',
-      rg .. ':at_ms', rg .. ':since_ms', rg .. ':spike')
-    rates = { fast = tonumber(stored[1]) or 0, slow = tonumber(stored[2]) or 0,
-      at_ms = tonumber(stored[3]) or event_time_ms,
-      since_ms = tonumber(stored[4]) or event_time_ms, spike = stored[5] == '1' }
+    -- "fast|slow|at_ms|since_ms|spike": one field per rating group, read with one call
+    local stored = redis.call('HGET', rates_key, rg) or ''
+    local fast, slow, at_ms, since_ms, spike =
+      string.match(stored, '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([01])$')
+    rates = { fast = tonumber(fast) or 0, slow = tonumber(slow) or 0,
+      at_ms = tonumber(at_ms) or event_time_ms,
+      since_ms = tonumber(since_ms) or event_time_ms, spike = spike == '1' }
     rate_changes[rg] = rates
   end
   local elapsed_s = math.max(0, event_time_ms - rates.at_ms) / 1000
@@ -409,6 +416,17 @@ local function observe_usage(rg, units)
   elseif rates.fast < spike_factor * rates.slow / 2 then rates.spike = false end
 end
 
+local function write_rates()
+  local flat = {}
+  for rg, r in pairs(rate_changes) do
+    flat[#flat + 1] = rg
+    flat[#flat + 1] = table.concat({ string.format('%.17g', r.fast),
+      string.format('%.17g', r.slow), int(r.at_ms), int(r.since_ms), r.spike and '1' or '0' },
+      '|')
+  end
+  if #flat > 0 then redis.call('HSET', rates_key, unpack(flat)) end
+end
+
 -- All writes of the request that are not the charge itself: notifications, rates,
 -- expired buckets. Called once, after every check has passed.
 local function write_records()
@@ -416,11 +434,7 @@ local function write_records()
     redis.call('HDEL', buckets_key, b.id)
     notify('bucket_expired', { 'rg', b.rg, 'bucket', b.id, 'units', b.remaining })
   end
-  for rg, r in pairs(rate_changes) do
-    redis.call('HSET', rates_key, rg .. ':fast', string.format('%.17g', r.fast),
-      rg .. ':slow', string.format('%.17g', r.slow), rg .. ':at_ms', int(r.at_ms),
-      rg .. ':since_ms', int(r.since_ms), rg .. ':spike', r.spike and '1' or '0')
-  end
+  write_rates()
   notify_low_balance()
   for _, flat in ipairs(notifications) do
     flat[#flat + 1] = 'n'
