@@ -46,7 +46,10 @@ def cluster() -> Iterator[RedisCluster]:
 @pytest.fixture(scope="module")
 async def cluster_server(cluster: RedisCluster, settings: Settings
                          ) -> AsyncIterator[RunningServer]:
-    running = await start_server(replace(settings, redis_cluster=True), cluster.url)
+    # a long deadline: these tests are about what is charged, and a hundred first calls at
+    # once (slot maps, connections to three nodes) can take seconds on a loaded machine
+    running = await start_server(replace(settings, redis_cluster=True, redis_call_timeout_s=10.0),
+                                 cluster.url)
     yield running
     await stop_server(running, grace_s=1.0)
 
