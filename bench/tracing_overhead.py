@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 import uvloop
 from creditline.app import start_server, stop_server
-from creditline.interceptors import CallInterceptor
+from creditline.interceptors import CallWrapper
 from creditline.rating import IncrementRater, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
@@ -139,7 +139,7 @@ async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
 
 
 class _Context:
-    """The little of a grpc.aio ServicerContext the interceptor reads."""
+    """The little of a grpc.aio ServicerContext the call wrapper reads."""
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("user-agent", "bench"),)
@@ -150,7 +150,7 @@ class _Context:
 
 async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
     """Server CPU per call of what tracing adds, in this process without network or Redis:
-    the interceptor's call span, the rating span and the script span, around a handler
+    the call wrapper's call span, the rating span and the script span, around a handler
     that rates one tariff and awaits a finished script call."""
     # a queue for every span of the loop: a tight loop outruns the export thread, and
     # dropping spans would understate the cost
@@ -172,9 +172,9 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
 
     call = handler
     if telemetry.spans is not None:
-        interceptor = CallInterceptor(spans=telemetry.spans, metrics=None, check_roles=False)
-        call = interceptor._wrap("/creditline.v1.Charging/Initial",
-                                 grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+        wrapper = CallWrapper(spans=telemetry.spans, metrics=None, check_roles=False)
+        call = wrapper.wrap("/creditline.v1.Charging/Initial",
+                            grpc.unary_unary_rpc_method_handler(handler)).unary_unary
     request = pb.CreditControlRequest(
         session_id="s", account_id="a",
         rating_groups=[pb.RatingGroupRequest(rating_group=RG_VOICE)])
