@@ -269,3 +269,36 @@ async def test_cursor_older_than_retention_is_refused(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await bad.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _until(condition, timeout_s: float = READ_TIMEOUT_S) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_partition_is_read_only_while_subscribed_and_resumes_after_its_reader_stopped(
+        server, charging, notifications, make_account, settings):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10**12)
+    partition = account_keys(acct, settings.partitions).partition
+    hub = server.hub
+    # an earlier test's subscriber of this partition may still be leaving
+    await _until(lambda: not hub.reading(partition))
+    await sms(charging, acct, "before")  # nobody subscribes: nobody reads it
+    assert not hub.reading(partition)
+    first = await subscribe(notifications, account_ids=[acct])
+    assert hub.reading(partition)
+    await sms(charging, acct, "e1")
+    [e1] = await first.read(1)
+    assert e1.session_id == "e1"
+    first.cancel()
+    await _until(lambda: not hub.reading(partition))  # stops after its current read
+    for n in range(2, 5):  # charged while nobody reads the partition
+        await sms(charging, acct, f"e{n}")
+    resumed = await subscribe(notifications, account_ids=[acct], cursor=e1.cursor)
+    await sms(charging, acct, "e5")
+    events = await resumed.read(4)
+    assert [e.session_id for e in events] == ["e2", "e3", "e4", "e5"]  # no gap, no repeat
+    await resumed.no_more()
+    resumed.cancel()
