@@ -78,11 +78,13 @@ def decode_cursor(cursor: str) -> dict[int, Position]:
     return positions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEvent:
     partition: int
     position: Position
     fields: Mapping[str, str]
+    # the message without its cursor, made once for all the subscribers that get it
+    message: pb.ChargeEvent | None = field(default=None, compare=False, repr=False)
 
 
 def _decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[bytes, bytes]
@@ -289,9 +291,21 @@ async def _authorize(accounts: frozenset[str] | None,
 
 
 def event_message(event: StreamEvent, cursor: str) -> pb.ChargeEvent:
+    """The event's message with a subscriber's cursor: a copy of the message built once
+    per event (a copy costs a sixth of building it, and ~6 subscribers get each event
+    in notify_bench's mix)."""
+    if event.message is None:
+        event.message = _message_of(event)
+    message = pb.ChargeEvent()
+    message.CopyFrom(event.message)
+    message.cursor = cursor
+    return message
+
+
+def _message_of(event: StreamEvent) -> pb.ChargeEvent:
     f = event.fields
     message = pb.ChargeEvent(
-        event_id=f"{event.partition}-{event.position.stream_id}", cursor=cursor,
+        event_id=f"{event.partition}-{event.position.stream_id}",
         type=pb.EventType.Value(f["t"].upper()), account_id=f.get("a", ""),
         session_id=f.get("s", ""), rating_group=f.get("rg", ""),
         units=int(f.get("units", 0)), amount_micros=int(f.get("amount", 0)),
@@ -416,8 +430,13 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
                 if not batch:
                     break
                 await self._send(subscription, batch, context)
+        queue = subscription.queue
         while True:
-            await self._send(subscription, [await subscription.queue.get()], context)
+            # everything queued meanwhile goes out in this turn: one wake-up per burst
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            await self._send(subscription, events, context)
 
     async def _send(self, subscription: Subscription, events: Iterable[StreamEvent],
                     context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
