@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import grpc
 import uvloop
-from creditline.app import start_server, stop_server
+from creditline.app import freeze_startup_objects, start_server, stop_server
 from creditline.interceptors import CallWrapper
 from creditline.rating import IncrementRater, load_plan
 from creditline.redis_process import RedisProcess
@@ -121,6 +122,7 @@ class Run:
 async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
                    sessions: int, concurrency: int) -> Run:
     running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
+    freeze_startup_objects()  # as `creditline serve` does once it has started
     target = f"127.0.0.1:{running.port}"
     try:
         await _accounts(target)
@@ -136,6 +138,7 @@ async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
         return Run(float(output.decode().split()[-1]), cpu_s / calls * 1e6)
     finally:
         await stop_server(running, 1.0)
+        gc.unfreeze()  # the next mode's server starts from the same state
 
 
 class _Context:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -247,10 +248,21 @@ def redis_for(settings: Settings) -> Iterator[str]:
         process.stop()
 
 
+def freeze_startup_objects() -> None:
+    """Moves everything made so far (modules, plan, server, clients: alive as long as the
+    process) out of the garbage collector's reach. Why: a full collection scanned them
+    all and paused the event loop ~20 ms each time (measured with gc callbacks under
+    notify_bench), the tail of every call's latency; frozen, a full pass scans only what
+    the calls made since."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool = False
                            ) -> None:
     """Runs one server process until SIGINT or SIGTERM."""
     running = await start_server(settings, redis_url, reuse_port=reuse_port)
+    freeze_startup_objects()
     telemetry = running.telemetry
     log.info("creditline listening on port %d (pid %d, %s), plan %r with %d tariffs; "
              "tracing %s, metrics %s", running.port, os.getpid(),
