@@ -150,7 +150,8 @@ async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, Redi
     # The hub's readers block in XREAD: they get connections of their own.
     hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
-    hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster)
+    hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster,
+                   lean=_fast_path(redis_url, settings))
     await hub.start()
     return hub, hub_redis
 
