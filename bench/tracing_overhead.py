@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import statistics
 import sys
 import time
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import grpc
 import uvloop
-from creditline.app import start_server, stop_server
-from creditline.interceptors import CallInterceptor
+from creditline.app import freeze_startup_objects, start_server, stop_server
+from creditline.interceptors import CallWrapper
 from creditline.rating import IncrementRater, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
@@ -121,6 +122,7 @@ class Run:
 async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
                    sessions: int, concurrency: int) -> Run:
     running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
+    freeze_startup_objects()  # as `creditline serve` does once it has started
     target = f"127.0.0.1:{running.port}"
     try:
         await _accounts(target)
@@ -136,10 +138,11 @@ async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
         return Run(float(output.decode().split()[-1]), cpu_s / calls * 1e6)
     finally:
         await stop_server(running, 1.0)
+        gc.unfreeze()  # the next mode's server starts from the same state
 
 
 class _Context:
-    """The little of a grpc.aio ServicerContext the interceptor reads."""
+    """The little of a grpc.aio ServicerContext the call wrapper reads."""
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("user-agent", "bench"),)
@@ -150,7 +153,7 @@ class _Context:
 
 async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
     """Server CPU per call of what tracing adds, in this process without network or Redis:
-    the interceptor's call span, the rating span and the script span, around a handler
+    the call wrapper's call span, the rating span and the script span, around a handler
     that rates one tariff and awaits a finished script call."""
     # a queue for every span of the loop: a tight loop outruns the export thread, and
     # dropping spans would understate the cost
@@ -172,9 +175,9 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
 
     call = handler
     if telemetry.spans is not None:
-        interceptor = CallInterceptor(spans=telemetry.spans, metrics=None, check_roles=False)
-        call = interceptor._wrap("/creditline.v1.Charging/Initial",
-                                 grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+        wrapper = CallWrapper(spans=telemetry.spans, metrics=None, check_roles=False)
+        call = wrapper.wrap("/creditline.v1.Charging/Initial",
+                            grpc.unary_unary_rpc_method_handler(handler)).unary_unary
     request = pb.CreditControlRequest(
         session_id="s", account_id="a",
         rating_groups=[pb.RatingGroupRequest(rating_group=RG_VOICE)])

@@ -1,5 +1,6 @@
 """A lean pipelined path for the charging script: EVALSHA written straight to the socket
 as RESP, replies parsed by hiredis, every call of one event-loop turn sent in one write.
+The notification hub reads its streams through one too (`call`, on a connection of its own).
 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path
@@ -128,6 +129,12 @@ class FastScriptClient:
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))
         return reply
+
+    async def call(self, *parts: str | int) -> Any:
+        """Any one command on this client's connection, its reply as hiredis gives it. A
+        blocking command (XREAD BLOCK) holds the connection: give it a client of its own."""
+        connection = await self._connected()
+        return await self._checked(connection.send(_pack(*parts)))
 
     async def aclose(self) -> None:
         if self._connection is not None:

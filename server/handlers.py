@@ -1,14 +1,15 @@
 """Registers servicers with gRPC so that a request that is not valid protobuf gets
 INVALID_ARGUMENT naming the message type, not gRPC's INTERNAL "Exception deserializing
 request!". The deserializer never raises: it hands an `Unparsable` to the method wrapper,
-which answers it; interceptors still see parsed messages for every good request.
+which answers it; the call wrapper (interceptors.CallWrapper) still sees parsed messages
+for every good request.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -70,7 +71,18 @@ def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHan
         one, request_deserializer=parse, response_serializer=serialize)
 
 
-def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+# Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Wrap: TypeAlias = "Callable[[str, Handler], Handler]"
+
+
+def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
+                wrap: Wrap | None = None) -> None:
+    """Registers a servicer; `wrap` (the span, metrics and role check) gets each method's
+    handler with its full name `/<service>/<method>` and returns the one to serve."""
     handlers = {m.name: _handler(m, getattr(servicer, m.name)) for m in service.methods}
+    if wrap is not None:
+        handlers = {name: wrap(f"/{service.full_name}/{name}", handler)
+                    for name, handler in handlers.items()}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))

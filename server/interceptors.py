@@ -1,9 +1,14 @@
-"""One gRPC server interceptor for what every call shares: the role check, the span and
-the metrics. The servicers know nothing of them.
+"""One wrapper for what every call shares: the role check, the span and the metrics.
+The servicers know nothing of them.
 
-It is installed only when something is switched on (mutual TLS, a tracer or metrics):
-a server without them has no interceptor and pays nothing per call. Each method's handler
-is wrapped once and reused, so the per-call cost is the wrapper itself.
+Each method handler of the Charging, Admin and Notifications services is wrapped once,
+when the service is registered (handlers.add_service), and only when something is
+switched on (mutual TLS, a tracer or metrics): a server without them has no wrapper and
+pays nothing per call. Why not a grpc.aio ServerInterceptor: grpc.aio runs an
+interceptor's chain of coroutines (and our lookup of the wrapped handler) for every call
+before it even finds the handler; with nothing switched on but the interceptor, the
+quietest end-to-end run measured +40-53 us of server CPU per call (other runs within
+their +-30 us noise), the wrapper alone measures nothing.
 
 The span of a call is named `<service>/<method>` (kind SERVER), continues the caller's
 trace from the W3C `traceparent` / `tracestate` metadata, and carries the standard rpc.*
@@ -13,7 +18,8 @@ creditline.rating_groups and creditline.result_code read from the request and an
 Spans are made by telemetry.SpanRecorder; a sampled-out call makes none, and its children
 (rating, the Redis script) see no sampled parent and make none either. A call refused by
 the role check is traced and counted with its status, and never reaches the servicer.
-Health and reflection calls get neither spans nor metrics.
+Health and reflection are registered without the wrapper: they get neither spans nor
+metrics, and are open to every client.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]"
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -77,31 +82,16 @@ def request_attributes(request: Any) -> dict[str, Any]:
     return attributes
 
 
-class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class CallWrapper:
     def __init__(self, *, spans: SpanRecorder | None, metrics: Metrics | None,
                  check_roles: bool) -> None:
         self._spans = spans
         self._metrics = metrics
         self._check_roles = check_roles
-        # method -> (the handler wrapped, its wrapper); bounded by the registered methods
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
 
-    async def intercept_service(self, continuation: Continuation,
-                                handler_call_details: grpc.HandlerCallDetails) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if isinstance(method, bytes):
-            method = method.decode()
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapper = self._wrap(method, handler)
-        self._wrapped[method] = (handler, wrapper)
-        return wrapper
-
-    def _wrap(self, method: str, handler: Handler) -> Handler:
+    def wrap(self, method: str, handler: Handler) -> Handler:
+        """The handler of `method` (`/<service>/<method>`) with the span, metrics and
+        role check around it."""
         service, _ = _split_method(method)
         is_open = service in security.OPEN_SERVICES
         if handler.unary_unary is not None and not is_open:
@@ -136,7 +126,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                                         base_attributes)
             token = None if span is None else attach(
                 set_span_in_context(NonRecordingSpan(span.context)))
-            start_s = time.perf_counter()
+            start_s = 0.0 if metrics is None else time.perf_counter()
             error: BaseException | None = None
             response: Any = None
             try:
@@ -149,13 +139,14 @@ class CallInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 error = raised
                 raise
             finally:
-                status = _status_code(context, error)
-                if span is not None and spans is not None and token is not None:
-                    detach(token)
-                    _annotate(spans, span, request, response, status, error)
-                if metrics is not None:
-                    _record(metrics, base_attributes, status, request, response,
-                            time.perf_counter() - start_s)
+                if span is not None or metrics is not None:
+                    status = _status_code(context, error)
+                    if span is not None and spans is not None and token is not None:
+                        detach(token)
+                        _annotate(spans, span, request, response, status, error)
+                    if metrics is not None:
+                        _record(metrics, base_attributes, status, request, response,
+                                time.perf_counter() - start_s)
 
         return call
 

@@ -7,11 +7,16 @@ filters match. Each subscription has a bounded queue: one that
 falls behind is ended with RESOURCE_EXHAUSTED and the cursor to resume from, so a slow
 subscriber never slows charging or the other subscribers.
 
+A partition is read only while a subscription covers it: the first subscription of a
+partition starts its reader at the stream's newest entry, and the reader stops after the
+read during which the partition's last subscription left. A server without subscribers
+reads nothing.
+
 A cursor is the position of a subscription in every partition it reads: per partition,
 the stream id of the last event delivered and its sequence number `n`. Resuming reads the
-streams from there up to where the hub was when the subscription joined, then takes the
-hub's live events; positions drop anything already delivered, so nothing is lost or
-delivered twice.
+streams from there up to where the hub's reader was when the subscription joined (for a
+reader started by that join: the newest entry then), then takes the hub's live events;
+positions drop anything already delivered, so nothing is lost or delivered twice.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from creditline.fastredis import FastScriptClient
 from creditline.security import Role, current_principal
 from creditline.store import RedisClient, event_counter_key, events_key, partition_of
 from creditline.telemetry import Metrics
@@ -42,6 +48,8 @@ READ_BATCH = 500
 READ_BLOCK_MS = 1000
 # How long the hub waits before reading again after Redis failed.
 RETRY_PAUSE_S = 0.5
+# How long a blocking read on the lean connection may take before it counts as failed.
+LEAN_READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # How long stopping waits for the readers (each is at most one blocking read away).
 STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 _STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance", "n"})
@@ -73,11 +81,17 @@ def decode_cursor(cursor: str) -> dict[int, Position]:
     return positions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEvent:
     partition: int
     position: Position
     fields: Mapping[str, str]
+    # the message without its cursor, made once for all the subscribers that get it
+    message: pb.ChargeEvent | None = field(default=None, compare=False, repr=False)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[bytes, bytes]
@@ -115,31 +129,148 @@ class Subscription:
         return event.position.n > seen.n
 
 
-class EventHub:
-    """The one reader of the partition streams in this process."""
+@dataclass
+class _Partition:
+    """The subscriptions of one partition, indexed so that an event is offered only to
+    those that may want it (not to every subscriber of the process)."""
 
-    def __init__(self, redis: RedisClient, partitions: int) -> None:
+    by_account: dict[str, set[Subscription]] = field(default_factory=dict)
+    every_account: set[Subscription] = field(default_factory=set)
+    # joins under way (waiting for the stream's newest entry) count as listeners too
+    listeners: int = 0
+
+    def add(self, subscription: Subscription) -> None:
+        if subscription.account_ids is None:
+            self.every_account.add(subscription)
+            return
+        for account_id in subscription.account_ids:
+            self.by_account.setdefault(account_id, set()).add(subscription)
+
+    def discard(self, subscription: Subscription) -> None:
+        self.every_account.discard(subscription)
+        for account_id in subscription.account_ids or ():
+            subscribers = self.by_account.get(account_id)
+            if subscribers is not None:
+                subscribers.discard(subscription)
+                if not subscribers:
+                    del self.by_account[account_id]
+
+    def wants(self, account_id: str) -> bool:
+        return bool(self.every_account) or account_id in self.by_account
+
+    def offer(self, event: StreamEvent) -> None:
+        for subscription in self.by_account.get(event.fields.get("a", ""), ()):
+            subscription.offer(event)
+        for subscription in self.every_account:
+            subscription.offer(event)
+
+
+class EventHub:
+    """The one reader of the partition streams in this process, reading a partition only
+    while a subscription covers it.
+
+    With `read_together` (one Redis server, not a cluster) one task reads every partition
+    with one XREAD of all the streams, started by the first subscription and stopped
+    after the last one left: a reader per partition got one or two entries per XREAD
+    under load, and redis-py's cost per call was 17 % of the server's CPU with 100
+    subscribers (py-spy). In a cluster the streams sit on different nodes (one XREAD
+    cannot name them all): one task per partition, for the partitions subscribed."""
+
+    def __init__(self, redis: RedisClient, partitions: int, read_together: bool = False,
+                 lean: FastScriptClient | None = None) -> None:
         self.redis = redis
         self.partitions = partitions
+        self._read_together = read_together
+        # the shared XREAD through the lean hiredis connection (fastredis) when Redis allows
+        # it (one server, no AUTH or TLS): a third of redis-py's cost per read
+        self._lean = lean if read_together else None
+        # of the partitions being read: the position after the last event read
         self.positions: dict[int, Position] = {}
         self.subscriptions: set[Subscription] = set()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._partitions: dict[int, _Partition] = {}
+        self._readers: dict[int, asyncio.Task[None]] = {}
+        self._fetching: dict[tuple[int, ...], asyncio.Future[dict[int, Position]]] = {}
         self._stopping = False
 
     async def start(self) -> None:
-        for partition in range(self.partitions):
-            self.positions[partition] = await self.latest(partition)
-        self._tasks = [asyncio.create_task(self._read_forever(p), name=f"event-hub-{p}")
-                       for p in range(self.partitions)]
+        """Nothing is read until a subscription joins (join starts the readers)."""
 
     async def stop(self) -> None:
         # The flag as well as the cancel: a cancel that lands while redis-py waits for a
         # pooled connection can come back as a connection error, which the loop survives.
         self._stopping = True
-        for task in self._tasks:
+        tasks = set(self._readers.values())
+        for task in tasks:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_S)
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+        if self._lean is not None:
+            await self._lean.aclose()
+
+    def reading(self, partition: int) -> bool:
+        return partition in self._readers
+
+    async def join(self, subscription: Subscription) -> dict[int, Position]:
+        """Adds a subscription and returns, per partition it covers, the position after
+        which every event reaches its queue; the events up to it are the caller's to read
+        (read_range). A partition nobody read gets a reader starting at its newest entry."""
+        for partition in subscription.partitions:
+            # from here on no reader of these partitions stops (see _read_forever)
+            self._partitions.setdefault(partition, _Partition()).listeners += 1
+        groups = {self._group(p) for p in subscription.partitions if p not in self._readers}
+        newest: dict[int, Position] = {}
+        try:
+            for group in groups:
+                newest.update(await asyncio.shield(self._newest(group)))
+        except BaseException:
+            self._release(subscription.partitions)
+            raise
+        # No await from here on: the readers started and the subscription added at once.
+        for partition in subscription.partitions:
+            if partition not in self._readers:  # else a concurrent join started it
+                self._start_reader(self._group(partition), newest)
+            self._partitions[partition].add(subscription)
+        self.subscriptions.add(subscription)
+        return {p: self.positions[p] for p in subscription.partitions}
+
+    def _newest(self, group: tuple[int, ...]) -> asyncio.Future[dict[int, Position]]:
+        """The newest positions of a group's partitions, read once for all the joins that
+        wait for them (a thousand subscribers joining at once read them once)."""
+        fetch = self._fetching.get(group)
+        if fetch is None:
+            fetch = self._fetching[group] = asyncio.ensure_future(self._read_newest(group))
+            fetch.add_done_callback(lambda _: self._fetching.pop(group, None))
+        return fetch
+
+    async def _read_newest(self, group: tuple[int, ...]) -> dict[int, Position]:
+        positions = await asyncio.gather(*map(self.latest, group))
+        return dict(zip(group, positions, strict=True))
+
+    def _group(self, partition: int) -> tuple[int, ...]:
+        """The partitions one reader reads together with this one."""
+        return tuple(range(self.partitions)) if self._read_together else (partition,)
+
+    def _start_reader(self, group: tuple[int, ...], newest: Mapping[int, Position]) -> None:
+        task = asyncio.create_task(self._read_forever(group),
+                                   name=f"event-hub-{group[0]}-{group[-1]}")
+        for partition in group:
+            self._partitions.setdefault(partition, _Partition())
+            self.positions[partition] = newest[partition]
+            self._readers[partition] = task
+
+    def leave(self, subscription: Subscription) -> None:
+        """Removes a subscription that joined; a reader left without subscriptions stops
+        after its current read."""
+        if subscription not in self.subscriptions:
+            return
+        self.subscriptions.discard(subscription)
+        for partition in subscription.partitions:
+            self._partitions[partition].discard(subscription)
+        self._release(subscription.partitions)
+
+    def _release(self, partitions: frozenset[int]) -> None:
+        for partition in partitions:
+            self._partitions[partition].listeners -= 1
 
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
@@ -155,23 +286,54 @@ class EventHub:
         oldest: Any = await self.redis.xrange(events_key(partition), count=1)
         return _decode_entry(partition, *oldest[0]).position.n if oldest else None
 
-    async def _read_forever(self, partition: int) -> None:
-        key = events_key(partition)
-        while not self._stopping:
-            try:
-                replies: Any = await self.redis.xread(
-                    {key: self.positions[partition].stream_id}, count=READ_BATCH,
-                    block=READ_BLOCK_MS)
-            except (RedisError, OSError) as error:
-                log.warning("event hub: reading %s failed: %r", key, error)
-                await asyncio.sleep(RETRY_PAUSE_S)
-                continue
-            for _, entries in replies or []:
-                for stream_id, raw in entries:
-                    event = _decode_entry(partition, stream_id, raw)
-                    self.positions[partition] = event.position
-                    for subscription in self.subscriptions:
-                        subscription.offer(event)
+    async def _read_forever(self, group: tuple[int, ...]) -> None:
+        keys = {events_key(p): p for p in group}
+        states = [self._partitions[p] for p in group]
+        try:
+            while not self._stopping and any(state.listeners > 0 for state in states):
+                await self._read_once(keys)
+        finally:
+            # Checked and removed in one step (no await): a join either saw this reader
+            # still running with its listener counted (so it went on), or sees it gone.
+            for partition in group:
+                if self._readers.get(partition) is asyncio.current_task():
+                    del self._readers[partition]
+                    del self.positions[partition]
+
+    async def _read_once(self, keys: Mapping[str, int]) -> None:
+        ids = [self.positions[p].stream_id for p in keys.values()]
+        try:
+            if self._lean is not None:
+                # a Redis that stops answering without closing must not hold the reader
+                async with asyncio.timeout(LEAN_READ_TIMEOUT_S):
+                    replies: Any = await self._lean.call(
+                        "XREAD", "COUNT", READ_BATCH, "BLOCK", READ_BLOCK_MS, "STREAMS",
+                        *keys, *ids)
+            else:
+                replies = await self.redis.xread(dict(zip(keys, ids, strict=True)),
+                                                 count=READ_BATCH, block=READ_BLOCK_MS)
+        except (RedisError, OSError) as error:
+            log.warning("event hub: reading %s failed: %r", ", ".join(keys), error)
+            await asyncio.sleep(RETRY_PAUSE_S)
+            return
+        for name, entries in replies or []:
+            partition = keys[name.decode() if isinstance(name, bytes) else name]
+            self._offer_all(partition, entries)
+
+    def _offer_all(self, partition: int, entries: Iterable[Any]) -> None:
+        """Offers a partition's new entries; only those some subscription may want are
+        decoded (with few subscribers most events are nobody's)."""
+        state = self._partitions[partition]
+        for stream_id, raw in entries:
+            # redis-py gives each entry's fields as a dict, the lean connection as a list
+            fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
+            if state.wants(_text(fields.get(b"a", b""))):
+                event = _decode_entry(partition, stream_id, fields)
+                self.positions[partition] = event.position
+                state.offer(event)
+            else:
+                self.positions[partition] = Position(int(fields.get(b"n", 0)),
+                                                     _text(stream_id))
 
     async def read_range(self, partition: int, after: Position, until: Position
                          ) -> list[StreamEvent]:
@@ -200,9 +362,21 @@ async def _authorize(accounts: frozenset[str] | None,
 
 
 def event_message(event: StreamEvent, cursor: str) -> pb.ChargeEvent:
+    """The event's message with a subscriber's cursor: a copy of the message built once
+    per event (a copy costs a sixth of building it, and ~6 subscribers get each event
+    in notify_bench's mix)."""
+    if event.message is None:
+        event.message = _message_of(event)
+    message = pb.ChargeEvent()
+    message.CopyFrom(event.message)
+    message.cursor = cursor
+    return message
+
+
+def _message_of(event: StreamEvent) -> pb.ChargeEvent:
     f = event.fields
     message = pb.ChargeEvent(
-        event_id=f"{event.partition}-{event.position.stream_id}", cursor=cursor,
+        event_id=f"{event.partition}-{event.position.stream_id}",
         type=pb.EventType.Value(f["t"].upper()), account_id=f.get("a", ""),
         session_id=f.get("s", ""), rating_group=f.get("rg", ""),
         units=int(f.get("units", 0)), amount_micros=int(f.get("amount", 0)),
@@ -232,28 +406,32 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"at most {self._max_subscribers} subscribers per process")
         subscription = await self._subscription(request, context)
-        start = await self._start_positions(request, subscription, context)
-        # Joining the hub and taking its positions happen without an await between them:
-        # every event after `joined` reaches the queue, every one before is read below.
-        self._hub.subscriptions.add(subscription)
+        cursor = await self._cursor(request, subscription, context)
+        # Joining gives the positions after which every event reaches the queue; the
+        # events before them are read from the streams by _deliver.
+        joined = await self._hub.join(subscription)
         self._count_subscribers(+1)
-        joined = {p: self._hub.positions[p] for p in subscription.partitions}
-        subscription.positions = start
-        await context.send_initial_metadata(((START_CURSOR_METADATA, encode_cursor(start)),))
-        writer = asyncio.create_task(self._deliver(subscription, joined, context))
-        overflow = asyncio.create_task(subscription.overflowed.wait())
         try:
-            await asyncio.wait({writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            start = joined if cursor is None else await self._checked_cursor(
+                cursor, subscription, joined, context)
+            subscription.positions = dict(start)
+            await context.send_initial_metadata(
+                ((START_CURSOR_METADATA, encode_cursor(start)),))
+            writer = asyncio.create_task(self._deliver(subscription, joined, context))
+            overflow = asyncio.create_task(subscription.overflowed.wait())
+            try:
+                await asyncio.wait({writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                writer.cancel()
+                overflow.cancel()
         finally:
-            self._hub.subscriptions.discard(subscription)
+            self._hub.leave(subscription)
             self._count_subscribers(-1)
-            writer.cancel()
-            overflow.cancel()
         if subscription.overflowed.is_set():
-            cursor = encode_cursor(subscription.positions)
-            context.set_trailing_metadata(((RESUME_CURSOR_METADATA, cursor),))
+            cursor_now = encode_cursor(subscription.positions)
+            context.set_trailing_metadata(((RESUME_CURSOR_METADATA, cursor_now),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"subscriber fell behind; resume from cursor {cursor}")
+                                f"subscriber fell behind; resume from cursor {cursor_now}")
         writer.result()  # re-raises what ended the delivery
 
     def _count_subscribers(self, change: int) -> None:
@@ -278,12 +456,13 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
                             event_types=frozenset(names) or None,
                             queue=asyncio.Queue(self._queue_size))
 
-    async def _start_positions(
+    async def _cursor(
         self, request: pb.SubscribeRequest, subscription: Subscription,
         context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent],
-    ) -> dict[int, Position]:
+    ) -> dict[int, Position] | None:
+        """The resume cursor's positions for the subscription's partitions, or None."""
         if not request.cursor:
-            return {p: self._hub.positions[p] for p in subscription.partitions}
+            return None
         try:
             cursor = decode_cursor(request.cursor)
         except ValueError as error:
@@ -293,16 +472,24 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"cursor: does not cover partition {min(missing)}; resume "
                                 "with the account filter the cursor came from")
-        for partition in subscription.partitions:
+        return {p: cursor[p] for p in subscription.partitions}
+
+    async def _checked_cursor(
+        self, cursor: dict[int, Position], subscription: Subscription,
+        joined: Mapping[int, Position],
+        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent],
+    ) -> dict[int, Position]:
+        """The cursor, refused when events after it were trimmed from a stream."""
+        for partition in sorted(subscription.partitions):
             oldest = await self._hub.oldest_kept(partition)
-            latest = self._hub.positions[partition]
+            latest = joined[partition]
             lost = (oldest is not None and oldest > cursor[partition].n + 1) or (
                 oldest is None and latest.n > cursor[partition].n)
             if lost:
                 await context.abort(grpc.StatusCode.OUT_OF_RANGE,
                                     f"cursor: older than the retention of partition "
                                     f"{partition}; events after it were dropped")
-        return {p: cursor[p] for p in subscription.partitions}
+        return cursor
 
     async def _deliver(self, subscription: Subscription, joined: Mapping[int, Position],
                        context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]
@@ -314,8 +501,13 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
                 if not batch:
                     break
                 await self._send(subscription, batch, context)
+        queue = subscription.queue
         while True:
-            await self._send(subscription, [await subscription.queue.get()], context)
+            # everything queued meanwhile goes out in this turn: one wake-up per burst
+            events = [await queue.get()]
+            while not queue.empty():
+                events.append(queue.get_nowait())
+            await self._send(subscription, events, context)
 
     async def _send(self, subscription: Subscription, events: Iterable[StreamEvent],
                     context: grpc.aio.ServicerContext[pb.SubscribeRequest, pb.ChargeEvent]

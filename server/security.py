@@ -17,8 +17,8 @@ Without TLS, or with TLS but no client CA (tls_client_ca_file), there are no cli
 identities: every caller has every role (the server behaves as before TLS existed).
 
 The notification stream (a future `creditline.v1.Notifications` service) is authorised in
-two steps: the interceptor lets in callers with a subscriber or admin role, and the stream
-handler filters with `current_principal().may_read_account(account_id)`.
+two steps: the call wrapper (interceptors.CallWrapper) lets in callers with a subscriber or
+admin role, and the stream handler filters with `current_principal().may_read_account(account_id)`.
 """
 
 from __future__ import annotations

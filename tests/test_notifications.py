@@ -269,3 +269,47 @@ async def test_cursor_older_than_retention_is_refused(
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await bad.read()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _until(condition, timeout_s: float = READ_TIMEOUT_S) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reader_stopped(
+        redis_process, settings):  # type: ignore[no-untyped-def]
+    # a server of its own: the shared one may still hold other tests' subscriptions
+    from creditline.app import start_server, stop_server
+    from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+
+    running = await start_server(settings, redis_process.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            notifications = notifications_pb2_grpc.NotificationsStub(channel)
+            acct = f"lazy-{time.time_ns()}"
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(
+                admin_pb.CreateAccountRequest(account_id=acct, initial_balance_micros=10**12))
+            partition = account_keys(acct, settings.partitions).partition
+            hub = running.hub
+            await sms(charging, acct, "before")  # nobody subscribes: nobody reads it
+            assert not hub.reading(partition)
+            first = await subscribe(notifications, account_ids=[acct])
+            assert hub.reading(partition)
+            await sms(charging, acct, "e1")
+            [e1] = await first.read(1)
+            assert e1.session_id == "e1"
+            first.cancel()
+            await _until(lambda: not hub.reading(partition))  # stops after its current read
+            for n in range(2, 5):  # charged while nobody reads the streams
+                await sms(charging, acct, f"e{n}")
+            resumed = await subscribe(notifications, account_ids=[acct], cursor=e1.cursor)
+            await sms(charging, acct, "e5")
+            events = await resumed.read(4)
+            assert [e.session_id for e in events] == ["e2", "e3", "e4", "e5"]  # no gap, no repeat
+            await resumed.no_more()
+            resumed.cancel()
+    finally:
+        await stop_server(running, grace_s=1.0)

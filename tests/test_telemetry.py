@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, _interceptors, start_server, stop_server
+from creditline.app import RunningServer, _call_wrapper, start_server, stop_server
 from creditline.logging_setup import JsonFormatter, TraceIdFilter
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
@@ -186,11 +186,11 @@ async def test_prometheus_endpoint_serves_the_metrics(
         await stop_server(running, grace_s=1.0)
 
 
-def test_telemetry_is_off_by_default_and_costs_no_interceptor() -> None:
+def test_telemetry_is_off_by_default_and_costs_no_call_wrapper() -> None:
     telemetry = build_telemetry(Settings(), {})
     assert telemetry.tracer is None and telemetry.metrics is None
     assert telemetry.script_instrument() is None
-    assert _interceptors(Settings(), telemetry) == []
+    assert _call_wrapper(Settings(), telemetry) is None
     disabled = build_telemetry(Settings(), {"OTEL_SDK_DISABLED": "true",
                                             "OTEL_TRACES_EXPORTER": "console"})
     assert disabled.tracer is None
