@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from typing import Any
 
 import grpc
 import pytest
@@ -215,6 +216,47 @@ async def test_resume_from_cursor_loses_and_duplicates_nothing_under_load(
         ids = [tuple(map(int, e.event_id.split("-"))) for e in received if e.account_id == acct]
         assert ids == sorted(ids)
     assert Counter(e.event_id for e in received) == Counter(expected.keys())  # none lost or twice
+
+
+async def test_batches_carry_the_same_events_and_resume_from_a_batch_cursor(
+        charging, notifications, make_account, checked_books):  # type: ignore[no-untyped-def]
+    accounts = [await make_account(balance_micros=10**12) for _ in range(3)]
+    watched = accounts[:2]
+    # the single-event stream is the reference for what the batches must carry
+    reference = await subscribe(notifications, account_ids=watched,
+                                event_types=[npb.EVENT_CHARGED])
+
+    async def open_batches(cursor: str = "") -> Any:
+        call = notifications.SubscribeBatches(npb.SubscribeRequest(
+            account_ids=watched, event_types=[npb.EVENT_CHARGED], cursor=cursor))
+        await asyncio.wait_for(call.initial_metadata(), READ_TIMEOUT_S)
+        return call
+
+    async def load() -> None:
+        for n in range(100):
+            await asyncio.gather(*(sms(charging, a, f"{a};{n}") for a in accounts))
+
+    batches = await open_batches()
+    loader = asyncio.create_task(load())
+    received: list[npb.ChargeEvent] = []
+    for _ in range(3):  # read a batch or two, drop the connection, resume from the cursor
+        batch = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
+        assert batch.events and all(not e.cursor for e in batch.events)
+        received += batch.events
+        batches.cancel()
+        batches = await open_batches(batch.cursor)
+    await loader
+    while len(received) < 200:
+        received += (await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)).events
+    batches.cancel()
+
+    expected = await reference.read(200)
+    await reference.no_more()
+    reference.cancel()
+    assert len(received) == 200  # none lost, none twice
+    for acct in watched:  # the same events, in the same order per account
+        assert ([e.event_id for e in received if e.account_id == acct]
+                == [e.event_id for e in expected if e.account_id == acct])
 
 
 async def test_thousand_subscribers_each_get_the_charge(

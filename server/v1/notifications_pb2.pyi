@@ -179,3 +179,29 @@ class ChargeEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChargeEvent: _TypeAlias = ChargeEvent  # noqa: Y015
+
+@_typing.final
+class ChargeEventBatch(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Give this back in SubscribeRequest.cursor to get exactly what came after the batch."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChargeEvent]:
+        """The events in order; their own `cursor` fields are left empty."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ChargeEvent] | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChargeEventBatch: _TypeAlias = ChargeEventBatch  # noqa: Y015

@@ -41,6 +41,12 @@ class NotificationsStub:
     cursor to resume from. A cursor older than the retention gets OUT_OF_RANGE.
     The initial metadata "creditline-start-cursor" is sent once the subscription is live.
     """
+    SubscribeBatches: _grpc.UnaryStreamMultiCallable[_notifications_pb2.SubscribeRequest, _notifications_pb2.ChargeEventBatch]
+    """The same subscription, delivered in batches: every event queued for the subscriber
+    when it is written to goes out in one message (at most 1,000 events), for consumers of
+    high rates (one gRPC message per event is most of what a subscriber costs the server).
+    Same filters, order, cursor rules and metadata; resume from a batch's cursor.
+    """
 
 @_typing.type_check_only
 class NotificationsAsyncStub(NotificationsStub):
@@ -51,6 +57,12 @@ class NotificationsAsyncStub(NotificationsStub):
     status message and the trailing metadata "creditline-resume-cursor" carry the
     cursor to resume from. A cursor older than the retention gets OUT_OF_RANGE.
     The initial metadata "creditline-start-cursor" is sent once the subscription is live.
+    """
+    SubscribeBatches: _aio.UnaryStreamMultiCallable[_notifications_pb2.SubscribeRequest, _notifications_pb2.ChargeEventBatch]  # type: ignore[assignment]
+    """The same subscription, delivered in batches: every event queued for the subscriber
+    when it is written to goes out in one message (at most 1,000 events), for consumers of
+    high rates (one gRPC message per event is most of what a subscriber costs the server).
+    Same filters, order, cursor rules and metadata; resume from a batch's cursor.
     """
 
 class NotificationsServicer(metaclass=_abc_1.ABCMeta):
@@ -65,6 +77,18 @@ class NotificationsServicer(metaclass=_abc_1.ABCMeta):
         status message and the trailing metadata "creditline-resume-cursor" carry the
         cursor to resume from. A cursor older than the retention gets OUT_OF_RANGE.
         The initial metadata "creditline-start-cursor" is sent once the subscription is live.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeBatches(
+        self,
+        request: _notifications_pb2.SubscribeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_notifications_pb2.ChargeEventBatch], _abc.AsyncIterator[_notifications_pb2.ChargeEventBatch]]:
+        """The same subscription, delivered in batches: every event queued for the subscriber
+        when it is written to goes out in one message (at most 1,000 events), for consumers of
+        high rates (one gRPC message per event is most of what a subscriber costs the server).
+        Same filters, order, cursor rules and metadata; resume from a batch's cursor.
         """
 
 def add_NotificationsServicer_to_server(servicer: NotificationsServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
