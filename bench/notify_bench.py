@@ -16,8 +16,10 @@ creates the accounts through the Admin API, then:
     alternately with no subscriber and with --subscribers subscribers attached and reading
     (none, N, none, N, ... for --rounds rounds). Subscriber i is filtered to account i of
     the workload plus one of its hot accounts (--filter mix, the default), or to account i
-    only (--filter own). Goal: req/s with N / req/s with none >= 0.9. Server CPU per
-    request is reported for each round too (steadier than req/s on a shared machine).
+    only (--filter own). With --batches the subscribers use Notifications.SubscribeBatches
+    (every queued event in one message) instead of Subscribe. Goal: req/s with N / req/s
+    with none >= 0.9. Server CPU per request is reported for each round too (steadier than
+    req/s on a shared machine).
 
 Writes bench/results/notify-<timestamp>.json.
 """
@@ -96,9 +98,9 @@ async def create_accounts(target: str, accounts: list[tuple[str, int]]) -> None:
 
 
 async def subscribe(notifications: notifications_pb2_grpc.NotificationsStub,
-                    request: npb.SubscribeRequest) -> Any:
-    """A subscription, once live (its start cursor arrived)."""
-    call = notifications.Subscribe(request)
+                    request: npb.SubscribeRequest, batches: bool = False) -> Any:
+    """A subscription (SubscribeBatches if asked), once live (its start cursor arrived)."""
+    call = (notifications.SubscribeBatches if batches else notifications.Subscribe)(request)
     await asyncio.wait_for(call.initial_metadata(), SUBSCRIBE_TIMEOUT_S)
     return call
 
@@ -200,9 +202,10 @@ def _cpu_s(processes: list[psutil.Process]) -> float:
 class Subscribers:
     """N subscriptions on their own channel, each read by a task that counts events."""
 
-    def __init__(self, target: str, filters: list[list[str]]) -> None:
+    def __init__(self, target: str, filters: list[list[str]], batches: bool = False) -> None:
         self.target = target
         self.filters = filters
+        self.batches = batches
         self.events = 0
         self.ended: dict[str, int] = {}
         self._calls: list[Any] = []
@@ -213,15 +216,15 @@ class Subscribers:
         self._channel = grpc.aio.insecure_channel(self.target)
         stub = notifications_pb2_grpc.NotificationsStub(self._channel)
         self._calls = await asyncio.gather(*(
-            subscribe(stub, npb.SubscribeRequest(account_ids=accounts))
+            subscribe(stub, npb.SubscribeRequest(account_ids=accounts), self.batches)
             for accounts in self.filters))
         self._tasks = [asyncio.create_task(self._read(call)) for call in self._calls]
         return self
 
     async def _read(self, call: Any) -> None:
         try:
-            async for _ in call:
-                self.events += 1
+            async for message in call:
+                self.events += len(message.events) if self.batches else 1
         except grpc.aio.AioRpcError as error:
             if error.code() != grpc.StatusCode.CANCELLED:
                 self.ended[error.code().name] = self.ended.get(error.code().name, 0) + 1
@@ -322,7 +325,7 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
             log.info("throughput round %d, %d subscribers (load %s)", number,
                      args.subscribers if with_subscribers else 0, os.getloadavg())
             if with_subscribers:
-                async with Subscribers(server.target, filters) as subscribers:
+                async with Subscribers(server.target, filters, args.batches) as subscribers:
                     figures = await throughput_round(config, server, subscribers)
             else:
                 figures = await throughput_round(config, server, None)
@@ -340,7 +343,7 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
     cpu_none = statistics.fmean(r["server_cpu_ms_per_request"] or 0 for r in none)
     cpu_some = statistics.fmean(r["server_cpu_ms_per_request"] or 0 for r in some)
     return {
-        "subscribers": args.subscribers, "filter": args.filter,
+        "subscribers": args.subscribers, "filter": args.filter, "batches": args.batches,
         "concurrency": args.concurrency, "processes": args.processes,
         "rps_without": round(none_rps, 1), "rps_with": round(some_rps, 1),
         "ratio": round(ratio, 3),
@@ -381,6 +384,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subscribers", type=int, choices=range(1, 1001), default=100,
                         metavar="1..1000")
     parser.add_argument("--filter", choices=("mix", "own"), default="mix")
+    parser.add_argument("--batches", action="store_true",
+                        help="subscribers use SubscribeBatches instead of Subscribe")
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--accounts", type=int, default=2_000)
