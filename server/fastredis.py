@@ -30,6 +30,9 @@ class _Connection(asyncio.Protocol):
     """One Redis connection: requests in order, replies matched to them in order."""
 
     def __init__(self) -> None:
+        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11: the
+        # connection keeps the loop it was made in (it is used in no other)
+        self._loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader()
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._outgoing: list[bytes] = []
@@ -58,13 +61,13 @@ class _Connection(asyncio.Protocol):
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.closed or self._transport is None:
             raise ConnectionError("redis connection closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._waiting.append(future)
         self._outgoing.append(command)
         if not self._flush_scheduled:
             # everything asked for during this loop turn leaves in one write
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
@@ -120,7 +123,9 @@ class FastScriptClient:
         """Runs a script by its SHA; loads it first if Redis does not know it (NOSCRIPT,
         e.g. after a restart) and runs it again."""
         command = _pack("EVALSHA", sha, len(keys), *keys, *args)
-        connection = await self._connected()
+        connection = self._connection
+        if connection is None or connection.closed:  # no coroutine call when connected
+            connection = await self._connected()
         reply = await connection.send(command)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await self._checked(connection.send(_pack("SCRIPT", "LOAD", source)))
