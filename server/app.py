@@ -111,7 +111,8 @@ def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
                        or urlparse(redis_url).password)
     if settings.redis_fast_path and FastScriptClient.usable_for(
             redis_url, credentials, settings.redis_cluster):
-        return FastScriptClient(redis_url, settings.redis_call_timeout_s)
+        return FastScriptClient(redis_url, settings.redis_call_timeout_s,
+                                settings.redis_call_timeout_s)
     return None
 
 
@@ -178,7 +179,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     await store.check_partitions()
     server = _grpc_server(settings, telemetry, reuse_port)
     rater = telemetry.traced_rater(BandedRater())
-    add_service(server, ChargingService(store, plan, rater, settings), CHARGING)
+    add_service(server, ChargingService(store, plan, rater, settings,
+                                        charge_calls_bounded=fast is not None), CHARGING)
     add_service(server, AdminService(store, settings), ADMIN)
     hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(

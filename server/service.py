@@ -30,8 +30,12 @@ class StoreUnavailableError(Exception):
     whole request was (a script is atomic); the client retransmits."""
 
 
-async def _call_store(call: Awaitable[T], timeout_s: float) -> T:
+async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
+    """The call's result; timeout_s None: the call bounds itself (the lean EVALSHA path
+    fails a request past its deadline), so no timer per request."""
     try:
+        if timeout_s is None:
+            return await call
         # asyncio.timeout, not wait_for: wait_for runs the call as a task of its own (a
         # Task, a waiter future and an extra event-loop turn per request on Python 3.11)
         async with asyncio.timeout(timeout_s):
@@ -42,11 +46,15 @@ async def _call_store(call: Awaitable[T], timeout_s: float) -> T:
 
 
 class ChargingService(charging_pb2_grpc.ChargingServicer):
-    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings) -> None:
+    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings, *,
+                 charge_calls_bounded: bool = False) -> None:
         self._store = store
         self._plan = plan
         self._rater = rater
         self._settings = settings
+        # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
+        # path): no timer of ours per request
+        self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
         self._supervision_ms = int(plan.validity_time_s * 1000 * settings.supervision_factor)
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context
@@ -148,7 +156,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
             answer = await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
                 now_ms, event_time_ms, event_action, blocks, supervision_ms),
-                self._settings.redis_call_timeout_s)
+                self._charge_timeout_s)
         except StoreUnavailableError:
             return rated, None
         return rated, answer
