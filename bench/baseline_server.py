@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -55,6 +56,8 @@ def _session_answer(request_number: int, charged: bool, granted: bool
 INITIAL_ANSWER = _session_answer(0, charged=False, granted=True)
 UPDATE_ANSWER = _session_answer(1, charged=True, granted=True)
 TERMINATE_ANSWER = _session_answer(4, charged=True, granted=False)
+_STREAM_ANSWERS = {"initial": INITIAL_ANSWER, "update": UPDATE_ANSWER,
+                   "terminate": TERMINATE_ANSWER}
 EVENT_ANSWER = pb.EventAnswer(
     session_id=_SESSION_ID, result_code=pb.SUCCESS, balance_micros=9_999_950_000,
     rating_groups=[pb.EventRatingGroupAnswer(
@@ -77,6 +80,19 @@ class BaselineCharging(charging_pb2_grpc.ChargingServicer):
 
     async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
         return EVENT_ANSWER
+
+    async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
+                     ) -> AsyncIterator[pb.StreamAnswer]:
+        # Each request answered at once, in order, with the fixed answer of its kind
+        # and its correlation id: the floor of the streaming transport.
+        async for request in requests:
+            which = request.WhichOneof("request")
+            if which == "event":
+                yield pb.StreamAnswer(correlation_id=request.correlation_id,
+                                      event=EVENT_ANSWER)
+            else:
+                yield pb.StreamAnswer(correlation_id=request.correlation_id,
+                                      credit_control=_STREAM_ANSWERS.get(which, UPDATE_ANSWER))
 
 
 async def start_baseline_server(listen_address: str) -> tuple[grpc.aio.Server, int]:

@@ -6,6 +6,11 @@ Several processes, each with its own loop and channel(s), when one Python proces
 drive the server hard enough. Every answer is counted with its result code, every failed
 call with its gRPC status: nothing is dropped from the figures silently.
 
+Two transports (`transport`): unary RPCs (one call per request), or Charging.Stream, the
+bidirectional stream a gateway multiplexes its sessions over: `streams_per_process`
+streams per process (spread over its channels), each carrying many flows at once, answers
+matched to requests by correlation id. The flows and the requests are the same.
+
 Latency is timed with time.perf_counter: uvloop's clock() moves in whole milliseconds.
 In the open loop, each request has two latencies: from when it was sent (the service
 latency, per method) and from when it was due (`from_due`), so a driver or a server that
@@ -33,6 +38,7 @@ from creditline.v1 import charging_pb2_grpc
 from google.protobuf.message import Message
 
 from bench.histogram import LatencyHistogram
+from bench.stream_calls import CallFailedError, StreamCalls
 from bench.workload import (
     EVENT,
     INITIAL,
@@ -46,6 +52,8 @@ from bench.workload import (
 
 CLOSED_LOOP = "closed"
 OPEN_LOOP = "open"
+UNARY = "unary"
+STREAM = "stream"
 # Bounds: a phase longer than a day or more flows than this is a typo, not a benchmark.
 MAX_DURATION_S = 24 * 3600.0
 MAX_CONCURRENCY = 100_000
@@ -69,6 +77,9 @@ class DriverConfig:
     rate_rps: float = 0.0            # open loop: offered requests/s, all processes together
     processes: int = 1
     channels_per_process: int = 1
+    transport: str = UNARY
+    # transport STREAM: Charging.Stream calls per process, flows spread over them
+    streams_per_process: int = 4
     # open loop, per process: a request due while this many are unanswered is not sent
     # but counted as shed (the server is past saturation; the queue must stay bounded)
     max_in_flight: int = 2_000
@@ -88,6 +99,8 @@ class DriverConfig:
             raise ValueError(f"concurrency: processes..{MAX_CONCURRENCY} in a closed loop")
         if self.mode == OPEN_LOOP and self.rate_rps <= 0:
             raise ValueError("rate_rps: must be > 0 in an open loop")
+        if self.transport not in (UNARY, STREAM) or self.streams_per_process < 1:
+            raise ValueError(f"transport: {UNARY!r} or {STREAM!r}; streams_per_process >= 1")
         if self.max_in_flight < 1 or self.call_timeout_s <= 0:
             raise ValueError("max_in_flight and call_timeout_s: must be > 0")
 
@@ -207,6 +220,9 @@ async def _call(calls: dict[str, Call], method: str, request: Message, timeout_s
         answer = await calls[method](request, timeout=timeout_s)
     except grpc.aio.AioRpcError as error:
         recorder.failed(method, error.code().name)
+        return None
+    except CallFailedError as error:
+        recorder.failed(method, error.code)
         return None
     code: int = answer.result_code
     return code
@@ -353,6 +369,7 @@ async def drive(config: DriverConfig, process_index: int = 0,
     """One driver process's share of the load (in the running event loop)."""
     result = DriverResult(config.mode, config.duration_s,
                           config.rate_rps / config.processes, 1)
+    streams: list[StreamCalls] = []
     channels = [grpc.aio.insecure_channel(
         config.target,
         # a channel of its own per connection: the default global subchannel pool would
@@ -362,6 +379,13 @@ async def drive(config: DriverConfig, process_index: int = 0,
     try:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)),
                                CONNECT_TIMEOUT_S)
+        # the streams open before the start, as a gateway's stay open
+        if config.transport == STREAM:
+            streams = [StreamCalls(charging_pb2_grpc.ChargingStub(channels[i % len(channels)]))
+                       for i in range(config.streams_per_process)]
+            calls = [stream.calls() for stream in streams]
+        else:
+            calls = [_calls(c) for c in channels]
         if start_at_unix_s is not None:
             delay_s = start_at_unix_s - time.time()
             result.late_start_s = max(0.0, -delay_s)
@@ -371,7 +395,6 @@ async def drive(config: DriverConfig, process_index: int = 0,
         stop_at = window_start + config.duration_s
         recorder = _Recorder(result, window_start, stop_at)
         flows = _Flows(config, process_index)
-        calls = [_calls(c) for c in channels]
         if config.mode == CLOSED_LOOP:
             concurrency = _share(config.concurrency, config.processes, process_index)
             await _closed_loop(config, flows, calls, recorder, concurrency, stop_at)
@@ -379,6 +402,8 @@ async def drive(config: DriverConfig, process_index: int = 0,
             await _open_loop(config, flows, calls, recorder, config.rate_rps / config.processes,
                              start, stop_at, result)
     finally:
+        # the streams first: the server answers what they carry before they end
+        await asyncio.gather(*(stream.close() for stream in streams))
         for channel in channels:
             await channel.close(grace=None)
     return result
@@ -412,5 +437,5 @@ def with_changes(config: DriverConfig, **changes: Any) -> DriverConfig:
     return replace(config, **changes)
 
 
-__all__ = ["CLOSED_LOOP", "OPEN_LOOP", "DriverConfig", "DriverResult", "drive",
+__all__ = ["CLOSED_LOOP", "OPEN_LOOP", "STREAM", "UNARY", "DriverConfig", "DriverResult", "drive",
            "run_processes", "with_changes"]

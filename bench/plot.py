@@ -22,11 +22,14 @@ GOAL_P99_MS = 5.0
 
 def _throughput(ax: Any, phases: dict[str, Any], figures: dict[str, Any]) -> None:
     names = ["baseline_saturation", "creditline_saturation"]
+    names += [n for n in ("baseline_stream_saturation", "creditline_stream_saturation")
+              if n in phases]
     names += sorted((n for n in phases if n.startswith(("creditline_open_", "baseline_open_"))),
                     key=lambda n: (n.startswith("baseline"), phases[n]["offered_rps"]))
     labels, achieved, offered = [], [], []
     for name in names:
-        labels.append(name.replace("_saturation", "\nsaturation").replace("_open_", "\nopen "))
+        labels.append(name.replace("_stream", "\nstream").replace("_saturation", "\nsaturation")
+                      .replace("_open_", "\nopen "))
         achieved.append(phases[name]["throughput_rps"])
         offered.append(phases[name]["offered_rps"])
     colors = ["#888888" if n.startswith("baseline") else "#1f77b4" for n in names]
@@ -39,9 +42,12 @@ def _throughput(ax: Any, phases: dict[str, Any], figures: dict[str, Any]) -> Non
     ax.set_ylabel("requests/s answered")
     rounds = ", ".join(f"{r:.2f}" for r in figures.get("ratio_to_baseline_per_round", []))
     cpu_ratio = figures.get("cpu_normalised_ratio_to_baseline")
+    stream = figures.get("stream")
     ax.set_title(f"Throughput: creditline / baseline = {figures['ratio_to_baseline']:.2f} "
                  f"(rounds {rounds})" + (f"\nper server CPU second: {cpu_ratio:.2f}"
-                                         if cpu_ratio else ""), fontsize=10)
+                                         if cpu_ratio else "")
+                 + (f"\nstream / unary (creditline): {stream['ratio_to_creditline_unary']:.2f}"
+                    if stream else ""), fontsize=10)
 
 
 def _latency(ax: Any, phases: dict[str, Any]) -> None:

@@ -51,6 +51,21 @@ def _figure_rows(results: dict[str, Any]) -> list[str]:
         f"({memory['keys_per_open_session']:.2f} keys); a closed one retained: "
         f"{memory['bytes_per_closed_session_retained']:.0f} bytes |",
     ]
+    stream = figures.get("stream")
+    if stream:
+        stream_cpu = stream["server_cpu_ms_per_request"]
+        stream_rounds = ", ".join(f"{r:.2f}" for r in stream[
+            "ratio_to_creditline_unary_per_round"])
+        rows += [
+            f"| stream saturation: creditline / baseline | {stream['creditline_rps']:.0f} / "
+            f"{stream['baseline_rps']:.0f} req/s (ratio {stream['ratio_to_baseline_stream']:.2f})"
+            f" |",
+            f"| stream / unary, creditline | {stream['ratio_to_creditline_unary']:.2f} "
+            f"(rounds: {stream_rounds}); per server CPU second "
+            f"{stream['cpu_normalised_ratio_to_creditline_unary']} |",
+            f"| server CPU per request, stream | baseline {stream_cpu['baseline']:.3f} ms, "
+            f"creditline {stream_cpu['creditline']:.3f} ms |",
+        ]
     if soak.get("samples"):
         rows.append(
             f"| server RSS over a {soak['duration_s']:.0f} s soak | floor "

@@ -8,7 +8,8 @@ Phases, in this order (each measured for --duration-s after --warmup-s):
  1. a short closed-loop warm-up of Creditline (connections opened, script loaded);
  2. saturation, --rounds times: closed loop against the do-nothing baseline server, then
     the same driver against Creditline, with INFO commandstats read before and after each
-    phase (Redis round trips per request);
+    phase (Redis round trips per request); with the `stream` scenario, the same flows
+    over Charging.Stream after them in each round (baseline, then Creditline);
  3. creditline open loop at fractions of its saturation rate (--load-fractions), and the
     baseline at half of it: p50/p90/p99 per offered load;
  4. Redis memory per open session: --memory-sessions sessions opened (Initial) and left
@@ -56,6 +57,8 @@ from bench.driver import (
     MAX_DURATION_S,
     OPEN_LOOP,
     PROCESS_START_ALLOWANCE_S,
+    STREAM,
+    UNARY,
     DriverConfig,
     DriverResult,
     run_processes,
@@ -79,6 +82,9 @@ GOAL_RATIO_TO_BASELINE = 0.8
 RATIO_DISAGREEMENT = 0.15
 GOAL_P99_MS = 5.0
 GOAL_ROUND_TRIPS_PER_REQUEST = 1.0
+# Streaming credit control against Creditline's unary requests/s, same run.
+GOAL_STREAM_RATIO_TO_UNARY = 2.5
+SCENARIOS = (UNARY, STREAM)
 # The server's RSS is "flat" when it grew by at most this much over the soak window
 # (floor of the last quarter of the samples against the floor of the first: soak_summary).
 FLAT_RSS_GROWTH_PERCENT = 5.0
@@ -212,6 +218,7 @@ class Bench:
             "warmup_s": self.args.warmup_s, "concurrency": self.args.concurrency,
             "processes": self.args.processes,
             "channels_per_process": self.args.channels_per_process,
+            "streams_per_process": self.args.streams_per_process,
             "run_tag": f"{self.args.tag}-{self._tags:02d}", "workload": self.workload,
             **changes,
         }
@@ -434,7 +441,7 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
     half = phases[half_name]
     trips = phases["creditline_saturation"]["redis"]["round_trips_per_request"]
     p99 = half["latency"]["all"]["p99_ms"]
-    return {
+    figures: dict[str, Any] = {
         "baseline_rps": baseline,
         "creditline_rps": creditline,
         "ratio_to_baseline": round(ratio, 3),
@@ -468,6 +475,41 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
             "round_trips_per_request == 1.00": round(trips, 2) == GOAL_ROUND_TRIPS_PER_REQUEST,
             "server RSS flat over the soak": soak.get("flat"),
         },
+    }
+    if "creditline_stream_saturation" in phases:
+        stream = _stream_figures(phases)
+        figures["stream"] = stream
+        figures["goals"]["stream >= 2.5x creditline unary req/s"] = (
+            stream["ratio_to_creditline_unary"] >= GOAL_STREAM_RATIO_TO_UNARY)
+    return figures
+
+
+def _stream_figures(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Streaming against Creditline's unary requests/s of the same run, round by round too;
+    and against the do-nothing server's stream. CPU per request says the same for a
+    server that gets a whole core."""
+    unary, streamed = phases["creditline_saturation"], phases["creditline_stream_saturation"]
+    base = phases["baseline_stream_saturation"]
+    ratio = streamed["throughput_rps"] / unary["throughput_rps"] if unary[
+        "throughput_rps"] else 0.0
+    unary_cpu_ms = unary["cpu_ms_per_request"].get("server", 0.0)
+    stream_cpu_ms = streamed["cpu_ms_per_request"].get("server", 0.0)
+    return {
+        "creditline_rps": streamed["throughput_rps"],
+        "baseline_rps": base["throughput_rps"],
+        "ratio_to_creditline_unary": round(ratio, 3),
+        "ratio_to_creditline_unary_per_round": [
+            round(st / un, 3) if un else 0.0 for un, st in zip(
+                unary["throughput_rps_per_round"], streamed["throughput_rps_per_round"],
+                strict=True)],
+        "ratio_to_baseline_stream": round(streamed["throughput_rps"] / base["throughput_rps"],
+                                          3) if base["throughput_rps"] else 0.0,
+        "server_cpu_ms_per_request": {
+            "baseline": base["cpu_ms_per_request"].get("server", 0.0),
+            "creditline": stream_cpu_ms},
+        "cpu_normalised_ratio_to_creditline_unary": round(
+            unary_cpu_ms / stream_cpu_ms, 3) if stream_cpu_ms else None,
+        "errors": streamed["errors"],
     }
 
 
@@ -541,17 +583,24 @@ async def _phases(bench: Bench, creditline: ServerProcess, baseline: ServerProce
         creditline, CLOSED_LOOP, duration_s=CREDITLINE_WARMUP_S, warmup_s=0.0), creditline)
     # Baseline and creditline alternate, round after round: load from other users of the
     # machine then hits both alike, and the ratio of each round shows how much it moved.
-    baselines: dict[str, DriverResult] = {}
-    creditlines: dict[str, DriverResult] = {}
+    # The scenarios' saturation phases by transport: {scenario: (baselines, creditlines)}.
+    rounds: dict[str, tuple[dict[str, DriverResult], dict[str, DriverResult]]] = {
+        scenario: ({}, {}) for scenario in args.scenarios}
     for number in range(1, args.rounds + 1):
-        name = f"baseline_saturation_round{number}"
-        baselines[name] = await bench.phase(name, bench.config(baseline, CLOSED_LOOP),
-                                            baseline)
-        name = f"creditline_saturation_round{number}"
-        creditlines[name] = await bench.phase(name, bench.config(creditline, CLOSED_LOOP),
-                                              creditline)
-    base = bench.aggregate("baseline_saturation", baselines)
-    saturated = bench.aggregate("creditline_saturation", creditlines)
+        for scenario, (baselines, creditlines) in rounds.items():
+            infix = "" if scenario == UNARY else f"_{scenario}"
+            for server, results in ((baseline, baselines), (creditline, creditlines)):
+                name = f"{server.name}{infix}_saturation_round{number}"
+                results[name] = await bench.phase(name, bench.config(
+                    server, CLOSED_LOOP, transport=scenario), server)
+    base = bench.aggregate("baseline_saturation", rounds[UNARY][0])
+    saturated = bench.aggregate("creditline_saturation", rounds[UNARY][1])
+    if STREAM in rounds:
+        bench.aggregate("baseline_stream_saturation", rounds[STREAM][0])
+        streamed = bench.aggregate("creditline_stream_saturation", rounds[STREAM][1])
+        log.info("stream saturation: creditline %.0f req/s, %.2f x its unary req/s",
+                 streamed.throughput_rps,
+                 streamed.throughput_rps / max(saturated.throughput_rps, 1e-9))
     log.info("saturation: baseline %.0f req/s, creditline %.0f req/s (ratio %.2f)",
              base.throughput_rps, saturated.throughput_rps,
              saturated.throughput_rps / max(base.throughput_rps, 1e-9))
@@ -587,6 +636,14 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
+def _scenarios(text: str) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    if UNARY not in values or not set(values) <= set(SCENARIOS):
+        raise argparse.ArgumentTypeError(
+            f"a list of {', '.join(SCENARIOS)}; {UNARY} is required (the reference)")
+    return [s for s in SCENARIOS if s in values]
+
+
 def _bounded(low: float, high: float) -> Any:
     def parse(text: str) -> float:
         value = float(text)
@@ -608,6 +665,13 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         "rounds, each --duration-s long (default 2)")
     parser.add_argument("--processes", type=int, default=2, help="driver processes")
     parser.add_argument("--channels-per-process", type=int, default=1)
+    parser.add_argument("--scenarios", type=_scenarios, default=list(SCENARIOS),
+                        help="transports of the saturation rounds: unary (always: the "
+                        "reference) and stream, the same flows over Charging.Stream "
+                        "(default unary,stream)")
+    parser.add_argument("--streams-per-process", type=int, default=4,
+                        help="stream scenario: Charging.Stream calls per driver process, "
+                        "the flows multiplexed over them (default 4)")
     parser.add_argument("--concurrency", type=int, default=128,
                         help="closed loop: session flows in flight, all processes together")
     parser.add_argument("--load-fractions", type=_fractions, default=[0.25, 0.5, 0.75],

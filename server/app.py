@@ -112,7 +112,8 @@ def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
                        or urlparse(redis_url).password)
     if settings.redis_fast_path and FastScriptClient.usable_for(
             redis_url, credentials, settings.redis_cluster):
-        return FastScriptClient(redis_url, settings.redis_call_timeout_s)
+        return FastScriptClient(redis_url, settings.redis_call_timeout_s,
+                                settings.redis_call_timeout_s)
     return None
 
 
@@ -181,7 +182,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     wrapper = _call_wrapper(settings, telemetry)
     wrap = None if wrapper is None else wrapper.wrap
     rater = telemetry.traced_rater(BandedRater())
-    add_service(server, ChargingService(store, plan, rater, settings), CHARGING, wrap)
+    add_service(server, ChargingService(store, plan, rater, settings,
+                                        charge_calls_bounded=fast is not None), CHARGING, wrap)
     add_service(server, AdminService(store, settings), ADMIN, wrap)
     hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(

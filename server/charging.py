@@ -185,27 +185,35 @@ def _split_answer(answer: str) -> tuple[int, list[list[str]], str]:
 
 def decode_credit_control(
     answer: str, request: pb.CreditControlRequest, rated: Sequence[RatedBlock], plan: Plan,
+    into: pb.CreditControlAnswer | None = None,
 ) -> pb.CreditControlAnswer:
+    """The answer message; written into `into` when given (a StreamAnswer's field: no
+    copy of the finished message)."""
     code, fields, reason = _split_answer(answer)
-    result = pb.CreditControlAnswer(
-        session_id=request.session_id, request_number=request.request_number,
-        result_code=_result(code), error_message=reason,
-        failure_handling=pb.FAILURE_HANDLING_RETRY_AND_TERMINATE,
-    )
+    result = pb.CreditControlAnswer() if into is None else into
+    result.session_id = request.session_id
+    result.request_number = request.request_number
+    result.result_code = _result(code)
+    result.error_message = reason
+    result.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
+    blocks = result.rating_groups
     for block, values in zip(rated, fields, strict=False):
-        result.rating_groups.append(_rating_group_answer(block, values, plan))
+        # filled in place: appending a finished message would copy it
+        _rating_group_answer(block, values, plan, blocks.add())
     return result
 
 
-def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan) -> pb.RatingGroupAnswer:
+def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan,
+                         answer: pb.RatingGroupAnswer) -> None:
     request, tariff = block.request, block.tariff
-    code, granted, charged, final = int(values[1]), int(values[2]), int(values[3]), values[4]
-    answer = pb.RatingGroupAnswer(
-        rating_group=request.rating_group, result_code=_result(code), charged_micros=charged)
+    code, granted = int(values[1]), int(values[2])
+    answer.rating_group = request.rating_group
+    answer.result_code = _result(code)
+    answer.charged_micros = int(values[3])
     if request.HasField("service_id"):
         answer.service_id = request.service_id
     if tariff is None or code != SUCCESS or granted == 0:
-        return answer
+        return
     set_units(answer.granted, tariff.unit_kind, granted)
     answer.validity_time_s = plan.validity_time_s
     answer.quota_holding_time_s = plan.quota_holding_time_s
@@ -214,22 +222,24 @@ def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan) -> pb
         answer.volume_quota_threshold_octets = threshold
     elif tariff.unit_kind is UnitKind.TIME:
         answer.time_quota_threshold_s = threshold
-    if final == "1":
+    if values[4] == "1":
         fui = answer.final_unit_indication
         fui.action = pb.FinalUnitAction.Value(tariff.final_unit_action.name)
         fui.redirect_address = tariff.redirect_address
         fui.restriction_filter_ids.extend(tariff.restriction_filter_ids)
-    return answer
 
 
 def decode_event(
-    answer: str, request: pb.EventRequest, rated: Sequence[RatedBlock]
+    answer: str, request: pb.EventRequest, rated: Sequence[RatedBlock],
+    into: pb.EventAnswer | None = None,
 ) -> pb.EventAnswer:
+    """The answer message; written into `into` when given (as decode_credit_control)."""
     code, fields, reason = _split_answer(answer)
-    result = pb.EventAnswer(
-        session_id=request.session_id, request_number=request.request_number,
-        result_code=_result(code), error_message=reason,
-    )
+    result = pb.EventAnswer() if into is None else into
+    result.session_id = request.session_id
+    result.request_number = request.request_number
+    result.result_code = _result(code)
+    result.error_message = reason
     if fields and fields[-1][0].startswith("B"):
         result.balance_micros = int(fields[-1][0][1:])
         result.sufficient = fields[-1][1] == "1"
@@ -246,19 +256,24 @@ def decode_event(
     return result
 
 
-def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal) -> pb.CreditControlAnswer:
-    answer = pb.CreditControlAnswer(
-        session_id=request.session_id, request_number=request.request_number,
-        result_code=_result(refusal.result_code), error_message=refusal.message,
-    )
+def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal,
+                   into: pb.CreditControlAnswer | None = None) -> pb.CreditControlAnswer:
+    answer = pb.CreditControlAnswer() if into is None else into
+    answer.session_id = request.session_id
+    answer.request_number = request.request_number
+    answer.result_code = _result(refusal.result_code)
+    answer.error_message = refusal.message
     if refusal.result_code == pb.UNABLE_TO_COMPLY:
         # nothing was applied: retransmitting is safe, and is what the client should do
         answer.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
     return answer
 
 
-def event_refusal_answer(request: pb.EventRequest, refusal: Refusal) -> pb.EventAnswer:
-    return pb.EventAnswer(
-        session_id=request.session_id, request_number=request.request_number,
-        result_code=_result(refusal.result_code), error_message=refusal.message,
-    )
+def event_refusal_answer(request: pb.EventRequest, refusal: Refusal,
+                         into: pb.EventAnswer | None = None) -> pb.EventAnswer:
+    answer = pb.EventAnswer() if into is None else into
+    answer.session_id = request.session_id
+    answer.request_number = request.request_number
+    answer.result_code = _result(refusal.result_code)
+    answer.error_message = refusal.message
+    return answer

@@ -12,6 +12,7 @@ and TLS, go through redis-py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
@@ -28,11 +29,22 @@ def _pack(*parts: str | int) -> bytes:
 
 
 class _Connection(asyncio.Protocol):
-    """One Redis connection: requests in order, replies matched to them in order."""
+    """One Redis connection: requests in order, replies matched to them in order.
 
-    def __init__(self) -> None:
+    Every request has a deadline (now + call_timeout_s); one timer for the connection, not
+    one per request, fails those past it with TimeoutError. The deadlines follow the send
+    order, so the failed requests are always the oldest ones (a prefix of `_waiting`); a
+    reply that comes after its deadline is skipped."""
+
+    def __init__(self, call_timeout_s: float) -> None:
+        # asyncio.get_running_loop() costs a getpid() system call on Python 3.11: the
+        # connection keeps the loop it was made in (it is used in no other)
+        self._loop = asyncio.get_running_loop()
+        self._call_timeout_s = call_timeout_s
         self._reader = hiredis.Reader()
-        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._expired = 0  # how many of the oldest waiting requests have been failed
+        self._watchdog: asyncio.TimerHandle | None = None
         self._outgoing: list[bytes] = []
         self._transport: asyncio.WriteTransport | None = None
         self._flush_scheduled = False
@@ -45,27 +57,47 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
-            future = self._waiting.popleft()
-            if not future.done():  # a caller that gave up (deadline) skips its reply
+            future, _ = self._waiting.popleft()
+            if self._expired:
+                self._expired -= 1
+            if not future.done():  # a caller past its deadline or gone skips its reply
                 future.set_result(reply)
 
     def connection_lost(self, error: Exception | None) -> None:
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self._waiting:
-            future = self._waiting.popleft()
+            future, _ = self._waiting.popleft()
             if not future.done():
                 future.set_exception(ConnectionError(f"redis connection lost: {error!r}"))
+
+    def _expire(self) -> None:
+        self._watchdog = None
+        now = self._loop.time()
+        for future, deadline in itertools.islice(self._waiting, self._expired, None):
+            if deadline > now:
+                self._watchdog = self._loop.call_at(deadline, self._expire)
+                return
+            self._expired += 1
+            if not future.done():
+                future.set_exception(TimeoutError(
+                    f"redis did not answer within {self._call_timeout_s} s"))
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         if self.closed or self._transport is None:
             raise ConnectionError("redis connection closed")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(future)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        deadline = self._loop.time() + self._call_timeout_s
+        self._waiting.append((future, deadline))
+        if self._watchdog is None:
+            self._watchdog = self._loop.call_at(deadline, self._expire)
         self._outgoing.append(command)
         if not self._flush_scheduled:
             # everything asked for during this loop turn leaves in one write
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop.call_soon(self._flush)
         return future
 
     def _flush(self) -> None:
@@ -80,14 +112,17 @@ class _Connection(asyncio.Protocol):
 
 
 class FastScriptClient:
-    """EVALSHA over one pipelined connection, reconnecting when it is lost."""
+    """EVALSHA over one pipelined connection, reconnecting when it is lost. Every call is
+    bounded: TimeoutError after call_timeout_s without a reply, so its callers need no
+    timer of their own."""
 
-    def __init__(self, url: str, connect_timeout_s: float) -> None:
+    def __init__(self, url: str, connect_timeout_s: float, call_timeout_s: float) -> None:
         parsed = urlparse(url)
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or 6379
         self._db = int(parsed.path.lstrip("/") or 0)
         self._connect_timeout_s = connect_timeout_s
+        self._call_timeout_s = call_timeout_s
         self._connection: _Connection | None = None
         self._connecting = asyncio.Lock()
 
@@ -103,7 +138,8 @@ class FastScriptClient:
             if self._connection is None or self._connection.closed:
                 loop = asyncio.get_running_loop()
                 _, fresh = await asyncio.wait_for(loop.create_connection(
-                    _Connection, self._host, self._port), self._connect_timeout_s)
+                    lambda: _Connection(self._call_timeout_s), self._host, self._port),
+                    self._connect_timeout_s)
                 if self._db:
                     await self._checked(fresh.send(_pack("SELECT", self._db)))
                 self._connection = fresh
@@ -121,7 +157,9 @@ class FastScriptClient:
         """Runs a script by its SHA; loads it first if Redis does not know it (NOSCRIPT,
         e.g. after a restart) and runs it again."""
         command = _pack("EVALSHA", sha, len(keys), *keys, *args)
-        connection = await self._connected()
+        connection = self._connection
+        if connection is None or connection.closed:  # no coroutine call when connected
+            connection = await self._connected()
         reply = await connection.send(command)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await self._checked(connection.send(_pack("SCRIPT", "LOAD", source)))

@@ -21,6 +21,8 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
+# A StreamRequest's session request field -> the charging script's request kind.
+_STREAM_KINDS = {"initial": "I", "update": "U", "terminate": "T"}
 
 
 class StoreUnavailableError(Exception):
@@ -28,20 +30,31 @@ class StoreUnavailableError(Exception):
     whole request was (a script is atomic); the client retransmits."""
 
 
-async def _call_store(call: Awaitable[T], timeout_s: float) -> T:
+async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
+    """The call's result; timeout_s None: the call bounds itself (the lean EVALSHA path
+    fails a request past its deadline), so no timer per request."""
     try:
-        return await asyncio.wait_for(call, timeout_s)
+        if timeout_s is None:
+            return await call
+        # asyncio.timeout, not wait_for: wait_for runs the call as a task of its own (a
+        # Task, a waiter future and an extra event-loop turn per request on Python 3.11)
+        async with asyncio.timeout(timeout_s):
+            return await call
     except (TimeoutError, RedisError, OSError) as error:
         log.warning("redis call failed: %r", error)
         raise StoreUnavailableError(repr(error)) from error
 
 
 class ChargingService(charging_pb2_grpc.ChargingServicer):
-    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings) -> None:
+    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings, *,
+                 charge_calls_bounded: bool = False) -> None:
         self._store = store
         self._plan = plan
         self._rater = rater
         self._settings = settings
+        # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
+        # path): no timer of ours per request
+        self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
         self._supervision_ms = int(plan.validity_time_s * 1000 * settings.supervision_factor)
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context
@@ -56,17 +69,19 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                         context: Context) -> pb.CreditControlAnswer:
         return await self._credit_control(request, "T")
 
-    async def _credit_control(self, request: pb.CreditControlRequest, kind: str
+    async def _credit_control(self, request: pb.CreditControlRequest, kind: str,
+                              into: pb.CreditControlAnswer | None = None
                               ) -> pb.CreditControlAnswer:
+        """The answer; written into `into` when given (a StreamAnswer's field)."""
         refusal = charging.validate_credit_control(request, kind, self._settings)
         if refusal:
-            return charging.refusal_answer(request, refusal)
+            return charging.refusal_answer(request, refusal, into)
         rated, answer = await self._charge(kind, request, "-", default_grant=True)
         if answer is None:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
-                "handling"))
-        return charging.decode_credit_control(answer, request, rated, self._plan)
+                "handling"), into)
+        return charging.decode_credit_control(answer, request, rated, self._plan, into)
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
                      ) -> AsyncIterator[pb.StreamAnswer]:
@@ -77,14 +92,15 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.StreamRequest) -> None:
+            # put_nowait: the queue is unbounded (in_flight bounds it), so no coroutine
             try:
-                await answers.put(await self._stream_answer(request))
+                answers.put_nowait(await self._stream_answer(request))
             except Exception:
                 # every request gets an answer, or its client waits for ever
                 log.exception("stream request %d failed", request.correlation_id)
                 failed = pb.StreamAnswer(correlation_id=request.correlation_id)
                 failed.credit_control.result_code = pb.UNABLE_TO_COMPLY
-                await answers.put(failed)
+                answers.put_nowait(failed)
             finally:
                 in_flight.release()
 
@@ -98,7 +114,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                 if tasks:
                     await asyncio.wait(set(tasks))
             finally:
-                await answers.put(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read_all())
         try:
@@ -113,12 +129,13 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
     async def _stream_answer(self, request: pb.StreamRequest) -> pb.StreamAnswer:
         which = request.WhichOneof("request")
         result = pb.StreamAnswer(correlation_id=request.correlation_id)
+        # the answer is decoded straight into the StreamAnswer's field: no copy
         if which == "event":
-            result.event.CopyFrom(await self._event(request.event))
-        elif which in ("initial", "update", "terminate"):
-            kind = {"initial": "I", "update": "U", "terminate": "T"}[which]
-            result.credit_control.CopyFrom(
-                await self._credit_control(getattr(request, which), kind))
+            result.event.SetInParent()
+            await self._event(request.event, result.event)
+        elif which is not None and (kind := _STREAM_KINDS.get(which)) is not None:
+            result.credit_control.SetInParent()
+            await self._credit_control(getattr(request, which), kind, result.credit_control)
         else:
             result.credit_control.result_code = pb.MISSING_AVP
             result.credit_control.error_message = "request: missing (initial, update, " \
@@ -139,7 +156,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
             answer = await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
                 now_ms, event_time_ms, event_action, blocks, supervision_ms),
-                self._settings.redis_call_timeout_s)
+                self._charge_timeout_s)
         except StoreUnavailableError:
             return rated, None
         return rated, answer
@@ -147,16 +164,17 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
     async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
         return await self._event(request)
 
-    async def _event(self, request: pb.EventRequest) -> pb.EventAnswer:
+    async def _event(self, request: pb.EventRequest, into: pb.EventAnswer | None = None
+                     ) -> pb.EventAnswer:
         refusal = charging.validate_event(request, self._settings)
         if refusal:
-            return charging.event_refusal_answer(request, refusal)
+            return charging.event_refusal_answer(request, refusal, into)
         rated, answer = await self._charge(
             "E", request, charging.EVENT_ACTIONS[request.action], default_grant=False)
         if answer is None:
             return charging.event_refusal_answer(request, charging.Refusal(
-                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"))
-        return charging.decode_event(answer, request, rated)
+                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"), into)
+        return charging.decode_event(answer, request, rated, into)
 
 
 _UNIT_KIND_NAMES = {

@@ -15,7 +15,16 @@ from creditline.v1 import charging_pb2 as pb
 from redis.asyncio import Redis
 
 from bench import redis_stats
-from bench.driver import CLOSED_LOOP, OPEN_LOOP, DriverConfig, DriverResult, drive
+from bench.baseline_server import start_baseline_server
+from bench.driver import (
+    CLOSED_LOOP,
+    OPEN_LOOP,
+    STREAM,
+    UNARY,
+    DriverConfig,
+    DriverResult,
+    drive,
+)
 from bench.histogram import LatencyHistogram
 from bench.workload import METHODS, Workload, event_request
 from tests.books import Books
@@ -94,6 +103,44 @@ async def test_open_loop_closes_its_sessions(server: RunningServer, charging, ad
     assert result.from_due.count == result.requests
     # sessions still open when the window closed were terminated by the driver
     await _assert_nothing_reserved(admin, books, workload)
+
+
+async def test_stream_transport_closed_loop(server: RunningServer, charging, admin,  # type: ignore[no-untyped-def]
+                                            redis: Redis, books: Books) -> None:
+    # the same flows multiplexed over 3 Charging.Stream calls per process
+    workload = await _accounts(admin, books)
+    config = DriverConfig(target=f"127.0.0.1:{server.port}", mode=CLOSED_LOOP,
+                          duration_s=2.0, warmup_s=0.3, concurrency=12, run_tag="smoke-stream",
+                          transport=STREAM, streams_per_process=3, workload=workload)
+    result, trips = await _drive_counted(config, charging, redis)
+    _assert_all_served(result, trips)
+    assert result.histograms["Update"].count > 0 and result.histograms["Event"].count > 0
+    await _assert_nothing_reserved(admin, books, workload)
+
+
+async def test_stream_transport_open_loop_closes_its_sessions(  # type: ignore[no-untyped-def]
+        server: RunningServer, charging, admin, redis: Redis, books: Books) -> None:
+    workload = await _accounts(admin, books)
+    config = DriverConfig(target=f"127.0.0.1:{server.port}", mode=OPEN_LOOP,
+                          duration_s=1.5, warmup_s=0.2, rate_rps=150.0,
+                          run_tag="smoke-stream-open", transport=STREAM, workload=workload)
+    result, trips = await _drive_counted(config, charging, redis)
+    _assert_all_served(result, trips)
+    await _assert_nothing_reserved(admin, books, workload)
+
+
+async def test_baseline_server_answers_both_transports() -> None:
+    server, port = await start_baseline_server("127.0.0.1:0")
+    try:
+        for transport in (UNARY, STREAM):
+            config = DriverConfig(target=f"127.0.0.1:{port}", mode=CLOSED_LOOP,
+                                  duration_s=0.5, warmup_s=0.1, concurrency=8,
+                                  transport=transport, workload=Workload(account_count=5))
+            result = await drive(config)
+            assert result.error_count == 0, result.summary()["errors_by_kind"]
+            assert result.requests > 0 and result.success_count() == result.requests
+    finally:
+        await server.stop(None)
 
 
 def test_histogram_percentiles_within_one_percent() -> None:
