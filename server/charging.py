@@ -25,6 +25,7 @@ EVENT_ACTIONS = {
     pb.DIRECT_DEBIT: "DEBIT", pb.REFUND: "REFUND",
     pb.CHECK_BALANCE: "CHECK", pb.PRICE_ENQUIRY: "PRICE",
 }
+_REPORTING_REASONS = frozenset(pb.ReportingReason.values())  # values() builds a list
 _UNIT_FIELD = {
     UnitKind.TIME: "time_s",
     UnitKind.VOLUME: "total_octets",
@@ -79,7 +80,7 @@ def _check_blocks(
         if key in seen:
             return Refusal(INVALID, f"{where}.rating_group: {block.rating_group} appears twice")
         seen.add(key)
-        if block.reporting_reason not in pb.ReportingReason.values():
+        if block.reporting_reason not in _REPORTING_REASONS:
             return Refusal(INVALID, f"{where}.reporting_reason: unknown value "
                            f"{block.reporting_reason}")
         if need_units and not block.HasField("requested"):
