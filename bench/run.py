@@ -534,7 +534,9 @@ def _servers(args: argparse.Namespace, redis_url: str, log_dir: Path
     creditline = ServerProcess("creditline", [
         sys.executable, "-m", "creditline", "serve", "--redis-url", redis_url,
         "--listen-address", f"127.0.0.1:{port}", "--log-level", "WARNING",
-        *args.server_arg], port, log_dir)
+        # one process, as the baseline (serve's default is one per core); a
+        # --server-arg=--workers=N given to the benchmark comes later and wins
+        "--workers", "1", *args.server_arg], port, log_dir)
     baseline_port = free_port()
     baseline = ServerProcess("baseline", [
         sys.executable, "-m", "bench.baseline_server",
