@@ -49,7 +49,7 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_g
 from creditline.v1 import notifications_pb2 as npb
 
 from bench.driver import CLOSED_LOOP, PROCESS_START_ALLOWANCE_S, DriverConfig, run_processes
-from bench.run import ServerProcess
+from bench.run import ServerProcess, bounded
 from bench.workload import Workload, event_request
 
 log = logging.getLogger("bench.notify")
@@ -358,27 +358,18 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
     }
 
 
-def _bounded(low: float, high: float) -> Any:
-    def parse(text: str) -> float:
-        value = float(text)
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
-        return value
-    return parse
-
-
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.notify_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rate", type=_bounded(1, MAX_RATE), default=200.0,
+    parser.add_argument("--rate", type=bounded(1, MAX_RATE), default=200.0,
                         help="latency: Event requests per second (default 200)")
-    parser.add_argument("--latency-s", type=_bounded(0, MAX_SECONDS), default=20.0,
+    parser.add_argument("--latency-s", type=bounded(0, MAX_SECONDS), default=20.0,
                         help="latency: measured seconds (0: skip; default 20)")
     parser.add_argument("--latency-accounts", type=int, choices=range(1, 101), default=4,
                         metavar="1..100")
-    parser.add_argument("--duration-s", type=_bounded(1, MAX_SECONDS), default=15.0,
+    parser.add_argument("--duration-s", type=bounded(1, MAX_SECONDS), default=15.0,
                         help="throughput: measured window of each round (default 15)")
-    parser.add_argument("--warmup-s", type=_bounded(0, 60), default=2.0)
+    parser.add_argument("--warmup-s", type=bounded(0, 60), default=2.0)
     parser.add_argument("--rounds", type=int, choices=range(0, 11), default=2,
                         metavar="0..10", help="(none, with subscribers) pairs; 0: skip")
     parser.add_argument("--subscribers", type=int, choices=range(1, 1001), default=100,

@@ -646,7 +646,8 @@ def _scenarios(text: str) -> list[str]:
     return [s for s in SCENARIOS if s in values]
 
 
-def _bounded(low: float, high: float) -> Any:
+def bounded(low: float, high: float) -> Any:
+    """An argparse type: a float within [low, high]."""
     def parse(text: str) -> float:
         value = float(text)
         if not low <= value <= high:
@@ -658,9 +659,9 @@ def _bounded(low: float, high: float) -> Any:
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration-s", type=_bounded(1, MAX_DURATION_S), default=20.0,
+    parser.add_argument("--duration-s", type=bounded(1, MAX_DURATION_S), default=20.0,
                         help="measured window of each phase (default 20)")
-    parser.add_argument("--warmup-s", type=_bounded(0, 600), default=3.0,
+    parser.add_argument("--warmup-s", type=bounded(0, 600), default=3.0,
                         help="load before each window, not measured (default 3)")
     parser.add_argument("--rounds", type=int, choices=range(1, 11), default=2,
                         metavar="1..10", help="alternating baseline/creditline saturation "
@@ -678,7 +679,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="closed loop: session flows in flight, all processes together")
     parser.add_argument("--load-fractions", type=_fractions, default=[0.25, 0.5, 0.75],
                         help="open-loop offered loads, fractions of creditline saturation")
-    parser.add_argument("--soak-s", type=_bounded(0, MAX_DURATION_S), default=60.0,
+    parser.add_argument("--soak-s", type=bounded(0, MAX_DURATION_S), default=60.0,
                         help="soak at half saturation, server RSS sampled (0: none; 600 "
                              "for the 10-minute goal)")
     parser.add_argument("--memory-sessions", type=int, default=5_000,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, Tariff, UnitKind
 from creditline.settings import Settings
@@ -259,11 +260,7 @@ def decode_event(
 
 def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal,
                    into: pb.CreditControlAnswer | None = None) -> pb.CreditControlAnswer:
-    answer = pb.CreditControlAnswer() if into is None else into
-    answer.session_id = request.session_id
-    answer.request_number = request.request_number
-    answer.result_code = _result(refusal.result_code)
-    answer.error_message = refusal.message
+    answer = _refused(pb.CreditControlAnswer() if into is None else into, request, refusal)
     if refusal.result_code == pb.UNABLE_TO_COMPLY:
         # nothing was applied: retransmitting is safe, and is what the client should do
         answer.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
@@ -272,7 +269,14 @@ def refusal_answer(request: pb.CreditControlRequest, refusal: Refusal,
 
 def event_refusal_answer(request: pb.EventRequest, refusal: Refusal,
                          into: pb.EventAnswer | None = None) -> pb.EventAnswer:
-    answer = pb.EventAnswer() if into is None else into
+    return _refused(pb.EventAnswer() if into is None else into, request, refusal)
+
+
+AnswerT = TypeVar("AnswerT", pb.CreditControlAnswer, pb.EventAnswer)
+
+
+def _refused(answer: AnswerT, request: pb.CreditControlRequest | pb.EventRequest,
+             refusal: Refusal) -> AnswerT:
     answer.session_id = request.session_id
     answer.request_number = request.request_number
     answer.result_code = _result(refusal.result_code)

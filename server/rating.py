@@ -131,13 +131,6 @@ class PriceSchedule:
         reach = self.max_units_within(self.cost(from_units) + max(0, amount_micros))
         return int(max(0, min(wanted_units, reach - from_units)))
 
-    def as_script_args(self) -> list[int]:
-        args: list[int] = [self.connect_fee_micros, len(self.segments)]
-        for seg in self.segments:
-            end = -1 if seg.end_units is None else seg.end_units
-            args += [end, seg.increment_units, seg.increment_price_micros]
-        return args
-
 
 NO_PERIOD = "-"  # the period of a rate table whose tariff has no tiers
 

@@ -259,6 +259,3 @@ class Store:
             account=_pairs(raw[1]), buckets=_pairs(raw[2]), usage=_pairs(raw[3]),
             open_sessions=int(raw[4]),
         ))
-
-    async def snapshot(self, account_id: str) -> AccountSnapshot | None:
-        return (await self.admin(account_id, "GET")).account

@@ -41,7 +41,11 @@ next_increment_price_micros = 1000
 ])
 def test_bad_plan_is_refused_with_file_field_and_reason(
         tmp_path: Path, text: str, field: str, reason: str) -> None:
-    path = tmp_path / "plan.toml"
+    assert_plan_refused(tmp_path / "plan.toml", text, field, reason)
+
+
+def assert_plan_refused(path: Path, text: str, field: str, reason: str) -> None:
+    """The plan file is refused with a message naming the file, the field and the reason."""
     path.write_text(text)
     with pytest.raises(PlanError) as refused:
         load_plan(path)

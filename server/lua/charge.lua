@@ -719,7 +719,9 @@ local function handle_session()
     redis.call('SREM', final_key, session_id)
     redis.call('ZREM', deadlines_key, request_key)
     redis.call('EXPIRE', request_key, retention_s)
-    write_session_cdr(hash(request_key), cause, answer:match('^%d+'))
+    -- the session as just written: what was read, with this request's changes over it
+    for field, value in pairs(session_changes) do session[field] = value end
+    write_session_cdr(session, cause, answer:match('^%d+'))
   else
     if kind == 'I' then redis.call('SADD', sessions_key, request_key) end
     if any_final then redis.call('SADD', final_key, session_id) end
