@@ -5,19 +5,31 @@ It runs exactly like `creditline serve` does (uvloop, same server options, its o
 process), so the ratio creditline / baseline measured with the same driver is what the
 charging work costs on top of gRPC itself.
 
+With --redis-url it is the round-trip floor: each unary call first runs one EVALSHA of a
+script that does nothing (`return 1`) through Creditline's lean pipelined Redis path
+(creditline.fastredis), then answers as above. Any server that makes one Redis round trip
+per request can at best reach this: the gap from the baseline is the round trip's own
+cost (the client's work, the loop turns, Redis's command handling, and on a 2-core
+machine the CPU Redis takes from the others); the gap from it to Creditline is the
+charging work (validation, rating, the charging script's Lua, the answer). Its Stream
+answers without a round trip (the floor of the unary path only).
+
     python -m bench.baseline_server --listen-address 127.0.0.1:50061
+    python -m bench.baseline_server --listen-address 127.0.0.1:50062 --redis-url redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from creditline.fastredis import FastScriptClient
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
 
@@ -29,6 +41,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_MESSAGE_BYTES = 64 * 1024
 # A typical session id of the driver: the answers echo one of the same length.
 _SESSION_ID = "gw0.bench.example.net;baseline-000000;000000"
+# The round-trip floor's script: one EVALSHA that does nothing.
+NOTHING_SCRIPT = "return 1"
+NOTHING_SCRIPT_SHA = hashlib.sha1(NOTHING_SCRIPT.encode()).hexdigest()
+REDIS_CALL_TIMEOUT_S = 10.0
 
 
 def _grant(rating_group: int, units: pb.Units, charged_micros: int) -> pb.RatingGroupAnswer:
@@ -66,19 +82,32 @@ EVENT_ANSWER = pb.EventAnswer(
 
 
 class BaselineCharging(charging_pb2_grpc.ChargingServicer):
+    """Fixed answers; with `redis` (the round-trip floor) one do-nothing EVALSHA first."""
+
+    def __init__(self, redis: FastScriptClient | None = None) -> None:
+        self._redis = redis
+
+    async def _round_trip(self) -> None:
+        if self._redis is not None:
+            await self._redis.evalsha(NOTHING_SCRIPT_SHA, NOTHING_SCRIPT, (), ())
+
     async def Initial(self, request: pb.CreditControlRequest, context: Context
                       ) -> pb.CreditControlAnswer:
+        await self._round_trip()
         return INITIAL_ANSWER
 
     async def Update(self, request: pb.CreditControlRequest, context: Context
                      ) -> pb.CreditControlAnswer:
+        await self._round_trip()
         return UPDATE_ANSWER
 
     async def Terminate(self, request: pb.CreditControlRequest, context: Context
                         ) -> pb.CreditControlAnswer:
+        await self._round_trip()
         return TERMINATE_ANSWER
 
     async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
+        await self._round_trip()
         return EVENT_ANSWER
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
@@ -95,13 +124,17 @@ class BaselineCharging(charging_pb2_grpc.ChargingServicer):
                                       credit_control=_STREAM_ANSWERS.get(which, UPDATE_ANSWER))
 
 
-async def start_baseline_server(listen_address: str) -> tuple[grpc.aio.Server, int]:
-    """Starts the server (options as creditline.app.start_server); returns it and its port."""
+async def start_baseline_server(listen_address: str, redis_url: str = ""
+                                ) -> tuple[grpc.aio.Server, int]:
+    """Starts the server (options as creditline.app.start_server); returns it and its port.
+    With a redis_url: the round-trip floor (one do-nothing EVALSHA per unary call)."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ])
-    charging_pb2_grpc.add_ChargingServicer_to_server(BaselineCharging(), server)
+    redis = None if not redis_url else FastScriptClient(
+        redis_url, REDIS_CALL_TIMEOUT_S, REDIS_CALL_TIMEOUT_S)
+    charging_pb2_grpc.add_ChargingServicer_to_server(BaselineCharging(redis), server)
     port = server.add_insecure_port(listen_address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {listen_address}")
@@ -109,9 +142,10 @@ async def start_baseline_server(listen_address: str) -> tuple[grpc.aio.Server, i
     return server, port
 
 
-async def serve(listen_address: str, shutdown_grace_s: float) -> None:
-    server, port = await start_baseline_server(listen_address)
-    log.info("baseline (do-nothing) charging server listening on port %d", port)
+async def serve(listen_address: str, shutdown_grace_s: float, redis_url: str) -> None:
+    server, port = await start_baseline_server(listen_address, redis_url)
+    log.info("baseline charging server (%s) listening on port %d",
+             "one do-nothing EVALSHA per call" if redis_url else "do-nothing", port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,11 +160,13 @@ def main() -> int:
                                      description="do-nothing Charging server (the floor)")
     parser.add_argument("--listen-address", default="127.0.0.1:50061")
     parser.add_argument("--shutdown-grace-s", type=float, default=2.0)
+    parser.add_argument("--redis-url", default="",
+                        help="the round-trip floor: one do-nothing EVALSHA per unary call")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import uvloop
 
-    uvloop.run(serve(args.listen_address, args.shutdown_grace_s))
+    uvloop.run(serve(args.listen_address, args.shutdown_grace_s, args.redis_url))
     return 0
 
 

@@ -51,6 +51,16 @@ def _figure_rows(results: dict[str, Any]) -> list[str]:
         f"({memory['keys_per_open_session']:.2f} keys); a closed one retained: "
         f"{memory['bytes_per_closed_session_retained']:.0f} bytes |",
     ]
+    floor = figures.get("round_trip_floor")
+    if floor:
+        rows += [
+            f"| round-trip floor (baseline + one do-nothing EVALSHA) | {floor['rps']:.0f} req/s, "
+            f"{floor['ratio_to_baseline']:.2f} of the baseline (rounds: "
+            f"{', '.join(f'{r:.2f}' for r in floor['ratio_to_baseline_per_round'])}); server CPU "
+            f"{floor['server_cpu_ms_per_request']:.3f} ms + Redis "
+            f"{floor['redis_cpu_ms_per_request']:.3f} ms per request |",
+            f"| creditline / round-trip floor | {floor['creditline_ratio_to_floor']:.2f} |",
+        ]
     stream = figures.get("stream")
     if stream:
         stream_cpu = stream["server_cpu_ms_per_request"]

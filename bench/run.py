@@ -1,14 +1,16 @@
-"""The benchmark in one command: starts a redis-server, the Creditline server and the
-do-nothing baseline server (each its own process), creates the accounts, drives the load
-and writes bench/results/<timestamp>.json and .png.
+"""The benchmark in one command: starts a redis-server, the Creditline server, the
+do-nothing baseline server and the round-trip floor (the baseline making one do-nothing
+EVALSHA per call), each its own process, creates the accounts, drives the load and writes
+bench/results/<timestamp>.json and .png.
 
     python -m bench.run --duration-s 20 --rounds 2 --processes 2 --concurrency 128
 
 Phases, in this order (each measured for --duration-s after --warmup-s):
  1. a short closed-loop warm-up of Creditline (connections opened, script loaded);
- 2. saturation, --rounds times: closed loop against the do-nothing baseline server, then
-    the same driver against Creditline, with INFO commandstats read before and after each
-    phase (Redis round trips per request); with the `stream` scenario, the same flows
+ 2. saturation, --rounds times: closed loop against the do-nothing baseline server, the
+    round-trip floor (unless --no-round-trip-floor), then the same driver against
+    Creditline, with INFO commandstats read before and after each phase (Redis round
+    trips per request); with the `stream` scenario, the same flows
     over Charging.Stream after them in each round (baseline, then Creditline);
  3. creditline open loop at fractions of its saturation rate (--load-fractions), and the
     baseline at half of it: p50/p90/p99 per offered load;
@@ -88,6 +90,8 @@ SCENARIOS = (UNARY, STREAM)
 # The server's RSS is "flat" when it grew by at most this much over the soak window
 # (floor of the last quarter of the samples against the floor of the first: soak_summary).
 FLAT_RSS_GROWTH_PERCENT = 5.0
+# The name of the round-trip floor server (bench/baseline_server.py --redis-url).
+ROUND_TRIP_FLOOR = "roundtrip"
 
 
 class ServerProcess:
@@ -197,12 +201,14 @@ def _redis_ps(port: int) -> psutil.Process:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, redis: Redis, redis_process: RedisProcess,
-                 creditline: ServerProcess, baseline: ServerProcess) -> None:
+                 creditline: ServerProcess, baseline: ServerProcess,
+                 floor: ServerProcess | None = None) -> None:
         self.args = args
         self.redis = redis
         self.redis_ps = _redis_ps(redis_process.port)
         self.creditline = creditline
         self.baseline = baseline
+        self.floor = floor
         self.workload = Workload(
             account_count=args.accounts, hot_account_count=args.hot_accounts,
             hot_share=args.hot_share, event_request_share=args.event_share)
@@ -250,7 +256,8 @@ class Bench:
                 "accounts_per_s": round(len(accounts) / elapsed_s, 1)}
 
     def _cpu_groups(self, server: ServerProcess) -> dict[str, list[psutil.Process]]:
-        servers = {p.pid for s in (self.creditline, self.baseline) for p in s.processes()}
+        servers = {p.pid for s in (self.creditline, self.baseline, self.floor)
+                   if s is not None for p in s.processes()}
         servers.add(self.redis_ps.pid)
         drivers = [p for p in psutil.Process().children(recursive=True) if p.pid not in servers]
         return {"server": server.processes(), "redis": [self.redis_ps],
@@ -476,12 +483,33 @@ def _figures(phases: dict[str, dict[str, Any]], half_name: str, memory: dict[str
             "server RSS flat over the soak": soak.get("flat"),
         },
     }
+    if f"{ROUND_TRIP_FLOOR}_saturation" in phases:
+        figures["round_trip_floor"] = _floor_figures(phases)
     if "creditline_stream_saturation" in phases:
         stream = _stream_figures(phases)
         figures["stream"] = stream
         figures["goals"]["stream >= 2.5x creditline unary req/s"] = (
             stream["ratio_to_creditline_unary"] >= GOAL_STREAM_RATIO_TO_UNARY)
     return figures
+
+
+def _floor_figures(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The round-trip floor against the baseline (what one Redis round trip per call costs
+    by itself) and Creditline against the floor (what the charging work costs on top)."""
+    base, creditline = phases["baseline_saturation"], phases["creditline_saturation"]
+    floor = phases[f"{ROUND_TRIP_FLOOR}_saturation"]
+    floor_rps = floor["throughput_rps"]
+    return {
+        "rps": floor_rps,
+        "ratio_to_baseline": round(floor_rps / base["throughput_rps"], 3)
+        if base["throughput_rps"] else 0.0,
+        "ratio_to_baseline_per_round": [round(f / b, 3) if b else 0.0 for b, f in zip(
+            base["throughput_rps_per_round"], floor["throughput_rps_per_round"], strict=True)],
+        "creditline_ratio_to_floor": round(creditline["throughput_rps"] / floor_rps, 3)
+        if floor_rps else 0.0,
+        "server_cpu_ms_per_request": floor["cpu_ms_per_request"].get("server", 0.0),
+        "redis_cpu_ms_per_request": floor["cpu_ms_per_request"].get("redis", 0.0),
+    }
 
 
 def _stream_figures(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -529,7 +557,7 @@ def _machine() -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _servers(args: argparse.Namespace, redis_url: str, log_dir: Path
-             ) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+             ) -> Iterator[tuple[ServerProcess, ServerProcess, ServerProcess | None]]:
     port = free_port()
     creditline = ServerProcess("creditline", [
         sys.executable, "-m", "creditline", "serve", "--redis-url", redis_url,
@@ -541,10 +569,16 @@ def _servers(args: argparse.Namespace, redis_url: str, log_dir: Path
     baseline = ServerProcess("baseline", [
         sys.executable, "-m", "bench.baseline_server",
         "--listen-address", f"127.0.0.1:{baseline_port}"], baseline_port, log_dir)
+    floor = None
+    if args.round_trip_floor:
+        floor_port = free_port()
+        floor = ServerProcess(ROUND_TRIP_FLOOR, [
+            sys.executable, "-m", "bench.baseline_server", "--redis-url", redis_url,
+            "--listen-address", f"127.0.0.1:{floor_port}"], floor_port, log_dir)
     try:
-        yield creditline, baseline
+        yield creditline, baseline, floor
     finally:
-        for server in (creditline, baseline):
+        for server in (creditline, baseline, *([floor] if floor else [])):
             code = server.stop()
             if code not in (0, -signal.SIGTERM):
                 log.warning("%s exited with %s: %s", server.name, code, server.log_tail())
@@ -563,10 +597,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started_at = datetime.datetime.now(datetime.UTC)
     with tempfile.TemporaryDirectory(prefix="creditline-bench-") as tmp, \
             RedisProcess() as redis_process, \
-            _servers(args, redis_process.url, Path(tmp)) as (creditline, baseline):
-        await asyncio.gather(creditline.wait_ready(), baseline.wait_ready())
+            _servers(args, redis_process.url, Path(tmp)) as (creditline, baseline, floor):
+        await asyncio.gather(creditline.wait_ready(), baseline.wait_ready(),
+                             *([floor.wait_ready()] if floor else []))
         async with _redis_client(redis_process.url) as redis:
-            bench = Bench(args, redis, redis_process, creditline, baseline)
+            bench = Bench(args, redis, redis_process, creditline, baseline, floor)
             accounts = await bench.create_accounts()
             results = await _phases(bench, creditline, baseline)
             results["accounts"] = accounts
@@ -588,14 +623,20 @@ async def _phases(bench: Bench, creditline: ServerProcess, baseline: ServerProce
     # The scenarios' saturation phases by transport: {scenario: (baselines, creditlines)}.
     rounds: dict[str, tuple[dict[str, DriverResult], dict[str, DriverResult]]] = {
         scenario: ({}, {}) for scenario in args.scenarios}
+    floors: dict[str, DriverResult] = {}
     for number in range(1, args.rounds + 1):
         for scenario, (baselines, creditlines) in rounds.items():
             infix = "" if scenario == UNARY else f"_{scenario}"
-            for server, results in ((baseline, baselines), (creditline, creditlines)):
+            servers = [(baseline, baselines), (creditline, creditlines)]
+            if bench.floor is not None and scenario == UNARY:  # the floor of unary calls
+                servers.insert(1, (bench.floor, floors))
+            for server, results in servers:
                 name = f"{server.name}{infix}_saturation_round{number}"
                 results[name] = await bench.phase(name, bench.config(
                     server, CLOSED_LOOP, transport=scenario), server)
     base = bench.aggregate("baseline_saturation", rounds[UNARY][0])
+    if floors:
+        bench.aggregate(f"{ROUND_TRIP_FLOOR}_saturation", floors)
     saturated = bench.aggregate("creditline_saturation", rounds[UNARY][1])
     if STREAM in rounds:
         bench.aggregate("baseline_stream_saturation", rounds[STREAM][0])
@@ -690,6 +731,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="share of sessions and events on the hot accounts")
     parser.add_argument("--event-share", type=float, default=0.20,
                         help="share of requests that are Event DIRECT_DEBIT")
+    parser.add_argument("--round-trip-floor", action=argparse.BooleanOptionalAction,
+                        default=True, help="measure the round-trip floor in each unary round "
+                        "(the baseline making one do-nothing EVALSHA per call)")
     parser.add_argument("--server-arg", action="append", default=[],
                         help="extra argument for `creditline serve` (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
