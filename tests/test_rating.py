@@ -601,18 +601,17 @@ local MAX_SAFE = 9007199254740991
 %s
 -- ARGV: a rate table, then rated units, period units, offset s, then queries of
 -- (units, amount, wanted) from the rated units; returns "cost,affordable" per query
-local position = 0
-local function take()
-  position = position + 1
-  return ARGV[position]
-end
 local block = {}
-read_rate_table(block, take)
-local rated, period_units, offset_s = tonumber(take()), tonumber(take()), tonumber(take())
+local i = read_rate_table(block, 1)
+local rated, period_units, offset_s = tonumber(ARGV[i]), tonumber(ARGV[i + 1]),
+  tonumber(ARGV[i + 2])
+i = i + 3
 local schedule = schedule_from(block, rated, period_units, offset_s)
 local out = {}
-while position < #ARGV do
-  local units, amount, wanted = tonumber(take()), tonumber(take()), tonumber(take())
+while i <= #ARGV do
+  local units, amount, wanted = tonumber(ARGV[i]), tonumber(ARGV[i + 1]),
+    tonumber(ARGV[i + 2])
+  i = i + 3
   out[#out + 1] = string.format('%%d,%%d',
     cost(schedule, rated + units) - cost(schedule, rated),
     affordable_units(schedule, rated, amount, wanted))
