@@ -310,8 +310,10 @@ do
 end
 
 local function bucket_units_free(rg)
+  local list = buckets_by_rg[rg]
+  if not list then return 0 end  -- no bucket: nothing free, whatever was reserved
   local total = 0
-  for _, b in ipairs(buckets_by_rg[rg] or {}) do total = total + b.remaining end
+  for _, b in ipairs(list) do total = total + b.remaining end
   return math.max(0, total - tonumber(account['bres:' .. rg] or 0)
     - (account_changes['bres:' .. rg] or 0))
 end
