@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from creditline.fastredis import FastScriptClient
 from creditline.security import Role, current_principal
+from creditline.settings import MAX_BATCH_LINGER_S
 from creditline.store import RedisClient, event_counter_key, events_key, partition_of
 from creditline.telemetry import Metrics
 from creditline.v1 import notifications_pb2 as pb
@@ -113,6 +114,10 @@ class Subscription:
     queue: asyncio.Queue[StreamEvent]
     positions: dict[int, Position] = field(default_factory=dict)
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
+    # while a batch lingers: set when the queue holds `full_batch` events, so that a
+    # lingering batch goes out before the queue overflows
+    batch_full: asyncio.Future[None] | None = None
+    full_batch: int = MAX_BATCH_EVENTS
 
     def matches(self, event: StreamEvent) -> bool:
         if self.account_ids is not None and event.fields.get("a") not in self.account_ids:
@@ -126,11 +131,18 @@ class Subscription:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed.set()
+        if self.batch_full is not None and self.queue.qsize() >= self.full_batch:
+            _set_done(self.batch_full)
 
     def is_new(self, event: StreamEvent) -> bool:
         """False for an event at or before this subscription's position: already sent."""
         seen = self.positions.get(event.partition, START)
         return event.position.n > seen.n
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass
@@ -437,6 +449,22 @@ def _message_of(event: StreamEvent) -> pb.ChargeEvent:
     return message
 
 
+async def _linger(subscription: Subscription, linger_s: float) -> None:
+    """Waits `linger_s` for more events to join a batch, less once the queue holds a full
+    batch. Why: a gRPC write costs ~20x the event's own share of the work (py-spy of
+    notify_bench: sendmsg and the completion's wake-ups per write), whatever it carries."""
+    if subscription.queue.qsize() + 1 >= subscription.full_batch:
+        return
+    loop = asyncio.get_running_loop()
+    batch_full = subscription.batch_full = loop.create_future()
+    timer = loop.call_later(linger_s, _set_done, batch_full)
+    try:
+        await batch_full
+    finally:
+        timer.cancel()
+        subscription.batch_full = None
+
+
 # Subscribe writes encoded ChargeEvent messages, SubscribeBatches ChargeEventBatch ones.
 _Context = grpc.aio.ServicerContext[pb.SubscribeRequest, bytes]
 # How a subscription's events are written: one message each, or in batches.
@@ -445,9 +473,13 @@ _Sender = Callable[[Subscription, Iterable[StreamEvent], _Context], Awaitable[No
 
 class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, batch_linger_s: float = 0.0) -> None:
+        if not 0 <= batch_linger_s <= MAX_BATCH_LINGER_S:
+            raise ValueError(f"batch_linger_s: 0..{MAX_BATCH_LINGER_S}")
         self._hub = hub
         self._queue_size = queue_size
+        # how long a SubscribeBatches message waits for more events after the first one
+        self._batch_linger_s = batch_linger_s
         self._max_subscribers = max_subscribers
         self._metrics = metrics  # None: telemetry off
 
@@ -455,14 +487,14 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     # that a subscriber stalled in a write can still be ended with its cursor.
     async def Subscribe(  # type: ignore[override]
             self, request: pb.SubscribeRequest, context: _Context) -> None:
-        await self._serve(request, context, self._send)
+        await self._serve(request, context, self._send, linger_s=0.0)
 
     async def SubscribeBatches(  # type: ignore[override]
             self, request: pb.SubscribeRequest, context: _Context) -> None:
-        await self._serve(request, context, self._send_batch)
+        await self._serve(request, context, self._send_batch, self._batch_linger_s)
 
     async def _serve(self, request: pb.SubscribeRequest, context: _Context,
-                     send: _Sender) -> None:
+                     send: _Sender, linger_s: float) -> None:
         if len(self._hub.subscriptions) >= self._max_subscribers:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"at most {self._max_subscribers} subscribers per process")
@@ -478,7 +510,8 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             subscription.positions = dict(start)
             await context.send_initial_metadata(
                 ((START_CURSOR_METADATA, encode_cursor(start)),))
-            writer = asyncio.create_task(self._deliver(subscription, joined, context, send))
+            writer = asyncio.create_task(
+                self._deliver(subscription, joined, context, send, linger_s))
             overflow = asyncio.create_task(subscription.overflowed.wait())
             try:
                 await asyncio.wait({writer, overflow}, return_when=asyncio.FIRST_COMPLETED)
@@ -515,7 +548,8 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             else (partition_of(a, self._hub.partitions) for a in accounts))
         return Subscription(partitions=partitions, account_ids=accounts,
                             event_types=frozenset(names) or None,
-                            queue=asyncio.Queue(self._queue_size))
+                            queue=asyncio.Queue(self._queue_size),
+                            full_batch=min(MAX_BATCH_EVENTS, max(1, self._queue_size // 2)))
 
     async def _cursor(
         self, request: pb.SubscribeRequest, subscription: Subscription,
@@ -553,7 +587,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
         return cursor
 
     async def _deliver(self, subscription: Subscription, joined: Mapping[int, Position],
-                       context: _Context, send: _Sender) -> None:
+                       context: _Context, send: _Sender, linger_s: float) -> None:
         for partition, until in sorted(joined.items()):
             while True:
                 batch = await self._hub.read_range(
@@ -565,6 +599,8 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
         while True:
             # everything queued meanwhile goes out in this turn: one wake-up per burst
             events = [await queue.get()]
+            if linger_s > 0:
+                await _linger(subscription, linger_s)
             while not queue.empty():
                 events.append(queue.get_nowait())
             await send(subscription, events, context)
