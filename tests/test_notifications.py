@@ -359,8 +359,9 @@ async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reade
 
 async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fills(
         redis_process, settings):  # type: ignore[no-untyped-def]
-    # a server of its own: batches wait up to a second for more events, and a queue of 10
-    # events sends a batch once it holds 5 (half the queue) instead of overflowing
+    # a server of its own: batches wait up to a second for more events, and a queue of 40
+    # events sends a batch once it holds 20 (half the queue) instead of overflowing (room
+    # for the hub's reads to offer a few events at once on a busy machine)
     from creditline.app import start_server, stop_server
     from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 
@@ -368,7 +369,7 @@ async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fi
 
     linger_s = 1.0
     running = await start_server(settings_with(
-        settings, subscriber_batch_linger_s=linger_s, subscriber_queue_size=10),
+        settings, subscriber_batch_linger_s=linger_s, subscriber_queue_size=40),
         redis_process.url)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -391,13 +392,13 @@ async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fi
             together = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
             assert [e.session_id for e in together.events] == [f"together{n}" for n in range(3)]
 
-            answers = [await sms(charging, acct, f"many{n}") for n in range(40)]
+            answers = [await sms(charging, acct, f"many{n}") for n in range(120)]
             assert all(a.result_code == pb.SUCCESS for a in answers)
             received: list[npb.ChargeEvent] = []
-            while len(received) < 40:  # the queue of 10 never overflowed: ended else
+            while len(received) < 120:  # the queue of 40 never overflowed: ended else
                 batch = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
                 received += batch.events
-            assert [e.session_id for e in received] == [f"many{n}" for n in range(40)]
+            assert [e.session_id for e in received] == [f"many{n}" for n in range(120)]
             resumed = notifications_pb2_grpc.NotificationsStub(channel).SubscribeBatches(
                 npb.SubscribeRequest(account_ids=[acct], cursor=batch.cursor))
             await sms(charging, acct, "after")
