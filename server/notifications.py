@@ -17,6 +17,11 @@ the stream id of the last event delivered and its sequence number `n`. Resuming 
 streams from there up to where the hub's reader was when the subscription joined (for a
 reader started by that join: the newest entry then), then takes the hub's live events;
 positions drop anything already delivered, so nothing is lost or delivered twice.
+
+Each event is encoded once for all its subscribers (a subscriber's message is that
+encoding with its cursor appended). SubscribeBatches writes every queued event in one
+message, and with `batch_linger_s` waits that long after a batch's first event for more:
+each gRPC write costs the server far more than the events it carries.
 """
 
 from __future__ import annotations
