@@ -17,7 +17,9 @@ creates the accounts through the Admin API, then:
     (none, N, none, N, ... for --rounds rounds). Subscriber i is filtered to account i of
     the workload plus one of its hot accounts (--filter mix, the default), or to account i
     only (--filter own). With --batches the subscribers use Notifications.SubscribeBatches
-    (every queued event in one message) instead of Subscribe. Goal: req/s with N / req/s
+    (every queued event in one message) instead of Subscribe, and --batch-linger-s sets
+    the server's subscriber_batch_linger_s (how long a batch waits for more events; the
+    server's default otherwise). Goal: req/s with N / req/s
     with none >= 0.9. Server CPU per request is reported for each round too (steadier than
     req/s on a shared machine).
 
@@ -44,6 +46,7 @@ from typing import Any
 import grpc
 import psutil
 from creditline.redis_process import RedisProcess, free_port
+from creditline.settings import MAX_BATCH_LINGER_S
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb
@@ -279,10 +282,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="creditline-notify-bench-") as tmp, \
             RedisProcess() as redis_process:
         port = free_port()
+        linger = ([] if args.batch_linger_s is None
+                  else ["--subscriber-batch-linger-s", str(args.batch_linger_s)])
         server = ServerProcess("creditline", [
             sys.executable, "-m", "creditline", "serve", "--workers", "1",
             "--redis-url", redis_process.url, "--listen-address", f"127.0.0.1:{port}",
-            "--log-level", "WARNING"], port, Path(tmp))
+            "--log-level", "WARNING", *linger], port, Path(tmp))
         try:
             await server.wait_ready()
             started = clock()
@@ -344,6 +349,7 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
     cpu_some = statistics.fmean(r["server_cpu_ms_per_request"] or 0 for r in some)
     return {
         "subscribers": args.subscribers, "filter": args.filter, "batches": args.batches,
+        "batch_linger_s": args.batch_linger_s,
         "concurrency": args.concurrency, "processes": args.processes,
         "rps_without": round(none_rps, 1), "rps_with": round(some_rps, 1),
         "ratio": round(ratio, 3),
@@ -377,6 +383,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--filter", choices=("mix", "own"), default="mix")
     parser.add_argument("--batches", action="store_true",
                         help="subscribers use SubscribeBatches instead of Subscribe")
+    parser.add_argument("--batch-linger-s", type=bounded(0, MAX_BATCH_LINGER_S), default=None,
+                        help="the server's subscriber_batch_linger_s (default: its own)")
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--accounts", type=int, default=2_000)

@@ -187,7 +187,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     add_service(server, AdminService(store, settings), ADMIN, wrap)
     hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(
-        hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics),
+        hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
+        settings.subscriber_batch_linger_s),
         NOTIFICATIONS, wrap)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -34,6 +34,16 @@ def _deserializer(message_class: type[Message]) -> Callable[[bytes], Message | U
     return parse
 
 
+def _passing_bytes(message_class: type[Message]) -> Callable[[Message | bytes], bytes]:
+    """A response serializer that sends bytes as they are: a stream that writes the same
+    event to many subscribers encodes it once (notifications.encoded_event)."""
+    serialize = message_class.SerializeToString
+
+    def encode(message: Message | bytes) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+    return encode
+
+
 async def _refuse(request: Unparsable, context: Context) -> Message:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                         f"request: not a valid {request.message_type}: {request.error}")
@@ -65,7 +75,8 @@ def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHan
             both, request_deserializer=parse, response_serializer=serialize)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            one, request_deserializer=parse, response_serializer=serialize)
+            one, request_deserializer=parse,
+            response_serializer=_passing_bytes(GetMessageClass(method.output_type)))
     if method.client_streaming:
         raise NotImplementedError(f"{method.full_name}: client streaming alone is not used")
     return grpc.unary_unary_rpc_method_handler(

@@ -22,6 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "plans" / "default.toml"
 ENV_PREFIX = "CREDITLINE_"
+# The longest a SubscribeBatches message may wait for more events
+# (subscriber_batch_linger_s): a bound on what the setting can cost a subscriber.
+MAX_BATCH_LINGER_S = 1.0
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
 # Settings that hold secrets: no flag, never printed (repr and logs show "***").
 SECRET_SETTINGS = frozenset({"redis_password"})
@@ -69,6 +72,10 @@ class Settings:
     # slow, and subscribers per process
     subscriber_queue_size: int = 1000
     max_subscribers: int = 5000
+    # SubscribeBatches: how long a message waits for more events after its first one
+    # (fewer, larger messages: a write costs far more than the events it carries);
+    # 0..1 s
+    subscriber_batch_linger_s: float = 0.0
     # limits on one request
     max_rating_groups_per_request: int = 64
     max_session_id_bytes: int = 256
@@ -126,6 +133,8 @@ class Settings:
         for name in ("shutdown_grace_s", "events_retention_s", "spike_factor", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"setting {name}: must be 0 or more")
+        if not 0 <= self.subscriber_batch_linger_s <= MAX_BATCH_LINGER_S:
+            raise ValueError(f"setting subscriber_batch_linger_s: 0..{MAX_BATCH_LINGER_S}")
         if self.spike_fast_window_s >= self.spike_slow_window_s:
             raise ValueError("setting spike_fast_window_s: must be shorter than "
                              "spike_slow_window_s")

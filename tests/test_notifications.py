@@ -355,3 +355,56 @@ async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reade
             resumed.cancel()
     finally:
         await stop_server(running, grace_s=1.0)
+
+
+async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fills(
+        redis_process, settings):  # type: ignore[no-untyped-def]
+    # a server of its own: batches wait up to a second for more events, and a queue of 40
+    # events sends a batch once it holds 20 (half the queue) instead of overflowing (room
+    # for the hub's reads to offer a few events at once on a busy machine)
+    from creditline.app import start_server, stop_server
+    from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+
+    from tests.conftest import settings_with
+
+    linger_s = 1.0
+    running = await start_server(settings_with(
+        settings, subscriber_batch_linger_s=linger_s, subscriber_queue_size=40),
+        redis_process.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            acct = f"linger-{time.time_ns()}"
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(
+                admin_pb.CreateAccountRequest(account_id=acct, initial_balance_micros=10**12))
+            batches = notifications_pb2_grpc.NotificationsStub(channel).SubscribeBatches(
+                npb.SubscribeRequest(account_ids=[acct]))
+            await asyncio.wait_for(batches.initial_metadata(), READ_TIMEOUT_S)
+
+            await sms(charging, acct, "alone")
+            started = time.monotonic()
+            [alone] = (await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)).events
+            assert alone.session_id == "alone"
+            assert time.monotonic() - started >= linger_s / 2  # it waited for company
+
+            for n in range(3):  # three events within the linger: one batch
+                await sms(charging, acct, f"together{n}")
+            together = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
+            assert [e.session_id for e in together.events] == [f"together{n}" for n in range(3)]
+
+            answers = [await sms(charging, acct, f"many{n}") for n in range(120)]
+            assert all(a.result_code == pb.SUCCESS for a in answers)
+            received: list[npb.ChargeEvent] = []
+            while len(received) < 120:  # the queue of 40 never overflowed: ended else
+                batch = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
+                received += batch.events
+            assert [e.session_id for e in received] == [f"many{n}" for n in range(120)]
+            resumed = notifications_pb2_grpc.NotificationsStub(channel).SubscribeBatches(
+                npb.SubscribeRequest(account_ids=[acct], cursor=batch.cursor))
+            await sms(charging, acct, "after")
+            [after] = (await asyncio.wait_for(resumed.read(), READ_TIMEOUT_S)).events
+            assert after.session_id == "after"  # the cursor of the last batch: nothing twice
+            batches.cancel()
+            resumed.cancel()
+    finally:
+        await stop_server(running, grace_s=1.0)
