@@ -493,11 +493,21 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     # that a subscriber stalled in a write can still be ended with its cursor.
     async def Subscribe(  # type: ignore[override]
             self, request: pb.SubscribeRequest, context: _Context) -> None:
+        if request.HasField("batch_linger_ms"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "batch_linger_ms: only for SubscribeBatches (Subscribe "
+                                "writes one message per event)")
         await self._serve(request, context, self._send, linger_s=0.0)
 
     async def SubscribeBatches(  # type: ignore[override]
             self, request: pb.SubscribeRequest, context: _Context) -> None:
-        await self._serve(request, context, self._send_batch, self._batch_linger_s)
+        linger_s = self._batch_linger_s
+        if request.HasField("batch_linger_ms"):
+            if request.batch_linger_ms > MAX_BATCH_LINGER_S * 1000:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"batch_linger_ms: at most {MAX_BATCH_LINGER_S * 1000:.0f}")
+            linger_s = request.batch_linger_ms / 1000
+        await self._serve(request, context, self._send_batch, linger_s)
 
     async def _serve(self, request: pb.SubscribeRequest, context: _Context,
                      send: _Sender, linger_s: float) -> None:

@@ -408,3 +408,35 @@ async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fi
             resumed.cancel()
     finally:
         await stop_server(running, grace_s=1.0)
+
+
+async def test_a_subscriber_chooses_its_own_batch_linger(
+        charging, notifications, make_account):  # type: ignore[no-untyped-def]
+    # the shared server lingers not at all; this subscriber asks for 800 ms
+    acct = await make_account(balance_micros=10**9)
+    batches = notifications.SubscribeBatches(
+        npb.SubscribeRequest(account_ids=[acct], batch_linger_ms=800))
+    await asyncio.wait_for(batches.initial_metadata(), READ_TIMEOUT_S)
+    started = time.monotonic()
+    for n in range(3):
+        await sms(charging, acct, f"together{n}")
+    together = await asyncio.wait_for(batches.read(), READ_TIMEOUT_S)
+    assert [e.session_id for e in together.events] == [f"together{n}" for n in range(3)]
+    assert time.monotonic() - started >= 0.4  # the first event waited for the others
+    batches.cancel()
+
+
+@pytest.mark.parametrize(("method", "linger_ms", "reason"), [
+    ("SubscribeBatches", 1001, "at most 1000"),
+    ("Subscribe", 10, "only for SubscribeBatches"),
+    ("Subscribe", 0, "only for SubscribeBatches"),
+])
+async def test_a_batch_linger_out_of_bounds_or_on_subscribe_is_refused(
+        notifications, make_account, method, linger_ms, reason):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10**9)
+    call = getattr(notifications, method)(
+        npb.SubscribeRequest(account_ids=[acct], batch_linger_ms=linger_ms))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in (refused.value.details() or "")

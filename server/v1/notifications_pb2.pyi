@@ -78,8 +78,14 @@ class SubscribeRequest(_message.Message):
     ACCOUNT_IDS_FIELD_NUMBER: _builtins.int
     EVENT_TYPES_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    BATCH_LINGER_MS_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """empty: from now; else a ChargeEvent.cursor"""
+    batch_linger_ms: _builtins.int
+    """SubscribeBatches only: how long a batch may wait after its first event for more,
+    0..1000 ms (fewer, larger messages; each event up to that much later). Absent: the
+    server's subscriber_batch_linger_s. Subscribe refuses it (one message per event).
+    """
     @_builtins.property
     def account_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """empty: every account"""
@@ -94,12 +100,15 @@ class SubscribeRequest(_message.Message):
         account_ids: _abc.Iterable[_builtins.str] | None = ...,
         event_types: _abc.Iterable[Global___EventType.ValueType] | None = ...,
         cursor: _builtins.str = ...,
+        batch_linger_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_linger_ms", b"_batch_linger_ms", "batch_linger_ms", b"batch_linger_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_ids", b"account_ids", "cursor", b"cursor", "event_types", b"event_types"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_linger_ms", b"_batch_linger_ms", "account_ids", b"account_ids", "batch_linger_ms", b"batch_linger_ms", "cursor", b"cursor", "event_types", b"event_types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__batch_linger_ms: _TypeAlias = _typing.Literal["batch_linger_ms"]  # noqa: Y015
+    _WhichOneofArgType__batch_linger_ms: _TypeAlias = _typing.Literal["_batch_linger_ms", b"_batch_linger_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__batch_linger_ms) -> _WhichOneofReturnType__batch_linger_ms | None: ...
 
 Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
 
