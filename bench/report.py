@@ -94,7 +94,9 @@ def report(results: dict[str, Any]) -> str:
              f"{results['machine']['load_average_at_start']}.", ""]
     lines += _figure_rows(results)
     lines += ["", "| goal | met |", "|---|---|"]
-    lines += [f"| {goal} | {'yes' if met else 'no'} |" for goal, met in goals.items()]
+    # None: not measured in this run (e.g. no soak with --soak-s 0)
+    lines += [f"| {goal} | {'not measured' if met is None else 'yes' if met else 'no'} |"
+              for goal, met in goals.items()]
     lines += ["", *_phase_rows(results["phases"])]
     return "\n".join(lines) + "\n"
 
