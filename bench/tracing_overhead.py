@@ -233,6 +233,18 @@ async def main(argv: Sequence[str]) -> int:
         print(f"  tracing {mode:>5}: {rate[mode]:7.0f} calls/s, ratio "
               f"{rate[mode] / rate['off']:.3f}; {cpu[mode]:5.0f} us CPU/call, ratio "
               f"{cpu['off'] / cpu[mode]:.3f}{goal}")
+    # The machine's load drifts between rounds far more than within one (a round's three
+    # runs follow each other): a round's own ratios cancel the drift, their median is the
+    # steadier figure.
+    print("  the same as the median of each round's own ratios (the steadier figure):")
+    for mode in MODES:
+        goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
+        rounds = list(zip(runs[mode], runs["off"], strict=True))
+        rate_ratio = statistics.median(run.calls_per_s / off.calls_per_s for run, off in rounds)
+        cpu_ratio = statistics.median(off.cpu_us_per_call / run.cpu_us_per_call
+                                      for run, off in rounds)
+        print(f"  tracing {mode:>5}: calls/s ratio {rate_ratio:.3f}; CPU ratio "
+              f"{cpu_ratio:.3f}{goal}")
     work = {mode: statistics.median([await _tracing_work_us(mode, plan, 5000)
                                      for _ in range(3)]) for mode in MODES}
     print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the")
