@@ -72,19 +72,23 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-def request_attributes(request: Any) -> dict[str, Any]:
-    attributes: dict[str, Any] = {}
-    for name in ("account_id", "session_id"):
-        value = getattr(request, name, None)
+_ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
+                  ("session_id", "creditline.session_id"))
+
+
+def add_request_attributes(attributes: dict[str, Any], request: Any) -> None:
+    """The request's ids, request number and rating groups, for those it has."""
+    for field_name, attribute in _ID_ATTRIBUTES:
+        value = getattr(request, field_name, None)
         if value:
-            attributes[f"creditline.{name}"] = value
-    if hasattr(request, "request_number"):
-        attributes["creditline.request_number"] = request.request_number
+            attributes[attribute] = value
+    request_number = getattr(request, "request_number", None)
+    if request_number is not None:
+        attributes["creditline.request_number"] = request_number
     blocks = getattr(request, "rating_groups", None)
     if blocks:
         attributes["creditline.rating_groups"] = [
             block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
-    return attributes
 
 
 class CallWrapper:
@@ -188,7 +192,7 @@ class CallWrapper:
 def _annotate(spans: SpanRecorder, span: CallSpan, request: Any, response: Any,
               status: grpc.StatusCode, error: BaseException | None) -> None:
     attributes = span.attributes
-    attributes.update(request_attributes(request))
+    add_request_attributes(attributes, request)
     attributes["rpc.grpc.status_code"] = _STATUS_NUMBERS[status]
     result_code = getattr(response, "result_code", None)
     if result_code is not None:
