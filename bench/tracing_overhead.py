@@ -11,6 +11,11 @@ measured is the span work on the call path, not an exporter's network. The modes
 interleaved over several rounds and each mode's median is reported, since one run on a
 shared 2-core machine is noisy; each round starts with another mode. Goals: 100% >= 0.9 of off,
 1% >= 0.97 of off.
+
+    python bench/tracing_overhead.py --sections [--sessions 3000]
+
+times the span path's steps inside the running server and in the tight in-process loop,
+next to each other: where the end-to-end cost goes.
 """
 
 from __future__ import annotations
@@ -21,18 +26,20 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 import uvloop
+from creditline import interceptors
 from creditline.app import freeze_startup_objects, start_server, stop_server
 from creditline.interceptors import CallWrapper
 from creditline.rating import IncrementRater, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
-from creditline.telemetry import Telemetry
+from creditline.telemetry import ScriptInstrument, SpanRecorder, Telemetry, TracedRater
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -192,11 +199,91 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
     return cpu_s / calls * 1e6
 
 
+# The span path's synchronous steps (no await inside: their wall time is their CPU time),
+# timed where they run with --sections: (owner, attribute, what it does).
+_SECTIONS: tuple[tuple[object, str, str], ...] = (
+    (interceptors, "parent_context", "trace headers read (grpc metadata)"),
+    (SpanRecorder, "start_call", "call span started (ids, sampler)"),
+    (SpanRecorder, "enter", "made current (OTel context and ours)"),
+    (SpanRecorder, "leave", "current no more"),
+    (interceptors, "_annotate", "attributes read, then the spans made (end_call)"),
+    (SpanRecorder, "end_call", "  of which: the 3 spans made and handed over"),
+    (ScriptInstrument, "run", "script span started"),
+    (TracedRater, "rate_table", "rating, with its child span"),
+)
+
+
+class _SectionTimer:
+    """Time spent in each of _SECTIONS, and in garbage collection, while installed."""
+
+    def __init__(self) -> None:
+        self.total_ns: Counter[str] = Counter()
+        self._gc_start_ns = 0
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_start_ns = time.perf_counter_ns()
+        else:
+            self.total_ns["garbage collection"] += time.perf_counter_ns() - self._gc_start_ns
+
+    def install(self) -> Callable[[], None]:
+        """Wraps every section in a timer; returns what unwraps them."""
+        originals = [(owner, name, vars(owner)[name]) for owner, name, _ in _SECTIONS]
+        for owner, name, label in _SECTIONS:
+            original = vars(owner)[name]
+            is_static = isinstance(original, staticmethod)
+            timed = self._timed(original.__func__ if is_static else original, label)
+            setattr(owner, name, staticmethod(timed) if is_static else timed)
+        gc.callbacks.append(self._on_gc)
+
+        def uninstall() -> None:
+            gc.callbacks.remove(self._on_gc)
+            for owner, name, original in originals:
+                setattr(owner, name, original)
+        return uninstall
+
+    def _timed(self, function: Callable[..., object], label: str) -> Callable[..., object]:
+        def timed(*args: object) -> object:
+            start_ns = time.perf_counter_ns()
+            try:
+                return function(*args)
+            finally:
+                self.total_ns[label] += time.perf_counter_ns() - start_ns
+        return timed
+
+
+async def _sections(settings: Settings, redis_url: str, plan: Path, sessions: int,
+                    concurrency: int) -> None:
+    """The same steps timed in the running server and in the tight in-process loop."""
+    labels = [label for _, _, label in _SECTIONS] + ["garbage collection"]
+    for mode in ("off", "100%", "1%"):
+        in_server, in_loop = _SectionTimer(), _SectionTimer()
+        uninstall = in_server.install()
+        try:
+            run = await _measure(settings, redis_url, mode, f"sections-{mode}", sessions,
+                                 concurrency)
+        finally:
+            uninstall()
+        server_calls = 2 * (sessions + concurrency) + ACCOUNTS  # and the accounts made
+        uninstall = in_loop.install()
+        try:
+            await _tracing_work_us(mode, plan, 5000)
+        finally:
+            uninstall()
+        print(f"\ntracing {mode}: us per call, in the server ({run.cpu_us_per_call:.0f} us "
+              "CPU per call) and in the tight loop")
+        for label in labels:
+            print(f"  {in_server.total_ns[label] / server_calls / 1e3:7.2f} "
+                  f"{in_loop.total_ns[label] / 5200 / 1e3:7.2f}  {label}")
+
+
 async def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--sessions", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sections", action="store_true",
+                        help="time the span path's steps in the server and in a tight loop")
     parser.add_argument("--client", nargs=4, metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE"),
                         help="(internal) be the load generator and print calls/s")
     args = parser.parse_args(argv)
@@ -209,6 +296,10 @@ async def main(argv: Sequence[str]) -> int:
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
                        redis_max_connections=64, redis_call_timeout_s=30.0)
     runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    if args.sections:
+        with RedisProcess() as redis:
+            await _sections(settings, redis.url, plan, args.sessions, args.concurrency)
+        return 0
     with RedisProcess() as redis:
         names = list(MODES)
         for round_number in range(args.rounds):
@@ -233,10 +324,24 @@ async def main(argv: Sequence[str]) -> int:
         print(f"  tracing {mode:>5}: {rate[mode]:7.0f} calls/s, ratio "
               f"{rate[mode] / rate['off']:.3f}; {cpu[mode]:5.0f} us CPU/call, ratio "
               f"{cpu['off'] / cpu[mode]:.3f}{goal}")
+    # The machine's load drifts between rounds far more than within one (a round's three
+    # runs follow each other): a round's own ratios cancel the drift, their median is the
+    # steadier figure.
+    print("  the same as the median of each round's own ratios (the steadier figure):")
+    for mode in MODES:
+        goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
+        rounds = list(zip(runs[mode], runs["off"], strict=True))
+        rate_ratio = statistics.median(run.calls_per_s / off.calls_per_s for run, off in rounds)
+        cpu_ratio = statistics.median(off.cpu_us_per_call / run.cpu_us_per_call
+                                      for run, off in rounds)
+        print(f"  tracing {mode:>5}: calls/s ratio {rate_ratio:.3f}; CPU ratio "
+              f"{cpu_ratio:.3f}{goal}")
     work = {mode: statistics.median([await _tracing_work_us(mode, plan, 5000)
                                      for _ in range(3)]) for mode in MODES}
     print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the")
-    print(f"ratio it implies for a server spending off's {cpu['off']:.0f} us CPU per call:")
+    print(f"ratio it implies for a server spending off's {cpu['off']:.0f} us CPU per call")
+    print("(a lower bound: in a tight loop the code stays in the CPU's caches; in the server")
+    print("the same steps cost 2-4 times as much, see --sections):")
     for mode in MODES:
         extra = max(0.0, work[mode] - work["off"])
         goal = f"  (goal >= {goals[mode]})" if mode in goals else ""

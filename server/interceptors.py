@@ -31,11 +31,10 @@ from typing import Any, TypeAlias
 
 import grpc
 from creditline import security
-from creditline.telemetry import MAX_SPAN_RATING_GROUPS, Metrics, OpenSpan, SpanRecorder
+from creditline.telemetry import MAX_SPAN_RATING_GROUPS, CallSpan, Metrics, SpanRecorder
 from creditline.v1.charging_pb2 import DIRECT_DEBIT
 from opentelemetry.context import Context as TraceContext
-from opentelemetry.context import attach, detach
-from opentelemetry.trace import NonRecordingSpan, Status, StatusCode, set_span_in_context
+from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
@@ -44,6 +43,9 @@ ServicerContext = grpc.aio.ServicerContext[Any, Any]
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
 _UNIT_FIELDS = ("time_s", "total_octets", "service_specific_units")
+# rpc.grpc.status_code: the number of each status (StatusCode.value is a property, and a
+# tuple)
+_STATUS_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
 
 
 def _split_method(method: str) -> tuple[str, str]:
@@ -53,9 +55,12 @@ def _split_method(method: str) -> tuple[str, str]:
 
 def parent_context(context: ServicerContext) -> TraceContext | None:
     """The caller's trace context from the call's W3C trace headers, if any."""
-    carrier = {key: value for key, value in (context.invocation_metadata() or ())
-               if key in _TRACE_HEADERS and isinstance(value, str)}
-    return _PROPAGATOR.extract(carrier) if carrier else None
+    metadata = context.invocation_metadata() or ()
+    for key, _ in metadata:  # most calls have none: no carrier built for them
+        if key in _TRACE_HEADERS:
+            return _PROPAGATOR.extract({key: value for key, value in metadata
+                                        if key in _TRACE_HEADERS and isinstance(value, str)})
+    return None
 
 
 def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -67,19 +72,23 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-def request_attributes(request: Any) -> dict[str, Any]:
-    attributes: dict[str, Any] = {}
-    for name in ("account_id", "session_id"):
-        value = getattr(request, name, None)
+_ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
+                  ("session_id", "creditline.session_id"))
+
+
+def add_request_attributes(attributes: dict[str, Any], request: Any) -> None:
+    """The request's ids, request number and rating groups, for those it has."""
+    for field_name, attribute in _ID_ATTRIBUTES:
+        value = getattr(request, field_name, None)
         if value:
-            attributes[f"creditline.{name}"] = value
-    if hasattr(request, "request_number"):
-        attributes["creditline.request_number"] = request.request_number
+            attributes[attribute] = value
+    request_number = getattr(request, "request_number", None)
+    if request_number is not None:
+        attributes["creditline.request_number"] = request_number
     blocks = getattr(request, "rating_groups", None)
     if blocks:
         attributes["creditline.rating_groups"] = [
             block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
-    return attributes
 
 
 class CallWrapper:
@@ -119,13 +128,12 @@ class CallWrapper:
         name_of_span = method.lstrip("/")
 
         async def call(request: Any, context: ServicerContext) -> Any:
-            span = None
-            if spans is not None:
-                # None when sampled out: then no context switch and no child spans
-                span = spans.start_call(name_of_span, parent_context(context),
-                                        base_attributes)
-            token = None if span is None else attach(
-                set_span_in_context(NonRecordingSpan(span.context)))
+            # None when sampled out: then no context switch and no child spans
+            span = None if spans is None else spans.start_call(
+                name_of_span, parent_context(context), base_attributes)
+            if span is None and metrics is None and not check_roles:
+                return await inner(request, context)
+            tokens = None if span is None else SpanRecorder.enter(span)
             start_s = 0.0 if metrics is None else time.perf_counter()
             error: BaseException | None = None
             response: Any = None
@@ -139,10 +147,11 @@ class CallWrapper:
                 error = raised
                 raise
             finally:
+                if tokens is not None:
+                    SpanRecorder.leave(tokens)
                 if span is not None or metrics is not None:
                     status = _status_code(context, error)
-                    if span is not None and spans is not None and token is not None:
-                        detach(token)
+                    if span is not None and spans is not None:
                         _annotate(spans, span, request, response, status, error)
                     if metrics is not None:
                         _record(metrics, base_attributes, status, request, response,
@@ -180,24 +189,24 @@ class CallWrapper:
             response_serializer=handler.response_serializer)
 
 
-def _annotate(spans: SpanRecorder, span: OpenSpan, request: Any, response: Any,
+def _annotate(spans: SpanRecorder, span: CallSpan, request: Any, response: Any,
               status: grpc.StatusCode, error: BaseException | None) -> None:
     attributes = span.attributes
-    attributes.update(request_attributes(request))
-    attributes["rpc.grpc.status_code"] = status.value[0]
+    add_request_attributes(attributes, request)
+    attributes["rpc.grpc.status_code"] = _STATUS_NUMBERS[status]
     result_code = getattr(response, "result_code", None)
     if result_code is not None:
         attributes["creditline.result_code"] = int(result_code)
     if status is grpc.StatusCode.OK:
-        spans.end(span)
+        spans.end_call(span)
         return
     unexpected = error is not None and not isinstance(error, grpc.aio.AbortError)
-    spans.end(span, Status(StatusCode.ERROR, status.name), error if unexpected else None)
+    spans.end_call(span, Status(StatusCode.ERROR, status.name), error if unexpected else None)
 
 
 def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,
             request: Any, response: Any, duration_s: float) -> None:
-    attributes = {**base, "rpc.grpc.status_code": status.value[0]}
+    attributes = {**base, "rpc.grpc.status_code": _STATUS_NUMBERS[status]}
     metrics.duration.record(duration_s, attributes)
     result_code = int(getattr(response, "result_code", 0) or 0)
     metrics.requests.add(1, {**attributes, "creditline.result_code": result_code})

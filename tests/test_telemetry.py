@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -248,28 +249,39 @@ def test_tracing_off_creates_no_rater_wrapper() -> None:
 
 def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
     from creditline.interceptors import _PROPAGATOR
-    from creditline.telemetry import SpanRecorder
-    from opentelemetry import context as otel_context
+    from creditline.rating import IncrementRater, load_plan
+    from creditline.telemetry import SpanRecorder, current_call
     from opentelemetry import trace
     from opentelemetry.sdk.trace.sampling import ParentBased
 
     exporter = InMemorySpanExporter()
     recorder = SpanRecorder(ParentBased(ALWAYS_ON), [SimpleSpanProcessor(exporter)],
                             TracerProvider().resource)
+    telemetry = Telemetry(spans=recorder)
+    rater = telemetry.traced_rater(IncrementRater())
+    plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+    tariff = load_plan(plan).tariff_for(RG_VOICE, None)
+    assert tariff is not None
     not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})
     assert recorder.start_call("creditline.v1.Charging/Initial", not_sampled, {}) is None
-    assert recorder.start_child("rating", SpanKind.INTERNAL, {}) is None  # no current span
+    rater.rate_table(tariff, 0, 0, "")  # no current call: no child
+    assert current_call() is None
     sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
     span = recorder.start_call("creditline.v1.Charging/Initial", sampled, {"a": 1})
     assert span is not None
-    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(span.context)))
+    tokens = recorder.enter(span)
     try:
-        child = recorder.start_child("rating", SpanKind.INTERNAL, {})
-        assert child is not None
-        recorder.end(child)
+        assert current_call() is span
+        assert trace.get_current_span().get_span_context() == span.context
+        rater.rate_table(tariff, 0, 0, "")
     finally:
-        otel_context.detach(token)
-    recorder.end(span)
+        recorder.leave(tokens)
+    assert current_call() is None and not trace.get_current_span().get_span_context().is_valid
+    assert exporter.get_finished_spans() == ()  # children are handed over with their call
+    recorder.end_call(span)
     rating, call = exporter.get_finished_spans()
     assert rating.parent is not None and rating.parent.span_id == call.context.span_id
+    assert rating.context.trace_id == call.context.trace_id
+    assert rating.start_time is not None and call.start_time is not None
+    assert call.start_time <= rating.start_time
     assert format(call.context.trace_id, "032x") == TRACE_ID
