@@ -50,6 +50,9 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, Tr
 RG_VOICE = 100
 CLIENT_TIMEOUT_S = 300
 ACCOUNTS = 64
+# The in-process loop of _tracing_work_us: calls measured, after calls to warm it up.
+LOOP_CALLS = 5000
+LOOP_WARMUP_CALLS = 200
 MODES: dict[str, Sampler | None] = {
     "off": None,
     "100%": ParentBased(ALWAYS_ON),
@@ -164,7 +167,7 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
     that rates one tariff and awaits a finished script call."""
     # a queue for every span of the loop: a tight loop outruns the export thread, and
     # dropping spans would understate the cost
-    telemetry = _telemetry(MODES[mode], max_queue_size=4 * (calls + 200))
+    telemetry = _telemetry(MODES[mode], max_queue_size=4 * (calls + LOOP_WARMUP_CALLS))
     rater = telemetry.traced_rater(IncrementRater())
     instrument = telemetry.script_instrument()
     tariff = load_plan(plan).tariff_for(RG_VOICE, None)
@@ -189,7 +192,7 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
         session_id="s", account_id="a",
         rating_groups=[pb.RatingGroupRequest(rating_group=RG_VOICE)])
     context = _Context()
-    for _ in range(200):
+    for _ in range(LOOP_WARMUP_CALLS):
         await call(request, context)
     start_s = time.process_time()
     for _ in range(calls):
@@ -265,16 +268,17 @@ async def _sections(settings: Settings, redis_url: str, plan: Path, sessions: in
         finally:
             uninstall()
         server_calls = 2 * (sessions + concurrency) + ACCOUNTS  # and the accounts made
+        loop_calls = LOOP_CALLS + LOOP_WARMUP_CALLS
         uninstall = in_loop.install()
         try:
-            await _tracing_work_us(mode, plan, 5000)
+            await _tracing_work_us(mode, plan, LOOP_CALLS)
         finally:
             uninstall()
         print(f"\ntracing {mode}: us per call, in the server ({run.cpu_us_per_call:.0f} us "
               "CPU per call) and in the tight loop")
         for label in labels:
             print(f"  {in_server.total_ns[label] / server_calls / 1e3:7.2f} "
-                  f"{in_loop.total_ns[label] / 5200 / 1e3:7.2f}  {label}")
+                  f"{in_loop.total_ns[label] / loop_calls / 1e3:7.2f}  {label}")
 
 
 async def main(argv: Sequence[str]) -> int:
@@ -336,7 +340,7 @@ async def main(argv: Sequence[str]) -> int:
                                       for run, off in rounds)
         print(f"  tracing {mode:>5}: calls/s ratio {rate_ratio:.3f}; CPU ratio "
               f"{cpu_ratio:.3f}{goal}")
-    work = {mode: statistics.median([await _tracing_work_us(mode, plan, 5000)
+    work = {mode: statistics.median([await _tracing_work_us(mode, plan, LOOP_CALLS)
                                      for _ in range(3)]) for mode in MODES}
     print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the")
     print(f"ratio it implies for a server spending off's {cpu['off']:.0f} us CPU per call")

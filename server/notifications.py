@@ -122,7 +122,14 @@ class Subscription:
     # while a batch lingers: set when the queue holds `full_batch` events, so that a
     # lingering batch goes out before the queue overflows
     batch_full: asyncio.Future[None] | None = None
-    full_batch: int = MAX_BATCH_EVENTS
+
+    @property
+    def full_batch(self) -> int:
+        """Half the queue (at most a batch's MAX_BATCH_EVENTS): a lingering batch leaves
+        with that many, long before the queue could overflow."""
+        if self.queue.maxsize <= 0:  # unbounded
+            return MAX_BATCH_EVENTS
+        return min(MAX_BATCH_EVENTS, max(1, self.queue.maxsize // 2))
 
     def matches(self, event: StreamEvent) -> bool:
         if self.account_ids is not None and event.fields.get("a") not in self.account_ids:
@@ -480,8 +487,7 @@ _Sender = Callable[[Subscription, Iterable[StreamEvent], _Context], Awaitable[No
 class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int,
                  metrics: Metrics | None = None, batch_linger_s: float = 0.0) -> None:
-        if not 0 <= batch_linger_s <= MAX_BATCH_LINGER_S:
-            raise ValueError(f"batch_linger_s: 0..{MAX_BATCH_LINGER_S}")
+        # batch_linger_s: checked with the other settings (subscriber_batch_linger_s)
         self._hub = hub
         self._queue_size = queue_size
         # how long a SubscribeBatches message waits for more events after the first one
@@ -564,8 +570,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             else (partition_of(a, self._hub.partitions) for a in accounts))
         return Subscription(partitions=partitions, account_ids=accounts,
                             event_types=frozenset(names) or None,
-                            queue=asyncio.Queue(self._queue_size),
-                            full_batch=min(MAX_BATCH_EVENTS, max(1, self._queue_size // 2)))
+                            queue=asyncio.Queue(self._queue_size))
 
     async def _cursor(
         self, request: pb.SubscribeRequest, subscription: Subscription,

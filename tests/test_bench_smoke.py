@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+from dataclasses import replace
 
 from creditline.app import RunningServer
 from creditline.redis_process import RedisProcess
@@ -147,29 +148,22 @@ async def test_baseline_server_answers_both_transports() -> None:
 async def test_round_trip_floor_runs_one_evalsha_per_unary_call() -> None:
     # the floor's claim: every unary call made exactly one Redis round trip (a Redis of
     # its own: the shared one also serves other servers' supervision sweeps)
+    config = DriverConfig(target="", mode=CLOSED_LOOP, duration_s=0.5, warmup_s=0.1,
+                          concurrency=8, workload=Workload(account_count=5))
     with RedisProcess() as redis_process:
-        redis = Redis.from_url(redis_process.url, decode_responses=True)
-        try:
-            await _check_round_trip_floor(redis_process.url, redis)
-        finally:
-            await redis.aclose()
-
-
-async def _check_round_trip_floor(redis_url: str, redis: Redis) -> None:
-    server, port = await start_baseline_server("127.0.0.1:0", redis_url)
-    try:
-        before = await redis_stats.command_calls(redis)
-        config = DriverConfig(target=f"127.0.0.1:{port}", mode=CLOSED_LOOP, duration_s=0.5,
-                              warmup_s=0.1, concurrency=8, workload=Workload(account_count=5))
-        result = await drive(config)
-        after = await redis_stats.command_calls(redis)
-        assert result.error_count == 0, result.summary()["errors_by_kind"]
-        assert result.requests > 0 and result.success_count() == result.requests
-        evalshas = after.get("evalsha", 0) - before.get("evalsha", 0)
-        # calls still in flight when the window closed made theirs too (at most one a flow)
-        assert result.requests_total <= evalshas <= result.requests_total + config.concurrency
-    finally:
-        await server.stop(None)
+        async with Redis.from_url(redis_process.url, decode_responses=True) as redis:
+            server, port = await start_baseline_server("127.0.0.1:0", redis_process.url)
+            try:
+                before = await redis_stats.command_calls(redis)
+                result = await drive(replace(config, target=f"127.0.0.1:{port}"))
+                after = await redis_stats.command_calls(redis)
+            finally:
+                await server.stop(None)
+    assert result.error_count == 0, result.summary()["errors_by_kind"]
+    assert result.requests > 0 and result.success_count() == result.requests
+    evalshas = after.get("evalsha", 0) - before.get("evalsha", 0)
+    # calls still in flight when the window closed made theirs too (at most one a flow)
+    assert result.requests_total <= evalshas <= result.requests_total + config.concurrency
 
 
 def test_histogram_percentiles_within_one_percent() -> None:
