@@ -719,11 +719,18 @@ local function handle_session()
 
   write_buckets()
   write_account()
-  local flat = { 'last_request', int(request_number), 'answer', answer,
-    'state', closing and 'closed' or 'open' }
+  local flat = { 'last_request', int(request_number), 'answer', answer }
+  if session.state ~= 'open' or closing then
+    flat[5], flat[6] = 'state', closing and 'closed' or 'open'
+  end
   for field, value in pairs(session_changes) do
-    flat[#flat + 1] = field
-    flat[#flat + 1] = (type(value) == 'number') and int(value) or value
+    if type(value) == 'number' then value = int(value) end
+    -- a field that keeps its value is not written again: the hash comes out the same,
+    -- and each field named in the HSET costs Redis a search of the hash (its listpack)
+    if session[field] ~= value then
+      flat[#flat + 1] = field
+      flat[#flat + 1] = value
+    end
   end
   redis.call('HSET', request_key, unpack(flat))
   if closing then
