@@ -62,7 +62,18 @@ local MAX_SAFE = 9007199254740991
 local SUCCESS, DENIED, NOT_APPLICABLE, LIMIT_REACHED = 2001, 4010, 4011, 4012
 local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 5030, 5031
 
-local function int(x) return string.format('%d', x) end
+-- Integers as text for Redis (%d: tostring would print 1e+15). Many are written more than
+-- once per request (the time, the balance, zeros): each is formatted once, string.format
+-- costs ~1,500 instructions.
+local int_texts = { [0] = '0' }
+local function int(x)
+  local text = int_texts[x]
+  if text == nil then
+    text = string.format('%d', x)
+    if x == x then int_texts[x] = text end  -- (NaN cannot be a key)
+  end
+  return text
+end
 
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
   events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = unpack(KEYS, 1, 11)
