@@ -384,15 +384,12 @@ end
 
 -- ---------------------------------------------------------------- notifications
 local notifications = {}
-local function notify(event_type, fields)
-  local flat = { 't', event_type, 'a', account_id, 's', session_id, 'ts', int(now_ms) }
-  for i = 1, #fields, 2 do
-    if fields[i + 1] ~= nil then
-      flat[#flat + 1] = fields[i]
-      local value = fields[i + 1]
-      if type(value) == 'number' then value = int(value) end
-      flat[#flat + 1] = value
-    end
+-- notify(event_type, field, value, ...): the pairs as arguments, not in a table of their
+-- own (one table per notification instead of two); every value is given (no nil).
+local function notify(event_type, ...)
+  local flat = { 't', event_type, 'a', account_id, 's', session_id, 'ts', int(now_ms), ... }
+  for i = 10, #flat, 2 do
+    if type(flat[i]) == 'number' then flat[i] = int(flat[i]) end
   end
   notifications[#notifications + 1] = flat
 end
@@ -403,7 +400,7 @@ local function notify_low_balance()
   for threshold in string.gmatch(account.low_balance, '[^,]+') do
     local t = tonumber(threshold)
     if balance_at_start >= t and balance < t then
-      notify('low_balance', { 'threshold', t, 'balance', balance })
+      notify('low_balance', 'threshold', t, 'balance', balance)
     end
   end
 end
@@ -433,9 +430,9 @@ local function observe_usage(rg, units)
   local history_s = (rates.at_ms - rates.since_ms) / 1000
   local high = history_s >= spike_slow_s and rates.fast > spike_factor * rates.slow
   if high and not rates.spike then
-    notify('usage_spike', { 'rg', rg, 'units', units,
+    notify('usage_spike', 'rg', rg, 'units', units,
       'rate_per_s', string.format('%.3f', rates.fast),
-      'usual_rate_per_s', string.format('%.3f', rates.slow) })
+      'usual_rate_per_s', string.format('%.3f', rates.slow))
   end
   if high then rates.spike = true
   elseif rates.fast < spike_factor * rates.slow / 2 then rates.spike = false end
@@ -457,7 +454,7 @@ end
 local function write_records()
   for _, b in ipairs(expired_buckets) do
     redis.call('HDEL', buckets_key, b.id)
-    notify('bucket_expired', { 'rg', b.rg, 'bucket', b.id, 'units', b.remaining })
+    notify('bucket_expired', 'rg', b.rg, 'bucket', b.id, 'units', b.remaining)
   end
   write_rates()
   notify_low_balance()
@@ -519,8 +516,8 @@ if kind == 'E' then
         account_add('balance', amount)
         account_add('refunded', amount)
         record_usage(block.rg, 0, -amount, 0, 0)
-        notify('event_refunded', { 'rg', block.rg, 'units', units, 'amount', amount,
-          'balance', balance })
+        notify('event_refunded', 'rg', block.rg, 'units', units, 'amount', amount,
+          'balance', balance)
         cdr_items[#cdr_items + 1] = table.concat(
           { block.rg, block.tariff, int(units), int(-amount), 0, 0 }, '|')
         cdr_total = cdr_total - amount
@@ -531,7 +528,7 @@ if kind == 'E' then
           code, sufficient = LIMIT_REACHED, 0
           if event_action == 'DEBIT' then
             from_buckets = 0
-            notify('credit_exhausted', { 'rg', block.rg })
+            notify('credit_exhausted', 'rg', block.rg)
           end
         elseif event_action == 'DEBIT' then
           consume_buckets(block.bucket_rg, from_buckets)
@@ -539,8 +536,8 @@ if kind == 'E' then
           record_usage(block.rg, units, amount, from_buckets, 0)
           add_period_units(block, units - from_buckets)
           observe_usage(block.rg, units)
-          notify('event_charged', { 'rg', block.rg, 'units', units, 'amount', amount,
-            'from_buckets', from_buckets, 'balance', balance })
+          notify('event_charged', 'rg', block.rg, 'units', units, 'amount', amount,
+            'from_buckets', from_buckets, 'balance', balance)
           cdr_items[#cdr_items + 1] = table.concat(
             { block.rg, block.tariff, int(units), int(amount), int(from_buckets), 0 }, '|')
           cdr_total = cdr_total + amount
@@ -645,8 +642,8 @@ local function handle_session()
     sset('x:' .. rg, sget('x:' .. rg) + price - charged)
     record_usage(rg, used, charged, from_buckets, price - charged)
     observe_usage(rg, used)
-    notify('usage_charged', { 'rg', rg, 'units', used, 'amount', charged,
-      'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance })
+    notify('usage_charged', 'rg', rg, 'units', used, 'amount', charged,
+      'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance)
     return charged
   end
 
@@ -696,13 +693,13 @@ local function handle_session()
           granted, is_final = grant(block, block.requested)
           if granted == 0 then
             code = LIMIT_REACHED
-            notify('credit_exhausted', { 'rg', rg })
+            notify('credit_exhausted', 'rg', rg)
           else
-            notify('quota_granted', { 'rg', rg, 'units', granted,
-              'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0' })
+            notify('quota_granted', 'rg', rg, 'units', granted,
+              'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
             if is_final then
               final = 1
-              notify('final_units_granted', { 'rg', rg, 'units', granted })
+              notify('final_units_granted', 'rg', rg, 'units', granted)
             end
           end
         end
@@ -751,7 +748,7 @@ local function handle_session()
   redis.call('HSET', request_key, unpack(flat))
   if closing then
     local cause = (kind == 'T') and 'terminate' or 'supervision'
-    notify('session_ended', { 'cause', cause })
+    notify('session_ended', 'cause', cause)
     redis.call('SREM', sessions_key, request_key)
     redis.call('SREM', final_key, session_id)
     redis.call('ZREM', deadlines_key, request_key)
