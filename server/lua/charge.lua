@@ -347,8 +347,8 @@ local function write_buckets()
   for _, list in pairs(buckets_by_rg) do
     for _, b in ipairs(list) do
       if b.dirty then
-        redis.call('HSET', buckets_key, b.id, table.concat(
-          { b.rg, int(b.remaining), int(b.expires), int(b.priority), b.initial, b.kind }, '|'))
+        redis.call('HSET', buckets_key, b.id, b.rg .. '|' .. int(b.remaining) .. '|'
+          .. int(b.expires) .. '|' .. int(b.priority) .. '|' .. b.initial .. '|' .. b.kind)
       end
     end
   end
@@ -442,9 +442,8 @@ local function write_rates()
   local flat = {}
   for rg, r in pairs(rate_changes) do
     flat[#flat + 1] = rg
-    flat[#flat + 1] = table.concat({ string.format('%.17g', r.fast),
-      string.format('%.17g', r.slow), int(r.at_ms), int(r.since_ms), r.spike and '1' or '0' },
-      '|')
+    flat[#flat + 1] = string.format('%.17g|%.17g|%d|%d|%s', r.fast, r.slow, r.at_ms,
+      r.since_ms, r.spike and '1' or '0')
   end
   if #flat > 0 then redis.call('HSET', rates_key, unpack(flat)) end
 end
@@ -465,11 +464,10 @@ local function write_records()
   end
 end
 
-local function write_cdr(fields)
-  local flat = { 'account', account_id, 'session', session_id, 'ended_ms', int(now_ms),
-    'balance_after', int(balance) }
-  for i = 1, #fields do flat[#flat + 1] = fields[i] end
-  redis.call('XADD', cdrs_key, '*', unpack(flat))
+-- write_cdr(field, value, ...), like notify
+local function write_cdr(...)
+  redis.call('XADD', cdrs_key, '*', unpack({ 'account', account_id, 'session', session_id,
+    'ended_ms', int(now_ms), 'balance_after', int(balance), ... }))
 end
 
 local function overall_code(codes)
@@ -518,8 +516,8 @@ if kind == 'E' then
         record_usage(block.rg, 0, -amount, 0, 0)
         notify('event_refunded', 'rg', block.rg, 'units', units, 'amount', amount,
           'balance', balance)
-        cdr_items[#cdr_items + 1] = table.concat(
-          { block.rg, block.tariff, int(units), int(-amount), 0, 0 }, '|')
+        cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
+          .. '|' .. int(-amount) .. '|0|0'
         cdr_total = cdr_total - amount
       else  -- DEBIT or CHECK: buckets first, then money
         from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
@@ -538,14 +536,14 @@ if kind == 'E' then
           observe_usage(block.rg, units)
           notify('event_charged', 'rg', block.rg, 'units', units, 'amount', amount,
             'from_buckets', from_buckets, 'balance', balance)
-          cdr_items[#cdr_items + 1] = table.concat(
-            { block.rg, block.tariff, int(units), int(amount), int(from_buckets), 0 }, '|')
+          cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
+            .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
           cdr_total = cdr_total + amount
         end
       end
       codes[#codes + 1] = code
-      parts[#parts + 1] = table.concat(
-        { block.rg, code, int(units), int(amount), int(from_buckets) }, ',')
+      parts[#parts + 1] = block.rg .. ',' .. code .. ',' .. int(units) .. ',' .. int(amount)
+        .. ',' .. int(from_buckets)
     end
     local answer = overall_code(codes)
     if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
@@ -555,9 +553,9 @@ if kind == 'E' then
     write_account()
     write_records()
     if #cdr_items > 0 then
-      write_cdr({ 'kind', (event_action == 'DEBIT') and 'event' or 'refund',
+      write_cdr('kind', (event_action == 'DEBIT') and 'event' or 'refund',
         'started_ms', int(event_time_ms), 'cause', 'event', 'result', answer:match('^%d+'),
-        'charged', int(cdr_total), 'items', table.concat(cdr_items, ';') })
+        'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'))
     end
     redis.call('SET', request_key, int(request_number) .. '|' .. answer, 'EX', retention_s)
     return answer
@@ -574,14 +572,14 @@ local function write_session_cdr(session, cause, result)
     local rg = string.match(field, '^k:(.+)$')
     if rg then
       local function n(prefix) return tonumber(session[prefix .. rg] or 0) end
-      items[#items + 1] = table.concat({ rg, session['tf:' .. rg] or '', int(n('u:')),
-        int(n('c:')), int(n('fb:')), int(n('x:')) }, '|')
+      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
       total = total + n('c:')
     end
   end
   table.sort(items)
-  write_cdr({ 'kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-    'result', result, 'charged', int(total), 'items', table.concat(items, ';') })
+  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
 end
 
 local function handle_session()
@@ -706,7 +704,8 @@ local function handle_session()
       end
     end
     codes[#codes + 1] = code
-    parts[#parts + 1] = table.concat({ rg, code, int(granted), int(charged), final }, ',')
+    parts[#parts + 1] = rg .. ',' .. code .. ',' .. int(granted) .. ',' .. int(charged)
+      .. ',' .. final
   end
   if closing then
     -- release the rating groups the Terminate did not mention
