@@ -106,53 +106,62 @@ local function band_at(block, offset_s)
   return block.bands[band]
 end
 
+-- The prices at cumulative unit `units` of a schedule from `rated` (see schedule_from).
+-- (Functions of their own rather than closures in schedule_from: making a closure per call
+-- searches the script's open upvalues for each variable it uses.)
+local function prices_at(block, rated, offset_s, units)
+  local ahead = math.max(0, units - rated)
+  if block.time_based then return band_at(block, offset_s + ahead) end
+  return band_at(block, offset_s)
+end
+
+local function tier_at(block, rated, period_units, units)
+  local position, tier = period_units + math.max(0, units - rated), 0
+  for _, from_units in ipairs(block.tiers) do
+    if from_units <= position then tier = tier + 1 end
+  end
+  return tier
+end
+
 -- The schedule for the units from `rated` on: unit `rated` is `offset_s` seconds from the
 -- event time (time-based tariffs) and at `period_units` of the billing period. Segments
 -- before `rated` are priced as at `rated`: paid already, they cancel out of every difference.
 local function schedule_from(block, rated, period_units, offset_s)
   -- One band and no tiers (most tariffs): the same schedule wherever the session stands,
-  -- built once per request and block.
+  -- built once per request and block; its only increment boundary is the first.
   local fixed = #block.tiers == 0 and #block.changes == 1
   if fixed and block.fixed_schedule then return block.fixed_schedule end
   local first, following = block.first, block.following
-  local function aligned(units)
-    if units <= first then return first end
-    return first + math.ceil((units - first) / following) * following
-  end
-  local seen, starts = { [first] = true }, { first }
-  local function add(units)
-    local start = aligned(units)
-    if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
-  end
-  if block.time_based then
-    for c = 2, #block.changes do
-      local at = rated + block.changes[c].offset_s - offset_s
-      if at > rated then add(at) end
+  local starts = { first }
+  if not fixed then
+    local seen = { [first] = true }
+    local function add(units)
+      local start = first
+      if units > first then
+        start = first + math.ceil((units - first) / following) * following
+      end
+      if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
     end
-  end
-  for _, from_units in ipairs(block.tiers) do
-    if from_units > period_units then add(rated + from_units - period_units) end
-  end
-  table.sort(starts)
-  local function prices_at(units)
-    local ahead = math.max(0, units - rated)
-    if block.time_based then return band_at(block, offset_s + ahead) end
-    return band_at(block, offset_s)
-  end
-  local function tier_at(units)
-    local position, tier = period_units + math.max(0, units - rated), 0
+    if block.time_based then
+      for c = 2, #block.changes do
+        local at = rated + block.changes[c].offset_s - offset_s
+        if at > rated then add(at) end
+      end
+    end
     for _, from_units in ipairs(block.tiers) do
-      if from_units <= position then tier = tier + 1 end
+      if from_units > period_units then add(rated + from_units - period_units) end
     end
-    return tier
+    table.sort(starts)
   end
-  local segments = { { ending = first, increment = first, price = prices_at(0)[1] } }
+  local segments = { { ending = first, increment = first,
+    price = prices_at(block, rated, offset_s, 0)[1] } }
   local count = math.min(#starts, MAX_SEGMENTS - 1)
   for index = 1, count do
     local start = starts[index]
     local ending = math.huge
     if index < count then ending = starts[index + 1] end
-    local price = prices_at(start)[2 + tier_at(start)]
+    local tier = tier_at(block, rated, period_units, start)
+    local price = prices_at(block, rated, offset_s, start)[2 + tier]
     local previous = segments[#segments]
     if previous.increment == following and previous.price == price then
       previous.ending = ending  -- same price as the segment before: one segment
