@@ -479,14 +479,14 @@ local function write_cdr(...)
     'ended_ms', int(now_ms), 'balance_after', int(balance), ... }))
 end
 
-local function overall_code(codes)
-  if #codes == 0 then return SUCCESS end
-  -- the request as a whole fails only when every rating group failed the same way
-  for i = 2, #codes do
-    if codes[i] ~= codes[1] then return SUCCESS end
-  end
-  return codes[1]
+-- The request as a whole fails only when every rating group failed the same way. The
+-- blocks' codes are folded as they come (no list of them): `shared` is the code of every
+-- block so far, nil before the first, false once two differ.
+local function fold_code(shared, code)
+  if shared == nil or shared == code then return code end
+  return false
 end
+local function overall_code(shared) return shared or SUCCESS end
 
 -- ---------------------------------------------------------------- events
 -- Each handler is made only for the kind of request it serves: making a function searches
@@ -505,7 +505,7 @@ if kind == 'E' then
     if barred and event_action == 'DEBIT' then
       return DENIED .. ';!account is barred'
     end
-    local parts, codes, sufficient = {}, {}, 1
+    local parts, shared_code, sufficient = '', nil, 1  -- parts: ";<block>" per block
     local cdr_items, cdr_total = {}, 0
     for _, block in ipairs(blocks) do
       local code, amount, from_buckets = SUCCESS, 0, 0
@@ -550,12 +550,12 @@ if kind == 'E' then
           cdr_total = cdr_total + amount
         end
       end
-      codes[#codes + 1] = code
-      parts[#parts + 1] = block.rg .. ',' .. code .. ',' .. int(units) .. ',' .. int(amount)
-        .. ',' .. int(from_buckets)
+      shared_code = fold_code(shared_code, code)
+      parts = parts .. ';' .. block.rg .. ',' .. code .. ',' .. int(units) .. ','
+        .. int(amount) .. ',' .. int(from_buckets)
     end
-    local answer = overall_code(codes)
-    if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
+    local answer = overall_code(shared_code)
+    if parts ~= '' then answer = answer .. parts end
     answer = answer .. ';B' .. int(balance) .. ',' .. sufficient
     if event_action ~= 'DEBIT' and event_action ~= 'REFUND' then return answer end
     write_buckets()
@@ -676,11 +676,9 @@ local function handle_session()
     return granted, (granted < wanted) or not more
   end
 
-  local parts, codes = {}, {}
-  local mentioned = {}
+  local parts, shared_code, any_final = '', nil, false  -- parts: ";<block>" per block
   for _, block in ipairs(blocks) do
     local rg = block.rg
-    mentioned[rg] = true
     local code, granted, charged, final = SUCCESS, 0, 0, 0
     if block.status == 'none' then
       code = RATING_FAILED
@@ -705,37 +703,35 @@ local function handle_session()
             notify('quota_granted', 'rg', rg, 'units', granted,
               'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
             if is_final then
-              final = 1
+              final, any_final = 1, true
               notify('final_units_granted', 'rg', rg, 'units', granted)
             end
           end
         end
       end
     end
-    codes[#codes + 1] = code
-    parts[#parts + 1] = rg .. ',' .. code .. ',' .. int(granted) .. ',' .. int(charged)
+    shared_code = fold_code(shared_code, code)
+    parts = parts .. ';' .. rg .. ',' .. code .. ',' .. int(granted) .. ',' .. int(charged)
       .. ',' .. final
   end
   if closing then
     -- release the rating groups the Terminate did not mention
+    local mentioned = {}
+    for _, block in ipairs(blocks) do mentioned[block.rg] = true end
     for field, _ in pairs(session) do
       local rg = string.match(field, '^k:(.+)$')
       if rg and not mentioned[rg] then release(rg, session[field]) end
     end
   end
 
-  local answer = overall_code(codes)
-  if #parts > 0 then answer = answer .. ';' .. table.concat(parts, ';') end
+  local answer = overall_code(shared_code)
+  if parts ~= '' then answer = answer .. parts end  -- (none: the code alone, a number)
   if kind == 'S' then answer = session.answer end  -- the client's last answer stays
 
   if kind == 'I' then
     sset('started_ms', now_ms)
     sset('account', account_id)  -- for the supervision sweep, which starts from the key
     sset('session', session_id)
-  end
-  local any_final = false
-  for _, part in ipairs(parts) do
-    if string.sub(part, -2) == ',1' then any_final = true end
   end
 
   write_buckets()
