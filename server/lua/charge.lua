@@ -212,41 +212,47 @@ local function affordable_units(schedule, from, amount, wanted)
   return math.max(0, math.min(wanted, reach - from))
 end
 
+-- A number from a decimal string that the caller (ARGV) or this script (%d) wrote. Not
+-- tonumber(): Lua 5.1's parses a string twice (lua_isnumber, then lua_tonumber), where
+-- arithmetic parses it once (~450 instructions less; ~50 strings a request). Unlike
+-- tonumber() it fails on anything that is not a number instead of returning nil.
+local function num(text) return text + 0 end
+
 -- The rate table of a block (server/rating.py RateTable.script_args), from ARGV[i] on;
 -- returns the index of the argument after it. (Indexing ARGV directly: a closure call per
 -- argument cost the script ~10 % of its instructions.)
 local function read_rate_table(block, i)
   block.connect_fee, block.first, block.following =
-    tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+    num(ARGV[i]), num(ARGV[i + 1]), num(ARGV[i + 2])
   block.time_based, block.period = ARGV[i + 3] == '1', ARGV[i + 4]
   local tiers, bands, changes = {}, {}, {}
   block.tiers, block.bands, block.changes = tiers, bands, changes
   i = i + 5
-  for t = 1, tonumber(ARGV[i]) do tiers[t] = tonumber(ARGV[i + t]) end
+  for t = 1, num(ARGV[i]) do tiers[t] = num(ARGV[i + t]) end
   i = i + #tiers + 1
   local prices_per_band = #tiers + 2
-  for b = 1, tonumber(ARGV[i]) do
+  for b = 1, num(ARGV[i]) do
     local prices = {}
-    for p = 1, prices_per_band do prices[p] = tonumber(ARGV[i + p]) end
+    for p = 1, prices_per_band do prices[p] = num(ARGV[i + p]) end
     bands[b] = prices
     i = i + prices_per_band
   end
   i = i + 1
-  for c = 1, tonumber(ARGV[i]) do
-    changes[c] = { offset_s = tonumber(ARGV[i + 1]), band = tonumber(ARGV[i + 2]) + 1 }
+  for c = 1, num(ARGV[i]) do
+    changes[c] = { offset_s = num(ARGV[i + 1]), band = num(ARGV[i + 2]) + 1 }
     i = i + 2
   end
   return i + 1
 end
 
 -- ---------------------------------------------------------------- decoding the blocks
-local supervision_ms = tonumber(ARGV[11])
+local supervision_ms = num(ARGV[11])
 local blocks = {}
 do
   local i = 13
-  for b = 1, tonumber(ARGV[12]) do
+  for b = 1, num(ARGV[12]) do
     local block = { rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2],
-      status = ARGV[i + 3], requested = tonumber(ARGV[i + 4]), used = tonumber(ARGV[i + 5]) }
+      status = ARGV[i + 3], requested = num(ARGV[i + 4]), used = num(ARGV[i + 5]) }
     i = i + 6
     if block.status == 'ok' then i = read_rate_table(block, i) end
     blocks[b] = block
@@ -581,7 +587,7 @@ local function write_session_cdr(session, cause, result)
   for field, _ in pairs(session) do
     local rg = string.match(field, '^k:(.+)$')
     if rg then
-      local function n(prefix) return tonumber(session[prefix .. rg] or 0) end
+      local function n(prefix) return num(session[prefix .. rg] or 0) end
       items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
         .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
       total = total + n('c:')
@@ -616,7 +622,7 @@ end
 local closing = kind == 'T' or kind == 'S'
 
 local session_changes = {}  -- field -> new value
-local function sget(field) return tonumber(session_changes[field] or session[field] or 0) end
+local function sget(field) return num(session_changes[field] or session[field] or 0) end
 local function sset(field, value) session_changes[field] = value end
 
 -- Gives back what this session holds for a rating group, so it can be charged or
