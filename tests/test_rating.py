@@ -563,7 +563,7 @@ def lua_rating_functions() -> str:
     script = (ROOT / "server" / "lua" / "charge.lua").read_text(encoding="utf-8")
     rule = "-- " + "-" * 64
     begin = script.index(f"{rule} rating")
-    end = script.index(f"{rule} decoding the blocks")
+    end = script.index(f"{rule} decoding the arguments")
     return script[begin:end]
 
 
