@@ -231,8 +231,7 @@ local function read_rate_table(block, i)
 end
 
 -- ---------------------------------------------------------------- decoding the arguments
--- (After the rating functions: num() is one of them, and the functions below capture
--- these locals more cheaply the later they are declared.)
+-- (After the rating functions: num() is one of them.)
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
   events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = unpack(KEYS, 1, 11)
 local kind = ARGV[1]
