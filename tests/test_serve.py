@@ -35,6 +35,21 @@ def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
     pytest.fail("server did not start")
 
 
+def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
+    # `creditline account show ... | head`: the reader has gone before the command writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "creditline", "account", "--server", f"127.0.0.1:{port}",
+             "show", account_id],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 141, finished.stderr  # the shell's code for a broken pipe
+    assert finished.stderr == ""  # no traceback
+
+
 def test_serve_with_embedded_redis_then_sigterm() -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
@@ -54,6 +69,7 @@ def test_serve_with_embedded_redis_then_sigterm() -> None:
             charging.Terminate(ccr("call-1", "alice", 1, block(RG_VOICE, used=42)))
             state = admin.GetAccount(admin_pb.GetAccountRequest(account_id="alice"))
             assert state.balance_micros == 5_000_000 - 700_000  # connect + first minute
+        _show_account_into_a_closed_pipe(port, "alice")
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
@@ -116,3 +132,4 @@ def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
