@@ -244,7 +244,8 @@ def redis_for(settings: Settings) -> Iterator[str]:
     extra: tuple[str, ...] = ()
     if settings.embedded_redis_dir:
         extra = ("--appendonly", "yes", "--appendfsync", "always")
-    process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra)
+    process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra,
+                           die_with_parent=True)
     process.start()
     log.info("started embedded redis-server %s on %s (data in %s)",
              process.binary, process.url, process.data_dir)
