@@ -115,10 +115,11 @@ def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
     entry's fields other than `n` and `e` (account, session, time, a top-up id) are every
     one of its events'; `e` holds the events, `n` numbers the last of them."""
     common = {_text(key): _text(value) for key, value in raw.items()}
-    packed = common.pop("e", "")
     last = int(common.pop("n", "0"))
     sid = _text(stream_id)
-    events = packed.split(";")
+    if "e" not in common:  # an entry of one event, as written before 2026-12-02: its fields
+        return [StreamEvent(partition, Position(last, sid), common)]
+    events = common.pop("e").split(";")
     first = last - len(events) + 1
     decoded = []
     for index, event in enumerate(events):

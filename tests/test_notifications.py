@@ -14,7 +14,7 @@ from creditline.notifications import (
     START_CURSOR_METADATA,
     decode_entry,
 )
-from creditline.store import account_keys
+from creditline.store import account_keys, event_counter_key
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
@@ -249,6 +249,23 @@ async def test_a_requests_events_share_an_entry_and_a_cursor_within_it_resumes_e
     after_all = await subscribe(notifications, account_ids=[acct], cursor=events[-1].cursor)
     await after_all.no_more()
     after_all.cancel()
+
+
+async def test_entries_of_one_event_each_as_written_before_are_still_delivered(
+        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+    # a Redis written by the version before one entry per request: its entries resume too
+    acct = await make_account(balance_micros=10_000_000)
+    keys = account_keys(acct, settings.partitions)
+    cursor = (await subscribe(notifications, account_ids=[acct])).start_cursor
+    number = await redis.incr(event_counter_key(keys.partition))
+    await redis.xadd(keys.events, {"t": "top_up", "a": acct, "ts": "1", "amount": "5",
+                                   "balance": "10000005", "top_up_id": "old", "n": number})
+    await sms(charging, acct, "after")
+    resumed = await subscribe(notifications, account_ids=[acct], cursor=cursor)
+    old, new = await resumed.read(2)
+    resumed.cancel()
+    assert (old.type, old.amount_micros, old.details["top_up_id"]) == (npb.TOP_UP, 5, "old")
+    assert (new.type, new.session_id) == (npb.EVENT_CHARGED, "after")
 
 
 async def test_batches_carry_the_same_events_and_resume_from_a_batch_cursor(
