@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +51,11 @@ from creditline.settings import MAX_BATCH_LINGER_S
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb
+from redis.asyncio import Redis
 
 from bench.driver import CLOSED_LOOP, PROCESS_START_ALLOWANCE_S, DriverConfig, run_processes
-from bench.run import ServerProcess, bounded
+from bench.redis_stats import command_calls
+from bench.run import ServerProcess, bounded, redis_server_ps
 from bench.workload import Workload, event_request
 
 log = logging.getLogger("bench.notify")
@@ -240,15 +243,31 @@ class Subscribers:
             await self._channel.close(None)
 
 
+@dataclass(frozen=True)
+class RedisProbe:
+    """Our redis-server: its CPU, and its count of the hub's reads (XREAD)."""
+
+    client: Redis
+    process: psutil.Process
+
+    async def reading(self) -> tuple[float, int]:
+        calls = await command_calls(self.client)
+        return _cpu_s([self.process]), calls.get("xread", 0)
+
+
 async def throughput_round(config: DriverConfig, server: ServerProcess,
-                           subscribers: Subscribers | None) -> dict[str, Any]:
+                           subscribers: Subscribers | None, redis: RedisProbe
+                           ) -> dict[str, Any]:
     start_at = time.time() + PROCESS_START_ALLOWANCE_S
     cpu_before = _cpu_s(server.processes())
+    redis_cpu_before, reads_before = await redis.reading()
     events_before = subscribers.events if subscribers else 0
     wall = clock()
     result = await asyncio.to_thread(run_processes, config, start_at)
     wall = clock() - wall
     cpu_used = _cpu_s(server.processes()) - cpu_before
+    redis_cpu_after, reads_after = await redis.reading()
+    per_request = 1 / result.requests_total if result.requests_total else 0.0
     events = (subscribers.events - events_before) if subscribers else 0
     latency = result.overall().summary()
     return {
@@ -260,6 +279,10 @@ async def throughput_round(config: DriverConfig, server: ServerProcess,
         # over the whole phase (warm-up and drain too), like requests_total
         "server_cpu_ms_per_request": round(1000 * cpu_used / result.requests_total, 4)
         if result.requests_total else None,
+        # Redis's work for the same requests, and how often the hub read the streams
+        "redis_cpu_ms_per_request": round(
+            1000 * (redis_cpu_after - redis_cpu_before) * per_request, 4),
+        "hub_reads_per_1000_requests": round(1000 * (reads_after - reads_before) * per_request, 1),
         "events_delivered": events, "events_delivered_per_s": round(events / wall, 1),
         "subscribers_ended": dict(subscribers.ended) if subscribers else {},
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -308,7 +331,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 log.info("  send -> event %s; send -> answer %s; missing %d",
                          lat["send_to_event"], lat["send_to_answer"], lat["events_missing"])
             if args.rounds > 0:
-                results["throughput"] = await throughput_phase(args, workload, server)
+                async with Redis.from_url(redis_process.url) as client:
+                    results["throughput"] = await throughput_phase(
+                        args, workload, server,
+                        RedisProbe(client, redis_server_ps(redis_process.port)))
         finally:
             code = server.stop()
             if code not in (0, -15):
@@ -317,7 +343,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def throughput_phase(args: argparse.Namespace, workload: Workload,
-                           server: ServerProcess) -> dict[str, Any]:
+                           server: ServerProcess, redis: RedisProbe) -> dict[str, Any]:
     filters = subscriber_filters(workload, args.subscribers, args.filter)
     rounds: list[dict[str, Any]] = []
     for number in range(1, args.rounds + 1):
@@ -331,15 +357,17 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
                      args.subscribers if with_subscribers else 0, os.getloadavg())
             if with_subscribers:
                 async with Subscribers(server.target, filters, args.batches) as subscribers:
-                    figures = await throughput_round(config, server, subscribers)
+                    figures = await throughput_round(config, server, subscribers, redis)
             else:
-                figures = await throughput_round(config, server, None)
+                figures = await throughput_round(config, server, None, redis)
             figures["round"] = number
             rounds.append(figures)
-            log.info("  %.0f req/s, server %.3f ms CPU/request, %d events delivered "
-                     "(%.0f/s), errors %s", figures["throughput_rps"],
-                     figures["server_cpu_ms_per_request"] or 0, figures["events_delivered"],
-                     figures["events_delivered_per_s"], figures["errors"])
+            log.info("  %.0f req/s, server %.3f + Redis %.3f ms CPU/request, %.1f hub reads "
+                     "per 1000 requests, %d events delivered (%.0f/s), errors %s",
+                     figures["throughput_rps"], figures["server_cpu_ms_per_request"] or 0,
+                     figures["redis_cpu_ms_per_request"], figures["hub_reads_per_1000_requests"],
+                     figures["events_delivered"], figures["events_delivered_per_s"],
+                     figures["errors"])
     none = [r for r in rounds if r["subscribers"] == 0]
     some = [r for r in rounds if r["subscribers"] > 0]
     none_rps = sum(r["requests_measured"] for r in none) / (len(none) * args.duration_s)
@@ -347,6 +375,8 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
     ratio = some_rps / none_rps if none_rps else 0.0
     cpu_none = statistics.fmean(r["server_cpu_ms_per_request"] or 0 for r in none)
     cpu_some = statistics.fmean(r["server_cpu_ms_per_request"] or 0 for r in some)
+    redis_none = statistics.fmean(r["redis_cpu_ms_per_request"] for r in none)
+    redis_some = statistics.fmean(r["redis_cpu_ms_per_request"] for r in some)
     return {
         "subscribers": args.subscribers, "filter": args.filter, "batches": args.batches,
         "batch_linger_s": args.batch_linger_s,
@@ -359,6 +389,11 @@ async def throughput_phase(args: argparse.Namespace, workload: Workload,
         "server_cpu_ms_per_request_without": round(cpu_none, 4),
         "server_cpu_ms_per_request_with": round(cpu_some, 4),
         "ratio_per_server_cpu_second": round(cpu_none / cpu_some, 3) if cpu_some else None,
+        "redis_cpu_ms_per_request_without": round(redis_none, 4),
+        "redis_cpu_ms_per_request_with": round(redis_some, 4),
+        # server and Redis together: what the subscribers cost a machine running both
+        "ratio_per_server_and_redis_cpu_second": round(
+            (cpu_none + redis_none) / (cpu_some + redis_some), 3) if cpu_some else None,
         "goal_ratio_ge_0_9": ratio >= GOAL_RATIO,
         "rounds": rounds,
     }

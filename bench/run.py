@@ -187,7 +187,7 @@ class CpuWatch:
         return percent
 
 
-def _redis_ps(port: int) -> psutil.Process:
+def redis_server_ps(port: int) -> psutil.Process:
     """Our redis-server child, found by its --port argument (RedisProcess keeps its
     process private)."""
     for child in psutil.Process().children():
@@ -205,7 +205,7 @@ class Bench:
                  floor: ServerProcess | None = None) -> None:
         self.args = args
         self.redis = redis
-        self.redis_ps = _redis_ps(redis_process.port)
+        self.redis_ps = redis_server_ps(redis_process.port)
         self.creditline = creditline
         self.baseline = baseline
         self.floor = floor

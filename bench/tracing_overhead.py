@@ -39,13 +39,19 @@ from creditline.interceptors import CallWrapper
 from creditline.rating import IncrementRater, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
-from creditline.telemetry import ScriptInstrument, SpanRecorder, Telemetry, TracedRater
+from creditline.telemetry import (
+    ScriptInstrument,
+    SpanRecorder,
+    Telemetry,
+    TracedRater,
+    sampler_from,
+)
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Sampler
 
 RG_VOICE = 100
 CLIENT_TIMEOUT_S = 300
@@ -53,10 +59,12 @@ ACCOUNTS = 64
 # The in-process loop of _tracing_work_us: calls measured, after calls to warm it up.
 LOOP_CALLS = 5000
 LOOP_WARMUP_CALLS = 200
+# the samplers as the server builds them from OTEL_TRACES_SAMPLER(_ARG)
 MODES: dict[str, Sampler | None] = {
     "off": None,
-    "100%": ParentBased(ALWAYS_ON),
-    "1%": ParentBased(TraceIdRatioBased(0.01)),
+    "100%": sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_always_on"}),
+    "1%": sampler_from({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                        "OTEL_TRACES_SAMPLER_ARG": "0.01"}),
 }
 
 
@@ -154,11 +162,16 @@ async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
 class _Context:
     """The little of a grpc.aio ServicerContext the call wrapper reads."""
 
-    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("user-agent", "bench"),)
-
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.OK
+
+
+@dataclass(frozen=True)
+class _CallDetails:
+    """What grpc shows the handler lookup of a call (grpc.HandlerCallDetails)."""
+
+    method: str = "/creditline.v1.Charging/Initial"
+    invocation_metadata: tuple[tuple[str, str], ...] = (("user-agent", "bench"),)
 
 
 async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
@@ -184,18 +197,22 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
         return answer
 
     call = handler
+    see_call = None
     if telemetry.spans is not None:
         wrapper = CallWrapper(spans=telemetry.spans, metrics=None, check_roles=False)
-        call = wrapper.wrap("/creditline.v1.Charging/Initial",
+        call = wrapper.wrap(_CallDetails.method,
                             grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+        see_call = wrapper.see_call
     request = pb.CreditControlRequest(
         session_id="s", account_id="a",
         rating_groups=[pb.RatingGroupRequest(rating_group=RG_VOICE)])
-    context = _Context()
+    context, details = _Context(), _CallDetails()
     for _ in range(LOOP_WARMUP_CALLS):
         await call(request, context)
     start_s = time.process_time()
     for _ in range(calls):
+        if see_call is not None:
+            see_call(details)  # grpc's handler lookup, each call
         await call(request, context)
     cpu_s = time.process_time() - start_s
     await telemetry.shutdown()
@@ -205,7 +222,8 @@ async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
 # The span path's synchronous steps (no await inside: their wall time is their CPU time),
 # timed where they run with --sections: (owner, attribute, what it does).
 _SECTIONS: tuple[tuple[object, str, str], ...] = (
-    (interceptors, "parent_context", "trace headers read (grpc metadata)"),
+    (interceptors, "keep_trace_headers", "trace headers kept (at the handler lookup)"),
+    (interceptors, "parent_context", "trace headers read"),
     (SpanRecorder, "start_call", "call span started (ids, sampler)"),
     (SpanRecorder, "enter", "made current (OTel context and ours)"),
     (SpanRecorder, "leave", "current no more"),

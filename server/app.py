@@ -181,15 +181,17 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     server = _grpc_server(settings, reuse_port)
     wrapper = _call_wrapper(settings, telemetry)
     wrap = None if wrapper is None else wrapper.wrap
+    see_call = None if wrapper is None else wrapper.see_call
     rater = telemetry.traced_rater(BandedRater())
     add_service(server, ChargingService(store, plan, rater, settings,
-                                        charge_calls_bounded=fast is not None), CHARGING, wrap)
-    add_service(server, AdminService(store, settings), ADMIN, wrap)
+                                        charge_calls_bounded=fast is not None), CHARGING, wrap,
+                see_call)
+    add_service(server, AdminService(store, settings), ADMIN, wrap, see_call)
     hub, hub_redis = await _event_hub(redis_url, settings)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
         settings.subscriber_batch_linger_s),
-        NOTIFICATIONS, wrap)
+        NOTIFICATIONS, wrap, see_call)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]
@@ -242,7 +244,8 @@ def redis_for(settings: Settings) -> Iterator[str]:
     extra: tuple[str, ...] = ()
     if settings.embedded_redis_dir:
         extra = ("--appendonly", "yes", "--appendfsync", "always")
-    process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra)
+    process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra,
+                           die_with_parent=True)
     process.start()
     log.info("started embedded redis-server %s on %s (data in %s)",
              process.binary, process.url, process.data_dir)

@@ -24,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 DEFAULT_SINK = "sqlite:///cdrs.sqlite"
+# The exit code shells give a command killed by SIGPIPE (128 + 13)
+EXIT_BROKEN_PIPE = 141
 
 
 def _print(message: Message) -> None:
@@ -193,6 +195,21 @@ async def _health_command(args: argparse.Namespace) -> health_pb2.HealthCheckRes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone shows here, not in a traceback at exit
+        return code
+    except BrokenPipeError:
+        # Whoever read our output has gone (`creditline reconcile ... | head`): stop quietly,
+        # as other command-line tools do, with the shell's code for a broken pipe. Python
+        # would print a traceback, and another one when it flushes stdout at exit: stdout
+        # goes to /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="creditline", description="online charging server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the charging server", allow_abbrev=False)

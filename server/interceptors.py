@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import grpc
@@ -53,14 +54,28 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
-def parent_context(context: ServicerContext) -> TraceContext | None:
-    """The caller's trace context from the call's W3C trace headers, if any."""
-    metadata = context.invocation_metadata() or ()
-    for key, _ in metadata:  # most calls have none: no carrier built for them
+# The running call's W3C trace headers, when it sent any: kept by CallWrapper.see_call as
+# grpc looks the call's handler up, which it does in the call's own task (so in a context
+# of the call's own, which the handler runs in too).
+_CALL_TRACE_HEADERS: ContextVar[dict[str, str] | None] = ContextVar(
+    "creditline_call_trace_headers", default=None)
+
+
+def keep_trace_headers(details: grpc.HandlerCallDetails) -> None:
+    """Keeps the call's trace headers for parent_context(); most calls have none, and
+    build nothing."""
+    metadata = details.invocation_metadata or ()
+    for key, _ in metadata:
         if key in _TRACE_HEADERS:
-            return _PROPAGATOR.extract({key: value for key, value in metadata
-                                        if key in _TRACE_HEADERS and isinstance(value, str)})
-    return None
+            _CALL_TRACE_HEADERS.set({key: value for key, value in metadata
+                                     if key in _TRACE_HEADERS and isinstance(value, str)})
+            return
+
+
+def parent_context() -> TraceContext | None:
+    """The caller's trace context from the running call's W3C trace headers, if any."""
+    headers = _CALL_TRACE_HEADERS.get()
+    return None if headers is None else _PROPAGATOR.extract(headers)
 
 
 def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -98,6 +113,12 @@ class CallWrapper:
         self._metrics = metrics
         self._check_roles = check_roles
 
+    @property
+    def see_call(self) -> Callable[[grpc.HandlerCallDetails], None] | None:
+        """What add_service shows each call's details to: keeps the trace headers when
+        calls are traced."""
+        return None if self._spans is None else keep_trace_headers
+
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler of `method` (`/<service>/<method>`) with the span, metrics and
         role check around it."""
@@ -130,7 +151,7 @@ class CallWrapper:
         async def call(request: Any, context: ServicerContext) -> Any:
             # None when sampled out: then no context switch and no child spans
             span = None if spans is None else spans.start_call(
-                name_of_span, parent_context(context), base_attributes)
+                name_of_span, parent_context(), base_attributes)
             if span is None and metrics is None and not check_roles:
                 return await inner(request, context)
             tokens = None if span is None else SpanRecorder.enter(span)

@@ -1,10 +1,11 @@
 """Charge notifications: one Redis reader per process fans events out to subscribers.
 
-The charging scripts append every event to its partition's stream (see charge.lua). The
-`EventHub` reads the partition streams, one blocking XREAD per partition (each stream may
-sit on another Redis Cluster node), and offers each event to the subscriptions whose
-filters match. Each subscription has a bounded queue: one that
-falls behind is ended with RESOURCE_EXHAUSTED and the cursor to resume from, so a slow
+The charging scripts append every event to its partition's stream, the events of one
+request together in one stream entry (see charge.lua, KEYS[7]). The `EventHub` reads the
+partition streams (one XREAD of them all on one Redis server, one per partition on a
+cluster, whose streams sit on different nodes), and offers each event to the
+subscriptions whose filters match. Each subscription has a bounded queue: one that falls
+behind is ended with RESOURCE_EXHAUSTED and the cursor to resume from, so a slow
 subscriber never slows charging or the other subscribers.
 
 A partition is read only while a subscription covers it: the first subscription of a
@@ -13,7 +14,8 @@ read during which the partition's last subscription left. A server without subsc
 reads nothing.
 
 A cursor is the position of a subscription in every partition it reads: per partition,
-the stream id of the last event delivered and its sequence number `n`. Resuming reads the
+the stream id of the entry holding the last event delivered and that event's number `n`
+(a subscriber may stop between two events of one entry). Resuming reads the
 streams from there up to where the hub's reader was when the subscription joined (for a
 reader started by that join: the newest entry then), then takes the hub's live events;
 positions drop anything already delivered, so nothing is lost or delivered twice.
@@ -60,13 +62,14 @@ LEAN_READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # Events in one SubscribeBatches message at most (a queue holds more: several messages).
 MAX_BATCH_EVENTS = 1000
-_STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance", "n"})
+_STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance"})
 _CURSOR_PART = re.compile(r"(\d+)=(\d+-\d+)/(\d+)")
 
 
 @dataclass(frozen=True, slots=True, order=True)
 class Position:
-    """Where a reader is in one partition stream: after entry `stream_id`, number `n`."""
+    """Where a reader is in one partition stream: after event number `n`, which entry
+    `stream_id` holds."""
 
     n: int
     stream_id: str
@@ -94,6 +97,8 @@ class StreamEvent:
     partition: int
     position: Position
     fields: Mapping[str, str]
+    # its place among the events of its stream entry (one entry per charging request)
+    index: int = 0
     # the encoded ChargeEvent without its cursor, made once for all the subscribers that
     # get it, and the same as one entry of a ChargeEventBatch (see encoded_event)
     encoded: bytes | None = field(default=None, compare=False, repr=False)
@@ -104,11 +109,31 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[bytes, bytes]
-                  ) -> StreamEvent:
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
-    sid = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-    return StreamEvent(partition, Position(int(fields.get("n", "0")), sid), fields)
+def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
+                 ) -> list[StreamEvent]:
+    """The events of one stream entry, in order (the layout: charge.lua, KEYS[7]). The
+    entry's fields other than `n` and `e` (account, session, time, a top-up id) are every
+    one of its events'; `e` holds the events, `n` numbers the last of them."""
+    common = {_text(key): _text(value) for key, value in raw.items()}
+    last = int(common.pop("n", "0"))
+    sid = _text(stream_id)
+    if "e" not in common:  # an entry of one event, as written before 2026-12-02: its fields
+        return [StreamEvent(partition, Position(last, sid), common)]
+    events = common.pop("e").split(";")
+    first = last - len(events) + 1
+    decoded = []
+    for index, event in enumerate(events):
+        parts = event.split("|")
+        fields = dict(common)
+        fields["t"] = parts[0]
+        fields.update(zip(parts[1::2], parts[2::2], strict=True))
+        decoded.append(StreamEvent(partition, Position(first + index, sid), fields, index))
+    return decoded
+
+
+def _entry_position(stream_id: bytes | str, raw: Mapping[Any, Any]) -> Position:
+    """The position after an entry's last event, without decoding its events."""
+    return Position(int(raw.get(b"n", raw.get("n", 0))), _text(stream_id))
 
 
 @dataclass(eq=False)
@@ -304,7 +329,7 @@ class EventHub:
         """The position after the last event written to a partition so far."""
         newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
         if newest:
-            return _decode_entry(partition, *newest[0]).position
+            return _entry_position(*newest[0])
         # empty stream: everything written so far (if anything) was trimmed
         written = int(await self.redis.get(event_counter_key(partition)) or 0)
         return Position(written, "0-0")
@@ -312,7 +337,7 @@ class EventHub:
     async def oldest_kept(self, partition: int) -> int | None:
         """The number of the oldest event still kept in a partition, or None if empty."""
         oldest: Any = await self.redis.xrange(events_key(partition), count=1)
-        return _decode_entry(partition, *oldest[0]).position.n if oldest else None
+        return decode_entry(partition, *oldest[0])[0].position.n if oldest else None
 
     async def _read_forever(self, group: tuple[int, ...]) -> None:
         keys = {events_key(p): p for p in group}
@@ -356,22 +381,23 @@ class EventHub:
             # redis-py gives each entry's fields as a dict, the lean connection as a list
             fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
             if state.wants(_text(fields.get(b"a", b""))):
-                event = _decode_entry(partition, stream_id, fields)
-                self.positions[partition] = event.position
-                state.offer(event)
+                for event in decode_entry(partition, stream_id, fields):
+                    self.positions[partition] = event.position
+                    state.offer(event)
             else:
-                self.positions[partition] = Position(int(fields.get(b"n", 0)),
-                                                     _text(stream_id))
+                self.positions[partition] = _entry_position(stream_id, fields)
 
     async def read_range(self, partition: int, after: Position, until: Position
                          ) -> list[StreamEvent]:
         """Events of a partition after `after`, up to and including `until`, one batch."""
         if until.n <= after.n:
             return []
+        # from the entry of `after` on: a subscriber may have stopped within an entry
         entries: Any = await self.redis.xrange(
-            events_key(partition), min=f"({after.stream_id}", max=until.stream_id,
+            events_key(partition), min=after.stream_id, max=until.stream_id,
             count=READ_BATCH)
-        return [_decode_entry(partition, sid, raw) for sid, raw in entries]
+        return [event for sid, raw in entries for event in decode_entry(partition, sid, raw)
+                if after.n < event.position.n <= until.n]
 
 
 async def _authorize(accounts: frozenset[str] | None,
@@ -449,7 +475,7 @@ def batch_message_bytes(encoded_events: Iterable[bytes], cursor: str) -> bytes:
 def _message_of(event: StreamEvent) -> pb.ChargeEvent:
     f = event.fields
     message = pb.ChargeEvent(
-        event_id=f"{event.partition}-{event.position.stream_id}",
+        event_id=f"{event.partition}-{event.position.stream_id}-{event.index}",
         type=pb.EventType.Value(f["t"].upper()), account_id=f.get("a", ""),
         session_id=f.get("s", ""), rating_group=f.get("rg", ""),
         units=int(f.get("units", 0)), amount_micros=int(f.get("amount", 0)),

@@ -7,9 +7,12 @@ wheel ships (a dependency, so a fresh `pip install` can always run the server).
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +48,12 @@ class RedisProcess:
     """Starts redis-server on a free loopback port in a data directory; stop() ends it."""
 
     def __init__(self, data_dir: str = "", binary: str = "",
-                 extra_args: tuple[str, ...] = (), port: int = 0) -> None:
+                 extra_args: tuple[str, ...] = (), port: int = 0,
+                 die_with_parent: bool = False) -> None:
+        """die_with_parent (Linux): the kernel ends redis-server (SIGTERM) when the thread
+        that started it ends, even by kill -9, so an embedded Redis never outlives its
+        server. Start it from the main thread then: ending a worker thread ends it too."""
+        self._die_with_parent = die_with_parent and sys.platform == "linux"
         self._own_dir = not data_dir
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="creditline-redis-")
         self.binary = redis_server_binary(binary)
@@ -63,8 +71,9 @@ class RedisProcess:
         args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
                 "--dir", self.data_dir, "--save", "", "--logfile", str(log_path),
                 "--protected-mode", "yes", *self.extra_args]
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            preexec_fn=_set_parent_death_signal if self._die_with_parent else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -110,6 +119,19 @@ class RedisProcess:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.stop()
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _set_parent_death_signal() -> None:
+    """Runs in the child between fork and exec: asks for SIGTERM when the parent dies.
+    libc is looked up before the fork (_LIBC): only the call itself runs here."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 
 def _tail(path: Path) -> str:

@@ -56,7 +56,8 @@ class Settings:
     # accounts are spread over this many partitions (hash tags); each has its own
     # notification and CDR stream. Fixed once a Redis holds data.
     partitions: int = 16
-    # notifications kept per partition stream: by length, or by age when > 0
+    # notifications kept per partition stream: by length (stream entries, one per request
+    # that made events: at least this many events), or by age when > 0
     events_max_length: int = 100_000
     events_retention_s: int = 0
     # usage spike: the rate over the fast window above `factor` x the slow window's

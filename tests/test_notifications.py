@@ -9,8 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.notifications import RESUME_CURSOR_METADATA, START_CURSOR_METADATA
-from creditline.store import account_keys
+from creditline.notifications import (
+    RESUME_CURSOR_METADATA,
+    START_CURSOR_METADATA,
+    decode_entry,
+)
+from creditline.store import account_keys, event_counter_key
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
@@ -210,12 +214,58 @@ async def test_resume_from_cursor_loses_and_duplicates_nothing_under_load(
     for acct in accounts:  # the ground truth: the streams in Redis
         keys = account_keys(acct, settings.partitions)
         for stream_id, fields in await redis.xrange(keys.events):
-            if fields["a"] == acct:
-                expected[f"{keys.partition}-{stream_id}"] = fields["s"]
+            for event in decode_entry(keys.partition, stream_id, fields):
+                if event.fields["a"] == acct:
+                    expected[f"{keys.partition}-{stream_id}-{event.index}"] = event.fields["s"]
     for acct in accounts:  # in order per account
         ids = [tuple(map(int, e.event_id.split("-"))) for e in received if e.account_id == acct]
         assert ids == sorted(ids)
     assert Counter(e.event_id for e in received) == Counter(expected.keys())  # none lost or twice
+
+
+async def test_a_requests_events_share_an_entry_and_a_cursor_within_it_resumes_exactly(
+        charging, notifications, make_account, redis, settings, checked_books):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=10_000_000)
+    watching = await subscribe(notifications, account_ids=[acct])
+    answer = await charging.Initial(ccr("two-groups", acct, 0, block(RG_WEB, requested=1000),
+                                        block(RG_SMS, requested=2)))
+    assert answer.result_code == pb.SUCCESS
+    events = await watching.drain()
+    watching.cancel()
+    assert types(events)[:2] == ["QUOTA_GRANTED", "QUOTA_GRANTED"]
+    # one stream entry for the request: the ids share its stream id, then count 0, 1, ...
+    entries = await redis.xrange(account_keys(acct, settings.partitions).events)
+    assert [fields["s"] for _, fields in entries if fields["a"] == acct] == ["two-groups"]
+    assert {e.event_id.rsplit("-", 1)[0] for e in events} == {
+        f"{account_keys(acct, settings.partitions).partition}-{entries[-1][0]}"}
+    assert [e.event_id.rsplit("-", 1)[1] for e in events] == [
+        str(i) for i in range(len(events))]
+    # a subscriber that stopped after the first event gets the rest of the entry, once
+    resumed = await subscribe(notifications, account_ids=[acct], cursor=events[0].cursor)
+    rest = await resumed.read(len(events) - 1)
+    await resumed.no_more()
+    resumed.cancel()
+    assert [(e.event_id, e.type) for e in rest] == [(e.event_id, e.type) for e in events[1:]]
+    after_all = await subscribe(notifications, account_ids=[acct], cursor=events[-1].cursor)
+    await after_all.no_more()
+    after_all.cancel()
+
+
+async def test_entries_of_one_event_each_as_written_before_are_still_delivered(
+        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+    # a Redis written by the version before one entry per request: its entries resume too
+    acct = await make_account(balance_micros=10_000_000)
+    keys = account_keys(acct, settings.partitions)
+    cursor = (await subscribe(notifications, account_ids=[acct])).start_cursor
+    number = await redis.incr(event_counter_key(keys.partition))
+    await redis.xadd(keys.events, {"t": "top_up", "a": acct, "ts": "1", "amount": "5",
+                                   "balance": "10000005", "top_up_id": "old", "n": number})
+    await sms(charging, acct, "after")
+    resumed = await subscribe(notifications, account_ids=[acct], cursor=cursor)
+    old, new = await resumed.read(2)
+    resumed.cancel()
+    assert (old.type, old.amount_micros, old.details["top_up_id"]) == (npb.TOP_UP, 5, "old")
+    assert (new.type, new.session_id) == (npb.EVENT_CHARGED, "after")
 
 
 async def test_batches_carry_the_same_events_and_resume_from_a_batch_cursor(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,13 +36,33 @@ def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
     pytest.fail("server did not start")
 
 
-def test_serve_with_embedded_redis_then_sigterm() -> None:
-    port = free_port()
+def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
+    # `creditline account show ... | head`: the reader has gone before the command writes
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        finished = subprocess.run(
+            [sys.executable, "-m", "creditline", "account", "--server", f"127.0.0.1:{port}",
+             "show", account_id],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert finished.returncode == 141, finished.stderr  # the shell's code for a broken pipe
+    assert finished.stderr == ""  # no traceback
+
+
+def _serve_with_embedded_redis(port: int) -> subprocess.Popen[str]:
+    """`creditline serve` as a user runs it: no Redis settings, so it starts its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
-    process = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
          "--workers", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_serve_with_embedded_redis_then_sigterm() -> None:
+    port = free_port()
+    process = _serve_with_embedded_redis(port)
     try:
         _wait_for_port(port, process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -54,13 +75,13 @@ def test_serve_with_embedded_redis_then_sigterm() -> None:
             charging.Terminate(ccr("call-1", "alice", 1, block(RG_VOICE, used=42)))
             state = admin.GetAccount(admin_pb.GetAccountRequest(account_id="alice"))
             assert state.balance_micros == 5_000_000 - 700_000  # connect + first minute
+        _show_account_into_a_closed_pipe(port, "alice")
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
         assert "started embedded redis-server" in output
         redis_port = output.split("redis://127.0.0.1:")[1].split("/")[0]
         with pytest.raises(OSError):
-            import socket
             socket.create_connection(("127.0.0.1", int(redis_port)), timeout=1).close()
     finally:
         if process.poll() is None:
@@ -116,3 +137,36 @@ def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+
+def test_the_embedded_redis_ends_with_a_killed_server() -> None:
+    # kill -9 gives the server no chance to stop its redis-server: the kernel does (Linux)
+    port = free_port()
+    process = _serve_with_embedded_redis(port)
+    try:
+        assert process.stdout is not None
+        started = ""
+        while "started embedded redis-server" not in started:
+            started = process.stdout.readline()
+            assert started, "the server ended before it started its redis-server"
+        redis_port = int(started.split("redis://127.0.0.1:")[1].split("/")[0])
+        _wait_for_port(port, process)
+        process.kill()
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while _accepts(redis_port):
+            assert time.monotonic() < deadline, "redis-server outlived its killed server"
+            time.sleep(0.1)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

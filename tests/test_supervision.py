@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from creditline.notifications import decode_entry
 from creditline.supervision import Supervisor
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
@@ -44,8 +45,9 @@ async def test_stale_session_is_closed_once_by_supervision(
     mine = [f for _, f in cdrs if f["session"] == sid]
     assert len(mine) == 1 and mine[0]["cause"] == "supervision"
     assert mine[0]["charged"] == "4000"
-    ended = [f for _, f in await redis.xrange(keys.events)
-             if f.get("s") == sid and f["t"] == "session_ended"]  # top-ups have no "s"
+    ended = [e.fields for stream_id, fields in await redis.xrange(keys.events)
+             for e in decode_entry(keys.partition, stream_id, fields)
+             if e.fields.get("s") == sid and e.fields["t"] == "session_ended"]
     assert [e["cause"] for e in ended] == ["supervision"]
     # the client comes back too late: the session is gone
     late = await charging.Update(ccr(sid, acct, 2, block(RG_WEB, used=1)))

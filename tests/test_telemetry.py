@@ -7,10 +7,11 @@ import io
 import json
 import logging
 import os
+import random
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,16 +22,30 @@ from creditline.app import RunningServer, _call_wrapper, start_server, stop_serv
 from creditline.logging_setup import JsonFormatter, TraceIdFilter
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
-from creditline.telemetry import Telemetry, TelemetryError, build_telemetry, sampler_from
+from creditline.telemetry import (
+    StandardSampler,
+    Telemetry,
+    TelemetryError,
+    build_telemetry,
+    sampler_from,
+)
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 
 from tests.conftest import settings_with
 from tests.messages import RG_FREE, RG_VOICE, block, ccr
@@ -52,8 +67,8 @@ class Observed:
 async def observed(redis_process: RedisProcess, settings: Settings
                    ) -> AsyncIterator[Observed]:
     spans, reader = InMemorySpanExporter(), InMemoryMetricReader()
-    telemetry = build_telemetry(settings, {}, span_exporter=spans, sampler=ALWAYS_ON,
-                                metric_reader=reader)
+    # the sampler the server builds by default (parentbased_always_on)
+    telemetry = build_telemetry(settings, {}, span_exporter=spans, metric_reader=reader)
     running = await start_server(settings, redis_process.url, telemetry)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield Observed(running, spans, reader, charging_pb2_grpc.ChargingStub(channel),
@@ -111,6 +126,39 @@ async def test_a_new_trace_without_trace_context(observed: Observed) -> None:
     await observed.charging.Initial(ccr("trace-2", account_id, 0, block(RG_VOICE, requested=1)))
     [rpc] = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Charging/Initial")
     assert rpc.parent is None and format(rpc.context.trace_id, "032x") != TRACE_ID
+
+
+async def test_concurrent_calls_each_continue_their_own_callers_trace(
+        observed: Observed) -> None:
+    # the trace headers are kept per call as grpc looks its handler up: calls in flight at
+    # once, with and without headers, sampled or not by their callers, never mix them up
+    account_id = await _account(observed, balance_micros=100_000_000)
+    observed.spans.clear()
+    parents = {f"mix-{n}": (f"{n + 1:032x}", f"{n + 1:016x}", n % 3) for n in range(30)}
+
+    async def initial(session: str, parent_kind: int) -> None:
+        trace_id, span_id = parents[session][:2]
+        metadata = {0: (), 1: (("traceparent", f"00-{trace_id}-{span_id}-01"),),
+                    2: (("traceparent", f"00-{trace_id}-{span_id}-00"),)}[parent_kind]
+        answer = await observed.charging.Initial(
+            ccr(session, account_id, 0, block(RG_VOICE, requested=1)), metadata=metadata)
+        assert answer.result_code == pb.SUCCESS
+
+    await asyncio.gather(*(initial(session, kind) for session, (_, _, kind) in parents.items()))
+    calls = {dict(span.attributes or {})["creditline.session_id"]: span
+             for span in _by_name(observed.spans.get_finished_spans(),
+                                  "creditline.v1.Charging/Initial")}
+    # a caller that did not sample its trace gets no span; the others one each
+    assert set(calls) == {session for session, (_, _, kind) in parents.items() if kind != 2}
+    for session, span in calls.items():
+        trace_id, span_id, kind = parents[session]
+        if kind == 1:
+            assert format(span.context.trace_id, "032x") == trace_id
+            assert span.parent is not None and format(span.parent.span_id, "016x") == span_id
+        else:
+            assert span.parent is None
+            assert format(span.context.trace_id, "032x") not in {t for t, _, _ in
+                                                                 parents.values()}
 
 
 async def test_a_refused_admin_call_is_an_error_span(observed: Observed) -> None:
@@ -218,6 +266,39 @@ def test_exporters_and_samplers_come_from_the_standard_variables() -> None:
                                      "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
 
 
+_SDK_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
+    "always_on": lambda _: ALWAYS_ON,
+    "always_off": lambda _: ALWAYS_OFF,
+    "traceidratio": TraceIdRatioBased,
+    "parentbased_always_on": lambda _: ParentBased(ALWAYS_ON),
+    "parentbased_always_off": lambda _: ParentBased(ALWAYS_OFF),
+    "parentbased_traceidratio": lambda ratio: ParentBased(TraceIdRatioBased(ratio)),
+}
+
+
+@pytest.mark.parametrize("name", list(_SDK_SAMPLERS))
+def test_the_standard_samplers_decide_as_the_sdks_do(name: str) -> None:
+    # the server decides without calling the SDK's sampler: the decisions must be the SDK's
+    rng = random.Random(name)
+    for ratio in (0.0, 0.01, 0.5, 1.0) if name.endswith("traceidratio") else (1.0,):
+        ours, sdk = StandardSampler(name, ratio), _SDK_SAMPLERS[name](ratio)
+        assert ours.get_description() == sdk.get_description()
+        bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+        high = rng.getrandbits(64) << 64
+        at_the_bound = [high | low for low in (bound - 1, bound, bound + 1)
+                        if 0 < low < 2 ** 64]
+        for trace_id in [rng.getrandbits(128) | 1 for _ in range(200)] + at_the_bound:
+            for flags in (None, TraceFlags.DEFAULT, TraceFlags.SAMPLED):
+                parent = None if flags is None else SpanContext(
+                    trace_id, rng.getrandbits(64) | 1, True, TraceFlags(flags))
+                context = None if parent is None else trace.set_span_in_context(
+                    trace.NonRecordingSpan(parent))
+                expected = sdk.should_sample(context, trace_id, "call").decision
+                assert ours.samples(trace_id, parent) is (
+                    expected is Decision.RECORD_AND_SAMPLE), (name, ratio, trace_id, flags)
+                assert ours.should_sample(context, trace_id, "call").decision is expected
+
+
 def test_json_logs_carry_the_trace_ids() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
@@ -251,8 +332,6 @@ def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
     from creditline.interceptors import _PROPAGATOR
     from creditline.rating import IncrementRater, load_plan
     from creditline.telemetry import SpanRecorder, current_call
-    from opentelemetry import trace
-    from opentelemetry.sdk.trace.sampling import ParentBased
 
     exporter = InMemorySpanExporter()
     recorder = SpanRecorder(ParentBased(ALWAYS_ON), [SimpleSpanProcessor(exporter)],

@@ -37,10 +37,13 @@ local function bucket_value(rg, units, expires, priority, kind)
   return table.concat({ rg, units, expires, priority, units, kind }, '|')
 end
 
-local function notify(...)
+-- One event per stream entry here (charge.lua packs a request's events into one, see its
+-- KEYS[7]): `event` is "<type>|<field>|<value>|..." of numbers only; the client's own
+-- strings (a top-up id, session ids) go in fields of the entry, which every event of an
+-- entry carries.
+local function notify(event, ...)
   redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*',
-    't', select(1, ...), 'a', account_id, 'ts', now_ms,
-    'n', redis.call('INCR', event_counter_key), select(2, ...))
+    'a', account_id, 'ts', now_ms, 'n', redis.call('INCR', event_counter_key), 'e', event, ...)
 end
 
 local exists = redis.call('EXISTS', account_key) == 1
@@ -74,7 +77,7 @@ if op == 'TOPUP' then
   end
   local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
   redis.call('HINCRBY', account_key, 'topped_up', ARGV[5])
-  notify('top_up', 'amount', ARGV[5], 'balance', string.format('%d', balance),
+  notify('top_up|amount|' .. ARGV[5] .. '|balance|' .. string.format('%d', balance),
     'top_up_id', ARGV[6])
   for _, session_id in ipairs(redis.call('SMEMBERS', final_key)) do
     notify('reauthorization_needed', 's', session_id)

@@ -148,7 +148,9 @@ class ChargeEvent(_message.Message):
     TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
     DETAILS_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """"<partition>-<stream id>": unique, increasing within an account."""
+    """"<partition>-<stream id>-<index>": the stream entry holds the events of one charging
+    request, index is the event's place among them. Unique, increasing within an account.
+    """
     cursor: _builtins.str
     """Give this back in SubscribeRequest.cursor to get exactly what came after this event."""
     type: Global___EventType.ValueType
