@@ -97,14 +97,54 @@ def redis_client(url: str, settings: Settings, max_connections: int = 0,
     return Redis(connection_pool=pool)
 
 
+# The charging script reads hashes as RESP3 maps (redis.setresp: 6.0) and streams are
+# trimmed by age with MINID (6.2).
+MIN_REDIS_VERSION = (6, 2)
+
+
 async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
-    """One PING at start: a wrong address, password or TLS set-up is said at once, with
-    the URL's password masked, instead of as 5012 on every call."""
+    """One PING and the server's version at start: a wrong address, password or TLS set-up,
+    or a Redis too old for the scripts, is said at once (the URL's password masked)
+    instead of as 5012 on every call."""
     try:
         await asyncio.wait_for(redis.ping(), timeout_s)
+        info = await asyncio.wait_for(info_of_every_node(redis), timeout_s)
     except (TimeoutError, RedisError, OSError) as error:
         raise ValueError(f"cannot use Redis at {redact_url(url)}: "
                          f"{type(error).__name__}: {error}") from None
+    for version in redis_versions(info):
+        if version_tuple(version) < MIN_REDIS_VERSION:
+            raise ValueError(f"Redis at {redact_url(url)} is version {version}: Creditline "
+                             f"needs {'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
+
+
+async def info_of_every_node(redis: RedisClient) -> Mapping[str, Any]:
+    """INFO server of one Redis, or of every node of a cluster (by node name)."""
+    if isinstance(redis, RedisCluster):
+        by_node: Mapping[str, Any] = await redis.info(
+            "server", target_nodes=RedisCluster.ALL_NODES)
+        return by_node
+    info: Mapping[str, Any] = await redis.info("server")
+    return info
+
+
+def redis_versions(info: Mapping[str, Any]) -> list[str]:
+    """The redis_version of INFO server: one server's, or each node's of a cluster (which
+    redis-py gives per node)."""
+    if "redis_version" in info:
+        return [str(info["redis_version"])]
+    return [str(node["redis_version"]) for node in info.values()
+            if isinstance(node, Mapping) and "redis_version" in node]
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'7.0.15' -> (7, 0, 15); a part that is not a number ends it ('7.2-rc1' -> (7,))."""
+    numbers = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
 
 
 def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:

@@ -12,7 +12,15 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, start_server, stop_server
+from creditline.app import (
+    MIN_REDIS_VERSION,
+    RunningServer,
+    info_of_every_node,
+    redis_versions,
+    start_server,
+    stop_server,
+    version_tuple,
+)
 from creditline.settings import Settings
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
@@ -110,3 +118,14 @@ async def test_notifications_on_cluster(cluster_channel: grpc.aio.Channel) -> No
     events = [await asyncio.wait_for(call.read(), 10) for _ in accounts]
     assert sorted(e.account_id for e in events) == sorted(accounts)
     call.cancel()
+
+
+async def test_the_version_check_reads_every_node_of_a_cluster(
+        cluster_redis: ClusterClient) -> None:
+    # a cluster's INFO comes per node: each node's version is checked, none skipped
+    versions = redis_versions(await info_of_every_node(cluster_redis))
+    assert len(versions) == len(cluster_redis.get_nodes()) >= 3
+    assert all(version_tuple(v) >= MIN_REDIS_VERSION for v in versions)
+    # what the check compares: 6.0 lacks MINID trimming, 6.2 is the oldest that serves
+    assert version_tuple("6.0.16") < MIN_REDIS_VERSION <= version_tuple("6.2.0")
+    assert version_tuple("7.2-rc1") == (7,)
