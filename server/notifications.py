@@ -64,6 +64,9 @@ STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 MAX_BATCH_EVENTS = 1000
 _STANDARD_FIELDS = frozenset({"t", "a", "s", "ts", "rg", "units", "amount", "balance"})
 _CURSOR_PART = re.compile(r"(\d+)=(\d+-\d+)/(\d+)")
+# The event types as the scripts write them ("quota_granted", ...)
+_EVENT_TYPE_NAMES = frozenset(name.lower() for name in pb.EventType.DESCRIPTOR.values_by_name
+                              if name != "EVENT_TYPE_UNSPECIFIED")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -109,31 +112,51 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+class MalformedEntryError(ValueError):
+    """A stream entry that is not one the scripts write (written by hand, say)."""
+
+
 def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
                  ) -> list[StreamEvent]:
     """The events of one stream entry, in order (the layout: charge.lua, KEYS[7]). The
     entry's fields other than `n` and `e` (account, session, time, a top-up id) are every
-    one of its events'; `e` holds the events, `n` numbers the last of them."""
+    one of its events'; `e` holds the events, `n` numbers the last of them. Raises
+    MalformedEntryError for an entry the scripts would not write."""
     common = {_text(key): _text(value) for key, value in raw.items()}
-    last = int(common.pop("n", "0"))
     sid = _text(stream_id)
+    try:
+        last = int(common.pop("n", ""))
+    except ValueError:
+        raise MalformedEntryError(f"entry {sid}: no event number") from None
     if "e" not in common:  # an entry of one event, as written before 2026-12-02: its fields
-        return [StreamEvent(partition, Position(last, sid), common)]
-    events = common.pop("e").split(";")
-    first = last - len(events) + 1
-    decoded = []
-    for index, event in enumerate(events):
-        parts = event.split("|")
-        fields = dict(common)
-        fields["t"] = parts[0]
-        fields.update(zip(parts[1::2], parts[2::2], strict=True))
-        decoded.append(StreamEvent(partition, Position(first + index, sid), fields, index))
+        decoded = [StreamEvent(partition, Position(last, sid), common)]
+    else:
+        events = common.pop("e").split(";")
+        first = last - len(events) + 1
+        decoded = []
+        for index, packed in enumerate(events):
+            parts = packed.split("|")
+            if len(parts) % 2 == 0:
+                raise MalformedEntryError(f"entry {sid}: event {index} has a field without "
+                                          "a value")
+            fields = dict(common)
+            fields["t"] = parts[0]
+            fields.update(zip(parts[1::2], parts[2::2], strict=True))
+            decoded.append(StreamEvent(partition, Position(first + index, sid), fields, index))
+    for event in decoded:
+        if event.fields.get("t") not in _EVENT_TYPE_NAMES:
+            raise MalformedEntryError(f"entry {sid}: unknown event type "
+                                      f"{event.fields.get('t', '')[:40]!r}")
     return decoded
 
 
-def _entry_position(stream_id: bytes | str, raw: Mapping[Any, Any]) -> Position:
-    """The position after an entry's last event, without decoding its events."""
-    return Position(int(raw.get(b"n", raw.get("n", 0))), _text(stream_id))
+def _entry_position(stream_id: bytes | str, raw: Mapping[Any, Any], previous: Position
+                    ) -> Position:
+    """The position after an entry's last event, without decoding its events (the
+    previous number kept for an entry without one)."""
+    number = raw.get(b"n", raw.get("n", b""))
+    text = _text(number) if isinstance(number, bytes | str) else str(number)
+    return Position(int(text) if text.isdigit() else previous.n, _text(stream_id))
 
 
 @dataclass(eq=False)
@@ -328,16 +351,23 @@ class EventHub:
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
         newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
-        if newest:
-            return _entry_position(*newest[0])
-        # empty stream: everything written so far (if anything) was trimmed
         written = int(await self.redis.get(event_counter_key(partition)) or 0)
+        if newest:
+            stream_id, raw = newest[0]
+            return _entry_position(stream_id, raw, Position(written, "0-0"))
+        # empty stream: everything written so far (if anything) was trimmed
         return Position(written, "0-0")
 
     async def oldest_kept(self, partition: int) -> int | None:
         """The number of the oldest event still kept in a partition, or None if empty."""
         oldest: Any = await self.redis.xrange(events_key(partition), count=1)
-        return decode_entry(partition, *oldest[0])[0].position.n if oldest else None
+        if not oldest:
+            return None
+        try:
+            return decode_entry(partition, *oldest[0])[0].position.n
+        except MalformedEntryError:
+            stream_id, raw = oldest[0]
+            return _entry_position(stream_id, raw, START).n
 
     async def _read_forever(self, group: tuple[int, ...]) -> None:
         keys = {events_key(p): p for p in group}
@@ -380,12 +410,21 @@ class EventHub:
         for stream_id, raw in entries:
             # redis-py gives each entry's fields as a dict, the lean connection as a list
             fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
-            if state.wants(_text(fields.get(b"a", b""))):
-                for event in decode_entry(partition, stream_id, fields):
-                    self.positions[partition] = event.position
-                    state.offer(event)
-            else:
-                self.positions[partition] = _entry_position(stream_id, fields)
+            if not state.wants(_text(fields.get(b"a", b""))):
+                self.positions[partition] = _entry_position(
+                    stream_id, fields, self.positions[partition])
+                continue
+            try:
+                events = decode_entry(partition, stream_id, fields)
+            except MalformedEntryError as error:
+                # skipped, never a reason to stop the hub: the next read starts after it
+                log.error("event hub: partition %d: %s; skipped", partition, error)
+                self.positions[partition] = Position(self.positions[partition].n,
+                                                     _text(stream_id))
+                continue
+            for event in events:
+                self.positions[partition] = event.position
+                state.offer(event)
 
     async def read_range(self, partition: int, after: Position, until: Position
                          ) -> list[StreamEvent]:
@@ -393,11 +432,22 @@ class EventHub:
         if until.n <= after.n:
             return []
         # from the entry of `after` on: a subscriber may have stopped within an entry
-        entries: Any = await self.redis.xrange(
-            events_key(partition), min=after.stream_id, max=until.stream_id,
-            count=READ_BATCH)
-        return [event for sid, raw in entries for event in decode_entry(partition, sid, raw)
-                if after.n < event.position.n <= until.n]
+        start = after.stream_id
+        while True:
+            entries: Any = await self.redis.xrange(
+                events_key(partition), min=start, max=until.stream_id, count=READ_BATCH)
+            events = []
+            for sid, raw in entries:
+                try:
+                    decoded = decode_entry(partition, sid, raw)
+                except MalformedEntryError as error:
+                    log.error("event hub: partition %d: %s; skipped", partition, error)
+                    continue
+                events += [event for event in decoded if after.n < event.position.n <= until.n]
+            # an empty answer means the range is done: not for a batch of skipped entries
+            if events or len(entries) < READ_BATCH:
+                return events
+            start = f"({_text(entries[-1][0])}"
 
 
 async def _authorize(accounts: frozenset[str] | None,

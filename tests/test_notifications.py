@@ -268,6 +268,30 @@ async def test_entries_of_one_event_each_as_written_before_are_still_delivered(
     assert (new.type, new.session_id) == (npb.EVENT_CHARGED, "after")
 
 
+async def test_entries_the_scripts_would_not_write_are_skipped_not_fatal(
+        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+    # written by hand into the stream: the hub logs and skips them, live and on resume
+    acct = await make_account(balance_micros=10_000_000)
+    keys = account_keys(acct, settings.partitions)
+    live = await subscribe(notifications, account_ids=[acct])
+    await sms(charging, acct, "before")
+    number = await redis.get(event_counter_key(keys.partition))
+    for bad in ({"a": acct, "e": "event_charged"},                       # no number
+                {"a": acct, "n": number, "e": "event_charged|units"},    # a field, no value
+                {"a": acct, "n": number, "e": "no_such_type"}):
+        await redis.xadd(keys.events, bad)
+    await sms(charging, acct, "after")
+    events = await live.read(2)
+    await live.no_more()
+    live.cancel()
+    assert [e.session_id for e in events] == ["before", "after"]
+    resumed = await subscribe(notifications, account_ids=[acct], cursor=events[0].cursor)
+    [after] = await resumed.read(1)
+    await resumed.no_more()
+    resumed.cancel()
+    assert after.event_id == events[1].event_id
+
+
 async def test_batches_carry_the_same_events_and_resume_from_a_batch_cursor(
         charging, notifications, make_account, checked_books):  # type: ignore[no-untyped-def]
     accounts = [await make_account(balance_micros=10**12) for _ in range(3)]
