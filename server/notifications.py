@@ -150,13 +150,11 @@ def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
     return decoded
 
 
-def _entry_position(stream_id: bytes | str, raw: Mapping[Any, Any], previous: Position
-                    ) -> Position:
-    """The position after an entry's last event, without decoding its events (the
-    previous number kept for an entry without one)."""
-    number = raw.get(b"n", raw.get("n", b""))
-    text = _text(number) if isinstance(number, bytes | str) else str(number)
-    return Position(int(text) if text.isdigit() else previous.n, _text(stream_id))
+def _entry_number(raw: Mapping[Any, Any]) -> int | None:
+    """The number of an entry's last event, without decoding its events; None for an
+    entry without one (not written by the scripts)."""
+    text = _text(raw.get(b"n", raw.get("n", b"")))
+    return int(text) if text.isdigit() else None
 
 
 @dataclass(eq=False)
@@ -351,12 +349,15 @@ class EventHub:
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
         newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
-        written = int(await self.redis.get(event_counter_key(partition)) or 0)
         if newest:
             stream_id, raw = newest[0]
-            return _entry_position(stream_id, raw, Position(written, "0-0"))
-        # empty stream: everything written so far (if anything) was trimmed
-        return Position(written, "0-0")
+            number = _entry_number(raw)
+            if number is not None:
+                return Position(number, _text(stream_id))
+        # empty stream (everything written so far, if anything, was trimmed), or its
+        # newest entry has no number: the count of events written
+        written = int(await self.redis.get(event_counter_key(partition)) or 0)
+        return Position(written, _text(newest[0][0]) if newest else "0-0")
 
     async def oldest_kept(self, partition: int) -> int | None:
         """The number of the oldest event still kept in a partition, or None if empty."""
@@ -366,8 +367,7 @@ class EventHub:
         try:
             return decode_entry(partition, *oldest[0])[0].position.n
         except MalformedEntryError:
-            stream_id, raw = oldest[0]
-            return _entry_position(stream_id, raw, START).n
+            return _entry_number(oldest[0][1]) or 0
 
     async def _read_forever(self, group: tuple[int, ...]) -> None:
         keys = {events_key(p): p for p in group}
@@ -410,17 +410,18 @@ class EventHub:
         for stream_id, raw in entries:
             # redis-py gives each entry's fields as a dict, the lean connection as a list
             fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
-            if not state.wants(_text(fields.get(b"a", b""))):
-                self.positions[partition] = _entry_position(
-                    stream_id, fields, self.positions[partition])
-                continue
-            try:
-                events = decode_entry(partition, stream_id, fields)
-            except MalformedEntryError as error:
-                # skipped, never a reason to stop the hub: the next read starts after it
-                log.error("event hub: partition %d: %s; skipped", partition, error)
-                self.positions[partition] = Position(self.positions[partition].n,
-                                                     _text(stream_id))
+            events: list[StreamEvent] = []
+            if state.wants(_text(fields.get(b"a", b""))):
+                try:
+                    events = decode_entry(partition, stream_id, fields)
+                except MalformedEntryError as error:
+                    # skipped, never a reason to stop the hub
+                    log.error("event hub: partition %d: %s; skipped", partition, error)
+            if not events:  # nobody's, or skipped: the next read starts after it
+                number = _entry_number(fields)
+                self.positions[partition] = Position(
+                    self.positions[partition].n if number is None else number,
+                    _text(stream_id))
                 continue
             for event in events:
                 self.positions[partition] = event.position

@@ -118,10 +118,11 @@ class StandardSampler(Sampler):
                                  f"{', '.join(_SAMPLER_NAMES)}")
         self.parent_based = name.startswith("parentbased_")
         root_name = name.removeprefix("parentbased_")
-        root: Sampler = {"always_on": ALWAYS_ON, "always_off": ALWAYS_OFF}.get(
-            root_name) or TraceIdRatioBased(ratio)
-        self._root_bound = {"always_on": _TRACE_ID_LOW_BITS + 1, "always_off": 0}.get(
-            root_name, TraceIdRatioBased.get_bound_for_rate(ratio))
+        # the root sampler and the bound its trace ids' low 64 bits must stay below
+        roots: dict[str, tuple[Sampler, int]] = {
+            "always_on": (ALWAYS_ON, _TRACE_ID_LOW_BITS + 1), "always_off": (ALWAYS_OFF, 0)}
+        root, self._root_bound = roots.get(root_name) or (
+            TraceIdRatioBased(ratio), TraceIdRatioBased.get_bound_for_rate(ratio))
         self._sdk = ParentBased(root) if self.parent_based else root
 
     def samples(self, trace_id: int, parent: SpanContext | None) -> bool:
@@ -298,8 +299,8 @@ class SpanRecorder:
             trace_state = None if parent_span is None else parent_span.trace_state
         else:
             decision = self._sampler.should_sample(
-                _NO_PARENT if parent is None else parent, trace_id, name,
-                                                   SpanKind.SERVER, attributes)
+                _NO_PARENT if parent is None else parent, trace_id, name, SpanKind.SERVER,
+                attributes)
             if decision.decision is not Decision.RECORD_AND_SAMPLE:
                 return None
             trace_state = decision.trace_state

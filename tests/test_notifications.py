@@ -252,7 +252,7 @@ async def test_a_requests_events_share_an_entry_and_a_cursor_within_it_resumes_e
 
 
 async def test_entries_of_one_event_each_as_written_before_are_still_delivered(
-        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+        charging, notifications, make_account, redis, settings, checked_books):  # type: ignore[no-untyped-def]
     # a Redis written by the version before one entry per request: its entries resume too
     acct = await make_account(balance_micros=10_000_000)
     keys = account_keys(acct, settings.partitions)
@@ -269,7 +269,7 @@ async def test_entries_of_one_event_each_as_written_before_are_still_delivered(
 
 
 async def test_entries_the_scripts_would_not_write_are_skipped_not_fatal(
-        charging, notifications, make_account, redis, settings):  # type: ignore[no-untyped-def]
+        charging, notifications, make_account, redis, settings, checked_books):  # type: ignore[no-untyped-def]
     # written by hand into the stream: the hub logs and skips them, live and on resume
     acct = await make_account(balance_micros=10_000_000)
     keys = account_keys(acct, settings.partitions)

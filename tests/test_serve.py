@@ -139,7 +139,6 @@ def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
             process.communicate()
 
 
-
 def test_the_embedded_redis_ends_with_a_killed_server() -> None:
     # kill -9 gives the server no chance to stop its redis-server: the kernel does (Linux)
     port = free_port()
