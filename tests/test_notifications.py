@@ -276,20 +276,23 @@ async def test_entries_the_scripts_would_not_write_are_skipped_not_fatal(
     live = await subscribe(notifications, account_ids=[acct])
     await sms(charging, acct, "before")
     number = await redis.get(event_counter_key(keys.partition))
-    for bad in ({"a": acct, "e": "event_charged"},                       # no number
-                {"a": acct, "n": number, "e": "event_charged|units"},    # a field, no value
-                {"a": acct, "n": number, "e": "no_such_type"}):
-        await redis.xadd(keys.events, bad)
-    await sms(charging, acct, "after")
-    events = await live.read(2)
-    await live.no_more()
-    live.cancel()
-    assert [e.session_id for e in events] == ["before", "after"]
-    resumed = await subscribe(notifications, account_ids=[acct], cursor=events[0].cursor)
-    [after] = await resumed.read(1)
-    await resumed.no_more()
-    resumed.cancel()
-    assert after.event_id == events[1].event_id
+    bad_ids = [await redis.xadd(keys.events, bad) for bad in (
+        {"a": acct, "e": "event_charged"},                       # no number
+        {"a": acct, "n": number, "e": "event_charged|units"},    # a field, no value
+        {"a": acct, "n": number, "e": "no_such_type"})]
+    try:
+        await sms(charging, acct, "after")
+        events = await live.read(2)
+        await live.no_more()
+        live.cancel()
+        assert [e.session_id for e in events] == ["before", "after"]
+        resumed = await subscribe(notifications, account_ids=[acct], cursor=events[0].cursor)
+        [after] = await resumed.read(1)
+        await resumed.no_more()
+        resumed.cancel()
+        assert after.event_id == events[1].event_id
+    finally:  # the other tests read the shared streams as the scripts write them
+        await redis.xdel(keys.events, *bad_ids)
 
 
 async def test_batches_carry_the_same_events_and_resume_from_a_batch_cursor(
