@@ -32,7 +32,7 @@ from typing import Any, TypeAlias
 
 import grpc
 from creditline import security
-from creditline.telemetry import MAX_SPAN_RATING_GROUPS, CallSpan, Metrics, SpanRecorder
+from creditline.telemetry import CallSpan, Metrics, SpanRecorder
 from creditline.v1.charging_pb2 import DIRECT_DEBIT
 from opentelemetry.context import Context as TraceContext
 from opentelemetry.trace import Status, StatusCode
@@ -87,25 +87,6 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-_ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
-                  ("session_id", "creditline.session_id"))
-
-
-def add_request_attributes(attributes: dict[str, Any], request: Any) -> None:
-    """The request's ids, request number and rating groups, for those it has."""
-    for field_name, attribute in _ID_ATTRIBUTES:
-        value = getattr(request, field_name, None)
-        if value:
-            attributes[attribute] = value
-    request_number = getattr(request, "request_number", None)
-    if request_number is not None:
-        attributes["creditline.request_number"] = request_number
-    blocks = getattr(request, "rating_groups", None)
-    if blocks:
-        attributes["creditline.rating_groups"] = [
-            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
-
-
 class CallWrapper:
     def __init__(self, *, spans: SpanRecorder | None, metrics: Metrics | None,
                  check_roles: bool) -> None:
@@ -154,7 +135,7 @@ class CallWrapper:
                 name_of_span, parent_context(), base_attributes)
             if span is None and metrics is None and not check_roles:
                 return await inner(request, context)
-            tokens = None if span is None else SpanRecorder.enter(span)
+            token = None if span is None else SpanRecorder.enter(span)
             start_s = 0.0 if metrics is None else time.perf_counter()
             error: BaseException | None = None
             response: Any = None
@@ -168,12 +149,12 @@ class CallWrapper:
                 error = raised
                 raise
             finally:
-                if tokens is not None:
-                    SpanRecorder.leave(tokens)
+                if token is not None:
+                    SpanRecorder.leave(token)
                 if span is not None or metrics is not None:
                     status = _status_code(context, error)
                     if span is not None and spans is not None:
-                        _annotate(spans, span, request, response, status, error)
+                        _end_span(spans, span, request, response, status, error)
                     if metrics is not None:
                         _record(metrics, base_attributes, status, request, response,
                                 time.perf_counter() - start_s)
@@ -210,19 +191,14 @@ class CallWrapper:
             response_serializer=handler.response_serializer)
 
 
-def _annotate(spans: SpanRecorder, span: CallSpan, request: Any, response: Any,
+def _end_span(spans: SpanRecorder, span: CallSpan, request: Any, response: Any,
               status: grpc.StatusCode, error: BaseException | None) -> None:
-    attributes = span.attributes
-    add_request_attributes(attributes, request)
-    attributes["rpc.grpc.status_code"] = _STATUS_NUMBERS[status]
-    result_code = getattr(response, "result_code", None)
-    if result_code is not None:
-        attributes["creditline.result_code"] = int(result_code)
     if status is grpc.StatusCode.OK:
-        spans.end_call(span)
+        spans.end_call(span, request, response, 0)
         return
     unexpected = error is not None and not isinstance(error, grpc.aio.AbortError)
-    spans.end_call(span, Status(StatusCode.ERROR, status.name), error if unexpected else None)
+    spans.end_call(span, request, response, _STATUS_NUMBERS[status],
+                   Status(StatusCode.ERROR, status.name), error if unexpected else None)
 
 
 def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,

@@ -32,7 +32,6 @@ from wsgiref.simple_server import WSGIServer
 from creditline.settings import Settings
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
-from opentelemetry.context import attach, detach
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
@@ -42,6 +41,7 @@ from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
+    SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -219,20 +219,31 @@ _getrandbits = random.getrandbits
 
 
 # A finished child of a call span (rating, a Redis script), made into a span with the
-# call's: name, kind, attributes, start and end (ns since the epoch), the error it raised.
-ChildSpan = tuple[str, SpanKind, Mapping[str, Any], int, int, BaseException | None]
+# call's: name, kind, attributes, start and end (ns since the epoch), status, events (an
+# error's, if it raised one).
+ChildSpan = tuple[str, SpanKind, Mapping[str, Any], int, int, Status, tuple[Event, ...]]
 
 
 @dataclass(slots=True)
 class CallSpan:
-    """The span of one sampled call, being recorded, with its finished children."""
+    """The span of one sampled call, kept as plain values while the call runs, with its
+    finished children; CallSpanExporter makes it into SDK spans when it is exported."""
 
     name: str
     context: SpanContext
     parent: SpanContext | None
     start_ns: int
-    attributes: dict[str, Any]
+    # the method's attributes, shared by all its calls (never written); the request's and
+    # the answer's are added when the span is made
+    base_attributes: Mapping[str, Any]
     children: list[ChildSpan] = field(default_factory=list)
+    # set by SpanRecorder.end_call
+    end_ns: int = 0
+    request: Any = None
+    response: Any = None
+    grpc_status_code: int = 0
+    status: Status = _UNSET
+    events: tuple[Event, ...] = ()
 
 
 # The sampled call span of the running call (each gRPC call runs in a task of its own, so
@@ -249,44 +260,55 @@ def current_call() -> CallSpan | None:
 def add_child(call: CallSpan, name: str, kind: SpanKind, attributes: Mapping[str, Any],
               start_ns: int, error: BaseException | None = None) -> None:
     """A child of `call` that started at start_ns and ends now."""
-    call.children.append((name, kind, attributes, start_ns, time.time_ns(), error))
+    end_ns = time.time_ns()
+    if error is None:
+        call.children.append((name, kind, attributes, start_ns, end_ns, _UNSET, ()))
+    else:
+        call.children.append((name, kind, attributes, start_ns, end_ns,
+                              _error_status(error), _error_events(error, end_ns)))
 
 
 class SpanRecorder:
-    """Makes the server's own spans as finished SDK spans (ReadableSpan) handed straight to
-    the span processors, so every exporter, sampler and processor works as usual.
+    """Records the server's own call spans (CallSpan, with their children) and hands them
+    to span processors whose exporters are CallSpanExporters (Telemetry.use_tracing builds
+    them so), which make them into SDK spans (ReadableSpan): every exporter, sampler and
+    batch setting works as usual.
 
     Why not the SDK's Tracer: its live Span (locks, attribute limits and cleaning, span
-    start hooks, self-metrics) costs about 8 times what this does (measured: 63 us against
-    8 us for a span with two attributes on this machine), and a charging call makes three
-    spans; the tracing overhead goal (100% sampling >= 0.9 of the throughput without
-    tracing) cannot be met with it. What this gives up: span limits (the attributes here
-    are few and bounded), on_start hooks (the batch and simple processors have none), and
-    live spans for other code (they parent on the current span context as usual).
+    start hooks, self-metrics) costs about 8 times what a ReadableSpan made at once does
+    (measured: 63 us against 8 us for a span with two attributes on this machine), and a
+    charging call makes three spans; the tracing overhead goal (100% sampling >= 0.9 of the
+    throughput without tracing) cannot be met with it. What this gives up: span limits (the
+    attributes here are few and bounded), on_start hooks (the batch and simple processors
+    have none), and live spans for other code (they parent on the current span context as
+    usual).
 
-    A call's children (rating, the Redis script) are kept with the call span and made into
-    spans when it ends, all three in one pass. Why: timed in the running server
+    Why the spans are made in the exporter: timed in the running server
     (bench/tracing_overhead.py --sections) each step of the span path costs 2-4 times its
-    figure in a tight loop, where the code stays in the CPU's caches; that, not the export
-    thread (2 us per call) or the collector (4 us), is most of the end-to-end cost, so
-    fewer Python calls per span is what pays. Each child took a lookup of the current span
-    through the OTel API, an open-span object and a call of its own to end it (in the loop,
-    100 % sampling: 21-28 us per call with this against 28-39 us before).
+    figure in a tight loop, where the code stays in the CPU's caches. Behind the batch
+    processor the exporter runs in its own thread, a batch of calls at a time: making the
+    SDK spans, their ids and their attributes there costs the tight loop's figure, and
+    nothing on the call's path. What the call's path does: two ids, the sampler's rule, a
+    SpanContext, and a tuple per child.
+
+    The call span is the current call of its children (current_call()), not the OTel
+    API's current span: attaching it to the OTel context cost ~8 us per call in the server,
+    and nothing inside a call reads it (no tracer provider is set globally, so no other
+    library records spans here); the log records' trace ids read current_call().
     """
 
-    def __init__(self, sampler: Sampler, processors: list[SpanProcessor], resource: Resource
-                 ) -> None:
+    def __init__(self, sampler: Sampler, processors: Sequence[SpanProcessor]) -> None:
         self._sampler = sampler
         self._standard = sampler if isinstance(sampler, StandardSampler) else None
-        self._on_end = [processor.on_end for processor in processors]
-        self._resource = resource
-        self._scope = InstrumentationScope(INSTRUMENTATION_NAME)
+        # each takes a CallSpan, which its CallSpanExporter makes into SDK spans
+        self._on_end: list[Callable[[Any], None]] = [processor.on_end
+                                                     for processor in processors]
 
     def start_call(self, name: str, parent: TraceContext | None,
-                   attributes: Mapping[str, Any]) -> CallSpan | None:
+                   base_attributes: Mapping[str, Any]) -> CallSpan | None:
         """A SERVER span, child of the caller's trace when it sent one; None when the
         sampler drops it (then nothing at all is recorded for the call). The attributes
-        are copied into the span."""
+        are kept, not copied: they must not change."""
         parent_span = None
         if parent is not None:
             parent_span = trace.get_current_span(parent).get_span_context()
@@ -300,50 +322,110 @@ class SpanRecorder:
         else:
             decision = self._sampler.should_sample(
                 _NO_PARENT if parent is None else parent, trace_id, name, SpanKind.SERVER,
-                attributes)
+                base_attributes)
             if decision.decision is not Decision.RECORD_AND_SAMPLE:
                 return None
             trace_state = decision.trace_state
         context = SpanContext(trace_id, _random_id(64), False, _SAMPLED, trace_state)
-        return CallSpan(name, context, parent_span, time.time_ns(), dict(attributes))
+        return CallSpan(name, context, parent_span, time.time_ns(), base_attributes)
 
     @staticmethod
-    def enter(call: CallSpan) -> tuple[object, Token[CallSpan | None]]:
-        """Makes the call span the current span (for the OTel API: log records, other
-        code's spans) and the current call (for its children); leave() undoes it."""
-        otel = attach(trace.set_span_in_context(trace.NonRecordingSpan(call.context),
-                                                _NO_PARENT))
-        return otel, _CURRENT_CALL.set(call)
+    def enter(call: CallSpan) -> Token[CallSpan | None]:
+        """Makes the call span the current call (for its children and the log records'
+        trace ids); leave() undoes it."""
+        return _CURRENT_CALL.set(call)
 
     @staticmethod
-    def leave(tokens: tuple[object, Token[CallSpan | None]]) -> None:
-        otel, ours = tokens
-        _CURRENT_CALL.reset(ours)
-        detach(otel)  # type: ignore[arg-type]
+    def leave(token: Token[CallSpan | None]) -> None:
+        _CURRENT_CALL.reset(token)
 
-    def end_call(self, call: CallSpan, status: Status | None = None,
-                 error: BaseException | None = None) -> None:
-        """Ends the call span and hands it and its children to the processors."""
-        end_ns = time.time_ns()
+    def end_call(self, call: CallSpan, request: Any, response: Any, grpc_status_code: int,
+                 status: Status | None = None, error: BaseException | None = None) -> None:
+        """Ends the call span and hands it, with its children, to the processors; its
+        request and answer (None if none) give the rest of its attributes when it is
+        made (call_attributes): neither may change after the call."""
+        call.end_ns = end_ns = time.time_ns()
+        call.request = request
+        call.response = response
+        call.grpc_status_code = grpc_status_code
+        if status is not None:
+            call.status = status
+        if error is not None:
+            call.events = _error_events(error, end_ns)
+        for on_end in self._on_end:
+            on_end(call)
+
+
+_ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
+                  ("session_id", "creditline.session_id"))
+
+
+def call_attributes(call: CallSpan) -> dict[str, Any]:
+    """The call's attributes: its method's, then its request's ids, request number and
+    rating groups (those it has), its gRPC status and its answer's result code."""
+    attributes = dict(call.base_attributes)
+    request = call.request
+    for field_name, attribute in _ID_ATTRIBUTES:
+        value = getattr(request, field_name, None)
+        if value:
+            attributes[attribute] = value
+    request_number = getattr(request, "request_number", None)
+    if request_number is not None:
+        attributes["creditline.request_number"] = request_number
+    blocks = getattr(request, "rating_groups", None)
+    if blocks:
+        attributes["creditline.rating_groups"] = [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
+    attributes["rpc.grpc.status_code"] = call.grpc_status_code
+    result_code = getattr(call.response, "result_code", None)
+    if result_code is not None:
+        attributes["creditline.result_code"] = int(result_code)
+    return attributes
+
+
+class CallSpanExporter(SpanExporter):
+    """Wraps an exporter so that it also takes the server's call spans (CallSpan): each
+    is made into its SDK spans (its children's, then its own) and handed on with the other
+    spans as they came. Behind a BatchSpanProcessor this runs in its export thread (see
+    SpanRecorder for why), and its sizes (OTEL_BSP_MAX_QUEUE_SIZE,
+    OTEL_BSP_MAX_EXPORT_BATCH_SIZE) count calls, each one span and one per child."""
+
+    def __init__(self, exporter: SpanExporter, resource: Resource) -> None:
+        self.exporter = exporter
+        self._resource = resource
+        self._scope = InstrumentationScope(INSTRUMENTATION_NAME)
+
+    def export(self, spans: Sequence[ReadableSpan | CallSpan]) -> SpanExportResult:
+        finished: list[ReadableSpan] = []
+        for span in spans:
+            if isinstance(span, CallSpan):
+                finished += self._spans_of(span)
+            else:
+                finished.append(span)
+        return self.exporter.export(finished)
+
+    def _spans_of(self, call: CallSpan) -> list[ReadableSpan]:
         context = call.context
         resource, scope = self._resource, self._scope
         # ReadableSpan's arguments by position, in the SDK's order (name, context, parent,
         # resource, attributes, events, links, kind, instrumentation_info, status, start,
         # end, scope): by keyword the call costs twice as much (1.2 against 0.6 us)
-        finished = [ReadableSpan(
+        spans = [ReadableSpan(
             name, SpanContext(context.trace_id, _random_id(64), False, _SAMPLED,
                               context.trace_state),
-            context, resource, attributes, _error_events(child_error, child_end_ns), (),
-            kind, None, _UNSET if child_error is None else _error_status(child_error),
-            start_ns, child_end_ns, scope)
-            for name, kind, attributes, start_ns, child_end_ns, child_error in call.children]
-        finished.append(ReadableSpan(
-            call.name, context, call.parent, resource, call.attributes,
-            _error_events(error, end_ns), (), SpanKind.SERVER, None, status or _UNSET,
-            call.start_ns, end_ns, scope))
-        for on_end in self._on_end:
-            for span in finished:
-                on_end(span)
+            context, resource, attributes, events, (), kind, None, status, start_ns, end_ns,
+            scope)
+            for name, kind, attributes, start_ns, end_ns, status, events in call.children]
+        spans.append(ReadableSpan(
+            call.name, context, call.parent, resource, call_attributes(call), call.events,
+            (), SpanKind.SERVER, None, call.status, call.start_ns, call.end_ns, scope))
+        return spans
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 def _error_status(error: BaseException) -> Status:
@@ -428,15 +510,23 @@ class Telemetry:
     _prometheus: tuple[WSGIServer, Thread] | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def use_tracing(self, sampler: Sampler, processors: list[SpanProcessor],
-                    resource: Resource | None = None) -> None:
-        """Traces through these processors (each one also shut down with the provider)."""
+    def use_tracing(self, sampler: Sampler, exporters: Sequence[SpanExporter],
+                    resource: Resource | None = None, *, batched: bool = True,
+                    max_queue_size: int | None = None) -> None:
+        """Traces to these exporters, each behind a BatchSpanProcessor (OTEL_BSP_*
+        settings; max_queue_size, given, overrides its queue's size) or, not batched, a
+        SimpleSpanProcessor that exports each span as it ends (tests). The processors are
+        shut down with the provider."""
         provider = TracerProvider(resource=resource or Resource.create(), sampler=sampler)
-        for processor in processors:
-            provider.add_span_processor(processor)
+        processors: list[SpanProcessor] = []
+        for exporter in exporters:
+            calls_too = CallSpanExporter(exporter, provider.resource)
+            processors.append(BatchSpanProcessor(calls_too, max_queue_size=max_queue_size)
+                              if batched else SimpleSpanProcessor(calls_too))
+            provider.add_span_processor(processors[-1])
         self.tracer_provider = provider
         self.tracer = provider.get_tracer(INSTRUMENTATION_NAME)
-        self.spans = SpanRecorder(sampler, processors, provider.resource)
+        self.spans = SpanRecorder(sampler, processors)
 
     @property
     def enabled(self) -> bool:
@@ -491,11 +581,12 @@ def build_telemetry(
     resource = _resource(environ)
     trace_names = _names(environ, "OTEL_TRACES_EXPORTER", _TRACE_EXPORTERS)
     chosen_sampler = sampler or sampler_from(environ)
-    if span_exporter is not None or trace_names:
-        processors: list[SpanProcessor] = (
-            [SimpleSpanProcessor(span_exporter)] if span_exporter is not None
-            else [BatchSpanProcessor(_span_exporter(name, environ)) for name in trace_names])
-        telemetry.use_tracing(chosen_sampler, processors, resource)
+    if span_exporter is not None:
+        telemetry.use_tracing(chosen_sampler, [span_exporter], resource, batched=False)
+    elif trace_names:
+        telemetry.use_tracing(chosen_sampler,
+                              [_span_exporter(name, environ) for name in trace_names],
+                              resource)
 
     readers: list[MetricReader] = []
     if metric_reader is not None:
@@ -619,8 +710,11 @@ class TracedRater:
 
 
 def current_trace_ids() -> tuple[str, str] | None:
-    """(trace id, span id) in hex of the current span, for log records."""
-    context = trace.get_current_span().get_span_context()
+    """(trace id, span id) in hex of the running call's span, else of the OTel API's
+    current span, for log records."""
+    call = _CURRENT_CALL.get()
+    context = (trace.get_current_span().get_span_context() if call is None
+               else call.context)
     if not context.is_valid:
         return None
     return format(context.trace_id, "032x"), format(context.span_id, "016x")

@@ -8,10 +8,11 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from creditline.v1 import charging_pb2 as pb
 from opentelemetry import trace
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
@@ -331,12 +332,13 @@ def test_tracing_off_creates_no_rater_wrapper() -> None:
 def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
     from creditline.interceptors import _PROPAGATOR
     from creditline.rating import IncrementRater, load_plan
-    from creditline.telemetry import SpanRecorder, current_call
+    from creditline.telemetry import current_call, current_trace_ids
 
     exporter = InMemorySpanExporter()
-    recorder = SpanRecorder(ParentBased(ALWAYS_ON), [SimpleSpanProcessor(exporter)],
-                            TracerProvider().resource)
-    telemetry = Telemetry(spans=recorder)
+    telemetry = Telemetry()
+    telemetry.use_tracing(ParentBased(ALWAYS_ON), [exporter], batched=False)
+    recorder = telemetry.spans
+    assert recorder is not None
     rater = telemetry.traced_rater(IncrementRater())
     plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
     tariff = load_plan(plan).tariff_for(RG_VOICE, None)
@@ -344,23 +346,80 @@ def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
     not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})
     assert recorder.start_call("creditline.v1.Charging/Initial", not_sampled, {}) is None
     rater.rate_table(tariff, 0, 0, "")  # no current call: no child
-    assert current_call() is None
+    assert current_call() is None and current_trace_ids() is None
     sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
     span = recorder.start_call("creditline.v1.Charging/Initial", sampled, {"a": 1})
     assert span is not None
-    tokens = recorder.enter(span)
+    token = recorder.enter(span)
     try:
         assert current_call() is span
-        assert trace.get_current_span().get_span_context() == span.context
+        # what the log records carry
+        assert current_trace_ids() == (TRACE_ID, format(span.context.span_id, "016x"))
         rater.rate_table(tariff, 0, 0, "")
     finally:
-        recorder.leave(tokens)
-    assert current_call() is None and not trace.get_current_span().get_span_context().is_valid
+        recorder.leave(token)
+    assert current_call() is None and current_trace_ids() is None
     assert exporter.get_finished_spans() == ()  # children are handed over with their call
-    recorder.end_call(span)
+    recorder.end_call(span, ccr("s-1", "acct-1", 0, block(RG_VOICE)), None, 0)
     rating, call = exporter.get_finished_spans()
     assert rating.parent is not None and rating.parent.span_id == call.context.span_id
     assert rating.context.trace_id == call.context.trace_id
     assert rating.start_time is not None and call.start_time is not None
     assert call.start_time <= rating.start_time
     assert format(call.context.trace_id, "032x") == TRACE_ID
+    assert dict(call.attributes or {}) == {
+        "a": 1, "creditline.account_id": "acct-1", "creditline.session_id": "s-1",
+        "creditline.request_number": 0, "creditline.rating_groups": [RG_VOICE],
+        "rpc.grpc.status_code": 0}
+
+
+class _ThreadNotingExporter(InMemorySpanExporter):
+    """Keeps the spans, and the threads they were exported from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.threads.add(threading.get_ident())
+        return super().export(spans)
+
+
+async def test_batched_call_spans_are_made_in_the_export_thread(
+        redis_process: RedisProcess, settings: Settings) -> None:
+    # as in production: a batch span processor, the calls' spans made in its thread; the
+    # SDK's own spans (other code's, through telemetry.tracer) pass through the same one
+    exporter = _ThreadNotingExporter()
+    telemetry = Telemetry()
+    telemetry.use_tracing(sampler_from({}), [exporter])
+    assert telemetry.tracer is not None
+    running = await start_server(settings, redis_process.url, telemetry)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            account_id = f"tel{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(
+                admin_pb.CreateAccountRequest(account_id=account_id,
+                                              initial_balance_micros=5_000_000))
+            await charging.Initial(ccr("batched-1", account_id, 0,
+                                       block(RG_VOICE, requested=60), block(RG_FREE)))
+            answer = await charging.Terminate(ccr("batched-1", account_id, 1,
+                                                  block(RG_VOICE, used=10)))
+            with telemetry.tracer.start_as_current_span("other code"):
+                pass
+    finally:
+        await stop_server(running, grace_s=1.0)  # flushes the batch
+    assert threading.get_ident() not in exporter.threads and exporter.threads
+    spans = exporter.get_finished_spans()
+    assert len(_by_name(spans, "other code")) == 1
+    [initial] = _by_name(spans, "creditline.v1.Charging/Initial")
+    [terminate] = _by_name(spans, "creditline.v1.Charging/Terminate")
+    assert dict(initial.attributes or {})["creditline.result_code"] == pb.SUCCESS
+    assert list(dict(initial.attributes or {})["creditline.rating_groups"]) == [  # type: ignore[arg-type]
+        RG_VOICE, RG_FREE]
+    assert dict(terminate.attributes or {})["creditline.result_code"] == answer.result_code
+    assert dict(terminate.attributes or {})["creditline.request_number"] == 1
+    for call in (initial, terminate):
+        children = [span for span in spans
+                    if span.parent is not None and span.parent.span_id == call.context.span_id]
+        assert "EVALSHA charge.lua" in {child.name for child in children}
