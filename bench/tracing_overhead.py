@@ -50,9 +50,10 @@ from creditline.telemetry import (
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import Sampler
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 
 RG_VOICE = 100
 CLIENT_TIMEOUT_S = 300
@@ -69,19 +70,54 @@ MODES: dict[str, Sampler | None] = {
 }
 
 
+class PlainWorkSampler(Sampler):
+    """Samples nothing, after `work_us` of plain Python work (a loop of additions, timed in
+    a tight loop when made): with it the server pays that much per call and no tracing at
+    all, so its ratio says what that much work per call costs end to end on this machine,
+    the yardstick for the tracing work's own figure."""
+
+    def __init__(self, work_us: float) -> None:
+        probe = 200_000
+        start_s = time.perf_counter()
+        self._spin(probe)
+        self._iterations = int(probe * work_us / ((time.perf_counter() - start_s) * 1e6))
+
+    @staticmethod
+    def _spin(iterations: int) -> int:
+        total = 0
+        for number in range(iterations):
+            total += number
+        return total
+
+    def should_sample(self, *args: object, **kwargs: object) -> SamplingResult:
+        self._spin(self._iterations)
+        return SamplingResult(Decision.DROP)
+
+    def get_description(self) -> str:
+        return "PlainWorkSampler"
+
+
 class DroppingExporter(SpanExporter):
-    def __init__(self) -> None:
+    """Drops the spans; with encode_otlp, once encoded as the OTLP exporters encode them
+    for the wire (what production pays before the network)."""
+
+    def __init__(self, encode_otlp: bool = False) -> None:
         self.exported = 0
+        self._encode_otlp = encode_otlp
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._encode_otlp:
+            encode_spans(spans).SerializeToString()
         self.exported += len(spans)
         return SpanExportResult.SUCCESS
 
 
-def _telemetry(sampler: Sampler | None, max_queue_size: int = 2048) -> Telemetry:
+def _telemetry(sampler: Sampler | None, max_queue_size: int = 2048,
+               encode_otlp: bool = False) -> Telemetry:
     telemetry = Telemetry()
     if sampler is not None:
-        telemetry.use_tracing(sampler, [DroppingExporter()], max_queue_size=max_queue_size)
+        telemetry.use_tracing(sampler, [DroppingExporter(encode_otlp)],
+                              max_queue_size=max_queue_size)
     return telemetry
 
 
@@ -137,9 +173,11 @@ class Run:
     cpu_us_per_call: float  # this (server) process's CPU time, all its threads
 
 
-async def _measure(settings: Settings, redis_url: str, mode: str, run_id: str,
-                   sessions: int, concurrency: int) -> Run:
-    running = await start_server(settings, redis_url, _telemetry(MODES[mode]), environ={})
+async def _measure(settings: Settings, redis_url: str, sampler: Sampler | None, run_id: str,
+                   sessions: int, concurrency: int, encode_otlp: bool = False) -> Run:
+    running = await start_server(settings, redis_url, _telemetry(sampler,
+                                                                 encode_otlp=encode_otlp),
+                                 environ={})
     freeze_startup_objects()  # as `creditline serve` does once it has started
     target = f"127.0.0.1:{running.port}"
     try:
@@ -174,13 +212,15 @@ class _CallDetails:
     invocation_metadata: tuple[tuple[str, str], ...] = (("user-agent", "bench"),)
 
 
-async def _tracing_work_us(mode: str, plan: Path, calls: int) -> float:
+async def _tracing_work_us(sampler: Sampler | None, plan: Path, calls: int,
+                           encode_otlp: bool = False) -> float:
     """Server CPU per call of what tracing adds, in this process without network or Redis:
     the call wrapper's call span, the rating span and the script span, around a handler
     that rates one tariff and awaits a finished script call."""
     # a queue for every span of the loop: a tight loop outruns the export thread, and
     # dropping spans would understate the cost
-    telemetry = _telemetry(MODES[mode], max_queue_size=4 * (calls + LOOP_WARMUP_CALLS))
+    telemetry = _telemetry(sampler, max_queue_size=4 * (calls + LOOP_WARMUP_CALLS),
+                           encode_otlp=encode_otlp)
     rater = telemetry.traced_rater(IncrementRater())
     instrument = telemetry.script_instrument()
     tariff = load_plan(plan).tariff_for(RG_VOICE, None)
@@ -281,15 +321,15 @@ async def _sections(settings: Settings, redis_url: str, plan: Path, sessions: in
         in_server, in_loop = _SectionTimer(), _SectionTimer()
         uninstall = in_server.install()
         try:
-            run = await _measure(settings, redis_url, mode, f"sections-{mode}", sessions,
-                                 concurrency)
+            run = await _measure(settings, redis_url, MODES[mode], f"sections-{mode}",
+                                 sessions, concurrency)
         finally:
             uninstall()
         server_calls = 2 * (sessions + concurrency) + ACCOUNTS  # and the accounts made
         loop_calls = LOOP_CALLS + LOOP_WARMUP_CALLS
         uninstall = in_loop.install()
         try:
-            await _tracing_work_us(mode, plan, LOOP_CALLS)
+            await _tracing_work_us(MODES[mode], plan, LOOP_CALLS)
         finally:
             uninstall()
         print(f"\ntracing {mode}: us per call, in the server ({run.cpu_us_per_call:.0f} us "
@@ -304,6 +344,12 @@ async def main(argv: Sequence[str]) -> int:
     parser.add_argument("--sessions", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--plain-work-us", type=float, default=0.0,
+                        help="also run a mode with this much plain Python work per call "
+                             "and no tracing: what that much work costs end to end here")
+    parser.add_argument("--encode-otlp", action="store_true",
+                        help="the exporter encodes the spans for OTLP before dropping them, "
+                             "as the OTLP exporters do before sending")
     parser.add_argument("--sections", action="store_true",
                         help="time the span path's steps in the server and in a tight loop")
     parser.add_argument("--client", nargs=4, metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE"),
@@ -317,19 +363,23 @@ async def main(argv: Sequence[str]) -> int:
     # a long Redis deadline: on a crowded machine a call may wait, but must not fail
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
                        redis_max_connections=64, redis_call_timeout_s=30.0)
-    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    modes = dict(MODES)
+    if args.plain_work_us > 0:
+        modes[f"+{args.plain_work_us:g}us"] = PlainWorkSampler(args.plain_work_us)
+    runs: dict[str, list[Run]] = {mode: [] for mode in modes}
     if args.sections:
         with RedisProcess() as redis:
             await _sections(settings, redis.url, plan, args.sessions, args.concurrency)
         return 0
     with RedisProcess() as redis:
-        names = list(MODES)
+        names = list(modes)
         for round_number in range(args.rounds):
             # each round starts with another mode: no mode always runs after the same one
             shift = round_number % len(names)
             for mode in names[shift:] + names[:shift]:
-                run = await _measure(settings, redis.url, mode, f"r{round_number}-{mode}",
-                                     args.sessions, args.concurrency)
+                run = await _measure(settings, redis.url, modes[mode],
+                                     f"r{round_number}-{mode}", args.sessions,
+                                     args.concurrency, args.encode_otlp)
                 runs[mode].append(run)
                 print(f"round {round_number + 1} {mode:>5}: {run.calls_per_s:8.0f} calls/s, "
                       f"server CPU {run.cpu_us_per_call:6.0f} us/call", flush=True)
@@ -341,7 +391,7 @@ async def main(argv: Sequence[str]) -> int:
     print("  CPU ratio = off's server CPU per call over this mode's: the throughput ratio")
     print("  of a CPU-bound server, and steadier on a shared machine")
     goals = {"100%": 0.9, "1%": 0.97}
-    for mode in MODES:
+    for mode in modes:
         goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
         print(f"  tracing {mode:>5}: {rate[mode]:7.0f} calls/s, ratio "
               f"{rate[mode] / rate['off']:.3f}; {cpu[mode]:5.0f} us CPU/call, ratio "
@@ -350,7 +400,7 @@ async def main(argv: Sequence[str]) -> int:
     # runs follow each other): a round's own ratios cancel the drift, their median is the
     # steadier figure.
     print("  the same as the median of each round's own ratios (the steadier figure):")
-    for mode in MODES:
+    for mode in modes:
         goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
         rounds = list(zip(runs[mode], runs["off"], strict=True))
         rate_ratio = statistics.median(run.calls_per_s / off.calls_per_s for run, off in rounds)
@@ -358,13 +408,14 @@ async def main(argv: Sequence[str]) -> int:
                                       for run, off in rounds)
         print(f"  tracing {mode:>5}: calls/s ratio {rate_ratio:.3f}; CPU ratio "
               f"{cpu_ratio:.3f}{goal}")
-    work = {mode: statistics.median([await _tracing_work_us(mode, plan, LOOP_CALLS)
-                                     for _ in range(3)]) for mode in MODES}
+    work = {mode: statistics.median([
+        await _tracing_work_us(sampler, plan, LOOP_CALLS, args.encode_otlp) for _ in range(3)])
+        for mode, sampler in modes.items()}
     print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the")
     print(f"ratio it implies for a server spending off's {cpu['off']:.0f} us CPU per call")
     print("(a lower bound: in a tight loop the code stays in the CPU's caches; in the server")
     print("the same steps cost 2-4 times as much, see --sections):")
-    for mode in MODES:
+    for mode in modes:
         extra = max(0.0, work[mode] - work["off"])
         goal = f"  (goal >= {goals[mode]})" if mode in goals else ""
         print(f"  tracing {mode:>5}: {work[mode]:6.1f} us, +{extra:5.1f} us, ratio "
