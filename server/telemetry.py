@@ -727,6 +727,9 @@ class TracedRater:
 
     def __init__(self, rater: Rater) -> None:
         self._rater = rater
+        # each rating group's span attributes, made once and shared by its spans (never
+        # written; the OTLP writer keeps the encoding of shared attributes)
+        self._attributes: dict[int, dict[str, Any]] = {}
 
     def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
                    period: str) -> RateTable:
@@ -737,8 +740,12 @@ class TracedRater:
         try:
             return self._rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
         finally:
-            add_child(parent, "rating", SpanKind.INTERNAL,
-                      {"creditline.rating_group": tariff.rating_group}, start_ns)
+            rating_group = tariff.rating_group
+            attributes = self._attributes.get(rating_group)
+            if attributes is None:
+                attributes = self._attributes[rating_group] = {
+                    "creditline.rating_group": rating_group}
+            add_child(parent, "rating", SpanKind.INTERNAL, attributes, start_ns)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._rater, name)
