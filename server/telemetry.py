@@ -417,13 +417,7 @@ class CallSpanExporter(SpanExporter):
 
     def export(self, spans: Sequence[ReadableSpan | CallSpan]) -> SpanExportResult:
         if self._encoder is None or self._export_encoded is None:
-            finished: list[ReadableSpan] = []
-            for span in spans:
-                if isinstance(span, CallSpan):
-                    finished += self._spans_of(span)
-                else:
-                    finished.append(span)
-            return self.exporter.export(finished)
+            return self.exporter.export(self._made(spans))
         calls = [span for span in spans if isinstance(span, CallSpan)]
         others = [span for span in spans if not isinstance(span, CallSpan)]
         results = []
@@ -431,9 +425,18 @@ class CallSpanExporter(SpanExporter):
             results.append(self._export_encoded(self._encoder.request(calls), len(calls)))
         if others:
             results.append(self.exporter.export(others))
-        return (SpanExportResult.SUCCESS if all(result is SpanExportResult.SUCCESS
-                                                 for result in results)
-                else SpanExportResult.FAILURE)
+        failed = any(result is not SpanExportResult.SUCCESS for result in results)
+        return SpanExportResult.FAILURE if failed else SpanExportResult.SUCCESS
+
+    def _made(self, spans: Sequence[ReadableSpan | CallSpan]) -> list[ReadableSpan]:
+        """The spans, each call made into its SDK spans in its place."""
+        finished: list[ReadableSpan] = []
+        for span in spans:
+            if isinstance(span, CallSpan):
+                finished += self._spans_of(span)
+            else:
+                finished.append(span)
+        return finished
 
     def _spans_of(self, call: CallSpan) -> list[ReadableSpan]:
         context = call.context
