@@ -410,19 +410,21 @@ class CallSpanExporter(SpanExporter):
         self.exporter = exporter
         self._resource = resource
         self._scope = InstrumentationScope(INSTRUMENTATION_NAME)
-        self._export_encoded: Callable[[bytes, int], SpanExportResult] | None = getattr(
+        # an OTLP exporter's way in for written requests, and the writer: None otherwise
+        export_encoded: Callable[[bytes, int], SpanExportResult] | None = getattr(
             exporter, "export_encoded", None)
-        self._encoder = None if self._export_encoded is None else CallEncoder(
-            resource, INSTRUMENTATION_NAME, request_attributes, _new_span_id)
+        self._written = None if export_encoded is None else (CallEncoder(
+            resource, INSTRUMENTATION_NAME, request_attributes, _new_span_id), export_encoded)
 
     def export(self, spans: Sequence[ReadableSpan | CallSpan]) -> SpanExportResult:
-        if self._encoder is None or self._export_encoded is None:
+        if self._written is None:
             return self.exporter.export(self._made(spans))
+        encoder, export_encoded = self._written
         calls = [span for span in spans if isinstance(span, CallSpan)]
         others = [span for span in spans if not isinstance(span, CallSpan)]
         results = []
         if calls:
-            results.append(self._export_encoded(self._encoder.request(calls), len(calls)))
+            results.append(export_encoded(encoder.request(calls), len(calls)))
         if others:
             results.append(self.exporter.export(others))
         failed = any(result is not SpanExportResult.SUCCESS for result in results)

@@ -45,6 +45,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from tests.books import Books
 from tests.messages import RG_FREE, RG_VOICE, block, ccr
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -109,8 +110,8 @@ def test_call_spans_written_directly_are_what_the_sdks_encoder_writes() -> None:
     class _Unused(SpanExporter):
         pass
 
-    via_sdk = encode_spans([span for call in calls
-                            for span in CallSpanExporter(_Unused(), resource)._spans_of(call)])
+    made = CallSpanExporter(_Unused(), resource)
+    via_sdk = encode_spans([span for call in calls for span in made._spans_of(call)])
     # a child's span id is drawn when its span is made: the two ways draw differently
     for span in _spans(via_sdk):
         if span.name != INITIAL:
@@ -177,7 +178,7 @@ def _receiver(protocol: str) -> Iterator[tuple[str, list[ExportTraceServiceReque
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
         protocol: str, redis_process: RedisProcess, settings: Settings,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, checked_books: Books) -> None:
     with _receiver(protocol) as (endpoint, requests):
         # the exporters read their endpoint from the environment themselves
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
@@ -189,6 +190,7 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 account_id = f"otlp{os.getpid()}-{uuid.uuid4().hex[:12]}"
+                checked_books.track(account_id)
                 await admin_pb2_grpc.AdminStub(channel).CreateAccount(
                     admin_pb.CreateAccountRequest(account_id=account_id,
                                                   initial_balance_micros=5_000_000))

@@ -48,6 +48,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 
+from tests.books import Books
 from tests.conftest import settings_with
 from tests.messages import RG_FREE, RG_VOICE, block, ccr
 
@@ -81,15 +82,18 @@ def _by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [span for span in spans if span.name == name]
 
 
-async def _account(observed: Observed, balance_micros: int = 5_000_000) -> str:
+async def _account(observed: Observed, books: Books, balance_micros: int = 5_000_000) -> str:
+    """A new account, whose books are checked after the test."""
     account_id = f"tel{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    books.track(account_id)
     await observed.admin.CreateAccount(admin_pb.CreateAccountRequest(
         account_id=account_id, initial_balance_micros=balance_micros))
     return account_id
 
 
-async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed) -> None:
-    account_id = await _account(observed)
+async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed,
+                                                           checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
     observed.spans.clear()
     traceparent = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
     answer = await observed.charging.Initial(
@@ -121,8 +125,9 @@ async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed) 
     assert (script.attributes or {})["db.system.name"] == "redis"
 
 
-async def test_a_new_trace_without_trace_context(observed: Observed) -> None:
-    account_id = await _account(observed)
+async def test_a_new_trace_without_trace_context(observed: Observed,
+                                                checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
     observed.spans.clear()
     await observed.charging.Initial(ccr("trace-2", account_id, 0, block(RG_VOICE, requested=1)))
     [rpc] = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Charging/Initial")
@@ -130,10 +135,10 @@ async def test_a_new_trace_without_trace_context(observed: Observed) -> None:
 
 
 async def test_concurrent_calls_each_continue_their_own_callers_trace(
-        observed: Observed) -> None:
+        observed: Observed, checked_books: Books) -> None:
     # the trace headers are kept per call as grpc looks its handler up: calls in flight at
     # once, with and without headers, sampled or not by their callers, never mix them up
-    account_id = await _account(observed, balance_micros=100_000_000)
+    account_id = await _account(observed, checked_books, balance_micros=100_000_000)
     observed.spans.clear()
     parents = {f"mix-{n}": (f"{n + 1:032x}", f"{n + 1:016x}", n % 3) for n in range(30)}
 
@@ -180,8 +185,9 @@ def _points(reader: InMemoryMetricReader, name: str) -> list[Any]:
             for point in metric.data.data_points]
 
 
-async def test_metrics_count_calls_units_money_and_redis_latency(observed: Observed) -> None:
-    account_id = await _account(observed)
+async def test_metrics_count_calls_units_money_and_redis_latency(observed: Observed,
+                                                                checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
     await observed.charging.Initial(ccr("metrics-1", account_id, 0, block(RG_VOICE, requested=60)))
     await observed.charging.Terminate(ccr("metrics-1", account_id, 1, block(RG_VOICE, used=60)))
     requests = _points(observed.metrics, "creditline.rpc.requests")
@@ -386,7 +392,7 @@ class _ThreadNotingExporter(InMemorySpanExporter):
 
 
 async def test_batched_call_spans_are_made_in_the_export_thread(
-        redis_process: RedisProcess, settings: Settings) -> None:
+        redis_process: RedisProcess, settings: Settings, checked_books: Books) -> None:
     # as in production: a batch span processor, the calls' spans made in its thread; the
     # SDK's own spans (other code's, through telemetry.tracer) pass through the same one
     exporter = _ThreadNotingExporter()
@@ -398,6 +404,7 @@ async def test_batched_call_spans_are_made_in_the_export_thread(
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             charging = charging_pb2_grpc.ChargingStub(channel)
             account_id = f"tel{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            checked_books.track(account_id)
             await admin_pb2_grpc.AdminStub(channel).CreateAccount(
                 admin_pb.CreateAccountRequest(account_id=account_id,
                                               initial_balance_micros=5_000_000))
