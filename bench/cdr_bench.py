@@ -72,7 +72,7 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
         now_ms = int(time.time() * 1000)
         # one Event DEBIT of one SMS: the charging script's arguments, as the server
         # builds them; one CDR per call
-        _, sms_blocks = script_blocks(
+        sms_blocks = script_blocks(
             [pb.RatingGroupRequest(rating_group=RG_SMS,
                                    requested=pb.Units(service_specific_units=1))],
             load_plan(DEFAULT_PLAN), BandedRater(), now_ms, default_grant=False)

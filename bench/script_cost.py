@@ -54,13 +54,13 @@ async def _flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
     for method, request in session_requests(f"{account_id};s{number}", account_id,
                                             UPDATES_PER_SESSION):
         now_ms = int(time.time() * 1000)
-        _, blocks = script_blocks(request.rating_groups, plan, rater, now_ms,
+        blocks = script_blocks(request.rating_groups, plan, rater, now_ms,
                                   default_grant=method == "Initial")
         await store.charge(KINDS[method], account_id, request.session_id,
                            request.request_number, now_ms, now_ms, "-", blocks, 60_000)
     event = event_request(f"{account_id};e{number}", account_id)
     now_ms = int(time.time() * 1000)
-    _, blocks = script_blocks(event.rating_groups, plan, rater, now_ms, default_grant=False)
+    blocks = script_blocks(event.rating_groups, plan, rater, now_ms, default_grant=False)
     await store.charge("E", account_id, event.session_id, 0, now_ms, now_ms, "DEBIT", blocks, 0)
 
 

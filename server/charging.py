@@ -32,6 +32,11 @@ _UNIT_FIELD = {
     UnitKind.VOLUME: "total_octets",
     UnitKind.SERVICE_SPECIFIC: "service_specific_units",
 }
+# A block's unit kind as the charging script's arguments and answers carry it ("-": the
+# rating group has no tariff), so that a stored answer decodes without the request.
+UNIT_CODES = {UnitKind.TIME: "t", UnitKind.VOLUME: "v", UnitKind.SERVICE_SPECIFIC: "s"}
+NO_UNIT = "-"
+_UNIT_OF_CODE = {code: kind for kind, code in UNIT_CODES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +98,26 @@ def _check_blocks(
     return None
 
 
+def check_event_time(event_time_unix_ms: int, now_ms: int, settings: Settings
+                     ) -> Refusal | None:
+    """0 means now; anything else must lie in the accepted window around the clock."""
+    if event_time_unix_ms == 0:
+        return None
+    earliest = now_ms - settings.max_event_age_s * 1000
+    latest = now_ms + settings.max_event_ahead_s * 1000
+    if not earliest <= event_time_unix_ms <= latest:
+        return Refusal(INVALID, f"event_time_unix_ms: {event_time_unix_ms} is outside the "
+                       f"accepted window: at most max_event_age_s ({settings.max_event_age_s} "
+                       f"s) before the server's clock ({now_ms}) and max_event_ahead_s "
+                       f"({settings.max_event_ahead_s} s) after it; 0 means now")
+    return None
+
+
 def validate_credit_control(
-    request: pb.CreditControlRequest, kind: str, settings: Settings
+    request: pb.CreditControlRequest, kind: str, settings: Settings, now_ms: int
 ) -> Refusal | None:
-    refusal = check_ids(request.session_id, request.account_id, settings)
+    refusal = (check_ids(request.session_id, request.account_id, settings)
+               or check_event_time(request.event_time_unix_ms, now_ms, settings))
     if refusal:
         return refusal
     if kind == "I" and request.request_number != 0:
@@ -106,17 +127,40 @@ def validate_credit_control(
     return _check_blocks(request.rating_groups, settings, need_units=False)
 
 
-def validate_event(request: pb.EventRequest, settings: Settings) -> Refusal | None:
-    refusal = check_ids(request.session_id, request.account_id, settings)
+def validate_event(request: pb.EventRequest, settings: Settings, now_ms: int
+                   ) -> Refusal | None:
+    refusal = (check_ids(request.session_id, request.account_id, settings)
+               or check_event_time(request.event_time_unix_ms, now_ms, settings))
     if refusal:
         return refusal
     if request.action == pb.REQUESTED_ACTION_UNSPECIFIED:
         return Refusal(MISSING, "action: missing")
     if request.action not in EVENT_ACTIONS:
         return Refusal(INVALID, f"action: unknown value {request.action}")
+    refusal = _check_refund_of(request, settings)
+    if refusal:
+        return refusal
     if not request.rating_groups:
         return Refusal(MISSING, "rating_groups: at least one is required")
     return _check_blocks(request.rating_groups, settings, need_units=True)
+
+
+def _check_refund_of(request: pb.EventRequest, settings: Settings) -> Refusal | None:
+    """A refund names the charge it reverses; nothing else names one."""
+    refund_of = request.refund_of_session_id
+    if request.action != pb.REFUND:
+        if refund_of:
+            return Refusal(INVALID, "refund_of_session_id: only with action REFUND")
+        return None
+    if not refund_of:
+        return Refusal(MISSING, "refund_of_session_id: missing: a REFUND names the session "
+                       "id of the event or session whose charge it reverses (a credit that "
+                       "reverses no charge is an Admin adjustment)")
+    refusal = check_ids(refund_of, request.account_id, settings)
+    if refusal:
+        return Refusal(refusal.result_code,
+                       refusal.message.replace("session_id", "refund_of_session_id", 1))
+    return None
 
 
 def units_of(units: pb.Units, kind: UnitKind) -> int:
@@ -130,46 +174,45 @@ def set_units(units: pb.Units, kind: UnitKind, amount: int) -> None:
     setattr(units, _UNIT_FIELD[kind], amount)
 
 
-@dataclass(frozen=True, slots=True)
-class RatedBlock:
-    request: pb.RatingGroupRequest
-    tariff: Tariff | None
-
-
 def script_blocks(
     blocks: Sequence[pb.RatingGroupRequest], plan: Plan, rater: Rater,
     event_time_unix_ms: int, default_grant: bool,
-) -> tuple[list[RatedBlock], list[int | str]]:
-    """The blocks with their tariffs, and the charging script's block arguments."""
-    rated: list[RatedBlock] = []
+) -> list[int | str]:
+    """The charging script's block arguments (tariff status, units, rate table)."""
     args: list[int | str] = [len(blocks)]
     period = ""  # the billing period, found once and only for a tariff with tiers
     for block in blocks:
         service_id = block.service_id if block.HasField("service_id") else None
         tariff = plan.tariff_for(block.rating_group, service_id, event_time_unix_ms)
-        rated.append(RatedBlock(block, tariff))
         block_id = str(block.rating_group) if service_id is None else (
             f"{block.rating_group}.{service_id}")
         tariff_id = f"{plan.name}/{block_id}"
-        if tariff is None or tariff.free:
-            status = "none" if tariff is None else "free"
-            used = 0 if tariff is None else units_of(block.used, tariff.unit_kind)
-            args += [block_id, block.rating_group, tariff_id, status, -1, used]
+        if tariff is None:
+            args += [block_id, block.rating_group, tariff_id, "none", 0, 0, NO_UNIT, 0]
             continue
+        unit, final_action = UNIT_CODES[tariff.unit_kind], _final_action(tariff)
         requested = -1
         if block.HasField("requested"):
             requested = units_of(block.requested, tariff.unit_kind)
-            if requested == 0 and default_grant:
+            if requested == 0 and default_grant and not tariff.free:
                 requested = tariff.default_grant_units
         used = units_of(block.used, tariff.unit_kind)
+        if tariff.free:
+            args += [block_id, block.rating_group, tariff_id, "free", max(requested, 0),
+                     used, unit, final_action]
+            continue
         if tariff.tiers and not period:
             period = plan.billing_period(event_time_unix_ms)
         # time-unit usage reported now ended now: the table looks back over it
         lookback_s = used if tariff.unit_kind is UnitKind.TIME else 0
         table = rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
-        args += [block_id, block.rating_group, tariff_id, "ok", requested, used,
-                 *table.script_args]
-    return rated, args
+        args += [block_id, block.rating_group, tariff_id, "ok", requested, used, unit,
+                 final_action, *table.script_args]
+    return args
+
+
+def _final_action(tariff: Tariff) -> int:
+    return pb.FinalUnitAction.Value(tariff.final_unit_action.name)
 
 
 def _result(code: int) -> pb.ResultCode.ValueType:
@@ -185,12 +228,19 @@ def _split_answer(answer: str) -> tuple[int, list[list[str]], str]:
     return code, [p.split(",") for p in parts[1:]], ""
 
 
+def _block_of(block_id: str) -> tuple[int, int | None]:
+    """'<rating group>' or '<rating group>.<service id>' -> (rating group, service id)."""
+    rating_group, _, service_id = block_id.partition(".")
+    return int(rating_group), (int(service_id) if service_id else None)
+
+
 def decode_credit_control(
-    answer: str, request: pb.CreditControlRequest, rated: Sequence[RatedBlock], plan: Plan,
+    answer: str, request: pb.CreditControlRequest, plan: Plan, event_time_unix_ms: int,
     into: pb.CreditControlAnswer | None = None,
 ) -> pb.CreditControlAnswer:
-    """The answer message; written into `into` when given (a StreamAnswer's field: no
-    copy of the finished message)."""
+    """The answer message, from the script's answer alone (a stored answer decodes the
+    same whatever the retransmission carries) and the plan; written into `into` when
+    given (a StreamAnswer's field: no copy of the finished message)."""
     code, fields, reason = _split_answer(answer)
     result = pb.CreditControlAnswer() if into is None else into
     result.session_id = request.session_id
@@ -199,43 +249,48 @@ def decode_credit_control(
     result.error_message = reason
     result.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
     blocks = result.rating_groups
-    for block, values in zip(rated, fields, strict=False):
+    for values in fields:
         # filled in place: appending a finished message would copy it
-        _rating_group_answer(block, values, plan, blocks.add())
+        _rating_group_answer(values, plan, event_time_unix_ms, blocks.add())
     return result
 
 
-def _rating_group_answer(block: RatedBlock, values: list[str], plan: Plan,
+def _rating_group_answer(values: list[str], plan: Plan, event_time_unix_ms: int,
                          answer: pb.RatingGroupAnswer) -> None:
-    request, tariff = block.request, block.tariff
-    code, granted = int(values[1]), int(values[2])
-    answer.rating_group = request.rating_group
+    """One block "block id,code,unit kind,granted,charged,final action,bucket expiry s"."""
+    block_id, code_text, unit, granted_text, charged, final_action, expires_in_s = values
+    rating_group, service_id = _block_of(block_id)
+    code, granted = int(code_text), int(granted_text)
+    answer.rating_group = rating_group
     answer.result_code = _result(code)
-    answer.charged_micros = int(values[3])
-    if request.HasField("service_id"):
-        answer.service_id = request.service_id
-    if tariff is None or code != SUCCESS or granted == 0:
+    answer.charged_micros = int(charged)
+    if service_id is not None:
+        answer.service_id = service_id
+    kind = _UNIT_OF_CODE.get(unit)
+    if kind is None or code != SUCCESS or granted == 0:
         return
-    set_units(answer.granted, tariff.unit_kind, granted)
-    answer.validity_time_s = plan.validity_time_s
+    set_units(answer.granted, kind, granted)
+    # a grant from a bucket ends no later than the bucket (Validity-Time)
+    answer.validity_time_s = min(plan.validity_time_s, int(expires_in_s) or plan.validity_time_s)
     answer.quota_holding_time_s = plan.quota_holding_time_s
     threshold = granted * plan.quota_threshold_percent // 100
-    if tariff.unit_kind is UnitKind.VOLUME:
+    if kind is UnitKind.VOLUME:
         answer.volume_quota_threshold_octets = threshold
-    elif tariff.unit_kind is UnitKind.TIME:
+    elif kind is UnitKind.TIME:
         answer.time_quota_threshold_s = threshold
-    if values[4] == "1":
+    if final_action != "0":
         fui = answer.final_unit_indication
-        fui.action = pb.FinalUnitAction.Value(tariff.final_unit_action.name)
-        fui.redirect_address = tariff.redirect_address
-        fui.restriction_filter_ids.extend(tariff.restriction_filter_ids)
+        fui.action = pb.FinalUnitAction.ValueType(int(final_action))
+        tariff = plan.tariff_for(rating_group, service_id, event_time_unix_ms)
+        if tariff is not None:
+            fui.redirect_address = tariff.redirect_address
+            fui.restriction_filter_ids.extend(tariff.restriction_filter_ids)
 
 
 def decode_event(
-    answer: str, request: pb.EventRequest, rated: Sequence[RatedBlock],
-    into: pb.EventAnswer | None = None,
+    answer: str, request: pb.EventRequest, into: pb.EventAnswer | None = None,
 ) -> pb.EventAnswer:
-    """The answer message; written into `into` when given (as decode_credit_control)."""
+    """The answer message, from the script's answer alone (as decode_credit_control)."""
     code, fields, reason = _split_answer(answer)
     result = pb.EventAnswer() if into is None else into
     result.session_id = request.session_id
@@ -246,15 +301,18 @@ def decode_event(
         result.balance_micros = int(fields[-1][0][1:])
         result.sufficient = fields[-1][1] == "1"
         fields = fields[:-1]
-    for block, values in zip(rated, fields, strict=False):
+    for values in fields:
+        # "block id,code,unit kind,units,amount,from buckets"
+        block_id, code_text, unit, units, amount, from_buckets = values
+        rating_group, service_id = _block_of(block_id)
         item = result.rating_groups.add(
-            rating_group=block.request.rating_group, result_code=_result(int(values[1])),
-            amount_micros=int(values[3]), units_from_buckets=int(values[4]),
-        )
-        if block.request.HasField("service_id"):
-            item.service_id = block.request.service_id
-        if block.tariff is not None:
-            set_units(item.units, block.tariff.unit_kind, int(values[2]))
+            rating_group=rating_group, result_code=_result(int(code_text)),
+            amount_micros=int(amount), units_from_buckets=int(from_buckets))
+        if service_id is not None:
+            item.service_id = service_id
+        kind = _UNIT_OF_CODE.get(unit)
+        if kind is not None:
+            set_units(item.units, kind, int(units))
     return result
 
 

@@ -12,7 +12,7 @@ import grpc
 from creditline import charging
 from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, UnitKind
 from creditline.settings import Settings
-from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store
+from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -73,15 +73,17 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                               into: pb.CreditControlAnswer | None = None
                               ) -> pb.CreditControlAnswer:
         """The answer; written into `into` when given (a StreamAnswer's field)."""
-        refusal = charging.validate_credit_control(request, kind, self._settings)
+        now_ms = int(time.time() * 1000)
+        refusal = charging.validate_credit_control(request, kind, self._settings, now_ms)
         if refusal:
             return charging.refusal_answer(request, refusal, into)
-        rated, answer = await self._charge(kind, request, "-", default_grant=True)
+        event_time_ms = request.event_time_unix_ms or now_ms
+        answer = await self._charge(kind, request, now_ms, "-", default_grant=True)
         if answer is None:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
                 "handling"), into)
-        return charging.decode_credit_control(answer, request, rated, self._plan, into)
+        return charging.decode_credit_control(answer, request, self._plan, event_time_ms, into)
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
                      ) -> AsyncIterator[pb.StreamAnswer]:
@@ -98,9 +100,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
             except Exception:
                 # every request gets an answer, or its client waits for ever
                 log.exception("stream request %d failed", request.correlation_id)
-                failed = pb.StreamAnswer(correlation_id=request.correlation_id)
-                failed.credit_control.result_code = pb.UNABLE_TO_COMPLY
-                answers.put_nowait(failed)
+                answers.put_nowait(_failed_stream_answer(request))
             finally:
                 in_flight.release()
 
@@ -143,38 +143,48 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         return result
 
     async def _charge(self, kind: str, request: pb.CreditControlRequest | pb.EventRequest,
-                      event_action: str, default_grant: bool
-                      ) -> tuple[list[charging.RatedBlock], str | None]:
+                      now_ms: int, event_action: str, default_grant: bool,
+                      refund_of: str = "") -> str | None:
         """Rates the blocks and runs the charging script once; the answer is None when
         Redis failed (nothing was applied: the script is atomic)."""
-        now_ms = int(time.time() * 1000)
         event_time_ms = request.event_time_unix_ms or now_ms
-        rated, blocks = charging.script_blocks(
+        blocks = charging.script_blocks(
             request.rating_groups, self._plan, self._rater, event_time_ms, default_grant)
         supervision_ms = 0 if kind == "E" else self._supervision_ms
         try:
-            answer = await _call_store(self._store.charge(
+            return await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
-                now_ms, event_time_ms, event_action, blocks, supervision_ms),
+                now_ms, event_time_ms, event_action, blocks, supervision_ms, refund_of),
                 self._charge_timeout_s)
         except StoreUnavailableError:
-            return rated, None
-        return rated, answer
+            return None
 
     async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
         return await self._event(request)
 
     async def _event(self, request: pb.EventRequest, into: pb.EventAnswer | None = None
                      ) -> pb.EventAnswer:
-        refusal = charging.validate_event(request, self._settings)
+        now_ms = int(time.time() * 1000)
+        refusal = charging.validate_event(request, self._settings, now_ms)
         if refusal:
             return charging.event_refusal_answer(request, refusal, into)
-        rated, answer = await self._charge(
-            "E", request, charging.EVENT_ACTIONS[request.action], default_grant=False)
+        answer = await self._charge(
+            "E", request, now_ms, charging.EVENT_ACTIONS[request.action], default_grant=False,
+            refund_of=request.refund_of_session_id)
         if answer is None:
             return charging.event_refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"), into)
-        return charging.decode_event(answer, request, rated, into)
+        return charging.decode_event(answer, request, into)
+
+
+def _failed_stream_answer(request: pb.StreamRequest) -> pb.StreamAnswer:
+    """5012 for a request whose answer could not be made, in the field of its kind."""
+    failed = pb.StreamAnswer(correlation_id=request.correlation_id)
+    answer = failed.event if request.WhichOneof("request") == "event" else \
+        failed.credit_control
+    answer.result_code = pb.UNABLE_TO_COMPLY
+    answer.error_message = "the answer could not be made: retry"
+    return failed
 
 
 _UNIT_KIND_NAMES = {
@@ -212,9 +222,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         result = await self._run(context, lambda: self._store.admin(
             account_id, operation, *args))
         if result.account is None:
+            status, _, detail = result.status.partition("|")  # "CONFLICT|<amount>" ...
             code, message = _ADMIN_REFUSALS.get(
-                result.status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}"))
-            await context.abort(code, message.format(account_id=account_id))
+                status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}"))
+            await context.abort(code, message.format(
+                account_id=account_id, detail=detail, id_field=_ID_FIELDS.get(operation, ""),
+                id=args[1] if len(args) > 1 else "", amount=args[0] if args else ""))
             raise AssertionError("abort raises")
         return account_message(account_id, result.account)
 
@@ -279,6 +292,21 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._operate(context, request.account_id, "BUCKET",
                                    MAX_BUCKETS_PER_ACCOUNT, *args)
 
+    async def AdjustBalance(self, request: admin_pb.AdjustBalanceRequest,
+                            context: Context) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        if not 0 < abs(request.amount_micros) <= MAX_SAFE_INTEGER:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "amount_micros: must be a "
+                                f"credit or a debit of 1..{MAX_SAFE_INTEGER}, not 0")
+        if not request.adjustment_id or len(request.adjustment_id) > 128:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adjustment_id: required "
+                                "(1..128 characters), makes adjustments idempotent")
+        if not request.reason.strip() or len(request.reason) > MAX_REASON_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: required "
+                                f"(1..{MAX_REASON_CHARS} characters): why the balance changes")
+        return await self._operate(context, request.account_id, "ADJUST",
+                                   request.amount_micros, request.adjustment_id, request.reason)
+
     async def SetAccountState(self, request: admin_pb.SetAccountStateRequest,
                               context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
@@ -294,8 +322,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._operate(context, request.account_id, "GET")
 
 
-# admin.lua refusals -> (gRPC status, message; {account_id} is filled in)
+# The longest reason an adjustment may give (it is kept in the CDR and the notification).
+MAX_REASON_CHARS = 256
+_ID_FIELDS = {"TOPUP": "top_up_id", "ADJUST": "adjustment_id"}
+
+# admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
+# said after "|"), {id_field}, {id} and {amount} (the operation's first arguments) are
+# filled in)
 _ADMIN_REFUSALS = {
+    "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
+                 "{id_field}: {id!r} was applied with amount_micros {detail}, not "
+                 "{amount}; nothing changed (a new top-up or adjustment needs a new id)"),
+    "UNAFFORDABLE": (grpc.StatusCode.FAILED_PRECONDITION,
+                     "amount_micros: a debit of {amount} is more than the {detail} available "
+                     "(balance + credit limit - reserved); nothing changed"),
     "UNKNOWN": (grpc.StatusCode.NOT_FOUND, "account_id: {account_id} unknown"),
     "EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "account_id: {account_id} exists"),
     "BUCKET_EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "bucket.bucket_id: exists"),
@@ -316,13 +356,16 @@ def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Acco
         initial_balance_micros=int(fields["initial"]),
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
+        adjusted_micros=int(fields.get("adjusted", 0)),
     )
     for bucket_id, value in sorted(snapshot.buckets.items()):
-        rg, remaining, expires, priority, initial, kind = value.split("|")
+        bucket = parse_bucket(value)
         account.buckets.add(
-            bucket_id=bucket_id, rating_group=int(rg), remaining_units=int(remaining),
-            initial_units=int(initial), expires_at_unix_s=int(expires), priority=int(priority),
-            unit_kind=_UNIT_KIND_ENUMS.get(kind, admin_pb.UNIT_KIND_UNSPECIFIED),
+            bucket_id=bucket_id, rating_group=bucket.rating_group,
+            remaining_units=bucket.remaining, initial_units=bucket.initial,
+            expires_at_unix_s=bucket.expires_at_s, priority=bucket.priority,
+            unit_kind=_UNIT_KIND_ENUMS.get(bucket.unit_kind, admin_pb.UNIT_KIND_UNSPECIFIED),
+            reserved_units=bucket.reserved,
         )
     usage: dict[str, dict[str, int]] = {}
     periods: dict[str, str] = {}

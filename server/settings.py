@@ -77,6 +77,11 @@ class Settings:
     # (fewer, larger messages: a write costs far more than the events it carries);
     # 0..1 s
     subscriber_batch_linger_s: float = 0.0
+    # the accepted event_time_unix_ms of a request, around the server's clock: usage may
+    # be reported this late (a gateway's backlog after an outage), and the network's
+    # clock may run this far ahead; outside it the request is refused with 5004
+    max_event_age_s: int = 172_800
+    max_event_ahead_s: int = 300
     # limits on one request
     max_rating_groups_per_request: int = 64
     max_session_id_bytes: int = 256
@@ -126,7 +131,8 @@ class Settings:
             "max_in_flight_per_stream", "max_concurrent_calls",
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
-            "redis_max_connections", "metrics_accounts_interval_s",
+            "redis_max_connections", "metrics_accounts_interval_s", "max_event_age_s",
+            "max_event_ahead_s",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -104,6 +104,10 @@ class AccountKeys:
         return f"{self.prefix}:rates"
 
     @property
+    def adjustments(self) -> str:
+        return f"{self.prefix}:adjustments"
+
+    @property
     def events(self) -> str:
         return events_key(self.partition)
 
@@ -138,6 +142,34 @@ def _script_source(name: str) -> str:
     return resources.files("creditline").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+# A unit bucket's value in the buckets hash, field by field ("|"-separated), as charge.lua
+# and admin.lua write it (tests/test_buckets.py holds the scripts to it).
+BUCKET_FIELDS = ("rating_group", "remaining", "expires_at_s", "priority", "initial",
+                 "unit_kind", "serial", "reserved")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBucket:
+    rating_group: int
+    remaining: int
+    expires_at_s: int
+    priority: int
+    initial: int
+    unit_kind: str
+    serial: int
+    reserved: int
+
+
+def parse_bucket(value: str) -> StoredBucket:
+    """A bucket's value (BUCKET_FIELDS, the fields of StoredBucket in order)."""
+    parts = value.split("|")
+    if len(parts) != len(BUCKET_FIELDS):
+        raise ValueError(f"bucket value {value!r}: not the fields {'|'.join(BUCKET_FIELDS)}")
+    rg, remaining, expires, priority, initial, unit_kind, serial, reserved = parts
+    return StoredBucket(int(rg), int(remaining), int(expires), int(priority), int(initial),
+                        unit_kind, int(serial), int(reserved))
+
+
 @dataclass(frozen=True, slots=True)
 class AccountSnapshot:
     account: dict[str, str]
@@ -148,8 +180,10 @@ class AccountSnapshot:
 
 @dataclass(frozen=True, slots=True)
 class AdminResult:
-    """An admin.lua answer: "OK", "DUPLICATE" (a top-up id seen before) or the refusal
-    ("UNKNOWN", "EXISTS", "TOO_MANY_BUCKETS"), and the account when there is one."""
+    """An admin.lua answer: "OK", "DUPLICATE" (a top-up or adjustment id applied before
+    with the same amount) or the refusal ("UNKNOWN", "EXISTS", "TOO_MANY_BUCKETS",
+    "CONFLICT|<amount applied first>", "UNAFFORDABLE|<available>"), and the account when
+    there is one."""
 
     status: str
     account: AccountSnapshot | None
@@ -202,18 +236,21 @@ class Store:
     async def charge(
         self, kind: str, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
-        supervision_ms: int = 0,
+        supervision_ms: int = 0, refund_of: str = "",
     ) -> str:
-        """Runs one charging request (kind I/U/T/E/S); returns the script's answer."""
+        """Runs one charging request (kind I/U/T/E/S); returns the script's answer.
+        refund_of: a REFUND's session id of the charge it reverses."""
         keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
         script_keys = [keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
                        keys.final_sessions, keys.events, keys.cdrs, keys.rates,
                        event_counter_key(keys.partition), deadlines_key(keys.partition)]
+        if refund_of:
+            script_keys += [keys.event(refund_of), keys.session(refund_of)]
         script_args: list[int | str] = [
             kind, request_number, account_id, session_id, now_ms, event_time_ms,
             self.config.answer_retention_s, event_action, self._event_trim(now_ms),
-            self._spike, supervision_ms, *blocks]
+            self._spike, supervision_ms, refund_of, *blocks]
         call = (self._fast.evalsha(self._charge.sha, self._charge_source, script_keys,
                                    script_args) if self._fast is not None
                 else self._charge(keys=script_keys, args=script_args))
@@ -248,7 +285,8 @@ class Store:
         now_ms = int(time.time() * 1000)
         call = self._admin(
             keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
-                  keys.final_sessions, keys.events, event_counter_key(keys.partition)],
+                  keys.final_sessions, keys.events, event_counter_key(keys.partition),
+                  keys.adjustments, keys.cdrs],
             args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
         raw = await (call if self._instrument is None

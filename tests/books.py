@@ -1,13 +1,14 @@
 """The books, read straight from Redis: for every account,
-initial + top-ups - charges + refunds = balance, reserved = the sum of the money held by
-its open sessions, and bucket units reserved = the sum held by its open sessions."""
+initial + top-ups - charges + refunds + adjustments = balance, reserved = the sum of the
+money held by its open sessions, and each bucket's reserved units = the sum its open
+sessions hold of it."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 
-from creditline.store import account_keys
+from creditline.store import account_keys, parse_bucket
 from redis.asyncio import Redis
 
 
@@ -18,6 +19,7 @@ class AccountBooks:
     charged: int
     refunded: int
     topped_up: int
+    adjusted: int
     initial: int
     credit_limit: int
     sessions_reserved: int
@@ -39,33 +41,40 @@ class Books:
         keys = account_keys(account_id, self.partitions)
         account = await self.redis.hgetall(keys.account)
         sessions_reserved = 0
-        sessions_bucket: dict[str, int] = defaultdict(int)
+        sessions_bucket: dict[str, int] = defaultdict(int)  # bucket serial -> units
         for session_key in await self.redis.smembers(keys.open_sessions):
             session = await self.redis.hgetall(session_key)
             assert session.get("state") == "open", f"{session_key} in the open set but closed"
             for field, value in session.items():
                 if field.startswith("m:"):
                     sessions_reserved += int(value)
-                elif field.startswith("b:"):
-                    rg = session["k:" + field[2:]]
-                    sessions_bucket[rg] += int(value)
+                elif field.startswith("bl:") and value:
+                    held = dict(part.split("=") for part in value.split(","))
+                    assert sum(map(int, held.values())) == int(session["b:" + field[3:]])
+                    for serial, units in held.items():
+                        sessions_bucket[serial] += int(units)
+        buckets = [parse_bucket(v) for v in (await self.redis.hgetall(keys.buckets)).values()]
+        live_serials = {str(b.serial) for b in buckets}
         usage = await self.redis.hgetall(keys.usage)
         return AccountBooks(
             balance=int(account["balance"]), reserved=int(account["reserved"]),
             charged=int(account["charged"]), refunded=int(account["refunded"]),
-            topped_up=int(account["topped_up"]), initial=int(account["initial"]),
+            topped_up=int(account["topped_up"]), adjusted=int(account["adjusted"]),
+            initial=int(account["initial"]),
             credit_limit=int(account["credit_limit"]),
             sessions_reserved=sessions_reserved,
-            bucket_reserved={f[5:]: int(v) for f, v in account.items()
-                             if f.startswith("bres:") and int(v) != 0},
-            sessions_bucket_reserved={k: v for k, v in sessions_bucket.items() if v},
+            bucket_reserved={str(b.serial): b.reserved for b in buckets if b.reserved},
+            # a bucket removed since (expired) took its reservations with it
+            sessions_bucket_reserved={k: v for k, v in sessions_bucket.items()
+                                      if v and k in live_serials},
             usage_charged=sum(int(v) for f, v in usage.items() if f.endswith(":charged")),
         )
 
     async def assert_balanced(self, account_id: str | None = None) -> None:
         for account in [account_id] if account_id else self.accounts:
             b = await self.read(account)
-            assert b.initial + b.topped_up - b.charged + b.refunded == b.balance, (account, b)
+            assert b.initial + b.topped_up - b.charged + b.refunded + b.adjusted == b.balance, (
+                account, b)
             assert b.reserved == b.sessions_reserved, (account, b)
             assert b.bucket_reserved == b.sessions_bucket_reserved, (account, b)
             # usage records net charges (refunds recorded negative) per rating group

@@ -33,8 +33,11 @@ def redis_process() -> Iterator[RedisProcess]:
 
 @pytest.fixture(scope="session")
 def settings() -> Settings:
+    # max_event_age_s: the tariff tests price usage at fixed dates of the past (bands,
+    # billing periods); tests/test_money_rules.py checks the default window on its own server
     return Settings(listen_address="127.0.0.1:0", answer_retention_s=600,
-                    plan_path=str(Path(__file__).parent / "plan.toml"))
+                    plan_path=str(Path(__file__).parent / "plan.toml"),
+                    max_event_age_s=3650 * 86_400)
 
 
 @pytest.fixture(scope="session")

@@ -96,10 +96,11 @@ async def some_traffic(books: Books, prefix: str, accounts: int = 5) -> list[str
                                             block(RG_VOICE, used=61)))
             if s < 2:  # the third session stays open
                 await books.charging.Terminate(ccr(sid, acct, 2, block(RG_WEB, used=100)))
-        for action in (pb.DIRECT_DEBIT, pb.DIRECT_DEBIT, pb.REFUND):
+        for index, action in enumerate((pb.DIRECT_DEBIT, pb.DIRECT_DEBIT, pb.REFUND)):
             await books.charging.Event(pb.EventRequest(
-                session_id=f"{acct};e{action}{n}", account_id=acct, action=action,
-                rating_groups=[block(RG_SMS, requested=2)]))
+                session_id=f"{acct};e{index}{n}", account_id=acct, action=action,
+                rating_groups=[block(RG_SMS, requested=2)],
+                refund_of_session_id=f"{acct};e1{n}" if action == pb.REFUND else ""))
     return ids
 
 
@@ -234,7 +235,7 @@ async def test_hundred_thousand_cdrs_exported_and_reconciled(books: Books,
             account_id=acct, initial_balance_micros=10**12))
     now_ms = 1_800_000_000_000
     # the charging script's arguments for one SMS, as the server builds them
-    _, blocks = script_blocks([block(RG_SMS, requested=1)],
+    blocks = script_blocks([block(RG_SMS, requested=1)],
                               load_plan(Path(__file__).parent / "plan.toml"), BandedRater(),
                               now_ms, default_grant=False)
     total = 100_000

@@ -22,7 +22,9 @@ async def test_direct_debit_and_refund(charging, admin, make_account, checked_bo
     assert answer.balance_micros == 850_000
     assert await charging.Event(debit) == answer  # retransmission: charged once
 
-    refund = await charging.Event(event(f"{acct};refund-1", acct, pb.REFUND, RG_SMS, 1))
+    refund_request = event(f"{acct};refund-1", acct, pb.REFUND, RG_SMS, 1)
+    refund_request.refund_of_session_id = debit.session_id
+    refund = await charging.Event(refund_request)
     assert refund.result_code == pb.SUCCESS
     assert refund.rating_groups[0].amount_micros == 50_000
     assert refund.balance_micros == 900_000

@@ -72,10 +72,11 @@ def types(events: list[npb.ChargeEvent]) -> list[str]:
     return [npb.EventType.Name(e.type) for e in events]
 
 
-async def sms(charging, acct: str, sid: str, action=pb.DIRECT_DEBIT, count: int = 1):  # type: ignore[no-untyped-def]
+async def sms(charging, acct: str, sid: str, action=pb.DIRECT_DEBIT, count: int = 1,  # type: ignore[no-untyped-def]
+              refund_of: str = ""):
     return await charging.Event(pb.EventRequest(
         session_id=sid, account_id=acct, action=action,
-        rating_groups=[block(RG_SMS, requested=count)]))
+        rating_groups=[block(RG_SMS, requested=count)], refund_of_session_id=refund_of))
 
 
 async def test_filters_deliver_exactly_the_matching_events_in_order(
@@ -88,7 +89,7 @@ async def test_filters_deliver_exactly_the_matching_events_in_order(
     for n in range(5):
         await sms(charging, bob, f"b{n}")
         await sms(charging, alice, f"a{n}", count=n + 1)
-    await sms(charging, alice, "refund", action=pb.REFUND)
+    await sms(charging, alice, "refund", action=pb.REFUND, refund_of="a0")
 
     events = await only_alice.read(6)
     assert types(events) == ["EVENT_CHARGED"] * 5 + ["EVENT_REFUNDED"]
@@ -121,6 +122,10 @@ async def test_each_event_type_comes_from_its_scenario_and_no_other(
                                                                 used=1_024)))
         await charging.Terminate(ccr(f"{acct};s", acct, 2, block(RG_WEB, used=10)))
 
+    async def debit_and_refund(acct: str) -> None:
+        await sms(charging, acct, "e")
+        await sms(charging, acct, "r", action=pb.REFUND, refund_of="e")
+
     async def exhaust(acct: str) -> None:
         await charging.Initial(ccr(f"{acct};s", acct, 0, block(RG_WEB, requested=4_096)))
         await charging.Update(ccr(f"{acct};s", acct, 1, block(RG_WEB, requested=4_096,
@@ -140,7 +145,8 @@ async def test_each_event_type_comes_from_its_scenario_and_no_other(
         (session, {"balance_micros": 1_000_000},
          {"QUOTA_GRANTED": 2, "USAGE_CHARGED": 2, "SESSION_ENDED": 1}),
         (lambda a: sms(charging, a, "e"), {"balance_micros": 1_000_000}, {"EVENT_CHARGED": 1}),
-        (lambda a: sms(charging, a, "r", action=pb.REFUND), {}, {"EVENT_REFUNDED": 1}),
+        (debit_and_refund, {"balance_micros": 1_000_000},
+         {"EVENT_CHARGED": 1, "EVENT_REFUNDED": 1}),
         (lambda a: sms(charging, a, "c", action=pb.CHECK_BALANCE), {}, {}),
         (lambda a: sms(charging, a, "x", count=10), {"balance_micros": 100},
          {"CREDIT_EXHAUSTED": 1}),

@@ -3,38 +3,56 @@ admin.lua: account administration, one atomic step per call.
 
 KEYS (all under the account's partition hash tag):
   KEYS[1] account hash    (see charge.lua)
-  KEYS[2] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind"
+  KEYS[2] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind|
+                          serial|reserved" (see charge.lua)
   KEYS[3] usage hash      <rg>:used, <rg>:charged, <rg>:from_buckets, <rg>:uncharged
   KEYS[4] open sessions   set of open session keys
   KEYS[5] top-ups hash    top-up id -> amount (applied once per id)
-  KEYS[6] final sessions  set of the ids of open sessions holding their final units
+  KEYS[6] final sessions  hash: open session id -> its rating groups at final units
   KEYS[7] event stream    the partition's charge notifications
   KEYS[8] event counter   the partition's count of notifications (see charge.lua)
+  KEYS[9] adjustments     hash: adjustment id -> amount (applied once per id)
+  KEYS[10] CDR stream     the partition's charging data records
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
   CREATE  initial_balance credit_limit bucket_limit low_balance_thresholds ("t1,t2" or "")
           [bucket fields x6]...            -> account | "EXISTS" | "TOO_MANY_BUCKETS"
-  TOPUP   amount top_up_id                 -> account | "UNKNOWN"
+  TOPUP   amount top_up_id                 -> account | "UNKNOWN" | "CONFLICT|<amount>"
+  ADJUST  amount adjustment_id reason      -> account | "UNKNOWN" | "CONFLICT|<amount>"
+                                              | "UNAFFORDABLE|<available>"
   BUCKET  bucket_limit id rg units expires_at_s priority kind
           -> account | "UNKNOWN" | "BUCKET_EXISTS" | "TOO_MANY_BUCKETS"
   STATE   active|barred                    -> account | "UNKNOWN"
   GET     -> account | "UNKNOWN"
-where account is { status ("OK", or "DUPLICATE" for a top-up id seen before), account
-fields, buckets, usage, open session count }, read in the same step as the operation: the
-answer shows the account as the operation left it, in one round trip.
+where account is { status ("OK", or "DUPLICATE" for a top-up or adjustment id applied
+before with the same amount; another amount is a CONFLICT naming the first), account
+fields, buckets (live ones: expired ones are not listed), usage, open session count },
+read in the same step as the operation: the answer shows the account as the operation left
+it, in one round trip. An adjustment is a credit (or, negative, a debit within what is
+available) that reverses no charge: customer care's goodwill or correction, with a reason;
+it is announced, gets a CDR (charged: minus the amount), and counts in the books as
+`adjusted`.
 Bucket fields: id, rating group, units, expires_at_s (0: never), priority, unit kind.
 A top-up announces itself, and asks for re-authorisation of every session held at its
 final units, on the event stream.
 ]]
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
-  event_counter_key = unpack(KEYS, 1, 8)
+  event_counter_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 10)
 local op, account_id, now_ms = ARGV[1], ARGV[2], ARGV[3]
 local trim_strategy, trim_threshold = string.match(ARGV[4], '^(%u+),(%d+)$')
 
+-- A new bucket, numbered in its account (a session's reservation names the bucket by
+-- this serial: an id can come back after its bucket expired).
 local function bucket_value(rg, units, expires, priority, kind)
-  return table.concat({ rg, units, expires, priority, units, kind }, '|')
+  local serial = redis.call('HINCRBY', account_key, 'bucket_serial', 1)
+  return table.concat({ rg, units, expires, priority, units, kind, serial, 0 }, '|')
+end
+
+local function expired(value)
+  local expires = tonumber(string.match(value, '^[^|]*|[^|]*|([^|]*)|'))
+  return expires ~= 0 and expires <= math.floor(now_ms / 1000)
 end
 
 -- One event per stream entry here (charge.lua packs a request's events into one, see its
@@ -48,9 +66,55 @@ end
 
 local exists = redis.call('EXISTS', account_key) == 1
 
+local function live_buckets()
+  local raw, live = redis.call('HGETALL', buckets_key), {}
+  for i = 1, #raw, 2 do
+    if not expired(raw[i + 1]) then
+      live[#live + 1] = raw[i]
+      live[#live + 1] = raw[i + 1]
+    end
+  end
+  return live
+end
+
 local function account(status)
-  return { status, redis.call('HGETALL', account_key), redis.call('HGETALL', buckets_key),
+  return { status, redis.call('HGETALL', account_key), live_buckets(),
     redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key) }
+end
+
+-- Expired buckets removed (announced when units were left), as charge.lua does.
+local function drop_expired_buckets()
+  local raw = redis.call('HGETALL', buckets_key)
+  for i = 1, #raw, 2 do
+    if expired(raw[i + 1]) then
+      redis.call('HDEL', buckets_key, raw[i])
+      local rg, remaining = string.match(raw[i + 1], '^([^|]*)|([^|]*)|')
+      if tonumber(remaining) > 0 then
+        notify('bucket_expired|rg|' .. rg .. '|bucket|' .. raw[i] .. '|units|' .. remaining)
+      end
+    end
+  end
+end
+
+-- An id applied once (top-ups, adjustments): nil the first time (recorded by the caller
+-- once it is applied), else the answer: the account as it is, or the amount applied first.
+local function seen_before(ids_key, id, amount)
+  local first = redis.call('HGET', ids_key, id)
+  if not first then return nil end
+  if first == amount then return account('DUPLICATE') end
+  return 'CONFLICT|' .. first
+end
+
+-- A top-up or a credit: every session held at its final units should ask again, for the
+-- rating groups it holds them for.
+local function ask_reauthorization()
+  local held = redis.call('HGETALL', final_key)
+  for i = 1, #held, 2 do
+    for rg in string.gmatch(held[i + 1], '[^,]+') do
+      notify('reauthorization_needed|rg|' .. rg, 's', held[i])
+    end
+  end
+  redis.call('DEL', final_key)
 end
 
 if op == 'CREATE' then
@@ -60,7 +124,7 @@ if op == 'CREATE' then
   if (#ARGV - first_bucket + 1) / 6 > bucket_limit then return 'TOO_MANY_BUCKETS' end
   redis.call('HSET', account_key, 'balance', ARGV[5], 'credit_limit', ARGV[6],
     'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
-    'charged', '0', 'refunded', '0', 'created_ms', now_ms)
+    'charged', '0', 'refunded', '0', 'adjusted', '0', 'created_ms', now_ms)
   if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
   for i = first_bucket, #ARGV, 6 do
     redis.call('HSET', buckets_key, ARGV[i],
@@ -72,19 +136,38 @@ end
 if not exists then return 'UNKNOWN' end
 
 if op == 'TOPUP' then
-  if redis.call('HSETNX', topups_key, ARGV[6], ARGV[5]) == 0 then
-    return account('DUPLICATE')
-  end
+  local seen = seen_before(topups_key, ARGV[6], ARGV[5])
+  if seen then return seen end
+  redis.call('HSET', topups_key, ARGV[6], ARGV[5])
   local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
   redis.call('HINCRBY', account_key, 'topped_up', ARGV[5])
   notify('top_up|amount|' .. ARGV[5] .. '|balance|' .. string.format('%d', balance),
     'top_up_id', ARGV[6])
-  for _, session_id in ipairs(redis.call('SMEMBERS', final_key)) do
-    notify('reauthorization_needed', 's', session_id)
+  ask_reauthorization()
+  return account('OK')
+elseif op == 'ADJUST' then
+  local amount, adjustment_id, reason = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+  local seen = seen_before(adjustments_key, adjustment_id, ARGV[5])
+  if seen then return seen end
+  local fields = redis.call('HMGET', account_key, 'balance', 'credit_limit', 'reserved')
+  local available = fields[1] + fields[2] - fields[3]
+  if amount < 0 and available + amount < 0 then
+    return 'UNAFFORDABLE|' .. string.format('%d', available)
   end
-  redis.call('DEL', final_key)
+  redis.call('HSET', adjustments_key, adjustment_id, ARGV[5])
+  local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
+  redis.call('HINCRBY', account_key, 'adjusted', ARGV[5])
+  local balance_text = string.format('%d', balance)
+  notify('adjustment|amount|' .. ARGV[5] .. '|balance|' .. balance_text,
+    'adjustment_id', adjustment_id, 'reason', reason)
+  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', adjustment_id,
+    'ended_ms', now_ms, 'balance_after', balance_text, 'kind', 'adjustment',
+    'started_ms', now_ms, 'cause', 'adjustment', 'result', '2001',
+    'charged', string.format('%d', -amount), 'items', '', 'reason', reason)
+  if amount > 0 then ask_reauthorization() end
   return account('OK')
 elseif op == 'BUCKET' then
+  drop_expired_buckets()
   if redis.call('HEXISTS', buckets_key, ARGV[6]) == 1 then return 'BUCKET_EXISTS' end
   if redis.call('HLEN', buckets_key) >= tonumber(ARGV[5]) then return 'TOO_MANY_BUCKETS' end
   redis.call('HSET', buckets_key, ARGV[6],

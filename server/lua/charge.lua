@@ -6,21 +6,26 @@ written here too, in the same step: one exists if and only if its charge happene
 
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
-                          charged, refunded, bres:<rg> (bucket units reserved by sessions),
-                          low_balance (thresholds, "t1,t2,...")
-  KEYS[2] request key     session hash (kinds I/U/T) or event answer string (kind E)
-  KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind"
+                          charged, refunded, adjusted, low_balance (thresholds, "t1,t2,...")
+  KEYS[2] request key     session hash (kinds I/U/T) or event hash (kind E): last_request,
+                          answer, and per rating group r: (units rated, paid by money), c:
+                          (money charged), ru: and rc: (units and money refunded since)
+  KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind|
+                          serial|reserved" (server/store.py BUCKET_FIELDS): serial numbers
+                          the bucket in its account (ids can be reused after an expiry),
+                          reserved counts its units held by open sessions
   KEYS[4] usage hash      <rg>:used, <rg>:charged, <rg>:from_buckets, <rg>:uncharged,
                           <rg>:period and <rg>:period_units (units rated in the billing
                           period, which the tiers count; tariffs with tiers only)
   KEYS[5] open sessions   set of the keys of the account's open sessions
-  KEYS[6] final sessions  set of the ids of open sessions holding their final units
+  KEYS[6] final sessions  hash: id of an open session holding final units -> its rating
+                          groups at final units ("rg,rg")
   KEYS[7] event stream    the partition's charge notifications: one entry per request
                           that made any, fields a (account), s (session), ts (unix ms),
                           n (the number of its last event) and e (its events in order,
                           separated by ';', each "<type>|<field>|<value>|..."; no value
-                          holds ';' or '|': ids are letters, digits and ._:@+-, the rest
-                          numbers)
+                          holds ';' or '|': rating groups, tariff ids and numbers only;
+                          the client's own strings go in fields of the entry)
   KEYS[8] CDR stream      the partition's charging data records
   KEYS[9] rates hash      <rg> -> "fast|slow|at_ms|since_ms|spike" (usage spike detection)
   KEYS[10] event counter  the partition's count of notifications ever written: each one
@@ -28,6 +33,8 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           dropped any after its cursor
   KEYS[11] deadlines      the partition's sorted set: session key -> supervision deadline
                           (unix ms); a session with no request by then is closed ("S")
+  KEYS[12], KEYS[13]      REFUND only: the event hash and the session hash of the id the
+                          refund names (whichever exists holds the charge it reverses)
 
 ARGV:
   [1] kind: "I", "U", "T" (session), "E" (event), or "S" (close the session if its
@@ -43,10 +50,13 @@ ARGV:
   [9] event stream trimming, "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
   [10] usage spike detection "fast window s,slow window s,factor"
   [11] supervision time, ms: a session with no request for this long is closed
-  [12] number of rating-group blocks, then each block as:
+  [12] REFUND: the session id of the event or session whose charge it reverses; else ""
+  [13] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
-      units (-1: none), used units, and when the status is "ok" the rate table
+      units (-1: none), used units, unit kind ("t" time, "v" volume, "s" service
+      specific, "-" no tariff), final unit action (FinalUnitAction number), and when the
+      status is "ok" the rate table
       (server/rating.py RateTable.script_args): connect fee, first increment units,
       following increment units, time-based 0/1, billing period ("-": no tiers), tier
       count T and T tier starts (units of the billing period), band count B and per band
@@ -54,10 +64,13 @@ ARGV:
       in each tier), change count C and C pairs (seconds from the event time, band index
       from 0)
 
-Return: the answer as one string "<code>;<block>;<block>...". A session block is
-"rg,code,granted,charged,final"; an event block is "rg,code,units,amount,from_buckets",
-and an event answer ends with ";B<balance>,<sufficient 0/1>". A refusal before any write
-is "<code>;!<reason>". Retransmissions get the stored string unchanged.
+Return: the answer as one string "<code>;<block>;<block>...", complete in itself (a
+retransmission is answered from it, whatever the retransmission carries; server/charging.py
+decodes it). A session block is "block id,code,unit kind,granted,charged,final unit action
+(0: none),seconds until the earliest expiry of the buckets the grant draws on (0: none)";
+an event block is "block id,code,unit kind,units,amount,from_buckets", and an event answer
+ends with ";B<balance>,<sufficient 0/1>". A refusal before any write is "<code>;!<reason>".
+Retransmissions get the stored string unchanged.
 
 Numbers are Lua doubles: every integer the caller passes is below 2^53 and costs
 saturate at MAX_SAFE; integers are written back with %d (tostring would print 1e+15).
@@ -252,13 +265,15 @@ local spike_fast_s, spike_slow_s, spike_factor = string.match(ARGV[10], '^(.-),(
 spike_fast_s, spike_slow_s, spike_factor = num(spike_fast_s), num(spike_slow_s),
   num(spike_factor)
 local supervision_ms = num(ARGV[11])
+local refund_of = ARGV[12]
 local blocks = {}
 do
-  local i = 13
-  for b = 1, num(ARGV[12]) do
+  local i = 14
+  for b = 1, num(ARGV[13]) do
     local block = { rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2],
-      status = ARGV[i + 3], requested = num(ARGV[i + 4]), used = num(ARGV[i + 5]) }
-    i = i + 6
+      status = ARGV[i + 3], requested = num(ARGV[i + 4]), used = num(ARGV[i + 5]),
+      unit = ARGV[i + 6], final_action = ARGV[i + 7] }
+    i = i + 8
     if block.status == 'ok' then i = read_rate_table(block, i) end
     blocks[b] = block
   end
@@ -315,21 +330,26 @@ local function add_period_units(block, units)
 end
 
 -- Unit buckets: parsed once; changes are kept in memory and written at the end.
--- Expired buckets with units left are removed (and announced) when the script writes.
-local buckets_by_rg, expired_buckets = {}, {}
+-- Expired buckets are removed (those with units left announced) when the script writes;
+-- the units open sessions had reserved from them go with them.
+local buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
+local BUCKET_VALUE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'
 do
   local raw = redis.call('HGETALL', buckets_key)
   for i = 1, #raw, 2 do
-    local f = {}
-    for part in string.gmatch(raw[i + 1], '[^|]+') do f[#f + 1] = part end
-    local expires = tonumber(f[3])
+    local rg, remaining, expires, priority, initial, unit, serial, held =
+      string.match(raw[i + 1], BUCKET_VALUE)
+    expires = num(expires)
     if expires == 0 or expires > now_s then
-      local list = buckets_by_rg[f[1]] or {}
-      list[#list + 1] = { id = raw[i], rg = f[1], remaining = tonumber(f[2]),
-        expires = expires, priority = tonumber(f[4]), initial = f[5], kind = f[6] }
-      buckets_by_rg[f[1]] = list
-    elseif tonumber(f[2]) > 0 then
-      expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = f[1], remaining = f[2] }
+      local b = { id = raw[i], rg = rg, remaining = num(remaining), expires = expires,
+        priority = num(priority), initial = initial, kind = unit, serial = serial,
+        reserved = num(held) }
+      local list = buckets_by_rg[rg] or {}
+      list[#list + 1] = b
+      buckets_by_rg[rg] = list
+      buckets_by_serial[serial] = b
+    else
+      expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = rg, remaining = remaining }
     end
   end
   local function order(a, b)
@@ -343,35 +363,62 @@ do
   for _, list in pairs(buckets_by_rg) do table.sort(list, order) end
 end
 
+-- A bucket's units that no open session holds.
+local function free_units(b) return math.max(0, b.remaining - b.reserved) end
+
 local function bucket_units_free(rg)
-  local list = buckets_by_rg[rg]
-  if not list then return 0 end  -- no bucket: nothing free, whatever was reserved
   local total = 0
-  for _, b in ipairs(list) do total = total + b.remaining end
-  return math.max(0, total - tonumber(account['bres:' .. rg] or 0)
-    - (account_changes['bres:' .. rg] or 0))
+  for _, b in ipairs(buckets_by_rg[rg] or {}) do total = total + free_units(b) end
+  return total
+end
+
+-- Takes up to `units` free units, in the buckets' order: used (consume) or reserved
+-- (hold). Returns the units taken, the reservations "serial=units,..." (hold) and the
+-- earliest expiry (unix s, 0: none) among the buckets taken from.
+local function take_buckets(rg, units, hold)
+  local taken, held, earliest = 0, {}, 0
+  for _, b in ipairs(buckets_by_rg[rg] or {}) do
+    if taken >= units then break end
+    local take = math.min(free_units(b), units - taken)
+    if take > 0 then
+      if hold then
+        b.reserved = b.reserved + take
+        held[#held + 1] = b.serial .. '=' .. int(take)
+      else
+        b.remaining = b.remaining - take
+      end
+      b.dirty = true
+      taken = taken + take
+      if b.expires ~= 0 and (earliest == 0 or b.expires < earliest) then
+        earliest = b.expires
+      end
+    end
+  end
+  return taken, table.concat(held, ','), earliest
 end
 
 local function consume_buckets(rg, units)
-  local taken = 0
-  for _, b in ipairs(buckets_by_rg[rg] or {}) do
-    if taken >= units then break end
-    local take = math.min(b.remaining, units - taken)
-    if take > 0 then
-      b.remaining = b.remaining - take
+  return (take_buckets(rg, units, false))
+end
+
+-- Gives back reservations "serial=units,..."; those of buckets gone since are gone.
+local function release_buckets(held)
+  for serial, units in string.gmatch(held, '([^,=]+)=(%d+)') do
+    local b = buckets_by_serial[serial]
+    if b then
+      b.reserved = math.max(0, b.reserved - num(units))
       b.dirty = true
-      taken = taken + take
     end
   end
-  return taken
 end
 
 local function write_buckets()
   for _, list in pairs(buckets_by_rg) do
     for _, b in ipairs(list) do
       if b.dirty then
-        redis.call('HSET', buckets_key, b.id, b.rg .. '|' .. int(b.remaining) .. '|'
-          .. int(b.expires) .. '|' .. int(b.priority) .. '|' .. b.initial .. '|' .. b.kind)
+        redis.call('HSET', buckets_key, b.id, table.concat({ b.rg, int(b.remaining),
+          int(b.expires), int(b.priority), b.initial, b.kind, b.serial, int(b.reserved) },
+          '|'))
       end
     end
   end
@@ -481,7 +528,9 @@ end
 local function write_records()
   for _, b in ipairs(expired_buckets) do
     redis.call('HDEL', buckets_key, b.id)
-    notify('bucket_expired', 'rg', b.rg, 'bucket', b.id, 'units', b.remaining)
+    if num(b.remaining) > 0 then
+      notify('bucket_expired', 'rg', b.rg, 'bucket', b.id, 'units', b.remaining)
+    end
   end
   write_rates()
   notify_low_balance()
@@ -490,8 +539,11 @@ local function write_records()
   -- .. n in the partition's count), e holds them in order. Why: an entry per event cost
   -- ~3.3 XADD and INCR per request here and as many entries for every reader to decode.
   local last = redis.call('INCRBY', event_counter_key, #notifications)
+  local refunds = {}  -- the id a refund names: the client's string, a field of the entry
+  if refund_of ~= '' then refunds = { 'refunds', refund_of } end
   redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*', 'a', account_id,
-    's', session_id, 'ts', int(now_ms), 'n', last, 'e', table.concat(notifications, ';'))
+    's', session_id, 'ts', int(now_ms), 'n', last, 'e', table.concat(notifications, ';'),
+    unpack(refunds))
 end
 
 -- write_cdr(field, value, ...), like notify
@@ -510,17 +562,64 @@ end
 local function overall_code(shared) return shared or SUCCESS end
 
 -- ---------------------------------------------------------------- events
+-- An event block as the answer carries it (see Return above).
+local function event_part(block, code, units, amount, from_buckets)
+  return ';' .. block.rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(units) .. ','
+    .. int(amount) .. ',' .. int(from_buckets)
+end
+
+-- REFUND: the key and fields of the charge it names (an event's hash, else a session's).
+local function refund_target()
+  for _, key in ipairs({ KEYS[12], KEYS[13] }) do
+    local fields = hash(key)
+    if next(fields) ~= nil then return key, fields end
+  end
+  return nil
+end
+
+-- REFUND: the money each block gets back, or nil and why the refund is refused. Only
+-- money is refunded (units paid from buckets are not given back), at most what the named
+-- charge took for the rating group minus what was refunded of it already: a refund of all
+-- the units still charged returns exactly the money still charged, a part of them the
+-- price of the charge's last units at the refund's prices.
+local function refund_amounts(target)
+  local amounts = {}
+  for index, block in ipairs(blocks) do
+    local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
+    if block.status == 'ok' then
+      local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
+      local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
+      if units_left <= 0 or money_left <= 0 then
+        return nil, where .. ': the charge named by refund_of_session_id has no money ' ..
+          'left to refund for this rating group'
+      end
+      local units = block.requested
+      if units <= 0 or units > units_left then
+        return nil, where .. '.requested: ' .. int(units) .. ' units; 1..' ..
+          int(units_left) .. ' of the named charge are left to refund'
+      end
+      local amount = money_left
+      if units < units_left then
+        local schedule = schedule_from(block, 0, period_units(block), 0)
+        amount = math.min(money_left,
+          cost(schedule, units_left) - cost(schedule, units_left - units))
+      end
+      amounts[index] = amount
+    end
+  end
+  return amounts
+end
+
 -- The two kinds of request are handled at the script's top level, not in a function each:
 -- a function would be made anew on every request, searching the list of the script's
 -- captured locals once for each it uses, and would reach the request's state through
 -- upvalues rather than registers (-2 % instructions per request against making only the
 -- function that runs).
 if kind == 'E' then
-  local stored = redis.call('GET', request_key)
-  if stored then
-    local sep = string.find(stored, '|', 1, true)
-    local stored_number = num(string.sub(stored, 1, sep - 1))
-    if stored_number == request_number then return string.sub(stored, sep + 1) end
+  local stored = redis.call('HMGET', request_key, 'last_request', 'answer')
+  if stored[1] then
+    local stored_number = num(stored[1])
+    if stored_number == request_number then return stored[2] end
     if request_number < stored_number then
       return INVALID_VALUE .. ';!request number lower than the last one processed'
     end
@@ -528,9 +627,22 @@ if kind == 'E' then
   if barred and event_action == 'DEBIT' then
     return DENIED .. ';!account is barred'
   end
+  local refund_key, refunds
+  if event_action == 'REFUND' then
+    local target, reason
+    refund_key, target = refund_target()
+    if not refund_key then
+      return INVALID_VALUE .. ';!refund_of_session_id: no charge of that id is kept ' ..
+        '(none made, or it ended more than answer_retention_s ago); a credit that ' ..
+        'reverses no charge is an Admin adjustment'
+    end
+    refunds, reason = refund_amounts(target)
+    if not refunds then return INVALID_VALUE .. ';!' .. reason end
+  end
   local parts, shared_code, sufficient = '', nil, 1  -- parts: ";<block>" per block
   local cdr_items, cdr_total = {}, 0
-  for _, block in ipairs(blocks) do
+  local kept = {}  -- per rating group what a refund of this event may reverse
+  for index, block in ipairs(blocks) do
     local code, amount, from_buckets = SUCCESS, 0, 0
     local units = block.requested
     if block.status == 'none' then
@@ -540,12 +652,13 @@ if kind == 'E' then
     elseif event_action == 'PRICE' then
       amount = cost(schedule_from(block, 0, period_units(block), 0), units)
     elseif event_action == 'REFUND' then
-      -- refunded at today's prices; the tier position is left where it is
-      amount = cost(schedule_from(block, 0, period_units(block), 0), units)
+      amount = refunds[index]
       balance = balance + amount
       account_add('balance', amount)
       account_add('refunded', amount)
       record_usage(block.rg, 0, -amount, 0, 0)
+      redis.call('HINCRBY', refund_key, 'ru:' .. block.rg, int(units))
+      redis.call('HINCRBY', refund_key, 'rc:' .. block.rg, int(amount))
       notify('event_refunded', 'rg', block.rg, 'units', units, 'amount', amount,
         'balance', balance)
       cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
@@ -556,8 +669,8 @@ if kind == 'E' then
       amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
       if amount > available_money() then
         code, sufficient = LIMIT_REACHED, 0
-        if event_action == 'DEBIT' then
-          from_buckets = 0
+        if event_action == 'DEBIT' then  -- nothing charged: the answer says 0
+          from_buckets, amount = 0, 0
           notify('credit_exhausted', 'rg', block.rg)
         end
       elseif event_action == 'DEBIT' then
@@ -571,11 +684,14 @@ if kind == 'E' then
         cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
           .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
         cdr_total = cdr_total + amount
+        kept[#kept + 1] = 'r:' .. block.rg
+        kept[#kept + 1] = int(units - from_buckets)
+        kept[#kept + 1] = 'c:' .. block.rg
+        kept[#kept + 1] = int(amount)
       end
     end
     shared_code = fold_code(shared_code, code)
-    parts = parts .. ';' .. block.rg .. ',' .. code .. ',' .. int(units) .. ','
-      .. int(amount) .. ',' .. int(from_buckets)
+    parts = parts .. event_part(block, code, units, amount, from_buckets)
   end
   local answer = overall_code(shared_code)
   if parts ~= '' then answer = answer .. parts end
@@ -587,9 +703,12 @@ if kind == 'E' then
   if #cdr_items > 0 then
     write_cdr('kind', (event_action == 'DEBIT') and 'event' or 'refund',
       'started_ms', int(event_time_ms), 'cause', 'event', 'result', answer:match('^%d+'),
-      'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'))
+      'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'), unpack(
+      event_action == 'REFUND' and { 'refunds', refund_of } or {}))
   end
-  redis.call('SET', request_key, int(request_number) .. '|' .. answer, 'EX', retention_s)
+  redis.call('HSET', request_key, 'last_request', int(request_number), 'answer', answer,
+    unpack(kept))
+  redis.call('EXPIRE', request_key, retention_s)
   return answer
 end
 
@@ -641,14 +760,15 @@ local function sget(field) return num(session_changes[field] or session[field] o
 local function sset(field, value) session_changes[field] = value end
 
 -- Gives back what this session holds for a rating group, so it can be charged or
--- granted again from the whole balance.
-local function release(rg, bucket_rg)
-  local money, bucket_units = sget('m:' .. rg), sget('b:' .. rg)
+-- granted again from the whole balance and the buckets.
+local function release(rg)
+  local money = sget('m:' .. rg)
   reserved = reserved - money
   account_add('reserved', -money)
-  account_add('bres:' .. bucket_rg, -bucket_units)
+  release_buckets(session_changes['bl:' .. rg] or session['bl:' .. rg] or '')
   sset('m:' .. rg, 0)
   sset('b:' .. rg, 0)
+  sset('bl:' .. rg, '')
 end
 
 local function charge_usage(block)
@@ -676,10 +796,12 @@ local function charge_usage(block)
 end
 
 -- Reserves up to `wanted` units: buckets first, then what the money can buy.
--- Returns the units granted and whether they are the last the account can afford.
+-- Returns the units granted, whether they are the last the account can afford, and the
+-- earliest expiry (unix s, 0: none) of the buckets they draw on.
 local function grant(block, wanted)
   local rg = block.rg
-  local from_buckets = math.min(wanted, bucket_units_free(block.bucket_rg))
+  local from_buckets, held, earliest = take_buckets(block.bucket_rg,
+    math.min(wanted, bucket_units_free(block.bucket_rg)), true)
   local rated = sget('r:' .. rg)
   -- the grant starts at the event time
   local schedule = schedule_from(block, rated, period_units(block), 0)
@@ -688,19 +810,20 @@ local function grant(block, wanted)
   local money = cost(schedule, rated + money_units) - cost(schedule, rated)
   reserved = reserved + money
   account_add('reserved', money)
-  account_add('bres:' .. block.bucket_rg, from_buckets)
   sset('m:' .. rg, money)
   sset('b:' .. rg, from_buckets)
+  sset('bl:' .. rg, held)
   local granted = from_buckets + money_units
   local more = bucket_units_free(block.bucket_rg) > 0
     or affordable_units(schedule, rated + money_units, available_money(), 1) > 0
-  return granted, (granted < wanted) or not more
+  return granted, (granted < wanted) or not more, earliest
 end
 
-local parts, shared_code, any_final = '', nil, false  -- parts: ";<block>" per block
+local parts, shared_code = '', nil  -- parts: ";<block>" per block
+local final_rgs = {}  -- the rating groups granted their final units
 for _, block in ipairs(blocks) do
   local rg = block.rg
-  local code, granted, charged, final = SUCCESS, 0, 0, 0
+  local code, granted, charged, final, expires_in_s = SUCCESS, 0, 0, '0', 0
   if block.status == 'none' then
     code = RATING_FAILED
   elseif block.status == 'free' then
@@ -709,14 +832,15 @@ for _, block in ipairs(blocks) do
   else
     sset('k:' .. rg, block.bucket_rg)  -- remembers the rating group for Terminate
     sset('tf:' .. rg, block.tariff)
-    release(rg, block.bucket_rg)
+    release(rg)
     if block.used > 0 then charged = charge_usage(block) end
     if not closing and block.requested >= 0 then
       if barred then
         code = DENIED
       else
-        local is_final
-        granted, is_final = grant(block, block.requested)
+        local is_final, earliest
+        granted, is_final, earliest = grant(block, block.requested)
+        if earliest > 0 then expires_in_s = earliest - now_s end
         if granted == 0 then
           code = LIMIT_REACHED
           notify('credit_exhausted', 'rg', rg)
@@ -724,7 +848,8 @@ for _, block in ipairs(blocks) do
           notify('quota_granted', 'rg', rg, 'units', granted,
             'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
           if is_final then
-            final, any_final = 1, true
+            final = block.final_action
+            final_rgs[#final_rgs + 1] = rg
             notify('final_units_granted', 'rg', rg, 'units', granted)
           end
         end
@@ -732,8 +857,8 @@ for _, block in ipairs(blocks) do
     end
   end
   shared_code = fold_code(shared_code, code)
-  parts = parts .. ';' .. rg .. ',' .. code .. ',' .. int(granted) .. ',' .. int(charged)
-    .. ',' .. final
+  parts = parts .. ';' .. rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(granted) .. ','
+    .. int(charged) .. ',' .. final .. ',' .. int(expires_in_s)
 end
 if closing then
   -- release the rating groups the Terminate did not mention
@@ -741,7 +866,7 @@ if closing then
   for _, block in ipairs(blocks) do mentioned[block.rg] = true end
   for field, _ in pairs(session) do
     local rg = string.match(field, '^k:(.+)$')
-    if rg and not mentioned[rg] then release(rg, session[field]) end
+    if rg and not mentioned[rg] then release(rg) end
   end
 end
 
@@ -775,7 +900,7 @@ if closing then
   local cause = (kind == 'T') and 'terminate' or 'supervision'
   notify('session_ended', 'cause', cause)
   redis.call('SREM', sessions_key, request_key)
-  redis.call('SREM', final_key, session_id)
+  redis.call('HDEL', final_key, session_id)
   redis.call('ZREM', deadlines_key, request_key)
   redis.call('EXPIRE', request_key, retention_s)
   -- the session as just written: what was read, with this request's changes over it
@@ -783,7 +908,9 @@ if closing then
   write_session_cdr(session, cause, answer:match('^%d+'))
 else
   if kind == 'I' then redis.call('SADD', sessions_key, request_key) end
-  if any_final then redis.call('SADD', final_key, session_id) end
+  if #final_rgs > 0 then
+    redis.call('HSET', final_key, session_id, table.concat(final_rgs, ','))
+  end
   redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
 end
 write_records()

@@ -76,6 +76,7 @@ class Bucket(_message.Message):
     REMAINING_UNITS_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_UNIX_S_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    RESERVED_UNITS_FIELD_NUMBER: _builtins.int
     bucket_id: _builtins.str
     rating_group: _builtins.int
     unit_kind: Global___UnitKind.ValueType
@@ -85,6 +86,8 @@ class Bucket(_message.Message):
     """0: never"""
     priority: _builtins.int
     """lower is used first"""
+    reserved_units: _builtins.int
+    """held by open sessions (read only)"""
     def __init__(
         self,
         *,
@@ -95,10 +98,11 @@ class Bucket(_message.Message):
         remaining_units: _builtins.int = ...,
         expires_at_unix_s: _builtins.int = ...,
         priority: _builtins.int = ...,
+        reserved_units: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_id", b"bucket_id", "expires_at_unix_s", b"expires_at_unix_s", "initial_units", b"initial_units", "priority", b"priority", "rating_group", b"rating_group", "remaining_units", b"remaining_units", "unit_kind", b"unit_kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_id", b"bucket_id", "expires_at_unix_s", b"expires_at_unix_s", "initial_units", b"initial_units", "priority", b"priority", "rating_group", b"rating_group", "remaining_units", b"remaining_units", "reserved_units", b"reserved_units", "unit_kind", b"unit_kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -164,6 +168,7 @@ class Account(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    ADJUSTED_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -181,6 +186,8 @@ class Account(_message.Message):
     refunded_micros: _builtins.int
     """sum of refunds"""
     open_sessions: _builtins.int
+    adjusted_micros: _builtins.int
+    """sum of adjustments (AdjustBalance)"""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -201,10 +208,11 @@ class Account(_message.Message):
         buckets: _abc.Iterable[Global___Bucket] | None = ...,
         usage: _abc.Iterable[Global___RatingGroupUsage] | None = ...,
         open_sessions: _builtins.int = ...,
+        adjusted_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,3 +342,36 @@ class GetAccountRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAccountRequest: _TypeAlias = GetAccountRequest  # noqa: Y015
+
+@_typing.final
+class AdjustBalanceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    AMOUNT_MICROS_FIELD_NUMBER: _builtins.int
+    ADJUSTMENT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    amount_micros: _builtins.int
+    """Credit (> 0) or debit (< 0), never 0."""
+    adjustment_id: _builtins.str
+    """Idempotency key: an adjustment with the same id is applied once; the same id with
+    another amount is refused (ALREADY_EXISTS).
+    """
+    reason: _builtins.str
+    """Why (required, 1..256 characters): recorded in the notification and the CDR."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        amount_micros: _builtins.int = ...,
+        adjustment_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjustment_id", b"adjustment_id", "amount_micros", b"amount_micros", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdjustBalanceRequest: _TypeAlias = AdjustBalanceRequest  # noqa: Y015

@@ -59,6 +59,11 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.AdjustBalance = channel.unary_unary(
+                '/creditline.v1.Admin/AdjustBalance',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -94,6 +99,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdjustBalance(self, request, context):
+        """A credit (or, negative, a debit) that reverses no charge: customer care's goodwill or
+        correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
+        (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
+        beyond what is available (balance + credit limit - reserved) is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -120,6 +135,11 @@ def add_AdminServicer_to_server(servicer, server):
             'GetAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccount,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.GetAccountRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'AdjustBalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustBalance,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -257,6 +277,33 @@ class Admin:
             target,
             '/creditline.v1.Admin/GetAccount',
             creditline_dot_v1_dot_admin__pb2.GetAccountRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustBalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/AdjustBalance',
+            creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

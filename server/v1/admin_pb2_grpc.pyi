@@ -38,6 +38,12 @@ class AdminStub:
     AddBucket: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AddBucketRequest, _admin_pb2.Account]
     SetAccountState: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStateRequest, _admin_pb2.Account]
     GetAccount: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAccountRequest, _admin_pb2.Account]
+    AdjustBalance: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdjustBalanceRequest, _admin_pb2.Account]
+    """A credit (or, negative, a debit) that reverses no charge: customer care's goodwill or
+    correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
+    (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
+    beyond what is available (balance + credit limit - reserved) is refused.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -47,6 +53,12 @@ class AdminAsyncStub(AdminStub):
     AddBucket: _aio.UnaryUnaryMultiCallable[_admin_pb2.AddBucketRequest, _admin_pb2.Account]  # type: ignore[assignment]
     SetAccountState: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAccountStateRequest, _admin_pb2.Account]  # type: ignore[assignment]
     GetAccount: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAccountRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    AdjustBalance: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdjustBalanceRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """A credit (or, negative, a debit) that reverses no charge: customer care's goodwill or
+    correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
+    (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
+    beyond what is available (balance + credit limit - reserved) is refused.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -83,5 +95,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetAccountRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]: ...
+
+    @_abc_1.abstractmethod
+    def AdjustBalance(
+        self,
+        request: _admin_pb2.AdjustBalanceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """A credit (or, negative, a debit) that reverses no charge: customer care's goodwill or
+        correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
+        (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
+        beyond what is available (balance + credit limit - reserved) is refused.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -501,6 +501,7 @@ class EventRequest(_message.Message):
     EVENT_TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     RATING_GROUPS_FIELD_NUMBER: _builtins.int
+    REFUND_OF_SESSION_ID_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """identifies the event for retransmission"""
     request_number: _builtins.int
@@ -508,6 +509,14 @@ class EventRequest(_message.Message):
     account_id: _builtins.str
     event_time_unix_ms: _builtins.int
     action: Global___RequestedAction.ValueType
+    refund_of_session_id: _builtins.str
+    """REFUND (required there, refused elsewhere): the session id of the DIRECT_DEBIT event or
+    of the session whose charge this refunds, while its record is kept
+    (answer_retention_s after it ended). Per rating group, at most the units that charge
+    paid with money minus those refunded already; the money credited is what it charged
+    for them (all of what is left when all its units are refunded). A refund has its own
+    session_id, or the charge's with a higher request_number.
+    """
     @_builtins.property
     def rating_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingGroupRequest]:
         """Units to debit, refund, check or price, per rating group (requested field)."""
@@ -521,10 +530,11 @@ class EventRequest(_message.Message):
         event_time_unix_ms: _builtins.int = ...,
         action: Global___RequestedAction.ValueType = ...,
         rating_groups: _abc.Iterable[Global___RatingGroupRequest] | None = ...,
+        refund_of_session_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "action", b"action", "event_time_unix_ms", b"event_time_unix_ms", "rating_groups", b"rating_groups", "request_number", b"request_number", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "action", b"action", "event_time_unix_ms", b"event_time_unix_ms", "rating_groups", b"rating_groups", "refund_of_session_id", b"refund_of_session_id", "request_number", b"request_number", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -46,7 +46,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     USAGE_SPIKE: _EventType.ValueType  # 11
     """usage rate far above the account's own recent rate"""
     REAUTHORIZATION_NEEDED: _EventType.ValueType  # 12
-    """after a top-up, for a session held at its final units"""
+    """after a top-up or a credit, for each rating group a session holds at its final
+    units (rating_group): the network function should ask for that rating group again
+    """
+    ADJUSTMENT: _EventType.ValueType  # 13
+    """AdjustBalance: amount, balance after; details reason, id"""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -68,7 +72,11 @@ BUCKET_EXPIRED: EventType.ValueType  # 10
 USAGE_SPIKE: EventType.ValueType  # 11
 """usage rate far above the account's own recent rate"""
 REAUTHORIZATION_NEEDED: EventType.ValueType  # 12
-"""after a top-up, for a session held at its final units"""
+"""after a top-up or a credit, for each rating group a session holds at its final
+units (rating_group): the network function should ask for that rating group again
+"""
+ADJUSTMENT: EventType.ValueType  # 13
+"""AdjustBalance: amount, balance after; details reason, id"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final
