@@ -143,7 +143,7 @@ def _script_source(name: str) -> str:
 
 
 # A unit bucket's value in the buckets hash, field by field ("|"-separated), as charge.lua
-# and admin.lua write it (tests/test_buckets.py holds the scripts to it).
+# and admin.lua write it (tests/test_money_rules.py holds the scripts to it).
 BUCKET_FIELDS = ("rating_group", "remaining", "expires_at_s", "priority", "initial",
                  "unit_kind", "serial", "reserved")
 

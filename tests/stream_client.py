@@ -44,7 +44,10 @@ class StreamCharging:
         return (await self._send(terminate=request)).credit_control
 
     async def Event(self, request: pb.EventRequest) -> pb.EventAnswer:
-        return (await self._send(event=request)).event
+        answer = await self._send(event=request)
+        # an event is answered in the event field, whatever happened to it
+        assert answer.WhichOneof("answer") == "event", answer
+        return answer.event
 
     async def close(self) -> None:
         await self._outgoing.put(None)

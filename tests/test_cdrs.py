@@ -78,7 +78,7 @@ def postgres_schema() -> Iterator[str]:
 
 
 async def some_traffic(books: Books, prefix: str, accounts: int = 5) -> list[str]:
-    """Sessions (terminated and open), debits and refunds on new accounts."""
+    """Sessions (terminated and open), debits, refunds and adjustments on new accounts."""
     ids = []
     for n in range(accounts):
         acct = f"{prefix}-{n}"
@@ -101,6 +101,16 @@ async def some_traffic(books: Books, prefix: str, accounts: int = 5) -> list[str
                 session_id=f"{acct};e{index}{n}", account_id=acct, action=action,
                 rating_groups=[block(RG_SMS, requested=2)],
                 refund_of_session_id=f"{acct};e1{n}" if action == pb.REFUND else ""))
+        # the last 10 s of the first (terminated) session's voice back, and care's credit
+        # and debit: CDRs of their own that the books must count
+        refunded = await books.charging.Event(pb.EventRequest(
+            session_id=f"{acct};r{n}", account_id=acct, action=pb.REFUND,
+            rating_groups=[block(RG_VOICE, requested=10)], refund_of_session_id=f"{acct};0"))
+        assert refunded.rating_groups[0].amount_micros == 100_000, refunded
+        for amount in (300_000, -120_000):
+            await books.admin.AdjustBalance(admin_pb.AdjustBalanceRequest(
+                account_id=acct, amount_micros=amount, adjustment_id=f"a{amount}",
+                reason="care"))
     return ids
 
 
