@@ -119,7 +119,8 @@ def _channel(args: argparse.Namespace) -> grpc.aio.Channel:
 
 
 def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    account = commands.add_parser("account", help="create, top up, bar and show accounts")
+    account = commands.add_parser("account",
+                                  help="create, top up, adjust, bar and show accounts")
     _add_connection_flags(account)
     account_commands = account.add_subparsers(dest="account_command", required=True)
     create = account_commands.add_parser("create")
@@ -130,6 +131,13 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     top_up.add_argument("account_id")
     top_up.add_argument("amount_micros", type=int)
     top_up.add_argument("--top-up-id", default="", help="idempotency key (default: random)")
+    adjust = account_commands.add_parser(
+        "adjust", help="credit (or, negative, debit) the balance: reverses no charge")
+    adjust.add_argument("account_id")
+    adjust.add_argument("amount_micros", type=int)
+    adjust.add_argument("--reason", required=True, help="why: kept in the notification and CDR")
+    adjust.add_argument("--adjustment-id", default="",
+                        help="idempotency key (default: random)")
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
 
@@ -162,6 +170,10 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
             return await admin.TopUp(admin_pb.TopUpRequest(
                 account_id=args.account_id, amount_micros=args.amount_micros,
                 top_up_id=args.top_up_id or uuid.uuid4().hex))
+        if command == "adjust":
+            return await admin.AdjustBalance(admin_pb.AdjustBalanceRequest(
+                account_id=args.account_id, amount_micros=args.amount_micros,
+                reason=args.reason, adjustment_id=args.adjustment_id or uuid.uuid4().hex))
         if command in ("bar", "unbar"):
             state = admin_pb.BARRED if command == "bar" else admin_pb.ACTIVE
             return await admin.SetAccountState(admin_pb.SetAccountStateRequest(

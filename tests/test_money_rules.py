@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -381,3 +383,20 @@ async def test_event_times_outside_the_window_are_refused_naming_the_field(
     assert (await stub.Event(late)).result_code == pb.SUCCESS
     if transport == "stream":
         await stub.close()
+
+
+async def test_the_cli_adjusts_a_balance_with_a_reason(
+        server: Any, admin: Any, make_account: Any, checked_books: Any) -> None:
+    acct = await make_account(balance_micros=1_000_000)
+    command = [sys.executable, "-m", "creditline", "account", "--server",
+               f"127.0.0.1:{server.port}", "adjust", acct, "-200000", "--reason",
+               "double charge on 2026-12-01", "--adjustment-id", "care-7"]
+    for _ in range(2):  # the same adjustment id twice: applied once
+        finished = await asyncio.to_thread(subprocess.run, command, capture_output=True,
+                                           text=True, timeout=60, check=False)
+        assert finished.returncode == 0, finished.stderr
+    state = await account(admin, acct)
+    assert (state.balance_micros, state.adjusted_micros) == (800_000, -200_000)
+    without_reason = await asyncio.to_thread(subprocess.run, command[:-4], capture_output=True,
+                                             text=True, timeout=60, check=False)
+    assert without_reason.returncode != 0 and "--reason" in without_reason.stderr
