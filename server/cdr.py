@@ -32,7 +32,7 @@ class CdrItem:
 @dataclass(frozen=True, slots=True)
 class Cdr:
     cdr_id: str
-    kind: str                    # session | event | refund
+    kind: str                    # session | event | refund | adjustment
     account_id: str
     session_id: str
     started_ms: int
@@ -42,6 +42,8 @@ class Cdr:
     charged_micros: int
     balance_after_micros: int
     items: tuple[CdrItem, ...]
+    # refund: the session id of the charge it reverses; adjustment: its reason
+    reference: str = ""
 
 
 def cdr_from_stream(partition: int, stream_id: str, fields: Mapping[str, str]) -> Cdr:
@@ -56,6 +58,7 @@ def cdr_from_stream(partition: int, stream_id: str, fields: Mapping[str, str]) -
         ended_ms=int(fields["ended_ms"]), cause=fields["cause"],
         result_code=int(fields.get("result") or 0), charged_micros=int(fields["charged"]),
         balance_after_micros=int(fields["balance_after"]), items=tuple(items),
+        reference=fields.get("refunds") or fields.get("reason", ""),
     )
 
 
@@ -73,7 +76,10 @@ class Sink(Protocol):
 
 
 _COLUMNS = ("cdr_id", "kind", "account_id", "session_id", "started_ms", "ended_ms", "cause",
-            "result_code", "charged_micros", "balance_after_micros", "items")
+            "result_code", "charged_micros", "balance_after_micros", "items", "reference")
+# Added after the first release: tables made before get it at start.
+_ADDED_COLUMN = "reference"
+
 
 
 def _row(cdr: Cdr) -> tuple[Any, ...]:
@@ -92,7 +98,11 @@ class SqliteSink:
             "CREATE TABLE IF NOT EXISTS cdr (cdr_id TEXT PRIMARY KEY, kind TEXT NOT NULL, "
             "account_id TEXT NOT NULL, session_id TEXT NOT NULL, started_ms INTEGER, "
             "ended_ms INTEGER, cause TEXT, result_code INTEGER, "
-            "charged_micros INTEGER NOT NULL, balance_after_micros INTEGER, items TEXT)")
+            "charged_micros INTEGER NOT NULL, balance_after_micros INTEGER, items TEXT, "
+            "reference TEXT)")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(cdr)")}
+        if _ADDED_COLUMN not in columns:
+            self._db.execute(f"ALTER TABLE cdr ADD COLUMN {_ADDED_COLUMN} TEXT")
         self._db.commit()
 
     def write(self, cdrs: Sequence[Cdr]) -> None:
@@ -136,7 +146,10 @@ class PostgresSink:
                 f"CREATE TABLE IF NOT EXISTS {self._table} (cdr_id TEXT PRIMARY KEY, "
                 "kind TEXT NOT NULL, account_id TEXT NOT NULL, session_id TEXT NOT NULL, "
                 "started_ms BIGINT, ended_ms BIGINT, cause TEXT, result_code INTEGER, "
-                "charged_micros BIGINT NOT NULL, balance_after_micros BIGINT, items JSONB)")
+                "charged_micros BIGINT NOT NULL, balance_after_micros BIGINT, items JSONB, "
+                "reference TEXT)")
+            self._db.execute(
+                f"ALTER TABLE {self._table} ADD COLUMN IF NOT EXISTS {_ADDED_COLUMN} TEXT")
 
     def write(self, cdrs: Sequence[Cdr]) -> None:
         with self._db.transaction(), self._db.cursor() as cursor:

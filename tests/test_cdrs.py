@@ -144,16 +144,26 @@ async def test_cdr_contents_for_a_session_and_events(books: Books, tmp_path: Pat
     await books.charging.Event(pb.EventRequest(session_id="sms", account_id=acct,
                                                action=pb.DIRECT_DEBIT,
                                                rating_groups=[block(RG_SMS, requested=3)]))
+    await books.charging.Event(pb.EventRequest(
+        session_id="sms-refund", account_id=acct, action=pb.REFUND,
+        rating_groups=[block(RG_SMS, requested=1)], refund_of_session_id="sms"))
+    await books.admin.AdjustBalance(admin_pb.AdjustBalanceRequest(
+        account_id=acct, amount_micros=70_000, adjustment_id="care-1", reason="goodwill"))
     sink = open_sink(f"sqlite:///{tmp_path / 'cdrs.db'}")
     export_all(books, sink)
     db = sink._db  # type: ignore[attr-defined]
     rows = db.execute("SELECT kind, session_id, cause, result_code, charged_micros, "
-                      "balance_after_micros, items FROM cdr WHERE account_id = ? "
+                      "balance_after_micros, items, reference FROM cdr WHERE account_id = ? "
                       "ORDER BY ended_ms, kind", (acct,)).fetchall()
     import json
     # by kind, not by position: the Terminate and the Event may end in the same millisecond
-    assert sorted(row[0] for row in rows) == ["event", "session"]
-    session, event = sorted(rows, key=lambda row: row[0] != "session")
+    kinds = ["session", "event", "refund", "adjustment"]
+    assert sorted(row[0] for row in rows) == sorted(kinds)
+    session, event, refund, adjustment = sorted(rows, key=lambda row: kinds.index(row[0]))
+    assert refund[:6] == ("refund", "sms-refund", "event", 2001, -50_000, 4_188_000)
+    assert refund[7] == "sms"  # what it reverses
+    assert adjustment[:6] == ("adjustment", "care-1", "adjustment", 2001, -70_000, 4_258_000)
+    assert adjustment[7] == "goodwill"
     assert session[:6] == ("session", "call", "terminate", 2001, 710_000 + 2_000, 4_288_000)
     items = {i["rating_group"]: i for i in json.loads(session[6])}
     assert items[str(RG_VOICE)]["used_units"] == 61
