@@ -156,6 +156,9 @@ def _check_refund_of(request: pb.EventRequest, settings: Settings) -> Refusal | 
         return Refusal(MISSING, "refund_of_session_id: missing: a REFUND names the session "
                        "id of the event or session whose charge it reverses (a credit that "
                        "reverses no charge is an Admin adjustment)")
+    if refund_of == request.session_id:
+        return Refusal(INVALID, "refund_of_session_id: the refund's own session_id; a refund "
+                       "has a session id of its own")
     refusal = check_ids(refund_of, request.account_id, settings)
     if refusal:
         return Refusal(refusal.result_code,

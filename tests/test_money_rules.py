@@ -223,6 +223,11 @@ async def test_an_event_refund_is_bounded_by_the_event(
     assert two.rating_groups[0].amount_micros == 100_000 and two.balance_micros == 1_000_000
     more = await refund(charging, acct, f"{acct};r3", debit.session_id, 1, RG_SMS)
     assert more.result_code == pb.INVALID_AVP_VALUE
+    of_a_refund = await refund(charging, acct, f"{acct};r5", f"{acct};r1", 1, RG_SMS)
+    assert of_a_refund.result_code == pb.INVALID_AVP_VALUE  # a refund is no charge
+    of_itself = await refund(charging, acct, f"{acct};r6", f"{acct};r6", 1, RG_SMS)
+    assert of_itself.result_code == pb.INVALID_AVP_VALUE
+    assert of_itself.error_message.startswith("refund_of_session_id")
     other_rg = await refund(charging, acct, f"{acct};r4", debit.session_id, 1, RG_VOICE)
     assert other_rg.result_code == pb.INVALID_AVP_VALUE
     assert other_rg.error_message.startswith("rating_groups[0]")

@@ -7,9 +7,11 @@ written here too, in the same step: one exists if and only if its charge happene
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
                           charged, refunded, adjusted, low_balance (thresholds, "t1,t2,...")
-  KEYS[2] request key     session hash (kinds I/U/T) or event hash (kind E): last_request,
-                          answer, and per rating group r: (units rated, paid by money), c:
-                          (money charged), ru: and rc: (units and money refunded since)
+  KEYS[2] request key     session hash (kinds I/U/T: per rating group r: units rated, paid
+                          by money, c: money charged, ru: and rc: units and money refunded
+                          since, ...) or event answer string (kind E: "<request number>|
+                          <answer>", a debit's then "|<refunds>": "<rg>=<units>:<money>,..."
+                          refunded of it)
   KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind|
                           serial|reserved" (server/store.py BUCKET_FIELDS): serial numbers
                           the bucket in its account (ids can be reused after an expiry),
@@ -33,7 +35,7 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           dropped any after its cursor
   KEYS[11] deadlines      the partition's sorted set: session key -> supervision deadline
                           (unix ms); a session with no request by then is closed ("S")
-  KEYS[12], KEYS[13]      REFUND only: the event hash and the session hash of the id the
+  KEYS[12], KEYS[13]      REFUND only: the event answer and the session hash of the id the
                           refund names (whichever exists holds the charge it reverses)
 
 ARGV:
@@ -568,13 +570,59 @@ local function event_part(block, code, units, amount, from_buckets)
     .. int(amount) .. ',' .. int(from_buckets)
 end
 
--- REFUND: the key and fields of the charge it names (an event's hash, else a session's).
+-- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
+-- refunds of a debit ("" before any; nil for other events: nothing to refund).
+local function stored_event(stored)
+  local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
+  if rest == '' then return number, answer, nil end
+  return number, answer, string.sub(rest, 2)
+end
+
+-- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
+-- and whether it is an event's (else a session's); nil when no such charge is kept.
 local function refund_target()
-  for _, key in ipairs({ KEYS[12], KEYS[13] }) do
-    local fields = hash(key)
-    if next(fields) ~= nil then return key, fields end
+  local stored = redis.call('GET', KEYS[12])
+  if not stored then
+    local session_fields = hash(KEYS[13])
+    if next(session_fields) == nil then return nil end
+    return session_fields, false
   end
-  return nil
+  local _, answer, refunds = stored_event(stored)
+  local fields = {}
+  if not refunds then return fields, true end  -- not a debit
+  -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
+  for rg, units, amount, from_buckets in
+      string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
+    fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
+  end
+  for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
+    fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
+  end
+  return fields, true
+end
+
+-- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
+-- event's stored answer rewritten (its expiry kept) with the refunds after it.
+local function record_refunds(target, of_event, refunded)
+  if not of_event then
+    for rg, r in pairs(refunded) do
+      redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
+      redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
+    end
+    return
+  end
+  for rg, r in pairs(refunded) do
+    target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
+    target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
+  end
+  local parts = {}
+  for field, units in pairs(target) do
+    local rg = string.match(field, '^ru:(.+)$')
+    if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
+  end
+  local number, answer = stored_event(redis.call('GET', KEYS[12]))
+  redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
+    'KEEPTTL')
 end
 
 -- REFUND: the money each block gets back, or nil and why the refund is refused. Only
@@ -616,10 +664,11 @@ end
 -- upvalues rather than registers (-2 % instructions per request against making only the
 -- function that runs).
 if kind == 'E' then
-  local stored = redis.call('HMGET', request_key, 'last_request', 'answer')
-  if stored[1] then
-    local stored_number = num(stored[1])
-    if stored_number == request_number then return stored[2] end
+  local stored = redis.call('GET', request_key)
+  if stored then
+    local stored_number, stored_answer = stored_event(stored)
+    stored_number = num(stored_number)
+    if stored_number == request_number then return stored_answer end
     if request_number < stored_number then
       return INVALID_VALUE .. ';!request number lower than the last one processed'
     end
@@ -627,11 +676,11 @@ if kind == 'E' then
   if barred and event_action == 'DEBIT' then
     return DENIED .. ';!account is barred'
   end
-  local refund_key, refunds
+  local target, of_event, refunds
   if event_action == 'REFUND' then
-    local target, reason
-    refund_key, target = refund_target()
-    if not refund_key then
+    local reason
+    target, of_event = refund_target()
+    if not target then
       return INVALID_VALUE .. ';!refund_of_session_id: no charge of that id is kept ' ..
         '(none made, or it ended more than answer_retention_s ago); a credit that ' ..
         'reverses no charge is an Admin adjustment'
@@ -641,7 +690,7 @@ if kind == 'E' then
   end
   local parts, shared_code, sufficient = '', nil, 1  -- parts: ";<block>" per block
   local cdr_items, cdr_total = {}, 0
-  local kept = {}  -- per rating group what a refund of this event may reverse
+  local refunded = {}  -- REFUND: rating group -> { units, amount }
   for index, block in ipairs(blocks) do
     local code, amount, from_buckets = SUCCESS, 0, 0
     local units = block.requested
@@ -657,8 +706,7 @@ if kind == 'E' then
       account_add('balance', amount)
       account_add('refunded', amount)
       record_usage(block.rg, 0, -amount, 0, 0)
-      redis.call('HINCRBY', refund_key, 'ru:' .. block.rg, int(units))
-      redis.call('HINCRBY', refund_key, 'rc:' .. block.rg, int(amount))
+      refunded[block.rg] = { units = units, amount = amount }
       notify('event_refunded', 'rg', block.rg, 'units', units, 'amount', amount,
         'balance', balance)
       cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
@@ -684,10 +732,6 @@ if kind == 'E' then
         cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
           .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
         cdr_total = cdr_total + amount
-        kept[#kept + 1] = 'r:' .. block.rg
-        kept[#kept + 1] = int(units - from_buckets)
-        kept[#kept + 1] = 'c:' .. block.rg
-        kept[#kept + 1] = int(amount)
       end
     end
     shared_code = fold_code(shared_code, code)
@@ -706,9 +750,11 @@ if kind == 'E' then
       'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'), unpack(
       event_action == 'REFUND' and { 'refunds', refund_of } or {}))
   end
-  redis.call('HSET', request_key, 'last_request', int(request_number), 'answer', answer,
-    unpack(kept))
-  redis.call('EXPIRE', request_key, retention_s)
+  if target then record_refunds(target, of_event, refunded) end
+  -- a debit's answer ends with '|': its refunds go there (see stored_event)
+  local refundable = (event_action == 'DEBIT') and '|' or ''
+  redis.call('SET', request_key, int(request_number) .. '|' .. answer .. refundable, 'EX',
+    retention_s)
   return answer
 end
 
@@ -765,10 +811,14 @@ local function release(rg)
   local money = sget('m:' .. rg)
   reserved = reserved - money
   account_add('reserved', -money)
-  release_buckets(session_changes['bl:' .. rg] or session['bl:' .. rg] or '')
   sset('m:' .. rg, 0)
-  sset('b:' .. rg, 0)
-  sset('bl:' .. rg, '')
+  -- (a session that never held bucket units has neither field: none written per request)
+  local held = session_changes['bl:' .. rg] or session['bl:' .. rg]
+  if held and held ~= '' then
+    release_buckets(held)
+    sset('b:' .. rg, 0)
+    sset('bl:' .. rg, '')
+  end
 end
 
 local function charge_usage(block)
@@ -811,8 +861,10 @@ local function grant(block, wanted)
   reserved = reserved + money
   account_add('reserved', money)
   sset('m:' .. rg, money)
-  sset('b:' .. rg, from_buckets)
-  sset('bl:' .. rg, held)
+  if from_buckets > 0 then
+    sset('b:' .. rg, from_buckets)
+    sset('bl:' .. rg, held)
+  end
   local granted = from_buckets + money_units
   local more = bucket_units_free(block.bucket_rg) > 0
     or affordable_units(schedule, rated + money_units, available_money(), 1) > 0

@@ -514,8 +514,8 @@ class EventRequest(_message.Message):
     of the session whose charge this refunds, while its record is kept
     (answer_retention_s after it ended). Per rating group, at most the units that charge
     paid with money minus those refunded already; the money credited is what it charged
-    for them (all of what is left when all its units are refunded). A refund has its own
-    session_id, or the charge's with a higher request_number.
+    for them (all of what is left when all its units are refunded). A refund has a
+    session_id of its own.
     """
     @_builtins.property
     def rating_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingGroupRequest]:
