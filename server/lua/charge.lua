@@ -813,7 +813,8 @@ local function release(rg)
   account_add('reserved', -money)
   sset('m:' .. rg, 0)
   -- (a session that never held bucket units has neither field: none written per request)
-  local held = session_changes['bl:' .. rg] or session['bl:' .. rg]
+  local held_field = 'bl:' .. rg
+  local held = session_changes[held_field] or session[held_field]
   if held and held ~= '' then
     release_buckets(held)
     sset('b:' .. rg, 0)
@@ -850,8 +851,11 @@ end
 -- earliest expiry (unix s, 0: none) of the buckets they draw on.
 local function grant(block, wanted)
   local rg = block.rg
-  local from_buckets, held, earliest = take_buckets(block.bucket_rg,
-    math.min(wanted, bucket_units_free(block.bucket_rg)), true)
+  local from_buckets, held, earliest = 0, '', 0
+  local free = bucket_units_free(block.bucket_rg)
+  if free > 0 then
+    from_buckets, held, earliest = take_buckets(block.bucket_rg, math.min(wanted, free), true)
+  end
   local rated = sget('r:' .. rg)
   -- the grant starts at the event time
   local schedule = schedule_from(block, rated, period_units(block), 0)
