@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 from creditline.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
@@ -23,21 +22,7 @@ from creditline.v1 import charging_pb2 as pb
 from redis import Redis as SyncRedis
 
 from tests.messages import RG_VOICE, block, ccr, granted
-
-START_TIMEOUT_S = 30
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()
-            try:
-                grpc.channel_ready_future(channel).result(timeout=0.5)
-                return
-            except grpc.FutureTimeoutError:
-                continue
-    pytest.fail("server did not start")
+from tests.processes import serve, stop, wait_for_port
 
 
 def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
@@ -57,18 +42,14 @@ def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
 
 def _serve_with_embedded_redis(port: int) -> subprocess.Popen[str]:
     """`creditline serve` as a user runs it: no Redis settings, so it starts its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
-         "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return serve("--listen-address", f"127.0.0.1:{port}", "--workers", "1")
 
 
 def test_serve_with_embedded_redis_then_sigterm() -> None:
     port = free_port()
     process = _serve_with_embedded_redis(port)
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             charging = charging_pb2_grpc.ChargingStub(channel)
@@ -116,12 +97,9 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
-         "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = serve("--listen-address", f"127.0.0.1:{port}", "--workers", "2")
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         time.sleep(1)  # both workers have bound the port by now
         for n in range(20):  # new connections: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -149,7 +127,7 @@ def test_the_embedded_redis_ends_with_a_killed_server() -> None:
     try:
         assert process.stdout is not None
         socket_path = _socket_of(_embedded_redis_url(_started_line(process)))
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         process.kill()
         process.wait(timeout=30)
         deadline = time.monotonic() + 10
@@ -233,7 +211,7 @@ def test_the_embedded_redis_is_private(redis_process: RedisProcess, tmp_path: Pa
     try:
         url = _embedded_redis_url(_started_line(process))
         socket_path = _socket_of(url)
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         directory = Path(socket_path).parent.stat()
         assert directory.st_mode & 0o777 == 0o700
         assert directory.st_uid == os.geteuid()
@@ -251,5 +229,4 @@ def test_the_embedded_redis_is_private(redis_process: RedisProcess, tmp_path: Pa
         assert books.returncode == 0, books.stdout + books.stderr
         assert "0 discrepancies" in books.stderr
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
+        stop(process)
