@@ -8,8 +8,10 @@
 #
 #   deploy/check_image_steps.sh [GIT_REF]     # default: HEAD of this repository
 #
-# BASE_PYTHON (default python3) stands in for the image's interpreter; it must be one the
-# non-root user can run (e.g. /usr/bin/python3, not one under /root).
+# BASE_PYTHON (default /usr/bin/python3 where there is one, else python3) stands in for
+# the image's interpreter; it must be one the non-root user can run (not one under /root,
+# such as pyenv's: nobody then runs another Python, with another standard library, than
+# the one the wheels were chosen for). The runtime stage checks that it can.
 set -euo pipefail
 REF=${1:-HEAD}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +25,11 @@ echo "== build stage ($REF)"
 mkdir "$WORK/src"
 git -C "$REPO" archive "$REF" | tar -x -C "$WORK/src"   # COPY . . (tracked files only)
 [ -f "$WORK/src/Dockerfile" ] || cp "$REPO/Dockerfile" "$WORK/src/Dockerfile"
-"${BASE_PYTHON:-python3}" -m venv "$WORK/base"
+if [ -z "${BASE_PYTHON:-}" ]; then
+  BASE_PYTHON=python3
+  [ -x /usr/bin/python3 ] && BASE_PYTHON=/usr/bin/python3
+fi
+"$BASE_PYTHON" -m venv "$WORK/base"
 PY="$WORK/base/bin/python"
 (cd "$WORK/src" && "$PY" -m pip wheel -q --wheel-dir "$WORK/wheels" .)
 "$PY" -m venv "$WORK/opt"
@@ -59,6 +65,9 @@ image_env() { env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFER
 tls_env=(CREDITLINE_TLS_CERT_FILE="$TLS/server.crt" CREDITLINE_TLS_KEY_FILE="$TLS/server.key"
          CREDITLINE_TLS_CLIENT_CA_FILE="$TLS/ca.crt")
 
+as_nobody "$WORK/opt/bin/python" -c "import creditline.app, creditline.cli" ||
+  { echo "nobody cannot run this environment ($BASE_PYTHON): set BASE_PYTHON"; exit 1; }
+
 echo "-- the first-try certificates (creditline-make-certs)"
 install -d -m 0700 -o 65534 -g 65534 "$TLS"    # the image's directory, its user's only
 as_nobody bash "$WORK/src/deploy/make_certs.sh" "$TLS"
@@ -66,7 +75,9 @@ as_nobody bash "$WORK/src/deploy/make_certs.sh" "$TLS"
 echo "-- without the image's TLS settings: plaintext on every address is refused"
 code=0; image_env "${nobody[@]}" creditline serve > "$WORK/refused.log" 2>&1 || code=$?
 cat "$WORK/refused.log"
-[ "$code" = 2 ] && grep -q "every caller has every role" "$WORK/refused.log"
+if [ "$code" != 2 ] || ! grep -q "every caller has every role" "$WORK/refused.log"; then
+  echo "plaintext on every address was not refused (exit code $code)"; exit 1
+fi
 
 echo "-- serve with the image's environment"
 # run directly (not through a function), so $! is the server itself: env and setpriv
@@ -92,5 +103,8 @@ code=0; wait "$SERVER" || code=$?
 SERVER=""
 cat "$WORK/serve.log"
 echo "serve exit code after SIGTERM: $code"
-[ "$healthy" = yes ] && [ "$plaintext" = refused ] && [ "$code" = 0 ]
+# one test, not a list of them: set -e stops at no failure but a list's last
+if [ "$healthy" != yes ] || [ "$plaintext" != refused ] || [ "$code" != 0 ]; then
+  echo "IMAGE STEPS FAILED"; exit 1
+fi
 echo "IMAGE STEPS OK"
