@@ -60,8 +60,10 @@ PORT=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); \
 print(s.getsockname()[1])")
 nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups)
 as_nobody() { env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp "${nobody[@]}" "$@"; }
-image_env() { env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFERED=1 \
-    CREDITLINE_LISTEN_ADDRESS="0.0.0.0:$PORT" CREDITLINE_LOG_FORMAT=json "$@"; }
+# a command, not a function: `... &` then makes $! the server itself (env and setpriv
+# exec into it), and SIGTERM reaches creditline, not a subshell
+image_env=(env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFERED=1
+           CREDITLINE_LISTEN_ADDRESS="0.0.0.0:$PORT" CREDITLINE_LOG_FORMAT=json)
 tls_env=(CREDITLINE_TLS_CERT_FILE="$TLS/server.crt" CREDITLINE_TLS_KEY_FILE="$TLS/server.key"
          CREDITLINE_TLS_CLIENT_CA_FILE="$TLS/ca.crt")
 
@@ -73,16 +75,14 @@ install -d -m 0700 -o 65534 -g 65534 "$TLS"    # the image's directory, its user
 as_nobody bash "$WORK/src/deploy/make_certs.sh" "$TLS"
 
 echo "-- without the image's TLS settings: plaintext on every address is refused"
-code=0; image_env "${nobody[@]}" creditline serve > "$WORK/refused.log" 2>&1 || code=$?
+code=0; "${image_env[@]}" "${nobody[@]}" creditline serve > "$WORK/refused.log" 2>&1 || code=$?
 cat "$WORK/refused.log"
 if [ "$code" != 2 ] || ! grep -q "every caller has every role" "$WORK/refused.log"; then
   echo "plaintext on every address was not refused (exit code $code)"; exit 1
 fi
 
 echo "-- serve with the image's environment"
-# run directly (not through a function), so $! is the server itself: env and setpriv
-# exec into it, and SIGTERM reaches creditline
-image_env "${tls_env[@]}" "${nobody[@]}" creditline serve > "$WORK/serve.log" 2>&1 &
+"${image_env[@]}" "${tls_env[@]}" "${nobody[@]}" creditline serve > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 health_flags=(--server "127.0.0.1:$PORT" --timeout-s 2 --tls-ca-file "$TLS/ca.crt"
               --tls-cert-file "$TLS/health.crt" --tls-key-file "$TLS/health.key")
