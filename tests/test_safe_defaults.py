@@ -4,10 +4,12 @@ is warned about, and `--help` says where secrets belong."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -75,7 +77,7 @@ def redis_with_password() -> Iterator[tuple[RedisProcess, str]]:
 
 
 def test_a_password_in_the_redis_url_is_warned_about_and_never_shown(
-        redis_with_password: tuple[RedisProcess, str]) -> None:
+        redis_with_password: tuple[RedisProcess, str], tmp_path: Path) -> None:
     process, password = redis_with_password
     port = free_port()
     url = process.url.replace("redis://", f"redis://default:{password}@")
@@ -93,6 +95,13 @@ def test_a_password_in_the_redis_url_is_warned_about_and_never_shown(
     assert any("redis_url carries a password" in line and "CREDITLINE_REDIS_PASSWORD" in line
                and "redis_password_file" in line for line in warnings), output
     assert password not in output
+    # the offline commands take it from the environment too
+    books = subprocess.run(
+        [sys.executable, "-m", "creditline", "reconcile", "--redis-url", process.url,
+         "--sink", f"sqlite:///{tmp_path / 'cdrs.sqlite'}"],
+        env={**os.environ, "CREDITLINE_REDIS_PASSWORD": password}, capture_output=True,
+        text=True, timeout=60, check=False)
+    assert books.returncode == 0 and "0 discrepancies" in books.stderr, books.stderr
 
 
 def test_serve_help_says_where_secrets_belong() -> None:
