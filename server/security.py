@@ -51,7 +51,7 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "creditline.v1.Notifications": frozenset({Role.SUBSCRIBER, Role.ADMIN}),
 }
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
-# Services any role may call: an authenticated caller, not any client the CA signed
+# Services a caller with any role may call: a certificate the CA signed is not enough
 ANY_ROLE_SERVICES = frozenset({
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
