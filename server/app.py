@@ -32,7 +32,8 @@ from creditline.telemetry import Telemetry, build_telemetry
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 CHARGING = charging_pb2.DESCRIPTOR.services_by_name["Charging"]
 ADMIN = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 NOTIFICATIONS = notifications_pb2.DESCRIPTOR.services_by_name["Notifications"]
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 CHARGING_SERVICE = CHARGING.full_name
 ADMIN_SERVICE = ADMIN.full_name
 
@@ -236,7 +238,10 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]
     if settings.reflection_enabled:
-        reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server)
+        # through the wrapper: with mutual TLS only callers with a role may list and
+        # describe the services (reflection.enable_server_reflection would open it to all)
+        add_service(server, ReflectionServicer(
+            [*services, reflection.SERVICE_NAME]), REFLECTION, wrap)
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
     if credentials is None:
         port = server.add_insecure_port(settings.listen_address)
@@ -284,8 +289,9 @@ def redis_for(settings: Settings) -> Iterator[str]:
     extra: tuple[str, ...] = ()
     if settings.embedded_redis_dir:
         extra = ("--appendonly", "yes", "--appendfsync", "always")
+    # private: a unix socket in a 0700 directory, no TCP (it has no password)
     process = RedisProcess(data_dir=settings.embedded_redis_dir, extra_args=extra,
-                           die_with_parent=True)
+                           die_with_parent=True, private=True)
     process.start()
     log.info("started embedded redis-server %s on %s (data in %s)",
              process.binary, process.url, process.data_dir)

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 DEFAULT_SINK = "sqlite:///cdrs.sqlite"
+PASSWORD_ENV = "CREDITLINE_REDIS_PASSWORD"
 # The exit code shells give a command killed by SIGPIPE (128 + 13)
 EXIT_BROKEN_PIPE = 141
 
@@ -56,7 +57,8 @@ def _books_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "reconcile", help="check balances, reservations and CDRs agree; exit 1 if not")
     for parser in (export, reconcile):
         parser.add_argument("--redis-url", default=os.environ.get("CREDITLINE_REDIS_URL", ""),
-                            help="(env CREDITLINE_REDIS_URL)")
+                            help="(env CREDITLINE_REDIS_URL) no password in it (a flag shows "
+                                 f"in ps): give it in the environment, {PASSWORD_ENV}")
         parser.add_argument("--sink", default=os.environ.get("CREDITLINE_CDR_SINK",
                                                              DEFAULT_SINK),
                             help="sqlite:///file, postgresql://..., jsonl:///dir "
@@ -76,7 +78,8 @@ def _books_command(args: argparse.Namespace) -> int:
     if not args.redis_url:
         print("creditline: --redis-url (or CREDITLINE_REDIS_URL) is required", file=sys.stderr)
         return 2
-    redis = Redis.from_url(args.redis_url)
+    # the password as serve takes it, from the environment; one in the URL still wins
+    redis = Redis.from_url(args.redis_url, password=os.environ.get(PASSWORD_ENV) or None)
     partitions = recorded_partitions(redis)
     sink = open_sink(args.sink)
     try:

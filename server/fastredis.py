@@ -5,8 +5,9 @@ The notification hub reads its streams through one too (`call`, on a connection 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path
 keeps 86 % of it (4,700; shared/reference/performance-floor.md). It serves the charging
-script on one Redis server without AUTH or TLS; everything else, and Redis Cluster, AUTH
-and TLS, go through redis-py.
+script on one Redis server without AUTH or TLS, over TCP (redis://) or a unix socket
+(unix://, the embedded Redis); everything else, and Redis Cluster, AUTH and TLS, go
+through redis-py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import hiredis
 from redis.exceptions import ResponseError
@@ -118,9 +119,13 @@ class FastScriptClient:
 
     def __init__(self, url: str, connect_timeout_s: float, call_timeout_s: float) -> None:
         parsed = urlparse(url)
+        self._socket_path = parsed.path if parsed.scheme == "unix" else ""
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or 6379
-        self._db = int(parsed.path.lstrip("/") or 0)
+        # the database: redis://host/<db>, unix:///path?db=<db> (as redis-py reads them)
+        db = parse_qs(parsed.query).get("db", ["0"])[0] if self._socket_path \
+            else parsed.path.lstrip("/")
+        self._db = int(db or 0)
         self._connect_timeout_s = connect_timeout_s
         self._call_timeout_s = call_timeout_s
         self._connection: _Connection | None = None
@@ -128,7 +133,8 @@ class FastScriptClient:
 
     @staticmethod
     def usable_for(url: str, has_credentials: bool, cluster: bool) -> bool:
-        return urlparse(url).scheme == "redis" and not has_credentials and not cluster
+        return (urlparse(url).scheme in ("redis", "unix") and not has_credentials
+                and not cluster)
 
     async def _connected(self) -> _Connection:
         connection = self._connection
@@ -136,14 +142,19 @@ class FastScriptClient:
             return connection
         async with self._connecting:
             if self._connection is None or self._connection.closed:
-                loop = asyncio.get_running_loop()
-                _, fresh = await asyncio.wait_for(loop.create_connection(
-                    lambda: _Connection(self._call_timeout_s), self._host, self._port),
-                    self._connect_timeout_s)
+                _, fresh = await asyncio.wait_for(self._open(), self._connect_timeout_s)
                 if self._db:
                     await self._checked(fresh.send(_pack("SELECT", self._db)))
                 self._connection = fresh
             return self._connection
+
+    async def _open(self) -> tuple[asyncio.BaseTransport, _Connection]:
+        loop = asyncio.get_running_loop()
+        if self._socket_path:
+            return await loop.create_unix_connection(
+                lambda: _Connection(self._call_timeout_s), self._socket_path)
+        return await loop.create_connection(
+            lambda: _Connection(self._call_timeout_s), self._host, self._port)
 
     @staticmethod
     async def _checked(reply: asyncio.Future[Any]) -> Any:

@@ -18,8 +18,10 @@ creditline.rating_groups and creditline.result_code read from the request and an
 Spans are made by telemetry.SpanRecorder; a sampled-out call makes none, and its children
 (rating, the Redis script) see no sampled parent and make none either. A call refused by
 the role check is traced and counted with its status, and never reaches the servicer.
-Health and reflection are registered without the wrapper: they get neither spans nor
-metrics, and are open to every client.
+Health is registered without the wrapper: it gets neither span nor metrics, and is open to
+every client. Reflection is registered through it for the role check only (any role, with
+mutual TLS: security.ANY_ROLE_SERVICES); it is a stream, so it gets no span or metrics
+either.
 """
 
 from __future__ import annotations

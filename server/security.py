@@ -8,10 +8,11 @@ its roles as URI subject alternative names (or, failing any, as its common name)
                                          notification stream)
     creditline:role:subscriber:<account> may read the notification stream of <account> only
 
-A certificate may carry several. Health and reflection are open to every client that
-completed the TLS handshake. A call refused here never reaches its servicer: nothing is
-read or written. No client identity: UNAUTHENTICATED; an identity without the role the
-service needs: PERMISSION_DENIED.
+A certificate may carry several. Health is open to every client that completed the TLS
+handshake (a load balancer's probe needs no role); reflection, which describes every
+service and method, to a client whose certificate carries any role. A call refused here
+never reaches its servicer: nothing is read or written. No client identity:
+UNAUTHENTICATED; an identity without the role the service needs: PERMISSION_DENIED.
 
 Without TLS, or with TLS but no client CA (tls_client_ca_file), there are no client
 identities: every caller has every role (the server behaves as before TLS existed).
@@ -49,8 +50,9 @@ SERVICE_ROLES: Mapping[str, frozenset[Role]] = {
     "creditline.v1.Admin": frozenset({Role.ADMIN}),
     "creditline.v1.Notifications": frozenset({Role.SUBSCRIBER, Role.ADMIN}),
 }
-OPEN_SERVICES = frozenset({
-    "grpc.health.v1.Health",
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health"})
+# Services a caller with any role may call: a certificate the CA signed is not enough
+ANY_ROLE_SERVICES = frozenset({
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",
 })
@@ -67,6 +69,8 @@ class Principal:
     def may_call_service(self, service: str) -> bool:
         if service in OPEN_SERVICES:
             return True
+        if service in ANY_ROLE_SERVICES:
+            return bool(self.roles)
         needed = SERVICE_ROLES.get(service)
         return needed is not None and bool(needed & self.roles)
 

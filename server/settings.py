@@ -6,12 +6,16 @@ file (`--config FILE` or `CREDITLINE_CONFIG`), then the default. Secrets (the Re
 password) have no flag, so they never show in a process list: give them through the
 environment or a file (`redis_password_file`). Settings are checked when they are built
 (`Settings(...)` raises ValueError naming the setting) and files are checked at start
-(`check_files`).
+(`check_files`); what is allowed but unsafe is said at start (`risks`).
+
+Safe by default: without mutual TLS every caller has every role (Admin top-ups included),
+so the server listens off loopback only with mutual TLS, unless allow_insecure_remote.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -36,12 +40,19 @@ _FALSE = ("0", "false", "no", "off")
 
 @dataclass(frozen=True, slots=True, repr=False)
 class Settings:
-    # where the gRPC server listens
+    # where the gRPC server listens: off loopback only with mutual TLS, or with
+    # allow_insecure_remote (then every caller from anywhere has every role)
     listen_address: str = "127.0.0.1:50051"
+    allow_insecure_remote: bool = field(default=False, metadata={"help": (
+        "listen off loopback without mutual TLS: every caller from anywhere has every "
+        "role, Admin included")})
     # server processes sharing the port (SO_REUSEPORT); 0: one per core
     workers: int = 0
     # Redis URL (redis://, rediss://, unix://); empty: start an embedded redis-server
-    redis_url: str = ""
+    redis_url: str = field(default="", metadata={"help": (
+        "redis://, rediss:// or unix:// URL; empty: an embedded redis-server on a private "
+        "unix socket. No password in it (a flag shows in ps): secrets belong in the "
+        "environment (CREDITLINE_REDIS_PASSWORD) or a file (--redis-password-file)")})
     # the Redis URL names one node of a Redis Cluster
     redis_cluster: bool = False
     # the charging script over a lean pipelined connection (hiredis) instead of redis-py,
@@ -156,6 +167,17 @@ class Settings:
             raise ValueError(f"setting log_level: {self.log_level!r} is not one of "
                              f"{', '.join(LOG_LEVELS)}")
         self._check_pairs()
+        self._check_exposure()
+
+    def _check_exposure(self) -> None:
+        if self.mutual_tls or self.allow_insecure_remote or is_loopback(self.listen_address):
+            return
+        raise ValueError(
+            f"setting listen_address: {self.listen_address} is reachable from other hosts, "
+            f"and without mutual TLS (tls_client_ca_file) every caller has every role, "
+            f"Admin included: listen on 127.0.0.1, turn mutual TLS on "
+            f"(deploy/make_certs.sh makes certificates for a first try), or set "
+            f"allow_insecure_remote=true")
 
     def _check_pairs(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
@@ -196,6 +218,42 @@ class Settings:
                 value = redact_url(value)
             values[f.name] = value
         return values
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a gRPC listen address is reachable from this host only: a loopback IP,
+    localhost, or a unix socket. A host name other than localhost counts as remote (what
+    it resolves to is not known here)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url_has_password(url: str) -> bool:
+    try:
+        return urlsplit(url).password is not None
+    except ValueError:
+        return False
+
+
+def risks(settings: Settings) -> list[str]:
+    """What the settings allow that is unsafe: the server says each as a WARNING at start."""
+    found = []
+    if _url_has_password(settings.redis_url):
+        found.append("setting redis_url carries a password: a flag shows it in the process "
+                     "list (ps), the environment to whoever may read it; give it in "
+                     "CREDITLINE_REDIS_PASSWORD or in a file (redis_password_file)")
+    if not settings.mutual_tls and not is_loopback(settings.listen_address):
+        found.append(f"listening on {settings.listen_address} without mutual TLS "
+                     f"(allow_insecure_remote): every caller from anywhere has every role, "
+                     f"Admin included")
+    return found
 
 
 def redact_url(url: str) -> str:
@@ -300,9 +358,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in SECRET_SETTINGS:
             continue
         flag = "--" + f.name.replace("_", "-")
+        about = f"{f.metadata['help']} " if "help" in f.metadata else ""
         parser.add_argument(
             flag, dest=f.name, type=_flag_converter(f.name), default=None,
-            help=f"(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
+            help=f"{about}(env {ENV_PREFIX}{f.name.upper()}; default {f.default!r})",
         )
 
 

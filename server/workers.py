@@ -19,7 +19,7 @@ from types import FrameType
 import uvloop
 from creditline.app import redis_for, serve_with_redis
 from creditline.logging_setup import configure_logging
-from creditline.settings import Settings
+from creditline.settings import Settings, risks
 
 log = logging.getLogger(__name__)
 # How long the parent waits for its workers to stop after passing on SIGTERM.
@@ -41,6 +41,8 @@ def _worker_main(settings: Settings, redis_url: str) -> None:
 
 def serve(settings: Settings) -> int:
     """Runs the server until SIGINT or SIGTERM; returns the exit code."""
+    for risk in risks(settings):  # once, here: not again in every worker
+        log.warning("%s", risk)
     workers = worker_count(settings)
     with redis_for(settings) as redis_url:
         if workers == 1:

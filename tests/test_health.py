@@ -119,8 +119,9 @@ async def test_stop_finishes_calls_in_flight_and_never_half_charges(
 
 def test_settings_file_flags_and_environment(tmp_path: Path) -> None:
     config = tmp_path / "creditline.toml"
-    config.write_text('listen_address = "0.0.0.0:6000"\nredis_call_timeout_s = 1\n'
-                      'log_format = "json"\nreflection_enabled = false\n')
+    config.write_text('listen_address = "0.0.0.0:6000"\nallow_insecure_remote = true\n'
+                      'redis_call_timeout_s = 1\nlog_format = "json"\n'
+                      'reflection_enabled = false\n')
     settings = parse(["--config", str(config), "--listen-address", "127.0.0.1:7000"],
                      {"CREDITLINE_LOG_LEVEL": "debug", "CREDITLINE_ANSWER_RETENTION_S": "60"})
     assert settings.listen_address == "127.0.0.1:7000"  # the flag wins over the file

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from redis.asyncio import Redis
 
 from tests.books import Books
@@ -136,9 +137,23 @@ async def mtls_port(redis_process: RedisProcess, settings: Settings, pki: Pki
 
 
 def _channel(port: int, pki: Pki, identity: Identity | None) -> grpc.aio.Channel:
+    return _secure_channel(port, pki.ca.pem, identity)
+
+
+def _secure_channel(port: int, ca_pem: bytes, identity: Identity | None) -> grpc.aio.Channel:
     credentials = grpc.ssl_channel_credentials(
-        pki.ca.pem, identity.key if identity else None, identity.cert if identity else None)
+        ca_pem, identity.key if identity else None, identity.cert if identity else None)
     return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+
+
+async def _listed_services(channel: grpc.aio.Channel) -> set[str]:
+    """The services server reflection lists (what `grpcurl list` asks)."""
+    async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answers = [answer async for answer in stub.ServerReflectionInfo(ask())]
+    return {service.name for service in answers[0].list_services_response.service}
 
 
 def _new_account() -> str:
@@ -191,12 +206,22 @@ async def test_a_certificate_without_a_role_may_only_check_health(
                 session_id="e", account_id="alice", action=pb.CHECK_BALANCE)),
             admin_pb2_grpc.AdminStub(channel).GetAccount(
                 admin_pb.GetAccountRequest(account_id="alice")),
+            _listed_services(channel),  # reflection describes every service: not to it
         ):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call
             assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
         answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_answers_a_certificate_with_any_role(mtls_port: int, pki: Pki
+                                                             ) -> None:
+    for identity in (pki.network_function, pki.admin, pki.subscriber):
+        async with _channel(mtls_port, pki, identity) as channel:
+            listed = await _listed_services(channel)
+        assert {"creditline.v1.Charging", "creditline.v1.Admin",
+                "grpc.reflection.v1alpha.ServerReflection"} <= listed
 
 
 @pytest.mark.parametrize("who", ["no certificate", "another CA's certificate"])
@@ -228,6 +253,71 @@ async def test_tls_without_client_ca_serves_everyone_encrypted(
                     admin_pb.GetAccountRequest(account_id="nobody-tls"), timeout=5)
     finally:
         await stop_server(running, grace_s=1.0)
+
+
+MAKE_CERTS = Path(__file__).resolve().parent.parent / "deploy" / "make_certs.sh"
+
+
+def _made_identity(directory: Path, name: str) -> Identity:
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    return Identity(cert_path.read_bytes(), key_path.read_bytes(), cert_path, key_path)
+
+
+def _make_certs(directory: Path, *args: str) -> None:
+    if not shutil.which("openssl"):
+        pytest.skip("no openssl: deploy/make_certs.sh needs it")
+    made = subprocess.run(["bash", str(MAKE_CERTS), str(directory), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stdout + made.stderr
+
+
+async def test_the_first_try_certificates_serve_mutual_tls_off_loopback(
+        redis_process: RedisProcess, settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    """deploy/make_certs.sh (the README's first try of mutual TLS): a server listening on
+    every address with them; each client certificate gets its role and no more."""
+    tls = tmp_path / "tls"
+    _make_certs(tls)
+    _make_certs(tls, "--client", "alice-app", "subscriber:alice")
+    assert tls.stat().st_mode & 0o777 == 0o700
+    assert all(path.stat().st_mode & 0o077 == 0 for path in tls.iterdir())
+    running = await start_server(settings_with(
+        settings, listen_address="0.0.0.0:0", tls_cert_file=str(tls / "server.crt"),
+        tls_key_file=str(tls / "server.key"), tls_client_ca_file=str(tls / "ca.crt")),
+        redis_process.url, environ={})
+    ca = (tls / "ca.crt").read_bytes()
+    account_id = _new_account()
+    books = Books(redis, settings.partitions)
+    try:
+        async with _secure_channel(running.port, ca, _made_identity(tls, "admin")) as channel:
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(admin_pb.CreateAccountRequest(
+                account_id=account_id, initial_balance_micros=1_000_000))
+            books.track(account_id)
+            assert "creditline.v1.Charging" in await _listed_services(channel)
+        nf = _made_identity(tls, "network-function")
+        async with _secure_channel(running.port, ca, nf) as channel:
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            answer = await charging.Initial(ccr("s-1", account_id, 0,
+                                                block(RG_VOICE, requested=60)))
+            assert answer.result_code == pb.SUCCESS
+            await charging.Terminate(ccr("s-1", account_id, 1, block(RG_VOICE, used=10)))
+        for name in ("health", "alice-app"):
+            async with _secure_channel(running.port, ca, _made_identity(tls, name)) as channel:
+                health = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest())
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await admin_pb2_grpc.AdminStub(channel).GetAccount(
+                        admin_pb.GetAccountRequest(account_id=account_id))
+                assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        async with _secure_channel(running.port, ca, _made_identity(tls, "health")) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _listed_services(channel)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        await stop_server(running, grace_s=1.0)
+    await books.assert_balanced()
+    _make_certs(tls)  # a second run leaves the CA as it is
+    assert (tls / "ca.crt").read_bytes() == ca
 
 
 def test_roles_from_certificate_names() -> None:

@@ -1,9 +1,12 @@
-"""`creditline serve` as a user runs it: no Redis given, so it starts its own; a first
-session; SIGTERM stops it cleanly and the embedded redis-server with it."""
+"""`creditline serve` as a user runs it: no Redis given, so it starts its own, private; a
+first session; SIGTERM stops it cleanly and the embedded redis-server with it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,28 +15,14 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
-from creditline.redis_process import free_port
+from creditline.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
+from redis import Redis as SyncRedis
 
 from tests.messages import RG_VOICE, block, ccr, granted
-
-START_TIMEOUT_S = 30
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.communicate()
-            try:
-                grpc.channel_ready_future(channel).result(timeout=0.5)
-                return
-            except grpc.FutureTimeoutError:
-                continue
-    pytest.fail("server did not start")
+from tests.processes import serve, stop, wait_for_port
 
 
 def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
@@ -53,18 +42,14 @@ def _show_account_into_a_closed_pipe(port: int, account_id: str) -> None:
 
 def _serve_with_embedded_redis(port: int) -> subprocess.Popen[str]:
     """`creditline serve` as a user runs it: no Redis settings, so it starts its own."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
-         "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return serve("--listen-address", f"127.0.0.1:{port}", "--workers", "1")
 
 
 def test_serve_with_embedded_redis_then_sigterm() -> None:
     port = free_port()
     process = _serve_with_embedded_redis(port)
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             admin = admin_pb2_grpc.AdminStub(channel)
             charging = charging_pb2_grpc.ChargingStub(channel)
@@ -79,10 +64,9 @@ def test_serve_with_embedded_redis_then_sigterm() -> None:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
         assert process.returncode == 0, output
-        assert "started embedded redis-server" in output
-        redis_port = output.split("redis://127.0.0.1:")[1].split("/")[0]
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", int(redis_port)), timeout=1).close()
+        socket_path = _socket_of(_embedded_redis_url(output))
+        assert not _accepts(socket_path)
+        assert not Path(socket_path).parent.exists()  # its private directory went with it
     finally:
         if process.poll() is None:
             process.kill()
@@ -113,12 +97,9 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_share_the_port_and_all_stop_on_sigterm() -> None:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDITLINE_")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "creditline", "serve", "--listen-address", f"127.0.0.1:{port}",
-         "--workers", "2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = serve("--listen-address", f"127.0.0.1:{port}", "--workers", "2")
     try:
-        _wait_for_port(port, process)
+        wait_for_port(port, process)
         time.sleep(1)  # both workers have bound the port by now
         for n in range(20):  # new connections: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -145,16 +126,12 @@ def test_the_embedded_redis_ends_with_a_killed_server() -> None:
     process = _serve_with_embedded_redis(port)
     try:
         assert process.stdout is not None
-        started = ""
-        while "started embedded redis-server" not in started:
-            started = process.stdout.readline()
-            assert started, "the server ended before it started its redis-server"
-        redis_port = int(started.split("redis://127.0.0.1:")[1].split("/")[0])
-        _wait_for_port(port, process)
+        socket_path = _socket_of(_embedded_redis_url(_started_line(process)))
+        wait_for_port(port, process)
         process.kill()
         process.wait(timeout=30)
         deadline = time.monotonic() + 10
-        while _accepts(redis_port):
+        while _accepts(socket_path):
             assert time.monotonic() < deadline, "redis-server outlived its killed server"
             time.sleep(0.1)
     finally:
@@ -163,9 +140,93 @@ def test_the_embedded_redis_ends_with_a_killed_server() -> None:
             process.wait()
 
 
-def _accepts(port: int) -> bool:
+def _accepts(socket_path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        try:
+            sock.connect(socket_path)
+            return True
+        except OSError:
+            return False
+
+
+def _started_line(process: subprocess.Popen[str]) -> str:
+    """The server's log line that names its embedded Redis (read as the server starts)."""
+    assert process.stdout is not None
+    line = ""
+    while "started embedded redis-server" not in line:
+        line = process.stdout.readline()
+        assert line, "the server ended before it started its redis-server"
+    return line
+
+
+def _embedded_redis_url(output: str) -> str:
+    found = re.search(r"started embedded redis-server \S+ on (\S+)", output)
+    assert found, output
+    return found.group(1)
+
+
+def _socket_of(url: str) -> str:
+    assert url.startswith("unix://"), url
+    return url.removeprefix("unix://").split("?")[0]
+
+
+def _tcp_listening(pid: int) -> list[str]:
+    """The local addresses (hex, as /proc/net says them) process `pid` listens on by TCP."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target.removeprefix("socket:[").rstrip("]"))
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                listening.append(fields[1])
+    return listening
+
+
+def _other_user_connects(socket_path: str) -> bool | None:
+    """Whether user nobody may connect to the socket; None when this test cannot switch
+    users (not root, or no interpreter nobody may run)."""
+    python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not Path(python).exists() or not shutil.which("setpriv"):
+        return None
+    probe = ("import socket, sys; s = socket.socket(socket.AF_UNIX); "
+             "sys.exit(0 if s.connect_ex(sys.argv[1]) == 0 else 3)")
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", probe,
+         socket_path], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode in (0, 3), result.stderr
+    return result.returncode == 0
+
+
+def test_the_embedded_redis_is_private(redis_process: RedisProcess, tmp_path: Path) -> None:
+    """The embedded Redis has no password: it listens on a unix socket in a directory only
+    its user may enter, and on no TCP port. The offline commands reach it by its URL."""
+    port = free_port()
+    process = _serve_with_embedded_redis(port)
     try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+        url = _embedded_redis_url(_started_line(process))
+        socket_path = _socket_of(url)
+        wait_for_port(port, process)
+        directory = Path(socket_path).parent.stat()
+        assert directory.st_mode & 0o777 == 0o700
+        assert directory.st_uid == os.geteuid()
+        (redis_pid,) = [pid for pid in _children(process.pid)
+                        if Path(f"/proc/{pid}/comm").read_text().strip() == "redis-server"]
+        assert _tcp_listening(redis_pid) == []
+        assert redis_process.pid is not None and _tcp_listening(redis_process.pid)  # sees one
+        assert _other_user_connects(socket_path) in (False, None)
+        with SyncRedis.from_url(url) as client:
+            assert client.config_get("port") == {"port": "0"}
+        books = subprocess.run(
+            [sys.executable, "-m", "creditline", "reconcile", "--redis-url", url,
+             "--sink", f"sqlite:///{tmp_path / 'cdrs.sqlite'}"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert books.returncode == 0, books.stdout + books.stderr
+        assert "0 discrepancies" in books.stderr
+    finally:
+        stop(process)
