@@ -77,7 +77,12 @@ def _books_command(args: argparse.Namespace) -> int:
         print("creditline: --redis-url (or CREDITLINE_REDIS_URL) is required", file=sys.stderr)
         return 2
     redis = Redis.from_url(args.redis_url)
-    partitions = recorded_partitions(redis)
+    try:
+        partitions = recorded_partitions(redis)
+    except ValueError as error:  # no Creditline data, or keys named by another version
+        redis.close()
+        print(f"creditline: {error}", file=sys.stderr)
+        return 2
     sink = open_sink(args.sink)
     try:
         if args.command == "cdr":
