@@ -34,6 +34,7 @@ class Discrepancy:
         return (f"{self.account_id}: {self.what} is {self.actual_micros}, the books say "
                 f"{self.expected_micros} (difference {self.actual_micros - self.expected_micros})")
 
+
 def _accounts(redis: Redis, partitions: int) -> Iterator[tuple[str, AccountKeys]]:
     """(account id, its keys) of every account, partition by partition."""
     for partition in range(partitions):

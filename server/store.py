@@ -13,6 +13,7 @@ an id cannot move a key to another slot.
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
 from collections.abc import Awaitable
@@ -24,6 +25,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from creditline.fastredis import FastScriptClient
     from creditline.telemetry import ScriptInstrument
 
+log = logging.getLogger(__name__)
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
 MAX_BUCKETS_PER_ACCOUNT = 32
@@ -227,7 +230,7 @@ def refused(answer: str) -> bool:
     return ";!" in answer
 
 
-# An Initial whose session id another account holds open (see Store._claim)
+# An Initial whose session id another account holds (see Store._take_claim)
 OPEN_ELSEWHERE = f"{INVALID_VALUE};!session_id: already open on another account"
 OPENING_ELSEWHERE = f"{INVALID_VALUE};!session_id: being opened on another account"
 
@@ -289,7 +292,8 @@ class Store:
         answer = await self._charge_script(
             kind, account_id, session_id, request_number, now_ms, event_time_ms,
             event_action, blocks, supervision_ms)
-        # an Initial refused took nothing that needs the claim it took
+        # a closed session gives its claim back, and so does a refused Initial that took
+        # one (it opened nothing)
         if (kind in ("T", "S") and not refused(answer)) or (
                 claim == "TAKEN" and refused(answer)):
             await self._release_claim(account_id, session_id)
@@ -350,10 +354,15 @@ class Store:
         return OPEN_ELSEWHERE if text(state) == "open" else ""
 
     async def _release_claim(self, account_id: str, session_id: str) -> None:
-        """Deletes the session id's claim if the account still holds it."""
-        await self._script_call(self._claim, self._claim_source, "claim.lua",
-                                [claim_key(session_id, self.config.partitions)],
-                                ["RELEASE", account_id])
+        """Deletes the session id's claim if the account still holds it. A failure is only
+        logged: the answer must say what was charged, and a claim left behind is taken
+        over once its session is seen closed."""
+        try:
+            await self._script_call(self._claim, self._claim_source, "claim.lua",
+                                    [claim_key(session_id, self.config.partitions)],
+                                    ["RELEASE", account_id])
+        except (RedisError, OSError, TimeoutError) as error:
+            log.warning("giving back the claim of a session id failed: %r", error)
 
     async def due_sessions(self, partition: int, now_ms: int, limit: int
                            ) -> list[tuple[str, str]]:

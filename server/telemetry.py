@@ -680,6 +680,9 @@ async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s
             metrics.cdr_backlog_source = (lambda value=backlog: value) if cdr_streams else None
         except Exception as error:  # a metric must never stop the server
             log.warning("counting accounts failed: %r", error)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return  # stopped: a cancel inside a Redis call can come out as another error
         await asyncio.sleep(interval_s)
 
 

@@ -194,12 +194,33 @@ async def test_a_refused_initial_leaves_its_session_id_free(  # type: ignore[no-
     assert (await _account(admin, barred)).balance_micros == BALANCE
 
 
+async def test_two_accounts_opening_one_session_id_at_once_get_one_session(  # type: ignore[no-untyped-def]
+        charging, admin, make_account, checked_books) -> None:
+    accounts = [await make_account(BALANCE), await make_account(BALANCE)]
+    sids = [f"{accounts[0]};race-{n}" for n in range(20)]
+    answers = await asyncio.gather(*(
+        charging.Initial(ccr(sid, acct, 0, block(RG_WEB, requested=1_024)))
+        for sid in sids for acct in accounts))
+    for n, sid in enumerate(sids):
+        pair = answers[2 * n:2 * n + 2]
+        codes = sorted(answer.result_code for answer in pair)
+        assert codes == [pb.SUCCESS, pb.INVALID_AVP_VALUE], (sid, pair)
+        [loser] = [answer for answer in pair if answer.result_code != pb.SUCCESS]
+        assert loser.error_message.startswith("session_id: "), loser
+        winner = accounts[[answer.result_code for answer in pair].index(pb.SUCCESS)]
+        closed = await charging.Terminate(ccr(sid, winner, 1, block(RG_WEB, used=1_024)))
+        assert closed.result_code == pb.SUCCESS
+    charged = [BALANCE - (await _account(admin, acct)).balance_micros for acct in accounts]
+    assert sum(charged) == KIB * len(sids)  # each session id charged once, on one account
+
+
 # the scenarios test_cluster.py runs on a Redis Cluster too
 CLUSTER_SCENARIOS = [
     test_hostile_ids_open_charge_and_close_their_own_sessions,
     test_account_ids_the_pattern_refuses_are_named,
     test_a_session_id_open_on_one_account_is_refused_on_another,
     test_a_refused_initial_leaves_its_session_id_free,
+    test_two_accounts_opening_one_session_id_at_once_get_one_session,
 ]
 
 
