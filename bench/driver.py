@@ -124,6 +124,9 @@ class DriverResult:
     # every answered request, warm-up and drain included: the denominator of Redis
     # round trips per request (Redis counts those too)
     requests_total: int = 0
+    # the same per method: an Initial and a Terminate cost Redis a second script call
+    # each (the session id's claim, taken and given back)
+    totals: dict[str, int] = field(default_factory=lambda: {m: 0 for m in METHODS})
     shed: int = 0
     late_start_s: float = 0.0
 
@@ -158,6 +161,8 @@ class DriverResult:
         for reason, count in other.errors.items():
             self.errors[reason] = self.errors.get(reason, 0) + count
         self.requests_total += other.requests_total
+        for method, count in other.totals.items():
+            self.totals[method] += count
         self.shed += other.shed
         self.late_start_s = max(self.late_start_s, other.late_start_s)
 
@@ -195,6 +200,7 @@ class _Recorder:
                  from_due_s: float | None = None) -> None:
         result = self._result
         result.requests_total += 1
+        result.totals[method] += 1
         if self._window_start <= stamp < self._window_end:
             result.histograms[method].record_s(latency_s)
             if from_due_s is not None:

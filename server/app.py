@@ -26,7 +26,7 @@ from creditline.rating import BandedRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.service import AdminService, ChargingService
 from creditline.settings import Settings, check_files, redact_url, redis_password
-from creditline.store import RedisClient, Store, StoreConfig, cdrs_key
+from creditline.store import RedisClient, Store, StoreConfig, accounts_key, cdrs_key
 from creditline.supervision import Supervisor
 from creditline.telemetry import Telemetry, build_telemetry
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
@@ -102,6 +102,9 @@ def redis_client(url: str, settings: Settings, max_connections: int = 0,
 # The charging script reads hashes as RESP3 maps (redis.setresp: 6.0) and streams are
 # trimmed by age with MINID (6.2).
 MIN_REDIS_VERSION = (6, 2)
+# A session id's claim with no session behind it is taken over after this many call
+# deadlines (redis_call_timeout_s): by then its account's Initial has run or failed.
+CLAIM_GRACE_CALLS = 5
 
 
 async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
@@ -166,6 +169,8 @@ def store_config(settings: Settings) -> StoreConfig:
         events_retention_s=settings.events_retention_s,
         spike_fast_window_s=settings.spike_fast_window_s,
         spike_slow_window_s=settings.spike_slow_window_s, spike_factor=settings.spike_factor,
+        # past every deadline of the holder's Initial: the pool's wait, then the reply's
+        claim_grace_ms=int(settings.redis_call_timeout_s * 1000 * CLAIM_GRACE_CALLS),
     )
 
 
@@ -211,15 +216,15 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     credentials = security.server_credentials(settings)
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
+    fast = _fast_path(redis_url, settings)  # (it connects at its first call)
+    store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)
+        await store.check_partitions()
     except ValueError:
         await redis.aclose()
         await telemetry.shutdown()
         raise
-    fast = _fast_path(redis_url, settings)
-    store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
-    await store.check_partitions()
     server = _grpc_server(settings, reuse_port)
     wrapper = _call_wrapper(settings, telemetry)
     wrap = None if wrapper is None else wrapper.wrap
@@ -258,7 +263,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
-                                  [cdrs_key(p) for p in range(settings.partitions)])
+                                  [cdrs_key(p) for p in range(settings.partitions)],
+                                  [accounts_key(p) for p in range(settings.partitions)])
     return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store, fast=fast,
                          hub=hub, hub_redis=hub_redis, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)

@@ -80,7 +80,12 @@ def _books_command(args: argparse.Namespace) -> int:
         return 2
     # the password as serve takes it, from the environment; one in the URL still wins
     redis = Redis.from_url(args.redis_url, password=os.environ.get(PASSWORD_ENV) or None)
-    partitions = recorded_partitions(redis)
+    try:
+        partitions = recorded_partitions(redis)
+    except ValueError as error:  # no Creditline data, or keys named by another version
+        redis.close()
+        print(f"creditline: {error}", file=sys.stderr)
+        return 2
     sink = open_sink(args.sink)
     try:
         if args.command == "cdr":

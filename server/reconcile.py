@@ -5,6 +5,8 @@ For every account:
         = balance
     reserved = the money held by the open sessions
 CDRs are counted from the sink and from the streams not yet exported, each id once.
+Accounts are found through each partition's index of account ids, never by a pattern over
+key names (which ids could match).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from creditline.cdr import Sink, cdr_from_stream
-from creditline.store import KEY_PREFIX, cdrs_key, text
+from creditline.store import AccountKeys, account_keys, accounts_key, cdrs_key, text
 from redis import Redis
 
 SCAN_BATCH = 1000
@@ -33,13 +35,12 @@ class Discrepancy:
                 f"{self.expected_micros} (difference {self.actual_micros - self.expected_micros})")
 
 
-
-def _account_keys(redis: Redis) -> Iterator[tuple[str, str]]:
-    """(account id, account hash key) of every account."""
-    for key in redis.scan_iter(match=f"{KEY_PREFIX}:{{*}}:a:*:acct", count=SCAN_BATCH):
-        name = text(key)
-        account_id = name.split(":a:", 1)[1].rsplit(":acct", 1)[0]
-        yield account_id, name
+def _accounts(redis: Redis, partitions: int) -> Iterator[tuple[str, AccountKeys]]:
+    """(account id, its keys) of every account, partition by partition."""
+    for partition in range(partitions):
+        for member in redis.sscan_iter(accounts_key(partition), count=SCAN_BATCH):
+            account_id = text(member)
+            yield account_id, account_keys(account_id, partitions)
 
 
 def _unexported_charges(redis: Redis, partitions: int) -> tuple[dict[str, int], list[str]]:
@@ -61,10 +62,10 @@ def _unexported_charges(redis: Redis, partitions: int) -> tuple[dict[str, int], 
     return totals, ids
 
 
-def _open_sessions(redis: Redis, account_key: str) -> tuple[int, int]:
+def _open_sessions(redis: Redis, keys: AccountKeys) -> tuple[int, int]:
     """(money charged so far, money reserved) of the account's open sessions."""
     charged = reserved = 0
-    for session_key in redis.smembers(account_key.replace(":acct", ":sessions")):
+    for session_key in redis.smembers(keys.open_sessions):
         session = {text(k): text(v) for k, v in redis.hgetall(text(session_key)).items()}
         for field, value in session.items():
             if field.startswith("c:"):
@@ -80,9 +81,9 @@ def reconcile(redis: Redis, partitions: int, sink: Sink) -> tuple[int, list[Disc
     exported = sink.charged_by_account(excluding_ids=unexported_ids)
     problems: list[Discrepancy] = []
     checked = 0
-    for account_id, key in _account_keys(redis):
-        account = {text(k): text(v) for k, v in redis.hgetall(key).items()}
-        open_charged, open_reserved = _open_sessions(redis, key)
+    for account_id, keys in _accounts(redis, partitions):
+        account = {text(k): text(v) for k, v in redis.hgetall(keys.account).items()}
+        open_charged, open_reserved = _open_sessions(redis, keys)
         recorded = exported.get(account_id, 0) + unexported.get(account_id, 0)
         expected = (int(account["initial"]) + int(account["topped_up"]) - recorded
                     - open_charged)

@@ -1,15 +1,22 @@
 """Redis access: key names, the Lua scripts, and the calls that run them.
 
-Every key of an account carries the account id as its hash tag (`cl:{<account>}:...`), so
+Every key of an account carries its partition as the hash tag (`cl:{<partition>}:...`), so
 each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are loaded
 once and called with EVALSHA; redis-py's Script reloads them on NOSCRIPT (e.g. after a
 Redis restart) and retries.
+
+Key names are injective (README "Redis layout"): an account id goes in with its byte
+length before it and a session id only last, so no id of one kind can spell a key of
+another, whatever characters it holds; and the hash tag comes before any id, so braces in
+an id cannot move a key to another slot.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import zlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -18,6 +25,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
@@ -25,25 +33,55 @@ if TYPE_CHECKING:
     from creditline.fastredis import FastScriptClient
     from creditline.telemetry import ScriptInstrument
 
+log = logging.getLogger(__name__)
 KEY_PREFIX = "cl"
 # How many unit buckets one account may hold: the charging script reads them all.
 MAX_BUCKETS_PER_ACCOUNT = 32
 # Where the partition count of a deployment is recorded: changing it would move every
 # account to another partition, so a server with another count refuses to start.
 META_KEY = f"{KEY_PREFIX}:meta"
+# The key names' version, recorded in META_KEY beside the partition count. 1 (never
+# recorded): account ids and session ids as they are, which could collide; 2: account ids
+# length-prefixed, an index of accounts per partition, session id claims.
+KEY_SCHEME = "2"
+# Records the partition count and the key scheme of a new deployment in one step: a server
+# starting beside another on an empty Redis never sees the one without the other.
+_META_SCRIPT = """
+if redis.call('HSETNX', KEYS[1], 'partitions', ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'key_scheme', ARGV[2])
+end
+return redis.call('HMGET', KEYS[1], 'partitions', 'key_scheme')
+"""
+# charge.lua's 5004 (INVALID_AVP_VALUE), for the refusals made here
+INVALID_VALUE = 5004
 
 
 def recorded_partitions(redis: SyncRedis) -> int:
-    """The partition count the server recorded in this Redis (for offline tools)."""
-    value = redis.hget(META_KEY, "partitions")
-    if value is None:
+    """The partition count the server recorded in this Redis (for offline tools); refuses
+    a Redis whose keys are named otherwise than this version names them."""
+    partitions, scheme = redis.hmget(META_KEY, ["partitions", "key_scheme"])
+    if partitions is None:
         raise ValueError("this Redis holds no Creditline data (no partition count recorded)")
-    return int(value)
+    check_key_scheme(scheme)
+    return int(partitions)
 
 
-def partition_of(account_id: str, partitions: int) -> int:
-    """The partition of an account: stable, and the same in every process."""
-    return zlib.crc32(account_id.encode()) % partitions
+def check_key_scheme(recorded: Any) -> None:
+    """Refuses data written with other key names: read with this version's names it would
+    look missing, and written beside it would mix two layouts."""
+    if recorded is not None and text(recorded) == KEY_SCHEME:
+        return
+    written = "key scheme 1 (before 2)" if recorded is None else f"key scheme {text(recorded)}"
+    raise ValueError(
+        f"this Redis holds Creditline data written with {written}; this version names its "
+        f"keys by key scheme {KEY_SCHEME} and would not find that data: export and reconcile "
+        "it with the version that wrote it, then start from an empty Redis")
+
+
+def partition_of(an_id: str, partitions: int) -> int:
+    """The partition of an account (or of a session id's claim): stable, and the same in
+    every process."""
+    return zlib.crc32(an_id.encode()) % partitions
 
 
 def partition_tag(partition: int) -> str:
@@ -64,6 +102,18 @@ def deadlines_key(partition: int) -> str:
 
 def cdrs_key(partition: int) -> str:
     return f"{partition_tag(partition)}:cdrs"
+
+
+def accounts_key(partition: int) -> str:
+    """The partition's index: the set of its account ids (reconcile and the account count
+    read it; a pattern over key names could not tell an account's key from a session's)."""
+    return f"{partition_tag(partition)}:accounts"
+
+
+def claim_key(session_id: str, partitions: int) -> str:
+    """Which account holds a session id open: in the id's own partition, because the
+    accounts that could claim it are anywhere."""
+    return f"{partition_tag(partition_of(session_id, partitions))}:sid:{session_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +165,10 @@ class AccountKeys:
     def cdrs(self) -> str:
         return cdrs_key(self.partition)
 
+    @property
+    def index(self) -> str:
+        return accounts_key(self.partition)
+
     def session(self, session_id: str) -> str:
         return f"{self.prefix}:s:{session_id}"
 
@@ -124,7 +178,10 @@ class AccountKeys:
 
 def account_keys(account_id: str, partitions: int) -> AccountKeys:
     partition = partition_of(account_id, partitions)
-    return AccountKeys(partition, f"{partition_tag(partition)}:a:{account_id}")
+    # the id's length says where it ends: what follows is always one of this class's
+    # suffixes, so no account id, nor session id after it, can spell another's key
+    return AccountKeys(partition,
+                       f"{partition_tag(partition)}:a:{len(account_id.encode())}:{account_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +193,9 @@ class StoreConfig:
     spike_fast_window_s: int
     spike_slow_window_s: int
     spike_factor: float           # 0: no spike detection
+    # how long a session id's claim whose account has no such session yet is left alone:
+    # that account's Initial may still be on its way to its charging script
+    claim_grace_ms: int = 10_000
 
 
 def _script_source(name: str) -> str:
@@ -198,6 +258,17 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def refused(answer: str) -> bool:
+    """Whether a charging answer is a refusal ("<code>;!<reason>"): the script wrote
+    nothing (other answers hold only numbers)."""
+    return ";!" in answer
+
+
+# An Initial whose session id another account holds (see Store._take_claim)
+OPEN_ELSEWHERE = f"{INVALID_VALUE};!session_id: already open on another account"
+OPENING_ELSEWHERE = f"{INVALID_VALUE};!session_id: being opened on another account"
+
+
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
@@ -213,6 +284,9 @@ class Store:
         self._instrument = instrument
         self._charge: AsyncScript = redis.register_script(self._charge_source)
         self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
+        self._claim_source = _script_source("claim.lua")
+        self._claim: AsyncScript = redis.register_script(self._claim_source)
+        self._meta: AsyncScript = redis.register_script(_META_SCRIPT)
         self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
             f"{config.spike_factor}"
 
@@ -220,9 +294,12 @@ class Store:
         return account_keys(account_id, self.config.partitions)
 
     async def check_partitions(self) -> None:
-        """Records the partition count on first use; refuses another one later."""
-        await self._redis.hsetnx(META_KEY, "partitions", self.config.partitions)
-        recorded = int(await self._redis.hget(META_KEY, "partitions") or 0)
+        """Records the partition count and the key scheme on first use; refuses another
+        count, or data written with other key names, later."""
+        partitions, scheme = await self._meta(keys=[META_KEY],
+                                              args=[self.config.partitions, KEY_SCHEME])
+        check_key_scheme(scheme)
+        recorded = int(partitions)
         if recorded != self.config.partitions:
             raise ValueError(
                 f"setting partitions: this Redis holds data for {recorded} partitions, "
@@ -238,8 +315,30 @@ class Store:
         now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
         supervision_ms: int = 0, refund_of: str = "",
     ) -> str:
-        """Runs one charging request (kind I/U/T/E/S); returns the script's answer.
-        refund_of: a REFUND's session id of the charge it reverses."""
+        """Runs one charging request (kind I/U/T/E/S); returns the script's answer. An
+        Initial first claims its session id (one round trip more: the claim is in another
+        hash slot); a session closed gives its claim back. refund_of: a REFUND's session
+        id of the charge it reverses."""
+        claim = ""
+        if kind == "I":
+            claim, refusal = await self._take_claim(account_id, session_id, now_ms)
+            if refusal:
+                return refusal
+        answer = await self._charge_script(
+            kind, account_id, session_id, request_number, now_ms, event_time_ms,
+            event_action, blocks, supervision_ms, refund_of)
+        # a closed session gives its claim back, and so does a refused Initial that took
+        # one (it opened nothing)
+        if (kind in ("T", "S") and not refused(answer)) or (
+                claim == "TAKEN" and refused(answer)):
+            await self._release_claim(account_id, session_id)
+        return answer
+
+    async def _charge_script(
+        self, kind: str, account_id: str, session_id: str, request_number: int,
+        now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
+        supervision_ms: int, refund_of: str,
+    ) -> str:
         keys = self.keys(account_id)
         request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
         script_keys = [keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
@@ -251,12 +350,56 @@ class Store:
             kind, request_number, account_id, session_id, now_ms, event_time_ms,
             self.config.answer_retention_s, event_action, self._event_trim(now_ms),
             self._spike, supervision_ms, refund_of, *blocks]
-        call = (self._fast.evalsha(self._charge.sha, self._charge_source, script_keys,
-                                   script_args) if self._fast is not None
-                else self._charge(keys=script_keys, args=script_args))
-        if self._instrument is None:
-            return text(await call)
-        return text(await self._instrument.run("charge.lua", call))
+        return text(await self._script_call(self._charge, self._charge_source, "charge.lua",
+                                            script_keys, script_args))
+
+    def _script_call(self, script: AsyncScript, source: str, name: str, keys: list[str],
+                     args: list[int | str]) -> Awaitable[Any]:
+        """One script call, on the lean path when there is one (a plain function: no
+        coroutine of its own on the charging path)."""
+        call = (self._fast.evalsha(script.sha, source, keys, args) if self._fast is not None
+                else script(keys=keys, args=args))
+        return call if self._instrument is None else self._instrument.run(name, call)
+
+    async def _take_claim(self, account_id: str, session_id: str, now_ms: int
+                          ) -> tuple[str, str]:
+        """Claims the session id for the account: ("TAKEN" or "OURS", "") or ("", the
+        refusal). A session id is open on one account at a time; the two accounts may be
+        in two hash slots, so charge.lua cannot see this itself. Another account's claim is
+        taken over when its session is closed or gone (a claim left by a crash)."""
+        key = [claim_key(session_id, self.config.partitions)]
+        reply = await self._script_call(self._claim, self._claim_source, "claim.lua", key,
+                                        ["TAKE", account_id, now_ms, ""])
+        if text(reply[0]) == "HELD":
+            held = text(reply[1])
+            refusal = await self._takeover_refusal(held, session_id, now_ms)
+            if refusal:
+                return "", refusal
+            reply = await self._script_call(self._claim, self._claim_source, "claim.lua",
+                                            key, ["TAKE", account_id, now_ms, held])
+            if text(reply[0]) == "HELD":  # a third account took it over first
+                return "", OPEN_ELSEWHERE
+        return text(reply[0]), ""
+
+    async def _takeover_refusal(self, held: str, session_id: str, now_ms: int) -> str:
+        """Why another account's claim ("<account id>|<taken at ms>") stands, or ""."""
+        holder, _, taken_ms = held.rpartition("|")
+        state = await self._redis.hget(self.keys(holder).session(session_id), "state")
+        if state is None:  # no session: the holder's Initial may be on its way still
+            young = now_ms - int(taken_ms) < self.config.claim_grace_ms
+            return OPENING_ELSEWHERE if young else ""
+        return OPEN_ELSEWHERE if text(state) == "open" else ""
+
+    async def _release_claim(self, account_id: str, session_id: str) -> None:
+        """Deletes the session id's claim if the account still holds it. A failure is only
+        logged: the answer must say what was charged, and a claim left behind is taken
+        over once its session is seen closed."""
+        try:
+            await self._script_call(self._claim, self._claim_source, "claim.lua",
+                                    [claim_key(session_id, self.config.partitions)],
+                                    ["RELEASE", account_id])
+        except (RedisError, OSError, TimeoutError) as error:
+            log.warning("giving back the claim of a session id failed: %r", error)
 
     async def due_sessions(self, partition: int, now_ms: int, limit: int
                            ) -> list[tuple[str, str]]:
@@ -286,7 +429,7 @@ class Store:
         call = self._admin(
             keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
                   keys.final_sessions, keys.events, event_counter_key(keys.partition),
-                  keys.adjustments, keys.cdrs],
+                  keys.index, keys.adjustments, keys.cdrs],
             args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
         )
         raw = await (call if self._instrument is None

@@ -70,8 +70,6 @@ DEFAULT_SERVICE_NAME = "creditline"
 # Latency buckets in seconds: a charging call is expected in the low milliseconds.
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                      5.0)
-# The accounts gauge scans the keyspace; at most this many keys per SCAN round trip.
-ACCOUNT_SCAN_COUNT = 1000
 _TRACE_EXPORTERS = ("none", "otlp", "console")
 _METRIC_EXPORTERS = ("none", "otlp", "console", "prometheus")
 _OTLP_PROTOCOLS = ("http/protobuf", "grpc")
@@ -581,12 +579,14 @@ class Telemetry:
         return rater if self.spans is None else TracedRater(rater)
 
     def start_account_gauge(self, redis: RedisClient, interval_s: float,
-                            cdr_streams: Sequence[str] = ()) -> None:
-        """Counts the accounts and the CDR backlog (the CDR streams' lengths: the exporter
-        deletes what it has exported) every interval."""
+                            cdr_streams: Sequence[str] = (),
+                            account_indexes: Sequence[str] = ()) -> None:
+        """Counts the accounts (the partitions' indexes of account ids) and the CDR
+        backlog (the CDR streams' lengths: the exporter deletes what it has exported)
+        every interval."""
         if self.metrics is not None:
-            self._tasks.append(asyncio.create_task(
-                _count_accounts_every(redis, self.metrics, interval_s, cdr_streams)))
+            self._tasks.append(asyncio.create_task(_count_accounts_every(
+                redis, self.metrics, interval_s, cdr_streams, account_indexes)))
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -665,13 +665,14 @@ def _prometheus_endpoint(address: str) -> tuple[MetricReader, tuple[WSGIServer, 
 
 
 async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s: float,
-                                cdr_streams: Sequence[str]) -> None:
-    """Counts account keys with SCAN (never KEYS: it would block Redis) now and then."""
+                                cdr_streams: Sequence[str], account_indexes: Sequence[str]
+                                ) -> None:
+    """Counts the accounts (SCARD of each partition's index) now and then."""
     while True:
         try:
             count = 0
-            async for _ in redis.scan_iter(match="cl:{*}:a:*:acct", count=ACCOUNT_SCAN_COUNT):
-                count += 1
+            for index in account_indexes:
+                count += int(await redis.scard(index))
             metrics.accounts = count
             backlog = 0
             for stream in cdr_streams:
@@ -679,6 +680,9 @@ async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s
             metrics.cdr_backlog_source = (lambda value=backlog: value) if cdr_streams else None
         except Exception as error:  # a metric must never stop the server
             log.warning("counting accounts failed: %r", error)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return  # stopped: a cancel inside a Redis call can come out as another error
         await asyncio.sleep(interval_s)
 
 

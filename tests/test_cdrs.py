@@ -23,7 +23,7 @@ from creditline.rating import BandedRater, load_plan
 from creditline.reconcile import reconcile
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
-from creditline.store import Store
+from creditline.store import Store, account_keys
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -230,8 +230,7 @@ async def test_reconcile_names_the_account_and_amount_and_fails(
         books: Books, tmp_path: Path) -> None:
     accounts = await some_traffic(books, "tamper", accounts=2)
     redis = books.sync_redis()
-    key = next(k.decode() for k in redis.scan_iter(f"cl:*:a:{accounts[1]}:acct"))
-    redis.hincrby(key, "balance", 1_234)
+    redis.hincrby(account_keys(accounts[1], books.partitions).account, "balance", 1_234)
     redis.close()
     sink_url = f"sqlite:///{tmp_path / 'cdrs.db'}"
     result = subprocess.run(

@@ -22,12 +22,20 @@ from creditline.app import (
     version_tuple,
 )
 from creditline.settings import Settings
+from creditline.store import account_keys, claim_key, partition_tag
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
-from tests import test_concurrency, test_events, test_schedule, test_sessions, test_tariffs
+from tests import (
+    test_concurrency,
+    test_events,
+    test_hostile_ids,
+    test_schedule,
+    test_sessions,
+    test_tariffs,
+)
 from tests.books import Books
 from tests.cluster import RedisCluster
 from tests.stream_client import StreamCharging
@@ -41,6 +49,8 @@ SCENARIOS = [
       if name.startswith("test_")),
     test_concurrency.test_hundred_concurrent_sessions_never_exceed_the_credit_limit,
     test_schedule.test_lua_grants_match_the_python_inverse,
+    # hostile ids, and a session id open on two accounts (in two hash slots: the claim)
+    *test_hostile_ids.CLUSTER_SCENARIOS,
 ]
 _numbers = itertools.count(1)
 
@@ -129,3 +139,21 @@ async def test_the_version_check_reads_every_node_of_a_cluster(
     # what the check compares: 6.0 lacks MINID trimming, 6.2 is the oldest that serves
     assert version_tuple("6.0.16") < MIN_REDIS_VERSION <= version_tuple("6.2.0")
     assert version_tuple("7.2-rc1") == (7,)
+
+
+async def test_hostile_ids_leave_their_keys_in_their_partitions_slot(
+        cluster_redis: ClusterClient, settings: Settings) -> None:
+    # the cluster's own hashing (CLUSTER KEYSLOT): the first {...} of a key is the
+    # partition's tag, whatever braces an id holds after it
+    async def slot(key: str) -> int:
+        return int(await cluster_redis.cluster_keyslot(key))
+
+    for account_id in test_hostile_ids.hostile_account_ids(""):
+        keys = account_keys(account_id, settings.partitions)
+        tag_slot = await slot(partition_tag(keys.partition))
+        assert await slot(keys.account) == await slot(keys.index) == tag_slot
+        for session_id in test_hostile_ids.HOSTILE_SESSION_IDS:
+            assert await slot(keys.session(session_id)) == tag_slot, session_id
+            assert await slot(keys.event(session_id)) == tag_slot, session_id
+            claim = claim_key(session_id, settings.partitions)
+            assert await slot(claim) == await slot(claim[:claim.index("}") + 1])

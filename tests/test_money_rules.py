@@ -405,3 +405,15 @@ async def test_the_cli_adjusts_a_balance_with_a_reason(
     without_reason = await asyncio.to_thread(subprocess.run, command[:-4], capture_output=True,
                                              text=True, timeout=60, check=False)
     assert without_reason.returncode != 0 and "--reason" in without_reason.stderr
+
+
+async def test_a_terminate_without_rating_groups_closes_the_session(
+        charging, admin, make_account, checked_books):  # type: ignore[no-untyped-def]
+    acct = await make_account(balance_micros=5_000_000)
+    await charging.Initial(ccr(f"{acct};s", acct, 0, block(RG_VOICE, requested=120)))
+    assert (await account(admin, acct)).reserved_micros > 0
+    end = await charging.Terminate(ccr(f"{acct};s", acct, 1))
+    assert (end.result_code, list(end.rating_groups)) == (pb.SUCCESS, [])
+    state = await account(admin, acct)
+    assert (state.reserved_micros, state.open_sessions, state.balance_micros) == (0, 0, 5_000_000)
+    assert await charging.Terminate(ccr(f"{acct};s", acct, 1)) == end  # retransmission

@@ -233,7 +233,8 @@ async def test_a_requests_events_share_an_entry_and_a_cursor_within_it_resumes_e
         charging, notifications, make_account, redis, settings, checked_books):  # type: ignore[no-untyped-def]
     acct = await make_account(balance_micros=10_000_000)
     watching = await subscribe(notifications, account_ids=[acct])
-    answer = await charging.Initial(ccr("two-groups", acct, 0, block(RG_WEB, requested=1000),
+    answer = await charging.Initial(ccr(f"{acct};two-groups", acct, 0,
+                                        block(RG_WEB, requested=1000),
                                         block(RG_SMS, requested=2)))
     assert answer.result_code == pb.SUCCESS
     events = await watching.drain()
@@ -241,7 +242,7 @@ async def test_a_requests_events_share_an_entry_and_a_cursor_within_it_resumes_e
     assert types(events)[:2] == ["QUOTA_GRANTED", "QUOTA_GRANTED"]
     # one stream entry for the request: the ids share its stream id, then count 0, 1, ...
     entries = await redis.xrange(account_keys(acct, settings.partitions).events)
-    assert [fields["s"] for _, fields in entries if fields["a"] == acct] == ["two-groups"]
+    assert [fields["s"] for _, fields in entries if fields["a"] == acct] == [f"{acct};two-groups"]
     assert {e.event_id.rsplit("-", 1)[0] for e in events} == {
         f"{account_keys(acct, settings.partitions).partition}-{entries[-1][0]}"}
     assert [e.event_id.rsplit("-", 1)[1] for e in events] == [

@@ -195,7 +195,7 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
                     admin_pb.CreateAccountRequest(account_id=account_id,
                                                   initial_balance_micros=5_000_000))
                 answer = await charging_pb2_grpc.ChargingStub(channel).Initial(
-                    ccr("otlp-1", account_id, 0, block(RG_VOICE, requested=60)),
+                    ccr(f"{account_id};otlp-1", account_id, 0, block(RG_VOICE, requested=60)),
                     metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"),))
                 assert answer.result_code == pb.SUCCESS
         finally:
@@ -216,5 +216,6 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
     assert [value.int_value for value in
             attributes["creditline.rating_groups"].array_value.values] == [RG_VOICE]
     children = {span.name for span in spans if span.parent_span_id == initial.span_id}
-    assert children == {"rating", "EVALSHA charge.lua"}
+    # the session id's claim (an Initial's first script), then the charging script
+    assert children == {"rating", "EVALSHA claim.lua", "EVALSHA charge.lua"}
     assert any(span.name == "creditline.v1.Admin/CreateAccount" for span in spans)

@@ -11,8 +11,9 @@ KEYS (all under the account's partition hash tag):
   KEYS[6] final sessions  hash: open session id -> its rating groups at final units
   KEYS[7] event stream    the partition's charge notifications
   KEYS[8] event counter   the partition's count of notifications (see charge.lua)
-  KEYS[9] adjustments     hash: adjustment id -> amount (applied once per id)
-  KEYS[10] CDR stream     the partition's charging data records
+  KEYS[9] account index   the partition's set of account ids (reconcile, metrics)
+  KEYS[10] adjustments    hash: adjustment id -> amount (applied once per id)
+  KEYS[11] CDR stream     the partition's charging data records
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
@@ -39,7 +40,7 @@ final units, on the event stream.
 ]]
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
-  event_counter_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 10)
+  event_counter_key, index_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 11)
 local op, account_id, now_ms = ARGV[1], ARGV[2], ARGV[3]
 local trim_strategy, trim_threshold = string.match(ARGV[4], '^(%u+),(%d+)$')
 
@@ -126,6 +127,7 @@ if op == 'CREATE' then
     'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
     'charged', '0', 'refunded', '0', 'adjusted', '0', 'created_ms', now_ms)
   if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
+  redis.call('SADD', index_key, account_id)
   for i = first_bucket, #ARGV, 6 do
     redis.call('HSET', buckets_key, ARGV[i],
       bucket_value(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]))

@@ -926,8 +926,8 @@ if closing then
   end
 end
 
-local answer = overall_code(shared_code)
-if parts ~= '' then answer = answer .. parts end  -- (none: the code alone, a number)
+-- (no blocks: the code alone, as text like every answer)
+local answer = int(overall_code(shared_code)) .. parts
 if kind == 'S' then answer = session.answer end  -- the client's last answer stays
 
 if kind == 'I' then
