@@ -171,6 +171,7 @@ def store_config(settings: Settings) -> StoreConfig:
         spike_slow_window_s=settings.spike_slow_window_s, spike_factor=settings.spike_factor,
         # past every deadline of the holder's Initial: the pool's wait, then the reply's
         claim_grace_ms=int(settings.redis_call_timeout_s * 1000 * CLAIM_GRACE_CALLS),
+        session_id_claims=settings.session_id_claims,
     )
 
 

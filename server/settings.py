@@ -93,6 +93,11 @@ class Settings:
     # clock may run this far ahead; outside it the request is refused with 5004
     max_event_age_s: int = 172_800
     max_event_ahead_s: int = 300
+    # refuse an Initial whose session id is open on another account (session ids are
+    # unique in the network); costs one more Redis round trip per Initial and per
+    # Terminate (the id's claim lives in another hash slot). false: for networks whose
+    # session ids are unique by construction (Diameter's: <DiameterIdentity>;<high>;<low>)
+    session_id_claims: bool = True
     # limits on one request
     max_rating_groups_per_request: int = 64
     max_session_id_bytes: int = 256

@@ -196,6 +196,8 @@ class StoreConfig:
     # how long a session id's claim whose account has no such session yet is left alone:
     # that account's Initial may still be on its way to its charging script
     claim_grace_ms: int = 10_000
+    # claim session ids (above); False: the network's ids are unique by construction
+    session_id_claims: bool = True
 
 
 def _script_source(name: str) -> str:
@@ -320,7 +322,8 @@ class Store:
         hash slot); a session closed gives its claim back. refund_of: a REFUND's session
         id of the charge it reverses."""
         claim = ""
-        if kind == "I":
+        claims = self.config.session_id_claims
+        if kind == "I" and claims:
             claim, refusal = await self._take_claim(account_id, session_id, now_ms)
             if refusal:
                 return refusal
@@ -329,8 +332,8 @@ class Store:
             event_action, blocks, supervision_ms, refund_of)
         # a closed session gives its claim back, and so does a refused Initial that took
         # one (it opened nothing)
-        if (kind in ("T", "S") and not refused(answer)) or (
-                claim == "TAKEN" and refused(answer)):
+        if claims and ((kind in ("T", "S") and not refused(answer)) or (
+                claim == "TAKEN" and refused(answer))):
             await self._release_claim(account_id, session_id)
         return answer
 

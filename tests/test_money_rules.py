@@ -19,7 +19,13 @@ import pytest
 from creditline.app import start_server, stop_server
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
-from creditline.store import BUCKET_FIELDS, StoredBucket, account_keys, parse_bucket
+from creditline.store import (
+    BUCKET_FIELDS,
+    StoredBucket,
+    account_keys,
+    claim_key,
+    parse_bucket,
+)
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
@@ -417,3 +423,31 @@ async def test_a_terminate_without_rating_groups_closes_the_session(
     state = await account(admin, acct)
     assert (state.reserved_micros, state.open_sessions, state.balance_micros) == (0, 0, 5_000_000)
     assert await charging.Terminate(ccr(f"{acct};s", acct, 1)) == end  # retransmission
+
+
+async def test_without_session_id_claims_an_initial_is_one_round_trip(
+        redis_process: RedisProcess, settings: Settings, redis: Any, admin: Any,
+        make_account: Any, checked_books: Any) -> None:
+    running = await start_server(Settings(listen_address="127.0.0.1:0",
+                                          plan_path=settings.plan_path,
+                                          session_id_claims=False), redis_process.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = charging_pb2_grpc.ChargingStub(channel)
+            first = await make_account(balance_micros=1_000_000)
+            second = await make_account(balance_micros=1_000_000)
+            sid = f"{first};unclaimed"
+            calls = await _evalsha_calls(redis)
+            for acct in (first, second):  # the network vouches for its ids: not checked
+                answer = await stub.Initial(ccr(sid, acct, 0, block(RG_SMS, requested=1)))
+                assert answer.result_code == pb.SUCCESS
+                await stub.Terminate(ccr(sid, acct, 1, block(RG_SMS, used=1)))
+            assert await _evalsha_calls(redis) - calls == 4  # one script call each
+            assert await redis.exists(claim_key(sid, settings.partitions)) == 0
+    finally:
+        await stop_server(running, grace_s=1.0)
+
+
+async def _evalsha_calls(redis: Any) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
