@@ -27,10 +27,12 @@ from creditline.store import (
     parse_bucket,
 )
 from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from creditline.v1 import charging_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb
+from redis.asyncio import Redis
 
+from tests.books import Books
 from tests.messages import RG_FREE, RG_SMS, RG_VOICE, RG_WEB, block, ccr, granted, rg_answer
 from tests.stream_client import StreamCharging
 from tests.test_notifications import subscribe
@@ -426,26 +428,39 @@ async def test_a_terminate_without_rating_groups_closes_the_session(
 
 
 async def test_without_session_id_claims_an_initial_is_one_round_trip(
-        redis_process: RedisProcess, settings: Settings, redis: Any, admin: Any,
-        make_account: Any, checked_books: Any) -> None:
-    running = await start_server(Settings(listen_address="127.0.0.1:0",
-                                          plan_path=settings.plan_path,
-                                          session_id_claims=False), redis_process.url)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            stub = charging_pb2_grpc.ChargingStub(channel)
-            first = await make_account(balance_micros=1_000_000)
-            second = await make_account(balance_micros=1_000_000)
-            sid = f"{first};unclaimed"
-            calls = await _evalsha_calls(redis)
-            for acct in (first, second):  # the network vouches for its ids: not checked
-                answer = await stub.Initial(ccr(sid, acct, 0, block(RG_SMS, requested=1)))
-                assert answer.result_code == pb.SUCCESS
-                await stub.Terminate(ccr(sid, acct, 1, block(RG_SMS, used=1)))
-            assert await _evalsha_calls(redis) - calls == 4  # one script call each
-            assert await redis.exists(claim_key(sid, settings.partitions)) == 0
-    finally:
-        await stop_server(running, grace_s=1.0)
+        settings: Settings) -> None:
+    with RedisProcess() as own_redis:  # its own: no other server's calls in the count
+        running = await start_server(Settings(listen_address="127.0.0.1:0",
+                                              plan_path=settings.plan_path,
+                                              session_id_claims=False), own_redis.url)
+        redis = Redis.from_url(own_redis.url, decode_responses=True)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                await _one_id_on_two_accounts(channel, redis, settings.partitions)
+        finally:
+            await redis.aclose()
+            await stop_server(running, grace_s=1.0)
+
+
+async def _one_id_on_two_accounts(channel: grpc.aio.Channel, redis: Redis,
+                                  partitions: int) -> None:
+    admin = admin_pb2_grpc.AdminStub(channel)
+    stub = charging_pb2_grpc.ChargingStub(channel)
+    books = Books(redis, partitions)
+    for acct in ("first", "second"):
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(
+            account_id=acct, initial_balance_micros=1_000_000))
+        books.track(acct)
+    # the first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA again): before counting
+    await stub.Event(sms_event("warm", "first", pb.PRICE_ENQUIRY, block(RG_SMS, requested=1)))
+    calls = await _evalsha_calls(redis)
+    for acct in ("first", "second"):  # the network vouches for its ids: not checked
+        answer = await stub.Initial(ccr("unclaimed", acct, 0, block(RG_SMS, requested=1)))
+        assert answer.result_code == pb.SUCCESS
+        await stub.Terminate(ccr("unclaimed", acct, 1, block(RG_SMS, used=1)))
+    assert await _evalsha_calls(redis) - calls == 4  # one script call each
+    assert await redis.exists(claim_key("unclaimed", partitions)) == 0
+    await books.assert_balanced()
 
 
 async def _evalsha_calls(redis: Any) -> int:
