@@ -13,10 +13,14 @@ from typing import Any
 import grpc
 import pytest
 from creditline.app import RunningServer, start_server, stop_server
+from creditline.cdr import open_sink
+from creditline.reconcile import reconcile
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
+from creditline.store import META_KEY, recorded_partitions
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.books import Books
@@ -26,9 +30,25 @@ _account_numbers = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def redis_process() -> Iterator[RedisProcess]:
+def redis_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
     with RedisProcess() as process:
         yield process
+        _reconcile_everything(process, tmp_path_factory.mktemp("reconcile"))
+
+
+def _reconcile_everything(process: RedisProcess, directory: Path) -> None:
+    """After the whole run: `creditline reconcile`'s check over every account that every
+    test made on the shared Redis (nothing exported: all the CDRs are in the streams)."""
+    redis = SyncRedis.from_url(process.url)
+    try:
+        if redis.exists(META_KEY):
+            sink = open_sink(f"sqlite:///{directory / 'cdrs.db'}")
+            checked, problems = reconcile(redis, recorded_partitions(redis), sink)
+            sink.close()
+            assert problems == [], [str(p) for p in problems[:20]]
+            assert checked > 0
+    finally:
+        redis.close()
 
 
 @pytest.fixture(scope="session")
