@@ -289,8 +289,20 @@ class Store:
         self._claim_source = _script_source("claim.lua")
         self._claim: AsyncScript = redis.register_script(self._claim_source)
         self._meta: AsyncScript = redis.register_script(_META_SCRIPT)
+        # Claims: on one Redis server charge.lua takes and gives back a session id's claim
+        # itself, in the request's one round trip (a script may touch any key there); on a
+        # cluster the claim is in another slot, so the Initial claims it first (claim.lua)
+        # and a close gives it back after: one round trip more for each.
+        self._claims_in_script = config.session_id_claims and not isinstance(
+            redis, RedisCluster)
+        self._claims_apart = config.session_id_claims and not self._claims_in_script
         self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
             f"{config.spike_factor}"
+
+    @property
+    def claims_in_script(self) -> bool:
+        """Whether charge.lua takes and gives back the session ids' claims itself."""
+        return self._claims_in_script
 
     def keys(self, account_id: str) -> AccountKeys:
         return account_keys(account_id, self.config.partitions)
@@ -317,12 +329,11 @@ class Store:
         now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
         supervision_ms: int = 0, refund_of: str = "",
     ) -> str:
-        """Runs one charging request (kind I/U/T/E/S); returns the script's answer. An
-        Initial first claims its session id (one round trip more: the claim is in another
-        hash slot); a session closed gives its claim back. refund_of: a REFUND's session
-        id of the charge it reverses."""
+        """Runs one charging request (kind I/U/T/E/S); returns the script's answer. The
+        session id's claim is taken by an Initial and given back when the session closes
+        (see __init__). refund_of: a REFUND's session id of the charge it reverses."""
         claim = ""
-        claims = self.config.session_id_claims
+        claims = self._claims_apart
         if kind == "I" and claims:
             claim, refusal = await self._take_claim(account_id, session_id, now_ms)
             if refusal:
@@ -349,6 +360,8 @@ class Store:
                        event_counter_key(keys.partition), deadlines_key(keys.partition)]
         if refund_of:
             script_keys += [keys.event(refund_of), keys.session(refund_of)]
+        elif self._claims_in_script and kind in ("I", "T", "S"):
+            script_keys.append(claim_key(session_id, self.config.partitions))
         script_args: list[int | str] = [
             kind, request_number, account_id, session_id, now_ms, event_time_ms,
             self.config.answer_retention_s, event_action, self._event_trim(now_ms),
@@ -371,22 +384,25 @@ class Store:
         in two hash slots, so charge.lua cannot see this itself. Another account's claim is
         taken over when its session is closed or gone (a claim left by a crash)."""
         key = [claim_key(session_id, self.config.partitions)]
+        session_key = self.keys(account_id).session(session_id)
         reply = await self._script_call(self._claim, self._claim_source, "claim.lua", key,
-                                        ["TAKE", account_id, now_ms, ""])
+                                        ["TAKE", account_id, now_ms, "", session_key])
         if text(reply[0]) == "HELD":
             held = text(reply[1])
             refusal = await self._takeover_refusal(held, session_id, now_ms)
             if refusal:
                 return "", refusal
             reply = await self._script_call(self._claim, self._claim_source, "claim.lua",
-                                            key, ["TAKE", account_id, now_ms, held])
+                                            key, ["TAKE", account_id, now_ms, held,
+                                                  session_key])
             if text(reply[0]) == "HELD":  # a third account took it over first
                 return "", OPEN_ELSEWHERE
         return text(reply[0]), ""
 
     async def _takeover_refusal(self, held: str, session_id: str, now_ms: int) -> str:
-        """Why another account's claim ("<account id>|<taken at ms>") stands, or ""."""
-        holder, _, taken_ms = held.rpartition("|")
+        """Why another account's claim ("<account id>|<taken at ms>|<its session key>")
+        stands, or ""."""
+        holder, taken_ms, _ = held.split("|", 2)
         state = await self._redis.hget(self.keys(holder).session(session_id), "state")
         if state is None:  # no session: the holder's Initial may be on its way still
             young = now_ms - int(taken_ms) < self.config.claim_grace_ms

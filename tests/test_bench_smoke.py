@@ -1,6 +1,5 @@
 """The benchmark driver against a real server and Redis for a few seconds: every request
-answered with success, no errors, every request one EVALSHA (counted by Redis; an
-Initial and a Terminate one more: the session id's claim), and the
+answered with success, no errors, every request one EVALSHA (counted by Redis), and the
 books balanced afterwards with no money left reserved. No timing assertions: the machine
 is shared."""
 
@@ -31,7 +30,6 @@ from bench.driver import (
 from bench.histogram import LatencyHistogram
 from bench.workload import METHODS, Workload, event_request
 from tests.books import Books
-from tests.messages import RG_WEB, block, ccr
 
 _prefixes = itertools.count(1)
 
@@ -49,15 +47,10 @@ async def _accounts(admin, books: Books) -> Workload:  # type: ignore[no-untyped
 
 async def _drive_counted(config: DriverConfig, charging, redis: Redis  # type: ignore[no-untyped-def]
                          ) -> tuple[DriverResult, redis_stats.RoundTrips]:
-    # requests first, so that the scripts are loaded before the count starts (charge.lua;
-    # claim.lua, which only an Initial and a Terminate run)
-    account_id = config.workload.account_id(0)
-    warm = await charging.Event(event_request(f"warm-{config.run_tag}", account_id))
+    # one request first, so that the charging script is loaded before the count starts
+    warm = await charging.Event(event_request(f"warm-{config.run_tag}",
+                                              config.workload.account_id(0)))
     assert warm.result_code == pb.SUCCESS
-    for method, number in (charging.Initial, 0), (charging.Terminate, 1):
-        warm = await method(ccr(f"warm-{config.run_tag}", account_id, number,
-                                block(RG_WEB, used=0)))
-        assert warm.result_code == pb.SUCCESS
     before = await redis_stats.command_calls(redis)
     result = await drive(config)
     after = await redis_stats.command_calls(redis)
@@ -74,13 +67,12 @@ def _assert_all_served(result: DriverResult, trips: redis_stats.RoundTrips) -> N
     for method in METHODS:
         assert set(result.result_codes[method]) == {pb.SUCCESS}, summary["result_codes"]
     assert result.success_count() == result.requests
-    # Redis saw exactly one EVALSHA per request and one more per Initial and Terminate
-    # (the session id's claim, taken and given back), and the scripts' own commands beside
-    claims = result.totals["Initial"] + result.totals["Terminate"]
-    assert trips.by_command.get("evalsha") == result.requests_total + claims, trips.summary()
+    # Redis saw exactly one EVALSHA per request, and the scripts' own commands beside it
+    # (on one Redis server the session id's claims are taken and given back inside it)
+    assert trips.by_command.get("evalsha") == result.requests_total, trips.summary()
     assert trips.in_script_commands > result.requests_total
-    # those round trips alone; new pool connections' handshakes are counted apart
-    assert trips.client_commands == result.requests_total + claims, trips.summary()
+    # one round trip per request; new pool connections' handshakes are counted apart
+    assert trips.per_request == 1.0, trips.summary()
 
 
 async def _assert_nothing_reserved(admin, books: Books, workload: Workload  # type: ignore[no-untyped-def]

@@ -101,13 +101,15 @@ def _account_maker(admin: admin_pb2_grpc.AdminStub, books: Books) -> Callable[..
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
 async def test_scenario_on_cluster(scenario: Callable[..., Any], transport: str,
                                    cluster_channel: grpc.aio.Channel,
+                                   cluster_server: RunningServer,
                                    cluster_redis: ClusterClient, settings: Settings) -> None:
     stub = charging_pb2_grpc.ChargingStub(cluster_channel)
     charging: Any = stub if transport == "unary" else StreamCharging(stub)
     admin = admin_pb2_grpc.AdminStub(cluster_channel)
     books = Books(cluster_redis, settings.partitions)  # type: ignore[arg-type]
     fixtures = {"charging": charging, "admin": admin, "books": books,
-                "checked_books": books, "make_account": _account_maker(admin, books)}
+                "checked_books": books, "make_account": _account_maker(admin, books),
+                "server": cluster_server, "redis": cluster_redis, "settings": settings}
     wanted = inspect.signature(scenario).parameters
     await scenario(**{name: fixtures[name] for name in wanted})
     await books.assert_balanced()

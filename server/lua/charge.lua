@@ -37,6 +37,11 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           (unix ms); a session with no request by then is closed ("S")
   KEYS[12], KEYS[13]      REFUND only: the event answer and the session hash of the id the
                           refund names (whichever exists holds the charge it reverses)
+  KEYS[12]                kinds I, T, S on one Redis server (not a cluster): the session
+                          id's claim, in the id's own partition (server/lua/claim.lua: its
+                          format): an Initial refuses an id another account holds open and
+                          takes the claim, a close gives it back; on a cluster the server
+                          does this in steps of its own, and no KEYS[12] is given
 
 ARGV:
   [1] kind: "I", "U", "T" (session), "E" (event), or "S" (close the session if its
@@ -793,9 +798,23 @@ elseif exists then
     return INVALID_VALUE .. ';!request number lower than the last one processed'
   end
 end
+-- The session id's claim (KEYS[12], see above): the account holding it, and whether that
+-- account's session of this id is open (the claim names its key).
+local claim_key = KEYS[12]
+local function claimed_elsewhere()
+  local held = redis.call('GET', claim_key)
+  if not held then return false end
+  local holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$')
+  return holder ~= account_id and holder_key ~= nil
+    and redis.call('HGET', holder_key, 'state') == 'open'
+end
+
 if kind == 'I' then
   if exists then return INVALID_VALUE .. ';!session already exists' end
   if barred then return DENIED .. ';!account is barred' end
+  if claim_key and claimed_elsewhere() then
+    return INVALID_VALUE .. ';!session_id: already open on another account'
+  end
 elseif session.state ~= 'open' then
   return UNKNOWN_SESSION .. ';!unknown or closed session'
 end
@@ -958,12 +977,23 @@ if closing then
   redis.call('SREM', sessions_key, request_key)
   redis.call('HDEL', final_key, session_id)
   redis.call('ZREM', deadlines_key, request_key)
+  if claim_key then
+    local held = redis.call('GET', claim_key)
+    if held and string.sub(held, 1, #account_id + 1) == account_id .. '|' then
+      redis.call('DEL', claim_key)
+    end
+  end
   redis.call('EXPIRE', request_key, retention_s)
   -- the session as just written: what was read, with this request's changes over it
   for field, value in pairs(session_changes) do session[field] = value end
   write_session_cdr(session, cause, answer:match('^%d+'))
 else
-  if kind == 'I' then redis.call('SADD', sessions_key, request_key) end
+  if kind == 'I' then
+    redis.call('SADD', sessions_key, request_key)
+    if claim_key then
+      redis.call('SET', claim_key, account_id .. '|' .. int(now_ms) .. '|' .. request_key)
+    end
+  end
   if #final_rgs > 0 then
     redis.call('HSET', final_key, session_id, table.concat(final_rgs, ','))
   end

@@ -5,10 +5,12 @@ charge.lua cannot check it, and an Initial claims its session id here first (ser
 Store._take_claim decides when another account's claim may be taken over).
 
 KEYS[1] the claim (a string in the session id's own partition): "<account id>|<taken at,
-        unix ms>" (account ids hold no '|')
+        unix ms>|<the account's session key>" (account ids hold no '|'; charge.lua reads
+        and writes the same on one Redis server, where it claims in the request's script)
 ARGV[1] TAKE or RELEASE, ARGV[2] the account id, then for TAKE:
 ARGV[3] now, unix ms
 ARGV[4] another account's claim as the caller read it, to take over ("": none)
+ARGV[5] the account's session key
 
 TAKE    -> { "TAKEN" } (it was free, or still the claim of ARGV[4]), { "OURS" } (the
            account holds it already), or { "HELD", claim } (another account holds it)
@@ -23,5 +25,5 @@ if ARGV[1] == 'RELEASE' then
 end
 if ours then return { 'OURS' } end
 if claim ~= false and claim ~= ARGV[4] then return { 'HELD', claim } end
-redis.call('SET', KEYS[1], ARGV[2] .. '|' .. ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2] .. '|' .. ARGV[3] .. '|' .. ARGV[5])
 return { 'TAKEN' }
