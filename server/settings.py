@@ -94,9 +94,9 @@ class Settings:
     max_event_age_s: int = 172_800
     max_event_ahead_s: int = 300
     # refuse an Initial whose session id is open on another account (session ids are
-    # unique in the network); costs one more Redis round trip per Initial and per
-    # Terminate (the id's claim lives in another hash slot). false: for networks whose
-    # session ids are unique by construction (Diameter's: <DiameterIdentity>;<high>;<low>)
+    # unique in the network); on a Redis Cluster it costs one more round trip per Initial
+    # and per Terminate (the id's claim lives in another hash slot). false: for networks
+    # whose session ids are unique by construction (Diameter's: <identity>;<high>;<low>)
     session_id_claims: bool = True
     # limits on one request
     max_rating_groups_per_request: int = 64
