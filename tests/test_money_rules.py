@@ -427,7 +427,7 @@ async def test_a_terminate_without_rating_groups_closes_the_session(
     assert await charging.Terminate(ccr(f"{acct};s", acct, 1)) == end  # retransmission
 
 
-async def test_without_session_id_claims_an_initial_is_one_round_trip(
+async def test_without_session_id_claims_one_id_opens_on_two_accounts(
         settings: Settings) -> None:
     with RedisProcess() as own_redis:  # its own: no other server's calls in the count
         running = await start_server(Settings(listen_address="127.0.0.1:0",
