@@ -34,6 +34,7 @@ import psycopg
 from creditline.app import redis_client, store_config
 from creditline.cdr import open_sink
 from creditline.charging import script_blocks
+from creditline.contract import EventAction, RequestKind
 from creditline.exporter import Exporter
 from creditline.rating import BandedRater, load_plan
 from creditline.reconcile import reconcile
@@ -79,8 +80,8 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
         started = time.perf_counter()
         for start in range(0, cdrs, GENERATE_CONCURRENCY):
             await asyncio.gather(*(
-                store.charge("E", names[n % accounts], f"cdrbench-ev{n}", 0, now_ms, now_ms,
-                             "DEBIT", sms_blocks)
+                store.charge(RequestKind.EVENT, names[n % accounts], f"cdrbench-ev{n}", 0, now_ms,
+                             now_ms, EventAction.DEBIT, sms_blocks)
                 for n in range(start, min(cdrs, start + GENERATE_CONCURRENCY))))
         elapsed = time.perf_counter() - started
         return {"generate_s": round(elapsed, 2), "generate_per_s": round(cdrs / elapsed, 1),

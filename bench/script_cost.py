@@ -36,6 +36,7 @@ from typing import Any
 
 from creditline.app import redis_client, store_config
 from creditline.charging import script_blocks
+from creditline.contract import EventAction, RequestKind
 from creditline.rating import BandedRater, Plan, load_plan
 from creditline.redis_process import RedisProcess
 from creditline.settings import Settings
@@ -47,7 +48,8 @@ PLAN_PATH = Path(__file__).resolve().parent.parent / "server" / "plans" / "defau
 ACCOUNTS = 1_000
 FLOWS_AT_ONCE = 50
 UPDATES_PER_SESSION = 3
-KINDS = {"Initial": "I", "Update": "U", "Terminate": "T"}
+KINDS = {"Initial": RequestKind.INITIAL, "Update": RequestKind.UPDATE,
+         "Terminate": RequestKind.TERMINATE}
 
 
 async def _flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
@@ -58,11 +60,13 @@ async def _flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
         blocks = script_blocks(request.rating_groups, plan, rater, now_ms,
                                   default_grant=method == "Initial")
         await store.charge(KINDS[method], account_id, request.session_id,
-                           request.request_number, now_ms, now_ms, "-", blocks, 60_000)
+                           request.request_number, now_ms, now_ms, EventAction.NONE, blocks,
+                           60_000)
     event = event_request(f"{account_id};e{number}", account_id)
     now_ms = int(time.time() * 1000)
     blocks = script_blocks(event.rating_groups, plan, rater, now_ms, default_grant=False)
-    await store.charge("E", account_id, event.session_id, 0, now_ms, now_ms, "DEBIT", blocks, 0)
+    await store.charge(RequestKind.EVENT, account_id, event.session_id, 0, now_ms, now_ms,
+                       EventAction.DEBIT, blocks, 0)
 
 
 async def measure(sessions: int, redis_server: str) -> dict[str, Any]:

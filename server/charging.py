@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, Tariff, UnitKind
+from creditline.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
+from creditline.rating import Plan, Rater, Tariff, UnitKind
 from creditline.settings import Settings
 from creditline.v1 import charging_pb2 as pb
 
@@ -23,8 +24,8 @@ MISSING = pb.MISSING_AVP
 # Account ids become part of Redis keys inside the hash tag: no braces, no spaces.
 ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+\-]+")
 EVENT_ACTIONS = {
-    pb.DIRECT_DEBIT: "DEBIT", pb.REFUND: "REFUND",
-    pb.CHECK_BALANCE: "CHECK", pb.PRICE_ENQUIRY: "PRICE",
+    pb.DIRECT_DEBIT: EventAction.DEBIT, pb.REFUND: EventAction.REFUND,
+    pb.CHECK_BALANCE: EventAction.CHECK, pb.PRICE_ENQUIRY: EventAction.PRICE,
 }
 _REPORTING_REASONS = frozenset(pb.ReportingReason.values())  # values() builds a list
 _UNIT_FIELD = {
@@ -114,15 +115,15 @@ def check_event_time(event_time_unix_ms: int, now_ms: int, settings: Settings
 
 
 def validate_credit_control(
-    request: pb.CreditControlRequest, kind: str, settings: Settings, now_ms: int
+    request: pb.CreditControlRequest, kind: RequestKind, settings: Settings, now_ms: int
 ) -> Refusal | None:
     refusal = (check_ids(request.session_id, request.account_id, settings)
                or check_event_time(request.event_time_unix_ms, now_ms, settings))
     if refusal:
         return refusal
-    if kind == "I" and request.request_number != 0:
+    if kind is RequestKind.INITIAL and request.request_number != 0:
         return Refusal(INVALID, "request_number: must be 0 on Initial")
-    if kind != "I" and request.request_number == 0:
+    if kind is not RequestKind.INITIAL and request.request_number == 0:
         return Refusal(INVALID, "request_number: must be above 0 after Initial")
     return _check_blocks(request.rating_groups, settings, need_units=False)
 

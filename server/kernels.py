@@ -45,6 +45,7 @@ class KernelScheduleFactory(Protocol):
 
 
 class KernelModule(Protocol):
+    MAX_SAFE_INTEGER: int
     MAX_SEGMENTS: int
     REACH_UNBOUNDED: int
     NO_END: int

@@ -34,11 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-# Lua numbers are doubles: every unit count and amount must stay below 2^53.
-MAX_SAFE_INTEGER = 2**53 - 1
-# Segments in one schedule: bounds the charging script's walk and the kernels' arrays
-# (native/kernels.pyx holds them in fixed C arrays of this size).
-MAX_SEGMENTS = 64
+from creditline.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
+
+# MAX_SAFE_INTEGER (Lua numbers are doubles: every unit count and amount stays below 2^53)
+# and MAX_SEGMENTS (segments in one schedule: bounds the charging script's walk and the
+# kernels' fixed C arrays) are the contract's, shared with charge.lua and native/.
 # How far ahead band changes are looked for: a time-unit schedule covers a week of usage
 # from the event time; beyond it (or beyond MAX_SEGMENTS) the last band's price goes on.
 BAND_HORIZON_S = 7 * 24 * 3600

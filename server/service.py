@@ -10,7 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 from creditline import charging
-from creditline.rating import MAX_SAFE_INTEGER, Plan, Rater, UnitKind
+from creditline.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
+from creditline.rating import Plan, Rater, UnitKind
 from creditline.settings import Settings
 from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
 from creditline.v1 import admin_pb2 as admin_pb
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 # A StreamRequest's session request field -> the charging script's request kind.
-_STREAM_KINDS = {"initial": "I", "update": "U", "terminate": "T"}
+_STREAM_KINDS = {"initial": RequestKind.INITIAL, "update": RequestKind.UPDATE,
+                 "terminate": RequestKind.TERMINATE}
 
 
 class StoreUnavailableError(Exception):
@@ -59,17 +61,17 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context
                       ) -> pb.CreditControlAnswer:
-        return await self._credit_control(request, "I")
+        return await self._credit_control(request, RequestKind.INITIAL)
 
     async def Update(self, request: pb.CreditControlRequest, context: Context
                      ) -> pb.CreditControlAnswer:
-        return await self._credit_control(request, "U")
+        return await self._credit_control(request, RequestKind.UPDATE)
 
     async def Terminate(self, request: pb.CreditControlRequest,
                         context: Context) -> pb.CreditControlAnswer:
-        return await self._credit_control(request, "T")
+        return await self._credit_control(request, RequestKind.TERMINATE)
 
-    async def _credit_control(self, request: pb.CreditControlRequest, kind: str,
+    async def _credit_control(self, request: pb.CreditControlRequest, kind: RequestKind,
                               into: pb.CreditControlAnswer | None = None
                               ) -> pb.CreditControlAnswer:
         """The answer; written into `into` when given (a StreamAnswer's field)."""
@@ -78,7 +80,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         if refusal:
             return charging.refusal_answer(request, refusal, into)
         event_time_ms = request.event_time_unix_ms or now_ms
-        answer = await self._charge(kind, request, now_ms, "-", default_grant=True)
+        answer = await self._charge(kind, request, now_ms, EventAction.NONE, default_grant=True)
         if answer is None:
             return charging.refusal_answer(request, charging.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
@@ -142,15 +144,16 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                 "terminate or event)"
         return result
 
-    async def _charge(self, kind: str, request: pb.CreditControlRequest | pb.EventRequest,
-                      now_ms: int, event_action: str, default_grant: bool,
+    async def _charge(self, kind: RequestKind,
+                      request: pb.CreditControlRequest | pb.EventRequest,
+                      now_ms: int, event_action: EventAction, default_grant: bool,
                       refund_of: str = "") -> str | None:
         """Rates the blocks and runs the charging script once; the answer is None when
         Redis failed (nothing was applied: the script is atomic)."""
         event_time_ms = request.event_time_unix_ms or now_ms
         blocks = charging.script_blocks(
             request.rating_groups, self._plan, self._rater, event_time_ms, default_grant)
-        supervision_ms = 0 if kind == "E" else self._supervision_ms
+        supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms
         try:
             return await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
@@ -169,7 +172,8 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         if refusal:
             return charging.event_refusal_answer(request, refusal, into)
         answer = await self._charge(
-            "E", request, now_ms, charging.EVENT_ACTIONS[request.action], default_grant=False,
+            RequestKind.EVENT, request, now_ms, charging.EVENT_ACTIONS[request.action],
+            default_grant=False,
             refund_of=request.refund_of_session_id)
         if answer is None:
             return charging.event_refusal_answer(request, charging.Refusal(

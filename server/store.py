@@ -21,6 +21,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from creditline.contract import (
+    CLOSING_KINDS,
+    ChargeArgs,
+    ChargeKeys,
+    EventAction,
+    RequestKind,
+)
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -271,6 +278,10 @@ OPEN_ELSEWHERE = f"{INVALID_VALUE};!session_id: already open on another account"
 OPENING_ELSEWHERE = f"{INVALID_VALUE};!session_id: being opened on another account"
 
 
+# The kinds whose script takes (Initial) or gives back (closing) a session id's claim.
+_CLAIMING_KINDS = CLOSING_KINDS | {RequestKind.INITIAL}
+
+
 class Store:
     """The charging and admin scripts bound to one Redis client."""
 
@@ -325,16 +336,16 @@ class Store:
         return f"MAXLEN,{self.config.events_max_length}"
 
     async def charge(
-        self, kind: str, account_id: str, session_id: str, request_number: int,
-        now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
-        supervision_ms: int = 0, refund_of: str = "",
+        self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
+        now_ms: int, event_time_ms: int, event_action: EventAction,
+        blocks: list[int | str], supervision_ms: int = 0, refund_of: str = "",
     ) -> str:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer. The
         session id's claim is taken by an Initial and given back when the session closes
         (see __init__). refund_of: a REFUND's session id of the charge it reverses."""
         claim = ""
         claims = self._claims_apart
-        if kind == "I" and claims:
+        if kind is RequestKind.INITIAL and claims:
             claim, refusal = await self._take_claim(account_id, session_id, now_ms)
             if refusal:
                 return refusal
@@ -343,29 +354,35 @@ class Store:
             event_action, blocks, supervision_ms, refund_of)
         # a closed session gives its claim back, and so does a refused Initial that took
         # one (it opened nothing)
-        if claims and ((kind in ("T", "S") and not refused(answer)) or (
+        if claims and ((kind in CLOSING_KINDS and not refused(answer)) or (
                 claim == "TAKEN" and refused(answer))):
             await self._release_claim(account_id, session_id)
         return answer
 
     async def _charge_script(
-        self, kind: str, account_id: str, session_id: str, request_number: int,
-        now_ms: int, event_time_ms: int, event_action: str, blocks: list[int | str],
-        supervision_ms: int, refund_of: str,
+        self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
+        now_ms: int, event_time_ms: int, event_action: EventAction,
+        blocks: list[int | str], supervision_ms: int, refund_of: str,
     ) -> str:
         keys = self.keys(account_id)
-        request_key = keys.event(session_id) if kind == "E" else keys.session(session_id)
-        script_keys = [keys.account, request_key, keys.buckets, keys.usage, keys.open_sessions,
-                       keys.final_sessions, keys.events, keys.cdrs, keys.rates,
-                       event_counter_key(keys.partition), deadlines_key(keys.partition)]
-        if refund_of:
+        request_key = (keys.event(session_id) if kind is RequestKind.EVENT
+                       else keys.session(session_id))
+        script_keys = [*ChargeKeys(
+            account=keys.account, request=request_key, buckets=keys.buckets,
+            usage=keys.usage, sessions=keys.open_sessions, final=keys.final_sessions,
+            events=keys.events, cdrs=keys.cdrs, rates=keys.rates,
+            event_counter=event_counter_key(keys.partition),
+            deadlines=deadlines_key(keys.partition))]
+        if refund_of:  # KEYS[12], KEYS[13]: the charge it names, an event's or a session's
             script_keys += [keys.event(refund_of), keys.session(refund_of)]
-        elif self._claims_in_script and kind in ("I", "T", "S"):
+        elif self._claims_in_script and kind in _CLAIMING_KINDS:  # KEYS[12]
             script_keys.append(claim_key(session_id, self.config.partitions))
-        script_args: list[int | str] = [
-            kind, request_number, account_id, session_id, now_ms, event_time_ms,
-            self.config.answer_retention_s, event_action, self._event_trim(now_ms),
-            self._spike, supervision_ms, refund_of, *blocks]
+        script_args: list[int | str] = [*ChargeArgs(
+            kind=kind, request_number=request_number, account_id=account_id,
+            session_id=session_id, now_ms=now_ms, event_time_ms=event_time_ms,
+            retention_s=self.config.answer_retention_s, event_action=event_action,
+            event_trim=self._event_trim(now_ms), spike_detection=self._spike,
+            supervision_ms=supervision_ms, refund_of=refund_of), *blocks]
         return text(await self._script_call(self._charge, self._charge_source, "charge.lua",
                                             script_keys, script_args))
 
@@ -437,7 +454,8 @@ class Store:
     async def close_if_stale(self, account_id: str, session_id: str, now_ms: int) -> bool:
         """Closes a session whose deadline passed; False if another process did first
         or a request came in meanwhile (the script checks both atomically)."""
-        answer = await self.charge("S", account_id, session_id, 0, now_ms, now_ms, "-", [0])
+        answer = await self.charge(RequestKind.SUPERVISION_CLOSE, account_id, session_id, 0,
+                                   now_ms, now_ms, EventAction.NONE, [0])
         return not answer.startswith("0;")
 
     async def admin(self, account_id: str, operation: str, *args: int | str

@@ -18,6 +18,7 @@ import pytest
 from creditline.app import RunningServer, redis_client, start_server, stop_server
 from creditline.cdr import Sink, open_sink
 from creditline.charging import script_blocks
+from creditline.contract import EventAction, RequestKind
 from creditline.exporter import Exporter
 from creditline.rating import BandedRater, load_plan
 from creditline.reconcile import reconcile
@@ -262,8 +263,8 @@ async def test_hundred_thousand_cdrs_exported_and_reconciled(books: Books,
     batch = 100  # concurrent calls: within the pool of Redis connections
     for start in range(0, total, batch):  # the real charging script, without gRPC
         await asyncio.gather(*(
-            store.charge("E", accounts[n % len(accounts)], f"ev{n}", 0, now_ms, now_ms,
-                         "DEBIT", blocks) for n in range(start, start + batch)))
+            store.charge(RequestKind.EVENT, accounts[n % len(accounts)], f"ev{n}", 0, now_ms,
+                         now_ms, EventAction.DEBIT, blocks) for n in range(start, start + batch)))
     sink = open_sink(f"sqlite:///{tmp_path / 'cdrs.db'}")
     assert export_all(books, sink) == total
     assert sink.count() == total

@@ -18,10 +18,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from creditline import kernels as kernel_selection
+from creditline.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
 from creditline.kernels import Kernels, KernelSchedule, compiled_kernels, pure_kernels
 from creditline.rating import (
-    MAX_SAFE_INTEGER,
-    MAX_SEGMENTS,
     BandedRater,
     IncrementRater,
     Plan,

@@ -1,0 +1,95 @@
+"""The contract between the server and the charging script, named once.
+
+charge.lua reads its KEYS and ARGV by position. Here each position has its name, the same
+name as the script's local that reads it: `ChargeKeys` and `ChargeArgs` are tuples whose
+fields are in the script's order (so building the call is building a tuple), and
+`BLOCK_FIELDS` names the arguments of each rating-group block. The request kinds, the
+result codes the script answers with and the numeric limits it shares with the rating code
+are defined here too. tests/test_contract.py reads the Lua source and fails when its copies
+differ from these.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+# Every integer the script handles is a Lua double: exact below 2^53. Costs saturate here.
+MAX_SAFE_INTEGER = 2**53 - 1
+# Segments of one price schedule at most: bounds one rating's work (the script's, the
+# kernels' and the Python reference's).
+MAX_SEGMENTS = 64
+
+
+class RequestKind(enum.StrEnum):
+    """What the charging script is asked to do (ARGV kind)."""
+
+    INITIAL = "I"
+    UPDATE = "U"
+    TERMINATE = "T"
+    EVENT = "E"
+    # close a session whose supervision deadline has passed (the server's own sweep)
+    SUPERVISION_CLOSE = "S"
+
+
+# The kinds that close a session: what it holds is released, its claim given back.
+CLOSING_KINDS = frozenset({RequestKind.TERMINATE, RequestKind.SUPERVISION_CLOSE})
+
+
+class EventAction(enum.StrEnum):
+    """An event's requested action as the script reads it (ARGV event_action)."""
+
+    DEBIT = "DEBIT"
+    REFUND = "REFUND"
+    CHECK = "CHECK"
+    PRICE = "PRICE"
+    NONE = "-"  # session requests
+
+
+# The result codes the script answers with, by the names of its locals (Diameter numbers;
+# the protobuf ResultCode enum has the same values).
+SCRIPT_RESULT_CODES = {
+    "SUCCESS": 2001, "DENIED": 4010, "NOT_APPLICABLE": 4011, "LIMIT_REACHED": 4012,
+    "UNKNOWN_SESSION": 5002, "INVALID_VALUE": 5004, "USER_UNKNOWN": 5030,
+    "RATING_FAILED": 5031,
+}
+
+
+class ChargeKeys(NamedTuple):
+    """charge.lua's KEYS[1..11] (the script's locals are these names + `_key`)."""
+
+    account: str
+    request: str        # the session hash (I/U/T/S) or the event answer (E)
+    buckets: str
+    usage: str
+    sessions: str       # the account's open sessions
+    final: str          # its sessions holding final units
+    events: str         # the partition's notification stream
+    cdrs: str
+    rates: str
+    event_counter: str
+    deadlines: str
+
+
+class ChargeArgs(NamedTuple):
+    """charge.lua's ARGV[1..12]. The blocks follow: their count (ARGV[13], the script's
+    block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
+    table (server/rating.py RateTable.script_args)."""
+
+    kind: RequestKind
+    request_number: int
+    account_id: str
+    session_id: str
+    now_ms: int
+    event_time_ms: int
+    retention_s: int
+    event_action: EventAction
+    event_trim: str       # "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
+    spike_detection: str  # "<fast window s>,<slow window s>,<factor>"
+    supervision_ms: int
+    refund_of: str        # REFUND: the session id of the charge it reverses; else ""
+
+
+# Each rating-group block's arguments, in order (charge.lua's block table fields).
+BLOCK_FIELDS = ("rg", "bucket_rg", "tariff", "status", "requested", "used", "unit",
+                "final_action")

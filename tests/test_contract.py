@@ -1,0 +1,123 @@
+"""charge.lua holds copies of what server/contract.py defines (its KEYS and ARGV by position,
+the block fields, the request kinds and event actions, the result codes, the numeric
+limits): these tests read the Lua source and fail when a copy differs."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+
+from creditline import contract, rating
+from creditline.charging import script_blocks
+from creditline.contract import (
+    BLOCK_FIELDS,
+    MAX_SAFE_INTEGER,
+    MAX_SEGMENTS,
+    SCRIPT_RESULT_CODES,
+    ChargeArgs,
+    ChargeKeys,
+    EventAction,
+    RequestKind,
+)
+from creditline.kernels import compiled_kernels, pure_kernels
+from creditline.rating import BandedRater, load_plan
+from creditline.v1 import charging_pb2 as pb
+
+from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
+
+CHARGE_LUA = resources.files("creditline").joinpath("lua", "charge.lua").read_text("utf-8")
+
+
+def _lua_constant(name: str) -> int:
+    match = re.search(rf"^local {name} = (\d+)$", CHARGE_LUA, re.MULTILINE)
+    assert match, f"charge.lua: no 'local {name} = <number>'"
+    return int(match[1])
+
+
+def test_the_numeric_limits_are_the_same_everywhere() -> None:
+    assert _lua_constant("MAX_SAFE") == MAX_SAFE_INTEGER == 2**53 - 1
+    assert _lua_constant("MAX_SEGMENTS") == MAX_SEGMENTS
+    assert (rating.MAX_SAFE_INTEGER, rating.MAX_SEGMENTS) == (MAX_SAFE_INTEGER, MAX_SEGMENTS)
+    for kernels in (compiled_kernels(), pure_kernels()):
+        assert (kernels.module.MAX_SAFE_INTEGER, kernels.module.MAX_SEGMENTS) == (
+            MAX_SAFE_INTEGER, MAX_SEGMENTS)
+
+
+def test_the_result_codes_are_the_scripts_and_the_protocols() -> None:
+    found: dict[str, int] = {}
+    for names, values in re.findall(r"^local ([A-Z_, ]+) = ([\d, ]+)$", CHARGE_LUA,
+                                    re.MULTILINE):
+        pairs = zip(names.split(", "), values.split(", "), strict=True)
+        found.update((name, int(value)) for name, value in pairs
+                     if 2000 <= int(value) < 6000)
+    assert found == SCRIPT_RESULT_CODES
+    assert set(SCRIPT_RESULT_CODES.values()) <= set(pb.ResultCode.values())
+
+
+def test_the_keys_are_read_in_the_contracts_order() -> None:
+    match = re.search(r"^local ([\w,\s]+?) = unpack\(KEYS, 1, (\d+)\)", CHARGE_LUA, re.MULTILINE)
+    assert match, "charge.lua: no unpack(KEYS, ...)"
+    names = [name.strip() for name in match[1].split(",")]
+    assert names == [f"{field}_key" for field in ChargeKeys._fields]
+    assert int(match[2]) == len(ChargeKeys._fields)
+
+
+def test_the_arguments_are_read_in_the_contracts_order() -> None:
+    read = {int(index): name for name, index in re.findall(
+        r"^local (\w+) = (?:num\()?ARGV\[(\d+)\]\)?$", CHARGE_LUA, re.MULTILINE)}
+    expected = dict(enumerate([*ChargeArgs._fields, "block_count"], start=1))
+    assert read == expected
+
+
+def test_the_block_fields_are_read_in_the_contracts_order() -> None:
+    table = re.search(r"local block = \{(.*?)\}", CHARGE_LUA, re.DOTALL)
+    assert table, "charge.lua: no block table"
+    offsets = {name: int(offset or 0) for name, offset in re.findall(
+        r"(\w+) = (?:num\()?ARGV\[i(?: \+ (\d+))?\]", table[1])}
+    assert sorted(offsets, key=offsets.__getitem__) == list(BLOCK_FIELDS)
+    assert sorted(offsets.values()) == list(range(len(BLOCK_FIELDS)))
+    assert f"i = i + {len(BLOCK_FIELDS)}" in CHARGE_LUA
+
+
+def _documented_values(argument: int) -> set[str]:
+    """The quoted values the script's header lists for ARGV[argument]."""
+    match = re.search(rf"^  \[{argument}\] [^:]+:(.*?)^  \[", CHARGE_LUA, re.MULTILINE | re.DOTALL)
+    assert match, f"charge.lua: ARGV[{argument}] is not documented"
+    return set(re.findall(r'"([^"]+)"', match[1]))
+
+
+def test_the_request_kinds_and_event_actions_are_the_scripts() -> None:
+    kind = ChargeArgs._fields.index("kind") + 1
+    action = ChargeArgs._fields.index("event_action") + 1
+    assert _documented_values(kind) == {k.value for k in RequestKind}
+    assert _documented_values(action) == {a.value for a in EventAction}
+    # and the script tests each kind and action it handles apart by that value
+    for value in ("I", "T", "E", "S"):
+        assert f"kind == '{value}'" in CHARGE_LUA
+    for value in ("DEBIT", "REFUND", "PRICE"):
+        assert f"event_action == '{value}'" in CHARGE_LUA
+
+
+def test_the_contract_is_what_the_store_sends() -> None:
+    # a StrEnum goes to Redis as its value, as the script compares it
+    assert str(RequestKind.INITIAL) == "I" and f"{EventAction.NONE}" == "-"
+    assert {RequestKind.TERMINATE, RequestKind.SUPERVISION_CLOSE} == contract.CLOSING_KINDS
+
+
+def test_the_server_writes_each_block_as_block_fields_names_it() -> None:
+    plan = load_plan(Path(__file__).parent / "plan.toml")
+    request = block(RG_VOICE, requested=60, used=5)
+    args = script_blocks([request, block(RG_FREE, used=7), block(RG_UNRATED)], plan,
+                         BandedRater(), 1_780_000_000_000, default_grant=True)
+    assert args[0] == 3
+    voice = dict(zip(BLOCK_FIELDS, args[1:1 + len(BLOCK_FIELDS)], strict=True))
+    assert voice == {"rg": str(RG_VOICE), "bucket_rg": RG_VOICE,
+                     "tariff": f"{plan.name}/{RG_VOICE}", "status": "ok", "requested": 60,
+                     "used": 5, "unit": "t", "final_action": pb.TERMINATE}
+    rest = args[1 + len(BLOCK_FIELDS):]
+    table = len(rest) - 2 * len(BLOCK_FIELDS)  # the voice block's rate table comes next
+    free = dict(zip(BLOCK_FIELDS, rest[table:table + len(BLOCK_FIELDS)], strict=True))
+    unrated = dict(zip(BLOCK_FIELDS, rest[table + len(BLOCK_FIELDS):], strict=True))
+    assert (free["status"], free["used"], free["unit"]) == ("free", 7, "t")
+    assert (unrated["status"], unrated["unit"]) == ("none", "-")
