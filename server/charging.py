@@ -12,7 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from creditline.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
+from creditline.contract import (
+    MAX_SAFE_INTEGER,
+    EventAction,
+    EventBlockAnswer,
+    RequestKind,
+    SessionBlockAnswer,
+)
 from creditline.rating import Plan, Rater, Tariff, UnitKind
 from creditline.settings import Settings
 from creditline.v1 import charging_pb2 as pb
@@ -261,30 +267,30 @@ def decode_credit_control(
 
 def _rating_group_answer(values: list[str], plan: Plan, event_time_unix_ms: int,
                          answer: pb.RatingGroupAnswer) -> None:
-    """One block "block id,code,unit kind,granted,charged,final action,bucket expiry s"."""
-    block_id, code_text, unit, granted_text, charged, final_action, expires_in_s = values
-    rating_group, service_id = _block_of(block_id)
-    code, granted = int(code_text), int(granted_text)
+    block = SessionBlockAnswer(*values)
+    rating_group, service_id = _block_of(block.rg)
+    code, granted = int(block.code), int(block.granted)
     answer.rating_group = rating_group
     answer.result_code = _result(code)
-    answer.charged_micros = int(charged)
+    answer.charged_micros = int(block.charged)
     if service_id is not None:
         answer.service_id = service_id
-    kind = _UNIT_OF_CODE.get(unit)
+    kind = _UNIT_OF_CODE.get(block.unit)
     if kind is None or code != SUCCESS or granted == 0:
         return
     set_units(answer.granted, kind, granted)
     # a grant from a bucket ends no later than the bucket (Validity-Time)
-    answer.validity_time_s = min(plan.validity_time_s, int(expires_in_s) or plan.validity_time_s)
+    answer.validity_time_s = min(plan.validity_time_s,
+                                 int(block.expires_in_s) or plan.validity_time_s)
     answer.quota_holding_time_s = plan.quota_holding_time_s
     threshold = granted * plan.quota_threshold_percent // 100
     if kind is UnitKind.VOLUME:
         answer.volume_quota_threshold_octets = threshold
     elif kind is UnitKind.TIME:
         answer.time_quota_threshold_s = threshold
-    if final_action != "0":
+    if block.final != "0":
         fui = answer.final_unit_indication
-        fui.action = pb.FinalUnitAction.ValueType(int(final_action))
+        fui.action = pb.FinalUnitAction.ValueType(int(block.final))
         tariff = plan.tariff_for(rating_group, service_id, event_time_unix_ms)
         if tariff is not None:
             fui.redirect_address = tariff.redirect_address
@@ -306,17 +312,16 @@ def decode_event(
         result.sufficient = fields[-1][1] == "1"
         fields = fields[:-1]
     for values in fields:
-        # "block id,code,unit kind,units,amount,from buckets"
-        block_id, code_text, unit, units, amount, from_buckets = values
-        rating_group, service_id = _block_of(block_id)
+        block = EventBlockAnswer(*values)
+        rating_group, service_id = _block_of(block.rg)
         item = result.rating_groups.add(
-            rating_group=rating_group, result_code=_result(int(code_text)),
-            amount_micros=int(amount), units_from_buckets=int(from_buckets))
+            rating_group=rating_group, result_code=_result(int(block.code)),
+            amount_micros=int(block.amount), units_from_buckets=int(block.from_buckets))
         if service_id is not None:
             item.service_id = service_id
-        kind = _UNIT_OF_CODE.get(unit)
+        kind = _UNIT_OF_CODE.get(block.unit)
         if kind is not None:
-            set_units(item.units, kind, int(units))
+            set_units(item.units, kind, int(block.units))
     return result
 
 

@@ -3,7 +3,8 @@
 charge.lua reads its KEYS and ARGV by position. Here each position has its name, the same
 name as the script's local that reads it: `ChargeKeys` and `ChargeArgs` are tuples whose
 fields are in the script's order (so building the call is building a tuple), and
-`BLOCK_FIELDS` names the arguments of each rating-group block. The request kinds, the
+`BLOCK_FIELDS` names the arguments of each rating-group block; `SessionBlockAnswer` and
+`EventBlockAnswer` name the fields of each block of its answer. The request kinds, the
 result codes the script answers with and the numeric limits it shares with the rating code
 are defined here too. tests/test_contract.py reads the Lua source and fails when its copies
 differ from these.
@@ -93,3 +94,27 @@ class ChargeArgs(NamedTuple):
 # Each rating-group block's arguments, in order (charge.lua's block table fields).
 BLOCK_FIELDS = ("rg", "bucket_rg", "tariff", "status", "requested", "used", "unit",
                 "final_action")
+
+
+class SessionBlockAnswer(NamedTuple):
+    """One block of a session answer ("<code>;<block>;..."), its fields ","-separated in
+    this order (the script's names for what it writes)."""
+
+    rg: str             # block id: "<rating group>" or "<rating group>.<service id>"
+    code: str
+    unit: str           # unit kind: "t", "v", "s"; "-": no tariff
+    granted: str
+    charged: str
+    final: str          # the final unit action granted (FinalUnitAction number), "0": none
+    expires_in_s: str   # seconds until the earliest bucket the grant draws on ends; "0"
+
+
+class EventBlockAnswer(NamedTuple):
+    """One block of an event answer ("<code>;<block>;...;B<balance>,<sufficient>")."""
+
+    rg: str
+    code: str
+    unit: str
+    units: str
+    amount: str
+    from_buckets: str

@@ -18,7 +18,9 @@ from creditline.contract import (
     ChargeArgs,
     ChargeKeys,
     EventAction,
+    EventBlockAnswer,
     RequestKind,
+    SessionBlockAnswer,
 )
 from creditline.kernels import compiled_kernels, pure_kernels
 from creditline.rating import BandedRater, load_plan
@@ -121,3 +123,17 @@ def test_the_server_writes_each_block_as_block_fields_names_it() -> None:
     unrated = dict(zip(BLOCK_FIELDS, rest[table + len(BLOCK_FIELDS):], strict=True))
     assert (free["status"], free["used"], free["unit"]) == ("free", 7, "t")
     assert (unrated["status"], unrated["unit"]) == ("none", "-")
+
+
+def _written_fields(expression: str) -> list[str]:
+    """The names a Lua concatenation "a .. ',' .. int(b) .. ',' .. block.c" writes."""
+    parts = [part.strip() for part in expression.split(".. ',' ..")]
+    return [re.sub(r"^(?:int\()?(?:block\.)?(\w+)\)?$", r"\1", part) for part in parts]
+
+
+def test_the_answers_blocks_are_written_as_the_contract_reads_them() -> None:
+    session = re.search(r"parts = parts \.\. ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
+    event = re.search(r"return ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
+    assert session and event, "charge.lua: the answers' blocks are not where they were"
+    assert _written_fields(" ".join(session[1].split())) == list(SessionBlockAnswer._fields)
+    assert _written_fields(" ".join(event[1].split())) == list(EventBlockAnswer._fields)
