@@ -8,7 +8,7 @@ Rating is behind one small interface, `Rater`: it turns the tariff that applies 
 request into a `RateTable`: the increments, the price of each band in each tier, when the
 bands change around the event time and where the tiers start in the billing period. Where
 a session stands (units already rated, usage of the billing period) lives in Redis, so
-the charging script (server/lua/charge.lua) turns the table into a `PriceSchedule` there,
+the charging script (server/lua/charge/) turns the table into a `PriceSchedule` there,
 atomically with the balance: a piecewise-linear price list of segments that it walks for
 costs and grants. `RateTable.schedule` and `PriceSchedule.cost / max_units_within` here
 are the reference for the Lua functions of the same names; the tests check that they
@@ -211,7 +211,7 @@ class RateTable:
         return band
 
     def _script_args(self) -> list[int | str]:
-        """The table as the charging script reads it (server/lua/charge.lua, ARGV)."""
+        """The table as the charging script reads it (server/lua/charge/, ARGV)."""
         args: list[int | str] = [
             self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
             1 if self.time_based else 0, self.period, len(self.tier_from_units),

@@ -211,6 +211,17 @@ def _script_source(name: str) -> str:
     return resources.files("creditline").joinpath("lua", name).read_text(encoding="utf-8")
 
 
+# charge.lua, in parts by concern (server/lua/charge/<part>.lua), joined in this order into
+# the one script of one EVALSHA: the parts share its locals, each defined before its use.
+CHARGE_SCRIPT_PARTS = ("prelude", "rating", "arguments", "state", "notifications", "event",
+                       "session")
+
+
+def charge_script_source() -> str:
+    """The charging script as Redis runs it."""
+    return "".join(_script_source(f"charge/{part}.lua") for part in CHARGE_SCRIPT_PARTS)
+
+
 # A unit bucket's value in the buckets hash, field by field ("|"-separated), as charge.lua
 # and admin.lua write it (tests/test_money_rules.py holds the scripts to it).
 BUCKET_FIELDS = ("rating_group", "remaining", "expires_at_s", "priority", "initial",
@@ -292,7 +303,7 @@ class Store:
         self.config = config
         # the lean pipelined path for the charging script (None: redis-py for everything)
         self._fast = fast
-        self._charge_source = _script_source("charge.lua")
+        self._charge_source = charge_script_source()
         # a span and a latency sample per script call; None (telemetry off): nothing
         self._instrument = instrument
         self._charge: AsyncScript = redis.register_script(self._charge_source)

@@ -5,7 +5,6 @@ limits): these tests read the Lua source and fail when a copy differs."""
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 
 from creditline import contract, rating
@@ -24,11 +23,12 @@ from creditline.contract import (
 )
 from creditline.kernels import compiled_kernels, pure_kernels
 from creditline.rating import BandedRater, load_plan
+from creditline.store import charge_script_source
 from creditline.v1 import charging_pb2 as pb
 
 from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
 
-CHARGE_LUA = resources.files("creditline").joinpath("lua", "charge.lua").read_text("utf-8")
+CHARGE_LUA = charge_script_source()
 
 
 def _lua_constant(name: str) -> int:

@@ -558,12 +558,8 @@ def harness_args(schedule: PriceSchedule) -> list[int]:
 
 
 def lua_rating_functions() -> str:
-    """The rating functions of the charging script, as they are (not a copy)."""
-    script = (ROOT / "server" / "lua" / "charge.lua").read_text(encoding="utf-8")
-    rule = "-- " + "-" * 64
-    begin = script.index(f"{rule} rating")
-    end = script.index(f"{rule} decoding the arguments")
-    return script[begin:end]
+    """The rating functions of the charging script, as they are (its part, not a copy)."""
+    return (ROOT / "server" / "lua" / "charge" / "rating.lua").read_text(encoding="utf-8")
 
 
 def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(

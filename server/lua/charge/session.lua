@@ -1,0 +1,239 @@
+-- charge.lua, part 7 of 7 (after event.lua; see prelude.lua)
+-- ---------------------------------------------------------------- sessions
+-- (kinds I, U, T and S: everything below)
+
+-- The CDR of a closed session: one item per rating group it charged or reserved.
+local function write_session_cdr(session, cause, result)
+  local items, total = {}, 0
+  for field, _ in pairs(session) do
+    local rg = string.match(field, '^k:(.+)$')
+    if rg then
+      local function n(prefix) return num(session[prefix .. rg] or 0) end
+      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
+      total = total + n('c:')
+    end
+  end
+  table.sort(items)
+  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
+end
+
+local session = hash(request_key)
+local exists = session.state ~= nil
+if kind == 'S' then
+  local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
+  if session.state ~= 'open' or not deadline or deadline > now_ms then
+    return '0;!not due'
+  end
+  request_number = num(session.last_request)
+elseif exists then
+  local last = num(session.last_request)
+  if request_number == last then return session.answer end
+  if request_number < last then
+    return INVALID_VALUE .. ';!request number lower than the last one processed'
+  end
+end
+-- The session id's claim (KEYS[12], see above): the account holding it, and whether that
+-- account's session of this id is open (the claim names its key).
+local claim_key = KEYS[12]
+local function claimed_elsewhere()
+  local held = redis.call('GET', claim_key)
+  if not held then return false end
+  local holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$')
+  return holder ~= account_id and holder_key ~= nil
+    and redis.call('HGET', holder_key, 'state') == 'open'
+end
+
+if kind == 'I' then
+  if exists then return INVALID_VALUE .. ';!session already exists' end
+  if barred then return DENIED .. ';!account is barred' end
+  if claim_key and claimed_elsewhere() then
+    return INVALID_VALUE .. ';!session_id: already open on another account'
+  end
+elseif session.state ~= 'open' then
+  return UNKNOWN_SESSION .. ';!unknown or closed session'
+end
+local closing = kind == 'T' or kind == 'S'
+
+local session_changes = {}  -- field -> new value
+local function sget(field) return num(session_changes[field] or session[field] or 0) end
+local function sset(field, value) session_changes[field] = value end
+
+-- Gives back what this session holds for a rating group, so it can be charged or
+-- granted again from the whole balance and the buckets.
+local function release(rg)
+  local money = sget('m:' .. rg)
+  reserved = reserved - money
+  account_add('reserved', -money)
+  sset('m:' .. rg, 0)
+  -- (a session that never held bucket units has neither field: none written per request)
+  local held_field = 'bl:' .. rg
+  local held = session_changes[held_field] or session[held_field]
+  if held and held ~= '' then
+    release_buckets(held)
+    sset('b:' .. rg, 0)
+    sset('bl:' .. rg, '')
+  end
+end
+
+local function charge_usage(block)
+  local rg, used = block.rg, block.used
+  local from_buckets = consume_buckets(block.bucket_rg,
+    math.min(used, bucket_units_free(block.bucket_rg)))
+  local rated = sget('r:' .. rg)
+  local money_units = used - from_buckets
+  -- the usage ended at the event time: its rated units are the last ones before it
+  local schedule = schedule_from(block, rated, period_units(block), -money_units)
+  local price = cost(schedule, rated + money_units) - cost(schedule, rated)
+  local charged = math.min(price, math.max(0, available_money()))
+  charge_money(charged)
+  add_period_units(block, money_units)
+  sset('r:' .. rg, rated + money_units)
+  sset('u:' .. rg, sget('u:' .. rg) + used)
+  sset('c:' .. rg, sget('c:' .. rg) + charged)
+  sset('fb:' .. rg, sget('fb:' .. rg) + from_buckets)
+  sset('x:' .. rg, sget('x:' .. rg) + price - charged)
+  record_usage(rg, used, charged, from_buckets, price - charged)
+  observe_usage(rg, used)
+  notify('usage_charged', 'rg', rg, 'units', used, 'amount', charged,
+    'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance)
+  return charged
+end
+
+-- Reserves up to `wanted` units: buckets first, then what the money can buy.
+-- Returns the units granted, whether they are the last the account can afford, and the
+-- earliest expiry (unix s, 0: none) of the buckets they draw on.
+local function grant(block, wanted)
+  local rg = block.rg
+  local from_buckets, held, earliest = 0, '', 0
+  local free = bucket_units_free(block.bucket_rg)
+  if free > 0 then
+    from_buckets, held, earliest = take_buckets(block.bucket_rg, math.min(wanted, free), true)
+  end
+  local rated = sget('r:' .. rg)
+  -- the grant starts at the event time
+  local schedule = schedule_from(block, rated, period_units(block), 0)
+  local money_units = affordable_units(schedule, rated, available_money(),
+    wanted - from_buckets)
+  local money = cost(schedule, rated + money_units) - cost(schedule, rated)
+  reserved = reserved + money
+  account_add('reserved', money)
+  sset('m:' .. rg, money)
+  if from_buckets > 0 then
+    sset('b:' .. rg, from_buckets)
+    sset('bl:' .. rg, held)
+  end
+  local granted = from_buckets + money_units
+  local more = bucket_units_free(block.bucket_rg) > 0
+    or affordable_units(schedule, rated + money_units, available_money(), 1) > 0
+  return granted, (granted < wanted) or not more, earliest
+end
+
+local parts, shared_code = '', nil  -- parts: ";<block>" per block
+local final_rgs = {}  -- the rating groups granted their final units
+for _, block in ipairs(blocks) do
+  local rg = block.rg
+  local code, granted, charged, final, expires_in_s = SUCCESS, 0, 0, '0', 0
+  if block.status == 'none' then
+    code = RATING_FAILED
+  elseif block.status == 'free' then
+    code = NOT_APPLICABLE
+    if block.used > 0 then record_usage(rg, block.used, 0, 0, 0) end
+  else
+    sset('k:' .. rg, block.bucket_rg)  -- remembers the rating group for Terminate
+    sset('tf:' .. rg, block.tariff)
+    release(rg)
+    if block.used > 0 then charged = charge_usage(block) end
+    if not closing and block.requested >= 0 then
+      if barred then
+        code = DENIED
+      else
+        local is_final, earliest
+        granted, is_final, earliest = grant(block, block.requested)
+        if earliest > 0 then expires_in_s = earliest - now_s end
+        if granted == 0 then
+          code = LIMIT_REACHED
+          notify('credit_exhausted', 'rg', rg)
+        else
+          notify('quota_granted', 'rg', rg, 'units', granted,
+            'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
+          if is_final then
+            final = block.final_action
+            final_rgs[#final_rgs + 1] = rg
+            notify('final_units_granted', 'rg', rg, 'units', granted)
+          end
+        end
+      end
+    end
+  end
+  shared_code = fold_code(shared_code, code)
+  parts = parts .. ';' .. rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(granted) .. ','
+    .. int(charged) .. ',' .. final .. ',' .. int(expires_in_s)
+end
+if closing then
+  -- release the rating groups the Terminate did not mention
+  local mentioned = {}
+  for _, block in ipairs(blocks) do mentioned[block.rg] = true end
+  for field, _ in pairs(session) do
+    local rg = string.match(field, '^k:(.+)$')
+    if rg and not mentioned[rg] then release(rg) end
+  end
+end
+
+-- (no blocks: the code alone, as text like every answer)
+local answer = int(overall_code(shared_code)) .. parts
+if kind == 'S' then answer = session.answer end  -- the client's last answer stays
+
+if kind == 'I' then
+  sset('started_ms', now_ms)
+  sset('account', account_id)  -- for the supervision sweep, which starts from the key
+  sset('session', session_id)
+end
+
+write_buckets()
+write_account()
+local flat = { 'last_request', int(request_number), 'answer', answer }
+if session.state ~= 'open' or closing then
+  flat[5], flat[6] = 'state', closing and 'closed' or 'open'
+end
+for field, value in pairs(session_changes) do
+  if type(value) == 'number' then value = int(value) end
+  -- a field that keeps its value is not written again: the hash comes out the same,
+  -- and each field named in the HSET costs Redis a search of the hash (its listpack)
+  if session[field] ~= value then
+    flat[#flat + 1] = field
+    flat[#flat + 1] = value
+  end
+end
+redis.call('HSET', request_key, unpack(flat))
+if closing then
+  local cause = (kind == 'T') and 'terminate' or 'supervision'
+  notify('session_ended', 'cause', cause)
+  redis.call('SREM', sessions_key, request_key)
+  redis.call('HDEL', final_key, session_id)
+  redis.call('ZREM', deadlines_key, request_key)
+  if claim_key then
+    local held = redis.call('GET', claim_key)
+    if held and string.sub(held, 1, #account_id + 1) == account_id .. '|' then
+      redis.call('DEL', claim_key)
+    end
+  end
+  redis.call('EXPIRE', request_key, retention_s)
+  -- the session as just written: what was read, with this request's changes over it
+  for field, value in pairs(session_changes) do session[field] = value end
+  write_session_cdr(session, cause, answer:match('^%d+'))
+else
+  if kind == 'I' then
+    redis.call('SADD', sessions_key, request_key)
+    if claim_key then
+      redis.call('SET', claim_key, account_id .. '|' .. int(now_ms) .. '|' .. request_key)
+    end
+  end
+  if #final_rgs > 0 then
+    redis.call('HSET', final_key, session_id, table.concat(final_rgs, ','))
+  end
+  redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
+end
+write_records()
+return answer

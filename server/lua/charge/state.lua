@@ -1,0 +1,174 @@
+-- charge.lua, part 4 of 7 (after arguments.lua; see prelude.lua)
+-- ---------------------------------------------------------------- state
+-- A hash as a table field -> value. Read as a RESP3 map, it arrives as that table, built by
+-- Redis; as RESP2 it would be a flat array for a loop here to copy (-2.5 % instructions).
+-- (Redis sets RESP2 again at the start of every script.)
+local function hash(key)
+  redis.setresp(3)
+  local map = redis.call('HGETALL', key).map
+  redis.setresp(2)
+  return map
+end
+
+local account = hash(account_key)
+if account.balance == nil then return USER_UNKNOWN .. ';!unknown account' end
+local balance = tonumber(account.balance)
+local balance_at_start = balance
+local reserved = tonumber(account.reserved)
+local credit_limit = tonumber(account.credit_limit)
+local barred = account.state == 'barred'
+local account_changes = {}   -- field -> increment
+local function account_add(field, delta)
+  if delta ~= 0 then account_changes[field] = (account_changes[field] or 0) + delta end
+end
+local function available_money()
+  return balance + credit_limit - reserved
+end
+
+-- Units rated in the billing period, per block of a tariff with tiers: where its tiers
+-- stand. Another period's count is stale: the new period starts from 0.
+local period_units_by_rg = {}
+local function period_units(block)
+  if block.period == '-' then return 0 end
+  local known = period_units_by_rg[block.rg]
+  if known == nil then
+    local stored = redis.call('HMGET', usage_key, block.rg .. ':period',
+      block.rg .. ':period_units')
+    known = 0
+    if stored[1] == block.period then known = tonumber(stored[2]) or 0 end
+    period_units_by_rg[block.rg] = known
+  end
+  return known
+end
+
+local function add_period_units(block, units)
+  if block.period == '-' or units <= 0 then return end
+  local total = period_units(block) + units
+  period_units_by_rg[block.rg] = total
+  redis.call('HSET', usage_key, block.rg .. ':period', block.period,
+    block.rg .. ':period_units', int(total))
+end
+
+-- Unit buckets: parsed once; changes are kept in memory and written at the end.
+-- Expired buckets are removed (those with units left announced) when the script writes;
+-- the units open sessions had reserved from them go with them.
+local buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
+local BUCKET_VALUE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'
+do
+  local raw = redis.call('HGETALL', buckets_key)
+  for i = 1, #raw, 2 do
+    local rg, remaining, expires, priority, initial, unit, serial, held =
+      string.match(raw[i + 1], BUCKET_VALUE)
+    expires = num(expires)
+    if expires == 0 or expires > now_s then
+      local b = { id = raw[i], rg = rg, remaining = num(remaining), expires = expires,
+        priority = num(priority), initial = initial, kind = unit, serial = serial,
+        reserved = num(held) }
+      local list = buckets_by_rg[rg] or {}
+      list[#list + 1] = b
+      buckets_by_rg[rg] = list
+      buckets_by_serial[serial] = b
+    else
+      expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = rg, remaining = remaining }
+    end
+  end
+  local function order(a, b)
+    if a.priority ~= b.priority then return a.priority < b.priority end
+    local ea, eb = a.expires, b.expires
+    if ea == 0 then ea = math.huge end
+    if eb == 0 then eb = math.huge end
+    if ea ~= eb then return ea < eb end
+    return a.id < b.id
+  end
+  for _, list in pairs(buckets_by_rg) do table.sort(list, order) end
+end
+
+-- A bucket's units that no open session holds.
+local function free_units(b) return math.max(0, b.remaining - b.reserved) end
+
+local function bucket_units_free(rg)
+  local total = 0
+  for _, b in ipairs(buckets_by_rg[rg] or {}) do total = total + free_units(b) end
+  return total
+end
+
+-- Takes up to `units` free units, in the buckets' order: used (consume) or reserved
+-- (hold). Returns the units taken, the reservations "serial=units,..." (hold) and the
+-- earliest expiry (unix s, 0: none) among the buckets taken from.
+local function take_buckets(rg, units, hold)
+  local taken, held, earliest = 0, {}, 0
+  for _, b in ipairs(buckets_by_rg[rg] or {}) do
+    if taken >= units then break end
+    local take = math.min(free_units(b), units - taken)
+    if take > 0 then
+      if hold then
+        b.reserved = b.reserved + take
+        held[#held + 1] = b.serial .. '=' .. int(take)
+      else
+        b.remaining = b.remaining - take
+      end
+      b.dirty = true
+      taken = taken + take
+      if b.expires ~= 0 and (earliest == 0 or b.expires < earliest) then
+        earliest = b.expires
+      end
+    end
+  end
+  return taken, table.concat(held, ','), earliest
+end
+
+local function consume_buckets(rg, units)
+  return (take_buckets(rg, units, false))
+end
+
+-- Gives back reservations "serial=units,..."; those of buckets gone since are gone.
+local function release_buckets(held)
+  for serial, units in string.gmatch(held, '([^,=]+)=(%d+)') do
+    local b = buckets_by_serial[serial]
+    if b then
+      b.reserved = math.max(0, b.reserved - num(units))
+      b.dirty = true
+    end
+  end
+end
+
+local function write_buckets()
+  for _, list in pairs(buckets_by_rg) do
+    for _, b in ipairs(list) do
+      if b.dirty then
+        redis.call('HSET', buckets_key, b.id, table.concat({ b.rg, int(b.remaining),
+          int(b.expires), int(b.priority), b.initial, b.kind, b.serial, int(b.reserved) },
+          '|'))
+      end
+    end
+  end
+end
+
+-- One HSET of the changed fields' new values (the script read them all, and nothing else
+-- runs meanwhile): one call instead of one HINCRBY per field.
+local function write_account()
+  local flat = {}
+  for field, delta in pairs(account_changes) do
+    flat[#flat + 1] = field
+    flat[#flat + 1] = int((tonumber(account[field]) or 0) + delta)
+  end
+  if #flat > 0 then redis.call('HSET', account_key, unpack(flat)) end
+end
+
+local function record_usage(rg, used, charged, from_buckets, uncharged)
+  if used > 0 then redis.call('HINCRBY', usage_key, rg .. ':used', int(used)) end
+  if charged ~= 0 then redis.call('HINCRBY', usage_key, rg .. ':charged', int(charged)) end
+  if from_buckets > 0 then
+    redis.call('HINCRBY', usage_key, rg .. ':from_buckets', int(from_buckets))
+  end
+  if uncharged > 0 then
+    redis.call('HINCRBY', usage_key, rg .. ':uncharged', int(uncharged))
+  end
+end
+
+local function charge_money(amount)
+  balance = balance - amount
+  account_add('balance', -amount)
+  account_add('charged', amount)
+end
+
