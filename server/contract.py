@@ -118,3 +118,28 @@ class EventBlockAnswer(NamedTuple):
     units: str
     amount: str
     from_buckets: str
+
+
+class AdminKeys(NamedTuple):
+    """admin.lua's KEYS (the script's locals are these names + `_key`)."""
+
+    account: str
+    buckets: str
+    usage: str
+    sessions: str
+    topups: str
+    final: str
+    events: str
+    event_counter: str
+    account_index: str  # the partition's set of account ids
+    adjustments: str
+    cdrs: str
+
+
+class AdminArgs(NamedTuple):
+    """admin.lua's ARGV[1..4]; the operation's own arguments follow."""
+
+    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, GET
+    account_id: str
+    now_ms: int
+    event_trim: str

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from creditline.contract import (
     CLOSING_KINDS,
+    AdminArgs,
+    AdminKeys,
     ChargeArgs,
     ChargeKeys,
     EventAction,
@@ -475,10 +477,13 @@ class Store:
         keys = self.keys(account_id)
         now_ms = int(time.time() * 1000)
         call = self._admin(
-            keys=[keys.account, keys.buckets, keys.usage, keys.open_sessions, keys.top_ups,
-                  keys.final_sessions, keys.events, event_counter_key(keys.partition),
-                  keys.index, keys.adjustments, keys.cdrs],
-            args=[operation, account_id, now_ms, self._event_trim(now_ms), *args],
+            keys=[*AdminKeys(
+                account=keys.account, buckets=keys.buckets, usage=keys.usage,
+                sessions=keys.open_sessions, topups=keys.top_ups, final=keys.final_sessions,
+                events=keys.events, event_counter=event_counter_key(keys.partition),
+                account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs)],
+            args=[*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
+                             event_trim=self._event_trim(now_ms)), *args],
         )
         raw = await (call if self._instrument is None
                      else self._instrument.run("admin.lua", call))

@@ -1,10 +1,12 @@
-"""charge.lua holds copies of what server/contract.py defines (its KEYS and ARGV by position,
-the block fields, the request kinds and event actions, the result codes, the numeric
-limits): these tests read the Lua source and fail when a copy differs."""
+"""charge.lua and admin.lua hold copies of what server/contract.py defines (KEYS and ARGV
+by position, the block fields and the answer's, the request kinds and event actions, the
+result codes, the numeric limits): these tests read the Lua sources and fail when a copy
+differs."""
 
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 
 from creditline import contract, rating
@@ -14,6 +16,8 @@ from creditline.contract import (
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
     SCRIPT_RESULT_CODES,
+    AdminArgs,
+    AdminKeys,
     ChargeArgs,
     ChargeKeys,
     EventAction,
@@ -29,6 +33,7 @@ from creditline.v1 import charging_pb2 as pb
 from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
 
 CHARGE_LUA = charge_script_source()
+ADMIN_LUA = resources.files("creditline").joinpath("lua", "admin.lua").read_text("utf-8")
 
 
 def _lua_constant(name: str) -> int:
@@ -57,19 +62,28 @@ def test_the_result_codes_are_the_scripts_and_the_protocols() -> None:
     assert set(SCRIPT_RESULT_CODES.values()) <= set(pb.ResultCode.values())
 
 
-def test_the_keys_are_read_in_the_contracts_order() -> None:
-    match = re.search(r"^local ([\w,\s]+?) = unpack\(KEYS, 1, (\d+)\)", CHARGE_LUA, re.MULTILINE)
-    assert match, "charge.lua: no unpack(KEYS, ...)"
+def _keys_read(source: str) -> list[str]:
+    match = re.search(r"^local ([\w,\s]+?) = unpack\(KEYS, 1, (\d+)\)", source, re.MULTILINE)
+    assert match, "no unpack(KEYS, ...)"
     names = [name.strip() for name in match[1].split(",")]
-    assert names == [f"{field}_key" for field in ChargeKeys._fields]
-    assert int(match[2]) == len(ChargeKeys._fields)
+    assert int(match[2]) == len(names)
+    return names
+
+
+def _arguments_read(source: str) -> dict[int, str]:
+    return {int(index): name for name, index in re.findall(
+        r"^local (\w+) = (?:num\()?ARGV\[(\d+)\]\)?$", source, re.MULTILINE)}
+
+
+def test_the_keys_are_read_in_the_contracts_order() -> None:
+    assert _keys_read(CHARGE_LUA) == [f"{field}_key" for field in ChargeKeys._fields]
+    assert _keys_read(ADMIN_LUA) == [f"{field}_key" for field in AdminKeys._fields]
 
 
 def test_the_arguments_are_read_in_the_contracts_order() -> None:
-    read = {int(index): name for name, index in re.findall(
-        r"^local (\w+) = (?:num\()?ARGV\[(\d+)\]\)?$", CHARGE_LUA, re.MULTILINE)}
     expected = dict(enumerate([*ChargeArgs._fields, "block_count"], start=1))
-    assert read == expected
+    assert _arguments_read(CHARGE_LUA) == expected
+    assert _arguments_read(ADMIN_LUA) == dict(enumerate(AdminArgs._fields, start=1))
 
 
 def test_the_block_fields_are_read_in_the_contracts_order() -> None:

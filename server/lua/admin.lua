@@ -40,9 +40,13 @@ final units, on the event stream.
 ]]
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
-  event_counter_key, index_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 11)
-local op, account_id, now_ms = ARGV[1], ARGV[2], ARGV[3]
-local trim_strategy, trim_threshold = string.match(ARGV[4], '^(%u+),(%d+)$')
+  event_counter_key, account_index_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 11)
+-- (one argument per line, named as server/contract.py AdminArgs names it)
+local op = ARGV[1]
+local account_id = ARGV[2]
+local now_ms = ARGV[3]
+local event_trim = ARGV[4]
+local trim_strategy, trim_threshold = string.match(event_trim, '^(%u+),(%d+)$')
 
 -- A new bucket, numbered in its account (a session's reservation names the bucket by
 -- this serial: an id can come back after its bucket expired).
@@ -127,7 +131,7 @@ if op == 'CREATE' then
     'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
     'charged', '0', 'refunded', '0', 'adjusted', '0', 'created_ms', now_ms)
   if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
-  redis.call('SADD', index_key, account_id)
+  redis.call('SADD', account_index_key, account_id)
   for i = first_bucket, #ARGV, 6 do
     redis.call('HSET', buckets_key, ARGV[i],
       bucket_value(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]))
