@@ -13,11 +13,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import grpc
 from creditline import security
-from creditline.fastredis import FastScriptClient
+from creditline.fastredis import FastScriptClient, tls_context
 from creditline.handlers import add_service
 from creditline.interceptors import CallWrapper
 from creditline.kernels import require_kernels
@@ -153,13 +152,17 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
-    credentials = bool(settings.redis_username or redis_password(settings)
-                       or urlparse(redis_url).password)
-    if settings.redis_fast_path and FastScriptClient.usable_for(
-            redis_url, credentials, settings.redis_cluster):
-        return FastScriptClient(redis_url, settings.redis_call_timeout_s,
-                                settings.redis_call_timeout_s)
-    return None
+    """The lean client, with the same credentials and TLS files as redis-py's."""
+    if not (settings.redis_fast_path and FastScriptClient.usable_for(
+            redis_url, settings.redis_cluster)):
+        return None
+    tls = None
+    if redis_url.startswith("rediss://"):
+        tls = tls_context(settings.redis_tls_ca_file, settings.redis_tls_cert_file,
+                          settings.redis_tls_key_file)
+    return FastScriptClient(redis_url, settings.redis_call_timeout_s,
+                            settings.redis_call_timeout_s, username=settings.redis_username,
+                            password=redis_password(settings), tls=tls)
 
 
 def store_config(settings: Settings) -> StoreConfig:
