@@ -151,8 +151,9 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
-    """The lean client, with the same credentials and TLS files as redis-py's."""
+def fast_client(redis_url: str, settings: Settings) -> FastScriptClient | None:
+    """The lean client for the charging script (and the hub), where it applies; None: all
+    through redis-py. With the same credentials and TLS files as redis-py's."""
     if not (settings.redis_fast_path and FastScriptClient.usable_for(
             redis_url, settings.redis_cluster)):
         return None
@@ -203,7 +204,7 @@ async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, Redi
     hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
     hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster,
-                   lean=_fast_path(redis_url, settings))
+                   lean=fast_client(redis_url, settings))
     await hub.start()
     return hub, hub_redis
 
@@ -220,7 +221,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     credentials = security.server_credentials(settings)
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
-    fast = _fast_path(redis_url, settings)  # (it connects at its first call)
+    fast = fast_client(redis_url, settings)  # (it connects at its first call)
     store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)
