@@ -52,7 +52,7 @@ KINDS = {"Initial": RequestKind.INITIAL, "Update": RequestKind.UPDATE,
          "Terminate": RequestKind.TERMINATE}
 
 
-async def _flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
+async def charging_flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
                 number: int) -> None:
     for method, request in session_requests(f"{account_id};s{number}", account_id,
                                             UPDATES_PER_SESSION):
@@ -82,7 +82,7 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
             await redis.config_resetstat()
             plan, rater = load_plan(PLAN_PATH), BandedRater()
             for start in range(0, sessions, FLOWS_AT_ONCE):
-                await asyncio.gather(*(_flow(store, plan, rater, accounts[n % ACCOUNTS], n)
+                await asyncio.gather(*(charging_flow(store, plan, rater, accounts[n % ACCOUNTS], n)
                                        for n in range(start, min(sessions, start + FLOWS_AT_ONCE))))
             stats: dict[str, dict[str, float]] = await redis.info("commandstats")
             version = (await redis.info("server"))["redis_version"]

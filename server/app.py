@@ -13,11 +13,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import grpc
 from creditline import security
-from creditline.fastredis import FastScriptClient
+from creditline.fastredis import FastScriptClient, tls_context
 from creditline.handlers import add_service
 from creditline.interceptors import CallWrapper
 from creditline.kernels import require_kernels
@@ -152,14 +151,19 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def _fast_path(redis_url: str, settings: Settings) -> FastScriptClient | None:
-    credentials = bool(settings.redis_username or redis_password(settings)
-                       or urlparse(redis_url).password)
-    if settings.redis_fast_path and FastScriptClient.usable_for(
-            redis_url, credentials, settings.redis_cluster):
-        return FastScriptClient(redis_url, settings.redis_call_timeout_s,
-                                settings.redis_call_timeout_s)
-    return None
+def fast_client(redis_url: str, settings: Settings) -> FastScriptClient | None:
+    """The lean client for the charging script (and the hub), where it applies; None: all
+    through redis-py. With the same credentials and TLS files as redis-py's."""
+    if not (settings.redis_fast_path and FastScriptClient.usable_for(
+            redis_url, settings.redis_cluster)):
+        return None
+    tls = None
+    if redis_url.startswith("rediss://"):
+        tls = tls_context(settings.redis_tls_ca_file, settings.redis_tls_cert_file,
+                          settings.redis_tls_key_file)
+    return FastScriptClient(redis_url, settings.redis_call_timeout_s,
+                            settings.redis_call_timeout_s, username=settings.redis_username,
+                            password=redis_password(settings), tls=tls)
 
 
 def store_config(settings: Settings) -> StoreConfig:
@@ -200,7 +204,7 @@ async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, Redi
     hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
                              read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
     hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster,
-                   lean=_fast_path(redis_url, settings))
+                   lean=fast_client(redis_url, settings))
     await hub.start()
     return hub, hub_redis
 
@@ -217,7 +221,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     credentials = security.server_credentials(settings)
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
-    fast = _fast_path(redis_url, settings)  # (it connects at its first call)
+    fast = fast_client(redis_url, settings)  # (it connects at its first call)
     store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)

@@ -5,28 +5,44 @@ The notification hub reads its streams through one too (`call`, on a connection 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path
 keeps 86 % of it (4,700; shared/reference/performance-floor.md). It serves the charging
-script on one Redis server without AUTH or TLS, over TCP (redis://) or a unix socket
-(unix://, the embedded Redis); everything else, and Redis Cluster, AUTH and TLS, go
-through redis-py.
+script on one Redis server, over TCP (redis://), TLS (rediss://) or a unix socket (unix://,
+the embedded Redis), with AUTH (a password, or an ACL user and password) and SELECT sent on
+every new connection before anything else. Redis Cluster stays on redis-py: this client has
+no slot routing (MOVED/ASK); everything but the charging script and the hub's XREAD goes
+through redis-py too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
-from redis.exceptions import ResponseError
+from redis.exceptions import AuthenticationError, ResponseError
 
 
 def _pack(*parts: str | int) -> bytes:
     # hiredis's type stub declares a one-element tuple; the function takes any length
     packed: bytes = hiredis.pack_command(parts)  # type: ignore[arg-type]
     return packed
+
+
+def _greeting(username: str, password: str, db: int) -> tuple[tuple[str, bytes], ...]:
+    """The commands a new connection sends first, by name: AUTH [user] password when
+    there are credentials (a user alone sends an empty password, as redis-py does), SELECT
+    when the database is not 0."""
+    commands: list[tuple[str, bytes]] = []
+    if username or password:
+        credentials = (username, password) if username else (password,)
+        commands.append(("AUTH", _pack("AUTH", *credentials)))
+    if db:
+        commands.append(("SELECT", _pack("SELECT", db)))
+    return tuple(commands)
 
 
 class _Connection(asyncio.Protocol):
@@ -112,29 +128,56 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
 
+def tls_context(ca_file: str = "", cert_file: str = "", key_file: str = "") -> ssl.SSLContext:
+    """The TLS set-up of a rediss:// connection, as redis-py builds its own (the server's
+    certificate required, its host name checked, the system's CAs and ca_file trusted):
+    the start check goes through redis-py, so both must accept the same server. A client
+    certificate when cert_file is given."""
+    context = ssl.create_default_context()
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    if cert_file:
+        context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
 class FastScriptClient:
     """EVALSHA over one pipelined connection, reconnecting when it is lost. Every call is
     bounded: TimeoutError after call_timeout_s without a reply, so its callers need no
-    timer of their own."""
+    timer of their own.
 
-    def __init__(self, url: str, connect_timeout_s: float, call_timeout_s: float) -> None:
+    username and password: AUTH on every new connection; a user or password in the URL
+    wins, as redis-py reads them. tls: the context for a rediss:// URL (tls_context()'s
+    defaults without one)."""
+
+    def __init__(self, url: str, connect_timeout_s: float, call_timeout_s: float, *,
+                 username: str = "", password: str = "",
+                 tls: ssl.SSLContext | None = None) -> None:
         parsed = urlparse(url)
         self._socket_path = parsed.path if parsed.scheme == "unix" else ""
         self._host = parsed.hostname or "127.0.0.1"
         self._port = parsed.port or 6379
+        self._tls = (tls or tls_context()) if parsed.scheme == "rediss" else None
         # the database: redis://host/<db>, unix:///path?db=<db> (as redis-py reads them)
         db = parse_qs(parsed.query).get("db", ["0"])[0] if self._socket_path \
             else parsed.path.lstrip("/")
-        self._db = int(db or 0)
+        self._greeting = _greeting(unquote(parsed.username or "") or username,
+                                   unquote(parsed.password or "") or password, int(db or 0))
         self._connect_timeout_s = connect_timeout_s
         self._call_timeout_s = call_timeout_s
         self._connection: _Connection | None = None
         self._connecting = asyncio.Lock()
 
     @staticmethod
-    def usable_for(url: str, has_credentials: bool, cluster: bool) -> bool:
-        return (urlparse(url).scheme in ("redis", "unix") and not has_credentials
-                and not cluster)
+    def usable_for(url: str, cluster: bool) -> bool:
+        """One Redis server at a URL this client reads whole: a rediss:// URL with ssl_*
+        options (redis-py's own TLS settings, which tls_context does not read) stays on
+        redis-py, and so does a cluster (no slot routing here)."""
+        parsed = urlparse(url)
+        tls_options = parsed.scheme == "rediss" and any(
+            name.startswith("ssl_") for name in parse_qs(parsed.query))
+        return parsed.scheme in ("redis", "rediss", "unix") and not tls_options \
+            and not cluster
 
     async def _connected(self) -> _Connection:
         connection = self._connection
@@ -143,16 +186,36 @@ class FastScriptClient:
         async with self._connecting:
             if self._connection is None or self._connection.closed:
                 _, fresh = await asyncio.wait_for(self._open(), self._connect_timeout_s)
-                if self._db:
-                    await self._checked(fresh.send(_pack("SELECT", self._db)))
+                try:
+                    await self._greet(fresh)
+                except BaseException:
+                    fresh.close()  # refused (or cancelled) before its first call
+                    raise
                 self._connection = fresh
             return self._connection
+
+    async def _greet(self, fresh: _Connection) -> None:
+        """AUTH and SELECT, before any other command: both in one write, one round trip.
+        Their replies are awaited together so that none is left unread (an exception in a
+        future nobody awaits is logged as never retrieved)."""
+        if not self._greeting:
+            return
+        replies = await asyncio.gather(*(fresh.send(command) for _, command in self._greeting))
+        for (name, _), reply in zip(self._greeting, replies, strict=True):
+            if isinstance(reply, hiredis.ReplyError):
+                # Redis's refusal (WRONGPASS ..., NOAUTH ...) never repeats the password
+                error = AuthenticationError if name == "AUTH" else ResponseError
+                raise error(f"redis refused {name} on the lean connection: {reply}")
 
     async def _open(self) -> tuple[asyncio.BaseTransport, _Connection]:
         loop = asyncio.get_running_loop()
         if self._socket_path:
             return await loop.create_unix_connection(
                 lambda: _Connection(self._call_timeout_s), self._socket_path)
+        if self._tls is not None:
+            return await loop.create_connection(
+                lambda: _Connection(self._call_timeout_s), self._host, self._port,
+                ssl=self._tls, server_hostname=self._host)
         return await loop.create_connection(
             lambda: _Connection(self._call_timeout_s), self._host, self._port)
 

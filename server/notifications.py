@@ -256,7 +256,7 @@ class EventHub:
         self.partitions = partitions
         self._read_together = read_together
         # the shared XREAD through the lean hiredis connection (fastredis) when Redis allows
-        # it (one server, no AUTH or TLS): a third of redis-py's cost per read
+        # it (one server, not a cluster): a third of redis-py's cost per read
         self._lean = lean if read_together else None
         # of the partitions being read: the position after the last event read
         self.positions: dict[int, Position] = {}

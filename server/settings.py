@@ -56,7 +56,8 @@ class Settings:
     # the Redis URL names one node of a Redis Cluster
     redis_cluster: bool = False
     # the charging script over a lean pipelined connection (hiredis) instead of redis-py,
-    # where it applies: one redis:// server without AUTH or TLS
+    # where it applies: one Redis server (redis://, rediss://, unix://, with AUTH or not);
+    # a cluster stays on redis-py
     redis_fast_path: bool = True
     # directory for the embedded redis-server's data; empty: a temporary directory
     embedded_redis_dir: str = ""

@@ -8,8 +8,12 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
+import pytest
 from creditline.app import RunningServer
 from creditline.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
@@ -165,6 +169,19 @@ async def test_round_trip_floor_runs_one_evalsha_per_unary_call() -> None:
     evalshas = after.get("evalsha", 0) - before.get("evalsha", 0)
     # calls still in flight when the window closed made theirs too (at most one a flow)
     assert result.requests_total <= evalshas <= result.requests_total + config.concurrency
+
+
+def test_lean_path_comparison_runs_on_plain_auth_and_tls() -> None:
+    """bench/lean_secure.py, a few flows: the three Redis servers start, each charges on
+    the lean path (it stops when the path would not apply)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.lean_secure", "--sessions", "20", "--rounds", "1"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=120, check=False)
+    if "no redis-server built with TLS" in result.stderr:
+        pytest.skip(result.stderr.strip())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert all(f"  {name} " in result.stdout for name in ("plain", "auth", "tls+auth"))
 
 
 def test_histogram_percentiles_within_one_percent() -> None:

@@ -431,13 +431,15 @@ def _redis_servers() -> list[str]:
     return list(dict.fromkeys(path for path in found if path))
 
 
-def _start_tls_redis(pki: Pki, tls_port: int) -> RedisProcess:
-    redis_cert = pki.ca.issue("redis", server=True)
+def start_tls_redis(ca: CertificateAuthority, tls_port: int) -> RedisProcess:
+    """A redis-server with TLS on tls_port (client certificates required) beside its
+    plain loopback port (RedisProcess waits for a PING there)."""
+    redis_cert = ca.issue("redis", server=True)
     for binary in _redis_servers():
         process = RedisProcess(binary=binary, extra_args=(
             "--tls-port", str(tls_port), "--tls-cert-file", str(redis_cert.cert_path),
             "--tls-key-file", str(redis_cert.key_path),
-            "--tls-ca-cert-file", str(pki.ca.path), "--tls-auth-clients", "yes"))
+            "--tls-ca-cert-file", str(ca.path), "--tls-auth-clients", "yes"))
         try:
             return process.start()
         except RuntimeError as error:
@@ -449,7 +451,7 @@ def _start_tls_redis(pki: Pki, tls_port: int) -> RedisProcess:
 async def test_redis_over_tls_with_a_client_certificate(pki: Pki, settings: Settings) -> None:
     tls_port = free_port()
     client = pki.ca.issue("creditline-redis-client")
-    process = _start_tls_redis(pki, tls_port)
+    process = start_tls_redis(pki.ca, tls_port)
     try:
         url = f"rediss://127.0.0.1:{tls_port}/0"
         configured = settings_with(
