@@ -43,7 +43,9 @@ async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
         async with asyncio.timeout(timeout_s):
             return await call
     except (TimeoutError, RedisError, OSError) as error:
-        log.warning("redis call failed: %r", error)
+        # the class and the text: redis-py 8's repr() of its errors gives the class alone
+        # (its errors name no secret: the lean path's AUTH refusal leaves the password out)
+        log.warning("redis call failed: %s: %s", type(error).__name__, error)
         raise StoreUnavailableError(repr(error)) from error
 
 
