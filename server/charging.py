@@ -55,12 +55,9 @@ class Refusal:
 
 
 def check_ids(session_id: str, account_id: str, settings: Settings) -> Refusal | None:
-    if not session_id:
-        return Refusal(MISSING, "session_id: missing")
-    if len(session_id.encode()) > settings.max_session_id_bytes:
-        return Refusal(INVALID, f"session_id: longer than {settings.max_session_id_bytes} bytes")
-    if not session_id.isprintable():
-        return Refusal(INVALID, "session_id: contains control characters")
+    refusal = check_session_id(session_id, "session_id", settings)
+    if refusal:
+        return refusal
     if not account_id:
         return Refusal(MISSING, "account_id: missing")
     if len(account_id.encode()) > settings.max_account_id_bytes:
@@ -152,6 +149,17 @@ def validate_event(request: pb.EventRequest, settings: Settings, now_ms: int
     return _check_blocks(request.rating_groups, settings, need_units=True)
 
 
+def check_session_id(session_id: str, field: str, settings: Settings) -> Refusal | None:
+    """A session id (in `field`): 1..max_session_id_bytes of printable text."""
+    if not session_id:
+        return Refusal(MISSING, f"{field}: missing")
+    if len(session_id.encode()) > settings.max_session_id_bytes:
+        return Refusal(INVALID, f"{field}: longer than {settings.max_session_id_bytes} bytes")
+    if not session_id.isprintable():
+        return Refusal(INVALID, f"{field}: contains control characters")
+    return None
+
+
 def _check_refund_of(request: pb.EventRequest, settings: Settings) -> Refusal | None:
     """A refund names the charge it reverses; nothing else names one."""
     refund_of = request.refund_of_session_id
@@ -166,11 +174,7 @@ def _check_refund_of(request: pb.EventRequest, settings: Settings) -> Refusal | 
     if refund_of == request.session_id:
         return Refusal(INVALID, "refund_of_session_id: the refund's own session_id; a refund "
                        "has a session id of its own")
-    refusal = check_ids(refund_of, request.account_id, settings)
-    if refusal:
-        return Refusal(refusal.result_code,
-                       refusal.message.replace("session_id", "refund_of_session_id", 1))
-    return None
+    return check_session_id(refund_of, "refund_of_session_id", settings)
 
 
 def units_of(units: pb.Units, kind: UnitKind) -> int:

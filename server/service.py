@@ -284,9 +284,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not 0 < request.amount_micros <= MAX_SAFE_INTEGER:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"amount_micros: must be 1..{MAX_SAFE_INTEGER}")
-        if not request.top_up_id or len(request.top_up_id) > 128:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "top_up_id: required (1..128 characters), makes top-ups idempotent")
+        await _check_idempotency_id(request.top_up_id, "top_up_id", "top-ups", context)
         # a top-up id seen before changes nothing and answers the account as it is
         return await self._operate(context, request.account_id, "TOPUP",
                                    request.amount_micros, request.top_up_id)
@@ -304,9 +302,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not 0 < abs(request.amount_micros) <= MAX_SAFE_INTEGER:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "amount_micros: must be a "
                                 f"credit or a debit of 1..{MAX_SAFE_INTEGER}, not 0")
-        if not request.adjustment_id or len(request.adjustment_id) > 128:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adjustment_id: required "
-                                "(1..128 characters), makes adjustments idempotent")
+        await _check_idempotency_id(request.adjustment_id, "adjustment_id", "adjustments",
+                                    context)
         if not request.reason.strip() or len(request.reason) > MAX_REASON_CHARS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: required "
                                 f"(1..{MAX_REASON_CHARS} characters): why the balance changes")
@@ -330,6 +327,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
 # The longest reason an adjustment may give (it is kept in the CDR and the notification).
 MAX_REASON_CHARS = 256
+# The longest top-up or adjustment id.
+MAX_IDEMPOTENCY_ID_CHARS = 128
+
+
+async def _check_idempotency_id(value: str, field: str, what: str, context: Context) -> None:
+    if not value or len(value) > MAX_IDEMPOTENCY_ID_CHARS:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{field}: required (1..{MAX_IDEMPOTENCY_ID_CHARS} characters), "
+                            f"makes {what} idempotent")
+
 _ID_FIELDS = {"TOPUP": "top_up_id", "ADJUST": "adjustment_id"}
 
 # admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
@@ -362,7 +369,7 @@ def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Acco
         initial_balance_micros=int(fields["initial"]),
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
-        adjusted_micros=int(fields.get("adjusted", 0)),
+        adjusted_micros=int(fields["adjusted"]),
     )
     for bucket_id, value in sorted(snapshot.buckets.items()):
         bucket = parse_bucket(value)

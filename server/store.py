@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from creditline.contract import (
     CLOSING_KINDS,
+    SCRIPT_RESULT_CODES,
     AdminArgs,
     AdminKeys,
     ChargeArgs,
@@ -61,8 +62,6 @@ if redis.call('HSETNX', KEYS[1], 'partitions', ARGV[1]) == 1 then
 end
 return redis.call('HMGET', KEYS[1], 'partitions', 'key_scheme')
 """
-# charge.lua's 5004 (INVALID_AVP_VALUE), for the refusals made here
-INVALID_VALUE = 5004
 
 
 def recorded_partitions(redis: SyncRedis) -> int:
@@ -282,13 +281,14 @@ def text(value: Any) -> str:
 
 def refused(answer: str) -> bool:
     """Whether a charging answer is a refusal ("<code>;!<reason>"): the script wrote
-    nothing (other answers hold only numbers)."""
+    nothing (no other answer holds "!")."""
     return ";!" in answer
 
 
 # An Initial whose session id another account holds (see Store._take_claim)
-OPEN_ELSEWHERE = f"{INVALID_VALUE};!session_id: already open on another account"
-OPENING_ELSEWHERE = f"{INVALID_VALUE};!session_id: being opened on another account"
+_INVALID_VALUE = SCRIPT_RESULT_CODES["INVALID_VALUE"]
+OPEN_ELSEWHERE = f"{_INVALID_VALUE};!session_id: already open on another account"
+OPENING_ELSEWHERE = f"{_INVALID_VALUE};!session_id: being opened on another account"
 
 
 # The kinds whose script takes (Initial) or gives back (closing) a session id's claim.
@@ -362,9 +362,9 @@ class Store:
             claim, refusal = await self._take_claim(account_id, session_id, now_ms)
             if refusal:
                 return refusal
-        answer = await self._charge_script(
+        answer = text(await self._charge_call(
             kind, account_id, session_id, request_number, now_ms, event_time_ms,
-            event_action, blocks, supervision_ms, refund_of)
+            event_action, blocks, supervision_ms, refund_of))
         # a closed session gives its claim back, and so does a refused Initial that took
         # one (it opened nothing)
         if claims and ((kind in CLOSING_KINDS and not refused(answer)) or (
@@ -372,11 +372,13 @@ class Store:
             await self._release_claim(account_id, session_id)
         return answer
 
-    async def _charge_script(
+    def _charge_call(
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
         blocks: list[int | str], supervision_ms: int, refund_of: str,
-    ) -> str:
+    ) -> Awaitable[Any]:
+        """The charging script's call (a plain function, as _script_call: no coroutine of
+        its own per request)."""
         keys = self.keys(account_id)
         request_key = (keys.event(session_id) if kind is RequestKind.EVENT
                        else keys.session(session_id))
@@ -396,8 +398,8 @@ class Store:
             retention_s=self.config.answer_retention_s, event_action=event_action,
             event_trim=self._event_trim(now_ms), spike_detection=self._spike,
             supervision_ms=supervision_ms, refund_of=refund_of), *blocks]
-        return text(await self._script_call(self._charge, self._charge_source, "charge.lua",
-                                            script_keys, script_args))
+        return self._script_call(self._charge, self._charge_source, "charge.lua",
+                                 script_keys, script_args)
 
     def _script_call(self, script: AsyncScript, source: str, name: str, keys: list[str],
                      args: list[int | str]) -> Awaitable[Any]:

@@ -9,7 +9,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from creditline import contract, rating
+from creditline import rating
 from creditline.charging import script_blocks
 from creditline.contract import (
     BLOCK_FIELDS,
@@ -118,7 +118,6 @@ def test_the_request_kinds_and_event_actions_are_the_scripts() -> None:
 def test_the_contract_is_what_the_store_sends() -> None:
     # a StrEnum goes to Redis as its value, as the script compares it
     assert str(RequestKind.INITIAL) == "I" and f"{EventAction.NONE}" == "-"
-    assert {RequestKind.TERMINATE, RequestKind.SUPERVISION_CLOSE} == contract.CLOSING_KINDS
 
 
 def test_the_server_writes_each_block_as_block_fields_names_it() -> None:

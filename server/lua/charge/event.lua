@@ -15,17 +15,18 @@ local function stored_event(stored)
 end
 
 -- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
--- and whether it is an event's (else a session's); nil when no such charge is kept.
+-- and the event's stored answer when it is an event's (nil: a session's); nil when no such
+-- charge is kept.
 local function refund_target()
   local stored = redis.call('GET', KEYS[12])
   if not stored then
     local session_fields = hash(KEYS[13])
     if next(session_fields) == nil then return nil end
-    return session_fields, false
+    return session_fields, nil
   end
   local _, answer, refunds = stored_event(stored)
   local fields = {}
-  if not refunds then return fields, true end  -- not a debit
+  if not refunds then return fields, stored end  -- not a debit
   -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
   for rg, units, amount, from_buckets in
       string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
@@ -34,13 +35,13 @@ local function refund_target()
   for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
     fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
   end
-  return fields, true
+  return fields, stored
 end
 
 -- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
 -- event's stored answer rewritten (its expiry kept) with the refunds after it.
-local function record_refunds(target, of_event, refunded)
-  if not of_event then
+local function record_refunds(target, stored_event_answer, refunded)
+  if not stored_event_answer then
     for rg, r in pairs(refunded) do
       redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
       redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
@@ -56,7 +57,7 @@ local function record_refunds(target, of_event, refunded)
     local rg = string.match(field, '^ru:(.+)$')
     if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
   end
-  local number, answer = stored_event(redis.call('GET', KEYS[12]))
+  local number, answer = stored_event(stored_event_answer)
   redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
     'KEEPTTL')
 end
@@ -112,10 +113,10 @@ if kind == 'E' then
   if barred and event_action == 'DEBIT' then
     return DENIED .. ';!account is barred'
   end
-  local target, of_event, refunds
+  local target, target_event_answer, refunds
   if event_action == 'REFUND' then
     local reason
-    target, of_event = refund_target()
+    target, target_event_answer = refund_target()
     if not target then
       return INVALID_VALUE .. ';!refund_of_session_id: no charge of that id is kept ' ..
         '(none made, or it ended more than answer_retention_s ago); a credit that ' ..
@@ -186,7 +187,7 @@ if kind == 'E' then
       'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'), unpack(
       event_action == 'REFUND' and { 'refunds', refund_of } or {}))
   end
-  if target then record_refunds(target, of_event, refunded) end
+  if target then record_refunds(target, target_event_answer, refunded) end
   -- a debit's answer ends with '|': its refunds go there (see stored_event)
   local refundable = (event_action == 'DEBIT') and '|' or ''
   redis.call('SET', request_key, int(request_number) .. '|' .. answer .. refundable, 'EX',

@@ -4,8 +4,9 @@ and the closing of a stale session by supervision) in one atomic step: one EVALS
 round trip. It reads and checks everything first, then writes; a refusal writes nothing.
 It is kept in parts by concern (server/lua/charge/), joined in the order of
 server/store.py CHARGE_SCRIPT_PARTS (prelude, rating, arguments, state, notifications,
-event, session) into the one script Redis runs: the parts share its locals. The charge notifications and the CDRs are
-written here too, in the same step: one exists if and only if its charge happened.
+event, session) into the one script Redis runs: the parts share its locals. The charge
+notifications and the CDRs are written here too, in the same step: one exists if and only
+if its charge happened.
 
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
