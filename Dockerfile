@@ -35,7 +35,7 @@ RUN python -m pip wheel --wheel-dir /wheels .
 RUN python -m venv /opt/creditline \
  && /opt/creditline/bin/pip install --no-index --find-links /wheels creditline
 # 3. fail the build if the install cannot start: imports, plan, compiled kernels if any
-RUN /opt/creditline/bin/python -c "import creditline.app, creditline.cli" \
+RUN /opt/creditline/bin/python -c "import creditline.api.app, creditline.cli" \
  && /opt/creditline/bin/python -c "import importlib.util as u, sys; \
 spec = u.find_spec('creditline.native'); \
 sys.exit(0) if spec is None else __import__('creditline.native.kernels')" \

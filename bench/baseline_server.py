@@ -7,7 +7,7 @@ charging work costs on top of gRPC itself.
 
 With --redis-url it is the round-trip floor: each unary call first runs one EVALSHA of a
 script that does nothing (`return 1`) through Creditline's lean pipelined Redis path
-(creditline.fastredis), then answers as above. Any server that makes one Redis round trip
+(creditline.store.fastredis), then answers as above. Any server that makes one Redis round trip
 per request can at best reach this: the gap from the baseline is the round trip's own
 cost (the client's work, the loop turns, Redis's command handling, and on a 2-core
 machine the CPU Redis takes from the others); the gap from it to Creditline is the
@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from creditline.fastredis import FastScriptClient
+from creditline.store.fastredis import FastScriptClient
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
 
@@ -126,7 +126,7 @@ class BaselineCharging(charging_pb2_grpc.ChargingServicer):
 
 async def start_baseline_server(listen_address: str, redis_url: str = ""
                                 ) -> tuple[grpc.aio.Server, int]:
-    """Starts the server (options as creditline.app.start_server); returns it and its port.
+    """Starts the server (options as creditline.api.app.start_server); returns it and its port.
     With a redis_url: the round-trip floor (one do-nothing EVALSHA per unary call)."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -2,7 +2,7 @@
 
 For each sink in turn: a fresh redis-server database (FLUSHALL), --accounts accounts created
 with the admin script, then --cdrs CDRs written by the real charging script (Event DEBIT of
-one SMS each, called through creditline.store.Store without gRPC: each writes one CDR,
+one SMS each, called through creditline.store.store.Store without gRPC: each writes one CDR,
 as in tests/test_cdrs.py::test_hundred_thousand_cdrs_exported_and_reconciled); then the
 export is timed, and `reconcile` is run against the sink (0 discrepancies expected). Every
 sink exports the same number of CDRs, generated the same way.
@@ -31,16 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from creditline.app import redis_client, store_config
-from creditline.cdr import open_sink
-from creditline.charging import script_blocks
-from creditline.contract import EventAction, RequestKind
-from creditline.exporter import Exporter
-from creditline.rating import BandedRater, load_plan
-from creditline.reconcile import reconcile
-from creditline.redis_process import RedisProcess
-from creditline.settings import Settings
-from creditline.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.api.app import redis_client, store_config
+from creditline.api.messages import script_blocks
+from creditline.books.cdr import open_sink
+from creditline.books.exporter import Exporter
+from creditline.books.reconcile import reconcile
+from creditline.charging.rating import BandedRater, load_plan
+from creditline.settings import DEFAULT_PLAN_PATH, Settings
+from creditline.store.contract import EventAction, RequestKind
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
 from creditline.v1 import charging_pb2 as pb
 from redis import Redis as SyncRedis
 
@@ -50,7 +50,7 @@ RG_SMS = 300
 # Script calls in flight while the CDRs are written: within the client's connection pool.
 GENERATE_CONCURRENCY = 100
 MAX_CDRS = 2_000_000
-DEFAULT_PLAN = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+DEFAULT_PLAN = DEFAULT_PLAN_PATH
 ACCOUNT_BALANCE_MICROS = 10**12
 
 

@@ -18,7 +18,7 @@ import time
 
 import grpc
 import uvloop
-from creditline.redis_process import free_port
+from creditline.store.redis_process import free_port
 
 MESSAGE = b"x" * 150  # about one encoded ChargeEvent
 METHOD = "/bench.Stream/Messages"

@@ -6,7 +6,7 @@ goal: with AUTH and TLS >= 0.95 of the throughput without).
 
 Starts four redis-servers: a plain one, one with a password (AUTH), and two on TLS with
 client certificates required (made by deploy/make_certs.sh) and a password. On each, the
-server's own Store and lean client (creditline.app.fast_client, from the settings a
+server's own Store and lean client (creditline.api.app.fast_client, from the settings a
 deployment would give; on the second TLS one redis-py, as before the lean path took TLS)
 run bench/script_cost.py's charging flows (Initial, 3 Updates, Terminate, one event;
 --in-flight flows at a time) under uvloop, as `creditline serve` runs. Every round runs
@@ -37,12 +37,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
-from creditline.app import fast_client, redis_client, store_config
-from creditline.fastredis import FastScriptClient
-from creditline.rating import BandedRater, Plan, load_plan
-from creditline.redis_process import RedisProcess, free_port
+from creditline.api.app import fast_client, redis_client, store_config
+from creditline.charging.rating import BandedRater, Plan, load_plan
 from creditline.settings import Settings
-from creditline.store import MAX_BUCKETS_PER_ACCOUNT, RedisClient, Store
+from creditline.store.fastredis import FastScriptClient
+from creditline.store.redis_process import RedisProcess, free_port
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, RedisClient, Store
 from redis import Redis as SyncRedis
 
 from bench.script_cost import (

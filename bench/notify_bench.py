@@ -46,8 +46,8 @@ from typing import Any
 
 import grpc
 import psutil
-from creditline.redis_process import RedisProcess, free_port
 from creditline.settings import MAX_BATCH_LINGER_S
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb

@@ -29,13 +29,14 @@ import tomllib
 from array import array
 from pathlib import Path
 
-from creditline.charging import script_blocks
-from creditline.kernels import Kernels, KernelSchedule, compiled_kernels, pure_kernels
-from creditline.rating import BandedRater, PriceSchedule, Tariff, load_plan, parse_plan
+from creditline.api.messages import script_blocks
+from creditline.charging.kernels import Kernels, KernelSchedule, compiled_kernels, pure_kernels
+from creditline.charging.rating import BandedRater, PriceSchedule, Tariff, load_plan, parse_plan
+from creditline.settings import DEFAULT_PLAN_PATH
 from creditline.v1 import charging_pb2 as pb
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rating.json"
-SHIPPED_PLANS = Path(__file__).resolve().parent.parent / "server" / "plans"
+SHIPPED_PLANS = DEFAULT_PLAN_PATH.parent
 KIB, MIB = 1024, 1024 * 1024
 # Monday 2026-11-30 00:00 in Paris; event times spread over that week
 WEEK_START_UNIX_MS = 1_764_457_200_000

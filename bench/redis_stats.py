@@ -3,7 +3,7 @@
 INFO commandstats counts a command run inside a Lua script (redis.call) like one a client
 sent: one EVALSHA of the charging script shows up as 1 evalsha plus the 10-20 HGETALL,
 HSET, ... it runs. So "round trips" are the calls of the commands clients send; the
-commands that the server's Lua scripts call (read from server/lua/**.lua) are counted
+commands that the server's Lua scripts call (read from store/lua/**.lua) are counted
 apart, as work done inside Redis. This misclassifies a command the server would send
 directly that a script also calls (none today: the server sends only EVALSHA, and
 SCRIPT LOAD / CLIENT SETINFO when it loads a script or opens a connection).
@@ -36,7 +36,7 @@ _SCRIPT_CALL = re.compile(r"""redis\.p?call\(\s*['"]([A-Za-z]+)['"]""")
 def script_commands() -> frozenset[str]:
     """The commands the server's Lua scripts call, lower case as INFO names them."""
     names: set[str] = set()
-    lua = resources.files("creditline").joinpath("lua")
+    lua = resources.files("creditline.store").joinpath("lua")
     for entry in [*lua.iterdir(), *lua.joinpath("charge").iterdir()]:  # charge.lua's parts
         if entry.name.endswith(".lua"):
             names.update(m.lower() for m in _SCRIPT_CALL.findall(entry.read_text("utf-8")))

@@ -34,17 +34,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from creditline.app import redis_client, store_config
-from creditline.charging import script_blocks
-from creditline.contract import EventAction, RequestKind
-from creditline.rating import BandedRater, Plan, load_plan
-from creditline.redis_process import RedisProcess
-from creditline.settings import Settings
-from creditline.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.api.app import redis_client, store_config
+from creditline.api.messages import script_blocks
+from creditline.charging.rating import BandedRater, Plan, load_plan
+from creditline.settings import DEFAULT_PLAN_PATH, Settings
+from creditline.store.contract import EventAction, RequestKind
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
 
 from bench.workload import event_request, session_requests
 
-PLAN_PATH = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+PLAN_PATH = DEFAULT_PLAN_PATH
 ACCOUNTS = 1_000
 FLOWS_AT_ONCE = 50
 UPDATES_PER_SESSION = 3

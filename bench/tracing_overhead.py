@@ -33,13 +33,11 @@ from pathlib import Path
 
 import grpc
 import uvloop
-from creditline import interceptors
-from creditline.app import freeze_startup_objects, start_server, stop_server
-from creditline.interceptors import CallWrapper
-from creditline.rating import IncrementRater, load_plan
-from creditline.redis_process import RedisProcess
-from creditline.settings import Settings
-from creditline.telemetry import (
+from creditline.api import interceptors
+from creditline.api.app import freeze_startup_objects, start_server, stop_server
+from creditline.api.interceptors import CallWrapper
+from creditline.charging.rating import IncrementRater, load_plan
+from creditline.observability.telemetry import (
     CallSpanExporter,
     ScriptInstrument,
     SpanRecorder,
@@ -47,6 +45,8 @@ from creditline.telemetry import (
     TracedRater,
     sampler_from,
 )
+from creditline.settings import DEFAULT_PLAN_PATH, Settings
+from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -369,7 +369,7 @@ async def main(argv: Sequence[str]) -> int:
         target, run_id, sessions, concurrency = args.client
         print(await _client(target, run_id, int(sessions), int(concurrency)))
         return 0
-    plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+    plan = DEFAULT_PLAN_PATH
     # a long Redis deadline: on a crowded machine a call may wait, but must not fail
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(plan)),
                        redis_max_connections=64, redis_call_timeout_s=30.0)

@@ -1,7 +1,7 @@
 """What the load looks like: accounts, session flows and events, as protobuf messages.
 
 Pure (no I/O, no asyncio, no gevent) so that the asyncio driver and the Locust user send
-exactly the same messages. Rating groups are those of server/plans/default.toml:
+exactly the same messages. Rating groups are those of server/creditline/charging/plans/default.toml:
 RG 10 web (volume), RG 100 voice (time), RG 300 SMS (service-specific units).
 """
 

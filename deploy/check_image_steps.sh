@@ -34,7 +34,7 @@ PY="$WORK/base/bin/python"
 (cd "$WORK/src" && "$PY" -m pip wheel -q --wheel-dir "$WORK/wheels" .)
 "$PY" -m venv "$WORK/opt"
 "$WORK/opt/bin/pip" install -q --no-index --find-links "$WORK/wheels" creditline
-"$WORK/opt/bin/python" -c "import creditline.app, creditline.cli"
+"$WORK/opt/bin/python" -c "import creditline.api.app, creditline.cli"
 "$WORK/opt/bin/python" -c "import importlib.util as u, sys; \
 spec = u.find_spec('creditline.native'); \
 sys.exit(0) if spec is None else __import__('creditline.native.kernels')"
@@ -67,7 +67,7 @@ image_env=(env -i PATH="$WORK/opt/bin:/usr/bin:/bin" HOME=/tmp PYTHONUNBUFFERED=
 tls_env=(CREDITLINE_TLS_CERT_FILE="$TLS/server.crt" CREDITLINE_TLS_KEY_FILE="$TLS/server.key"
          CREDITLINE_TLS_CLIENT_CA_FILE="$TLS/ca.crt")
 
-as_nobody "$WORK/opt/bin/python" -c "import creditline.app, creditline.cli" ||
+as_nobody "$WORK/opt/bin/python" -c "import creditline.api.app, creditline.cli" ||
   { echo "nobody cannot run this environment ($BASE_PYTHON): set BASE_PYTHON"; exit 1; }
 
 echo "-- the first-try certificates (creditline-make-certs)"

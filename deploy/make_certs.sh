@@ -9,7 +9,7 @@
 # and the clients admin (role admin), network-function (role network-function) and health
 # (no role: health only, for health checks), each NAME.crt/.key. A ROLE is one of
 # network-function, admin, subscriber:<account>; it is written as the URI subject
-# alternative name creditline:role:ROLE, which server/security.py reads.
+# alternative name creditline:role:ROLE, which server/creditline/api/security.py reads.
 #
 #   creditline serve --listen-address 0.0.0.0:50051 --tls-cert-file DIR/server.crt \
 #       --tls-key-file DIR/server.key --tls-client-ca-file DIR/ca.crt

@@ -1,7 +1,7 @@
-"""Generates the protobuf and gRPC modules of server/v1/ from proto/ (the one command).
+"""Generates the protobuf and gRPC modules of server/creditline/v1/ from proto/ (the one command).
 
-    python scripts/gen_proto.py          # regenerate server/v1/*_pb2*.py(i)
-    python scripts/gen_proto.py --check  # exit 1 if server/v1/ is stale
+    python scripts/gen_proto.py          # regenerate server/creditline/v1/*_pb2*.py(i)
+    python scripts/gen_proto.py --check  # exit 1 if server/creditline/v1/ is stale
 
 Generated files are never edited by hand; CI runs --check.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
-OUTPUT_DIR = ROOT / "server" / "v1"
 PACKAGE_PATH = Path("creditline") / "v1"
+OUTPUT_DIR = ROOT / "server" / PACKAGE_PATH
 
 
 def generate(into: Path) -> list[Path]:
@@ -41,7 +41,7 @@ def generate(into: Path) -> list[Path]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if server/v1 is stale")
+    parser.add_argument("--check", action="store_true", help="fail if the code is stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         generated = generate(Path(tmp))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from creditline.store import account_keys, parse_bucket
+from creditline.store.store import account_keys, parse_bucket
 from redis.asyncio import Redis
 
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from creditline.redis_process import RedisProcess, free_port, redis_server_binary
+from creditline.store.redis_process import RedisProcess, free_port, redis_server_binary
 
 READY_TIMEOUT_S = 30.0
 

@@ -12,12 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, start_server, stop_server
-from creditline.cdr import open_sink
-from creditline.reconcile import reconcile
-from creditline.redis_process import RedisProcess
+from creditline.api.app import RunningServer, start_server, stop_server
+from creditline.books.cdr import open_sink
+from creditline.books.reconcile import reconcile
 from creditline.settings import Settings
-from creditline.store import META_KEY, recorded_partitions
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import META_KEY, recorded_partitions
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from redis import Redis as SyncRedis

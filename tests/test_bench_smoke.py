@@ -14,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from creditline.app import RunningServer
-from creditline.redis_process import RedisProcess
+from creditline.api.app import RunningServer
+from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from redis.asyncio import Redis

@@ -15,16 +15,16 @@ from pathlib import Path
 import grpc
 import psycopg
 import pytest
-from creditline.app import RunningServer, redis_client, start_server, stop_server
-from creditline.cdr import Sink, open_sink
-from creditline.charging import script_blocks
-from creditline.contract import EventAction, RequestKind
-from creditline.exporter import Exporter
-from creditline.rating import BandedRater, load_plan
-from creditline.reconcile import reconcile
-from creditline.redis_process import RedisProcess
+from creditline.api.app import RunningServer, redis_client, start_server, stop_server
+from creditline.api.messages import script_blocks
+from creditline.books.cdr import Sink, open_sink
+from creditline.books.exporter import Exporter
+from creditline.books.reconcile import reconcile
+from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import Settings
-from creditline.store import Store, account_keys
+from creditline.store.contract import EventAction, RequestKind
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import Store, account_keys
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import (
+from creditline.api.app import (
     MIN_REDIS_VERSION,
     RunningServer,
     info_of_every_node,
@@ -22,7 +22,7 @@ from creditline.app import (
     version_tuple,
 )
 from creditline.settings import Settings
-from creditline.store import account_keys, claim_key, partition_tag
+from creditline.store.store import account_keys, claim_key, partition_tag
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import notifications_pb2 as npb

@@ -1,5 +1,5 @@
-"""charge.lua and admin.lua hold copies of what server/contract.py defines (KEYS and ARGV
-by position, the block fields and the answer's, the request kinds and event actions, the
+"""charge.lua and admin.lua hold copies of what creditline.store.contract defines (KEYS and
+ARGV by position, the block fields and the answer's, the request kinds and event actions, the
 result codes, the numeric limits): these tests read the Lua sources and fail when a copy
 differs."""
 
@@ -9,10 +9,13 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from creditline import rating
-from creditline.charging import script_blocks
-from creditline.contract import (
+from creditline.api.messages import script_blocks
+from creditline.charging import rating
+from creditline.charging.kernels import compiled_kernels, pure_kernels
+from creditline.charging.rating import BandedRater, load_plan
+from creditline.store.contract import (
     BLOCK_FIELDS,
+    EVENT_TYPES,
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
     SCRIPT_RESULT_CODES,
@@ -25,15 +28,13 @@ from creditline.contract import (
     RequestKind,
     SessionBlockAnswer,
 )
-from creditline.kernels import compiled_kernels, pure_kernels
-from creditline.rating import BandedRater, load_plan
-from creditline.store import charge_script_source
+from creditline.store.store import charge_script_source
 from creditline.v1 import charging_pb2 as pb
 
 from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
 
 CHARGE_LUA = charge_script_source()
-ADMIN_LUA = resources.files("creditline").joinpath("lua", "admin.lua").read_text("utf-8")
+ADMIN_LUA = resources.files("creditline.store").joinpath("lua", "admin.lua").read_text("utf-8")
 
 
 def _lua_constant(name: str) -> int:
@@ -150,3 +151,14 @@ def test_the_answers_blocks_are_written_as_the_contract_reads_them() -> None:
     assert session and event, "charge.lua: the answers' blocks are not where they were"
     assert _written_fields(" ".join(session[1].split())) == list(SessionBlockAnswer._fields)
     assert _written_fields(" ".join(event[1].split())) == list(EventBlockAnswer._fields)
+
+
+def test_the_event_types_are_the_protocols() -> None:
+    from creditline.v1 import notifications_pb2 as npb
+
+    names = {name.lower() for name in npb.EventType.DESCRIPTOR.values_by_name
+             if name != "EVENT_TYPE_UNSPECIFIED"}
+    assert names == EVENT_TYPES
+    # each notify(...) of the scripts names its type first
+    written = set(re.findall(r"notify\('([a-z_]+)", charge_script_source() + ADMIN_LUA))
+    assert written == EVENT_TYPES

@@ -9,8 +9,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from creditline.fastredis import FastScriptClient
-from creditline.redis_process import RedisProcess
+from creditline.store.fastredis import FastScriptClient
+from creditline.store.redis_process import RedisProcess
 from redis.asyncio import Redis
 
 SCRIPT = "return ARGV[1]"

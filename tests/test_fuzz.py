@@ -16,10 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from creditline.cdr import open_sink
-from creditline.exporter import Exporter
-from creditline.reconcile import reconcile
-from creditline.redis_process import RedisProcess, free_port
+from creditline.books.cdr import open_sink
+from creditline.books.exporter import Exporter
+from creditline.books.reconcile import reconcile
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

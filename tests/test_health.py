@@ -16,9 +16,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from creditline.app import RunningServer, start_server, stop_server
-from creditline.redis_process import RedisProcess, free_port
+from creditline.api.app import RunningServer, start_server, stop_server
 from creditline.settings import Settings, parse
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

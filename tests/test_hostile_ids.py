@@ -18,12 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, start_server, stop_server
-from creditline.cdr import open_sink
-from creditline.reconcile import reconcile
-from creditline.redis_process import RedisProcess
+from creditline.api.app import RunningServer, start_server, stop_server
+from creditline.books.cdr import open_sink
+from creditline.books.reconcile import reconcile
 from creditline.settings import Settings
-from creditline.store import (
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import (
     META_KEY,
     account_keys,
     accounts_key,
@@ -34,7 +34,7 @@ from creditline.store import (
     events_key,
     partition_tag,
 )
-from creditline.supervision import Supervisor
+from creditline.store.supervision import Supervisor
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

@@ -17,10 +17,10 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, start_server, stop_server
-from creditline.fastredis import FastScriptClient, tls_context
-from creditline.redis_process import RedisProcess, free_port
+from creditline.api.app import RunningServer, start_server, stop_server
 from creditline.settings import Settings
+from creditline.store.fastredis import FastScriptClient, tls_context
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

@@ -16,10 +16,10 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import start_server, stop_server
-from creditline.redis_process import RedisProcess
+from creditline.api.app import start_server, stop_server
 from creditline.settings import Settings
-from creditline.store import (
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import (
     BUCKET_FIELDS,
     StoredBucket,
     account_keys,

@@ -9,12 +9,12 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.notifications import (
+from creditline.events.hub import (
     RESUME_CURSOR_METADATA,
     START_CURSOR_METADATA,
     decode_entry,
 )
-from creditline.store import account_keys, event_counter_key
+from creditline.store.store import account_keys, event_counter_key
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
@@ -407,7 +407,7 @@ async def _until(condition, timeout_s: float = READ_TIMEOUT_S) -> None:  # type:
 async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reader_stopped(
         redis_process, settings):  # type: ignore[no-untyped-def]
     # a server of its own: the shared one may still hold other tests' subscriptions
-    from creditline.app import start_server, stop_server
+    from creditline.api.app import start_server, stop_server
     from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 
     running = await start_server(settings, redis_process.url)
@@ -446,7 +446,7 @@ async def test_lingering_batches_gather_events_and_leave_early_when_the_queue_fi
     # a server of its own: batches wait up to a second for more events, and a queue of 40
     # events sends a batch once it holds 20 (half the queue) instead of overflowing (room
     # for the hub's reads to offer a few events at once on a busy machine)
-    from creditline.app import start_server, stop_server
+    from creditline.api.app import start_server, stop_server
     from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 
     from tests.conftest import settings_with

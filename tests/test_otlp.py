@@ -17,11 +17,9 @@ from typing import Any
 
 import grpc
 import pytest
-from creditline.app import start_server, stop_server
-from creditline.otlp_encoding import CallEncoder
-from creditline.redis_process import RedisProcess
-from creditline.settings import Settings
-from creditline.telemetry import (
+from creditline.api.app import start_server, stop_server
+from creditline.observability.otlp_encoding import CallEncoder
+from creditline.observability.telemetry import (
     INSTRUMENTATION_NAME,
     CallSpan,
     CallSpanExporter,
@@ -29,6 +27,8 @@ from creditline.telemetry import (
     build_telemetry,
     request_attributes,
 )
+from creditline.settings import Settings
+from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

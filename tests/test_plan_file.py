@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from creditline.rating import PlanError, load_plan
+from creditline.charging.rating import PlanError, load_plan
+from creditline.settings import DEFAULT_PLAN_PATH
 
 GOOD_TARIFF = """
 [[tariff]]
@@ -60,6 +61,6 @@ def test_missing_plan_file_is_named(tmp_path: Path) -> None:
 
 
 def test_shipped_default_plan_loads() -> None:
-    plan = load_plan(Path(__file__).parent.parent / "server" / "plans" / "default.toml")
+    plan = load_plan(DEFAULT_PLAN_PATH)
     assert plan.tariff_for(100, None) is not None
     assert plan.tariff_for(900, None) is not None and plan.tariff_for(900, None).free  # type: ignore[union-attr]

@@ -13,14 +13,14 @@ import random
 import tomllib
 from array import array
 from collections.abc import Callable, Iterator
+from importlib import resources
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from creditline import kernels as kernel_selection
-from creditline.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
-from creditline.kernels import Kernels, KernelSchedule, compiled_kernels, pure_kernels
-from creditline.rating import (
+from creditline.charging import kernels as kernel_selection
+from creditline.charging.kernels import Kernels, KernelSchedule, compiled_kernels, pure_kernels
+from creditline.charging.rating import (
     BandedRater,
     IncrementRater,
     Plan,
@@ -30,7 +30,9 @@ from creditline.rating import (
     load_plan,
     parse_plan,
 )
-from creditline.redis_process import RedisProcess
+from creditline.settings import DEFAULT_PLAN_PATH
+from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
+from creditline.store.redis_process import RedisProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis import Redis as SyncRedis
@@ -513,7 +515,7 @@ def test_rater_schedules_are_aligned_and_priced_alike(
 
 
 def test_the_shipped_plan_rates_as_before() -> None:
-    plan = load_plan(ROOT / "server" / "plans" / "default.toml")
+    plan = load_plan(DEFAULT_PLAN_PATH)
     for key, found in plan.tariffs.items():
         assert BandedRater().schedule(found, 0) == IncrementRater().schedule(found, 0), key
     free = plan.tariff_for(900, None)
@@ -559,7 +561,8 @@ def harness_args(schedule: PriceSchedule) -> list[int]:
 
 def lua_rating_functions() -> str:
     """The rating functions of the charging script, as they are (its part, not a copy)."""
-    return (ROOT / "server" / "lua" / "charge" / "rating.lua").read_text(encoding="utf-8")
+    return resources.files("creditline.store").joinpath("lua", "charge", "rating.lua").read_text(
+        encoding="utf-8")
 
 
 def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(
@@ -676,7 +679,7 @@ def test_the_billing_period_starts_on_the_billing_day_in_the_plan_time_zone(
 
 
 def test_the_example_plan_loads_and_rates(kernels: Kernels) -> None:
-    plan = load_plan(ROOT / "server" / "plans" / "bands-and-tiers.toml")
+    plan = load_plan(DEFAULT_PLAN_PATH.parent / "bands-and-tiers.toml")
     monday_evening = unix_ms(2026, 11, 30, 19, 59, 0)
     voice = plan.tariff_for(100, None, monday_evening)
     assert voice is not None and voice.first_increment_units == 60

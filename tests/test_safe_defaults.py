@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from creditline.redis_process import RedisProcess, free_port
 from creditline.settings import Settings, is_loopback
+from creditline.store.redis_process import RedisProcess, free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis as SyncRedis
 

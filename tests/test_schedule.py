@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from creditline.rating import PriceSchedule, Segment, load_plan, simple_schedule
+from creditline.charging.rating import PriceSchedule, Segment, load_plan, simple_schedule
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from hypothesis import given, settings

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from creditline import security
-from creditline.app import check_redis, redis_client, start_server, stop_server
-from creditline.redis_process import RedisProcess, free_port
+from creditline.api import security
+from creditline.api.app import check_redis, redis_client, start_server, stop_server
 from creditline.settings import Settings, parse
-from creditline.store import account_keys
+from creditline.store.redis_process import RedisProcess, free_port
+from creditline.store.store import account_keys
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

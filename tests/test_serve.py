@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import grpc
-from creditline.redis_process import RedisProcess, free_port
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from creditline.notifications import decode_entry
-from creditline.supervision import Supervisor
+from creditline.events.hub import decode_entry
+from creditline.store.supervision import Supervisor
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 

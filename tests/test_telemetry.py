@@ -14,22 +14,21 @@ import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from creditline.app import RunningServer, _call_wrapper, start_server, stop_server
-from creditline.logging_setup import JsonFormatter, TraceIdFilter
-from creditline.redis_process import RedisProcess
-from creditline.settings import Settings
-from creditline.telemetry import (
+from creditline.api.app import RunningServer, _call_wrapper, start_server, stop_server
+from creditline.observability.logging_setup import JsonFormatter, TraceIdFilter
+from creditline.observability.telemetry import (
     StandardSampler,
     Telemetry,
     TelemetryError,
     build_telemetry,
     sampler_from,
 )
+from creditline.settings import DEFAULT_PLAN_PATH, Settings
+from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -330,15 +329,15 @@ def test_json_logs_carry_the_trace_ids() -> None:
 
 
 def test_tracing_off_creates_no_rater_wrapper() -> None:
-    from creditline.rating import IncrementRater
+    from creditline.charging.rating import IncrementRater
     rater = IncrementRater()
     assert Telemetry().traced_rater(rater) is rater
 
 
 def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
-    from creditline.interceptors import _PROPAGATOR
-    from creditline.rating import IncrementRater, load_plan
-    from creditline.telemetry import current_call, current_trace_ids
+    from creditline.api.interceptors import _PROPAGATOR
+    from creditline.charging.rating import IncrementRater, load_plan
+    from creditline.observability.telemetry import current_call, current_trace_ids
 
     exporter = InMemorySpanExporter()
     telemetry = Telemetry()
@@ -346,7 +345,7 @@ def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
     recorder = telemetry.spans
     assert recorder is not None
     rater = telemetry.traced_rater(IncrementRater())
-    plan = Path(__file__).resolve().parent.parent / "server" / "plans" / "default.toml"
+    plan = DEFAULT_PLAN_PATH
     tariff = load_plan(plan).tariff_for(RG_VOICE, None)
     assert tariff is not None
     not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})

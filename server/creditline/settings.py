@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "plans" / "default.toml"
+DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "charging" / "plans" / "default.toml"
 ENV_PREFIX = "CREDITLINE_"
 # The longest a SubscribeBatches message may wait for more events
 # (subscriber_batch_linger_s): a bound on what the setting can cost a subscriber.

@@ -13,8 +13,9 @@ import logging
 import random
 import time
 
-from creditline.store import Store
 from redis.exceptions import RedisError
+
+from creditline.store.store import Store
 
 log = logging.getLogger(__name__)
 # How long stopping waits for a sweep under way.

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from creditline.contract import (
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from creditline.store.contract import (
     CLOSING_KINDS,
     SCRIPT_RESULT_CODES,
     AdminArgs,
@@ -31,17 +37,12 @@ from creditline.contract import (
     EventAction,
     RequestKind,
 )
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
 if TYPE_CHECKING:
-    from creditline.fastredis import FastScriptClient
-    from creditline.telemetry import ScriptInstrument
+    from creditline.observability.telemetry import ScriptInstrument
+    from creditline.store.fastredis import FastScriptClient
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "cl"
@@ -209,10 +210,10 @@ class StoreConfig:
 
 
 def _script_source(name: str) -> str:
-    return resources.files("creditline").joinpath("lua", name).read_text(encoding="utf-8")
+    return resources.files("creditline.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-# charge.lua, in parts by concern (server/lua/charge/<part>.lua), joined in this order into
+# charge.lua, in parts by concern (lua/charge/<part>.lua), joined in this order into
 # the one script of one EVALSHA: the parts share its locals, each defined before its use.
 CHARGE_SCRIPT_PARTS = ("prelude", "rating", "arguments", "state", "notifications", "event",
                        "session")

@@ -6,8 +6,8 @@ compiled module is missing and CREDITLINE_ALLOW_PURE_RATING=1 says that is accep
 
 A schedule is a connect fee and up to MAX_SEGMENTS segments, each with a cumulative end
 (-1: no end, last segment only), an increment in units and a price per started increment
-in micro-units; the semantics are those of creditline.rating.PriceSchedule and of the
-charging script (server/lua/charge/). Every integer is kept below 2^53 because the
+in micro-units; the semantics are those of creditline.charging.rating.PriceSchedule and of the
+charging script (server/creditline/store/lua/charge/). Every integer is kept below 2^53 because the
 charging script holds numbers as doubles; costs saturate at MAX_SAFE_INTEGER.
 """
 

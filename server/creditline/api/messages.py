@@ -12,15 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from creditline.contract import (
+from creditline.charging.rating import Plan, Rater, Tariff, UnitKind
+from creditline.settings import Settings
+from creditline.store.contract import (
     MAX_SAFE_INTEGER,
     EventAction,
     EventBlockAnswer,
     RequestKind,
     SessionBlockAnswer,
 )
-from creditline.rating import Plan, Rater, Tariff, UnitKind
-from creditline.settings import Settings
 from creditline.v1 import charging_pb2 as pb
 
 SUCCESS = pb.SUCCESS

@@ -17,8 +17,9 @@ from dataclasses import replace
 from types import FrameType
 
 import uvloop
-from creditline.app import redis_for, serve_with_redis
-from creditline.logging_setup import configure_logging
+
+from creditline.api.app import redis_for, serve_with_redis
+from creditline.observability.logging_setup import configure_logging
 from creditline.settings import Settings, risks
 
 log = logging.getLogger(__name__)

@@ -56,6 +56,15 @@ SCRIPT_RESULT_CODES = {
 }
 
 
+# The notification types the scripts write, as the event's "t" field (the protobuf
+# EventType names in lower case; tests/test_contract.py holds the two equal).
+EVENT_TYPES = frozenset({
+    "quota_granted", "usage_charged", "session_ended", "event_charged", "event_refunded",
+    "top_up", "low_balance", "credit_exhausted", "final_units_granted", "bucket_expired",
+    "usage_spike", "reauthorization_needed", "adjustment",
+})
+
+
 class ChargeKeys(NamedTuple):
     """charge.lua's KEYS[1..11] (the script's locals are these names + `_key`)."""
 
@@ -75,7 +84,7 @@ class ChargeKeys(NamedTuple):
 class ChargeArgs(NamedTuple):
     """charge.lua's ARGV[1..12]. The blocks follow: their count (ARGV[13], the script's
     block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
-    table (server/rating.py RateTable.script_args)."""
+    table (charging/rating.py RateTable.script_args)."""
 
     kind: RequestKind
     request_number: int

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from creditline.rating import PriceSchedule
+from creditline.charging.rating import PriceSchedule
 
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"

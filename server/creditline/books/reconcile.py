@@ -16,9 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from creditline.cdr import Sink, cdr_from_stream
-from creditline.store import AccountKeys, account_keys, accounts_key, cdrs_key, text
 from redis import Redis
+
+from creditline.books.cdr import Sink, cdr_from_stream
+from creditline.store.store import AccountKeys, account_keys, accounts_key, cdrs_key, text
 
 SCAN_BATCH = 1000
 

@@ -12,15 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from creditline import settings as settings_module
-from creditline.logging_setup import configure_logging
-from creditline.rating import PlanError
-from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
-from creditline.v1 import charging_pb2 as pb
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from creditline import settings as settings_module
+from creditline.charging.rating import PlanError
+from creditline.observability.logging_setup import configure_logging
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
 
 _UNIT_FLAGS = ("time_s", "total_octets", "service_specific_units")
 DEFAULT_SINK = "sqlite:///cdrs.sqlite"
@@ -69,11 +70,12 @@ def _books_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _books_command(args: argparse.Namespace) -> int:
-    from creditline.cdr import open_sink
-    from creditline.exporter import Exporter
-    from creditline.reconcile import reconcile
-    from creditline.store import recorded_partitions
     from redis import Redis
+
+    from creditline.books.cdr import open_sink
+    from creditline.books.exporter import Exporter
+    from creditline.books.reconcile import reconcile
+    from creditline.store.store import recorded_partitions
 
     if not args.redis_url:
         print("creditline: --redis-url (or CREDITLINE_REDIS_URL) is required", file=sys.stderr)
@@ -243,7 +245,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "serve":
         try:
             settings = settings_module.from_arguments(args)
-            from creditline.rating import load_plan
+            from creditline.charging.rating import load_plan
             from creditline.settings import check_files
             from creditline.workers import serve as serve_processes
 

@@ -29,8 +29,6 @@ from threading import Thread
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
-from creditline.otlp_encoding import CallEncoder
-from creditline.settings import Settings
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -58,9 +56,12 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
+from creditline.observability.otlp_encoding import CallEncoder
+from creditline.settings import Settings
+
 if TYPE_CHECKING:
-    from creditline.rating import Rater, RateTable, Tariff
-    from creditline.store import RedisClient
+    from creditline.charging.rating import Rater, RateTable, Tariff
+    from creditline.store.store import RedisClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -174,7 +175,10 @@ def _span_exporter(name: str, environ: Mapping[str, str]) -> SpanExporter:
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
         return ConsoleSpanExporter()
     # the OTLP exporters that also send call spans written directly (otlp_export)
-    from creditline.otlp_export import EncodedGrpcSpanExporter, EncodedHttpSpanExporter
+    from creditline.observability.otlp_export import (
+        EncodedGrpcSpanExporter,
+        EncodedHttpSpanExporter,
+    )
     if _otlp_protocol(environ, "TRACES") == "grpc":
         return EncodedGrpcSpanExporter()
     return EncodedHttpSpanExporter()

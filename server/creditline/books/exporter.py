@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from creditline.cdr import Cdr, Sink, cdr_from_stream
-from creditline.store import cdrs_key, text
 from redis import Redis
 from redis.exceptions import ResponseError
+
+from creditline.books.cdr import Cdr, Sink, cdr_from_stream
+from creditline.store.store import cdrs_key, text
 
 log = logging.getLogger(__name__)
 

@@ -33,12 +33,13 @@ from contextvars import ContextVar
 from typing import Any, TypeAlias
 
 import grpc
-from creditline import security
-from creditline.telemetry import CallSpan, Metrics, SpanRecorder
-from creditline.v1.charging_pb2 import DIRECT_DEBIT
 from opentelemetry.context import Context as TraceContext
 from opentelemetry.trace import Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from creditline.api import security
+from creditline.observability.telemetry import CallSpan, Metrics, SpanRecorder
+from creditline.v1.charging_pb2 import DIRECT_DEBIT
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
 from creditline.settings import Settings
 
 ROLE_PREFIX = "creditline:role:"

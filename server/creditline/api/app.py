@@ -15,20 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from creditline import security
-from creditline.fastredis import FastScriptClient, tls_context
-from creditline.handlers import add_service
-from creditline.interceptors import CallWrapper
-from creditline.kernels import require_kernels
-from creditline.notifications import READ_BLOCK_MS, EventHub, NotificationsService
-from creditline.rating import BandedRater, Plan, load_plan
-from creditline.redis_process import RedisProcess
-from creditline.service import AdminService, ChargingService
-from creditline.settings import Settings, check_files, redact_url, redis_password
-from creditline.store import RedisClient, Store, StoreConfig, accounts_key, cdrs_key
-from creditline.supervision import Supervisor
-from creditline.telemetry import Telemetry, build_telemetry
-from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -36,6 +22,22 @@ from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
+
+from creditline.api import security
+from creditline.api.handlers import add_service
+from creditline.api.interceptors import CallWrapper
+from creditline.api.notifications import NotificationsService
+from creditline.api.service import AdminService, ChargingService
+from creditline.charging.kernels import require_kernels
+from creditline.charging.rating import BandedRater, Plan, load_plan
+from creditline.events.hub import READ_BLOCK_MS, EventHub
+from creditline.observability.telemetry import Telemetry, build_telemetry
+from creditline.settings import Settings, check_files, redact_url, redis_password
+from creditline.store.fastredis import FastScriptClient, tls_context
+from creditline.store.redis_process import RedisProcess
+from creditline.store.store import RedisClient, Store, StoreConfig, accounts_key, cdrs_key
+from creditline.store.supervision import Supervisor
+from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
 
 log = logging.getLogger(__name__)
 

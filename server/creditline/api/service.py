@@ -9,15 +9,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from creditline import charging
-from creditline.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
-from creditline.rating import Plan, Rater, UnitKind
+from redis.exceptions import RedisError
+
+from creditline.api import messages
+from creditline.charging.rating import Plan, Rater, UnitKind
 from creditline.settings import Settings
-from creditline.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
+from creditline.store.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,16 +79,16 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
                               ) -> pb.CreditControlAnswer:
         """The answer; written into `into` when given (a StreamAnswer's field)."""
         now_ms = int(time.time() * 1000)
-        refusal = charging.validate_credit_control(request, kind, self._settings, now_ms)
+        refusal = messages.validate_credit_control(request, kind, self._settings, now_ms)
         if refusal:
-            return charging.refusal_answer(request, refusal, into)
+            return messages.refusal_answer(request, refusal, into)
         event_time_ms = request.event_time_unix_ms or now_ms
         answer = await self._charge(kind, request, now_ms, EventAction.NONE, default_grant=True)
         if answer is None:
-            return charging.refusal_answer(request, charging.Refusal(
+            return messages.refusal_answer(request, messages.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
                 "handling"), into)
-        return charging.decode_credit_control(answer, request, self._plan, event_time_ms, into)
+        return messages.decode_credit_control(answer, request, self._plan, event_time_ms, into)
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
                      ) -> AsyncIterator[pb.StreamAnswer]:
@@ -153,7 +154,7 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         """Rates the blocks and runs the charging script once; the answer is None when
         Redis failed (nothing was applied: the script is atomic)."""
         event_time_ms = request.event_time_unix_ms or now_ms
-        blocks = charging.script_blocks(
+        blocks = messages.script_blocks(
             request.rating_groups, self._plan, self._rater, event_time_ms, default_grant)
         supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms
         try:
@@ -170,17 +171,17 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
     async def _event(self, request: pb.EventRequest, into: pb.EventAnswer | None = None
                      ) -> pb.EventAnswer:
         now_ms = int(time.time() * 1000)
-        refusal = charging.validate_event(request, self._settings, now_ms)
+        refusal = messages.validate_event(request, self._settings, now_ms)
         if refusal:
-            return charging.event_refusal_answer(request, refusal, into)
+            return messages.event_refusal_answer(request, refusal, into)
         answer = await self._charge(
-            RequestKind.EVENT, request, now_ms, charging.EVENT_ACTIONS[request.action],
+            RequestKind.EVENT, request, now_ms, messages.EVENT_ACTIONS[request.action],
             default_grant=False,
             refund_of=request.refund_of_session_id)
         if answer is None:
-            return charging.event_refusal_answer(request, charging.Refusal(
+            return messages.event_refusal_answer(request, messages.Refusal(
                 pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"), into)
-        return charging.decode_event(answer, request, into)
+        return messages.decode_event(answer, request, into)
 
 
 def _failed_stream_answer(request: pb.StreamRequest) -> pb.StreamAnswer:
@@ -217,7 +218,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def _check_account_id(self, account_id: str, context: Context
                                 ) -> None:
-        refusal = charging.check_ids("-", account_id, self._settings)
+        refusal = messages.check_ids("-", account_id, self._settings)
         if refusal:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
 
@@ -265,7 +266,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
                            context: Context) -> list[int | str]:
         problems = []
-        if not bucket.bucket_id or not charging.ACCOUNT_ID_PATTERN.fullmatch(bucket.bucket_id):
+        if not bucket.bucket_id or not messages.ACCOUNT_ID_PATTERN.fullmatch(bucket.bucket_id):
             problems.append(f"{where}.bucket_id: missing or not made of letters, digits, ._:@+-")
         if bucket.unit_kind not in _UNIT_KIND_NAMES:
             problems.append(f"{where}.unit_kind: missing or unknown")

@@ -21,7 +21,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from creditline.telemetry import CallSpan
+    from creditline.observability.telemetry import CallSpan
 
 # The most attribute mappings whose encoding is kept (methods, scripts, rating groups: a
 # few dozen in practice); past it each is written afresh.

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from creditline.telemetry import current_trace_ids
+from creditline.observability.telemetry import current_trace_ids
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

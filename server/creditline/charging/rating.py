@@ -8,7 +8,7 @@ Rating is behind one small interface, `Rater`: it turns the tariff that applies 
 request into a `RateTable`: the increments, the price of each band in each tier, when the
 bands change around the event time and where the tiers start in the billing period. Where
 a session stands (units already rated, usage of the billing period) lives in Redis, so
-the charging script (server/lua/charge/) turns the table into a `PriceSchedule` there,
+the charging script (store/lua/charge/) turns the table into a `PriceSchedule` there,
 atomically with the balance: a piecewise-linear price list of segments that it walks for
 costs and grants. `RateTable.schedule` and `PriceSchedule.cost / max_units_within` here
 are the reference for the Lua functions of the same names; the tests check that they
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from creditline.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
+from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
 
 # MAX_SAFE_INTEGER (Lua numbers are doubles: every unit count and amount stays below 2^53)
 # and MAX_SEGMENTS (segments in one schedule: bounds the charging script's walk and the
@@ -211,7 +211,7 @@ class RateTable:
         return band
 
     def _script_args(self) -> list[int | str]:
-        """The table as the charging script reads it (server/lua/charge/, ARGV)."""
+        """The table as the charging script reads it (store/lua/charge/, ARGV)."""
         args: list[int | str] = [
             self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
             1 if self.time_based else 0, self.period, len(self.tier_from_units),

@@ -1,0 +1,1 @@
+"""The books: CDRs, their export to SQLite or PostgreSQL, and reconciliation."""
