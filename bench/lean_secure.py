@@ -6,7 +6,7 @@ goal: with AUTH and TLS >= 0.95 of the throughput without).
 
 Starts four redis-servers: a plain one, one with a password (AUTH), and two on TLS with
 client certificates required (made by deploy/make_certs.sh) and a password. On each, the
-server's own Store and lean client (creditline.api.app.fast_client, from the settings a
+server's own Store and lean client (creditline.api.app.transport_for, from the settings a
 deployment would give; on the second TLS one redis-py, as before the lean path took TLS)
 run bench/script_cost.py's charging flows (Initial, 3 Updates, Terminate, one event;
 --in-flight flows at a time) under uvloop, as `creditline serve` runs. Every round runs
@@ -37,12 +37,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
-from creditline.api.app import fast_client, redis_client, store_config
+from creditline.api.app import store_config, transport_for
 from creditline.charging.rating import BandedRater, Plan, load_plan
 from creditline.settings import Settings
-from creditline.store.fastredis import FastScriptClient
 from creditline.store.redis_process import RedisProcess, free_port
-from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, RedisClient, Store
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.store.transport import Transport
 from redis import Redis as SyncRedis
 
 from bench.script_cost import (
@@ -141,18 +141,17 @@ def _start_variants(stack: contextlib.ExitStack, certs: Path, explicit: str
     ]
 
 
-async def _store(variant: Variant) -> tuple[Store, RedisClient, FastScriptClient | None]:
-    """The Store on the variant's lean client (unless redis_fast_path is off), its
+async def _store(variant: Variant) -> tuple[Store, Transport]:
+    """The Store on the variant's transport (lean unless redis_fast_path is off), its
     accounts created."""
-    fast = fast_client(variant.url, variant.settings)
-    if fast is None and variant.settings.redis_fast_path:
+    transport = transport_for(variant.url, variant.settings)
+    if not transport.bounded and variant.settings.redis_fast_path:
         raise SystemExit(f"{variant.name}: the lean path does not apply to {variant.url}")
-    redis = redis_client(variant.url, variant.settings)
-    store = Store(redis, store_config(variant.settings), None, fast)
+    store = Store(transport, store_config(variant.settings))
     await store.check_partitions()
     for n in range(ACCOUNTS):
         await store.admin(f"lean-{n}", "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
-    return store, redis, fast
+    return store, transport
 
 
 async def _measure(store: Store, redis_pid: int, plan: Plan, first: int, sessions: int,
@@ -201,10 +200,8 @@ async def _run(variants: list[Variant], sessions: int, rounds: int, in_flight: i
                                              sample.client_cpu_us / plain.client_cpu_us,
                                              sample.redis_cpu_us / plain.redis_cpu_us))
     finally:
-        for _, redis, fast in stores:
-            if fast is not None:
-                await fast.aclose()
-            await redis.aclose()
+        for _, transport in stores:
+            await transport.aclose()
     print("median of the rounds' ratios to plain (req/s, client CPU, Redis CPU per request):")
     for name, values in ratios.items():
         medians = (statistics.median(column) for column in zip(*values, strict=True))

@@ -31,15 +31,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from creditline.errors import MalformedEntryError
 from creditline.store.contract import EVENT_TYPES
-from creditline.store.fastredis import FastScriptClient
 from creditline.store.store import RedisClient, event_counter_key, events_key
+from creditline.store.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ READ_BATCH = 500
 READ_BLOCK_MS = 1000
 # How long the hub waits before reading again after Redis failed.
 RETRY_PAUSE_S = 0.5
-# How long a blocking read on the lean connection may take before it counts as failed.
-LEAN_READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
+# How long a blocking read may take before it counts as failed.
+READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # How long stopping waits for the readers (each is at most one blocking read away).
 STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # Events in one SubscribeBatches message at most (a queue holds more: several messages).
@@ -103,10 +104,6 @@ class StreamEvent:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-class MalformedEntryError(ValueError):
-    """A stream entry that is not one the scripts write (written by hand, say)."""
 
 
 def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
@@ -243,14 +240,14 @@ class EventHub:
     subscribers (py-spy). In a cluster the streams sit on different nodes (one XREAD
     cannot name them all): one task per partition, for the partitions subscribed."""
 
-    def __init__(self, redis: RedisClient, partitions: int, read_together: bool = False,
-                 lean: FastScriptClient | None = None) -> None:
+    def __init__(self, redis: RedisClient, partitions: int, read_together: bool,
+                 reader: Callable[[], Transport]) -> None:
         self.redis = redis
         self.partitions = partitions
         self._read_together = read_together
-        # the shared XREAD through the lean hiredis connection (fastredis) when Redis allows
-        # it (one server, not a cluster): a third of redis-py's cost per read
-        self._lean = lean if read_together else None
+        # each reader's blocking XREAD holds a connection: a transport of its own (the
+        # lean one reads at a third of redis-py's cost per read)
+        self._reader = reader
         # of the partitions being read: the position after the last event read
         self.positions: dict[int, Position] = {}
         self.subscriptions: set[Subscription] = set()
@@ -271,8 +268,6 @@ class EventHub:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
-        if self._lean is not None:
-            await self._lean.aclose()
 
     def reading(self, partition: int) -> bool:
         return partition in self._readers
@@ -365,10 +360,12 @@ class EventHub:
     async def _read_forever(self, group: tuple[int, ...]) -> None:
         keys = {events_key(p): p for p in group}
         states = [self._partitions[p] for p in group]
+        transport = self._reader()
         try:
             while not self._stopping and any(state.listeners > 0 for state in states):
-                await self._read_once(keys)
+                await self._read_once(transport, keys)
         finally:
+            await transport.aclose()
             # Checked and removed in one step (no await): a join either saw this reader
             # still running with its listener counted (so it went on), or sees it gone.
             for partition in group:
@@ -376,18 +373,14 @@ class EventHub:
                     del self._readers[partition]
                     del self.positions[partition]
 
-    async def _read_once(self, keys: Mapping[str, int]) -> None:
+    async def _read_once(self, transport: Transport, keys: Mapping[str, int]) -> None:
         ids = [self.positions[p].stream_id for p in keys.values()]
         try:
-            if self._lean is not None:
-                # a Redis that stops answering without closing must not hold the reader
-                async with asyncio.timeout(LEAN_READ_TIMEOUT_S):
-                    replies: Any = await self._lean.call(
-                        "XREAD", "COUNT", READ_BATCH, "BLOCK", READ_BLOCK_MS, "STREAMS",
-                        *keys, *ids)
-            else:
-                replies = await self.redis.xread(dict(zip(keys, ids, strict=True)),
-                                                 count=READ_BATCH, block=READ_BLOCK_MS)
+            # a Redis that stops answering without closing must not hold the reader
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                replies: Any = await transport.command(
+                    next(iter(keys)), "XREAD", "COUNT", READ_BATCH, "BLOCK", READ_BLOCK_MS,
+                    "STREAMS", *keys, *ids)
         except (RedisError, OSError) as error:
             log.warning("event hub: reading %s failed: %r", ", ".join(keys), error)
             await asyncio.sleep(RETRY_PAUSE_S)
@@ -401,8 +394,8 @@ class EventHub:
         decoded (with few subscribers most events are nobody's)."""
         state = self._partitions[partition]
         for stream_id, raw in entries:
-            # redis-py gives each entry's fields as a dict, the lean connection as a list
-            fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
+            # the transport gives each entry's fields as RESP does: a flat list
+            fields = dict(zip(raw[::2], raw[1::2], strict=True))
             events: list[StreamEvent] = []
             if state.wants(_text(fields.get(b"a", b""))):
                 try:
