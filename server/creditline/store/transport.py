@@ -8,9 +8,10 @@ Three kinds, one interface and one reply shape:
   off, or redis-py's own ssl_* URL options).
 
 Replies are RESP as hiredis parses it, in every kind: bulk strings as bytes, integers as
-int, arrays as lists, nil as None (redis-py's reply callbacks are not applied). Errors:
-an error reply raises fastredis.ReplyError (creditline.errors.ScriptError and redis-py's
-ResponseError at once; its text is Redis's), a refused AUTH redis-py's AuthenticationError; a connection that cannot be opened or is lost raises OSError
+int, arrays as lists, nil as None (redis-py's reply callbacks are not applied). Errors: an
+error reply raises fastredis.ReplyError (creditline.errors.ScriptError and redis-py's
+ResponseError at once; its text is Redis's), a refused AUTH redis-py's
+AuthenticationError; a connection that cannot be opened or is lost raises OSError
 (ConnectionError), and no reply within the call timeout TimeoutError (bounded kinds).
 """
 
