@@ -29,7 +29,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from creditline.store.fastredis import FastScriptClient, ReplyError
 
 SLOTS = 16384
-# MOVED/ASK answers followed for one call before it fails (a slot moves once at a time).
+# MOVED/ASK answers followed for one call before it fails (TRYAGAIN: until its deadline).
 MAX_REDIRECTS = 5
 # The pause between attempts to reach a node that refused the connection (restarting).
 RECONNECT_PAUSE_S = 0.05
@@ -117,7 +117,8 @@ class LeanCluster:
     """A Redis Cluster through one FastScriptClient per node: a call goes to the master of
     its key's slot (CRC16 of the hash tag, from CLUSTER SLOTS read at the first call).
     MOVED: the slot's new node is noted and the map read again; ASK (a slot being
-    migrated): ASKING then the command, on the node named. A node that refuses the
+    migrated): ASKING then the command, on the node named; TRYAGAIN (a script's keys on both
+    sides of a migration): again after a pause. A node that refuses the
     connection (gone, restarting): the map is read again from another node and the call
     tried again until the call timeout, nothing having been sent. A connection lost with a
     call in flight fails that call (Redis may have run it: the caller's retransmission gets
@@ -204,18 +205,26 @@ class LeanCluster:
     async def _run(self, key: str,
                    send: Callable[[FastScriptClient, bool], Awaitable[Any]]) -> Any:
         slot = self.slot(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._call_timeout_s
         node = None if self._stale or not self._slots else self._nodes.get(self._slots[slot])
         if node is None or not node.connected:
-            node = await self._reached(
-                slot, asyncio.get_running_loop().time() + self._call_timeout_s)
+            node = await self._reached(slot, deadline)
         asking = False
-        for _ in range(MAX_REDIRECTS):
+        redirects = 0
+        while redirects < MAX_REDIRECTS:
             try:
                 return await send(node, asking)
             except ResponseError as error:
                 redirect = _redirect(str(error))
                 if redirect is None:
-                    raise
+                    # TRYAGAIN: a script's keys not all on one side of a slot's migration
+                    # (Redis runs it once the slot has moved)
+                    if not str(error).startswith("TRYAGAIN") or loop.time() >= deadline:
+                        raise
+                    await asyncio.sleep(RECONNECT_PAUSE_S)
+                    continue
+                redirects += 1
                 kind, address = redirect
                 asking = kind == "ASK"
                 if not asking:  # the slot moved for good: read the whole map
