@@ -61,7 +61,6 @@ class RunningServer:
     store: Store
     transport: Transport
     hub: EventHub
-    hub_redis: RedisClient
     supervisor: Supervisor
     health: Any  # grpc_health's aio HealthServicer (untyped)
     telemetry: Telemetry
@@ -209,14 +208,12 @@ def _grpc_server(settings: Settings, reuse_port: bool) -> grpc.aio.Server:
         ])
 
 
-async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, RedisClient]:
+async def _event_hub(redis_url: str, settings: Settings, transport: Transport) -> EventHub:
     # The hub's readers block in XREAD: each gets a transport of its own.
-    hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
-                             read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
-    hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster,
+    hub = EventHub(transport, settings.partitions, read_together=not transport.cluster,
                    reader=functools.partial(transport_for, redis_url, settings, blocking=True))
     await hub.start()
-    return hub, hub_redis
+    return hub
 
 
 async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry | None = None,
@@ -250,7 +247,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                                         charge_calls_bounded=transport.bounded), CHARGING, wrap,
                 see_call)
     add_service(server, AdminService(store, settings), ADMIN, wrap, see_call)
-    hub, hub_redis = await _event_hub(redis_url, settings)
+    hub = await _event_hub(redis_url, settings, transport)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
         settings.subscriber_batch_linger_s),
@@ -270,7 +267,6 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
         await hub.stop()
-        await hub_redis.aclose()
         await transport.aclose()
         await redis.aclose()
         await telemetry.shutdown()
@@ -283,7 +279,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                                   [cdrs_key(p) for p in range(settings.partitions)],
                                   [accounts_key(p) for p in range(settings.partitions)])
     return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
-                         transport=transport, hub=hub, hub_redis=hub_redis, supervisor=supervisor,
+                         transport=transport, hub=hub, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)
 
 
@@ -296,7 +292,6 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     await running.server.stop(grace_s)
     await running.supervisor.stop()
     await running.hub.stop()
-    await running.hub_redis.aclose()
     await running.transport.aclose()
     await running.telemetry.shutdown()
     await running.redis.aclose()

@@ -39,7 +39,7 @@ from redis.exceptions import RedisError
 
 from creditline.errors import MalformedEntryError
 from creditline.store.contract import EVENT_TYPES
-from creditline.store.store import RedisClient, event_counter_key, events_key
+from creditline.store.store import event_counter_key, events_key
 from creditline.store.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,11 @@ def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
             raise MalformedEntryError(f"entry {sid}: unknown event type "
                                       f"{event.fields.get('t', '')[:40]!r}")
     return decoded
+
+
+def _fields(raw: list[Any]) -> dict[Any, Any]:
+    """An entry's fields as the transport gives them (RESP's flat list), by name."""
+    return dict(zip(raw[::2], raw[1::2], strict=True))
 
 
 def _entry_number(raw: Mapping[Any, Any]) -> int | None:
@@ -240,9 +245,11 @@ class EventHub:
     subscribers (py-spy). In a cluster the streams sit on different nodes (one XREAD
     cannot name them all): one task per partition, for the partitions subscribed."""
 
-    def __init__(self, redis: RedisClient, partitions: int, read_together: bool,
+    def __init__(self, transport: Transport, partitions: int, read_together: bool,
                  reader: Callable[[], Transport]) -> None:
-        self.redis = redis
+        """transport: for the reads that do not block (the Store's); reader: makes the
+        transport of each reader."""
+        self.transport = transport
         self.partitions = partitions
         self._read_together = read_together
         # each reader's blocking XREAD holds a connection: a transport of its own (the
@@ -334,9 +341,16 @@ class EventHub:
         for partition in partitions:
             self._partitions[partition].listeners -= 1
 
+    async def _range(self, partition: int, command: str, *bounds: str | int
+                     ) -> list[tuple[Any, dict[Any, Any]]]:
+        """XRANGE or XREVRANGE of a partition's stream: (stream id, fields) per entry."""
+        key = events_key(partition)
+        reply: Any = await self.transport.command(key, command, key, *bounds)
+        return [(stream_id, _fields(raw)) for stream_id, raw in reply]
+
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
-        newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
+        newest = await self._range(partition, "XREVRANGE", "+", "-", "COUNT", 1)
         if newest:
             stream_id, raw = newest[0]
             number = _entry_number(raw)
@@ -344,12 +358,13 @@ class EventHub:
                 return Position(number, _text(stream_id))
         # empty stream (everything written so far, if anything, was trimmed), or its
         # newest entry has no number: the count of events written
-        written = int(await self.redis.get(event_counter_key(partition)) or 0)
+        counter = event_counter_key(partition)
+        written = int(await self.transport.command(counter, "GET", counter) or 0)
         return Position(written, _text(newest[0][0]) if newest else "0-0")
 
     async def oldest_kept(self, partition: int) -> int | None:
         """The number of the oldest event still kept in a partition, or None if empty."""
-        oldest: Any = await self.redis.xrange(events_key(partition), count=1)
+        oldest = await self._range(partition, "XRANGE", "-", "+", "COUNT", 1)
         if not oldest:
             return None
         try:
@@ -394,8 +409,7 @@ class EventHub:
         decoded (with few subscribers most events are nobody's)."""
         state = self._partitions[partition]
         for stream_id, raw in entries:
-            # the transport gives each entry's fields as RESP does: a flat list
-            fields = dict(zip(raw[::2], raw[1::2], strict=True))
+            fields = _fields(raw)
             events: list[StreamEvent] = []
             if state.wants(_text(fields.get(b"a", b""))):
                 try:
@@ -421,8 +435,8 @@ class EventHub:
         # from the entry of `after` on: a subscriber may have stopped within an entry
         start = after.stream_id
         while True:
-            entries: Any = await self.redis.xrange(
-                events_key(partition), min=start, max=until.stream_id, count=READ_BATCH)
+            entries = await self._range(partition, "XRANGE", start, until.stream_id,
+                                        "COUNT", READ_BATCH)
             events = []
             for sid, raw in entries:
                 try:
