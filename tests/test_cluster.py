@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -23,13 +24,14 @@ from creditline.api.app import (
 )
 from creditline.settings import Settings
 from creditline.store.store import account_keys, claim_key, partition_tag
-from creditline.store.transport import key_slot
+from creditline.store.transport import LeanCluster, key_slot
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
 from redis import Redis as SyncRedis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.exceptions import AuthenticationError
 
 from tests import (
     test_concurrency,
@@ -163,10 +165,14 @@ async def test_hostile_ids_leave_their_keys_in_their_partitions_slot(
             assert await slot(keys.event(session_id)) == tag_slot, session_id
             claim = claim_key(session_id, settings.partitions)
             assert await slot(claim) == await slot(claim[:claim.index("}") + 1])
+            # the lean path's slot of a key is the cluster's
+            assert key_slot(keys.session(session_id)) == tag_slot
+            assert key_slot(claim) == await slot(claim)
 
 
-def _masters(cluster: RedisCluster) -> dict[int, SyncRedis]:
-    return {node.port: SyncRedis(port=node.port) for node in cluster.nodes}
+def _masters(cluster: RedisCluster, password: str = "") -> dict[int, SyncRedis]:
+    return {node.port: SyncRedis(port=node.port, password=password or None)
+            for node in cluster.nodes}
 
 
 def _owner(masters: dict[int, SyncRedis], slot: int) -> int:
@@ -269,3 +275,43 @@ async def test_charging_goes_on_when_a_node_restarts(settings: Settings) -> None
         finally:
             await redis.aclose()
             await stop_server(running, grace_s=1.0)
+
+
+async def test_a_cluster_with_a_password_is_charged_on_every_node(settings: Settings) -> None:
+    # AUTH on every node's lean connection (else NOAUTH), as on one server; a wrong
+    # password is refused as on one server
+    password = uuid.uuid4().hex
+    with RedisCluster(masters=3) as cluster:
+        for node in _masters(cluster).values():
+            node.config_set("requirepass", password)
+            node.close()
+        configured = replace(settings, redis_cluster=True, redis_password=password,
+                             redis_call_timeout_s=10.0)
+        running = await start_server(configured, cluster.url)
+        redis = ClusterClient.from_url(cluster.url, password=password, decode_responses=True)
+        try:
+            assert running.transport.cluster and running.transport.bounded  # the lean path
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                charging = charging_pb2_grpc.ChargingStub(channel)
+                books = Books(redis, settings.partitions)  # type: ignore[arg-type]
+                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
+                accounts = [await make(balance_micros=10_000_000) for _ in range(9)]
+                ports = {node.port for node in cluster.nodes}
+                owners = {_owner(_masters(cluster, password), key_slot(
+                    account_keys(acct, settings.partitions).account)) for acct in accounts}
+                assert owners == ports  # every node charged
+                for acct in accounts:
+                    answer = await charging.Initial(ccr(f"{acct};a", acct, 0,
+                                                        block(RG_WEB, requested=4_096)))
+                    assert answer.result_code == pb.SUCCESS
+                    answer = await charging.Terminate(ccr(f"{acct};a", acct, 1,
+                                                          block(RG_WEB, used=2_048)))
+                    assert answer.result_code == pb.SUCCESS
+                await books.assert_balanced()
+        finally:
+            await redis.aclose()
+            await stop_server(running, grace_s=1.0)
+        wrong = LeanCluster(cluster.url, 5.0, 5.0, password="not-" + password)
+        with pytest.raises(AuthenticationError):
+            await wrong.command("cl:{0}:meta", "GET", "cl:{0}:meta")
+        await wrong.aclose()

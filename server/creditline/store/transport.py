@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlparse
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from creditline.store.fastredis import FastScriptClient, ReplyError
 
@@ -174,7 +174,7 @@ class LeanCluster:
             for address in dict.fromkeys([*self._slots, self._seed]):
                 try:
                     reply = await self._node(address).call("CLUSTER", "SLOTS")
-                except (RedisError, OSError) as error:
+                except OSError as error:  # gone: another may answer (a refusal is said)
                     failures.append(error)
                     continue
                 self._slots = slot_map(reply, address)
