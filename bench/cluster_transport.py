@@ -41,8 +41,12 @@ def main() -> None:
     with RedisCluster(masters=args.masters) as cluster:
         base = Settings(redis_url=cluster.url, redis_cluster=True, redis_call_timeout_s=60)
         nodes = tuple(cluster.nodes)
-        variants = [Variant("redis-py cluster", cluster.url,
-                            replace(base, redis_fast_path=False), nodes),
+        # redis-py's cluster pool raises MaxConnectionsError when full (it does not wait):
+        # a connection per flow in flight, on every node
+        redis_py = replace(base, redis_fast_path=False,
+                           redis_max_connections=max(base.redis_max_connections,
+                                                     2 * args.in_flight))
+        variants = [Variant("redis-py cluster", cluster.url, redis_py, nodes),
                     Variant("lean cluster", cluster.url, base, nodes)]
         uvloop.run(run_rounds(variants, args.sessions, args.rounds, args.in_flight))
 

@@ -198,8 +198,10 @@ async def run_rounds(variants: list[Variant], sessions: int, rounds: int, in_fli
             for index in order:
                 pids = [process.pid for process in variants[index].processes]
                 assert None not in pids
+                # sessions of their own for every run: variants may share one Redis
+                first = (number * len(variants) + index) * sessions
                 samples[index] = await _measure(stores[index][0], pids,  # type: ignore[arg-type]
-                                                plan, number * sessions, sessions, in_flight)
+                                                plan, first, sessions, in_flight)
             print(f"round {number + 1} (order {', '.join(variants[i].name for i in order)}):")
             for index, variant in enumerate(variants):
                 sample, plain = samples[index], samples[0]
