@@ -83,8 +83,12 @@ def _redis_options(url: str, settings: Settings) -> dict[str, Any]:
 
 
 def redis_client(url: str, settings: Settings, max_connections: int = 0,
-                 read_timeout_s: float = 0) -> RedisClient:
+                 read_timeout_s: float = 0, protocol: int = 0) -> RedisClient:
+    """protocol: 2 for RESP2 (the transport's shape); 0: redis-py's default (RESP3 where
+    the server speaks it, in redis-py 8)."""
     options = _redis_options(url, settings)
+    if protocol:
+        options["protocol"] = protocol
     if settings.redis_cluster:
         return RedisCluster.from_url(
             url, max_connections=max_connections or settings.redis_max_connections,
@@ -165,7 +169,7 @@ def transport_for(redis_url: str, settings: Settings, *, blocking: bool = False
     if not (settings.redis_fast_path and FastScriptClient.usable_for(
             redis_url, settings.redis_cluster)):
         return RedisPy(redis_client(redis_url, settings, max_connections=2 if blocking else 0,
-                                    read_timeout_s=call_timeout_s))
+                                    read_timeout_s=call_timeout_s, protocol=2))
     tls = None
     if redis_url.startswith("rediss://"):
         tls = tls_context(settings.redis_tls_ca_file, settings.redis_tls_cert_file,

@@ -255,12 +255,13 @@ def _as_sent(response: Any, **_: Any) -> Any:
 
 
 # The commands the server sends through command() whose replies redis-py would reshape.
-_RESHAPED = ("XREAD", "ZRANGEBYSCORE")
+_RESHAPED = ("XREAD", "XRANGE", "XREVRANGE", "ZRANGEBYSCORE", "HMGET")
 
 
 class RedisPy:
-    """redis-py's client as a Transport (its own client: its reply callbacks for the
-    commands above are set to give the reply as sent)."""
+    """redis-py's client as a Transport: a client of its own, speaking RESP2 (redis-py 8
+    asks for RESP3 by default, whose maps the lean path never sees), its reply callbacks
+    for the commands above set to give the reply as sent."""
 
     bounded = False
 
