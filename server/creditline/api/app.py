@@ -123,11 +123,12 @@ async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
         info = await asyncio.wait_for(info_of_every_node(redis), timeout_s)
     except (TimeoutError, RedisError, OSError) as error:
         raise RedisSetupError(f"cannot use Redis at {redact_url(url)}: "
-                         f"{type(error).__name__}: {error}") from None
+                              f"{type(error).__name__}: {error}") from None
     for version in redis_versions(info):
         if version_tuple(version) < MIN_REDIS_VERSION:
-            raise RedisSetupError(f"Redis at {redact_url(url)} is version {version}: Creditline "
-                             f"needs {'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
+            raise RedisSetupError(
+                f"Redis at {redact_url(url)} is version {version}: Creditline needs "
+                f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
 
 
 async def info_of_every_node(redis: RedisClient) -> Mapping[str, Any]:

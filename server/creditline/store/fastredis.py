@@ -1,6 +1,6 @@
 """A lean pipelined path for the charging script: EVALSHA written straight to the socket
 as RESP, replies parsed by hiredis, every call of one event-loop turn sent in one write.
-The notification hub reads its streams through one too (`call`, on a connection of its own).
+It is the Transport (store/transport.py) on one server; each of the hub's readers has one.
 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path

@@ -1,9 +1,9 @@
 """Redis access: key names, the Lua scripts, and the calls that run them.
 
 Every key of an account carries its partition as the hash tag (`cl:{<partition>}:...`), so
-each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are loaded
-called with EVALSHA through the Transport (store/transport.py), which loads them on
-NOSCRIPT (e.g. after a Redis restart) and runs them again.
+each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are called
+with EVALSHA through the Transport (store/transport.py), which loads them on NOSCRIPT (e.g.
+after a Redis restart) and runs them again.
 
 Key names are injective (README "Redis layout"): an account id goes in with its byte
 length before it and a session id only last, so no id of one kind can spell a key of
@@ -332,10 +332,6 @@ class Store:
             f"{config.spike_factor}"
 
     @property
-    def transport(self) -> Transport:
-        return self._transport
-
-    @property
     def claims_in_script(self) -> bool:
         """Whether charge.lua takes and gives back the session ids' claims itself."""
         return self._claims_in_script
@@ -346,8 +342,8 @@ class Store:
     async def check_partitions(self) -> None:
         """Records the partition count and the key scheme on first use; refuses another
         count, or data written with other key names, later."""
-        partitions, scheme = await self._script_call(
-            self._meta, _META_SCRIPT, "meta", [META_KEY], [self.config.partitions, KEY_SCHEME])
+        partitions, scheme = await self._transport.evalsha(
+            self._meta.sha, _META_SCRIPT, [META_KEY], [self.config.partitions, KEY_SCHEME])
         check_key_scheme(scheme)
         recorded = int(partitions)
         if recorded != self.config.partitions:
