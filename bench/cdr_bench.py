@@ -41,6 +41,7 @@ from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import EventAction, RequestKind
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.store.transport import RedisPy
 from creditline.v1 import charging_pb2 as pb
 from redis import Redis as SyncRedis
 
@@ -60,7 +61,7 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
     redis = redis_client(redis_url, settings)
     try:
         await redis.flushall()
-        store = Store(redis, store_config(settings))
+        store = Store(RedisPy(redis), store_config(settings))
         await store.check_partitions()
         names = [f"cdrbench-{n:05d}" for n in range(accounts)]
         for start in range(0, accounts, GENERATE_CONCURRENCY):

@@ -6,7 +6,7 @@ goal: with AUTH and TLS >= 0.95 of the throughput without).
 
 Starts four redis-servers: a plain one, one with a password (AUTH), and two on TLS with
 client certificates required (made by deploy/make_certs.sh) and a password. On each, the
-server's own Store and lean client (creditline.api.app.fast_client, from the settings a
+server's own Store and lean client (creditline.api.app.transport_for, from the settings a
 deployment would give; on the second TLS one redis-py, as before the lean path took TLS)
 run bench/script_cost.py's charging flows (Initial, 3 Updates, Terminate, one event;
 --in-flight flows at a time) under uvloop, as `creditline serve` runs. Every round runs
@@ -33,16 +33,17 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
-from creditline.api.app import fast_client, redis_client, store_config
+from creditline.api.app import store_config, transport_for
 from creditline.charging.rating import BandedRater, Plan, load_plan
 from creditline.settings import Settings
-from creditline.store.fastredis import FastScriptClient
 from creditline.store.redis_process import RedisProcess, free_port
-from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, RedisClient, Store
+from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.store.transport import Transport
 from redis import Redis as SyncRedis
 
 from bench.script_cost import (
@@ -62,7 +63,7 @@ class Variant:
     name: str
     url: str
     settings: Settings
-    process: RedisProcess
+    processes: tuple[RedisProcess, ...]  # whose CPU is Redis's (a cluster's nodes)
 
 
 @dataclass
@@ -117,7 +118,7 @@ def _tls_variant(name: str, process: RedisProcess, tls_port: int, base: Settings
     return Variant(name, url, replace(
         base, redis_url=url, redis_tls_ca_file=str(certs / "ca.crt"),
         redis_tls_cert_file=str(certs / "admin.crt"),
-        redis_tls_key_file=str(certs / "admin.key")), process)
+        redis_tls_key_file=str(certs / "admin.key")), (process,))
 
 
 def _start_variants(stack: contextlib.ExitStack, certs: Path, explicit: str
@@ -133,33 +134,36 @@ def _start_variants(stack: contextlib.ExitStack, certs: Path, explicit: str
     base = Settings(redis_call_timeout_s=60)
     with_password = replace(base, redis_password=password)
     return [
-        Variant("plain", plain.url, replace(base, redis_url=plain.url), plain),
-        Variant("auth", auth.url, replace(with_password, redis_url=auth.url), auth),
+        Variant("plain", plain.url, replace(base, redis_url=plain.url), (plain,)),
+        Variant("auth", auth.url, replace(with_password, redis_url=auth.url), (auth,)),
         _tls_variant("tls+auth", tls, tls_port, with_password, certs),
         _tls_variant("tls+auth redis-py", redis_py, redis_py_port,
                      replace(with_password, redis_fast_path=False), certs),
     ]
 
 
-async def _store(variant: Variant) -> tuple[Store, RedisClient, FastScriptClient | None]:
-    """The Store on the variant's lean client (unless redis_fast_path is off), its
+async def _store(variant: Variant) -> tuple[Store, Transport]:
+    """The Store on the variant's transport (lean unless redis_fast_path is off), its
     accounts created."""
-    fast = fast_client(variant.url, variant.settings)
-    if fast is None and variant.settings.redis_fast_path:
+    transport = transport_for(variant.url, variant.settings)
+    if not transport.bounded and variant.settings.redis_fast_path:
         raise SystemExit(f"{variant.name}: the lean path does not apply to {variant.url}")
-    redis = redis_client(variant.url, variant.settings)
-    store = Store(redis, store_config(variant.settings), None, fast)
+    store = Store(transport, store_config(variant.settings))
     await store.check_partitions()
     for n in range(ACCOUNTS):
         await store.admin(f"lean-{n}", "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
-    return store, redis, fast
+    return store, transport
 
 
-async def _measure(store: Store, redis_pid: int, plan: Plan, first: int, sessions: int,
-                   in_flight: int) -> Sample:
-    redis_cpu = psutil.Process(redis_pid)
+def _cpu_s(processes: Sequence[psutil.Process]) -> float:
+    return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+
+async def _measure(store: Store, redis_pids: Sequence[int], plan: Plan, first: int,
+                   sessions: int, in_flight: int) -> Sample:
+    redis_cpu = [psutil.Process(pid) for pid in redis_pids]
     rater = BandedRater()
-    redis_before, client_before = sum(redis_cpu.cpu_times()[:2]), time.process_time()
+    redis_before, client_before = _cpu_s(redis_cpu), time.process_time()
     started = time.perf_counter()
     for start in range(first, first + sessions, in_flight):
         await asyncio.gather(*(charging_flow(store, plan, rater, f"lean-{n % ACCOUNTS}", n)
@@ -169,7 +173,7 @@ async def _measure(store: Store, redis_pid: int, plan: Plan, first: int, session
     return Sample(
         requests_per_s=requests / elapsed,
         client_cpu_us=1e6 * (time.process_time() - client_before) / requests,
-        redis_cpu_us=1e6 * (sum(redis_cpu.cpu_times()[:2]) - redis_before) / requests)
+        redis_cpu_us=1e6 * (_cpu_s(redis_cpu) - redis_before) / requests)
 
 
 def _line(name: str, sample: Sample, plain: Sample) -> str:
@@ -180,7 +184,10 @@ def _line(name: str, sample: Sample, plain: Sample) -> str:
             f"{sample.redis_cpu_us:5.1f} us ({sample.redis_cpu_us / plain.redis_cpu_us:.3f})")
 
 
-async def _run(variants: list[Variant], sessions: int, rounds: int, in_flight: int) -> None:
+async def run_rounds(variants: list[Variant], sessions: int, rounds: int, in_flight: int
+                     ) -> None:
+    """Every round runs the variants one after the other (the order rotated); the ratios
+    are to the first variant of the same round, their medians printed last."""
     plan = load_plan(PLAN_PATH)
     stores = [await _store(variant) for variant in variants]
     ratios: dict[str, list[tuple[float, float, float]]] = {v.name: [] for v in variants}
@@ -189,10 +196,12 @@ async def _run(variants: list[Variant], sessions: int, rounds: int, in_flight: i
             order = [(number + k) % len(variants) for k in range(len(variants))]
             samples = {}
             for index in order:
-                pid = variants[index].process.pid
-                assert pid is not None
-                samples[index] = await _measure(stores[index][0], pid, plan,
-                                                number * sessions, sessions, in_flight)
+                pids = [process.pid for process in variants[index].processes]
+                assert None not in pids
+                # sessions of their own for every run: variants may share one Redis
+                first = (number * len(variants) + index) * sessions
+                samples[index] = await _measure(stores[index][0], pids,  # type: ignore[arg-type]
+                                                plan, first, sessions, in_flight)
             print(f"round {number + 1} (order {', '.join(variants[i].name for i in order)}):")
             for index, variant in enumerate(variants):
                 sample, plain = samples[index], samples[0]
@@ -201,11 +210,10 @@ async def _run(variants: list[Variant], sessions: int, rounds: int, in_flight: i
                                              sample.client_cpu_us / plain.client_cpu_us,
                                              sample.redis_cpu_us / plain.redis_cpu_us))
     finally:
-        for _, redis, fast in stores:
-            if fast is not None:
-                await fast.aclose()
-            await redis.aclose()
-    print("median of the rounds' ratios to plain (req/s, client CPU, Redis CPU per request):")
+        for _, transport in stores:
+            await transport.aclose()
+    print(f"median of the rounds' ratios to {variants[0].name} (req/s, client CPU, Redis CPU "
+          "per request):")
     for name, values in ratios.items():
         medians = (statistics.median(column) for column in zip(*values, strict=True))
         print(f"  {name:17s} " + " / ".join(f"{m:.3f}" for m in medians))
@@ -228,7 +236,7 @@ def main() -> None:
             contextlib.ExitStack() as stack:
         variants = _start_variants(stack, _certificates(Path(directory) / "tls"),
                                    args.redis_server)
-        uvloop.run(_run(variants, args.sessions, args.rounds, args.in_flight))
+        uvloop.run(run_rounds(variants, args.sessions, args.rounds, args.in_flight))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import EventAction, RequestKind
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, Store
+from creditline.store.transport import RedisPy
 
 from bench.workload import event_request, session_requests
 
@@ -74,7 +75,7 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
         settings = replace(Settings(), redis_call_timeout_s=60)
         redis = redis_client(process.url, settings)
         try:
-            store = Store(redis, store_config(settings))
+            store = Store(RedisPy(redis), store_config(settings))
             await store.check_partitions()
             accounts = [f"cost-{n}" for n in range(ACCOUNTS)]
             for account_id in accounts:

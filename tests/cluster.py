@@ -63,10 +63,14 @@ def cluster_port() -> int:
 
 
 class RedisCluster:
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, persistent: bool = False) -> None:
+        """persistent: every write in the append-only file before its reply, so that a
+        node killed and started again (node.kill(), node.start()) has lost nothing."""
+        durability = ("--appendonly", "yes", "--appendfsync", "always") if persistent \
+            else ("--appendonly", "no")
         self.nodes = [RedisProcess(port=cluster_port(), extra_args=(
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-            "--cluster-node-timeout", "5000", "--appendonly", "no")) for _ in range(masters)]
+            "--cluster-node-timeout", "5000", *durability)) for _ in range(masters)]
 
     @property
     def url(self) -> str:
@@ -80,12 +84,19 @@ class RedisCluster:
              *(f"127.0.0.1:{n.port}" for n in self.nodes),
              "--cluster-replicas", "0", "--cluster-yes"],
             check=True, capture_output=True, timeout=60)
+        try:
+            self.wait_ready()
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if all(_cluster_state(n.port) == "ok" for n in self.nodes):
-                return self
+                return
             time.sleep(0.1)
-        self.stop()
         raise RuntimeError("the cluster did not reach cluster_state:ok")
 
     def stop(self) -> None:

@@ -25,6 +25,7 @@ from creditline.settings import Settings
 from creditline.store.contract import EventAction, RequestKind
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import Store, account_keys
+from creditline.store.transport import RedisPy
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -249,7 +250,7 @@ async def test_hundred_thousand_cdrs_exported_and_reconciled(books: Books,
                                                              tmp_path: Path) -> None:
     # a client of its own with a long deadline: this test is about volume, not latency
     redis = redis_client(books.redis_url, replace(Settings(), redis_call_timeout_s=60))
-    store = Store(redis, books.server.store.config)
+    store = Store(RedisPy(redis), books.server.store.config)
     accounts = [f"bulk-{n}" for n in range(200)]
     for acct in accounts:
         await books.admin.CreateAccount(admin_pb.CreateAccountRequest(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -23,10 +24,14 @@ from creditline.api.app import (
 )
 from creditline.settings import Settings
 from creditline.store.store import account_keys, claim_key, partition_tag
+from creditline.store.transport import LeanCluster, key_slot
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
+from redis import Redis as SyncRedis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
+from redis.exceptions import AuthenticationError
 
 from tests import (
     test_concurrency,
@@ -38,6 +43,7 @@ from tests import (
 )
 from tests.books import Books
 from tests.cluster import RedisCluster
+from tests.messages import RG_WEB, block, ccr, rg_answer
 from tests.stream_client import StreamCharging
 
 SCENARIOS = [
@@ -159,3 +165,153 @@ async def test_hostile_ids_leave_their_keys_in_their_partitions_slot(
             assert await slot(keys.event(session_id)) == tag_slot, session_id
             claim = claim_key(session_id, settings.partitions)
             assert await slot(claim) == await slot(claim[:claim.index("}") + 1])
+            # the lean path's slot of a key is the cluster's
+            assert key_slot(keys.session(session_id)) == tag_slot
+            assert key_slot(claim) == await slot(claim)
+
+
+def _masters(cluster: RedisCluster, password: str = "") -> dict[int, SyncRedis]:
+    return {node.port: SyncRedis(port=node.port, password=password or None)
+            for node in cluster.nodes}
+
+
+def _owner(masters: dict[int, SyncRedis], slot: int) -> int:
+    """The port of the node serving a slot (CLUSTER SLOTS)."""
+    for start, end, master, *_ in next(iter(masters.values())).execute_command(
+            "CLUSTER", "SLOTS"):
+        if start <= slot <= end:
+            return int(master[1])
+    raise AssertionError(f"slot {slot} is served by no node")
+
+
+def _asking_calls(node: SyncRedis) -> int:
+    stats: dict[str, Any] = node.info("commandstats")
+    return int(stats.get("cmdstat_asking", {}).get("calls", 0))
+
+
+async def test_charging_follows_its_slot_while_it_migrates_to_another_node(
+        cluster: RedisCluster, cluster_channel: grpc.aio.Channel, cluster_redis: ClusterClient,
+        settings: Settings) -> None:
+    # the server's own slot of the account's keys is the cluster's (CRC16 of the tag)
+    charging = charging_pb2_grpc.ChargingStub(cluster_channel)
+    books = Books(cluster_redis, settings.partitions)  # type: ignore[arg-type]
+    acct = await _account_maker(admin_pb2_grpc.AdminStub(cluster_channel), books)(
+        balance_micros=100_000_000)
+    keys = account_keys(acct, settings.partitions)
+    slot = key_slot(keys.account)
+    assert slot == await cluster_redis.cluster_keyslot(keys.account)
+    masters = _masters(cluster)
+    source = _owner(masters, slot)
+    target = next(port for port in masters if port != source)
+    ids = {port: node.execute_command("CLUSTER", "MYID").decode()
+           for port, node in masters.items()}
+    sid = f"{acct};migrating"
+    answer = await charging.Initial(ccr(sid, acct, 0, block(RG_WEB, requested=10_240)))
+    assert answer.result_code == pb.SUCCESS
+
+    # mid-migration, every key of the slot moved: the source answers ASK; the target runs
+    # the script once every key it names is there (TRYAGAIN until then: some, the usage
+    # say, exist nowhere yet), so the call waits for the migration's end
+    masters[target].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    masters[source].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    moving = masters[source].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100_000)
+    masters[source].execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000,
+                                    "KEYS", *moving)
+    asked = _asking_calls(masters[target])
+    update = asyncio.ensure_future(charging.Update(ccr(
+        sid, acct, 1, block(RG_WEB, requested=10_240, used=5_000))))
+    await asyncio.sleep(0.3)
+    assert _asking_calls(masters[target]) > asked  # ASKING, then the script, on the target
+    # migration done: the source answers MOVED, and the server reads the map again
+    for node in (masters[target], masters[source], *masters.values()):
+        node.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+    assert (await update).result_code == pb.SUCCESS
+    answer = await charging.Terminate(ccr(sid, acct, 2, block(RG_WEB, used=3_000)))
+    assert answer.result_code == pb.SUCCESS
+    assert rg_answer(answer, RG_WEB).charged_micros == 3_000
+    assert masters[source].execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    assert _owner(masters, slot) == target
+    await books.assert_balanced()
+    for node in masters.values():
+        node.close()
+
+
+async def test_charging_goes_on_when_a_node_restarts(settings: Settings) -> None:
+    # a node killed and started again (its writes kept in its append-only file): its
+    # connections reconnect, its script cache is empty (NOSCRIPT, loaded again), and a call
+    # made while it is down is answered once it is back
+    with RedisCluster(masters=3, persistent=True) as cluster:
+        running = await start_server(replace(settings, redis_cluster=True,
+                                             redis_call_timeout_s=10.0), cluster.url)
+        redis = ClusterClient.from_url(cluster.url, decode_responses=True)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                charging = charging_pb2_grpc.ChargingStub(channel)
+                books = Books(redis, settings.partitions)  # type: ignore[arg-type]
+                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
+                accounts = [await make(balance_micros=100_000_000) for _ in range(12)]
+                for acct in accounts:
+                    answer = await charging.Initial(ccr(f"{acct};r", acct, 0,
+                                                        block(RG_WEB, requested=10_240)))
+                    assert answer.result_code == pb.SUCCESS
+                victim = cluster.nodes[1]
+                on_victim = next(acct for acct in accounts if _owner(
+                    _masters(cluster), key_slot(account_keys(acct, settings.partitions)
+                                                .account)) == victim.port)
+                victim.kill()
+                while_down = asyncio.ensure_future(charging.Update(ccr(
+                    f"{on_victim};r", on_victim, 1, block(RG_WEB, requested=10_240,
+                                                          used=1_000))))
+                await asyncio.sleep(0.5)
+                victim.start()
+                cluster.wait_ready()
+                assert (await while_down).result_code == pb.SUCCESS
+                for acct in accounts:
+                    number = 2 if acct == on_victim else 1
+                    answer = await charging.Terminate(ccr(f"{acct};r", acct, number,
+                                                          block(RG_WEB, used=2_000)))
+                    assert answer.result_code == pb.SUCCESS, acct
+                await books.assert_balanced()
+        finally:
+            await redis.aclose()
+            await stop_server(running, grace_s=1.0)
+
+
+async def test_a_cluster_with_a_password_is_charged_on_every_node(settings: Settings) -> None:
+    # AUTH on every node's lean connection (else NOAUTH), as on one server; a wrong
+    # password is refused as on one server
+    password = uuid.uuid4().hex
+    with RedisCluster(masters=3) as cluster:
+        for node in _masters(cluster).values():
+            node.config_set("requirepass", password)
+            node.close()
+        configured = replace(settings, redis_cluster=True, redis_password=password,
+                             redis_call_timeout_s=10.0)
+        running = await start_server(configured, cluster.url)
+        redis = ClusterClient.from_url(cluster.url, password=password, decode_responses=True)
+        try:
+            assert running.transport.cluster and running.transport.bounded  # the lean path
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                charging = charging_pb2_grpc.ChargingStub(channel)
+                books = Books(redis, settings.partitions)  # type: ignore[arg-type]
+                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
+                accounts = [await make(balance_micros=10_000_000) for _ in range(9)]
+                ports = {node.port for node in cluster.nodes}
+                owners = {_owner(_masters(cluster, password), key_slot(
+                    account_keys(acct, settings.partitions).account)) for acct in accounts}
+                assert owners == ports  # every node charged
+                for acct in accounts:
+                    answer = await charging.Initial(ccr(f"{acct};a", acct, 0,
+                                                        block(RG_WEB, requested=4_096)))
+                    assert answer.result_code == pb.SUCCESS
+                    answer = await charging.Terminate(ccr(f"{acct};a", acct, 1,
+                                                          block(RG_WEB, used=2_048)))
+                    assert answer.result_code == pb.SUCCESS
+                await books.assert_balanced()
+        finally:
+            await redis.aclose()
+            await stop_server(running, grace_s=1.0)
+        wrong = LeanCluster(cluster.url, 5.0, 5.0, password="not-" + password)
+        with pytest.raises(AuthenticationError):
+            await wrong.command("cl:{0}:meta", "GET", "cl:{0}:meta")
+        await wrong.aclose()

@@ -101,8 +101,8 @@ def secured(request: pytest.FixtureRequest) -> SecuredRedis:
 
 async def _lean_id(running: RunningServer) -> int:
     """The client id of the server's lean connection (asked through it)."""
-    assert running.fast is not None, "charging is not on the lean path"
-    client_id: int = await running.fast.call("CLIENT", "ID")
+    assert running.transport.bounded, "charging is not on the lean path"
+    client_id: int = await running.transport.command("", "CLIENT", "ID")
     return client_id
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from creditline.charging.rating import PlanError, load_plan
+from creditline.charging.rating import load_plan
+from creditline.errors import PlanError
 from creditline.settings import DEFAULT_PLAN_PATH
 
 GOOD_TARIFF = """

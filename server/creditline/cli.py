@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from creditline import settings as settings_module
-from creditline.charging.rating import PlanError
+from creditline.errors import PlanError
 from creditline.observability.logging_setup import configure_logging
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from creditline.errors import SettingsError
+
 DEFAULT_PLAN_PATH = Path(__file__).resolve().parent / "charging" / "plans" / "default.toml"
 ENV_PREFIX = "CREDITLINE_"
 # The longest a SubscribeBatches message may wait for more events
@@ -153,24 +155,24 @@ class Settings:
         )
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"setting {name}: must be greater than 0")
+                raise SettingsError(f"setting {name}: must be greater than 0")
         for name in ("shutdown_grace_s", "events_retention_s", "spike_factor", "workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"setting {name}: must be 0 or more")
+                raise SettingsError(f"setting {name}: must be 0 or more")
         if not 0 <= self.subscriber_batch_linger_s <= MAX_BATCH_LINGER_S:
-            raise ValueError(f"setting subscriber_batch_linger_s: 0..{MAX_BATCH_LINGER_S}")
+            raise SettingsError(f"setting subscriber_batch_linger_s: 0..{MAX_BATCH_LINGER_S}")
         if self.spike_fast_window_s >= self.spike_slow_window_s:
-            raise ValueError("setting spike_fast_window_s: must be shorter than "
+            raise SettingsError("setting spike_fast_window_s: must be shorter than "
                              "spike_slow_window_s")
         for name in ("listen_address", "metrics_listen_address"):
             value = getattr(self, name)
             if (value or name == "listen_address") and ":" not in value:
-                raise ValueError(f"setting {name}: {value!r} is not host:port")
+                raise SettingsError(f"setting {name}: {value!r} is not host:port")
         if self.log_format not in LOG_FORMATS:
-            raise ValueError(f"setting log_format: {self.log_format!r} is not one of "
+            raise SettingsError(f"setting log_format: {self.log_format!r} is not one of "
                              f"{', '.join(LOG_FORMATS)}")
         if self.log_level.upper() not in LOG_LEVELS:
-            raise ValueError(f"setting log_level: {self.log_level!r} is not one of "
+            raise SettingsError(f"setting log_level: {self.log_level!r} is not one of "
                              f"{', '.join(LOG_LEVELS)}")
         self._check_pairs()
         self._check_exposure()
@@ -178,7 +180,7 @@ class Settings:
     def _check_exposure(self) -> None:
         if self.mutual_tls or self.allow_insecure_remote or is_loopback(self.listen_address):
             return
-        raise ValueError(
+        raise SettingsError(
             f"setting listen_address: {self.listen_address} is reachable from other hosts, "
             f"and without mutual TLS (tls_client_ca_file) every caller has every role, "
             f"Admin included: listen on 127.0.0.1, turn mutual TLS on "
@@ -187,18 +189,18 @@ class Settings:
 
     def _check_pairs(self) -> None:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("settings tls_cert_file and tls_key_file: give both or neither")
+            raise SettingsError("settings tls_cert_file and tls_key_file: give both or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
-            raise ValueError("setting tls_client_ca_file: mutual TLS needs tls_cert_file and "
+            raise SettingsError("setting tls_client_ca_file: mutual TLS needs tls_cert_file and "
                              "tls_key_file too")
         if bool(self.redis_tls_cert_file) != bool(self.redis_tls_key_file):
-            raise ValueError("settings redis_tls_cert_file and redis_tls_key_file: give both "
+            raise SettingsError("settings redis_tls_cert_file and redis_tls_key_file: give both "
                              "or neither")
         redis_tls = self.redis_tls_ca_file or self.redis_tls_cert_file
         if redis_tls and not self.redis_url.startswith("rediss://"):
-            raise ValueError("settings redis_tls_*: need a rediss:// redis_url")
+            raise SettingsError("settings redis_tls_*: need a rediss:// redis_url")
         if self.redis_password and self.redis_password_file:
-            raise ValueError("settings redis_password and redis_password_file: give one")
+            raise SettingsError("settings redis_password and redis_password_file: give one")
 
     @property
     def tls_enabled(self) -> bool:
@@ -283,7 +285,7 @@ def redis_password(settings: Settings) -> str:
         try:
             text = Path(settings.redis_password_file).read_text(encoding="utf-8")
         except OSError as error:
-            raise ValueError(f"setting redis_password_file: cannot read "
+            raise SettingsError(f"setting redis_password_file: cannot read "
                              f"{settings.redis_password_file}: {error.strerror}") from None
         return text.splitlines()[0] if text else ""
     return settings.redis_password
@@ -299,9 +301,9 @@ def check_files(settings: Settings) -> None:
         if not path:
             continue
         if not Path(path).is_file():
-            raise ValueError(f"setting {name}: {path} is not a file")
+            raise SettingsError(f"setting {name}: {path} is not a file")
         if not os.access(path, os.R_OK):
-            raise ValueError(f"setting {name}: {path} is not readable")
+            raise SettingsError(f"setting {name}: {path} is not readable")
 
 
 def _kind(name: str) -> type:
@@ -317,11 +319,11 @@ def _convert(name: str, text: str, source: str) -> object:
             return True
         if text.lower() in _FALSE:
             return False
-        raise ValueError(f"{source}: {text!r} is not a boolean (true/false)")
+        raise SettingsError(f"{source}: {text!r} is not a boolean (true/false)")
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{source}: {text!r} is not a {kind.__name__}") from None
+        raise SettingsError(f"{source}: {text!r} is not a {kind.__name__}") from None
 
 
 def _from_file(path: str) -> dict[str, object]:
@@ -329,18 +331,18 @@ def _from_file(path: str) -> dict[str, object]:
         with open(path, "rb") as file:
             data: dict[str, Any] = tomllib.load(file)
     except OSError as error:
-        raise ValueError(f"settings file {path}: {error.strerror}") from None
+        raise SettingsError(f"settings file {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"settings file {path}: {error}") from None
+        raise SettingsError(f"settings file {path}: {error}") from None
     known = {f.name for f in fields(Settings)}
     values: dict[str, object] = {}
     for name, value in data.items():
         if name not in known:
-            raise ValueError(f"settings file {path}: unknown setting {name!r}")
+            raise SettingsError(f"settings file {path}: unknown setting {name!r}")
         kind = _kind(name)
         accepted = (int, float) if kind is float else (kind,)
         if not isinstance(value, accepted) or (kind is not bool and isinstance(value, bool)):
-            raise ValueError(f"settings file {path}: {name}: {value!r} is not a "
+            raise SettingsError(f"settings file {path}: {name}: {value!r} is not a "
                              f"{kind.__name__}")
         values[name] = float(value) if kind is float else value  # type: ignore[arg-type]
     return values

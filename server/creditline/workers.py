@@ -19,6 +19,7 @@ from types import FrameType
 import uvloop
 
 from creditline.api.app import redis_for, serve_with_redis
+from creditline.errors import SettingsError
 from creditline.observability.logging_setup import configure_logging
 from creditline.settings import Settings, risks
 
@@ -50,7 +51,7 @@ def serve(settings: Settings) -> int:
             uvloop.run(serve_with_redis(settings, redis_url))
             return 0
         if settings.listen_address.endswith(":0"):
-            raise ValueError("setting listen_address: workers need a fixed port to share")
+            raise SettingsError("setting listen_address: workers need a fixed port to share")
         context = multiprocessing.get_context("spawn")
         processes = [
             context.Process(target=_worker_main, name=f"creditline-worker-{n}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -30,6 +31,7 @@ from creditline.api.notifications import NotificationsService
 from creditline.api.service import AdminService, ChargingService
 from creditline.charging.kernels import require_kernels
 from creditline.charging.rating import BandedRater, Plan, load_plan
+from creditline.errors import RedisSetupError, SettingsError
 from creditline.events.hub import READ_BLOCK_MS, EventHub
 from creditline.observability.telemetry import Telemetry, build_telemetry
 from creditline.settings import Settings, check_files, redact_url, redis_password
@@ -37,6 +39,7 @@ from creditline.store.fastredis import FastScriptClient, tls_context
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import RedisClient, Store, StoreConfig, accounts_key, cdrs_key
 from creditline.store.supervision import Supervisor
+from creditline.store.transport import LeanCluster, RedisPy, Transport
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
 
 log = logging.getLogger(__name__)
@@ -56,9 +59,8 @@ class RunningServer:
     redis: RedisClient
     plan: Plan
     store: Store
-    fast: FastScriptClient | None
+    transport: Transport
     hub: EventHub
-    hub_redis: RedisClient
     supervisor: Supervisor
     health: Any  # grpc_health's aio HealthServicer (untyped)
     telemetry: Telemetry
@@ -81,8 +83,12 @@ def _redis_options(url: str, settings: Settings) -> dict[str, Any]:
 
 
 def redis_client(url: str, settings: Settings, max_connections: int = 0,
-                 read_timeout_s: float = 0) -> RedisClient:
+                 read_timeout_s: float = 0, protocol: int = 0) -> RedisClient:
+    """protocol: 2 for RESP2 (the transport's shape); 0: redis-py's default (RESP3 where
+    the server speaks it, in redis-py 8)."""
     options = _redis_options(url, settings)
+    if protocol:
+        options["protocol"] = protocol
     if settings.redis_cluster:
         return RedisCluster.from_url(
             url, max_connections=max_connections or settings.redis_max_connections,
@@ -116,12 +122,13 @@ async def check_redis(redis: RedisClient, url: str, timeout_s: float) -> None:
         await asyncio.wait_for(redis.ping(), timeout_s)
         info = await asyncio.wait_for(info_of_every_node(redis), timeout_s)
     except (TimeoutError, RedisError, OSError) as error:
-        raise ValueError(f"cannot use Redis at {redact_url(url)}: "
-                         f"{type(error).__name__}: {error}") from None
+        raise RedisSetupError(f"cannot use Redis at {redact_url(url)}: "
+                              f"{type(error).__name__}: {error}") from None
     for version in redis_versions(info):
         if version_tuple(version) < MIN_REDIS_VERSION:
-            raise ValueError(f"Redis at {redact_url(url)} is version {version}: Creditline "
-                             f"needs {'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
+            raise RedisSetupError(
+                f"Redis at {redact_url(url)} is version {version}: Creditline needs "
+                f"{'.'.join(map(str, MIN_REDIS_VERSION))} or newer")
 
 
 async def info_of_every_node(redis: RedisClient) -> Mapping[str, Any]:
@@ -153,19 +160,24 @@ def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
-def fast_client(redis_url: str, settings: Settings) -> FastScriptClient | None:
-    """The lean client for the charging script (and the hub), where it applies; None: all
-    through redis-py. With the same credentials and TLS files as redis-py's."""
+def transport_for(redis_url: str, settings: Settings, *, blocking: bool = False
+                  ) -> Transport:
+    """The one choice of Redis client, from the settings: the lean path (one server, or a
+    cluster by slot) where it applies, else redis-py; with the same credentials and TLS
+    files either way. blocking: for the hub's readers (XREAD BLOCK): a call may take the
+    block time more, and redis-py needs only a connection or two."""
+    call_timeout_s = settings.redis_call_timeout_s + (READ_BLOCK_MS / 1000 if blocking else 0)
     if not (settings.redis_fast_path and FastScriptClient.usable_for(
             redis_url, settings.redis_cluster)):
-        return None
+        return RedisPy(redis_client(redis_url, settings, max_connections=2 if blocking else 0,
+                                    read_timeout_s=call_timeout_s, protocol=2))
     tls = None
     if redis_url.startswith("rediss://"):
         tls = tls_context(settings.redis_tls_ca_file, settings.redis_tls_cert_file,
                           settings.redis_tls_key_file)
-    return FastScriptClient(redis_url, settings.redis_call_timeout_s,
-                            settings.redis_call_timeout_s, username=settings.redis_username,
-                            password=redis_password(settings), tls=tls)
+    lean = LeanCluster if settings.redis_cluster else FastScriptClient
+    return lean(redis_url, settings.redis_call_timeout_s, call_timeout_s,
+                username=settings.redis_username, password=redis_password(settings), tls=tls)
 
 
 def store_config(settings: Settings) -> StoreConfig:
@@ -201,14 +213,12 @@ def _grpc_server(settings: Settings, reuse_port: bool) -> grpc.aio.Server:
         ])
 
 
-async def _event_hub(redis_url: str, settings: Settings) -> tuple[EventHub, RedisClient]:
-    # The hub's readers block in XREAD: they get connections of their own.
-    hub_redis = redis_client(redis_url, settings, max_connections=settings.partitions + 2,
-                             read_timeout_s=READ_BLOCK_MS / 1000 + settings.redis_call_timeout_s)
-    hub = EventHub(hub_redis, settings.partitions, read_together=not settings.redis_cluster,
-                   lean=fast_client(redis_url, settings))
+async def _event_hub(redis_url: str, settings: Settings, transport: Transport) -> EventHub:
+    # The hub's readers block in XREAD: each gets a transport of its own.
+    hub = EventHub(transport, settings.partitions, read_together=not transport.cluster,
+                   reader=functools.partial(transport_for, redis_url, settings, blocking=True))
     await hub.start()
-    return hub, hub_redis
+    return hub
 
 
 async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry | None = None,
@@ -223,12 +233,13 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     credentials = security.server_credentials(settings)
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
-    fast = fast_client(redis_url, settings)  # (it connects at its first call)
-    store = Store(redis, store_config(settings), telemetry.script_instrument(), fast)
+    transport = transport_for(redis_url, settings)  # (it connects at its first call)
+    store = Store(transport, store_config(settings), telemetry.script_instrument())
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)
         await store.check_partitions()
     except ValueError:
+        await transport.aclose()
         await redis.aclose()
         await telemetry.shutdown()
         raise
@@ -238,10 +249,10 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     see_call = None if wrapper is None else wrapper.see_call
     rater = telemetry.traced_rater(BandedRater())
     add_service(server, ChargingService(store, plan, rater, settings,
-                                        charge_calls_bounded=fast is not None), CHARGING, wrap,
+                                        charge_calls_bounded=transport.bounded), CHARGING, wrap,
                 see_call)
     add_service(server, AdminService(store, settings), ADMIN, wrap, see_call)
-    hub, hub_redis = await _event_hub(redis_url, settings)
+    hub = await _event_hub(redis_url, settings, transport)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
         settings.subscriber_batch_linger_s),
@@ -261,10 +272,10 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
         await hub.stop()
-        await hub_redis.aclose()
+        await transport.aclose()
         await redis.aclose()
         await telemetry.shutdown()
-        raise ValueError(f"setting listen_address: cannot listen on {settings.listen_address}")
+        raise SettingsError(f"setting listen_address: cannot listen on {settings.listen_address}")
     await server.start()
     supervisor.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
@@ -272,8 +283,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
                                   [cdrs_key(p) for p in range(settings.partitions)],
                                   [accounts_key(p) for p in range(settings.partitions)])
-    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store, fast=fast,
-                         hub=hub, hub_redis=hub_redis, supervisor=supervisor,
+    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
+                         transport=transport, hub=hub, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)
 
 
@@ -286,9 +297,7 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     await running.server.stop(grace_s)
     await running.supervisor.stop()
     await running.hub.stop()
-    await running.hub_redis.aclose()
-    if running.fast is not None:
-        await running.fast.aclose()
+    await running.transport.aclose()
     await running.telemetry.shutdown()
     await running.redis.aclose()
 

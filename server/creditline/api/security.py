@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from creditline.errors import CreditlineError
 from creditline.settings import Settings
 
 ROLE_PREFIX = "creditline:role:"
@@ -137,7 +138,7 @@ def principal_from_auth_context(auth: Mapping[str, Iterable[bytes]]) -> Principa
     return Principal(name=name, roles=frozenset(roles), subscriber_accounts=frozenset(accounts))
 
 
-class CallRefusedError(Exception):
+class CallRefusedError(CreditlineError):
     """The caller may not make this call: the status and reason to answer with."""
 
     def __init__(self, code: grpc.StatusCode, reason: str) -> None:

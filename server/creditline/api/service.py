@@ -13,6 +13,7 @@ from redis.exceptions import RedisError
 
 from creditline.api import messages
 from creditline.charging.rating import Plan, Rater, UnitKind
+from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
 from creditline.store.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
@@ -26,11 +27,6 @@ Context = grpc.aio.ServicerContext[Any, Any]
 # A StreamRequest's session request field -> the charging script's request kind.
 _STREAM_KINDS = {"initial": RequestKind.INITIAL, "update": RequestKind.UPDATE,
                  "terminate": RequestKind.TERMINATE}
-
-
-class StoreUnavailableError(Exception):
-    """Redis failed or did not answer within the deadline: nothing was applied, or the
-    whole request was (a script is atomic); the client retransmits."""
 
 
 async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from creditline.charging.rating import PriceSchedule
+from creditline.errors import KernelsUnavailableError
 
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"
@@ -57,13 +58,6 @@ class KernelModule(Protocol):
     def affordable_batch(self, schedules: list[KernelSchedule], schedule_index: array[int],
                          from_units: array[int], amounts_micros: array[int],
                          wanted_units: array[int]) -> array[int]: ...
-
-
-class KernelsUnavailableError(ValueError):
-    """The compiled kernels are missing and the pure path was not allowed.
-
-    A ValueError, as the other configuration errors: `creditline serve` reports those as
-    one line and exits with status 2 instead of a traceback."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from creditline.errors import PlanError
 from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
 
 # MAX_SAFE_INTEGER (Lua numbers are doubles: every unit count and amount stays below 2^53)
@@ -559,10 +560,6 @@ def simple_schedule(tariff: Tariff) -> PriceSchedule:
 
 
 # ---------------------------------------------------------------- plan files
-
-class PlanError(ValueError):
-    """A plan file that cannot be used; the message names file, field and reason."""
-
 
 _PLAN_DEFAULTS: dict[str, int] = {
     "validity_time_s": 1800,

@@ -31,15 +31,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from creditline.errors import MalformedEntryError
 from creditline.store.contract import EVENT_TYPES
-from creditline.store.fastredis import FastScriptClient
-from creditline.store.store import RedisClient, event_counter_key, events_key
+from creditline.store.store import event_counter_key, events_key
+from creditline.store.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,8 @@ READ_BATCH = 500
 READ_BLOCK_MS = 1000
 # How long the hub waits before reading again after Redis failed.
 RETRY_PAUSE_S = 0.5
-# How long a blocking read on the lean connection may take before it counts as failed.
-LEAN_READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
+# How long a blocking read may take before it counts as failed.
+READ_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # How long stopping waits for the readers (each is at most one blocking read away).
 STOP_TIMEOUT_S = READ_BLOCK_MS / 1000 + 5
 # Events in one SubscribeBatches message at most (a queue holds more: several messages).
@@ -105,10 +106,6 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-class MalformedEntryError(ValueError):
-    """A stream entry that is not one the scripts write (written by hand, say)."""
-
-
 def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
                  ) -> list[StreamEvent]:
     """The events of one stream entry, in order (the layout: charge.lua, KEYS[7]). The
@@ -141,6 +138,11 @@ def decode_entry(partition: int, stream_id: bytes | str, raw: Mapping[Any, Any]
             raise MalformedEntryError(f"entry {sid}: unknown event type "
                                       f"{event.fields.get('t', '')[:40]!r}")
     return decoded
+
+
+def _fields(raw: list[Any]) -> dict[Any, Any]:
+    """An entry's fields as the transport gives them (RESP's flat list), by name."""
+    return dict(zip(raw[::2], raw[1::2], strict=True))
 
 
 def _entry_number(raw: Mapping[Any, Any]) -> int | None:
@@ -243,14 +245,16 @@ class EventHub:
     subscribers (py-spy). In a cluster the streams sit on different nodes (one XREAD
     cannot name them all): one task per partition, for the partitions subscribed."""
 
-    def __init__(self, redis: RedisClient, partitions: int, read_together: bool = False,
-                 lean: FastScriptClient | None = None) -> None:
-        self.redis = redis
+    def __init__(self, transport: Transport, partitions: int, read_together: bool,
+                 reader: Callable[[], Transport]) -> None:
+        """transport: for the reads that do not block (the Store's); reader: makes the
+        transport of each reader."""
+        self.transport = transport
         self.partitions = partitions
         self._read_together = read_together
-        # the shared XREAD through the lean hiredis connection (fastredis) when Redis allows
-        # it (one server, not a cluster): a third of redis-py's cost per read
-        self._lean = lean if read_together else None
+        # each reader's blocking XREAD holds a connection: a transport of its own (the
+        # lean one reads at a third of redis-py's cost per read)
+        self._reader = reader
         # of the partitions being read: the position after the last event read
         self.positions: dict[int, Position] = {}
         self.subscriptions: set[Subscription] = set()
@@ -271,8 +275,6 @@ class EventHub:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
-        if self._lean is not None:
-            await self._lean.aclose()
 
     def reading(self, partition: int) -> bool:
         return partition in self._readers
@@ -339,9 +341,16 @@ class EventHub:
         for partition in partitions:
             self._partitions[partition].listeners -= 1
 
+    async def _range(self, partition: int, command: str, *bounds: str | int
+                     ) -> list[tuple[Any, dict[Any, Any]]]:
+        """XRANGE or XREVRANGE of a partition's stream: (stream id, fields) per entry."""
+        key = events_key(partition)
+        reply: Any = await self.transport.command(key, command, key, *bounds)
+        return [(stream_id, _fields(raw)) for stream_id, raw in reply]
+
     async def latest(self, partition: int) -> Position:
         """The position after the last event written to a partition so far."""
-        newest: Any = await self.redis.xrevrange(events_key(partition), count=1)
+        newest = await self._range(partition, "XREVRANGE", "+", "-", "COUNT", 1)
         if newest:
             stream_id, raw = newest[0]
             number = _entry_number(raw)
@@ -349,12 +358,13 @@ class EventHub:
                 return Position(number, _text(stream_id))
         # empty stream (everything written so far, if anything, was trimmed), or its
         # newest entry has no number: the count of events written
-        written = int(await self.redis.get(event_counter_key(partition)) or 0)
+        counter = event_counter_key(partition)
+        written = int(await self.transport.command(counter, "GET", counter) or 0)
         return Position(written, _text(newest[0][0]) if newest else "0-0")
 
     async def oldest_kept(self, partition: int) -> int | None:
         """The number of the oldest event still kept in a partition, or None if empty."""
-        oldest: Any = await self.redis.xrange(events_key(partition), count=1)
+        oldest = await self._range(partition, "XRANGE", "-", "+", "COUNT", 1)
         if not oldest:
             return None
         try:
@@ -365,10 +375,12 @@ class EventHub:
     async def _read_forever(self, group: tuple[int, ...]) -> None:
         keys = {events_key(p): p for p in group}
         states = [self._partitions[p] for p in group]
+        transport = self._reader()
         try:
             while not self._stopping and any(state.listeners > 0 for state in states):
-                await self._read_once(keys)
+                await self._read_once(transport, keys)
         finally:
+            await transport.aclose()
             # Checked and removed in one step (no await): a join either saw this reader
             # still running with its listener counted (so it went on), or sees it gone.
             for partition in group:
@@ -376,18 +388,14 @@ class EventHub:
                     del self._readers[partition]
                     del self.positions[partition]
 
-    async def _read_once(self, keys: Mapping[str, int]) -> None:
+    async def _read_once(self, transport: Transport, keys: Mapping[str, int]) -> None:
         ids = [self.positions[p].stream_id for p in keys.values()]
         try:
-            if self._lean is not None:
-                # a Redis that stops answering without closing must not hold the reader
-                async with asyncio.timeout(LEAN_READ_TIMEOUT_S):
-                    replies: Any = await self._lean.call(
-                        "XREAD", "COUNT", READ_BATCH, "BLOCK", READ_BLOCK_MS, "STREAMS",
-                        *keys, *ids)
-            else:
-                replies = await self.redis.xread(dict(zip(keys, ids, strict=True)),
-                                                 count=READ_BATCH, block=READ_BLOCK_MS)
+            # a Redis that stops answering without closing must not hold the reader
+            async with asyncio.timeout(READ_TIMEOUT_S):
+                replies: Any = await transport.command(
+                    next(iter(keys)), "XREAD", "COUNT", READ_BATCH, "BLOCK", READ_BLOCK_MS,
+                    "STREAMS", *keys, *ids)
         except (RedisError, OSError) as error:
             log.warning("event hub: reading %s failed: %r", ", ".join(keys), error)
             await asyncio.sleep(RETRY_PAUSE_S)
@@ -401,8 +409,7 @@ class EventHub:
         decoded (with few subscribers most events are nobody's)."""
         state = self._partitions[partition]
         for stream_id, raw in entries:
-            # redis-py gives each entry's fields as a dict, the lean connection as a list
-            fields = raw if isinstance(raw, dict) else dict(zip(raw[::2], raw[1::2], strict=True))
+            fields = _fields(raw)
             events: list[StreamEvent] = []
             if state.wants(_text(fields.get(b"a", b""))):
                 try:
@@ -428,8 +435,8 @@ class EventHub:
         # from the entry of `after` on: a subscriber may have stopped within an entry
         start = after.stream_id
         while True:
-            entries: Any = await self.redis.xrange(
-                events_key(partition), min=start, max=until.stream_id, count=READ_BATCH)
+            entries = await self._range(partition, "XRANGE", start, until.stream_id,
+                                        "COUNT", READ_BATCH)
             events = []
             for sid, raw in entries:
                 try:

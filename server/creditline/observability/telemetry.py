@@ -56,6 +56,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode,
 from opentelemetry.trace.span import TraceState
 from opentelemetry.util.types import Attributes
 
+from creditline.errors import TelemetryError
 from creditline.observability.otlp_encoding import CallEncoder
 from creditline.settings import Settings
 
@@ -76,10 +77,6 @@ _METRIC_EXPORTERS = ("none", "otlp", "console", "prometheus")
 _OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 # The low 64 bits of a trace id, which ratio sampling compares (the SDK's TRACE_ID_LIMIT)
 _TRACE_ID_LOW_BITS = TraceIdRatioBased.TRACE_ID_LIMIT
-
-
-class TelemetryError(ValueError):
-    """An OTEL_* variable holds a value the server does not understand."""
 
 
 def _names(environ: Mapping[str, str], variable: str, allowed: tuple[str, ...]) -> list[str]:

@@ -1,15 +1,14 @@
 """A lean pipelined path for the charging script: EVALSHA written straight to the socket
 as RESP, replies parsed by hiredis, every call of one event-loop turn sent in one write.
-The notification hub reads its streams through one too (`call`, on a connection of its own).
+It is the Transport (store/transport.py) on one server; each of the hub's readers has one.
 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path
 keeps 86 % of it (4,700; shared/reference/performance-floor.md). It serves the charging
 script on one Redis server, over TCP (redis://), TLS (rediss://) or a unix socket (unix://,
 the embedded Redis), with AUTH (a password, or an ACL user and password) and SELECT sent on
-every new connection before anything else. Redis Cluster stays on redis-py: this client has
-no slot routing (MOVED/ASK); everything but the charging script and the hub's XREAD goes
-through redis-py too.
+every new connection before anything else. On Redis Cluster one of these per node serves
+store/transport.py's LeanCluster (slot routing, MOVED and ASK).
 """
 
 from __future__ import annotations
@@ -18,12 +17,19 @@ import asyncio
 import itertools
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 from redis.exceptions import AuthenticationError, ResponseError
+
+from creditline.errors import ScriptError
+
+
+class ReplyError(ScriptError, ResponseError):
+    """An error reply: a ScriptError of Creditline's tree, and redis-py's ResponseError,
+    so that the callers catching RedisError catch it as they catch redis-py's."""
 
 
 def _pack(*parts: str | int) -> bytes:
@@ -43,6 +49,14 @@ def _greeting(username: str, password: str, db: int) -> tuple[tuple[str, bytes],
     if db:
         commands.append(("SELECT", _pack("SELECT", db)))
     return tuple(commands)
+
+
+_ASKING = _pack("ASKING")
+
+
+def _ignore_reply(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # read, so that a failed ASKING is not logged as unretrieved
 
 
 class _Connection(asyncio.Protocol):
@@ -170,14 +184,23 @@ class FastScriptClient:
 
     @staticmethod
     def usable_for(url: str, cluster: bool) -> bool:
-        """One Redis server at a URL this client reads whole: a rediss:// URL with ssl_*
-        options (redis-py's own TLS settings, which tls_context does not read) stays on
-        redis-py, and so does a cluster (no slot routing here)."""
+        """A URL this client reads whole: a rediss:// URL with ssl_* options (redis-py's
+        own TLS settings, which tls_context does not read) stays on redis-py, and so does a
+        cluster behind a unix socket (its nodes name each other by host and port)."""
         parsed = urlparse(url)
         tls_options = parsed.scheme == "rediss" and any(
             name.startswith("ssl_") for name in parse_qs(parsed.query))
         return parsed.scheme in ("redis", "rediss", "unix") and not tls_options \
-            and not cluster
+            and not (cluster and parsed.scheme == "unix")
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.closed
+
+    async def connect(self) -> None:
+        """Opens (and greets) the connection unless it is open: a failure here means no
+        command was sent, so the cluster client may try another node."""
+        await self._connected()
 
     async def _connected(self) -> _Connection:
         connection = self._connection
@@ -204,7 +227,7 @@ class FastScriptClient:
         for (name, _), reply in zip(self._greeting, replies, strict=True):
             if isinstance(reply, hiredis.ReplyError):
                 # Redis's refusal (WRONGPASS ..., NOAUTH ...) never repeats the password
-                error = AuthenticationError if name == "AUTH" else ResponseError
+                error = AuthenticationError if name == "AUTH" else ReplyError
                 raise error(f"redis refused {name} on the lean connection: {reply}")
 
     async def _open(self) -> tuple[asyncio.BaseTransport, _Connection]:
@@ -223,30 +246,43 @@ class FastScriptClient:
     async def _checked(reply: asyncio.Future[Any]) -> Any:
         value = await reply
         if isinstance(value, hiredis.ReplyError):
-            raise ResponseError(str(value))
+            raise ReplyError(str(value))
         return value
 
+    @staticmethod
+    def _send(connection: _Connection, command: bytes, asking: bool) -> asyncio.Future[Any]:
+        if asking:  # ASKING just before the command, on its connection (a cluster's ASK)
+            connection.send(_ASKING).add_done_callback(_ignore_reply)
+        return connection.send(command)
+
     async def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                      args: Sequence[int | str]) -> Any:
+                      args: Sequence[int | str], *, asking: bool = False) -> Any:
         """Runs a script by its SHA; loads it first if Redis does not know it (NOSCRIPT,
         e.g. after a restart) and runs it again."""
         command = _pack("EVALSHA", sha, len(keys), *keys, *args)
         connection = self._connection
         if connection is None or connection.closed:  # no coroutine call when connected
             connection = await self._connected()
-        reply = await connection.send(command)
+        reply = await self._send(connection, command, asking)
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await self._checked(connection.send(_pack("SCRIPT", "LOAD", source)))
-            reply = await connection.send(command)
+            reply = await self._send(connection, command, asking)
         if isinstance(reply, hiredis.ReplyError):
-            raise ResponseError(str(reply))
+            raise ReplyError(str(reply))
         return reply
 
-    async def call(self, *parts: str | int) -> Any:
+    async def call(self, *parts: str | int, asking: bool = False) -> Any:
         """Any one command on this client's connection, its reply as hiredis gives it. A
         blocking command (XREAD BLOCK) holds the connection: give it a client of its own."""
         connection = await self._connected()
-        return await self._checked(connection.send(_pack(*parts)))
+        return await self._checked(self._send(connection, _pack(*parts), asking))
+
+    # The Transport interface (store/transport.py): one server, so the key routes nothing.
+    cluster = False
+    bounded = True
+
+    def command(self, key: str, *parts: str | int) -> Awaitable[Any]:
+        return self.call(*parts)
 
     async def aclose(self) -> None:
         if self._connection is not None:

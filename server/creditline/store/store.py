@@ -1,9 +1,9 @@
 """Redis access: key names, the Lua scripts, and the calls that run them.
 
 Every key of an account carries its partition as the hash tag (`cl:{<partition>}:...`), so
-each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are loaded
-once and called with EVALSHA; redis-py's Script reloads them on NOSCRIPT (e.g. after a
-Redis restart) and retries.
+each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are called
+with EVALSHA through the Transport (store/transport.py), which loads them on NOSCRIPT (e.g.
+after a Redis restart) and runs them again.
 
 Key names are injective (README "Redis layout"): an account id goes in with its byte
 length before it and a session id only last, so no id of one kind can spell a key of
@@ -13,6 +13,7 @@ an id cannot move a key to another slot.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import zlib
@@ -24,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
+from creditline.errors import StoreDataError
 from creditline.store.contract import (
     CLOSING_KINDS,
     SCRIPT_RESULT_CODES,
@@ -42,7 +43,7 @@ from creditline.store.contract import (
 RedisClient = Redis | RedisCluster
 if TYPE_CHECKING:
     from creditline.observability.telemetry import ScriptInstrument
-    from creditline.store.fastredis import FastScriptClient
+    from creditline.store.transport import Transport
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = "cl"
@@ -70,7 +71,7 @@ def recorded_partitions(redis: SyncRedis) -> int:
     a Redis whose keys are named otherwise than this version names them."""
     partitions, scheme = redis.hmget(META_KEY, ["partitions", "key_scheme"])
     if partitions is None:
-        raise ValueError("this Redis holds no Creditline data (no partition count recorded)")
+        raise StoreDataError("this Redis holds no Creditline data (no partition count recorded)")
     check_key_scheme(scheme)
     return int(partitions)
 
@@ -81,7 +82,7 @@ def check_key_scheme(recorded: Any) -> None:
     if recorded is not None and text(recorded) == KEY_SCHEME:
         return
     written = "key scheme 1 (before 2)" if recorded is None else f"key scheme {text(recorded)}"
-    raise ValueError(
+    raise StoreDataError(
         f"this Redis holds Creditline data written with {written}; this version names its "
         f"keys by key scheme {KEY_SCHEME} and would not find that data: export and reconcile "
         "it with the version that wrote it, then start from an empty Redis")
@@ -296,30 +297,36 @@ OPENING_ELSEWHERE = f"{_INVALID_VALUE};!session_id: being opened on another acco
 _CLAIMING_KINDS = CLOSING_KINDS | {RequestKind.INITIAL}
 
 
-class Store:
-    """The charging and admin scripts bound to one Redis client."""
+class _Named:
+    """A Lua script and the SHA1 that EVALSHA names it by (Redis's naming, not security)."""
 
-    def __init__(self, redis: RedisClient, config: StoreConfig,
-                 instrument: ScriptInstrument | None = None,
-                 fast: FastScriptClient | None = None) -> None:
-        self._redis = redis
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+class Store:
+    """The charging and admin scripts, and the reads beside them, over one Transport."""
+
+    def __init__(self, transport: Transport, config: StoreConfig,
+                 instrument: ScriptInstrument | None = None) -> None:
+        self._transport = transport
         self.config = config
-        # the lean pipelined path for the charging script (None: redis-py for everything)
-        self._fast = fast
         self._charge_source = charge_script_source()
         # a span and a latency sample per script call; None (telemetry off): nothing
         self._instrument = instrument
-        self._charge: AsyncScript = redis.register_script(self._charge_source)
-        self._admin: AsyncScript = redis.register_script(_script_source("admin.lua"))
+        self._charge = _Named(self._charge_source)
+        self._admin = _Named(_script_source("admin.lua"))
         self._claim_source = _script_source("claim.lua")
-        self._claim: AsyncScript = redis.register_script(self._claim_source)
-        self._meta: AsyncScript = redis.register_script(_META_SCRIPT)
+        self._claim = _Named(self._claim_source)
+        self._meta = _Named(_META_SCRIPT)
         # Claims: on one Redis server charge.lua takes and gives back a session id's claim
         # itself, in the request's one round trip (a script may touch any key there); on a
         # cluster the claim is in another slot, so the Initial claims it first (claim.lua)
         # and a close gives it back after: one round trip more for each.
-        self._claims_in_script = config.session_id_claims and not isinstance(
-            redis, RedisCluster)
+        self._claims_in_script = config.session_id_claims and not transport.cluster
         self._claims_apart = config.session_id_claims and not self._claims_in_script
         self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
             f"{config.spike_factor}"
@@ -335,12 +342,12 @@ class Store:
     async def check_partitions(self) -> None:
         """Records the partition count and the key scheme on first use; refuses another
         count, or data written with other key names, later."""
-        partitions, scheme = await self._meta(keys=[META_KEY],
-                                              args=[self.config.partitions, KEY_SCHEME])
+        partitions, scheme = await self._transport.evalsha(
+            self._meta.sha, _META_SCRIPT, [META_KEY], [self.config.partitions, KEY_SCHEME])
         check_key_scheme(scheme)
         recorded = int(partitions)
         if recorded != self.config.partitions:
-            raise ValueError(
+            raise StoreDataError(
                 f"setting partitions: this Redis holds data for {recorded} partitions, "
                 f"not {self.config.partitions}; the count cannot change once data exists")
 
@@ -402,12 +409,11 @@ class Store:
         return self._script_call(self._charge, self._charge_source, "charge.lua",
                                  script_keys, script_args)
 
-    def _script_call(self, script: AsyncScript, source: str, name: str, keys: list[str],
+    def _script_call(self, script: _Named, source: str, name: str, keys: list[str],
                      args: list[int | str]) -> Awaitable[Any]:
-        """One script call, on the lean path when there is one (a plain function: no
-        coroutine of its own on the charging path)."""
-        call = (self._fast.evalsha(script.sha, source, keys, args) if self._fast is not None
-                else script(keys=keys, args=args))
+        """One script call through the transport (a plain function: no coroutine of its
+        own on the charging path)."""
+        call = self._transport.evalsha(script.sha, source, keys, args)
         return call if self._instrument is None else self._instrument.run(name, call)
 
     async def _take_claim(self, account_id: str, session_id: str, now_ms: int
@@ -436,7 +442,8 @@ class Store:
         """Why another account's claim ("<account id>|<taken at ms>|<its session key>")
         stands, or ""."""
         holder, taken_ms, _ = held.split("|", 2)
-        state = await self._redis.hget(self.keys(holder).session(session_id), "state")
+        key = self.keys(holder).session(session_id)
+        state = await self._transport.command(key, "HGET", key, "state")
         if state is None:  # no session: the holder's Initial may be on its way still
             young = now_ms - int(taken_ms) < self.config.claim_grace_ms
             return OPENING_ELSEWHERE if young else ""
@@ -456,15 +463,17 @@ class Store:
     async def due_sessions(self, partition: int, now_ms: int, limit: int
                            ) -> list[tuple[str, str]]:
         """(account id, session id) of up to `limit` sessions past their deadline."""
-        keys: Any = await self._redis.zrangebyscore(
-            deadlines_key(partition), "-inf", now_ms, start=0, num=limit)
+        deadlines = deadlines_key(partition)
+        keys: Any = await self._transport.command(
+            deadlines, "ZRANGEBYSCORE", deadlines, "-inf", now_ms, "LIMIT", 0, limit)
         due = []
-        for key in keys:
-            account_id, session_id = await self._redis.hmget(text(key), "account", "session")
+        for key in map(text, keys):
+            account_id, session_id = await self._transport.command(
+                key, "HMGET", key, "account", "session")
             if account_id is not None and session_id is not None:
                 due.append((text(account_id), text(session_id)))
             else:  # a session whose hash expired or never held those fields
-                await self._redis.zrem(deadlines_key(partition), key)
+                await self._transport.command(deadlines, "ZREM", deadlines, key)
         return due
 
     async def close_if_stale(self, account_id: str, session_id: str, now_ms: int) -> bool:
@@ -479,15 +488,14 @@ class Store:
         """Runs one admin.lua operation; the account as it left it, in the same step."""
         keys = self.keys(account_id)
         now_ms = int(time.time() * 1000)
-        call = self._admin(
-            keys=[*AdminKeys(
+        call = self._transport.evalsha(
+            self._admin.sha, self._admin.source, [*AdminKeys(
                 account=keys.account, buckets=keys.buckets, usage=keys.usage,
                 sessions=keys.open_sessions, topups=keys.top_ups, final=keys.final_sessions,
                 events=keys.events, event_counter=event_counter_key(keys.partition),
                 account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs)],
-            args=[*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
-                             event_trim=self._event_trim(now_ms)), *args],
-        )
+            [*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
+                        event_trim=self._event_trim(now_ms)), *args])
         raw = await (call if self._instrument is None
                      else self._instrument.run("admin.lua", call))
         if not isinstance(raw, list):
