@@ -6,25 +6,25 @@ The compiled module is chosen by default. CREDITLINE_PURE_RATING=1 forces the pu
 rather than run 30 times slower unnoticed: `require_kernels` refuses it unless
 CREDITLINE_ALLOW_PURE_RATING=1 says the pure path is acceptable.
 
-Both modules are loaded by name (importlib) and typed by the protocols below, so that the
-type checker needs neither the compiled module nor the native/ directory.
+Both modules are imported by their names; `KernelModule` below is what the charging path
+uses of them, and mypy checks both against it where they are imported (the compiled one
+through its stub, native/kernels.pyi). The request path's messages are protobuf messages,
+typed Any here: only api speaks protobuf (tests/test_static.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol
 
 from creditline.charging.rating import PriceSchedule
 
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"
 COMPILED_MODULE = "creditline.native.kernels"
-PURE_MODULE = "creditline.native.kernels_py"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -44,6 +44,14 @@ class KernelScheduleFactory(Protocol):
                  increments: Sequence[int], prices: Sequence[int]) -> KernelSchedule: ...
 
 
+# (max_session_id_bytes, max_account_id_bytes, max_event_age_s, max_event_ahead_s,
+# max_rating_groups_per_request, the known reporting reasons)
+RequestRules = tuple[int, int, int, int, int, frozenset[int]]
+Refused = tuple[int, str] | None  # (result code, message naming the field)
+# (rating group, service id) -> the tariff's (redirect address, restriction filter ids)
+FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
+
+
 class KernelModule(Protocol):
     MAX_SAFE_INTEGER: int
     MAX_SEGMENTS: int
@@ -52,11 +60,28 @@ class KernelModule(Protocol):
 
     @property
     def Schedule(self) -> KernelScheduleFactory: ...
-    def cost_batch(self, schedules: list[KernelSchedule], schedule_index: array[int],
+    # schedules: this module's own Schedule objects (Kernels.schedule), which no type states
+    def cost_batch(self, schedules: list[Any], schedule_index: array[int],
                    from_units: array[int], units: array[int]) -> array[int]: ...
-    def affordable_batch(self, schedules: list[KernelSchedule], schedule_index: array[int],
+    def affordable_batch(self, schedules: list[Any], schedule_index: array[int],
                          from_units: array[int], amounts_micros: array[int],
                          wanted_units: array[int]) -> array[int]: ...
+    # the request path (see native/kernels_py.py)
+    def check_ids(self, session_id: str, account_id: str, max_session_id_bytes: int,
+                  max_account_id_bytes: int) -> Refused: ...
+    def validate_credit_control(self, request: Any, initial: bool, rules: RequestRules,
+                                now_ms: int) -> Refused: ...
+    def validate_event(self, request: Any, rules: RequestRules, now_ms: int) -> Refused: ...
+    def encode_credit_control(self, answer: str, session_id: str, request_number: int,
+                              plan_times: tuple[int, int, int],
+                              final_unit_of: FinalUnitOf) -> bytes: ...
+    def encode_event(self, answer: str, session_id: str, request_number: int) -> bytes: ...
+    def encode_credit_control_refusal(self, session_id: str, request_number: int, code: int,
+                                      message: str) -> bytes: ...
+    def encode_event_refusal(self, session_id: str, request_number: int, code: int,
+                             message: str) -> bytes: ...
+    def encode_stream_answer(self, correlation_id: int, field_number: int,
+                             answer: bytes) -> bytes: ...
 
 
 class KernelsUnavailableError(ValueError):
@@ -88,12 +113,18 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 
 def pure_kernels() -> Kernels:
-    return Kernels("pure", cast(KernelModule, importlib.import_module(PURE_MODULE)), "")
+    from creditline.native import kernels_py
+
+    module: KernelModule = kernels_py  # checked by mypy against the protocol
+    return Kernels("pure", module, "")
 
 
 def compiled_kernels() -> Kernels:
     """The compiled kernels; ImportError when the build did not produce them."""
-    return Kernels("compiled", cast(KernelModule, importlib.import_module(COMPILED_MODULE)), "")
+    from creditline.native import kernels
+
+    module: KernelModule = kernels  # checked against the protocol through kernels.pyi
+    return Kernels("compiled", module, "")
 
 
 def select_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
