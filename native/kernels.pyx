@@ -641,25 +641,28 @@ cdef int _event_block_answer(_Writer writer, list values) except -1:
 def encode_credit_control_refusal(str session_id, unsigned long long request_number,
                                   long long code, str message):
     """A CreditControlAnswer refusing the request: nothing was charged."""
-    cdef _Writer writer = _Writer()
-    _text(&writer.message, 0x0A, session_id)
-    _number(&writer.message, 0x10, request_number)
-    _number(&writer.message, 0x18, <uint64_t>code)
-    if code == UNABLE_TO_COMPLY:
-        # nothing was applied: retransmitting is safe, and is what the client should do
-        _number(&writer.message, 0x28, _RETRY_AND_TERMINATE)
-    _text(&writer.message, 0x32, message)
-    return writer.result()
+    # nothing was applied when the store failed: retransmitting is safe, and is what the
+    # client should do
+    cdef int failure = _RETRY_AND_TERMINATE if code == UNABLE_TO_COMPLY else 0
+    return _refusal(session_id, request_number, code, failure, 0x32, message)
 
 
 def encode_event_refusal(str session_id, unsigned long long request_number, long long code,
                          str message):
     """An EventAnswer refusing the request."""
+    return _refusal(session_id, request_number, code, 0, 0x3A, message)
+
+
+cdef bytes _refusal(str session_id, unsigned long long request_number, long long code,
+                    int failure_handling, unsigned char message_tag, str message):
+    # both answers begin with session_id, request_number, result_code (fields 1 to 3);
+    # failure_handling is field 5 of a CreditControlAnswer
     cdef _Writer writer = _Writer()
     _text(&writer.message, 0x0A, session_id)
     _number(&writer.message, 0x10, request_number)
     _number(&writer.message, 0x18, <uint64_t>code)
-    _text(&writer.message, 0x3A, message)
+    _number(&writer.message, 0x28, <uint64_t>failure_handling)
+    _text(&writer.message, message_tag, message)
     return writer.result()
 
 

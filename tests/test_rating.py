@@ -9,10 +9,11 @@ reference the Lua charging script follows.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import random
 import tomllib
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -787,10 +788,10 @@ def test_bad_plans_name_file_field_and_reason(tmp_path: Path, text: str, field: 
 
 # ---------------------------------------------------------------- choosing the kernels
 
-@pytest.fixture
-def no_compiled_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(kernel_selection, "COMPILED_MODULE", "creditline.native.absent")
-    yield
+def build_without_compiled_kernels() -> Kernels:
+    """What loading the compiled kernels does in a build that did not make them."""
+    importlib.import_module("creditline.native.absent")
+    raise AssertionError("creditline.native.absent exists")
 
 
 def test_compiled_kernels_are_the_default() -> None:
@@ -804,10 +805,10 @@ def test_the_environment_forces_the_pure_path() -> None:
     assert kernel_selection.require_kernels(environ).implementation == "pure"
 
 
-@pytest.mark.usefixtures("no_compiled_kernels")
 def test_missing_compiled_kernels_are_refused_unless_allowed() -> None:
-    assert kernel_selection.rating_implementation({}) == "pure"
+    absent = build_without_compiled_kernels
+    assert kernel_selection.rating_implementation({}, absent) == "pure"
     with pytest.raises(kernel_selection.KernelsUnavailableError, match="ALLOW_PURE_RATING"):
-        kernel_selection.require_kernels({})
+        kernel_selection.require_kernels({}, absent)
     allowed = {kernel_selection.ALLOW_PURE_ENV: "1"}
-    assert kernel_selection.require_kernels(allowed).implementation == "pure"
+    assert kernel_selection.require_kernels(allowed, absent).implementation == "pure"

@@ -127,24 +127,27 @@ def compiled_kernels() -> Kernels:
     return Kernels("compiled", module, "")
 
 
-def select_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
+def select_kernels(environ: Mapping[str, str] | None = None,
+                   load_compiled: Callable[[], Kernels] = compiled_kernels) -> Kernels:
     """The compiled kernels unless CREDITLINE_PURE_RATING forces the pure path; the pure
-    ones (with the reason in compiled_error) when the compiled module cannot be loaded."""
+    ones (with the reason in compiled_error) when the compiled module cannot be loaded
+    (load_compiled: how, for a test of a build without them)."""
     env = os.environ if environ is None else environ
     if _flag(env, PURE_ENV):
         return pure_kernels()
     try:
-        return compiled_kernels()
+        return load_compiled()
     except ImportError as error:
         fallback = pure_kernels()
         return Kernels(fallback.implementation, fallback.module, str(error))
 
 
-def require_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
+def require_kernels(environ: Mapping[str, str] | None = None,
+                    load_compiled: Callable[[], Kernels] = compiled_kernels) -> Kernels:
     """select_kernels, refusing a silent fall-back: the pure path only when forced
     (CREDITLINE_PURE_RATING) or allowed (CREDITLINE_ALLOW_PURE_RATING)."""
     env = os.environ if environ is None else environ
-    kernels = select_kernels(env)
+    kernels = select_kernels(env, load_compiled)
     if kernels.compiled_error and not _flag(env, ALLOW_PURE_ENV):
         raise KernelsUnavailableError(
             f"the compiled rating kernels ({COMPILED_MODULE}) cannot be loaded: "
@@ -154,6 +157,7 @@ def require_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
     return kernels
 
 
-def rating_implementation(environ: Mapping[str, str] | None = None) -> str:
+def rating_implementation(environ: Mapping[str, str] | None = None,
+                          load_compiled: Callable[[], Kernels] = compiled_kernels) -> str:
     """"compiled" or "pure": what select_kernels picks, for the start-up log."""
-    return select_kernels(environ).implementation
+    return select_kernels(environ, load_compiled).implementation

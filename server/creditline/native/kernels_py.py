@@ -484,25 +484,28 @@ def _event_block_answer(values: Sequence[str]) -> bytearray:
 def encode_credit_control_refusal(session_id: str, request_number: int, code: int,
                                   message: str) -> bytes:
     """A CreditControlAnswer refusing the request: nothing was charged."""
-    out = bytearray()
-    _text(out, 0x0A, session_id)
-    _number(out, 0x10, request_number)
-    _number(out, 0x18, code)
-    if code == UNABLE_TO_COMPLY:
-        # nothing was applied: retransmitting is safe, and is what the client should do
-        _number(out, 0x28, FAILURE_HANDLING_RETRY_AND_TERMINATE)
-    _text(out, 0x32, message)
-    return bytes(out)
+    # nothing was applied when the store failed: retransmitting is safe, and is what the
+    # client should do
+    failure = FAILURE_HANDLING_RETRY_AND_TERMINATE if code == UNABLE_TO_COMPLY else 0
+    return _refusal(session_id, request_number, code, failure, 0x32, message)
 
 
 def encode_event_refusal(session_id: str, request_number: int, code: int,
                          message: str) -> bytes:
     """An EventAnswer refusing the request."""
+    return _refusal(session_id, request_number, code, 0, 0x3A, message)
+
+
+def _refusal(session_id: str, request_number: int, code: int, failure_handling: int,
+             message_tag: int, message: str) -> bytes:
+    # both answers begin with session_id, request_number, result_code (fields 1 to 3);
+    # failure_handling is field 5 of a CreditControlAnswer
     out = bytearray()
     _text(out, 0x0A, session_id)
     _number(out, 0x10, request_number)
     _number(out, 0x18, code)
-    _text(out, 0x3A, message)
+    _number(out, 0x28, failure_handling)
+    _text(out, message_tag, message)
     return bytes(out)
 
 
