@@ -18,9 +18,10 @@ import os
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from creditline.charging.rating import PriceSchedule
+if TYPE_CHECKING:  # rating.py prices with these kernels
+    from creditline.charging.rating import PriceSchedule
 
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"
