@@ -21,7 +21,6 @@ from creditline.api.messages import request_rules
 from creditline.api.service import ChargingService
 from creditline.charging.kernels import (
     PURE_ENV,
-    Kernels,
     compiled_kernels,
     pure_kernels,
     require_kernels,
@@ -252,14 +251,24 @@ def test_the_kernels_know_the_protocols_values() -> None:
 # ---------------------------------------------------------------- the switch
 
 
-@pytest.fixture(params=["compiled", "pure"])
+ENVIRONMENT_KERNELS = "pure" if os.environ.get(PURE_ENV) == "1" else "compiled"
+
+
+@pytest.fixture(params=["compiled", "pure", "as the environment says"])
 async def service_on(request: pytest.FixtureRequest, server: RunningServer, settings: Settings
                      ) -> AsyncIterator[tuple[ChargingService, charging_pb2_grpc.ChargingStub]]:
-    """A Charging service on the given kernels, served by a grpc server of its own (on the
-    test server's store and plan)."""
-    kernels = COMPILED if request.param == "compiled" else PURE
+    """A Charging service on the given kernels, or built as `creditline serve` builds it
+    (no kernels given: the environment's), served by a grpc server of its own on the test
+    server's store and plan."""
+    kernels = {"compiled": COMPILED, "pure": PURE}.get(request.param)
     service = ChargingService(server.store, server.plan, BandedRater(), settings,
                               kernels=kernels)
+    if kernels is None:
+        # the suite runs twice (README): on the compiled kernels, then with
+        # CREDITLINE_PURE_RATING=1 on the twin
+        assert service.path.kernels.implementation == ENVIRONMENT_KERNELS
+        assert service.path.kernels.module.__name__ == (  # type: ignore[attr-defined]
+            f"creditline.native.{'kernels_py' if ENVIRONMENT_KERNELS == 'pure' else 'kernels'}")
     grpc_server = grpc.aio.server()
     add_service(grpc_server, service, CHARGING)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -289,11 +298,6 @@ async def test_each_implementation_answers_the_same_session(
     assert service.path.answers_written == 3  # every answer was the chosen kernels' work
 
 
-def test_the_server_runs_on_the_kernels_the_environment_names(settings: Settings) -> None:
-    # the suite runs twice (README): once on the compiled kernels, once with
-    # CREDITLINE_PURE_RATING=1 on the twin; the running server picks the same
-    expected = "pure" if os.environ.get(PURE_ENV) == "1" else "compiled"
-    kernels: Kernels = require_kernels()
-    assert kernels.implementation == expected
-    assert kernels.module.__name__ == (  # type: ignore[attr-defined]
-        "creditline.native.kernels_py" if expected == "pure" else "creditline.native.kernels")
+def test_the_server_runs_on_the_kernels_the_environment_names() -> None:
+    # what `creditline serve` checks and logs at start ("rating kernels: ...")
+    assert require_kernels().implementation == ENVIRONMENT_KERNELS
