@@ -27,7 +27,7 @@ from creditline.charging.kernels import (
 )
 from creditline.charging.rating import BandedRater
 from creditline.settings import Settings
-from creditline.store.contract import MAX_SAFE_INTEGER
+from creditline.store.contract import MAX_SAFE_INTEGER, EventBlockAnswer, SessionBlockAnswer
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
 from hypothesis import given
@@ -236,6 +236,27 @@ def test_credit_control_checks_agree(request: pb.CreditControlRequest, initial: 
 def test_event_checks_agree(request: pb.EventRequest) -> None:
     assert (COMPILED.module.validate_event(request, RULES, NOW_MS)
             == PURE.module.validate_event(request, RULES, NOW_MS))
+
+
+def test_the_kernels_read_the_answer_fields_in_the_contracts_order() -> None:
+    # the script writes its block fields in the order contract.py names them
+    session = SessionBlockAnswer(rg="7.3", code="2001", unit="v", granted="1000",
+                                 charged="42", final="2", expires_in_s="60")
+    event = EventBlockAnswer(rg="8", code="2001", unit="s", units="3", amount="150",
+                             from_buckets="1")
+    for kernels in BOTH:
+        answer = pb.CreditControlAnswer.FromString(kernels.module.encode_credit_control(
+            "2001;" + ",".join(session), "s", 1, PLAN_TIMES, final_unit_of))
+        item = answer.rating_groups[0]
+        assert (item.rating_group, item.service_id, item.result_code, item.granted.total_octets,
+                item.charged_micros, item.final_unit_indication.action,
+                item.validity_time_s) == (7, 3, pb.SUCCESS, 1000, 42, pb.REDIRECT, 60)
+        event_answer = pb.EventAnswer.FromString(kernels.module.encode_event(
+            "2001;" + ",".join(event) + ";B99,1", "e", 0))
+        block_answer = event_answer.rating_groups[0]
+        assert (block_answer.rating_group, block_answer.units.service_specific_units,
+                block_answer.amount_micros, block_answer.units_from_buckets,
+                event_answer.balance_micros, event_answer.sufficient) == (8, 3, 150, 1, 99, True)
 
 
 def test_the_kernels_know_the_protocols_values() -> None:
