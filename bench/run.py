@@ -97,14 +97,15 @@ ROUND_TRIP_FLOOR = "roundtrip"
 class ServerProcess:
     """A gRPC server child process (Creditline or the baseline) with its log in a file."""
 
-    def __init__(self, name: str, args: list[str], port: int, log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], port: int, log_dir: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = port
         self.target = f"127.0.0.1:{port}"
         self.log_path = log_dir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(args, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                        stdout=self._log, stderr=subprocess.STDOUT)
+                                        stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.ps = psutil.Process(self.process.pid)
 
     async def wait_ready(self) -> None:

@@ -242,3 +242,434 @@ def affordable_batch(list schedules, const long long[:] schedule_index,
             raise ValueError(f"request {i}: values must be between 0 and {MAX_SAFE}")
         result[i] = schedule._affordable(start, amount, wanted)
     return out
+
+
+# ---------------------------------------------------------------- the request path
+# Twin of kernels_py.py's request path (same functions, same results, same messages): the
+# request's checks, and the script's answer string written straight into the answer's
+# protobuf wire bytes through a C buffer (the generated classes are the reference:
+# tests/test_request_path.py). A refusal is (result code, message naming the field).
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+SUCCESS = 2001
+INVALID_AVP_VALUE = 5004
+MISSING_AVP = 5005
+UNABLE_TO_COMPLY = 5012
+FAILURE_HANDLING_RETRY_AND_TERMINATE = 3
+REFUND = 2
+EVENT_ACTION_MAX = 4
+
+cdef int _SUCCESS = 2001
+cdef int _INVALID = 5004
+cdef int _MISSING = 5005
+cdef int _RETRY_AND_TERMINATE = 3
+
+
+cdef inline bint _account_char(Py_UCS4 c) noexcept:
+    # account ids become part of Redis keys inside the hash tag: no braces, no spaces
+    return (u'a' <= c <= u'z' or u'A' <= c <= u'Z' or u'0' <= c <= u'9'
+            or c == u'.' or c == u'_' or c == u':' or c == u'@' or c == u'+' or c == u'-')
+
+
+def check_session_id(str session_id, str field, Py_ssize_t max_bytes):
+    """A session id (in `field`): 1..max_bytes of printable text."""
+    if not session_id:
+        return _MISSING, f"{field}: missing"
+    if len(session_id.encode()) > max_bytes:
+        return _INVALID, f"{field}: longer than {max_bytes} bytes"
+    if not session_id.isprintable():
+        return _INVALID, f"{field}: contains control characters"
+    return None
+
+
+def check_ids(str session_id, str account_id, Py_ssize_t max_session_id_bytes,
+              Py_ssize_t max_account_id_bytes):
+    cdef Py_UCS4 c
+    refusal = check_session_id(session_id, "session_id", max_session_id_bytes)
+    if refusal:
+        return refusal
+    if not account_id:
+        return _MISSING, "account_id: missing"
+    if len(account_id.encode()) > max_account_id_bytes:
+        return _INVALID, f"account_id: longer than {max_account_id_bytes} bytes"
+    for c in account_id:
+        if not _account_char(c):
+            return _INVALID, "account_id: only letters, digits and . _ : @ + - are allowed"
+    return None
+
+
+def check_event_time(long long event_time_unix_ms, long long now_ms,
+                     long long max_event_age_s, long long max_event_ahead_s):
+    """0 means now; anything else must lie in the accepted window around the clock."""
+    if event_time_unix_ms == 0:
+        return None
+    if not (now_ms - max_event_age_s * 1000 <= event_time_unix_ms
+            <= now_ms + max_event_ahead_s * 1000):
+        return _INVALID, (
+            f"event_time_unix_ms: {event_time_unix_ms} is outside the accepted window: at "
+            f"most max_event_age_s ({max_event_age_s} s) before the server's clock "
+            f"({now_ms}) and max_event_ahead_s ({max_event_ahead_s} s) after it; 0 means now")
+    return None
+
+
+cdef object _check_request(object request, tuple rules, long long now_ms):
+    return (check_ids(request.session_id, request.account_id, rules[0], rules[1])
+            or check_event_time(request.event_time_unix_ms, now_ms, rules[2], rules[3]))
+
+
+cdef object _check_units(object units, str where):
+    cdef uint64_t uplink = units.uplink_octets, downlink = units.downlink_octets
+    cdef uint64_t limit = <uint64_t>MAX_SAFE
+    if units.time_s > limit:
+        return _INVALID, f"{where}.time_s: above the limit of {MAX_SAFE}"
+    if units.total_octets > limit:
+        return _INVALID, f"{where}.total_octets: above the limit of {MAX_SAFE}"
+    if uplink > limit:
+        return _INVALID, f"{where}.uplink_octets: above the limit of {MAX_SAFE}"
+    if downlink > limit:
+        return _INVALID, f"{where}.downlink_octets: above the limit of {MAX_SAFE}"
+    if units.service_specific_units > limit:
+        return _INVALID, f"{where}.service_specific_units: above the limit of {MAX_SAFE}"
+    if uplink + downlink > limit:
+        return _INVALID, f"{where}: uplink_octets + downlink_octets above the limit"
+    return None
+
+
+def check_blocks(blocks, tuple rules, bint need_units):
+    """The rating-group blocks: at most rules[4], each (rating group, service id) once, a
+    known reporting reason (rules[5]), units below 2^53, `requested` when need_units."""
+    cdef Py_ssize_t index
+    if len(blocks) > rules[4]:
+        return _INVALID, f"rating_groups: more than {rules[4]} blocks"
+    seen = set()
+    reasons = rules[5]
+    for index, block in enumerate(blocks):
+        key = (block.rating_group, block.service_id if block.HasField("service_id") else None)
+        if key in seen:
+            return (_INVALID, f"rating_groups[{index}].rating_group: "
+                    f"{block.rating_group} appears twice")
+        seen.add(key)
+        if block.reporting_reason not in reasons:
+            return (_INVALID, f"rating_groups[{index}].reporting_reason: unknown value "
+                    f"{block.reporting_reason}")
+        if need_units and not block.HasField("requested"):
+            return _MISSING, f"rating_groups[{index}].requested: missing"
+        refusal = (_check_units(block.requested, f"rating_groups[{index}].requested")
+                   or _check_units(block.used, f"rating_groups[{index}].used"))
+        if refusal:
+            return refusal
+    return None
+
+
+def validate_credit_control(request, bint initial, tuple rules, long long now_ms):
+    """The first thing wrong with a CreditControlRequest (Initial when `initial`)."""
+    refusal = _check_request(request, rules, now_ms)
+    if refusal:
+        return refusal
+    cdef unsigned long long number = request.request_number
+    if initial and number != 0:
+        return _INVALID, "request_number: must be 0 on Initial"
+    if not initial and number == 0:
+        return _INVALID, "request_number: must be above 0 after Initial"
+    return check_blocks(request.rating_groups, rules, False)
+
+
+def validate_event(request, tuple rules, long long now_ms):
+    """The first thing wrong with an EventRequest."""
+    refusal = _check_request(request, rules, now_ms)
+    if refusal:
+        return refusal
+    cdef long long action = request.action
+    if action == 0:
+        return _MISSING, "action: missing"
+    if not 0 < action <= EVENT_ACTION_MAX:
+        return _INVALID, f"action: unknown value {action}"
+    refusal = _check_refund_of(request, rules, action)
+    if refusal:
+        return refusal
+    if not request.rating_groups:
+        return _MISSING, "rating_groups: at least one is required"
+    return check_blocks(request.rating_groups, rules, True)
+
+
+cdef object _check_refund_of(object request, tuple rules, long long action):
+    """A refund names the charge it reverses; nothing else names one."""
+    cdef str refund_of = request.refund_of_session_id
+    if action != REFUND:
+        if refund_of:
+            return _INVALID, "refund_of_session_id: only with action REFUND"
+        return None
+    if not refund_of:
+        return _MISSING, (
+            "refund_of_session_id: missing: a REFUND names the session id of the event or "
+            "session whose charge it reverses (a credit that reverses no charge is an Admin "
+            "adjustment)")
+    if refund_of == request.session_id:
+        return _INVALID, ("refund_of_session_id: the refund's own session_id; a "
+                          "refund has a session id of its own")
+    return check_session_id(refund_of, "refund_of_session_id", rules[0])
+
+
+# A growing byte buffer in C: an answer is written field by field, its submessages into
+# buffers of their own and then copied in behind their length.
+cdef struct Buffer:
+    unsigned char* data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef int _reserve(Buffer* out, Py_ssize_t more) except -1:
+    cdef Py_ssize_t capacity
+    cdef unsigned char* grown
+    if out.size + more <= out.capacity:
+        return 0
+    capacity = out.capacity * 2 if out.capacity else 256
+    if capacity < out.size + more:
+        capacity = out.size + more
+    grown = <unsigned char*>realloc(out.data, capacity)
+    if grown == NULL:
+        raise MemoryError()
+    out.data, out.capacity = grown, capacity
+    return 0
+
+
+cdef int _varint(Buffer* out, uint64_t value) except -1:
+    _reserve(out, 10)
+    while value > 0x7F:
+        out.data[out.size] = <unsigned char>((value & 0x7F) | 0x80)
+        out.size += 1
+        value >>= 7
+    out.data[out.size] = <unsigned char>value
+    out.size += 1
+    return 0
+
+
+cdef inline int _present(Buffer* out, unsigned char tag, uint64_t value) except -1:
+    # an optional field (or a oneof member): written when set, 0 included
+    _reserve(out, 1)
+    out.data[out.size] = tag
+    out.size += 1
+    return _varint(out, value)
+
+
+cdef inline int _number(Buffer* out, unsigned char tag, uint64_t value) except -1:
+    # a field without presence: absent when 0 (a negative int64 is its two's complement)
+    if value:
+        _present(out, tag, value)
+    return 0
+
+
+cdef int _chunk(Buffer* out, unsigned char tag, const unsigned char* data,
+                Py_ssize_t size) except -1:
+    _present(out, tag, <uint64_t>size)
+    _reserve(out, size)
+    if size:
+        memcpy(out.data + out.size, data, size)
+    out.size += size
+    return 0
+
+
+cdef int _text(Buffer* out, unsigned char tag, str text) except -1:
+    cdef bytes data
+    if text:
+        data = text.encode()
+        _chunk(out, tag, data, len(data))
+    return 0
+
+
+cdef inline void _clear(Buffer* out) noexcept:
+    out.size = 0
+
+
+cdef class _Writer:
+    """The buffers of one answer: the message, a block, a block's submessage."""
+    cdef Buffer message
+    cdef Buffer block
+    cdef Buffer inner
+
+    def __dealloc__(self):
+        free(self.message.data)
+        free(self.block.data)
+        free(self.inner.data)
+
+    cdef bytes result(self):
+        return (<char*>self.message.data)[:self.message.size] if self.message.size else b""
+
+
+cdef tuple _split_answer(str answer):
+    """'<code>;<block>;...' -> (code, blocks as fields, refusal reason or '')."""
+    cdef list parts = answer.split(";")
+    code = int(parts[0])
+    if len(parts) > 1 and (<str>parts[1]).startswith("!"):
+        return code, [], (<str>parts[1])[1:]
+    return code, [(<str>p).split(",") for p in parts[1:]], ""
+
+
+cdef inline int _unit_field(str unit) noexcept:
+    if unit == "t":
+        return 1
+    if unit == "v":
+        return 2
+    if unit == "s":
+        return 5
+    return 0
+
+
+cdef long long _block_id(Buffer* out, str block_id, long long* service_id) except? -2:
+    """Writes '<rating group>' or '<rating group>.<service id>' (fields 1 and 2); the
+    rating group, its service id in *service_id (-1: none)."""
+    rating_group, _, service = block_id.partition(".")
+    cdef long long group = int(rating_group)
+    _number(out, 0x08, <uint64_t>group)
+    service_id[0] = -1
+    if service:
+        service_id[0] = int(service)
+        _present(out, 0x10, <uint64_t>service_id[0])
+    return group
+
+
+def encode_credit_control(str answer, str session_id, unsigned long long request_number,
+                          tuple plan_times, final_unit_of):
+    """The CreditControlAnswer's wire bytes from the script's answer alone (a stored answer
+    encodes the same whatever the retransmission carries). plan_times: the plan's
+    (validity_time_s, quota_holding_time_s, quota_threshold_percent); final_unit_of(rating
+    group, service id): the tariff's (redirect address, restriction filter ids)."""
+    cdef _Writer writer = _Writer()
+    code, fields, reason = _split_answer(answer)
+    _text(&writer.message, 0x0A, session_id)
+    _number(&writer.message, 0x10, request_number)
+    _number(&writer.message, 0x18, <uint64_t><long long>code)
+    for values in fields:
+        _rating_group_answer(writer, values, plan_times, final_unit_of)
+        _chunk(&writer.message, 0x22, writer.block.data, writer.block.size)
+    _number(&writer.message, 0x28, _RETRY_AND_TERMINATE)
+    _text(&writer.message, 0x32, reason)
+    return writer.result()
+
+
+cdef int _rating_group_answer(_Writer writer, list values, tuple plan_times,
+                              object final_unit_of) except -1:
+    cdef Buffer* out = &writer.block
+    cdef long long service_id, code, granted, validity_s, expires_s
+    cdef int field
+    block_id, code_text, unit, granted_text, charged, final, expires_in_s = values
+    _clear(out)
+    group = _block_id(out, block_id, &service_id)
+    code, granted = int(code_text), int(granted_text)
+    _number(out, 0x18, <uint64_t>code)
+    field = _unit_field(unit)
+    if field and code == _SUCCESS and granted != 0:
+        _clear(&writer.inner)
+        _present(&writer.inner, <unsigned char>(field << 3), <uint64_t>granted)
+        _chunk(out, 0x22, writer.inner.data, writer.inner.size)
+        validity_s = plan_times[0]
+        # a grant from a bucket ends no later than the bucket (Validity-Time)
+        expires_s = int(expires_in_s)
+        _number(out, 0x28, <uint64_t>(validity_s if expires_s == 0 or expires_s > validity_s
+                                      else expires_s))
+        if field != 5:  # a volume or time threshold: the client re-asks there
+            _present(out, 0x30 if field == 2 else 0x38,
+                     <uint64_t>(granted * <long long>plan_times[2] // 100))
+        _number(out, 0x40, <uint64_t><long long>plan_times[1])
+        if final != "0":
+            _final_unit(writer, int(final), group, service_id, final_unit_of)
+            _chunk(out, 0x4A, writer.inner.data, writer.inner.size)
+    _number(out, 0x50, <uint64_t><long long>int(charged))
+    return 0
+
+
+cdef int _final_unit(_Writer writer, long long action, long long group, long long service_id,
+                     object final_unit_of) except -1:
+    cdef Buffer* out = &writer.inner
+    cdef bytes data
+    _clear(out)
+    _number(out, 0x08, <uint64_t>action)
+    redirect, filter_ids = final_unit_of(group, None if service_id < 0 else service_id)
+    _text(out, 0x12, redirect)
+    for filter_id in filter_ids:
+        data = (<str>filter_id).encode()
+        _chunk(out, 0x1A, data, len(data))  # repeated: empty strings too
+    return 0
+
+
+def encode_event(str answer, str session_id, unsigned long long request_number):
+    """The EventAnswer's wire bytes from the script's answer alone."""
+    cdef _Writer writer = _Writer()
+    cdef long long balance = 0
+    cdef bint sufficient = False
+    code, fields, reason = _split_answer(answer)
+    _text(&writer.message, 0x0A, session_id)
+    _number(&writer.message, 0x10, request_number)
+    _number(&writer.message, 0x18, <uint64_t><long long>code)
+    cdef list blocks = fields
+    cdef Py_ssize_t count = len(blocks)
+    # (no negative indexes: wraparound is off) the balance comes last
+    if count and (<str>blocks[count - 1][0]).startswith("B"):
+        last = blocks[count - 1]
+        balance, sufficient = int(last[0][1:]), last[1] == "1"
+        count -= 1
+    for values in blocks[:count]:
+        _event_block_answer(writer, values)
+        _chunk(&writer.message, 0x22, writer.block.data, writer.block.size)
+    _number(&writer.message, 0x28, <uint64_t>balance)
+    _number(&writer.message, 0x30, 1 if sufficient else 0)
+    _text(&writer.message, 0x3A, reason)
+    return writer.result()
+
+
+cdef int _event_block_answer(_Writer writer, list values) except -1:
+    cdef Buffer* out = &writer.block
+    cdef long long service_id
+    cdef int field
+    block_id, code, unit, units, amount, from_buckets = values
+    _clear(out)
+    _block_id(out, block_id, &service_id)
+    _number(out, 0x18, <uint64_t><long long>int(code))
+    field = _unit_field(unit)
+    if field:
+        _clear(&writer.inner)
+        _present(&writer.inner, <unsigned char>(field << 3), <uint64_t><long long>int(units))
+        _chunk(out, 0x22, writer.inner.data, writer.inner.size)
+    _number(out, 0x28, <uint64_t><long long>int(amount))
+    _number(out, 0x30, <uint64_t><long long>int(from_buckets))
+    return 0
+
+
+def encode_credit_control_refusal(str session_id, unsigned long long request_number,
+                                  long long code, str message):
+    """A CreditControlAnswer refusing the request: nothing was charged."""
+    # nothing was applied when the store failed: retransmitting is safe, and is what the
+    # client should do
+    cdef int failure = _RETRY_AND_TERMINATE if code == UNABLE_TO_COMPLY else 0
+    return _refusal(session_id, request_number, code, failure, 0x32, message)
+
+
+def encode_event_refusal(str session_id, unsigned long long request_number, long long code,
+                         str message):
+    """An EventAnswer refusing the request."""
+    return _refusal(session_id, request_number, code, 0, 0x3A, message)
+
+
+cdef bytes _refusal(str session_id, unsigned long long request_number, long long code,
+                    int failure_handling, unsigned char message_tag, str message):
+    # both answers begin with session_id, request_number, result_code (fields 1 to 3);
+    # failure_handling is field 5 of a CreditControlAnswer
+    cdef _Writer writer = _Writer()
+    _text(&writer.message, 0x0A, session_id)
+    _number(&writer.message, 0x10, request_number)
+    _number(&writer.message, 0x18, <uint64_t>code)
+    _number(&writer.message, 0x28, <uint64_t>failure_handling)
+    _text(&writer.message, message_tag, message)
+    return writer.result()
+
+
+def encode_stream_answer(unsigned long long correlation_id, int field_number, bytes answer):
+    """A StreamAnswer holding an encoded answer in its oneof field `field_number`."""
+    cdef _Writer writer = _Writer()
+    _number(&writer.message, 0x08, correlation_id)
+    # a oneof member: written even when empty
+    _chunk(&writer.message, <unsigned char>(field_number << 3 | 2), answer, len(answer))
+    return writer.result()

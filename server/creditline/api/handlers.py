@@ -3,6 +3,10 @@ INVALID_ARGUMENT naming the message type, not gRPC's INTERNAL "Exception deseria
 request!". The deserializer never raises: it hands an `Unparsable` to the method wrapper,
 which answers it; the call wrapper (interceptors.CallWrapper) still sees parsed messages
 for every good request.
+
+A servicer may answer with the message's wire bytes (the Charging service does: the rating
+kernels write them): they are sent as they are. The call wrapper, when there is one, reads
+answers as messages (spans, metrics): it gets them parsed from those bytes.
 """
 
 from __future__ import annotations
@@ -50,15 +54,22 @@ async def _refuse(request: Unparsable, context: Context) -> Message:
     raise AssertionError("abort raises")
 
 
-def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHandler[Any, Any]:
+def _handler(method: MethodDescriptor, implementation: Any, wrapped: bool
+             ) -> grpc.RpcMethodHandler[Any, Any]:
     parse = _deserializer(GetMessageClass(method.input_type))
-    serialize = GetMessageClass(method.output_type).SerializeToString
+    answer_class = GetMessageClass(method.output_type)
+    serialize = _passing_bytes(answer_class)
 
     # A good request is checked without a coroutine of its own (every call pays for one).
     async def one(request: Message | Unparsable, context: Context) -> Any:
         if isinstance(request, Unparsable):
             await _refuse(request, context)
         return await implementation(request, context)
+
+    async def one_as_message(request: Message | Unparsable, context: Context) -> Any:
+        # for the call wrapper: the answer as a message, whatever the servicer wrote
+        answer = await one(request, context)
+        return answer_class.FromString(answer) if isinstance(answer, bytes) else answer
 
     async def each(requests: AsyncIterator[Message | Unparsable], context: Context
                    ) -> AsyncIterator[Message]:
@@ -75,12 +86,12 @@ def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHan
             both, request_deserializer=parse, response_serializer=serialize)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(
-            one, request_deserializer=parse,
-            response_serializer=_passing_bytes(GetMessageClass(method.output_type)))
+            one, request_deserializer=parse, response_serializer=serialize)
     if method.client_streaming:
         raise NotImplementedError(f"{method.full_name}: client streaming alone is not used")
     return grpc.unary_unary_rpc_method_handler(
-        one, request_deserializer=parse, response_serializer=serialize)
+        one_as_message if wrapped else one, request_deserializer=parse,
+        response_serializer=serialize)
 
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
@@ -124,7 +135,8 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
     """Registers a servicer; `wrap` (the span, metrics and role check) gets each method's
     handler with its full name `/<service>/<method>` and returns the one to serve;
     `see_call` sees each call's details (method, metadata) before its handler runs."""
-    handlers = {m.name: _handler(m, getattr(servicer, m.name)) for m in service.methods}
+    handlers = {m.name: _handler(m, getattr(servicer, m.name), wrap is not None)
+                for m in service.methods}
     if wrap is not None:
         handlers = {name: wrap(f"/{service.full_name}/{name}", handler)
                     for name, handler in handlers.items()}

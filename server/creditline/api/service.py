@@ -12,13 +12,14 @@ import grpc
 from redis.exceptions import RedisError
 
 from creditline.api import messages
+from creditline.charging.kernels import Kernels, require_kernels
 from creditline.charging.rating import Plan, Rater, UnitKind
 from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
 from creditline.store.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,51 +47,58 @@ async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
         raise StoreUnavailableError(repr(error)) from error
 
 
-class ChargingService(charging_pb2_grpc.ChargingServicer):
+# The StreamAnswer field an answer goes in: credit_control (2) or event (3).
+_CREDIT_CONTROL_FIELD, _EVENT_FIELD = 2, 3
+_STORE_UNAVAILABLE = (messages.UNABLE_TO_COMPLY, "charging store unavailable: retry, then "
+                      "apply failure handling")
+_EVENT_STORE_UNAVAILABLE = (messages.UNABLE_TO_COMPLY, "charging store unavailable: retry")
+
+
+class ChargingService:
+    """The Charging service (methods found by name: handlers.add_service). Its answers are
+    wire bytes written by the rating kernels (messages.RequestPath); the handlers send them
+    as they are."""
+
     def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings, *,
-                 charge_calls_bounded: bool = False) -> None:
+                 charge_calls_bounded: bool = False, kernels: Kernels | None = None) -> None:
         self._store = store
         self._plan = plan
         self._rater = rater
         self._settings = settings
+        # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so
+        self.path = messages.RequestPath(kernels or require_kernels(), plan, settings)
         # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
         # path): no timer of ours per request
         self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
         self._supervision_ms = int(plan.validity_time_s * 1000 * settings.supervision_factor)
 
-    async def Initial(self, request: pb.CreditControlRequest, context: Context
-                      ) -> pb.CreditControlAnswer:
+    async def Initial(self, request: pb.CreditControlRequest, context: Context) -> bytes:
         return await self._credit_control(request, RequestKind.INITIAL)
 
-    async def Update(self, request: pb.CreditControlRequest, context: Context
-                     ) -> pb.CreditControlAnswer:
+    async def Update(self, request: pb.CreditControlRequest, context: Context) -> bytes:
         return await self._credit_control(request, RequestKind.UPDATE)
 
-    async def Terminate(self, request: pb.CreditControlRequest,
-                        context: Context) -> pb.CreditControlAnswer:
+    async def Terminate(self, request: pb.CreditControlRequest, context: Context) -> bytes:
         return await self._credit_control(request, RequestKind.TERMINATE)
 
-    async def _credit_control(self, request: pb.CreditControlRequest, kind: RequestKind,
-                              into: pb.CreditControlAnswer | None = None
-                              ) -> pb.CreditControlAnswer:
-        """The answer; written into `into` when given (a StreamAnswer's field)."""
+    async def _credit_control(self, request: pb.CreditControlRequest, kind: RequestKind
+                              ) -> bytes:
+        """The CreditControlAnswer's wire bytes."""
         now_ms = int(time.time() * 1000)
-        refusal = messages.validate_credit_control(request, kind, self._settings, now_ms)
-        if refusal:
-            return messages.refusal_answer(request, refusal, into)
-        event_time_ms = request.event_time_unix_ms or now_ms
+        refused = self.path.check_credit_control(request, kind, now_ms)
+        if refused:
+            return self.path.refusal(request, refused)
         answer = await self._charge(kind, request, now_ms, EventAction.NONE, default_grant=True)
         if answer is None:
-            return messages.refusal_answer(request, messages.Refusal(
-                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry, then apply failure "
-                "handling"), into)
-        return messages.decode_credit_control(answer, request, self._plan, event_time_ms, into)
+            return self.path.refusal(request, _STORE_UNAVAILABLE)
+        return self.path.credit_control_answer(
+            answer, request, request.event_time_unix_ms or now_ms)
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
-                     ) -> AsyncIterator[pb.StreamAnswer]:
+                     ) -> AsyncIterator[bytes | pb.StreamAnswer]:
         """Answers each request as soon as it is done; at most max_in_flight_per_stream
         at once. One writer: answers go through a queue to this generator."""
-        answers: asyncio.Queue[pb.StreamAnswer | None] = asyncio.Queue()
+        answers: asyncio.Queue[bytes | pb.StreamAnswer | None] = asyncio.Queue()
         in_flight = asyncio.Semaphore(self._settings.max_in_flight_per_stream)
         tasks: set[asyncio.Task[None]] = set()
 
@@ -127,21 +135,18 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
             for task in tasks:
                 task.cancel()
 
-    async def _stream_answer(self, request: pb.StreamRequest) -> pb.StreamAnswer:
+    async def _stream_answer(self, request: pb.StreamRequest) -> bytes:
         which = request.WhichOneof("request")
-        result = pb.StreamAnswer(correlation_id=request.correlation_id)
-        # the answer is decoded straight into the StreamAnswer's field: no copy
         if which == "event":
-            result.event.SetInParent()
-            await self._event(request.event, result.event)
+            answer, field = await self._event(request.event), _EVENT_FIELD
         elif which is not None and (kind := _STREAM_KINDS.get(which)) is not None:
-            result.credit_control.SetInParent()
-            await self._credit_control(getattr(request, which), kind, result.credit_control)
+            answer = await self._credit_control(getattr(request, which), kind)
+            field = _CREDIT_CONTROL_FIELD
         else:
-            result.credit_control.result_code = pb.MISSING_AVP
-            result.credit_control.error_message = "request: missing (initial, update, " \
-                "terminate or event)"
-        return result
+            answer = self.path.refusal(pb.CreditControlRequest(), (
+                messages.MISSING, "request: missing (initial, update, terminate or event)"))
+            field = _CREDIT_CONTROL_FIELD
+        return self.path.stream_answer(request.correlation_id, field, answer)
 
     async def _charge(self, kind: RequestKind,
                       request: pb.CreditControlRequest | pb.EventRequest,
@@ -161,23 +166,22 @@ class ChargingService(charging_pb2_grpc.ChargingServicer):
         except StoreUnavailableError:
             return None
 
-    async def Event(self, request: pb.EventRequest, context: Context) -> pb.EventAnswer:
+    async def Event(self, request: pb.EventRequest, context: Context) -> bytes:
         return await self._event(request)
 
-    async def _event(self, request: pb.EventRequest, into: pb.EventAnswer | None = None
-                     ) -> pb.EventAnswer:
+    async def _event(self, request: pb.EventRequest) -> bytes:
+        """The EventAnswer's wire bytes."""
         now_ms = int(time.time() * 1000)
-        refusal = messages.validate_event(request, self._settings, now_ms)
-        if refusal:
-            return messages.event_refusal_answer(request, refusal, into)
+        refused = self.path.check_event(request, now_ms)
+        if refused:
+            return self.path.event_refusal(request, refused)
         answer = await self._charge(
             RequestKind.EVENT, request, now_ms, messages.EVENT_ACTIONS[request.action],
             default_grant=False,
             refund_of=request.refund_of_session_id)
         if answer is None:
-            return messages.event_refusal_answer(request, messages.Refusal(
-                pb.UNABLE_TO_COMPLY, "charging store unavailable: retry"), into)
-        return messages.decode_event(answer, request, into)
+            return self.path.event_refusal(request, _EVENT_STORE_UNAVAILABLE)
+        return self.path.event_answer(answer, request)
 
 
 def _failed_stream_answer(request: pb.StreamRequest) -> pb.StreamAnswer:
@@ -200,9 +204,11 @@ _UNIT_KIND_ENUMS = {name: value for value, name in _UNIT_KIND_NAMES.items()}
 class AdminService(admin_pb2_grpc.AdminServicer):
     """Accounts, top-ups, buckets and balances. Bad input: INVALID_ARGUMENT naming the field."""
 
-    def __init__(self, store: Store, settings: Settings) -> None:
+    def __init__(self, store: Store, settings: Settings, kernels: Kernels | None = None
+                 ) -> None:
         self._store = store
         self._settings = settings
+        self._kernels = (kernels or require_kernels()).module
 
     async def _run(self, context: Context, call: Callable[[], Awaitable[T]]
                    ) -> T:
@@ -214,9 +220,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
 
     async def _check_account_id(self, account_id: str, context: Context
                                 ) -> None:
-        refusal = messages.check_ids("-", account_id, self._settings)
-        if refusal:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal.message)
+        refused = self._kernels.check_ids("-", account_id, self._settings.max_session_id_bytes,
+                                          self._settings.max_account_id_bytes)
+        if refused:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[1])
 
     async def _operate(self, context: Context, account_id: str, operation: str,
                        *args: int | str) -> admin_pb.Account:

@@ -6,26 +6,28 @@ The compiled module is chosen by default. CREDITLINE_PURE_RATING=1 forces the pu
 rather than run 30 times slower unnoticed: `require_kernels` refuses it unless
 CREDITLINE_ALLOW_PURE_RATING=1 says the pure path is acceptable.
 
-Both modules are loaded by name (importlib) and typed by the protocols below, so that the
-type checker needs neither the compiled module nor the native/ directory.
+Both modules are imported by their names; `KernelModule` below is what the charging path
+uses of them, and mypy checks both against it where they are imported (the compiled one
+through its stub, native/kernels.pyi). The request path's messages are protobuf messages,
+typed Any here: only api speaks protobuf (tests/test_static.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
-from creditline.charging.rating import PriceSchedule
 from creditline.errors import KernelsUnavailableError
+
+if TYPE_CHECKING:  # rating.py prices with these kernels
+    from creditline.charging.rating import PriceSchedule
 
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"
 COMPILED_MODULE = "creditline.native.kernels"
-PURE_MODULE = "creditline.native.kernels_py"
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -45,6 +47,14 @@ class KernelScheduleFactory(Protocol):
                  increments: Sequence[int], prices: Sequence[int]) -> KernelSchedule: ...
 
 
+# (max_session_id_bytes, max_account_id_bytes, max_event_age_s, max_event_ahead_s,
+# max_rating_groups_per_request, the known reporting reasons)
+RequestRules = tuple[int, int, int, int, int, frozenset[int]]
+Refused = tuple[int, str] | None  # (result code, message naming the field)
+# (rating group, service id) -> the tariff's (redirect address, restriction filter ids)
+FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
+
+
 class KernelModule(Protocol):
     MAX_SAFE_INTEGER: int
     MAX_SEGMENTS: int
@@ -53,11 +63,28 @@ class KernelModule(Protocol):
 
     @property
     def Schedule(self) -> KernelScheduleFactory: ...
-    def cost_batch(self, schedules: list[KernelSchedule], schedule_index: array[int],
+    # schedules: this module's own Schedule objects (Kernels.schedule), which no type states
+    def cost_batch(self, schedules: list[Any], schedule_index: array[int],
                    from_units: array[int], units: array[int]) -> array[int]: ...
-    def affordable_batch(self, schedules: list[KernelSchedule], schedule_index: array[int],
+    def affordable_batch(self, schedules: list[Any], schedule_index: array[int],
                          from_units: array[int], amounts_micros: array[int],
                          wanted_units: array[int]) -> array[int]: ...
+    # the request path (see native/kernels_py.py)
+    def check_ids(self, session_id: str, account_id: str, max_session_id_bytes: int,
+                  max_account_id_bytes: int) -> Refused: ...
+    def validate_credit_control(self, request: Any, initial: bool, rules: RequestRules,
+                                now_ms: int) -> Refused: ...
+    def validate_event(self, request: Any, rules: RequestRules, now_ms: int) -> Refused: ...
+    def encode_credit_control(self, answer: str, session_id: str, request_number: int,
+                              plan_times: tuple[int, int, int],
+                              final_unit_of: FinalUnitOf) -> bytes: ...
+    def encode_event(self, answer: str, session_id: str, request_number: int) -> bytes: ...
+    def encode_credit_control_refusal(self, session_id: str, request_number: int, code: int,
+                                      message: str) -> bytes: ...
+    def encode_event_refusal(self, session_id: str, request_number: int, code: int,
+                             message: str) -> bytes: ...
+    def encode_stream_answer(self, correlation_id: int, field_number: int,
+                             answer: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,32 +109,41 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
 
 
 def pure_kernels() -> Kernels:
-    return Kernels("pure", cast(KernelModule, importlib.import_module(PURE_MODULE)), "")
+    from creditline.native import kernels_py
+
+    module: KernelModule = kernels_py  # checked by mypy against the protocol
+    return Kernels("pure", module, "")
 
 
 def compiled_kernels() -> Kernels:
     """The compiled kernels; ImportError when the build did not produce them."""
-    return Kernels("compiled", cast(KernelModule, importlib.import_module(COMPILED_MODULE)), "")
+    from creditline.native import kernels
+
+    module: KernelModule = kernels  # checked against the protocol through kernels.pyi
+    return Kernels("compiled", module, "")
 
 
-def select_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
+def select_kernels(environ: Mapping[str, str] | None = None,
+                   load_compiled: Callable[[], Kernels] = compiled_kernels) -> Kernels:
     """The compiled kernels unless CREDITLINE_PURE_RATING forces the pure path; the pure
-    ones (with the reason in compiled_error) when the compiled module cannot be loaded."""
+    ones (with the reason in compiled_error) when the compiled module cannot be loaded
+    (load_compiled: how, for a test of a build without them)."""
     env = os.environ if environ is None else environ
     if _flag(env, PURE_ENV):
         return pure_kernels()
     try:
-        return compiled_kernels()
+        return load_compiled()
     except ImportError as error:
         fallback = pure_kernels()
         return Kernels(fallback.implementation, fallback.module, str(error))
 
 
-def require_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
+def require_kernels(environ: Mapping[str, str] | None = None,
+                    load_compiled: Callable[[], Kernels] = compiled_kernels) -> Kernels:
     """select_kernels, refusing a silent fall-back: the pure path only when forced
     (CREDITLINE_PURE_RATING) or allowed (CREDITLINE_ALLOW_PURE_RATING)."""
     env = os.environ if environ is None else environ
-    kernels = select_kernels(env)
+    kernels = select_kernels(env, load_compiled)
     if kernels.compiled_error and not _flag(env, ALLOW_PURE_ENV):
         raise KernelsUnavailableError(
             f"the compiled rating kernels ({COMPILED_MODULE}) cannot be loaded: "
@@ -117,6 +153,7 @@ def require_kernels(environ: Mapping[str, str] | None = None) -> Kernels:
     return kernels
 
 
-def rating_implementation(environ: Mapping[str, str] | None = None) -> str:
+def rating_implementation(environ: Mapping[str, str] | None = None,
+                          load_compiled: Callable[[], Kernels] = compiled_kernels) -> str:
     """"compiled" or "pure": what select_kernels picks, for the start-up log."""
-    return select_kernels(environ).implementation
+    return select_kernels(environ, load_compiled).implementation

@@ -12,7 +12,7 @@ the charging script (store/lua/charge/) turns the table into a `PriceSchedule` t
 atomically with the balance: a piecewise-linear price list of segments that it walks for
 costs and grants. `RateTable.schedule` and `PriceSchedule.cost / max_units_within` here
 are the reference for the Lua functions of the same names; the tests check that they
-agree, and the compiled kernels (native/) compute the same costs and grants.
+agree. PriceSchedule prices with the rating kernels (native/).
 
 Every segment end falls on an increment boundary of the session, so an increment is never
 split: an increment that starts in a band (or tier) is priced by that band (or tier) whole.
@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from creditline.charging.kernels import KernelSchedule, select_kernels
 from creditline.errors import PlanError
 from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
 
@@ -62,6 +63,9 @@ MAX_BANDS_PER_TARIFF = 16
 MAX_TIERS_PER_TARIFF = 16
 MINUTES_PER_DAY = 24 * 60
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")  # datetime.weekday() order
+# What prices a PriceSchedule: chosen once, as the server chooses (creditline serve refuses
+# to start on a silent fall-back to the twin; this module only prices).
+_PRICING = select_kernels()
 
 
 class UnitKind(enum.Enum):
@@ -88,49 +92,32 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class PriceSchedule:
+    """A connect fee and its segments, priced by the rating kernels (native/): the one
+    pricing implementation on the Python side, the compiled kernels or their pure twin
+    as CREDITLINE_PURE_RATING says (the twin is the reference: tests/test_rating.py).
+    Unit counts and amounts are below 2^53, as everywhere in the charging path; the
+    kernels refuse others (ValueError)."""
+
     connect_fee_micros: int
     segments: tuple[Segment, ...]
+    _kernel: KernelSchedule = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_kernel", _PRICING.schedule(self))
 
     def cost(self, units: int) -> int:
         """Price of the first `units` units (connect fee once, increments rounded up)."""
-        if units <= 0:
-            return 0
-        total, start = self.connect_fee_micros, 0
-        for seg in self.segments:
-            stop = units if seg.end_units is None else min(units, seg.end_units)
-            total += -(-(stop - start) // seg.increment_units) * seg.increment_price_micros
-            if total >= MAX_SAFE_INTEGER:
-                return MAX_SAFE_INTEGER
-            if seg.end_units is None or units <= seg.end_units:
-                return total
-            start = seg.end_units
-        return MAX_SAFE_INTEGER
+        return self._kernel.cost_to(units) if units > 0 else 0
 
     def max_units_within(self, budget_micros: int) -> float:
         """The largest unit count at an increment boundary whose cost is within budget
-        (math.inf when the rest is free)."""
-        if budget_micros < self.connect_fee_micros:
-            return 0
-        spent, start = self.connect_fee_micros, 0
-        for seg in self.segments:
-            if seg.end_units is None:
-                if seg.increment_price_micros <= 0:
-                    return math.inf
-                buyable = (budget_micros - spent) // seg.increment_price_micros
-                return start + buyable * seg.increment_units
-            increments = -(-(seg.end_units - start) // seg.increment_units)
-            if seg.increment_price_micros > 0:
-                buyable = (budget_micros - spent) // seg.increment_price_micros
-                if buyable < increments:
-                    return start + buyable * seg.increment_units
-            spent += increments * seg.increment_price_micros
-            start = seg.end_units
-        return start
+        (math.inf when the rest is free, or beyond any unit count a request carries)."""
+        reach = self._kernel.max_units_within(max(0, budget_micros))
+        return math.inf if reach >= _PRICING.module.REACH_UNBOUNDED else reach
 
     def affordable_units(self, from_units: int, amount_micros: int, wanted_units: int) -> int:
         """Units beyond `from_units` (at most `wanted_units`) that the amount pays for."""
-        reach = self.max_units_within(self.cost(from_units) + max(0, amount_micros))
-        return int(max(0, min(wanted_units, reach - from_units)))
+        return self._kernel.affordable(from_units, max(0, amount_micros), wanted_units)
 
 
 NO_PERIOD = "-"  # the period of a rate table whose tariff has no tiers

@@ -1,6 +1,7 @@
 # Types of the compiled module (native/kernels.pyx): the same surface as kernels_py.py.
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 MAX_SAFE_INTEGER: int
 MAX_SEGMENTS: int
@@ -22,3 +23,34 @@ def cost_batch(schedules: list[Schedule], schedule_index: array[int],
 def affordable_batch(schedules: list[Schedule], schedule_index: array[int],
                      from_units: array[int], amounts_micros: array[int],
                      wanted_units: array[int]) -> array[int]: ...
+
+# the request path
+SUCCESS: int
+INVALID_AVP_VALUE: int
+MISSING_AVP: int
+UNABLE_TO_COMPLY: int
+FAILURE_HANDLING_RETRY_AND_TERMINATE: int
+REFUND: int
+EVENT_ACTION_MAX: int
+RequestRules = tuple[int, int, int, int, int, frozenset[int]]
+Refused = tuple[int, str] | None
+FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
+
+def check_session_id(session_id: str, field: str, max_bytes: int) -> Refused: ...
+def check_ids(session_id: str, account_id: str, max_session_id_bytes: int,
+              max_account_id_bytes: int) -> Refused: ...
+def check_event_time(event_time_unix_ms: int, now_ms: int, max_event_age_s: int,
+                     max_event_ahead_s: int) -> Refused: ...
+def check_blocks(blocks: Sequence[Any], rules: RequestRules, need_units: bool) -> Refused: ...
+def validate_credit_control(request: Any, initial: bool, rules: RequestRules,
+                            now_ms: int) -> Refused: ...
+def validate_event(request: Any, rules: RequestRules, now_ms: int) -> Refused: ...
+def encode_credit_control(answer: str, session_id: str, request_number: int,
+                          plan_times: tuple[int, int, int],
+                          final_unit_of: FinalUnitOf) -> bytes: ...
+def encode_event(answer: str, session_id: str, request_number: int) -> bytes: ...
+def encode_credit_control_refusal(session_id: str, request_number: int, code: int,
+                                  message: str) -> bytes: ...
+def encode_event_refusal(session_id: str, request_number: int, code: int,
+                         message: str) -> bytes: ...
+def encode_stream_answer(correlation_id: int, field_number: int, answer: bytes) -> bytes: ...

@@ -14,7 +14,8 @@ charging script holds numbers as doubles; costs saturate at MAX_SAFE_INTEGER.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 MAX_SAFE_INTEGER = 2**53 - 1
 # Segments per schedule: a bound on the work of one rating (and the C arrays' size).
@@ -175,3 +176,342 @@ def _pick(schedules: Sequence[Schedule], schedule_index: Sequence[int], i: int) 
     if not 0 <= index < len(schedules):
         raise IndexError(f"schedule_index[{i}]: no schedule {index}")
     return schedules[index]
+
+
+# ---------------------------------------------------------------- the request path
+# What the server computes per request around the charging script, twin of the compiled
+# module's: the request's checks, and the script's answer string written straight into
+# the answer's protobuf wire bytes (the generated classes are the reference:
+# tests/test_request_path.py). A refusal is (result code, message naming the field).
+
+SUCCESS = 2001
+INVALID_AVP_VALUE = 5004
+MISSING_AVP = 5005
+UNABLE_TO_COMPLY = 5012
+FAILURE_HANDLING_RETRY_AND_TERMINATE = 3
+REFUND = 2            # RequestedAction
+EVENT_ACTION_MAX = 4  # RequestedAction: 1..4 are actions, 0 is missing
+_ACCOUNT_ID_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+-")
+_UNITS_FIELDS = ("time_s", "total_octets", "uplink_octets", "downlink_octets",
+                 "service_specific_units")
+# A unit code of the script's answer -> the Units field number its units go in.
+_UNIT_FIELD_NUMBERS = {"t": 1, "v": 2, "s": 5}
+_MASK_64 = 2**64 - 1
+# (max_session_id_bytes, max_account_id_bytes, max_event_age_s, max_event_ahead_s,
+# max_rating_groups_per_request, the known reporting reasons): creditline.api.messages.rules
+RequestRules = tuple[int, int, int, int, int, frozenset[int]]
+Refused = tuple[int, str] | None
+# (rating group, service id) -> the tariff's (redirect address, restriction filter ids)
+FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
+
+
+def check_session_id(session_id: str, field: str, max_bytes: int) -> Refused:
+    """A session id (in `field`): 1..max_bytes of printable text."""
+    if not session_id:
+        return MISSING_AVP, f"{field}: missing"
+    if len(session_id.encode()) > max_bytes:
+        return INVALID_AVP_VALUE, f"{field}: longer than {max_bytes} bytes"
+    if not session_id.isprintable():
+        return INVALID_AVP_VALUE, f"{field}: contains control characters"
+    return None
+
+
+def check_ids(session_id: str, account_id: str, max_session_id_bytes: int,
+              max_account_id_bytes: int) -> Refused:
+    refusal = check_session_id(session_id, "session_id", max_session_id_bytes)
+    if refusal:
+        return refusal
+    if not account_id:
+        return MISSING_AVP, "account_id: missing"
+    if len(account_id.encode()) > max_account_id_bytes:
+        return INVALID_AVP_VALUE, f"account_id: longer than {max_account_id_bytes} bytes"
+    # account ids become part of Redis keys inside the hash tag: no braces, no spaces
+    for char in account_id:
+        if char not in _ACCOUNT_ID_CHARS:
+            return (INVALID_AVP_VALUE,
+                    "account_id: only letters, digits and . _ : @ + - are allowed")
+    return None
+
+
+def check_event_time(event_time_unix_ms: int, now_ms: int, max_event_age_s: int,
+                     max_event_ahead_s: int) -> Refused:
+    """0 means now; anything else must lie in the accepted window around the clock."""
+    if event_time_unix_ms == 0:
+        return None
+    if not (now_ms - max_event_age_s * 1000 <= event_time_unix_ms
+            <= now_ms + max_event_ahead_s * 1000):
+        return INVALID_AVP_VALUE, (
+            f"event_time_unix_ms: {event_time_unix_ms} is outside the accepted window: at "
+            f"most max_event_age_s ({max_event_age_s} s) before the server's clock "
+            f"({now_ms}) and max_event_ahead_s ({max_event_ahead_s} s) after it; 0 means now")
+    return None
+
+
+def _check_request(request: Any, rules: RequestRules, now_ms: int) -> Refused:
+    # rules: creditline.api.messages.request_rules
+    return (check_ids(request.session_id, request.account_id, rules[0], rules[1])
+            or check_event_time(request.event_time_unix_ms, now_ms, rules[2], rules[3]))
+
+
+def _check_units(units: Any, where: str) -> Refused:
+    for field in _UNITS_FIELDS:
+        if getattr(units, field) > MAX_SAFE_INTEGER:
+            return (INVALID_AVP_VALUE,
+                    f"{where}.{field}: above the limit of {MAX_SAFE_INTEGER}")
+    if units.uplink_octets + units.downlink_octets > MAX_SAFE_INTEGER:
+        return INVALID_AVP_VALUE, f"{where}: uplink_octets + downlink_octets above the limit"
+    return None
+
+
+def check_blocks(blocks: Sequence[Any], rules: RequestRules, need_units: bool
+                 ) -> Refused:
+    """The rating-group blocks: at most rules[4], each (rating group, service id) once, a
+    known reporting reason (rules[5]), units below 2^53, `requested` when need_units."""
+    if len(blocks) > rules[4]:
+        return INVALID_AVP_VALUE, f"rating_groups: more than {rules[4]} blocks"
+    seen: set[tuple[int, int | None]] = set()
+    for index, block in enumerate(blocks):
+        where = f"rating_groups[{index}]"
+        key = (block.rating_group, block.service_id if block.HasField("service_id") else None)
+        if key in seen:
+            return (INVALID_AVP_VALUE,
+                    f"{where}.rating_group: {block.rating_group} appears twice")
+        seen.add(key)
+        if block.reporting_reason not in rules[5]:
+            return (INVALID_AVP_VALUE,
+                    f"{where}.reporting_reason: unknown value {block.reporting_reason}")
+        if need_units and not block.HasField("requested"):
+            return MISSING_AVP, f"{where}.requested: missing"
+        refusal = (_check_units(block.requested, f"{where}.requested")
+                   or _check_units(block.used, f"{where}.used"))
+        if refusal:
+            return refusal
+    return None
+
+
+def validate_credit_control(request: Any, initial: bool, rules: RequestRules, now_ms: int
+                            ) -> Refused:
+    """The first thing wrong with a CreditControlRequest (Initial when `initial`)."""
+    refusal = _check_request(request, rules, now_ms)
+    if refusal:
+        return refusal
+    if initial and request.request_number != 0:
+        return INVALID_AVP_VALUE, "request_number: must be 0 on Initial"
+    if not initial and request.request_number == 0:
+        return INVALID_AVP_VALUE, "request_number: must be above 0 after Initial"
+    return check_blocks(request.rating_groups, rules, need_units=False)
+
+
+def validate_event(request: Any, rules: RequestRules, now_ms: int) -> Refused:
+    """The first thing wrong with an EventRequest."""
+    refusal = _check_request(request, rules, now_ms)
+    if refusal:
+        return refusal
+    action = request.action
+    if action == 0:
+        return MISSING_AVP, "action: missing"
+    if not 0 < action <= EVENT_ACTION_MAX:
+        return INVALID_AVP_VALUE, f"action: unknown value {action}"
+    refusal = _check_refund_of(request, rules)
+    if refusal:
+        return refusal
+    if not request.rating_groups:
+        return MISSING_AVP, "rating_groups: at least one is required"
+    return check_blocks(request.rating_groups, rules, need_units=True)
+
+
+def _check_refund_of(request: Any, rules: RequestRules) -> Refused:
+    """A refund names the charge it reverses; nothing else names one."""
+    refund_of = request.refund_of_session_id
+    if request.action != REFUND:
+        if refund_of:
+            return INVALID_AVP_VALUE, "refund_of_session_id: only with action REFUND"
+        return None
+    if not refund_of:
+        return MISSING_AVP, (
+            "refund_of_session_id: missing: a REFUND names the session id of the event or "
+            "session whose charge it reverses (a credit that reverses no charge is an Admin "
+            "adjustment)")
+    if refund_of == request.session_id:
+        return INVALID_AVP_VALUE, ("refund_of_session_id: the refund's own session_id; a "
+                                   "refund has a session id of its own")
+    return check_session_id(refund_of, "refund_of_session_id", rules[0])
+
+
+def _varint(out: bytearray, value: int) -> None:
+    value &= _MASK_64  # a negative int64 is its two's complement: ten bytes
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _number(out: bytearray, tag: int, value: int) -> None:
+    # a field without presence: absent when 0
+    if value:
+        out.append(tag)
+        _varint(out, value)
+
+
+def _present(out: bytearray, tag: int, value: int) -> None:
+    # an optional field (or a oneof member): written when set, 0 included
+    out.append(tag)
+    _varint(out, value)
+
+
+def _chunk(out: bytearray, tag: int, data: bytes | bytearray) -> None:
+    out.append(tag)
+    _varint(out, len(data))
+    out += data
+
+
+def _text(out: bytearray, tag: int, text: str) -> None:
+    if text:
+        _chunk(out, tag, text.encode())
+
+
+def _split_answer(answer: str) -> tuple[int, list[list[str]], str]:
+    """'<code>;<block>;...' -> (code, blocks as fields, refusal reason or '')."""
+    parts = answer.split(";")
+    code = int(parts[0])
+    if len(parts) > 1 and parts[1].startswith("!"):
+        return code, [], parts[1][1:]
+    return code, [p.split(",") for p in parts[1:]], ""
+
+
+def _block_id(out: bytearray, block_id: str) -> tuple[int, int]:
+    """Writes '<rating group>' or '<rating group>.<service id>' (fields 1 and 2) and
+    returns (rating group, service id or -1)."""
+    rating_group, _, service = block_id.partition(".")
+    group = int(rating_group)
+    _number(out, 0x08, group)
+    if not service:
+        return group, -1
+    service_id = int(service)
+    _present(out, 0x10, service_id)
+    return group, service_id
+
+
+def encode_credit_control(answer: str, session_id: str, request_number: int,
+                          plan_times: tuple[int, int, int],
+                          final_unit_of: FinalUnitOf) -> bytes:
+    """The CreditControlAnswer's wire bytes from the script's answer alone (a stored answer
+    encodes the same whatever the retransmission carries). plan_times: the plan's
+    (validity_time_s, quota_holding_time_s, quota_threshold_percent); final_unit_of(rating
+    group, service id): the tariff's (redirect address, restriction filter ids)."""
+    code, fields, reason = _split_answer(answer)
+    out = bytearray()
+    _text(out, 0x0A, session_id)
+    _number(out, 0x10, request_number)
+    _number(out, 0x18, code)
+    for values in fields:
+        _chunk(out, 0x22, _rating_group_answer(values, plan_times, final_unit_of))
+    _number(out, 0x28, FAILURE_HANDLING_RETRY_AND_TERMINATE)
+    _text(out, 0x32, reason)
+    return bytes(out)
+
+
+def _rating_group_answer(values: Sequence[str], plan_times: tuple[int, int, int],
+                         final_unit_of: FinalUnitOf) -> bytearray:
+    block_id, code_text, unit, granted_text, charged, final, expires_in_s = values
+    out = bytearray()
+    group, service_id = _block_id(out, block_id)
+    code, granted = int(code_text), int(granted_text)
+    _number(out, 0x18, code)
+    field = _UNIT_FIELD_NUMBERS.get(unit, 0)
+    if field and code == SUCCESS and granted != 0:
+        units = bytearray()
+        _present(units, field << 3, granted)
+        _chunk(out, 0x22, units)
+        validity_s, holding_s, threshold_percent = plan_times
+        # a grant from a bucket ends no later than the bucket (Validity-Time)
+        _number(out, 0x28, min(validity_s, int(expires_in_s) or validity_s))
+        if field != 5:  # a volume or time threshold: the client re-asks there
+            _present(out, 0x30 if field == 2 else 0x38, granted * threshold_percent // 100)
+        _number(out, 0x40, holding_s)
+        if final != "0":
+            _chunk(out, 0x4A, _final_unit(int(final), group, service_id, final_unit_of))
+    _number(out, 0x50, int(charged))
+    return out
+
+
+def _final_unit(action: int, group: int, service_id: int,
+                final_unit_of: FinalUnitOf) -> bytearray:
+    out = bytearray()
+    _number(out, 0x08, action)
+    redirect, filter_ids = final_unit_of(group, None if service_id < 0 else service_id)
+    _text(out, 0x12, redirect)
+    for filter_id in filter_ids:
+        _chunk(out, 0x1A, filter_id.encode())  # repeated: empty strings too
+    return out
+
+
+def encode_event(answer: str, session_id: str, request_number: int) -> bytes:
+    """The EventAnswer's wire bytes from the script's answer alone."""
+    code, fields, reason = _split_answer(answer)
+    out = bytearray()
+    _text(out, 0x0A, session_id)
+    _number(out, 0x10, request_number)
+    _number(out, 0x18, code)
+    balance, sufficient = 0, False
+    if fields and fields[-1][0].startswith("B"):
+        balance, sufficient = int(fields[-1][0][1:]), fields[-1][1] == "1"
+        fields = fields[:-1]
+    for values in fields:
+        _chunk(out, 0x22, _event_block_answer(values))
+    _number(out, 0x28, balance)
+    _number(out, 0x30, 1 if sufficient else 0)
+    _text(out, 0x3A, reason)
+    return bytes(out)
+
+
+def _event_block_answer(values: Sequence[str]) -> bytearray:
+    block_id, code, unit, units, amount, from_buckets = values
+    out = bytearray()
+    _block_id(out, block_id)
+    _number(out, 0x18, int(code))
+    field = _UNIT_FIELD_NUMBERS.get(unit, 0)
+    if field:
+        inner = bytearray()
+        _present(inner, field << 3, int(units))
+        _chunk(out, 0x22, inner)
+    _number(out, 0x28, int(amount))
+    _number(out, 0x30, int(from_buckets))
+    return out
+
+
+def encode_credit_control_refusal(session_id: str, request_number: int, code: int,
+                                  message: str) -> bytes:
+    """A CreditControlAnswer refusing the request: nothing was charged."""
+    # nothing was applied when the store failed: retransmitting is safe, and is what the
+    # client should do
+    failure = FAILURE_HANDLING_RETRY_AND_TERMINATE if code == UNABLE_TO_COMPLY else 0
+    return _refusal(session_id, request_number, code, failure, 0x32, message)
+
+
+def encode_event_refusal(session_id: str, request_number: int, code: int,
+                         message: str) -> bytes:
+    """An EventAnswer refusing the request."""
+    return _refusal(session_id, request_number, code, 0, 0x3A, message)
+
+
+def _refusal(session_id: str, request_number: int, code: int, failure_handling: int,
+             message_tag: int, message: str) -> bytes:
+    # both answers begin with session_id, request_number, result_code (fields 1 to 3);
+    # failure_handling is field 5 of a CreditControlAnswer
+    out = bytearray()
+    _text(out, 0x0A, session_id)
+    _number(out, 0x10, request_number)
+    _number(out, 0x18, code)
+    _number(out, 0x28, failure_handling)
+    _text(out, message_tag, message)
+    return bytes(out)
+
+
+def encode_stream_answer(correlation_id: int, field_number: int, answer: bytes) -> bytes:
+    """A StreamAnswer holding an encoded answer in its oneof field `field_number`."""
+    out = bytearray()
+    _number(out, 0x08, correlation_id)
+    _chunk(out, field_number << 3 | 2, answer)  # a oneof member: written even when empty
+    return bytes(out)

@@ -1,0 +1,324 @@
+"""The request path in the rating kernels: the checks of a request and the answer written
+from the charging script's answer string straight into protobuf wire bytes.
+
+The generated classes are the reference for the wire bytes: the answer built field by field
+as a message from the same script answer (`reference_*` below) must be what the kernels
+wrote, on Hypothesis-generated answers, for the compiled kernels and for their pure twin.
+The twin is the reference for the checks: both give the same refusal on generated
+requests. And the switch is real: a server on each implementation answers through it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+from creditline.api.app import CHARGING, RunningServer
+from creditline.api.handlers import add_service
+from creditline.api.messages import request_rules
+from creditline.api.service import ChargingService
+from creditline.charging.kernels import (
+    PURE_ENV,
+    compiled_kernels,
+    pure_kernels,
+    require_kernels,
+)
+from creditline.charging.rating import BandedRater
+from creditline.settings import Settings
+from creditline.store.contract import MAX_SAFE_INTEGER, EventBlockAnswer, SessionBlockAnswer
+from creditline.v1 import charging_pb2 as pb
+from creditline.v1 import charging_pb2_grpc
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.messages import RG_SMS, RG_VOICE, RG_WEB, block, ccr
+
+COMPILED, PURE = compiled_kernels(), pure_kernels()
+BOTH = [COMPILED, PURE]
+UNIT_FIELDS = {"t": "time_s", "v": "total_octets", "s": "service_specific_units"}
+PLAN_TIMES = (1800, 300, 20)   # validity_time_s, quota_holding_time_s, threshold percent
+FILTERS = {7: ("http://top.up/", ("f1", "")), 8: ("", ())}  # rating group -> tariff's FUI
+
+
+def final_unit_of(rating_group: int, service_id: int | None) -> tuple[str, Sequence[str]]:
+    return FILTERS.get(rating_group, ("", ()))
+
+
+# ---------------------------------------------------------------- the reference
+
+
+def _split(answer: str) -> tuple[int, list[list[str]], str]:
+    parts = answer.split(";")
+    if len(parts) > 1 and parts[1].startswith("!"):
+        return int(parts[0]), [], parts[1][1:]
+    return int(parts[0]), [p.split(",") for p in parts[1:]], ""
+
+
+def _block_id(block_id: str, into: pb.RatingGroupAnswer | pb.EventRatingGroupAnswer) -> None:
+    rating_group, _, service_id = block_id.partition(".")
+    into.rating_group = int(rating_group)
+    if service_id:
+        into.service_id = int(service_id)
+
+
+def reference_credit_control(answer: str, session_id: str, request_number: int
+                             ) -> pb.CreditControlAnswer:
+    """The answer as the generated classes build it (the server did this before)."""
+    code, fields, reason = _split(answer)
+    result = pb.CreditControlAnswer(
+        session_id=session_id, request_number=request_number, result_code=code,  # type: ignore[arg-type]
+        error_message=reason, failure_handling=pb.FAILURE_HANDLING_RETRY_AND_TERMINATE)
+    validity_s, holding_s, percent = PLAN_TIMES
+    for rg, block_code, unit, granted, charged, final, expires_s in fields:
+        item = result.rating_groups.add(result_code=int(block_code),  # type: ignore[arg-type]
+                                        charged_micros=int(charged))
+        _block_id(rg, item)
+        if unit not in UNIT_FIELDS or int(block_code) != pb.SUCCESS or int(granted) == 0:
+            continue
+        setattr(item.granted, UNIT_FIELDS[unit], int(granted))
+        item.validity_time_s = min(validity_s, int(expires_s) or validity_s)
+        item.quota_holding_time_s = holding_s
+        if unit == "v":
+            item.volume_quota_threshold_octets = int(granted) * percent // 100
+        elif unit == "t":
+            item.time_quota_threshold_s = int(granted) * percent // 100
+        if final != "0":
+            item.final_unit_indication.action = int(final)  # type: ignore[assignment]
+            redirect, filters = final_unit_of(item.rating_group, None)
+            item.final_unit_indication.redirect_address = redirect
+            item.final_unit_indication.restriction_filter_ids.extend(filters)
+    return result
+
+
+def reference_event(answer: str, session_id: str, request_number: int) -> pb.EventAnswer:
+    code, fields, reason = _split(answer)
+    result = pb.EventAnswer(session_id=session_id, request_number=request_number,
+                            result_code=code, error_message=reason)  # type: ignore[arg-type]
+    if fields and fields[-1][0].startswith("B"):
+        result.balance_micros = int(fields[-1][0][1:])
+        result.sufficient = fields[-1][1] == "1"
+        fields = fields[:-1]
+    for rg, block_code, unit, units, amount, from_buckets in fields:
+        item = result.rating_groups.add(
+            result_code=int(block_code), amount_micros=int(amount),  # type: ignore[arg-type]
+            units_from_buckets=int(from_buckets))
+        _block_id(rg, item)
+        if unit in UNIT_FIELDS:
+            setattr(item.units, UNIT_FIELDS[unit], int(units))
+    return result
+
+
+# ---------------------------------------------------------------- generated answers
+
+codes = st.sampled_from([2001, 4010, 4011, 4012, 5002, 5004, 5012, 5030, 5031])
+uint32 = st.integers(0, 2**32 - 1)
+amounts = st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER)
+ids = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+reasons = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=";"),
+                  max_size=60)
+
+
+@st.composite
+def block_ids(draw: st.DrawFn) -> str:
+    group = draw(st.one_of(st.integers(0, 9), uint32))
+    service = draw(st.none() | uint32)
+    return str(group) if service is None else f"{group}.{service}"
+
+
+@st.composite
+def session_blocks(draw: st.DrawFn) -> str:
+    unit = draw(st.sampled_from(["t", "v", "s", "-"]))
+    # a time threshold is a uint32: grants of time stay below it
+    granted = draw(st.integers(0, 2**32 - 1 if unit == "t" else MAX_SAFE_INTEGER))
+    fields = (draw(block_ids()), draw(codes | st.just(2001)), unit, granted,
+              draw(amounts), draw(st.integers(0, 3)), draw(st.integers(0, 10**6)))
+    return ",".join(str(f) for f in fields)
+
+
+@st.composite
+def session_answers(draw: st.DrawFn) -> str:
+    code = draw(codes)
+    if draw(st.booleans()):
+        return f"{code};!{draw(reasons)}"
+    return ";".join([str(code), *draw(st.lists(session_blocks(), max_size=4))])
+
+
+@st.composite
+def event_answers(draw: st.DrawFn) -> str:
+    code = draw(codes)
+    if draw(st.booleans()):
+        return f"{code};!{draw(reasons)}"
+    blocks = [",".join(str(f) for f in (
+        draw(block_ids()), draw(codes), draw(st.sampled_from(["t", "v", "s", "-"])),
+        draw(st.integers(0, MAX_SAFE_INTEGER)), draw(amounts),
+        draw(st.integers(0, MAX_SAFE_INTEGER))))
+        for _ in range(draw(st.integers(0, 3)))]
+    if draw(st.booleans()):
+        blocks.append(f"B{draw(amounts)},{draw(st.sampled_from('01'))}")
+    return ";".join([str(code), *blocks])
+
+
+@given(session_answers(), ids, uint32)
+def test_credit_control_answers_are_the_generated_classes_bytes(
+        answer: str, session_id: str, request_number: int) -> None:
+    reference = reference_credit_control(answer, session_id, request_number)
+    for kernels in BOTH:
+        written = kernels.module.encode_credit_control(
+            answer, session_id, request_number, PLAN_TIMES, final_unit_of)
+        assert pb.CreditControlAnswer.FromString(written) == reference, kernels.implementation
+        assert written == reference.SerializeToString(deterministic=True)
+
+
+@given(event_answers(), ids, uint32)
+def test_event_answers_are_the_generated_classes_bytes(
+        answer: str, session_id: str, request_number: int) -> None:
+    reference = reference_event(answer, session_id, request_number)
+    for kernels in BOTH:
+        written = kernels.module.encode_event(answer, session_id, request_number)
+        assert pb.EventAnswer.FromString(written) == reference, kernels.implementation
+        assert written == reference.SerializeToString(deterministic=True)
+
+
+@given(ids, uint32, codes, reasons, st.integers(0, 2**64 - 1))
+def test_refusals_and_stream_answers_are_the_generated_classes_bytes(
+        session_id: str, request_number: int, code: int, message: str,
+        correlation_id: int) -> None:
+    credit_control = pb.CreditControlAnswer(
+        session_id=session_id, request_number=request_number, result_code=code,  # type: ignore[arg-type]
+        error_message=message)
+    if code == pb.UNABLE_TO_COMPLY:
+        credit_control.failure_handling = pb.FAILURE_HANDLING_RETRY_AND_TERMINATE
+    event = pb.EventAnswer(session_id=session_id, request_number=request_number,
+                           result_code=code, error_message=message)  # type: ignore[arg-type]
+    for kernels in BOTH:
+        module = kernels.module
+        refused = module.encode_credit_control_refusal(session_id, request_number, code, message)
+        assert refused == credit_control.SerializeToString(deterministic=True)
+        event_refused = module.encode_event_refusal(session_id, request_number, code, message)
+        assert event_refused == event.SerializeToString(deterministic=True)
+        streamed = pb.StreamAnswer.FromString(module.encode_stream_answer(
+            correlation_id, 2, refused))
+        assert streamed == pb.StreamAnswer(correlation_id=correlation_id,
+                                           credit_control=credit_control)
+        empty = pb.StreamAnswer.FromString(module.encode_stream_answer(correlation_id, 3, b""))
+        assert empty.WhichOneof("answer") == "event"
+
+
+# ---------------------------------------------------------------- generated requests
+
+RULES = request_rules(Settings(max_event_age_s=3600))
+NOW_MS = 1_800_000_000_000
+big = st.one_of(st.integers(0, 2**64 - 1), st.integers(MAX_SAFE_INTEGER - 2, MAX_SAFE_INTEGER + 2))
+units = st.builds(pb.Units, time_s=big, total_octets=big, uplink_octets=big,
+                  downlink_octets=big, service_specific_units=big)
+blocks = st.builds(
+    pb.RatingGroupRequest, rating_group=st.integers(0, 3), service_id=st.none() | st.just(1),
+    requested=st.none() | units, used=st.none() | units,
+    reporting_reason=st.integers(-1, 11))  # type: ignore[arg-type]
+text = st.one_of(st.sampled_from(["", "a", "s-1", "a b", "x" * 300, "\x07", "é", "{x}"]), ids)
+times = st.one_of(st.just(0), st.integers(NOW_MS - 4_000_000, NOW_MS + 4_000_000),
+                  st.integers(-(2**63), 2**63 - 1))
+
+
+@given(st.builds(pb.CreditControlRequest, session_id=text, account_id=text,
+                 request_number=st.integers(0, 2), event_time_unix_ms=times,
+                 rating_groups=st.lists(blocks, max_size=4)), st.booleans())
+def test_credit_control_checks_agree(request: pb.CreditControlRequest, initial: bool) -> None:
+    assert (COMPILED.module.validate_credit_control(request, initial, RULES, NOW_MS)
+            == PURE.module.validate_credit_control(request, initial, RULES, NOW_MS))
+
+
+@given(st.builds(pb.EventRequest, session_id=text, account_id=text, event_time_unix_ms=times,
+                 action=st.integers(-1, 6), refund_of_session_id=text,  # type: ignore[arg-type]
+                 rating_groups=st.lists(blocks, max_size=4)))
+def test_event_checks_agree(request: pb.EventRequest) -> None:
+    assert (COMPILED.module.validate_event(request, RULES, NOW_MS)
+            == PURE.module.validate_event(request, RULES, NOW_MS))
+
+
+def test_the_kernels_read_the_answer_fields_in_the_contracts_order() -> None:
+    # the script writes its block fields in the order contract.py names them
+    session = SessionBlockAnswer(rg="7.3", code="2001", unit="v", granted="1000",
+                                 charged="42", final="2", expires_in_s="60")
+    event = EventBlockAnswer(rg="8", code="2001", unit="s", units="3", amount="150",
+                             from_buckets="1")
+    for kernels in BOTH:
+        answer = pb.CreditControlAnswer.FromString(kernels.module.encode_credit_control(
+            "2001;" + ",".join(session), "s", 1, PLAN_TIMES, final_unit_of))
+        item = answer.rating_groups[0]
+        assert (item.rating_group, item.service_id, item.result_code, item.granted.total_octets,
+                item.charged_micros, item.final_unit_indication.action,
+                item.validity_time_s) == (7, 3, pb.SUCCESS, 1000, 42, pb.REDIRECT, 60)
+        event_answer = pb.EventAnswer.FromString(kernels.module.encode_event(
+            "2001;" + ",".join(event) + ";B99,1", "e", 0))
+        block_answer = event_answer.rating_groups[0]
+        assert (block_answer.rating_group, block_answer.units.service_specific_units,
+                block_answer.amount_micros, block_answer.units_from_buckets,
+                event_answer.balance_micros, event_answer.sufficient) == (8, 3, 150, 1, 99, True)
+
+
+def test_the_kernels_know_the_protocols_values() -> None:
+    # what the kernels hold of the proto: a value added there must be added here
+    for kernels in BOTH:
+        module = kernels.module
+        assert (module.SUCCESS, module.INVALID_AVP_VALUE, module.MISSING_AVP,  # type: ignore[attr-defined]
+                module.UNABLE_TO_COMPLY, module.REFUND) == (  # type: ignore[attr-defined]
+            pb.SUCCESS, pb.INVALID_AVP_VALUE, pb.MISSING_AVP, pb.UNABLE_TO_COMPLY, pb.REFUND)
+        assert max(pb.RequestedAction.values()) == module.EVENT_ACTION_MAX  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- the switch
+
+
+ENVIRONMENT_KERNELS = "pure" if os.environ.get(PURE_ENV) == "1" else "compiled"
+
+
+@pytest.fixture(params=["compiled", "pure", "as the environment says"])
+async def service_on(request: pytest.FixtureRequest, server: RunningServer, settings: Settings
+                     ) -> AsyncIterator[tuple[ChargingService, charging_pb2_grpc.ChargingStub]]:
+    """A Charging service on the given kernels, or built as `creditline serve` builds it
+    (no kernels given: the environment's), served by a grpc server of its own on the test
+    server's store and plan."""
+    kernels = {"compiled": COMPILED, "pure": PURE}.get(request.param)
+    service = ChargingService(server.store, server.plan, BandedRater(), settings,
+                              kernels=kernels)
+    if kernels is None:
+        # the suite runs twice (README): on the compiled kernels, then with
+        # CREDITLINE_PURE_RATING=1 on the twin
+        assert service.path.kernels.implementation == ENVIRONMENT_KERNELS
+        assert service.path.kernels.module.__name__ == (  # type: ignore[attr-defined]
+            f"creditline.native.{'kernels_py' if ENVIRONMENT_KERNELS == 'pure' else 'kernels'}")
+    grpc_server = grpc.aio.server()
+    add_service(grpc_server, service, CHARGING)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield service, charging_pb2_grpc.ChargingStub(channel)
+    await grpc_server.stop(None)
+
+
+async def test_each_implementation_answers_the_same_session(
+        service_on: tuple[ChargingService, charging_pb2_grpc.ChargingStub],
+        make_account, checked_books: object) -> None:  # type: ignore[no-untyped-def]
+    service, stub = service_on
+    new_account_id = await make_account(5_000_000)
+    session = f"switch-{service.path.kernels.implementation}-{new_account_id}"
+    opened = await stub.Initial(ccr(session, new_account_id, 0, block(RG_VOICE, requested=60),
+                                    block(RG_WEB, requested=4096)))
+    assert opened.result_code == pb.SUCCESS
+    assert [b.granted for b in opened.rating_groups] == [pb.Units(time_s=60),
+                                                          pb.Units(total_octets=4096)]
+    refused = await stub.Update(ccr(session, new_account_id, 0))
+    assert (refused.result_code, refused.error_message) == (
+        pb.INVALID_AVP_VALUE, "request_number: must be above 0 after Initial")
+    closed = await stub.Terminate(ccr(session, new_account_id, 1, block(RG_VOICE, used=60),
+                                      block(RG_WEB, used=1024), block(RG_SMS, used=1)))
+    assert [b.charged_micros for b in closed.rating_groups] == [700_000, 1_000, 50_000]
+    assert service.path.answers_written == 3  # every answer was the chosen kernels' work
+
+
+def test_the_server_runs_on_the_kernels_the_environment_names() -> None:
+    # what `creditline serve` checks and logs at start ("rating kernels: ...")
+    assert require_kernels().implementation == ENVIRONMENT_KERNELS
