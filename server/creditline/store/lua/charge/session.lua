@@ -96,8 +96,9 @@ local function charge_usage(block)
   sset('x:' .. rg, sget('x:' .. rg) + price - charged)
   record_usage(rg, used, charged, from_buckets, price - charged)
   observe_usage(rg, used)
-  notify('usage_charged', 'rg', rg, 'units', used, 'amount', charged,
-    'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance)
+  notify('usage_charged|rg|' .. rg .. '|units|' .. int(used) .. '|amount|' .. int(charged)
+    .. '|from_buckets|' .. int(from_buckets) .. '|uncharged|' .. int(price - charged)
+    .. '|balance|' .. int(balance))
   return charged
 end
 
@@ -154,14 +155,14 @@ for _, block in ipairs(blocks) do
         if earliest > 0 then expires_in_s = earliest - now_s end
         if granted == 0 then
           code = LIMIT_REACHED
-          notify('credit_exhausted', 'rg', rg)
+          notify('credit_exhausted|rg|' .. rg)
         else
-          notify('quota_granted', 'rg', rg, 'units', granted,
-            'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
+          notify('quota_granted|rg|' .. rg .. '|units|' .. int(granted) .. '|reserved|'
+            .. int(sget('m:' .. rg)) .. '|final|' .. (is_final and '1' or '0'))
           if is_final then
             final = block.final_action
             final_rgs[#final_rgs + 1] = rg
-            notify('final_units_granted', 'rg', rg, 'units', granted)
+            notify('final_units_granted|rg|' .. rg .. '|units|' .. int(granted))
           end
         end
       end
@@ -209,7 +210,7 @@ end
 redis.call('HSET', request_key, unpack(flat))
 if closing then
   local cause = (kind == 'T') and 'terminate' or 'supervision'
-  notify('session_ended', 'cause', cause)
+  notify('session_ended|cause|' .. cause)
   redis.call('SREM', sessions_key, request_key)
   redis.call('HDEL', final_key, session_id)
   redis.call('ZREM', deadlines_key, request_key)
