@@ -2,23 +2,6 @@
 -- ---------------------------------------------------------------- sessions
 -- (kinds I, U, T and S: everything below)
 
--- The CDR of a closed session: one item per rating group it charged or reserved.
-local function write_session_cdr(session, cause, result)
-  local items, total = {}, 0
-  for field, _ in pairs(session) do
-    local rg = string.match(field, '^k:(.+)$')
-    if rg then
-      local function n(prefix) return num(session[prefix .. rg] or 0) end
-      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
-        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
-      total = total + n('c:')
-    end
-  end
-  table.sort(items)
-  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
-end
-
 local session = hash(request_key)
 local exists = session.state ~= nil
 if kind == 'S' then
@@ -37,18 +20,13 @@ end
 -- The session id's claim (KEYS[12], see above): the account holding it, and whether that
 -- account's session of this id is open (the claim names its key).
 local claim_key = KEYS[12]
-local function claimed_elsewhere()
-  local held = redis.call('GET', claim_key)
-  if not held then return false end
-  local holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$')
-  return holder ~= account_id and holder_key ~= nil
-    and redis.call('HGET', holder_key, 'state') == 'open'
-end
-
 if kind == 'I' then
   if exists then return INVALID_VALUE .. ';!session already exists' end
   if barred then return DENIED .. ';!account is barred' end
-  if claim_key and claimed_elsewhere() then
+  local held = claim_key and redis.call('GET', claim_key)
+  local holder, holder_key
+  if held then holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$') end
+  if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
     return INVALID_VALUE .. ';!session_id: already open on another account'
   end
 elseif session.state ~= 'open' then
@@ -209,6 +187,23 @@ for field, value in pairs(session_changes) do
 end
 redis.call('HSET', request_key, unpack(flat))
 if closing then
+  -- (made only for a close)
+  -- The CDR of a closed session: one item per rating group it charged or reserved.
+  local function write_session_cdr(session, cause, result)
+    local items, total = {}, 0
+    for field, _ in pairs(session) do
+      local rg = string.match(field, '^k:(.+)$')
+      if rg then
+        local function n(prefix) return num(session[prefix .. rg] or 0) end
+        items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+          .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
+        total = total + n('c:')
+      end
+    end
+    table.sort(items)
+    write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+      'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
+  end
   local cause = (kind == 'T') and 'terminate' or 'supervision'
   notify('session_ended|cause|' .. cause)
   redis.call('SREM', sessions_key, request_key)
