@@ -35,7 +35,11 @@ end
 local closing = kind == 'T' or kind == 'S'
 
 local session_changes = {}  -- field -> new value
-local function sget(field) return num(session_changes[field] or session[field] or 0) end
+local function sget(field)
+  local value = session_changes[field]
+  if value == nil then value = session[field] or 0 end
+  return value + 0  -- (num() inline: a call less, ~25 a request)
+end
 local function sset(field, value) session_changes[field] = value end
 
 -- Gives back what this session holds for a rating group, so it can be charged or
