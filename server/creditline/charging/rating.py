@@ -223,7 +223,8 @@ class RateTable:
                 fixed += [seg.end_units or 0, seg.increment_units, seg.increment_price_micros]
             return fixed
         args: list[int | str] = [
-            RateTableForm.BANDED, self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
+            RateTableForm.BANDED, self.connect_fee_micros, self.first_increment_units,
+            self.next_increment_units,
             1 if self.time_based else 0, self.period, len(self.tier_from_units),
             *self.tier_from_units, len(self.band_prices_micros)]
         for prices in self.band_prices_micros:
