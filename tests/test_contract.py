@@ -25,6 +25,7 @@ from creditline.store.contract import (
     ChargeKeys,
     EventAction,
     EventBlockAnswer,
+    RateTableForm,
     RequestKind,
     SessionBlockAnswer,
 )
@@ -139,6 +140,32 @@ def test_the_server_writes_each_block_as_block_fields_names_it() -> None:
     assert (unrated["status"], unrated["unit"]) == ("none", "-")
 
 
+def test_the_rate_table_forms_are_the_scripts() -> None:
+    # the script tells the forms apart by the table's first argument, and documents both
+    assert (f"if ARGV[i] == '{RateTableForm.FIXED}' then return read_fixed_schedule(block, "
+            "i + 1) end") in CHARGE_LUA
+    assert f"i = i + 1  -- '{RateTableForm.BANDED}': bands or tiers" in CHARGE_LUA
+    for form in RateTableForm:
+        assert f'      "{form}" (' in CHARGE_LUA, f"charge.lua's header: no form {form}"
+
+
+def test_the_server_sends_a_fixed_tariff_its_schedule_built() -> None:
+    plan, rater = load_plan(Path(__file__).parent / "plan.toml"), BandedRater()
+    fixed = rater.rate_table(plan.tariff_for(RG_VOICE, None), 1_780_000_000_000, 0, "")
+    schedule = fixed.schedule(0, 0, 0)
+    assert fixed.script_args[:3] == (RateTableForm.FIXED, schedule.connect_fee_micros,
+                                     len(schedule.segments))
+    sent = fixed.script_args[3:]
+    assert [tuple(sent[n:n + 3]) for n in range(0, len(sent), 3)] == [
+        (seg.end_units or 0, seg.increment_units, seg.increment_price_micros)
+        for seg in schedule.segments]
+    assert schedule.segments[-1].end_units is None  # the one the script reads as no end
+    peak = plan.tariff_for(101, None)  # tests/plan.toml: a voice tariff with a peak band
+    assert peak is not None and peak.bands
+    banded = rater.rate_table(peak, 1_780_000_000_000, 0, "")
+    assert banded.script_args[0] == RateTableForm.BANDED
+
+
 def _written_fields(expression: str) -> list[str]:
     """The names a Lua concatenation "a .. ',' .. int(b) .. ',' .. block.c" writes."""
     parts = [part.strip() for part in expression.split(".. ',' ..")]
@@ -147,7 +174,7 @@ def _written_fields(expression: str) -> list[str]:
 
 def test_the_answers_blocks_are_written_as_the_contract_reads_them() -> None:
     session = re.search(r"parts = parts \.\. ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
-    event = re.search(r"return ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
+    event = re.search(r"return ';' \.\. (.*?)\n *end", CHARGE_LUA, re.DOTALL)
     assert session and event, "charge.lua: the answers' blocks are not where they were"
     assert _written_fields(" ".join(session[1].split())) == list(SessionBlockAnswer._fields)
     assert _written_fields(" ".join(event[1].split())) == list(EventBlockAnswer._fields)

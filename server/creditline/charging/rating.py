@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from creditline.charging.kernels import KernelSchedule, select_kernels
 from creditline.errors import PlanError
-from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS
+from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS, RateTableForm
 
 # MAX_SAFE_INTEGER (Lua numbers are doubles: every unit count and amount stays below 2^53)
 # and MAX_SEGMENTS (segments in one schedule: bounds the charging script's walk and the
@@ -199,9 +199,20 @@ class RateTable:
         return band
 
     def _script_args(self) -> list[int | str]:
-        """The table as the charging script reads it (store/lua/charge/, ARGV)."""
+        """The table as the charging script reads it (store/lua/charge/, ARGV; the forms:
+        store/contract.py RateTableForm)."""
+        if not self.tier_from_units and len(self.band_changes) == 1:
+            # the same schedule from wherever a session stands: built here, once per table,
+            # rather than parsed and built by the script on every request
+            schedule = self.schedule(0, 0, 0)
+            fixed: list[int | str] = [RateTableForm.FIXED, schedule.connect_fee_micros,
+                                      len(schedule.segments)]
+            for seg in schedule.segments:
+                fixed += [seg.end_units or 0, seg.increment_units, seg.increment_price_micros]
+            return fixed
         args: list[int | str] = [
-            self.connect_fee_micros, self.first_increment_units, self.next_increment_units,
+            RateTableForm.BANDED, self.connect_fee_micros, self.first_increment_units,
+            self.next_increment_units,
             1 if self.time_based else 0, self.period, len(self.tier_from_units),
             *self.tier_from_units, len(self.band_prices_micros)]
         for prices in self.band_prices_micros:

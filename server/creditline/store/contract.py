@@ -22,6 +22,19 @@ MAX_SAFE_INTEGER = 2**53 - 1
 MAX_SEGMENTS = 64
 
 
+class RateTableForm(enum.StrEnum):
+    """How a block's rate table is sent: its first argument (charging/rating.py
+    RateTable.script_args; charge.lua read_rate_table)."""
+
+    # one band, no tiers: the same price schedule wherever a session stands, sent built
+    # (connect fee, segment count S, S times ending / increment units / price; the last
+    # ending 0: no end), so the script parses no table and builds no schedule per request
+    FIXED = "F"
+    # bands or tiers: the table, from which the script builds the schedule of the units
+    # from where the session stands
+    BANDED = "B"
+
+
 class RequestKind(enum.StrEnum):
     """What the charging script is asked to do (ARGV kind)."""
 
@@ -84,7 +97,7 @@ class ChargeKeys(NamedTuple):
 class ChargeArgs(NamedTuple):
     """charge.lua's ARGV[1..12]. The blocks follow: their count (ARGV[13], the script's
     block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
-    table (charging/rating.py RateTable.script_args)."""
+    table (charging/rating.py RateTable.script_args, in one of the RateTableForm)."""
 
     kind: RequestKind
     request_number: int

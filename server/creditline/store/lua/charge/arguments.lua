@@ -31,7 +31,9 @@ do
     -- (the fields as server/contract.py BLOCK_FIELDS orders them)
     local block = { rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2],
       status = ARGV[i + 3], requested = num(ARGV[i + 4]), used = num(ARGV[i + 5]),
-      unit = ARGV[i + 6], final_action = ARGV[i + 7] }
+      unit = ARGV[i + 6], final_action = ARGV[i + 7],
+      -- (set here so that read_rate_table adds no field: no rehash of the table)
+      period = '-', fixed_schedule = false }
     i = i + 8
     if block.status == 'ok' then i = read_rate_table(block, i) end
     blocks[b] = block

@@ -1,106 +1,107 @@
 -- charge.lua, part 6 of 7 (after notifications.lua; see prelude.lua)
 -- ---------------------------------------------------------------- events
--- An event block as the answer carries it (see Return above).
-local function event_part(block, code, units, amount, from_buckets)
-  return ';' .. block.rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(units) .. ','
-    .. int(amount) .. ',' .. int(from_buckets)
-end
-
--- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
--- refunds of a debit ("" before any; nil for other events: nothing to refund).
-local function stored_event(stored)
-  local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
-  if rest == '' then return number, answer, nil end
-  return number, answer, string.sub(rest, 2)
-end
-
--- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
--- and the event's stored answer when it is an event's (nil: a session's); nil when no such
--- charge is kept.
-local function refund_target()
-  local stored = redis.call('GET', KEYS[12])
-  if not stored then
-    local session_fields = hash(KEYS[13])
-    if next(session_fields) == nil then return nil end
-    return session_fields, nil
-  end
-  local _, answer, refunds = stored_event(stored)
-  local fields = {}
-  if not refunds then return fields, stored end  -- not a debit
-  -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
-  for rg, units, amount, from_buckets in
-      string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
-    fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
-  end
-  for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
-    fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
-  end
-  return fields, stored
-end
-
--- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
--- event's stored answer rewritten (its expiry kept) with the refunds after it.
-local function record_refunds(target, stored_event_answer, refunded)
-  if not stored_event_answer then
-    for rg, r in pairs(refunded) do
-      redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
-      redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
-    end
-    return
-  end
-  for rg, r in pairs(refunded) do
-    target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
-    target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
-  end
-  local parts = {}
-  for field, units in pairs(target) do
-    local rg = string.match(field, '^ru:(.+)$')
-    if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
-  end
-  local number, answer = stored_event(stored_event_answer)
-  redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
-    'KEEPTTL')
-end
-
--- REFUND: the money each block gets back, or nil and why the refund is refused. Only
--- money is refunded (units paid from buckets are not given back), at most what the named
--- charge took for the rating group minus what was refunded of it already: a refund of all
--- the units still charged returns exactly the money still charged, a part of them the
--- price of the charge's last units at the refund's prices.
-local function refund_amounts(target)
-  local amounts = {}
-  for index, block in ipairs(blocks) do
-    local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
-    if block.status == 'ok' then
-      local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
-      local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
-      if units_left <= 0 or money_left <= 0 then
-        return nil, where .. ': the charge named by refund_of_session_id has no money ' ..
-          'left to refund for this rating group'
-      end
-      local units = block.requested
-      if units <= 0 or units > units_left then
-        return nil, where .. '.requested: ' .. int(units) .. ' units; 1..' ..
-          int(units_left) .. ' of the named charge are left to refund'
-      end
-      local amount = money_left
-      if units < units_left then
-        local schedule = schedule_from(block, 0, period_units(block), 0)
-        amount = math.min(money_left,
-          cost(schedule, units_left) - cost(schedule, units_left - units))
-      end
-      amounts[index] = amount
-    end
-  end
-  return amounts
-end
-
 -- The two kinds of request are handled at the script's top level, not in a function each:
 -- a function would be made anew on every request, searching the list of the script's
 -- captured locals once for each it uses, and would reach the request's state through
 -- upvalues rather than registers (-2 % instructions per request against making only the
 -- function that runs).
 if kind == 'E' then
+  -- (the event's own functions: made only for an event)
+  -- An event block as the answer carries it (see Return above).
+  local function event_part(block, code, units, amount, from_buckets)
+    return ';' .. block.rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(units) .. ','
+      .. int(amount) .. ',' .. int(from_buckets)
+  end
+
+  -- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
+  -- refunds of a debit ("" before any; nil for other events: nothing to refund).
+  local function stored_event(stored)
+    local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
+    if rest == '' then return number, answer, nil end
+    return number, answer, string.sub(rest, 2)
+  end
+
+  -- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
+  -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
+  -- charge is kept.
+  local function refund_target()
+    local stored = redis.call('GET', KEYS[12])
+    if not stored then
+      local session_fields = hash(KEYS[13])
+      if next(session_fields) == nil then return nil end
+      return session_fields, nil
+    end
+    local _, answer, refunds = stored_event(stored)
+    local fields = {}
+    if not refunds then return fields, stored end  -- not a debit
+    -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
+    for rg, units, amount, from_buckets in
+        string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
+      fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
+    end
+    for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
+      fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
+    end
+    return fields, stored
+  end
+
+  -- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
+  -- event's stored answer rewritten (its expiry kept) with the refunds after it.
+  local function record_refunds(target, stored_event_answer, refunded)
+    if not stored_event_answer then
+      for rg, r in pairs(refunded) do
+        redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
+        redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
+      end
+      return
+    end
+    for rg, r in pairs(refunded) do
+      target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
+      target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
+    end
+    local parts = {}
+    for field, units in pairs(target) do
+      local rg = string.match(field, '^ru:(.+)$')
+      if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
+    end
+    local number, answer = stored_event(stored_event_answer)
+    redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
+      'KEEPTTL')
+  end
+
+  -- REFUND: the money each block gets back, or nil and why the refund is refused. Only
+  -- money is refunded (units paid from buckets are not given back), at most what the named
+  -- charge took for the rating group minus what was refunded of it already: a refund of all
+  -- the units still charged returns exactly the money still charged, a part of them the
+  -- price of the charge's last units at the refund's prices.
+  local function refund_amounts(target)
+    local amounts = {}
+    for index, block in ipairs(blocks) do
+      local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
+      if block.status == 'ok' then
+        local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
+        local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
+        if units_left <= 0 or money_left <= 0 then
+          return nil, where .. ': the charge named by refund_of_session_id has no money ' ..
+            'left to refund for this rating group'
+        end
+        local units = block.requested
+        if units <= 0 or units > units_left then
+          return nil, where .. '.requested: ' .. int(units) .. ' units; 1..' ..
+            int(units_left) .. ' of the named charge are left to refund'
+        end
+        local amount = money_left
+        if units < units_left then
+          local schedule = schedule_from(block, 0, period_units(block), 0)
+          amount = math.min(money_left,
+            cost(schedule, units_left) - cost(schedule, units_left - units))
+        end
+        amounts[index] = amount
+      end
+    end
+    return amounts
+  end
+
   local stored = redis.call('GET', request_key)
   if stored then
     local stored_number, stored_answer = stored_event(stored)
@@ -144,8 +145,8 @@ if kind == 'E' then
       account_add('refunded', amount)
       record_usage(block.rg, 0, -amount, 0, 0)
       refunded[block.rg] = { units = units, amount = amount }
-      notify('event_refunded', 'rg', block.rg, 'units', units, 'amount', amount,
-        'balance', balance)
+      notify('event_refunded|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
+        .. int(amount) .. '|balance|' .. int(balance))
       cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
         .. '|' .. int(-amount) .. '|0|0'
       cdr_total = cdr_total - amount
@@ -156,7 +157,7 @@ if kind == 'E' then
         code, sufficient = LIMIT_REACHED, 0
         if event_action == 'DEBIT' then  -- nothing charged: the answer says 0
           from_buckets, amount = 0, 0
-          notify('credit_exhausted', 'rg', block.rg)
+          notify('credit_exhausted|rg|' .. block.rg)
         end
       elseif event_action == 'DEBIT' then
         consume_buckets(block.bucket_rg, from_buckets)
@@ -164,8 +165,9 @@ if kind == 'E' then
         record_usage(block.rg, units, amount, from_buckets, 0)
         add_period_units(block, units - from_buckets)
         observe_usage(block.rg, units)
-        notify('event_charged', 'rg', block.rg, 'units', units, 'amount', amount,
-          'from_buckets', from_buckets, 'balance', balance)
+        notify('event_charged|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
+          .. int(amount) .. '|from_buckets|' .. int(from_buckets) .. '|balance|'
+          .. int(balance))
         cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
           .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
         cdr_total = cdr_total + amount

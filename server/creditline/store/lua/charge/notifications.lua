@@ -2,14 +2,11 @@
 -- ---------------------------------------------------------------- notifications
 -- The request's events, written together as one stream entry by write_records.
 local notifications = {}
--- notify(event_type, field, value, ...): the pairs as arguments, not in a table of their
--- own (one table per notification instead of two); every value is given (no nil).
-local function notify(event_type, ...)
-  local packed = { event_type, ... }
-  for i = 3, #packed, 2 do
-    if type(packed[i]) == 'number' then packed[i] = int(packed[i]) end
-  end
-  notifications[#notifications + 1] = table.concat(packed, '|')
+-- notify(text): one event as its text, "<type>|<field>|<value>|...", which the caller
+-- writes with one concatenation (a table of the pairs and its concat cost ~2,000
+-- instructions more per event).
+local function notify(text)
+  notifications[#notifications + 1] = text
 end
 
 -- Low-balance thresholds crossed downwards by this request: once per crossing.
@@ -18,7 +15,7 @@ local function notify_low_balance()
   for threshold in string.gmatch(account.low_balance, '[^,]+') do
     local t = tonumber(threshold)
     if balance_at_start >= t and balance < t then
-      notify('low_balance', 'threshold', t, 'balance', balance)
+      notify('low_balance|threshold|' .. int(t) .. '|balance|' .. int(balance))
     end
   end
 end
@@ -52,9 +49,9 @@ local function observe_usage(rg, units)
   local history_s = (rates.at_ms - rates.since_ms) / 1000
   local high = history_s >= spike_slow_s and rates.fast > spike_factor * rates.slow
   if high and not rates.spike then
-    notify('usage_spike', 'rg', rg, 'units', units,
-      'rate_per_s', string.format('%.3f', rates.fast),
-      'usual_rate_per_s', string.format('%.3f', rates.slow))
+    notify('usage_spike|rg|' .. rg .. '|units|' .. int(units) .. '|rate_per_s|'
+      .. string.format('%.3f', rates.fast) .. '|usual_rate_per_s|'
+      .. string.format('%.3f', rates.slow))
   end
   if high then rates.spike = true
   elseif rates.fast < spike_factor * rates.slow / 2 then rates.spike = false end
@@ -76,7 +73,7 @@ local function write_records()
   for _, b in ipairs(expired_buckets) do
     redis.call('HDEL', buckets_key, b.id)
     if num(b.remaining) > 0 then
-      notify('bucket_expired', 'rg', b.rg, 'bucket', b.id, 'units', b.remaining)
+      notify('bucket_expired|rg|' .. b.rg .. '|bucket|' .. b.id .. '|units|' .. b.remaining)
     end
   end
   write_rates()

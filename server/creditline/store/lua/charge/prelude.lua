@@ -67,13 +67,17 @@ ARGV:
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, unit kind ("t" time, "v" volume, "s" service
       specific, "-" no tariff), final unit action (FinalUnitAction number), and when the
-      status is "ok" the rate table
-      (server/rating.py RateTable.script_args): connect fee, first increment units,
-      following increment units, time-based 0/1, billing period ("-": no tiers), tier
-      count T and T tier starts (units of the billing period), band count B and per band
-      1 + (T + 1) prices (first increment; following increments below the first tier and
-      in each tier), change count C and C pairs (seconds from the event time, band index
-      from 0)
+      status is "ok" the rate table (server/rating.py RateTable.script_args), its form
+      first (server/contract.py RateTableForm):
+      "F" (one band, no tiers: the same price schedule wherever the session stands, built
+      by the server): connect fee, segment count S and S triples (ending: cumulative
+      units, 0 for the last, which has no end; increment units; price per increment);
+      "B" (bands or tiers: the script builds the schedule from where the session stands):
+      connect fee, first increment units, following increment units, time-based 0/1,
+      billing period ("-": no tiers), tier count T and T tier starts (units of the billing
+      period), band count B and per band 1 + (T + 1) prices (first increment; following
+      increments below the first tier and in each tier), change count C and C pairs
+      (seconds from the event time, band index from 0)
 
 Return: the answer as one string "<code>;<block>;<block>...", complete in itself (a
 retransmission is answered from it, whatever the retransmission carries; server/charging.py

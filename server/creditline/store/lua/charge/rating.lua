@@ -37,31 +37,27 @@ end
 -- before `rated` are priced as at `rated`: paid already, they cancel out of every difference.
 local function schedule_from(block, rated, period_units, offset_s)
   -- One band and no tiers (most tariffs): the same schedule wherever the session stands,
-  -- built once per request and block; its only increment boundary is the first.
-  local fixed = #block.tiers == 0 and #block.changes == 1
-  if fixed and block.fixed_schedule then return block.fixed_schedule end
+  -- built by the server (RateTableForm FIXED, read_fixed_schedule)
+  if block.fixed_schedule then return block.fixed_schedule end
   local first, following = block.first, block.following
-  local starts = { first }
-  if not fixed then
-    local seen = { [first] = true }
-    local function add(units)
-      local start = first
-      if units > first then
-        start = first + math.ceil((units - first) / following) * following
-      end
-      if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
+  local starts, seen = { first }, { [first] = true }
+  local function add(units)
+    local start = first
+    if units > first then
+      start = first + math.ceil((units - first) / following) * following
     end
-    if block.time_based then
-      for c = 2, #block.changes do
-        local at = rated + block.changes[c].offset_s - offset_s
-        if at > rated then add(at) end
-      end
-    end
-    for _, from_units in ipairs(block.tiers) do
-      if from_units > period_units then add(rated + from_units - period_units) end
-    end
-    table.sort(starts)
+    if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
   end
+  if block.time_based then
+    for c = 2, #block.changes do
+      local at = rated + block.changes[c].offset_s - offset_s
+      if at > rated then add(at) end
+    end
+  end
+  for _, from_units in ipairs(block.tiers) do
+    if from_units > period_units then add(rated + from_units - period_units) end
+  end
+  table.sort(starts)
   local segments = { { ending = first, increment = first,
     price = prices_at(block, rated, offset_s, 0)[1] } }
   local count = math.min(#starts, MAX_SEGMENTS - 1)
@@ -78,9 +74,7 @@ local function schedule_from(block, rated, period_units, offset_s)
       segments[#segments + 1] = { ending = ending, increment = following, price = price }
     end
   end
-  local schedule = { connect_fee = block.connect_fee, segments = segments }
-  if fixed then block.fixed_schedule = schedule end
-  return schedule
+  return { connect_fee = block.connect_fee, segments = segments }
 end
 
 -- Price of the first `units` units counted from the start of the session (or event):
@@ -127,10 +121,26 @@ end
 -- tonumber() it fails on anything that is not a number instead of returning nil.
 local function num(text) return text + 0 end
 
+-- A FIXED table: the schedule as the server built it (server/contract.py RateTableForm),
+-- from ARGV[i] on (after the form); returns the index of the argument after it.
+local function read_fixed_schedule(block, i)
+  local count, segments = num(ARGV[i + 1]), {}
+  for s = 1, count do
+    local at = i + 3 * s - 1
+    segments[s] = { ending = num(ARGV[at]), increment = num(ARGV[at + 1]),
+      price = num(ARGV[at + 2]) }
+  end
+  segments[count].ending = math.huge  -- (sent as 0: the last segment has no end)
+  block.fixed_schedule = { connect_fee = num(ARGV[i]), segments = segments }
+  return i + 2 + 3 * count
+end
+
 -- The rate table of a block (server/rating.py RateTable.script_args), from ARGV[i] on;
 -- returns the index of the argument after it. (Indexing ARGV directly: a closure call per
 -- argument cost the script ~10 % of its instructions.)
 local function read_rate_table(block, i)
+  if ARGV[i] == 'F' then return read_fixed_schedule(block, i + 1) end
+  i = i + 1  -- 'B': bands or tiers
   block.connect_fee, block.first, block.following =
     num(ARGV[i]), num(ARGV[i + 1]), num(ARGV[i + 2])
   block.time_based, block.period = ARGV[i + 3] == '1', ARGV[i + 4]

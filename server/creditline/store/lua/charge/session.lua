@@ -2,23 +2,6 @@
 -- ---------------------------------------------------------------- sessions
 -- (kinds I, U, T and S: everything below)
 
--- The CDR of a closed session: one item per rating group it charged or reserved.
-local function write_session_cdr(session, cause, result)
-  local items, total = {}, 0
-  for field, _ in pairs(session) do
-    local rg = string.match(field, '^k:(.+)$')
-    if rg then
-      local function n(prefix) return num(session[prefix .. rg] or 0) end
-      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
-        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
-      total = total + n('c:')
-    end
-  end
-  table.sort(items)
-  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
-end
-
 local session = hash(request_key)
 local exists = session.state ~= nil
 if kind == 'S' then
@@ -37,18 +20,13 @@ end
 -- The session id's claim (KEYS[12], see above): the account holding it, and whether that
 -- account's session of this id is open (the claim names its key).
 local claim_key = KEYS[12]
-local function claimed_elsewhere()
-  local held = redis.call('GET', claim_key)
-  if not held then return false end
-  local holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$')
-  return holder ~= account_id and holder_key ~= nil
-    and redis.call('HGET', holder_key, 'state') == 'open'
-end
-
 if kind == 'I' then
   if exists then return INVALID_VALUE .. ';!session already exists' end
   if barred then return DENIED .. ';!account is barred' end
-  if claim_key and claimed_elsewhere() then
+  local held = claim_key and redis.call('GET', claim_key)
+  local holder, holder_key
+  if held then holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$') end
+  if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
     return INVALID_VALUE .. ';!session_id: already open on another account'
   end
 elseif session.state ~= 'open' then
@@ -57,7 +35,11 @@ end
 local closing = kind == 'T' or kind == 'S'
 
 local session_changes = {}  -- field -> new value
-local function sget(field) return num(session_changes[field] or session[field] or 0) end
+local function sget(field)
+  local value = session_changes[field]
+  if value == nil then value = session[field] or 0 end
+  return value + 0  -- (num() inline: a call less, ~25 a request)
+end
 local function sset(field, value) session_changes[field] = value end
 
 -- Gives back what this session holds for a rating group, so it can be charged or
@@ -96,8 +78,9 @@ local function charge_usage(block)
   sset('x:' .. rg, sget('x:' .. rg) + price - charged)
   record_usage(rg, used, charged, from_buckets, price - charged)
   observe_usage(rg, used)
-  notify('usage_charged', 'rg', rg, 'units', used, 'amount', charged,
-    'from_buckets', from_buckets, 'uncharged', price - charged, 'balance', balance)
+  notify('usage_charged|rg|' .. rg .. '|units|' .. int(used) .. '|amount|' .. int(charged)
+    .. '|from_buckets|' .. int(from_buckets) .. '|uncharged|' .. int(price - charged)
+    .. '|balance|' .. int(balance))
   return charged
 end
 
@@ -154,14 +137,14 @@ for _, block in ipairs(blocks) do
         if earliest > 0 then expires_in_s = earliest - now_s end
         if granted == 0 then
           code = LIMIT_REACHED
-          notify('credit_exhausted', 'rg', rg)
+          notify('credit_exhausted|rg|' .. rg)
         else
-          notify('quota_granted', 'rg', rg, 'units', granted,
-            'reserved', sget('m:' .. rg), 'final', is_final and '1' or '0')
+          notify('quota_granted|rg|' .. rg .. '|units|' .. int(granted) .. '|reserved|'
+            .. int(sget('m:' .. rg)) .. '|final|' .. (is_final and '1' or '0'))
           if is_final then
             final = block.final_action
             final_rgs[#final_rgs + 1] = rg
-            notify('final_units_granted', 'rg', rg, 'units', granted)
+            notify('final_units_granted|rg|' .. rg .. '|units|' .. int(granted))
           end
         end
       end
@@ -208,8 +191,25 @@ for field, value in pairs(session_changes) do
 end
 redis.call('HSET', request_key, unpack(flat))
 if closing then
+  -- (made only for a close)
+  -- The CDR of a closed session: one item per rating group it charged or reserved.
+  local function write_session_cdr(session, cause, result)
+    local items, total = {}, 0
+    for field, _ in pairs(session) do
+      local rg = string.match(field, '^k:(.+)$')
+      if rg then
+        local function n(prefix) return num(session[prefix .. rg] or 0) end
+        items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+          .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
+        total = total + n('c:')
+      end
+    end
+    table.sort(items)
+    write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+      'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
+  end
   local cause = (kind == 'T') and 'terminate' or 'supervision'
-  notify('session_ended', 'cause', cause)
+  notify('session_ended|cause|' .. cause)
   redis.call('SREM', sessions_key, request_key)
   redis.call('HDEL', final_key, session_id)
   redis.call('ZREM', deadlines_key, request_key)

@@ -86,9 +86,11 @@ end
 -- A bucket's units that no open session holds.
 local function free_units(b) return math.max(0, b.remaining - b.reserved) end
 
+-- (Most accounts hold no bucket of a rating group: no loop, and no empty list, then.)
 local function bucket_units_free(rg)
-  local total = 0
-  for _, b in ipairs(buckets_by_rg[rg] or {}) do total = total + free_units(b) end
+  local list, total = buckets_by_rg[rg], 0
+  if not list then return 0 end
+  for _, b in ipairs(list) do total = total + free_units(b) end
   return total
 end
 
@@ -96,8 +98,10 @@ end
 -- (hold). Returns the units taken, the reservations "serial=units,..." (hold) and the
 -- earliest expiry (unix s, 0: none) among the buckets taken from.
 local function take_buckets(rg, units, hold)
+  local list = buckets_by_rg[rg]
+  if not list or units <= 0 then return 0, '', 0 end
   local taken, held, earliest = 0, {}, 0
-  for _, b in ipairs(buckets_by_rg[rg] or {}) do
+  for _, b in ipairs(list) do
     if taken >= units then break end
     local take = math.min(free_units(b), units - taken)
     if take > 0 then
