@@ -1,7 +1,7 @@
 """`creditline serve`: one process, or N worker processes sharing the port.
 
 gRPC in Python runs one event loop per process (about 5.5k unary calls/s per core here,
-shared/reference/performance-floor.md): more cores need more processes. Workers share the
+bench/README.md): more cores need more processes. Workers share the
 listen port through SO_REUSEPORT, so the kernel spreads connections over them; they
 share nothing else but Redis, where every charge is atomic.
 """

@@ -95,7 +95,7 @@ def redis_client(url: str, settings: Settings, max_connections: int = 0,
             socket_timeout=read_timeout_s or settings.redis_call_timeout_s,
             socket_connect_timeout=settings.redis_call_timeout_s, **options)
     # BlockingConnectionPool waits for a free connection under load; the default pool
-    # raises MaxConnectionsError instead (shared/reference/performance-floor.md).
+    # raises MaxConnectionsError instead (bench/README.md).
     pool = BlockingConnectionPool.from_url(
         url, max_connections=max_connections or settings.redis_max_connections,
         timeout=settings.redis_call_timeout_s,

@@ -4,7 +4,7 @@ It is the Transport (store/transport.py) on one server; each of the hub's reader
 
 Why not redis-py here: on this machine kind one EVALSHA through redis.asyncio halves what a
 server process can answer (2,800 req/s against the gRPC floor of 5,500), while this path
-keeps 86 % of it (4,700; shared/reference/performance-floor.md). It serves the charging
+keeps 86 % of it (4,700; bench/README.md). It serves the charging
 script on one Redis server, over TCP (redis://), TLS (rediss://) or a unix socket (unix://,
 the embedded Redis), with AUTH (a password, or an ACL user and password) and SELECT sent on
 every new connection before anything else. On Redis Cluster one of these per node serves
