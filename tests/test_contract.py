@@ -173,7 +173,7 @@ def _written_fields(expression: str) -> list[str]:
 
 
 def test_the_answers_blocks_are_written_as_the_contract_reads_them() -> None:
-    session = re.search(r"parts = parts \.\. ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
+    session = re.search(r"return code, ';' \.\. (.*?)\nend", CHARGE_LUA, re.DOTALL)
     event = re.search(r"return ';' \.\. (.*?)\n *end", CHARGE_LUA, re.DOTALL)
     assert session and event, "charge.lua: the answers' blocks are not where they were"
     assert _written_fields(" ".join(session[1].split())) == list(SessionBlockAnswer._fields)

@@ -3,35 +3,43 @@
 -- (kinds I, U, T and S: everything below)
 
 local session = hash(request_key)
-local exists = session.state ~= nil
-if kind == 'S' then
-  local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
-  if session.state ~= 'open' or not deadline or deadline > now_ms then
-    return '0;!not due'
-  end
-  request_number = num(session.last_request)
-elseif exists then
-  local last = num(session.last_request)
-  if request_number == last then return session.answer end
-  if request_number < last then
-    return INVALID_VALUE .. ';!request number lower than the last one processed'
-  end
-end
 -- The session id's claim (KEYS[12], see above): the account holding it, and whether that
 -- account's session of this id is open (the claim names its key).
 local claim_key = KEYS[12]
-if kind == 'I' then
-  if exists then return INVALID_VALUE .. ';!session already exists' end
-  if barred then return DENIED .. ';!account is barred' end
-  local held = claim_key and redis.call('GET', claim_key)
-  local holder, holder_key
-  if held then holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$') end
-  if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
-    return INVALID_VALUE .. ';!session_id: already open on another account'
+
+-- The answer a request gets instead of being applied (a retransmission's stored answer, a
+-- refusal), or nil. A supervision close takes the session's last request number.
+local function not_applied()
+  local exists = session.state ~= nil
+  if kind == 'S' then
+    local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
+    if session.state ~= 'open' or not deadline or deadline > now_ms then
+      return '0;!not due'
+    end
+    request_number = num(session.last_request)
+  elseif exists then
+    local last = num(session.last_request)
+    if request_number == last then return session.answer end
+    if request_number < last then
+      return INVALID_VALUE .. ';!request number lower than the last one processed'
+    end
   end
-elseif session.state ~= 'open' then
-  return UNKNOWN_SESSION .. ';!unknown or closed session'
+  if kind == 'I' then
+    if exists then return INVALID_VALUE .. ';!session already exists' end
+    if barred then return DENIED .. ';!account is barred' end
+    local held = claim_key and redis.call('GET', claim_key)
+    local holder, holder_key
+    if held then holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$') end
+    if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
+      return INVALID_VALUE .. ';!session_id: already open on another account'
+    end
+  elseif session.state ~= 'open' then
+    return UNKNOWN_SESSION .. ';!unknown or closed session'
+  end
+  return nil
 end
+local early_answer = not_applied()
+if early_answer then return early_answer end
 local closing = kind == 'T' or kind == 'S'
 
 local session_changes = {}  -- field -> new value
@@ -113,9 +121,29 @@ local function grant(block, wanted)
   return granted, (granted < wanted) or not more, earliest
 end
 
-local parts, shared_code = '', nil  -- parts: ";<block>" per block
 local final_rgs = {}  -- the rating groups granted their final units
-for _, block in ipairs(blocks) do
+
+-- A rated block's grant: its result code, units, final unit action and the seconds to the
+-- earliest expiry of the buckets it draws on.
+local function grant_block(block)
+  if barred then return DENIED, 0, '0', 0 end
+  local rg = block.rg
+  local granted, is_final, earliest = grant(block, block.requested)
+  local expires_in_s = earliest > 0 and earliest - now_s or 0
+  if granted == 0 then
+    notify('credit_exhausted|rg|' .. rg)
+    return LIMIT_REACHED, 0, '0', expires_in_s
+  end
+  notify('quota_granted|rg|' .. rg .. '|units|' .. int(granted) .. '|reserved|'
+    .. int(sget('m:' .. rg)) .. '|final|' .. (is_final and '1' or '0'))
+  if not is_final then return SUCCESS, granted, '0', expires_in_s end
+  final_rgs[#final_rgs + 1] = rg
+  notify('final_units_granted|rg|' .. rg .. '|units|' .. int(granted))
+  return SUCCESS, granted, block.final_action, expires_in_s
+end
+
+-- One block applied: its result code and its part of the answer (";<block>").
+local function answer_block(block)
   local rg = block.rg
   local code, granted, charged, final, expires_in_s = SUCCESS, 0, 0, '0', 0
   if block.status == 'none' then
@@ -129,43 +157,34 @@ for _, block in ipairs(blocks) do
     release(rg)
     if block.used > 0 then charged = charge_usage(block) end
     if not closing and block.requested >= 0 then
-      if barred then
-        code = DENIED
-      else
-        local is_final, earliest
-        granted, is_final, earliest = grant(block, block.requested)
-        if earliest > 0 then expires_in_s = earliest - now_s end
-        if granted == 0 then
-          code = LIMIT_REACHED
-          notify('credit_exhausted|rg|' .. rg)
-        else
-          notify('quota_granted|rg|' .. rg .. '|units|' .. int(granted) .. '|reserved|'
-            .. int(sget('m:' .. rg)) .. '|final|' .. (is_final and '1' or '0'))
-          if is_final then
-            final = block.final_action
-            final_rgs[#final_rgs + 1] = rg
-            notify('final_units_granted|rg|' .. rg .. '|units|' .. int(granted))
-          end
-        end
-      end
+      code, granted, final, expires_in_s = grant_block(block)
     end
   end
-  shared_code = fold_code(shared_code, code)
-  parts = parts .. ';' .. rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(granted) .. ','
+  return code, ';' .. rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(granted) .. ','
     .. int(charged) .. ',' .. final .. ',' .. int(expires_in_s)
 end
-if closing then
-  -- release the rating groups the Terminate did not mention
-  local mentioned = {}
-  for _, block in ipairs(blocks) do mentioned[block.rg] = true end
-  for field, _ in pairs(session) do
-    local rg = string.match(field, '^k:(.+)$')
-    if rg and not mentioned[rg] then release(rg) end
+
+-- Every block applied; a close releases the rating groups the request did not mention.
+-- (no blocks: the code alone, as text like every answer)
+local function answer_blocks()
+  local parts, shared_code = '', nil
+  for _, block in ipairs(blocks) do
+    local code, part = answer_block(block)
+    shared_code = fold_code(shared_code, code)
+    parts = parts .. part
   end
+  if closing then
+    local mentioned = {}
+    for _, block in ipairs(blocks) do mentioned[block.rg] = true end
+    for field, _ in pairs(session) do
+      local rg = string.match(field, '^k:(.+)$')
+      if rg and not mentioned[rg] then release(rg) end
+    end
+  end
+  return int(overall_code(shared_code)) .. parts
 end
 
--- (no blocks: the code alone, as text like every answer)
-local answer = int(overall_code(shared_code)) .. parts
+local answer = answer_blocks()
 if kind == 'S' then answer = session.answer end  -- the client's last answer stays
 
 if kind == 'I' then
@@ -174,40 +193,44 @@ if kind == 'I' then
   sset('session', session_id)
 end
 
-write_buckets()
-write_account()
-local flat = { 'last_request', int(request_number), 'answer', answer }
-if session.state ~= 'open' or closing then
-  flat[5], flat[6] = 'state', closing and 'closed' or 'open'
-end
-for field, value in pairs(session_changes) do
-  if type(value) == 'number' then value = int(value) end
-  -- a field that keeps its value is not written again: the hash comes out the same,
-  -- and each field named in the HSET costs Redis a search of the hash (its listpack)
-  if session[field] ~= value then
-    flat[#flat + 1] = field
-    flat[#flat + 1] = value
+-- The session hash: this request's number and answer, its state, the fields it changed.
+local function write_session()
+  local flat = { 'last_request', int(request_number), 'answer', answer }
+  if session.state ~= 'open' or closing then
+    flat[5], flat[6] = 'state', closing and 'closed' or 'open'
   end
-end
-redis.call('HSET', request_key, unpack(flat))
-if closing then
-  -- (made only for a close)
-  -- The CDR of a closed session: one item per rating group it charged or reserved.
-  local function write_session_cdr(session, cause, result)
-    local items, total = {}, 0
-    for field, _ in pairs(session) do
-      local rg = string.match(field, '^k:(.+)$')
-      if rg then
-        local function n(prefix) return num(session[prefix .. rg] or 0) end
-        items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
-          .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
-        total = total + n('c:')
-      end
+  for field, value in pairs(session_changes) do
+    if type(value) == 'number' then value = int(value) end
+    -- a field that keeps its value is not written again: the hash comes out the same,
+    -- and each field named in the HSET costs Redis a search of the hash (its listpack)
+    if session[field] ~= value then
+      flat[#flat + 1] = field
+      flat[#flat + 1] = value
     end
-    table.sort(items)
-    write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-      'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
   end
+  redis.call('HSET', request_key, unpack(flat))
+end
+
+-- The CDR of a closed session: one item per rating group it charged or reserved.
+local function write_session_cdr(cause)
+  local items, total = {}, 0
+  for field, _ in pairs(session) do
+    local rg = string.match(field, '^k:(.+)$')
+    if rg then
+      local function n(prefix) return num(session[prefix .. rg] or 0) end
+      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
+      total = total + n('c:')
+    end
+  end
+  table.sort(items)
+  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+    'result', answer:match('^%d+'), 'charged', int(total), 'items', table.concat(items, ';'))
+end
+
+-- A closed session leaves the account's sets, gives its claim back, is kept for
+-- retransmissions for retention_s, and gets its CDR.
+local function close_session()
   local cause = (kind == 'T') and 'terminate' or 'supervision'
   notify('session_ended|cause|' .. cause)
   redis.call('SREM', sessions_key, request_key)
@@ -222,8 +245,12 @@ if closing then
   redis.call('EXPIRE', request_key, retention_s)
   -- the session as just written: what was read, with this request's changes over it
   for field, value in pairs(session_changes) do session[field] = value end
-  write_session_cdr(session, cause, answer:match('^%d+'))
-else
+  write_session_cdr(cause)
+end
+
+-- An open session: in the account's sets (with its claim, from the Initial), its final
+-- rating groups, its supervision deadline pushed back.
+local function keep_session_open()
   if kind == 'I' then
     redis.call('SADD', sessions_key, request_key)
     if claim_key then
@@ -235,5 +262,10 @@ else
   end
   redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
 end
+
+write_buckets()
+write_account()
+write_session()
+if closing then close_session() else keep_session_open() end
 write_records()
 return answer
