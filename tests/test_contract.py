@@ -16,6 +16,7 @@ from creditline.charging.rating import BandedRater, load_plan
 from creditline.store.contract import (
     BLOCK_FIELDS,
     EVENT_TYPES,
+    ID_CHARACTERS,
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
     SCRIPT_RESULT_CODES,
@@ -189,3 +190,13 @@ def test_the_event_types_are_the_protocols() -> None:
     # each notify(...) of the scripts names its type first
     written = set(re.findall(r"notify\('([a-z_]+)", charge_script_source() + ADMIN_LUA))
     assert written == EVENT_TYPES
+
+
+def test_both_kernels_take_exactly_the_contracts_id_characters() -> None:
+    # the compiled kernels test characters by ranges (inline, per request): held here to
+    # the one definition, which the twin and the Admin service's bucket ids use
+    for kernels in (compiled_kernels(), pure_kernels()):
+        for code in range(1, 0x3000):
+            char = chr(code)
+            refused = kernels.module.check_ids("s", f"a{char}b", 100, 100)
+            assert (refused is None) == (char in ID_CHARACTERS), (kernels.implementation, char)

@@ -14,15 +14,14 @@ from collections.abc import Sequence
 from creditline.charging.kernels import Kernels, Refused, RequestRules
 from creditline.charging.rating import Plan, Rater, Tariff, UnitKind
 from creditline.settings import Settings
-from creditline.store.contract import EventAction, RequestKind
+from creditline.store.contract import ID_CHARACTERS, EventAction, RequestKind
 from creditline.v1 import charging_pb2 as pb
 
 MISSING = pb.MISSING_AVP
 UNABLE_TO_COMPLY = pb.UNABLE_TO_COMPLY
 
-# Bucket ids become part of Redis keys inside the hash tag: no braces, no spaces (account
-# ids are checked by the kernels, to the same rule).
-ACCOUNT_ID_PATTERN = re.compile(r"[A-Za-z0-9._:@+\-]+")
+# Bucket ids to the account ids' rule (the kernels check those).
+ACCOUNT_ID_PATTERN = re.compile(f"[{re.escape(ID_CHARACTERS)}]+")
 EVENT_ACTIONS = {
     pb.DIRECT_DEBIT: EventAction.DEBIT, pb.REFUND: EventAction.REFUND,
     pb.CHECK_BALANCE: EventAction.CHECK, pb.PRICE_ENQUIRY: EventAction.PRICE,
@@ -115,10 +114,6 @@ def units_of(units: pb.Units, kind: UnitKind) -> int:
         return units.uplink_octets + units.downlink_octets
     value: int = getattr(units, _UNIT_FIELD[kind])
     return value
-
-
-def set_units(units: pb.Units, kind: UnitKind, amount: int) -> None:
-    setattr(units, _UNIT_FIELD[kind], amount)
 
 
 def script_blocks(

@@ -17,6 +17,8 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from creditline.store.contract import ID_CHARACTERS
+
 MAX_SAFE_INTEGER = 2**53 - 1
 # Segments per schedule: a bound on the work of one rating (and the C arrays' size).
 MAX_SEGMENTS = 64
@@ -191,8 +193,7 @@ UNABLE_TO_COMPLY = 5012
 FAILURE_HANDLING_RETRY_AND_TERMINATE = 3
 REFUND = 2            # RequestedAction
 EVENT_ACTION_MAX = 4  # RequestedAction: 1..4 are actions, 0 is missing
-_ACCOUNT_ID_CHARS = frozenset(
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+-")
+_ACCOUNT_ID_CHARS = frozenset(ID_CHARACTERS)
 _UNITS_FIELDS = ("time_s", "total_octets", "uplink_octets", "downlink_octets",
                  "service_specific_units")
 # A unit code of the script's answer -> the Units field number its units go in.

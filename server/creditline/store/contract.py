@@ -69,6 +69,11 @@ SCRIPT_RESULT_CODES = {
 }
 
 
+# What an account or bucket id may be made of: they become part of Redis keys inside the
+# hash tag, so no braces and no spaces (checked by the kernels for accounts, by the Admin
+# service for buckets).
+ID_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+-"
+
 # The notification types the scripts write, as the event's "t" field (the protobuf
 # EventType names in lower case; tests/test_contract.py holds the two equal).
 EVENT_TYPES = frozenset({
