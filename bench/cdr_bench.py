@@ -62,7 +62,7 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
     try:
         await redis.flushall()
         store = Store(RedisPy(redis), store_config(settings))
-        await store.check_partitions()
+        await store.prepare()
         names = [f"cdrbench-{n:05d}" for n in range(accounts)]
         for start in range(0, accounts, GENERATE_CONCURRENCY):
             answers = await asyncio.gather(*(

@@ -149,7 +149,7 @@ async def _store(variant: Variant) -> tuple[Store, Transport]:
     if not transport.bounded and variant.settings.redis_fast_path:
         raise SystemExit(f"{variant.name}: the lean path does not apply to {variant.url}")
     store = Store(transport, store_config(variant.settings))
-    await store.check_partitions()
+    await store.prepare()
     for n in range(ACCOUNTS):
         await store.admin(f"lean-{n}", "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
     return store, transport

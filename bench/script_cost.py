@@ -5,16 +5,17 @@
 Starts a redis-server, creates 1,000 accounts, then runs the load's session flows
 (bench/workload.py: Initial, 3 Updates, Terminate with web and voice, then one SMS event)
 straight through the charging script (Store.charge, no gRPC), 50 flows at a time, and reads
-Redis's own `INFO commandstats`: microseconds of EVALSHA per request (the whole scripts,
-their inner commands included: an Initial also claims its session id, a Terminate gives
-the claim back, claim.lua) and what each inner command costs per request. 1e6 / (us per
+Redis's own `INFO commandstats`: microseconds of FCALL (Redis 7; EVALSHA on 6.2) per
+request (the whole scripts, their inner commands included: an Initial also claims its
+session id, a Terminate gives the claim back, claim.lua) and what each inner command costs
+per request. 1e6 / (us per
 request) is the most charging requests per second one Redis core can run.
 
     python -m bench.script_cost --instructions [--redis-server /usr/bin/redis-server]
 
 counts instead the machine instructions redis-server executes per charging request
 (valgrind's callgrind, needs valgrind): the same flows twice (--instruction-sessions,
-100 and 400), each under callgrind; the instructions inside EVALSHA (and inside the
+100 and 400), each under callgrind; the instructions inside FCALL or EVALSHA (and inside the
 script's redis.call) of the second run minus the first, per request. Unlike microseconds,
 the count does not move with other load on the machine (the same script gives the same
 count to 0.1 %): it is the figure to compare two versions of charge.lua with on a shared
@@ -78,7 +79,7 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
         redis = redis_client(process.url, settings)
         try:
             store = Store(RedisPy(redis), store_config(settings))
-            await store.check_partitions()
+            await store.prepare()
             accounts = [f"cost-{n}" for n in range(ACCOUNTS)]
             for account_id in accounts:
                 await store.admin(account_id, "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
@@ -92,15 +93,17 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
         finally:
             await redis.aclose()
     requests = sessions * (UPDATES_PER_SESSION + 3)
-    evalsha = stats["cmdstat_evalsha"]
+    # the charging calls (FCALL on Redis 7, EVALSHA on 6.2; the claims' EVALSHAs too)
+    calls = ("cmdstat_evalsha", "cmdstat_fcall")
+    script_usec = sum(stats.get(name, {}).get("usec", 0) for name in calls)
     inner = {name.removeprefix("cmdstat_"): {
         "calls_per_request": round(values["calls"] / requests, 2),
         "us_per_request": round(values["usec"] / requests, 2)}
-        for name, values in stats.items() if name != "cmdstat_evalsha"}
+        for name, values in stats.items() if name not in calls}
     return {
         "redis_version": version, "requests": requests,
-        "us_per_request": round(evalsha["usec"] / requests, 2),
-        "requests_per_redis_core_s": round(1e6 * requests / evalsha["usec"]),
+        "us_per_request": round(script_usec / requests, 2),
+        "requests_per_redis_core_s": round(1e6 * requests / script_usec),
         "inner_commands": dict(sorted(inner.items(),
                                       key=lambda item: -item[1]["us_per_request"])),
     }
@@ -132,12 +135,14 @@ def _self_instructions(output: Path) -> dict[str, int]:
     return counts
 
 
-def _inclusive_instructions(output: Path, function: str) -> int:
+def _inclusive_instructions(output: Path, function: str, required: bool = True) -> int:
     """Instructions executed in `function` and what it called (callgrind_annotate);
     `function` may name alternatives "a|b" (Redis 7's scriptCall is Redis 6's
-    luaRedisGenericCommand)."""
+    luaRedisGenericCommand). 0 for a function not `required` that never ran."""
     text = _annotate(output, inclusive=True)
     match = re.search(rf"^\s*([\d,]+) .*:(?:{function}) ", text, re.MULTILINE)
+    if match is None and not required:
+        return 0
     if match is None:
         raise RuntimeError(f"callgrind found no {function} (is redis-server built with "
                            "its symbols?)")
@@ -145,7 +150,8 @@ def _inclusive_instructions(output: Path, function: str) -> int:
 
 
 async def instructions(redis_server: str, sessions: tuple[int, int]) -> dict[str, Any]:
-    """Machine instructions per charging request inside EVALSHA, and inside redis.call."""
+    """Machine instructions per charging request inside FCALL or EVALSHA, and inside
+    redis.call."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_annotate")):
         raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
     counts: list[tuple[int, int]] = []
@@ -154,7 +160,8 @@ async def instructions(redis_server: str, sessions: tuple[int, int]) -> dict[str
         with tempfile.TemporaryDirectory(prefix="creditline-callgrind-") as directory:
             wrapper, output = _callgrind_server(redis_server, Path(directory))
             await measure(count, wrapper)
-            counts.append((_inclusive_instructions(output, "evalShaCommand"),
+            counts.append((_inclusive_instructions(output, "evalShaCommand")
+                           + _inclusive_instructions(output, "fcallCommand", required=False),
                            _inclusive_instructions(output, "scriptCall|luaRedisGenericCommand")))
             by_function.append(_self_instructions(output))
     requests = (sessions[1] - sessions[0]) * (UPDATES_PER_SESSION + 3)
@@ -191,7 +198,7 @@ def main() -> None:
             parser.error("--instruction-sessions: FEWER < MORE")
         counted = asyncio.run(instructions(args.redis_server, (fewer, more)))
         print(f"{counted['instructions_per_request']:,} redis-server instructions per "
-              f"charging request inside EVALSHA, {counted['in_redis_call_per_request']:,} "
+              f"charging request inside FCALL or EVALSHA, {counted['in_redis_call_per_request']:,} "
               f"of them inside the script's redis.call ({counted['requests']:,} requests "
               "counted, callgrind)")
         if args.breakdown:

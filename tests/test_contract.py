@@ -6,6 +6,7 @@ differs."""
 from __future__ import annotations
 
 import re
+import struct
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from creditline.store.contract import (
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
     SCRIPT_RESULT_CODES,
+    USAGE_RATES_FORMAT,
     AdminArgs,
     AdminKeys,
     ChargeArgs,
@@ -45,6 +47,14 @@ def _lua_constant(name: str) -> int:
     return int(match[1])
 
 
+def test_the_usage_rates_format_is_the_contracts() -> None:
+    match = re.search(r"^local USAGE_RATES_FORMAT, USAGE_RATES_BYTES = '([^']+)', (\d+)$",
+                      CHARGE_LUA, re.MULTILINE)
+    assert match, "charge.lua: no USAGE_RATES_FORMAT"
+    assert match[1] == USAGE_RATES_FORMAT and int(match[2]) == struct.calcsize(
+        USAGE_RATES_FORMAT)
+
+
 def test_the_numeric_limits_are_the_same_everywhere() -> None:
     assert _lua_constant("MAX_SAFE") == MAX_SAFE_INTEGER == 2**53 - 1
     assert _lua_constant("MAX_SEGMENTS") == MAX_SEGMENTS
@@ -66,7 +76,9 @@ def test_the_result_codes_are_the_scripts_and_the_protocols() -> None:
 
 
 def _keys_read(source: str) -> list[str]:
-    match = re.search(r"^local ([\w,\s]+?) = unpack\(KEYS, 1, (\d+)\)", source, re.MULTILINE)
+    # (a script's top-level locals, or a function's assignments: charge.lua's read_arguments)
+    match = re.search(r"^(?:local |  )([\w,\s]+?) = unpack\(KEYS, 1, (\d+)\)", source,
+                      re.MULTILINE)
     assert match, "no unpack(KEYS, ...)"
     names = [name.strip() for name in match[1].split(",")]
     assert int(match[2]) == len(names)
@@ -75,7 +87,7 @@ def _keys_read(source: str) -> list[str]:
 
 def _arguments_read(source: str) -> dict[int, str]:
     return {int(index): name for name, index in re.findall(
-        r"^local (\w+) = (?:num\()?ARGV\[(\d+)\]\)?$", source, re.MULTILINE)}
+        r"^(?:local |  )(\w+) = (?:num\()?ARGV\[(\d+)\]\)?$", source, re.MULTILINE)}
 
 
 def test_the_keys_are_read_in_the_contracts_order() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections import Counter
 from typing import Any
@@ -14,10 +15,12 @@ from creditline.events.hub import (
     START_CURSOR_METADATA,
     decode_entry,
 )
+from creditline.store.contract import USAGE_RATES_FORMAT
 from creditline.store.store import account_keys, event_counter_key
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
+from redis.asyncio import Redis
 
 from tests.messages import RG_SMS, RG_WEB, block, ccr
 
@@ -169,7 +172,8 @@ async def test_each_event_type_comes_from_its_scenario_and_no_other(
 
 
 async def test_usage_spike_against_the_accounts_own_rate(
-        charging, notifications, make_account, settings):  # type: ignore[no-untyped-def]
+        charging, notifications, make_account, settings, redis_process):  # type: ignore[no-untyped-def]
+    redis_binary = Redis.from_url(redis_process.url)  # (the rates are bytes, not text)
     acct = await make_account(balance_micros=10**12)
     call = await subscribe(notifications, account_ids=[acct], event_types=[npb.USAGE_SPIKE])
     start_ms = 1_700_000_000_000
@@ -192,6 +196,14 @@ async def test_usage_spike_against_the_accounts_own_rate(
     assert float(spike.details["rate_per_s"]) > 20 * float(spike.details["usual_rate_per_s"])
     await call.no_more()
     call.cancel()
+    # the rates as the script keeps them (contract.USAGE_RATES_FORMAT): the spike announced,
+    # at the burst's last event, the history from the first
+    stored = await redis_binary.hget(account_keys(acct, settings.partitions).rates,
+                                     str(RG_SMS))
+    fast, slow, at_ms, since_ms, spike_on = struct.unpack(USAGE_RATES_FORMAT, stored)
+    assert (at_ms, since_ms, spike_on) == (burst_ms + 120_000, start_ms, 1)
+    assert fast > 20 * slow > 0
+    await redis_binary.aclose()
 
 
 async def test_resume_from_cursor_loses_and_duplicates_nothing_under_load(

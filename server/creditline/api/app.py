@@ -237,7 +237,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     store = Store(transport, store_config(settings), telemetry.script_instrument())
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)
-        await store.check_partitions()
+        await store.prepare()
     except ValueError:
         await transport.aclose()
         await redis.aclose()

@@ -694,24 +694,26 @@ class ScriptInstrument:
         self._metrics = metrics
         # per script (two of them): span name, span attributes and metric attributes,
         # made once and shared by every call (spans and metrics only read them)
-        self._labels: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {}
+        self._labels: dict[tuple[str, str], tuple[str, dict[str, Any], dict[str, Any]]] = {}
 
-    def run(self, script: str, call: Awaitable[T]) -> Awaitable[T]:
+    def run(self, script: str, call: Awaitable[T], operation: str = "EVALSHA"
+            ) -> Awaitable[T]:
         """The call itself when there is nothing to record (a sampled-out call and no
         metrics): it then costs no extra coroutine, clock read or span. The span is a
-        child of the running call's, when that is sampled."""
+        child of the running call's, when that is sampled. operation: EVALSHA or FCALL."""
         parent = _CURRENT_CALL.get()
         if parent is None and self._metrics is None:
             return call
-        return self._timed(self._labels.get(script) or self._new_labels(script), call,
-                           parent)
+        labels = self._labels.get((operation, script)) or self._new_labels(operation, script)
+        return self._timed(labels, call, parent)
 
-    def _new_labels(self, script: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        labels = (f"EVALSHA {script}",
-                  {"db.system.name": "redis", "db.operation.name": "EVALSHA",
+    def _new_labels(self, operation: str, script: str
+                    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+        labels = (f"{operation} {script}",
+                  {"db.system.name": "redis", "db.operation.name": operation,
                    "creditline.script": script},
                   {"creditline.script": script})
-        self._labels[script] = labels
+        self._labels[(operation, script)] = labels
         return labels
 
     async def _timed(self, labels: tuple[str, dict[str, Any], dict[str, Any]],

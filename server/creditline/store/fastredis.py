@@ -255,17 +255,30 @@ class FastScriptClient:
             connection.send(_ASKING).add_done_callback(_ignore_reply)
         return connection.send(command)
 
-    async def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                      args: Sequence[int | str], *, asking: bool = False) -> Any:
+    def evalsha(self, sha: str, source: str, keys: Sequence[str],
+                args: Sequence[int | str], *, asking: bool = False) -> Awaitable[Any]:
         """Runs a script by its SHA; loads it first if Redis does not know it (NOSCRIPT,
         e.g. after a restart) and runs it again."""
-        command = _pack("EVALSHA", sha, len(keys), *keys, *args)
+        return self._script(_pack("EVALSHA", sha, len(keys), *keys, *args), "NOSCRIPT",
+                            ("SCRIPT", "LOAD", source), asking)
+
+    def fcall(self, function: str, library: str, keys: Sequence[str],
+              args: Sequence[int | str], *, asking: bool = False) -> Awaitable[Any]:
+        """Runs a library's function; loads the library first if Redis does not know the
+        function (e.g. after a restart, or on a cluster's node that has not seen it)."""
+        return self._script(_pack("FCALL", function, len(keys), *keys, *args),
+                            "ERR Function not found", ("FUNCTION", "LOAD", "REPLACE", library),
+                            asking)
+
+    async def _script(self, command: bytes, unknown: str, load: tuple[str, ...],
+                      asking: bool) -> Any:
+        """A script call; `load` sent and the call again when the reply starts `unknown`."""
         connection = self._connection
         if connection is None or connection.closed:  # no coroutine call when connected
             connection = await self._connected()
         reply = await self._send(connection, command, asking)
-        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            await self._checked(connection.send(_pack("SCRIPT", "LOAD", source)))
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith(unknown):
+            await self._checked(connection.send(_pack(*load)))
             reply = await self._send(connection, command, asking)
         if isinstance(reply, hiredis.ReplyError):
             raise ReplyError(str(reply))

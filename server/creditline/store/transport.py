@@ -52,6 +52,11 @@ class Transport(Protocol):
                 args: Sequence[int | str]) -> Awaitable[Any]:
         """A script by its SHA, loaded from source on NOSCRIPT."""
 
+    def fcall(self, function: str, library: str, keys: Sequence[str],
+              args: Sequence[int | str]) -> Awaitable[Any]:
+        """A library's function (Redis 7), the library loaded when Redis does not know the
+        function."""
+
     def command(self, key: str, *parts: str | int) -> Awaitable[Any]:
         """One command; key (one the command names) says which node of a cluster."""
 
@@ -241,6 +246,12 @@ class LeanCluster:
         return self._run(keys[0] if keys else "", lambda node, asking: node.evalsha(
             sha, source, keys, args, asking=asking))
 
+    def fcall(self, function: str, library: str, keys: Sequence[str],
+              args: Sequence[int | str]) -> Awaitable[Any]:
+        # (each node loads the library at its first call that finds it missing)
+        return self._run(keys[0] if keys else "", lambda node, asking: node.fcall(
+            function, library, keys, args, asking=asking))
+
     def command(self, key: str, *parts: str | int) -> Awaitable[Any]:
         return self._run(key, lambda node, asking: node.call(*parts, asking=asking))
 
@@ -281,6 +292,24 @@ class RedisPy:
                 await self._redis.script_load(source)
                 return await self._redis.execute_command(
                     "EVALSHA", sha, len(keys), *keys, *args)
+        except ResponseError as error:
+            raise ReplyError(str(error)) from error
+
+    async def fcall(self, function: str, library: str, keys: Sequence[str],
+                    args: Sequence[int | str]) -> Any:
+        command = ("FCALL", function, len(keys), *keys, *args)
+        try:
+            try:
+                return await self._redis.execute_command(*command)
+            except ResponseError as error:
+                if "Function not found" not in str(error):
+                    raise
+            if isinstance(self._redis, RedisCluster):  # on every primary: any may need it
+                await self._redis.execute_command("FUNCTION", "LOAD", "REPLACE", library,
+                                                  target_nodes=RedisCluster.PRIMARIES)
+            else:
+                await self._redis.function_load(library, replace=True)
+            return await self._redis.execute_command(*command)
         except ResponseError as error:
             raise ReplyError(str(error)) from error
 

@@ -1,107 +1,104 @@
--- charge.lua, part 6 of 7 (after notifications.lua; see prelude.lua)
+-- charge.lua, part 6 of 8 (after notifications.lua; see prelude.lua)
 -- ---------------------------------------------------------------- events
--- The two kinds of request are handled at the script's top level, not in a function each:
--- a function would be made anew on every request, searching the list of the script's
--- captured locals once for each it uses, and would reach the request's state through
--- upvalues rather than registers (-2 % instructions per request against making only the
--- function that runs).
-if kind == 'E' then
-  -- (the event's own functions: made only for an event)
-  -- An event block as the answer carries it (see Return above).
-  local function event_part(block, code, units, amount, from_buckets)
-    return ';' .. block.rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(units) .. ','
-      .. int(amount) .. ',' .. int(from_buckets)
-  end
+-- (kind E: event_request)
+-- An event block as the answer carries it (see Return above).
+local function event_part(block, code, units, amount, from_buckets)
+  return ';' .. block.rg .. ',' .. code .. ',' .. block.unit .. ',' .. int(units) .. ','
+    .. int(amount) .. ',' .. int(from_buckets)
+end
 
-  -- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
-  -- refunds of a debit ("" before any; nil for other events: nothing to refund).
-  local function stored_event(stored)
-    local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
-    if rest == '' then return number, answer, nil end
-    return number, answer, string.sub(rest, 2)
-  end
+-- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
+-- refunds of a debit ("" before any; nil for other events: nothing to refund).
+local function stored_event(stored)
+  local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
+  if rest == '' then return number, answer, nil end
+  return number, answer, string.sub(rest, 2)
+end
 
-  -- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
-  -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
-  -- charge is kept.
-  local function refund_target()
-    local stored = redis.call('GET', KEYS[12])
-    if not stored then
-      local session_fields = hash(KEYS[13])
-      if next(session_fields) == nil then return nil end
-      return session_fields, nil
-    end
-    local _, answer, refunds = stored_event(stored)
-    local fields = {}
-    if not refunds then return fields, stored end  -- not a debit
-    -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
-    for rg, units, amount, from_buckets in
-        string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
-      fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
-    end
-    for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
-      fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
-    end
-    return fields, stored
+-- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
+-- and the event's stored answer when it is an event's (nil: a session's); nil when no such
+-- charge is kept.
+local function refund_target()
+  local stored = redis.call('GET', KEYS[12])
+  if not stored then
+    local session_fields = hash(KEYS[13])
+    if next(session_fields) == nil then return nil end
+    return session_fields, nil
   end
+  local _, answer, refunds = stored_event(stored)
+  local fields = {}
+  if not refunds then return fields, stored end  -- not a debit
+  -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
+  for rg, units, amount, from_buckets in
+      string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
+    fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
+  end
+  for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
+    fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
+  end
+  return fields, stored
+end
 
-  -- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
-  -- event's stored answer rewritten (its expiry kept) with the refunds after it.
-  local function record_refunds(target, stored_event_answer, refunded)
-    if not stored_event_answer then
-      for rg, r in pairs(refunded) do
-        redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
-        redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
-      end
-      return
-    end
+-- REFUND: what it gave back, kept with the charge it names: a session's fields, or the
+-- event's stored answer rewritten (its expiry kept) with the refunds after it.
+local function record_refunds(target, stored_event_answer, refunded)
+  if not stored_event_answer then
     for rg, r in pairs(refunded) do
-      target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
-      target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
+      redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
+      redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
     end
-    local parts = {}
-    for field, units in pairs(target) do
-      local rg = string.match(field, '^ru:(.+)$')
-      if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
-    end
-    local number, answer = stored_event(stored_event_answer)
-    redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
-      'KEEPTTL')
+    return
   end
+  for rg, r in pairs(refunded) do
+    target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
+    target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
+  end
+  local parts = {}
+  for field, units in pairs(target) do
+    local rg = string.match(field, '^ru:(.+)$')
+    if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
+  end
+  local number, answer = stored_event(stored_event_answer)
+  redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
+    'KEEPTTL')
+end
 
-  -- REFUND: the money each block gets back, or nil and why the refund is refused. Only
-  -- money is refunded (units paid from buckets are not given back), at most what the named
-  -- charge took for the rating group minus what was refunded of it already: a refund of all
-  -- the units still charged returns exactly the money still charged, a part of them the
-  -- price of the charge's last units at the refund's prices.
-  local function refund_amounts(target)
-    local amounts = {}
-    for index, block in ipairs(blocks) do
-      local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
-      if block.status == 'ok' then
-        local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
-        local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
-        if units_left <= 0 or money_left <= 0 then
-          return nil, where .. ': the charge named by refund_of_session_id has no money ' ..
-            'left to refund for this rating group'
-        end
-        local units = block.requested
-        if units <= 0 or units > units_left then
-          return nil, where .. '.requested: ' .. int(units) .. ' units; 1..' ..
-            int(units_left) .. ' of the named charge are left to refund'
-        end
-        local amount = money_left
-        if units < units_left then
-          local schedule = schedule_from(block, 0, period_units(block), 0)
-          amount = math.min(money_left,
-            cost(schedule, units_left) - cost(schedule, units_left - units))
-        end
-        amounts[index] = amount
+-- REFUND: the money each block gets back, or nil and why the refund is refused. Only
+-- money is refunded (units paid from buckets are not given back), at most what the named
+-- charge took for the rating group minus what was refunded of it already: a refund of all
+-- the units still charged returns exactly the money still charged, a part of them the
+-- price of the charge's last units at the refund's prices.
+local function refund_amounts(target)
+  local amounts = {}
+  for index, block in ipairs(blocks) do
+    local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
+    if block.status == 'ok' then
+      local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
+      local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
+      if units_left <= 0 or money_left <= 0 then
+        return nil, where .. ': the charge named by refund_of_session_id has no money ' ..
+          'left to refund for this rating group'
       end
+      local units = block.requested
+      if units <= 0 or units > units_left then
+        return nil, where .. '.requested: ' .. int(units) .. ' units; 1..' ..
+          int(units_left) .. ' of the named charge are left to refund'
+      end
+      local amount = money_left
+      if units < units_left then
+        local schedule = schedule_from(block, 0, period_units(block), 0)
+        amount = math.min(money_left,
+          cost(schedule, units_left) - cost(schedule, units_left - units))
+      end
+      amounts[index] = amount
     end
-    return amounts
   end
+  return amounts
+end
 
+-- The event's answer when it is not to be applied (a retransmission's stored answer, or a
+-- refusal), else nil and, for a REFUND, the charge it names and the money per block.
+local function admit_event()
   local stored = redis.call('GET', request_key)
   if stored then
     local stored_number, stored_answer = stored_event(stored)
@@ -114,86 +111,113 @@ if kind == 'E' then
   if barred and event_action == 'DEBIT' then
     return DENIED .. ';!account is barred'
   end
-  local target, target_event_answer, refunds
-  if event_action == 'REFUND' then
-    local reason
-    target, target_event_answer = refund_target()
-    if not target then
-      return INVALID_VALUE .. ';!refund_of_session_id: no charge of that id is kept ' ..
-        '(none made, or it ended more than answer_retention_s ago); a credit that ' ..
-        'reverses no charge is an Admin adjustment'
-    end
-    refunds, reason = refund_amounts(target)
-    if not refunds then return INVALID_VALUE .. ';!' .. reason end
+  if event_action ~= 'REFUND' then return nil end
+  local target, target_event_answer = refund_target()
+  if not target then
+    return INVALID_VALUE .. ';!refund_of_session_id: no charge of that id is kept ' ..
+      '(none made, or it ended more than answer_retention_s ago); a credit that ' ..
+      'reverses no charge is an Admin adjustment'
   end
-  local parts, shared_code, sufficient = '', nil, 1  -- parts: ";<block>" per block
-  local cdr_items, cdr_total = {}, 0
-  local refunded = {}  -- REFUND: rating group -> { units, amount }
-  for index, block in ipairs(blocks) do
-    local code, amount, from_buckets = SUCCESS, 0, 0
-    local units = block.requested
-    if block.status == 'none' then
-      code = RATING_FAILED
-    elseif block.status == 'free' then
-      code = NOT_APPLICABLE
-    elseif event_action == 'PRICE' then
-      amount = cost(schedule_from(block, 0, period_units(block), 0), units)
-    elseif event_action == 'REFUND' then
-      amount = refunds[index]
-      balance = balance + amount
-      account_add('balance', amount)
-      account_add('refunded', amount)
-      record_usage(block.rg, 0, -amount, 0, 0)
-      refunded[block.rg] = { units = units, amount = amount }
-      notify('event_refunded|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
-        .. int(amount) .. '|balance|' .. int(balance))
-      cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
-        .. '|' .. int(-amount) .. '|0|0'
-      cdr_total = cdr_total - amount
-    else  -- DEBIT or CHECK: buckets first, then money
-      from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
-      amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
-      if amount > available_money() then
-        code, sufficient = LIMIT_REACHED, 0
-        if event_action == 'DEBIT' then  -- nothing charged: the answer says 0
-          from_buckets, amount = 0, 0
-          notify('credit_exhausted|rg|' .. block.rg)
-        end
-      elseif event_action == 'DEBIT' then
-        consume_buckets(block.bucket_rg, from_buckets)
-        charge_money(amount)
-        record_usage(block.rg, units, amount, from_buckets, 0)
-        add_period_units(block, units - from_buckets)
-        observe_usage(block.rg, units)
-        notify('event_charged|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
-          .. int(amount) .. '|from_buckets|' .. int(from_buckets) .. '|balance|'
-          .. int(balance))
-        cdr_items[#cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|' .. int(units)
-          .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
-        cdr_total = cdr_total + amount
-      end
-    end
-    shared_code = fold_code(shared_code, code)
-    parts = parts .. event_part(block, code, units, amount, from_buckets)
+  local refunds, reason = refund_amounts(target)
+  if not refunds then return INVALID_VALUE .. ';!' .. reason end
+  return nil, target, target_event_answer, refunds
+end
+
+-- A CDR item of an event's block: "rg|tariff|units|amount|from buckets|uncharged".
+local function event_cdr_item(event, block, units, amount, from_buckets)
+  event.cdr_items[#event.cdr_items + 1] = block.rg .. '|' .. block.tariff .. '|'
+    .. int(units) .. '|' .. int(amount) .. '|' .. int(from_buckets) .. '|0'
+  event.cdr_total = event.cdr_total + amount
+end
+
+-- A REFUND's block: the money back to the balance.
+local function refund_block(event, block, amount)
+  local units = block.requested
+  balance = balance + amount
+  account_add('balance', amount)
+  account_add('refunded', amount)
+  record_usage(block.rg, 0, -amount, 0, 0)
+  event.refunded[block.rg] = { units = units, amount = amount }
+  notify('event_refunded|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
+    .. int(amount) .. '|balance|' .. int(balance))
+  event_cdr_item(event, block, units, -amount, 0)
+end
+
+-- A DEBIT's or CHECK's block, buckets first, then money: its code, amount, units from
+-- buckets (a DEBIT that cannot pay charges nothing: the answer says 0).
+local function debit_block(event, block)
+  local units = block.requested
+  local from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
+  local amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
+  local debit = event_action == 'DEBIT'
+  if amount > available_money() then
+    event.sufficient = 0
+    if not debit then return LIMIT_REACHED, amount, from_buckets end
+    notify('credit_exhausted|rg|' .. block.rg)
+    return LIMIT_REACHED, 0, 0
   end
-  local answer = overall_code(shared_code)
-  if parts ~= '' then answer = answer .. parts end
-  answer = answer .. ';B' .. int(balance) .. ',' .. sufficient
-  if event_action ~= 'DEBIT' and event_action ~= 'REFUND' then return answer end
+  if not debit then return SUCCESS, amount, from_buckets end
+  consume_buckets(block.bucket_rg, from_buckets)
+  charge_money(amount)
+  record_usage(block.rg, units, amount, from_buckets, 0)
+  add_period_units(block, units - from_buckets)
+  observe_usage(block.rg, units)
+  notify('event_charged|rg|' .. block.rg .. '|units|' .. int(units) .. '|amount|'
+    .. int(amount) .. '|from_buckets|' .. int(from_buckets) .. '|balance|' .. int(balance))
+  event_cdr_item(event, block, units, amount, from_buckets)
+  return SUCCESS, amount, from_buckets
+end
+
+-- One block of the event: its code and its part of the answer.
+local function event_block(event, index, block)
+  local code, amount, from_buckets = SUCCESS, 0, 0
+  if block.status == 'none' then
+    code = RATING_FAILED
+  elseif block.status == 'free' then
+    code = NOT_APPLICABLE
+  elseif event_action == 'PRICE' then
+    amount = cost(schedule_from(block, 0, period_units(block), 0), block.requested)
+  elseif event_action == 'REFUND' then
+    amount = event.refunds[index]
+    refund_block(event, block, amount)
+  else
+    code, amount, from_buckets = debit_block(event, block)
+  end
+  return code, event_part(block, code, block.requested, amount, from_buckets)
+end
+
+-- A DEBIT's or REFUND's writes: the books, the records, the CDR, the stored answer.
+local function write_event(event, answer)
   write_buckets()
   write_account()
   write_records()
-  if #cdr_items > 0 then
+  if #event.cdr_items > 0 then
     write_cdr('kind', (event_action == 'DEBIT') and 'event' or 'refund',
       'started_ms', int(event_time_ms), 'cause', 'event', 'result', answer:match('^%d+'),
-      'charged', int(cdr_total), 'items', table.concat(cdr_items, ';'), unpack(
+      'charged', int(event.cdr_total), 'items', table.concat(event.cdr_items, ';'), unpack(
       event_action == 'REFUND' and { 'refunds', refund_of } or {}))
   end
-  if target then record_refunds(target, target_event_answer, refunded) end
+  if event.target then record_refunds(event.target, event.target_answer, event.refunded) end
   -- a debit's answer ends with '|': its refunds go there (see stored_event)
   local refundable = (event_action == 'DEBIT') and '|' or ''
   redis.call('SET', request_key, int(request_number) .. '|' .. answer .. refundable, 'EX',
     retention_s)
-  return answer
 end
 
+-- An event (kind E): DEBIT, REFUND, CHECK or PRICE; only the first two write.
+local function event_request()
+  local early, target, target_answer, refunds = admit_event()
+  if early then return early end
+  local event = { target = target, target_answer = target_answer, refunds = refunds,
+    cdr_items = {}, cdr_total = 0, refunded = {}, sufficient = 1 }
+  local parts, shared_code = '', nil  -- parts: ";<block>" per block
+  for index, block in ipairs(blocks) do
+    local code, part = event_block(event, index, block)
+    shared_code = fold_code(shared_code, code)
+    parts = parts .. part
+  end
+  local answer = int(overall_code(shared_code)) .. parts .. ';B' .. int(balance) .. ','
+    .. event.sufficient
+  if event_action == 'DEBIT' or event_action == 'REFUND' then write_event(event, answer) end
+  return answer
+end

@@ -1,7 +1,9 @@
--- charge.lua, part 5 of 7 (after state.lua; see prelude.lua)
+-- charge.lua, part 5 of 8 (after state.lua; see prelude.lua)
 -- ---------------------------------------------------------------- notifications
--- The request's events, written together as one stream entry by write_records.
-local notifications = {}
+-- The request's events, written together as one stream entry by write_records, and its
+-- rating groups' new usage rates (one request's: set by begin_records).
+local notifications, rate_changes
+local function begin_records() notifications, rate_changes = {}, {} end
 -- notify(text): one event as its text, "<type>|<field>|<value>|...", which the caller
 -- writes with one concatenation (a table of the pairs and its concat cost ~2,000
 -- instructions more per event).
@@ -24,22 +26,27 @@ end
 -- a long window, on the network's event time. A spike is the short-window rate above
 -- `factor` times the long-window one, once the account has a long window of history;
 -- announced once, and again only after the rate has come back down.
-local rate_changes = {}
+-- A rating group's rates as stored (KEYS[9]), binary: creditline/store/contract.py
+-- USAGE_RATES_FORMAT (fast, slow, at_ms, since_ms, spike 0/1), USAGE_RATES_BYTES long.
+local USAGE_RATES_FORMAT, USAGE_RATES_BYTES = '<ddddB', 33
+
+-- The rates of a rating group as stored, or new ones (none yet; or an older version's
+-- text, whose history then starts again).
+local function stored_rates(rg)
+  local stored = redis.call('HGET', rates_key, rg)
+  if stored and #stored == USAGE_RATES_BYTES then
+    local fast, slow, at_ms, since_ms, spike = struct.unpack(USAGE_RATES_FORMAT, stored)
+    return { fast = fast, slow = slow, at_ms = at_ms, since_ms = since_ms, spike = spike == 1 }
+  end
+  return { fast = 0, slow = 0, at_ms = event_time_ms, since_ms = event_time_ms,
+    spike = false }
+end
+
 local function observe_usage(rg, units)
   if units <= 0 or spike_factor <= 0 then return end
   local rates = rate_changes[rg]
   if not rates then
-    -- "fast|slow|at_ms|since_ms|spike": one field per rating group, read with one call
-    local stored = redis.call('HGET', rates_key, rg) or ''
-    local fast, slow, at_ms, since_ms, spike =
-      string.match(stored, '^([^|]+)|([^|]+)|([^|]+)|([^|]+)|([01])$')
-    if fast then
-      rates = { fast = num(fast), slow = num(slow), at_ms = num(at_ms),
-        since_ms = num(since_ms), spike = spike == '1' }
-    else  -- none yet
-      rates = { fast = 0, slow = 0, at_ms = event_time_ms, since_ms = event_time_ms,
-        spike = false }
-    end
+    rates = stored_rates(rg)
     rate_changes[rg] = rates
   end
   local elapsed_s = math.max(0, event_time_ms - rates.at_ms) / 1000
@@ -61,8 +68,8 @@ local function write_rates()
   local flat = {}
   for rg, r in pairs(rate_changes) do
     flat[#flat + 1] = rg
-    flat[#flat + 1] = string.format('%.17g|%.17g|%d|%d|%s', r.fast, r.slow, r.at_ms,
-      r.since_ms, r.spike and '1' or '0')
+    flat[#flat + 1] = struct.pack(USAGE_RATES_FORMAT, r.fast, r.slow, r.at_ms, r.since_ms,
+      r.spike and 1 or 0)
   end
   if #flat > 0 then redis.call('HSET', rates_key, unpack(flat)) end
 end

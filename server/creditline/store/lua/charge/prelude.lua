@@ -1,12 +1,17 @@
 --[[
 charge.lua: every charging request (session Initial / Update / Terminate, one-shot events,
-and the closing of a stale session by supervision) in one atomic step: one EVALSHA, one
-round trip. It reads and checks everything first, then writes; a refusal writes nothing.
-It is kept in parts by concern (server/lua/charge/), joined in the order of
-server/store.py CHARGE_SCRIPT_PARTS (prelude, rating, arguments, state, notifications,
-event, session) into the one script Redis runs: the parts share its locals. The charge
-notifications and the CDRs are written here too, in the same step: one exists if and only
-if its charge happened.
+and the closing of a stale session by supervision) in one atomic step, one round trip. It
+reads and checks everything first, then writes; a refusal writes nothing. It is kept in
+parts by concern (lua/charge/), joined in the order of creditline/store/store.py
+CHARGE_SCRIPT_PARTS (prelude, rating, arguments, state, notifications, event, session,
+entry) into one Lua chunk that defines the function charge(keys, args). Redis 7 loads it
+once as a library (FUNCTION LOAD) and each request is one FCALL: every function here is
+made once, at load. Redis 6.2 has no functions: there the same chunk ends with
+`return charge(KEYS, ARGV)` and runs as a script (EVALSHA), its functions made again on
+every call (store.py ChargeScript). Either way the parts share the chunk's locals; what
+belongs to one request is set again at its start (charge, in entry.lua), and nothing a
+request leaves behind is read by the next. The charge notifications and the CDRs are
+written here too, in the same step: one exists if and only if its charge happened.
 
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
@@ -33,7 +38,9 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           holds ';' or '|': rating groups, tariff ids and numbers only;
                           the client's own strings go in fields of the entry)
   KEYS[8] CDR stream      the partition's charging data records
-  KEYS[9] rates hash      <rg> -> "fast|slow|at_ms|since_ms|spike" (usage spike detection)
+  KEYS[9] rates hash      <rg> -> its usage rates (spike detection), binary: fast, slow,
+                          at_ms, since_ms, spike (creditline/store/contract.py
+                          USAGE_RATES_FORMAT)
   KEYS[10] event counter  the partition's count of notifications ever written: each one
                           has its number, so a subscriber can tell whether retention
                           dropped any after its cursor
@@ -98,7 +105,7 @@ local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 
 -- Integers as text for Redis (%d: tostring would print 1e+15). Many are written more than
 -- once per request (the time, the balance, zeros): each is formatted once, string.format
 -- costs ~1,500 instructions.
-local int_texts = { [0] = '0' }
+local int_texts  -- (one request's: set again by charge)
 local function int(x)
   local text = int_texts[x]
   if text == nil then
@@ -108,3 +115,6 @@ local function int(x)
   return text
 end
 
+
+-- The request's keys and arguments, as KEYS and ARGV are named in a script (set by charge).
+local KEYS, ARGV

@@ -1,4 +1,4 @@
--- charge.lua, part 2 of 7 (after prelude.lua; see prelude.lua)
+-- charge.lua, part 2 of 8 (after prelude.lua; see prelude.lua)
 -- ---------------------------------------------------------------- rating
 -- Keep in step with server/rating.py (RateTable.schedule, PriceSchedule.cost /
 -- max_units_within). A schedule is { connect_fee, segments }, over the session's

@@ -1,32 +1,15 @@
--- charge.lua, part 7 of 7 (after event.lua; see prelude.lua)
+-- charge.lua, part 7 of 8 (after event.lua; see prelude.lua)
 -- ---------------------------------------------------------------- sessions
--- (kinds I, U, T and S: everything below)
--- The admission and the writes stay top-level steps, the blocks' work is in functions:
--- every function is made again by each EVALSHA, and one that reaches the prelude's locals
--- costs ~10-15k redis-server instructions per request to make (Lua's search of the open
--- upvalues; measured with bench.script_cost --instructions: admission and writes as
--- functions 716k, as steps 689k per request).
+-- (kinds I, U, T and S: session_request)
 
-local session = hash(request_key)
--- The session id's claim (KEYS[12], see above): the account holding it, and whether that
--- account's session of this id is open (the claim names its key).
-local claim_key = KEYS[12]
+-- One request's (set by session_request): the session hash as read, the fields this
+-- request changes (field -> new value), the rating groups granted their final units,
+-- whether the request closes the session, and the session id's claim (KEYS[12], see above).
+local session, session_changes, final_rgs, closing, claim_key
 
-local exists = session.state ~= nil
-if kind == 'S' then
-  local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
-  if session.state ~= 'open' or not deadline or deadline > now_ms then
-    return '0;!not due'
-  end
-  request_number = num(session.last_request)
-elseif exists then
-  local last = num(session.last_request)
-  if request_number == last then return session.answer end
-  if request_number < last then
-    return INVALID_VALUE .. ';!request number lower than the last one processed'
-  end
-end
-if kind == 'I' then
+-- An Initial's refusal: the id is open on another account (its claim names that
+-- account's session key), or the account is barred.
+local function refuse_initial(exists)
   if exists then return INVALID_VALUE .. ';!session already exists' end
   if barred then return DENIED .. ';!account is barred' end
   local held = claim_key and redis.call('GET', claim_key)
@@ -35,12 +18,31 @@ if kind == 'I' then
   if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
     return INVALID_VALUE .. ';!session_id: already open on another account'
   end
-elseif session.state ~= 'open' then
-  return UNKNOWN_SESSION .. ';!unknown or closed session'
+  return nil
 end
-local closing = kind == 'T' or kind == 'S'
 
-local session_changes = {}  -- field -> new value
+-- The answer when the request is not to be applied (a retransmission's stored answer, or
+-- a refusal), else nil. A supervision close ("S") takes the session's last request number.
+local function admit_session()
+  local exists = session.state ~= nil
+  if kind == 'S' then
+    local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
+    if session.state ~= 'open' or not deadline or deadline > now_ms then
+      return '0;!not due'
+    end
+    request_number = num(session.last_request)
+  elseif exists then
+    local last = num(session.last_request)
+    if request_number == last then return session.answer end
+    if request_number < last then
+      return INVALID_VALUE .. ';!request number lower than the last one processed'
+    end
+  end
+  if kind == 'I' then return refuse_initial(exists) end
+  if session.state ~= 'open' then return UNKNOWN_SESSION .. ';!unknown or closed session' end
+  return nil
+end
+
 local function sget(field)
   local value = session_changes[field]
   if value == nil then value = session[field] or 0 end
@@ -119,7 +121,6 @@ local function grant(block, wanted)
   return granted, (granted < wanted) or not more, earliest
 end
 
-local final_rgs = {}  -- the rating groups granted their final units
 
 -- A rated block's grant: its result code, units, final unit action and the seconds to the
 -- earliest expiry of the buckets it draws on.
@@ -182,49 +183,45 @@ local function answer_blocks()
   return int(overall_code(shared_code)) .. parts
 end
 
-local answer = answer_blocks()
-if kind == 'S' then answer = session.answer end  -- the client's last answer stays
 
-if kind == 'I' then
-  sset('started_ms', now_ms)
-  sset('account', account_id)  -- for the supervision sweep, which starts from the key
-  sset('session', session_id)
-end
-
-write_buckets()
-write_account()
-local flat = { 'last_request', int(request_number), 'answer', answer }
-if session.state ~= 'open' or closing then
-  flat[5], flat[6] = 'state', closing and 'closed' or 'open'
-end
-for field, value in pairs(session_changes) do
-  if type(value) == 'number' then value = int(value) end
-  -- a field that keeps its value is not written again: the hash comes out the same,
-  -- and each field named in the HSET costs Redis a search of the hash (its listpack)
-  if session[field] ~= value then
-    flat[#flat + 1] = field
-    flat[#flat + 1] = value
+-- The session hash: the request number, the answer, the state, and the changed fields.
+local function write_session(answer)
+  local flat = { 'last_request', int(request_number), 'answer', answer }
+  if session.state ~= 'open' or closing then
+    flat[5], flat[6] = 'state', closing and 'closed' or 'open'
   end
-end
-redis.call('HSET', request_key, unpack(flat))
-if closing then
-  -- (made only for a close)
-  -- The CDR of a closed session: one item per rating group it charged or reserved.
-  local function write_session_cdr(session, cause, result)
-    local items, total = {}, 0
-    for field, _ in pairs(session) do
-      local rg = string.match(field, '^k:(.+)$')
-      if rg then
-        local function n(prefix) return num(session[prefix .. rg] or 0) end
-        items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
-          .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
-        total = total + n('c:')
-      end
+  for field, value in pairs(session_changes) do
+    if type(value) == 'number' then value = int(value) end
+    -- a field that keeps its value is not written again: the hash comes out the same,
+    -- and each field named in the HSET costs Redis a search of the hash (its listpack)
+    if session[field] ~= value then
+      flat[#flat + 1] = field
+      flat[#flat + 1] = value
     end
-    table.sort(items)
-    write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-      'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
   end
+  redis.call('HSET', request_key, unpack(flat))
+end
+
+-- The CDR of a closed session: one item per rating group it charged or reserved.
+local function write_session_cdr(cause, result)
+  local items, total = {}, 0
+  for field, _ in pairs(session) do
+    local rg = string.match(field, '^k:(.+)$')
+    if rg then
+      local function n(prefix) return num(session[prefix .. rg] or 0) end
+      items[#items + 1] = rg .. '|' .. (session['tf:' .. rg] or '') .. '|' .. int(n('u:'))
+        .. '|' .. int(n('c:')) .. '|' .. int(n('fb:')) .. '|' .. int(n('x:'))
+      total = total + n('c:')
+    end
+  end
+  table.sort(items)
+  write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
+    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
+end
+
+-- A close (T, S): the session leaves the account's sets, gives its claim back, is kept
+-- answer_retention_s for retransmissions, and gets its CDR.
+local function close_session(answer)
   local cause = (kind == 'T') and 'terminate' or 'supervision'
   notify('session_ended|cause|' .. cause)
   redis.call('SREM', sessions_key, request_key)
@@ -239,8 +236,12 @@ if closing then
   redis.call('EXPIRE', request_key, retention_s)
   -- the session as just written: what was read, with this request's changes over it
   for field, value in pairs(session_changes) do session[field] = value end
-  write_session_cdr(session, cause, answer:match('^%d+'))
-else
+  write_session_cdr(cause, answer:match('^%d+'))
+end
+
+-- An open session (I, U): in the account's set and claimed (Initial), its final rating
+-- groups noted, its supervision deadline moved on.
+local function keep_session_open()
   if kind == 'I' then
     redis.call('SADD', sessions_key, request_key)
     if claim_key then
@@ -252,5 +253,25 @@ else
   end
   redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
 end
-write_records()
-return answer
+
+-- A session request (I, U, T, S).
+local function session_request()
+  session, session_changes, final_rgs = hash(request_key), {}, {}
+  claim_key = KEYS[12]
+  local early = admit_session()
+  if early then return early end
+  closing = kind == 'T' or kind == 'S'
+  local answer = answer_blocks()
+  if kind == 'S' then answer = session.answer end  -- the client's last answer stays
+  if kind == 'I' then
+    sset('started_ms', now_ms)
+    sset('account', account_id)  -- for the supervision sweep, which starts from the key
+    sset('session', session_id)
+  end
+  write_buckets()
+  write_account()
+  write_session(answer)
+  if closing then close_session(answer) else keep_session_open() end
+  write_records()
+  return answer
+end

@@ -1,4 +1,4 @@
--- charge.lua, part 4 of 7 (after arguments.lua; see prelude.lua)
+-- charge.lua, part 4 of 8 (after arguments.lua; see prelude.lua)
 -- ---------------------------------------------------------------- state
 -- A hash as a table field -> value. Read as a RESP3 map, it arrives as that table, built by
 -- Redis; as RESP2 it would be a flat array for a loop here to copy (-2.5 % instructions).
@@ -10,14 +10,23 @@ local function hash(key)
   return map
 end
 
-local account = hash(account_key)
-if account.balance == nil then return USER_UNKNOWN .. ';!unknown account' end
-local balance = tonumber(account.balance)
-local balance_at_start = balance
-local reserved = tonumber(account.reserved)
-local credit_limit = tonumber(account.credit_limit)
-local barred = account.state == 'barred'
-local account_changes = {}   -- field -> increment
+-- The account, one request's (set by read_account).
+local account, balance, balance_at_start, reserved, credit_limit, barred
+local account_changes  -- field -> increment
+
+-- Reads the account; the refusal when there is none.
+local function read_account()
+  account = hash(account_key)
+  if account.balance == nil then return USER_UNKNOWN .. ';!unknown account' end
+  balance = tonumber(account.balance)
+  balance_at_start = balance
+  reserved = tonumber(account.reserved)
+  credit_limit = tonumber(account.credit_limit)
+  barred = account.state == 'barred'
+  account_changes = {}
+  return nil
+end
+
 local function account_add(field, delta)
   if delta ~= 0 then account_changes[field] = (account_changes[field] or 0) + delta end
 end
@@ -26,8 +35,9 @@ local function available_money()
 end
 
 -- Units rated in the billing period, per block of a tariff with tiers: where its tiers
--- stand. Another period's count is stale: the new period starts from 0.
-local period_units_by_rg = {}
+-- stand. Another period's count is stale: the new period starts from 0. (One request's:
+-- set by read_buckets.)
+local period_units_by_rg
 local function period_units(block)
   if block.period == '-' then return 0 end
   local known = period_units_by_rg[block.rg]
@@ -52,9 +62,22 @@ end
 -- Unit buckets: parsed once; changes are kept in memory and written at the end.
 -- Expired buckets are removed (those with units left announced) when the script writes;
 -- the units open sessions had reserved from them go with them.
-local buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
+local buckets_by_rg, buckets_by_serial, expired_buckets  -- (one request's)
 local BUCKET_VALUE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'
-do
+
+-- The order buckets are drawn in: priority, then the earliest expiry, then the id.
+local function bucket_order(a, b)
+  if a.priority ~= b.priority then return a.priority < b.priority end
+  local ea, eb = a.expires, b.expires
+  if ea == 0 then ea = math.huge end
+  if eb == 0 then eb = math.huge end
+  if ea ~= eb then return ea < eb end
+  return a.id < b.id
+end
+
+local function read_buckets()
+  buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
+  period_units_by_rg = {}
   local raw = redis.call('HGETALL', buckets_key)
   for i = 1, #raw, 2 do
     local rg, remaining, expires, priority, initial, unit, serial, held =
@@ -72,15 +95,7 @@ do
       expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = rg, remaining = remaining }
     end
   end
-  local function order(a, b)
-    if a.priority ~= b.priority then return a.priority < b.priority end
-    local ea, eb = a.expires, b.expires
-    if ea == 0 then ea = math.huge end
-    if eb == 0 then eb = math.huge end
-    if ea ~= eb then return ea < eb end
-    return a.id < b.id
-  end
-  for _, list in pairs(buckets_by_rg) do table.sort(list, order) end
+  for _, list in pairs(buckets_by_rg) do table.sort(list, bucket_order) end
 end
 
 -- A bucket's units that no open session holds.
