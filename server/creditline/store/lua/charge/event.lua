@@ -15,7 +15,7 @@ local function stored_event(stored)
   return number, answer, string.sub(rest, 2)
 end
 
--- REFUND: the charge it names, as a session's fields (r:, c:, ru:, rc: per rating group),
+-- REFUND: the charge it names, as a session's fields (u:, fb:, c:, ru:, rc: per rating group),
 -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
 -- charge is kept.
 local function refund_target()
@@ -31,7 +31,8 @@ local function refund_target()
   -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
   for rg, units, amount, from_buckets in
       string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
-    fields['r:' .. rg], fields['c:' .. rg] = num(units) - num(from_buckets), num(amount)
+    fields['u:' .. rg], fields['fb:' .. rg] = num(units), num(from_buckets)
+    fields['c:' .. rg] = num(amount)
   end
   for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
     fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
@@ -73,7 +74,9 @@ local function refund_amounts(target)
   for index, block in ipairs(blocks) do
     local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
     if block.status == 'ok' then
-      local units_left = num(target['r:' .. rg] or 0) - num(target['ru:' .. rg] or 0)
+      -- (the units it rated: those used that buckets did not pay for)
+      local units_left = num(target['u:' .. rg] or 0) - num(target['fb:' .. rg] or 0)
+        - num(target['ru:' .. rg] or 0)
       local money_left = num(target['c:' .. rg] or 0) - num(target['rc:' .. rg] or 0)
       if units_left <= 0 or money_left <= 0 then
         return nil, where .. ': the charge named by refund_of_session_id has no money ' ..

@@ -13,8 +13,8 @@ end
 
 -- Low-balance thresholds crossed downwards by this request: once per crossing.
 local function notify_low_balance()
-  if not account.low_balance or balance >= balance_at_start then return end
-  for threshold in string.gmatch(account.low_balance, '[^,]+') do
+  if not low_balance or balance >= balance_at_start then return end
+  for threshold in string.gmatch(low_balance, '[^,]+') do
     local t = tonumber(threshold)
     if balance_at_start >= t and balance < t then
       notify('low_balance|threshold|' .. int(t) .. '|balance|' .. int(balance))

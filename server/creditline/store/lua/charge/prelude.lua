@@ -16,9 +16,12 @@ written here too, in the same step: one exists if and only if its charge happene
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
                           charged, refunded, adjusted, low_balance (thresholds, "t1,t2,...")
-  KEYS[2] request key     session hash (kinds I/U/T: per rating group r: units rated, paid
-                          by money, c: money charged, ru: and rc: units and money refunded
-                          since, ...) or event answer string (kind E: "<request number>|
+  KEYS[2] request key     session hash (kinds I/U/T: per rating group u: units used, fb:
+                          of them paid from buckets (the others are the units rated), c:
+                          money charged, x: uncharged, m: money reserved, b: and bl: bucket
+                          units reserved and from which, k: the buckets' rating group, tf:
+                          the tariff, ru: and rc: units and money refunded since) or event
+                          answer string (kind E: "<request number>|
                           <answer>", a debit's then "|<refunds>": "<rg>=<units>:<money>,..."
                           refunded of it)
   KEYS[3] buckets hash    bucket id -> "rg|remaining|expires_at_s|priority|initial|kind|

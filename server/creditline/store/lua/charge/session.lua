@@ -71,7 +71,9 @@ local function charge_usage(block)
   local rg, used = block.rg, block.used
   local from_buckets = consume_buckets(block.bucket_rg,
     math.min(used, bucket_units_free(block.bucket_rg)))
-  local rated = sget('r:' .. rg)
+  -- the units rated so far: those used that buckets did not pay for
+  local used_before, from_buckets_before = sget('u:' .. rg), sget('fb:' .. rg)
+  local rated = used_before - from_buckets_before
   local money_units = used - from_buckets
   -- the usage ended at the event time: its rated units are the last ones before it
   local schedule = schedule_from(block, rated, period_units(block), -money_units)
@@ -79,10 +81,9 @@ local function charge_usage(block)
   local charged = math.min(price, math.max(0, available_money()))
   charge_money(charged)
   add_period_units(block, money_units)
-  sset('r:' .. rg, rated + money_units)
-  sset('u:' .. rg, sget('u:' .. rg) + used)
+  sset('u:' .. rg, used_before + used)
   sset('c:' .. rg, sget('c:' .. rg) + charged)
-  sset('fb:' .. rg, sget('fb:' .. rg) + from_buckets)
+  sset('fb:' .. rg, from_buckets_before + from_buckets)
   sset('x:' .. rg, sget('x:' .. rg) + price - charged)
   record_usage(rg, used, charged, from_buckets, price - charged)
   observe_usage(rg, used)
@@ -102,7 +103,7 @@ local function grant(block, wanted)
   if free > 0 then
     from_buckets, held, earliest = take_buckets(block.bucket_rg, math.min(wanted, free), true)
   end
-  local rated = sget('r:' .. rg)
+  local rated = sget('u:' .. rg) - sget('fb:' .. rg)
   -- the grant starts at the event time
   local schedule = schedule_from(block, rated, period_units(block), 0)
   local money_units = affordable_units(schedule, rated, available_money(),
