@@ -98,6 +98,8 @@ def test_the_keys_are_read_in_the_contracts_order() -> None:
 def test_the_arguments_are_read_in_the_contracts_order() -> None:
     expected = dict(enumerate([*ChargeArgs._fields, "block_count"], start=1))
     assert _arguments_read(CHARGE_LUA) == expected
+    # the blocks right after the block count
+    assert _lua_constant("FIRST_BLOCK_ARGUMENT") == len(expected) + 1
     assert _arguments_read(ADMIN_LUA) == dict(enumerate(AdminArgs._fields, start=1))
 
 

@@ -100,7 +100,7 @@ class ChargeKeys(NamedTuple):
 
 
 class ChargeArgs(NamedTuple):
-    """charge.lua's ARGV[1..12]. The blocks follow: their count (ARGV[13], the script's
+    """charge.lua's ARGV[1..15]. The blocks follow: their count (ARGV[16], the script's
     block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
     table (charging/rating.py RateTable.script_args, in one of the RateTableForm)."""
 
@@ -112,8 +112,12 @@ class ChargeArgs(NamedTuple):
     event_time_ms: int
     retention_s: int
     event_action: EventAction
-    event_trim: str       # "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
-    spike_detection: str  # "<fast window s>,<slow window s>,<factor>"
+    # (sent apart, not as one string for the script to split: ~8k instructions less)
+    trim_strategy: str    # "MAXLEN" or "MINID"
+    trim_threshold: int   # MAXLEN: entries kept; MINID: the oldest unix ms kept
+    spike_fast_s: int
+    spike_slow_s: int
+    spike_factor: str     # a decimal number; 0: no spike detection
     supervision_ms: int
     refund_of: str        # REFUND: the session id of the charge it reverses; else ""
 

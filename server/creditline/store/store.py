@@ -352,6 +352,7 @@ class Store:
         self._instrument = instrument
         self._admin = _Named(_script_source("admin.lua"))
         self._claim = _Named(_script_source("claim.lua"))
+        self._spike_factor = str(config.spike_factor)  # (formatted once)
         self._meta = _Named(_META_SCRIPT)
         # Claims: on one Redis server charge.lua takes and gives back a session id's claim
         # itself, in the request's one round trip (a script may touch any key there); on a
@@ -359,8 +360,7 @@ class Store:
         # and a close gives it back after: one round trip more for each.
         self._claims_in_script = config.session_id_claims and not transport.cluster
         self._claims_apart = config.session_id_claims and not self._claims_in_script
-        self._spike = f"{config.spike_fast_window_s},{config.spike_slow_window_s}," \
-            f"{config.spike_factor}"
+
 
     @property
     def claims_in_script(self) -> bool:
@@ -408,10 +408,15 @@ class Store:
                 f"setting partitions: this Redis holds data for {recorded} partitions, "
                 f"not {self.config.partitions}; the count cannot change once data exists")
 
-    def _event_trim(self, now_ms: int) -> str:
+    def _trimming(self, now_ms: int) -> tuple[str, int]:
+        """The event streams' trimming: strategy and threshold (XADD's MAXLEN or MINID)."""
         if self.config.events_retention_s > 0:
-            return f"MINID,{now_ms - self.config.events_retention_s * 1000}"
-        return f"MAXLEN,{self.config.events_max_length}"
+            return "MINID", now_ms - self.config.events_retention_s * 1000
+        return "MAXLEN", self.config.events_max_length
+
+    def _event_trim(self, now_ms: int) -> str:
+        """The trimming as admin.lua takes it: "<strategy>,<threshold>"."""
+        return "{},{}".format(*self._trimming(now_ms))
 
     async def charge(
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
@@ -457,11 +462,15 @@ class Store:
             script_keys += [keys.event(refund_of), keys.session(refund_of)]
         elif self._claims_in_script and kind in _CLAIMING_KINDS:  # KEYS[12]
             script_keys.append(claim_key(session_id, self.config.partitions))
+        config = self.config
+        trim_strategy, trim_threshold = self._trimming(now_ms)
         script_args: list[int | str] = [*ChargeArgs(
             kind=kind, request_number=request_number, account_id=account_id,
             session_id=session_id, now_ms=now_ms, event_time_ms=event_time_ms,
-            retention_s=self.config.answer_retention_s, event_action=event_action,
-            event_trim=self._event_trim(now_ms), spike_detection=self._spike,
+            retention_s=config.answer_retention_s, event_action=event_action,
+            trim_strategy=trim_strategy, trim_threshold=trim_threshold,
+            spike_fast_s=config.spike_fast_window_s, spike_slow_s=config.spike_slow_window_s,
+            spike_factor=self._spike_factor,
             supervision_ms=supervision_ms, refund_of=refund_of), *blocks]
         charge = self._charge
         if self._functions:

@@ -4,14 +4,17 @@
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
   events_key, cdrs_key, rates_key, event_counter_key, deadlines_key
 local kind, request_number, account_id, session_id, now_ms, event_time_ms, retention_s,
-  event_action, event_trim, spike_detection, supervision_ms, refund_of, block_count
-local now_s, trim_strategy, trim_threshold, spike_fast_s, spike_slow_s, spike_factor
+  event_action, trim_strategy, trim_threshold, spike_fast_s, spike_slow_s, spike_factor,
+  supervision_ms, refund_of, block_count
+local now_s
 local blocks
+-- Where the blocks start (after the arguments read_arguments reads)
+local FIRST_BLOCK_ARGUMENT = 17
 
--- The rating-group blocks, from ARGV[14] on.
+-- The rating-group blocks.
 local function read_blocks()
   blocks = {}
-  local i = 14
+  local i = FIRST_BLOCK_ARGUMENT
   for b = 1, block_count do
     -- (the fields as creditline/store/contract.py BLOCK_FIELDS orders them)
     local block = { rg = ARGV[i], bucket_rg = ARGV[i + 1], tariff = ARGV[i + 2],
@@ -38,14 +41,14 @@ local function read_arguments()
   event_time_ms = num(ARGV[6])
   retention_s = num(ARGV[7])
   event_action = ARGV[8]
-  event_trim = ARGV[9]
-  spike_detection = ARGV[10]
-  supervision_ms = num(ARGV[11])
-  refund_of = ARGV[12]
-  block_count = num(ARGV[13])
+  trim_strategy = ARGV[9]
+  trim_threshold = ARGV[10]
+  spike_fast_s = num(ARGV[11])
+  spike_slow_s = num(ARGV[12])
+  spike_factor = num(ARGV[13])
+  supervision_ms = num(ARGV[14])
+  refund_of = ARGV[15]
+  block_count = num(ARGV[16])
   now_s = math.floor(now_ms / 1000)
-  trim_strategy, trim_threshold = string.match(event_trim, '^(%u+),(%d+)$')
-  local fast_s, slow_s, factor = string.match(spike_detection, '^(.-),(.-),(.-)$')
-  spike_fast_s, spike_slow_s, spike_factor = num(fast_s), num(slow_s), num(factor)
   read_blocks()
 end

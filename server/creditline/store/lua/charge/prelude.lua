@@ -68,11 +68,14 @@ ARGV:
   [7] answer retention, seconds: how long a closed session or an event answer is kept
       so that a retransmission gets the same answer
   [8] event action (kind E): "DEBIT", "REFUND", "CHECK", "PRICE"; "-" otherwise
-  [9] event stream trimming, "MAXLEN,<entries>" or "MINID,<oldest unix ms kept>"
-  [10] usage spike detection "fast window s,slow window s,factor"
-  [11] supervision time, ms: a session with no request for this long is closed
-  [12] REFUND: the session id of the event or session whose charge it reverses; else ""
-  [13] number of rating-group blocks, then each block as:
+  [9] event stream trimming: "MAXLEN" or "MINID"
+  [10] and its threshold: the entries kept (MAXLEN) or the oldest unix ms kept (MINID)
+  [11] usage spike detection: the fast window, s
+  [12] the slow window, s
+  [13] the factor (0: no spike detection)
+  [14] supervision time, ms: a session with no request for this long is closed
+  [15] REFUND: the session id of the event or session whose charge it reverses; else ""
+  [16] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, unit kind ("t" time, "v" volume, "s" service
