@@ -8,8 +8,25 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from creditline.store.contract import SessionRatingGroup, session_rating_groups
 from creditline.store.store import account_keys, parse_bucket
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+
+
+def _legacy(session: dict[bytes, bytes]) -> list[SessionRatingGroup]:
+    """The rating groups of a session an older version wrote field by field (k:, m:, b:,
+    bl:, ...): what they hold."""
+    def field(prefix: str, rg: str) -> str:
+        return session.get(f"{prefix}:{rg}".encode(), b"").decode()
+
+    groups = [name.decode()[2:] for name in session if name.startswith(b"k:")]
+    return [SessionRatingGroup(
+        used=int(field("u", rg) or 0), charged=int(field("c", rg) or 0),
+        from_buckets=int(field("fb", rg) or 0), uncharged=int(field("x", rg) or 0),
+        reserved=int(field("m", rg) or 0), bucket_units=int(field("b", rg) or 0),
+        bucket_rating_group=field("k", rg), tariff=field("tf", rg),
+        bucket_holds=field("bl", rg)) for rg in groups]
 
 
 @dataclass
@@ -37,20 +54,37 @@ class Books:
     def track(self, account_id: str) -> None:
         self.accounts.append(account_id)
 
+    async def _session(self, key: str) -> dict[bytes, bytes]:
+        """A session hash as bytes: its rating-group states are binary."""
+        if isinstance(self.redis, RedisCluster):
+            node = self.redis.get_default_node()
+            cluster = RedisCluster(host=node.host, port=node.port)
+            try:
+                clustered: dict[bytes, bytes] = await cluster.hgetall(key)
+            finally:
+                await cluster.aclose()
+            return clustered
+        kwargs = {**self.redis.connection_pool.connection_kwargs, "decode_responses": False}
+        pool = ConnectionPool(**kwargs)
+        try:
+            session: dict[bytes, bytes] = await Redis(connection_pool=pool).hgetall(key)
+        finally:
+            await pool.disconnect()
+        return session
+
     async def read(self, account_id: str) -> AccountBooks:
         keys = account_keys(account_id, self.partitions)
         account = await self.redis.hgetall(keys.account)
         sessions_reserved = 0
         sessions_bucket: dict[str, int] = defaultdict(int)  # bucket serial -> units
         for session_key in await self.redis.smembers(keys.open_sessions):
-            session = await self.redis.hgetall(session_key)
-            assert session.get("state") == "open", f"{session_key} in the open set but closed"
-            for field, value in session.items():
-                if field.startswith("m:"):
-                    sessions_reserved += int(value)
-                elif field.startswith("bl:") and value:
-                    held = dict(part.split("=") for part in value.split(","))
-                    assert sum(map(int, held.values())) == int(session["b:" + field[3:]])
+            session = await self._session(session_key)
+            assert session.get(b"state") == b"open", f"{session_key} in the open set but closed"
+            for state in [*session_rating_groups(session).values(), *_legacy(session)]:
+                sessions_reserved += state.reserved
+                if state.bucket_holds:
+                    held = dict(part.split("=") for part in state.bucket_holds.split(","))
+                    assert sum(map(int, held.values())) == state.bucket_units
                     for serial, units in held.items():
                         sessions_bucket[serial] += int(units)
         buckets = [parse_bucket(v) for v in (await self.redis.hgetall(keys.buckets)).values()]

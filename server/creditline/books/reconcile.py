@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis import Redis
 
 from creditline.books.cdr import Sink, cdr_from_stream
+from creditline.store.contract import session_rating_groups
 from creditline.store.store import AccountKeys, account_keys, accounts_key, cdrs_key, text
 
 SCAN_BATCH = 1000
@@ -67,17 +68,22 @@ def _open_sessions(redis: Redis, keys: AccountKeys) -> tuple[int, int]:
     """(money charged so far, money reserved) of the account's open sessions."""
     charged = reserved = 0
     for session_key in redis.smembers(keys.open_sessions):
-        session = {text(k): text(v) for k, v in redis.hgetall(text(session_key)).items()}
-        for field, value in session.items():
-            if field.startswith("c:"):
+        # (a client giving bytes: see reconcile)
+        session = cast(dict[bytes, bytes], redis.hgetall(text(session_key)))
+        for state in session_rating_groups(session).values():
+            charged += state.charged
+            reserved += state.reserved
+        for field, value in session.items():  # (rating groups an older version wrote)
+            if field.startswith(b"c:"):
                 charged += int(value)
-            elif field.startswith("m:"):
+            elif field.startswith(b"m:"):
                 reserved += int(value)
     return charged, reserved
 
 
 def reconcile(redis: Redis, partitions: int, sink: Sink) -> tuple[int, list[Discrepancy]]:
-    """Checks every account; returns how many were checked and what disagrees."""
+    """Checks every account; returns how many were checked and what disagrees. `redis`
+    gives bytes (decode_responses off): the sessions' rating-group states are binary."""
     unexported, unexported_ids = _unexported_charges(redis, partitions)
     exported = sink.charged_by_account(excluding_ids=unexported_ids)
     problems: list[Discrepancy] = []

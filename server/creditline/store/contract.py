@@ -13,6 +13,7 @@ differ from these.
 from __future__ import annotations
 
 import enum
+import struct
 from typing import NamedTuple
 
 # Every integer the script handles is a Lua double: exact below 2^53. Costs saturate here.
@@ -129,6 +130,43 @@ class ChargeArgs(NamedTuple):
 # announced (0/1). Binary, because formatting and parsing those doubles as text cost the
 # script ~30k of its instructions per request. Only the script reads them.
 USAGE_RATES_FORMAT = "<ddddB"
+
+
+# A session's state per rating group, as charge.lua keeps it in the session hash: field
+# SESSION_RATING_GROUP_PREFIX + block id, value the SESSION_RATING_GROUP_FORMAT numbers
+# (binary) then, "|"-separated, the buckets' rating group, the tariff id and the bucket
+# holds ("serial=units,..."). Binary for the script's sake: one field to read and write per
+# rating group, no number parsed or formatted as text (~40k instructions per request less).
+SESSION_RATING_GROUP_PREFIX = "g:"
+SESSION_RATING_GROUP_FORMAT = "<dddddd"
+
+
+class SessionRatingGroup(NamedTuple):
+    used: int              # units used so far
+    charged: int           # money charged for them
+    from_buckets: int      # of the units, those paid from buckets
+    uncharged: int         # money the balance could not pay
+    reserved: int          # money reserved by the last grant
+    bucket_units: int      # bucket units reserved by the last grant
+    bucket_rating_group: str
+    tariff: str
+    bucket_holds: str      # "serial=units,...": the buckets those units are reserved in
+
+
+def parse_session_rating_group(value: bytes) -> SessionRatingGroup:
+    used, charged, from_buckets, uncharged, reserved, bucket_units = (
+        int(n) for n in struct.unpack_from(SESSION_RATING_GROUP_FORMAT, value))
+    texts = value[struct.calcsize(SESSION_RATING_GROUP_FORMAT):].decode()
+    bucket_rating_group, tariff, bucket_holds = texts.split("|", 2)
+    return SessionRatingGroup(used, charged, from_buckets, uncharged, reserved, bucket_units,
+                              bucket_rating_group, tariff, bucket_holds)
+
+
+def session_rating_groups(session: dict[bytes, bytes]) -> dict[str, SessionRatingGroup]:
+    """The rating groups' states of a session hash as read (HGETALL, bytes), by block id."""
+    prefix = SESSION_RATING_GROUP_PREFIX.encode()
+    return {field[len(prefix):].decode(): parse_session_rating_group(value)
+            for field, value in session.items() if field.startswith(prefix)}
 
 
 # Each rating-group block's arguments, in order (charge.lua's block table fields).

@@ -15,6 +15,20 @@ local function stored_event(stored)
   return number, answer, string.sub(rest, 2)
 end
 
+-- A session's fields with its rating groups' units used, from buckets and money charged
+-- as u:, fb:, c: (what refunds read; its ru:, rc: are fields of their own).
+local function session_charges(fields)
+  local states = {}
+  for field, packed in pairs(fields) do
+    local rg = string.match(field, RG_STATE_FIELD)
+    if rg then states[rg] = decode_rg_state(packed) end
+  end
+  for rg, state in pairs(states) do  -- (a table is not added to while it is traversed)
+    fields['u:' .. rg], fields['fb:' .. rg], fields['c:' .. rg] = state.u, state.fb, state.c
+  end
+  return fields
+end
+
 -- REFUND: the charge it names, as a session's fields (u:, fb:, c:, ru:, rc: per rating group),
 -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
 -- charge is kept.
@@ -23,7 +37,7 @@ local function refund_target()
   if not stored then
     local session_fields = hash(KEYS[13])
     if next(session_fields) == nil then return nil end
-    return session_fields, nil
+    return session_charges(session_fields), nil
   end
   local _, answer, refunds = stored_event(stored)
   local fields = {}

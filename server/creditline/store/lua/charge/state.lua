@@ -177,6 +177,52 @@ local function write_account()
   if #flat > 0 then redis.call('HSET', account_key, unpack(flat)) end
 end
 
+-- A rating group's state in a session hash (field RG_STATE_PREFIX .. block id), as
+-- creditline/store/contract.py SESSION_RATING_GROUP_* defines it: six numbers, binary
+-- (units used, money charged, units paid from buckets, money uncharged, money reserved,
+-- bucket units reserved), then "|"-separated the buckets' rating group, the tariff and the
+-- bucket holds ("serial=units,..."). Binary: no number parsed or formatted as text, and
+-- one field per rating group instead of nine (~40k instructions a request less).
+local RG_STATE_PREFIX, RG_STATE_FIELD = 'g:', '^g:(.+)$'
+local RG_STATE_FORMAT, RG_STATE_BYTES = '<dddddd', 48
+local RG_STATE_TEXTS = '^([^|]*)|([^|]*)|(.*)$'
+
+local function new_rg_state()
+  return { u = 0, c = 0, fb = 0, x = 0, m = 0, b = 0, k = '', tf = '', bl = '', legacy = false }
+end
+
+local function decode_rg_state(packed)
+  local u, c, fb, x, m, b = struct.unpack(RG_STATE_FORMAT, packed)
+  local k, tf, bl = string.match(packed, RG_STATE_TEXTS, RG_STATE_BYTES + 1)
+  return { u = u, c = c, fb = fb, x = x, m = m, b = b, k = k, tf = tf, bl = bl, legacy = false }
+end
+
+local function encode_rg_state(state)
+  return struct.pack(RG_STATE_FORMAT, state.u, state.c, state.fb, state.x, state.m, state.b)
+    .. state.k .. '|' .. state.tf .. '|' .. state.bl
+end
+
+-- A session written by a version before the packed state keeps a rating group in fields
+-- of their own (u:, c:, fb:, x:, m:, b:, bl:, k:, tf:, and r:): read once, written back
+-- packed, those fields deleted (delete_legacy_rg_fields), so an upgrade loses nothing.
+local LEGACY_RG_FIELDS = { 'u:', 'c:', 'fb:', 'x:', 'm:', 'b:', 'bl:', 'k:', 'tf:', 'r:' }
+local function legacy_rg_state(fields, rg)
+  local state = new_rg_state()
+  state.u, state.c = num(fields['u:' .. rg] or 0), num(fields['c:' .. rg] or 0)
+  state.fb, state.x = num(fields['fb:' .. rg] or 0), num(fields['x:' .. rg] or 0)
+  state.m, state.b = num(fields['m:' .. rg] or 0), num(fields['b:' .. rg] or 0)
+  state.k, state.tf, state.bl = fields['k:' .. rg], fields['tf:' .. rg] or '',
+    fields['bl:' .. rg] or ''
+  state.legacy = true
+  return state
+end
+
+local function delete_legacy_rg_fields(key, rg)
+  local names = {}
+  for i, prefix in ipairs(LEGACY_RG_FIELDS) do names[i] = prefix .. rg end
+  redis.call('HDEL', key, unpack(names))
+end
+
 local function record_usage(rg, used, charged, from_buckets, uncharged)
   if used > 0 then redis.call('HINCRBY', usage_key, rg .. ':used', int(used)) end
   if charged ~= 0 then redis.call('HINCRBY', usage_key, rg .. ':charged', int(charged)) end
