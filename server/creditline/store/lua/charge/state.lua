@@ -39,10 +39,11 @@ end
 
 -- Units rated in the billing period, per block of a tariff with tiers: where its tiers
 -- stand. Another period's count is stale: the new period starts from 0. (One request's:
--- set by read_buckets.)
+-- reset by read_buckets, made at the first use.)
 local period_units_by_rg
 local function period_units(block)
   if block.period == '-' then return 0 end
+  period_units_by_rg = period_units_by_rg or {}
   local known = period_units_by_rg[block.rg]
   if known == nil then
     local stored = redis.call('HMGET', usage_key, block.rg .. ':period',
@@ -78,10 +79,17 @@ local function bucket_order(a, b)
   return a.id < b.id
 end
 
+-- What an account without buckets has: never written (only read_buckets' loop adds).
+local NO_BUCKETS = {}
+
 local function read_buckets()
-  buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
-  period_units_by_rg = {}
+  period_units_by_rg = nil  -- (made by period_units, for tariffs with tiers only)
   local raw = redis.call('HGETALL', buckets_key)
+  if #raw == 0 then  -- (most accounts: no tables to make)
+    buckets_by_rg, buckets_by_serial, expired_buckets = NO_BUCKETS, NO_BUCKETS, NO_BUCKETS
+    return
+  end
+  buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
   for i = 1, #raw, 2 do
     local rg, remaining, expires, priority, initial, unit, serial, held =
       string.match(raw[i + 1], BUCKET_VALUE)
