@@ -536,13 +536,14 @@ local MAX_SAFE = 9007199254740991
 %s
 -- ARGV: connect fee, segment count, (end, increment, price) per segment, then queries of
 -- (from, units, amount, wanted); returns "cost,affordable" per query
-local block = { connect_fee = tonumber(ARGV[1]), segments = {} }
+-- (the script's schedule form: { connect fee, end, increment, price, end, ... })
+local block = { tonumber(ARGV[1]) }
 local i = 3
 for s = 1, tonumber(ARGV[2]) do
   local ending = tonumber(ARGV[i])
   if ending < 0 then ending = math.huge end
-  block.segments[s] = { ending = ending, increment = tonumber(ARGV[i + 1]),
-    price = tonumber(ARGV[i + 2]) }
+  block[#block + 1], block[#block + 2] = ending, tonumber(ARGV[i + 1])
+  block[#block + 1] = tonumber(ARGV[i + 2])
   i = i + 3
 end
 local out = {}

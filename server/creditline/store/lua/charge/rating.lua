@@ -1,8 +1,10 @@
 -- charge.lua, part 2 of 8 (after prelude.lua; see prelude.lua)
 -- ---------------------------------------------------------------- rating
 -- Keep in step with server/rating.py (RateTable.schedule, PriceSchedule.cost /
--- max_units_within). A schedule is { connect_fee, segments }, over the session's
--- cumulative units; segment ends fall on the session's increment boundaries.
+-- max_units_within). A schedule is one flat array over the session's cumulative units:
+-- { connect fee, then per segment its end, increment and price per increment } (no table
+-- per segment: fewer allocations per request); segment ends fall on the session's
+-- increment boundaries, the last one's is math.huge.
 
 local MAX_SEGMENTS = 64
 
@@ -58,8 +60,7 @@ local function schedule_from(block, rated, period_units, offset_s)
     if from_units > period_units then add(rated + from_units - period_units) end
   end
   table.sort(starts)
-  local segments = { { ending = first, increment = first,
-    price = prices_at(block, rated, offset_s, 0)[1] } }
+  local schedule = { block.connect_fee, first, first, prices_at(block, rated, offset_s, 0)[1] }
   local count = math.min(#starts, MAX_SEGMENTS - 1)
   for index = 1, count do
     local start = starts[index]
@@ -67,43 +68,45 @@ local function schedule_from(block, rated, period_units, offset_s)
     if index < count then ending = starts[index + 1] end
     local tier = tier_at(block, rated, period_units, start)
     local price = prices_at(block, rated, offset_s, start)[2 + tier]
-    local previous = segments[#segments]
-    if previous.increment == following and previous.price == price then
-      previous.ending = ending  -- same price as the segment before: one segment
+    local last = #schedule - 2  -- the segment before
+    if schedule[last + 1] == following and schedule[last + 2] == price then
+      schedule[last] = ending  -- same price as the segment before: one segment
     else
-      segments[#segments + 1] = { ending = ending, increment = following, price = price }
+      schedule[last + 3], schedule[last + 4], schedule[last + 5] = ending, following, price
     end
   end
-  return { connect_fee = block.connect_fee, segments = segments }
+  return schedule
 end
 
 -- Price of the first `units` units counted from the start of the session (or event):
 -- the connect fee once, then whole increments of each segment, the last one rounded up.
 local function cost(schedule, units)
   if units <= 0 then return 0 end
-  local total, start = schedule.connect_fee, 0
-  for _, seg in ipairs(schedule.segments) do
-    local stop = math.min(units, seg.ending)
-    total = total + math.ceil((stop - start) / seg.increment) * seg.price
+  local total, start = schedule[1], 0
+  for at = 2, #schedule, 3 do
+    local ending = schedule[at]
+    local stop = math.min(units, ending)
+    total = total + math.ceil((stop - start) / schedule[at + 1]) * schedule[at + 2]
     if total >= MAX_SAFE then return MAX_SAFE end
-    if units <= seg.ending then return total end
-    start = seg.ending
+    if units <= ending then return total end
+    start = ending
   end
   return MAX_SAFE  -- units beyond the last segment have no price: unaffordable
 end
 
 -- The largest cumulative unit count n, at an increment boundary, with cost(n) <= budget.
 local function max_units_within(schedule, budget)
-  if budget < schedule.connect_fee then return 0 end
-  local spent, start = schedule.connect_fee, 0
-  for _, seg in ipairs(schedule.segments) do
-    local increments = math.ceil((seg.ending - start) / seg.increment)
+  if budget < schedule[1] then return 0 end
+  local spent, start = schedule[1], 0
+  for at = 2, #schedule, 3 do
+    local ending, increment, price = schedule[at], schedule[at + 1], schedule[at + 2]
+    local increments = math.ceil((ending - start) / increment)
     local buyable = increments
-    if seg.price > 0 then buyable = math.floor((budget - spent) / seg.price) end
-    if buyable < increments then return start + buyable * seg.increment end
-    if seg.ending == math.huge then return math.huge end
-    spent = spent + increments * seg.price
-    start = seg.ending
+    if price > 0 then buyable = math.floor((budget - spent) / price) end
+    if buyable < increments then return start + buyable * increment end
+    if ending == math.huge then return math.huge end
+    spent = spent + increments * price
+    start = ending
   end
   return start
 end
@@ -124,14 +127,11 @@ local function num(text) return text + 0 end
 -- A FIXED table: the schedule as the server built it (server/contract.py RateTableForm),
 -- from ARGV[i] on (after the form); returns the index of the argument after it.
 local function read_fixed_schedule(block, i)
-  local count, segments = num(ARGV[i + 1]), {}
-  for s = 1, count do
-    local at = i + 3 * s - 1
-    segments[s] = { ending = num(ARGV[at]), increment = num(ARGV[at + 1]),
-      price = num(ARGV[at + 2]) }
-  end
-  segments[count].ending = math.huge  -- (sent as 0: the last segment has no end)
-  block.fixed_schedule = { connect_fee = num(ARGV[i]), segments = segments }
+  local count = ARGV[i + 1] + 0
+  local schedule = { ARGV[i] + 0 }
+  for at = i + 2, i + 1 + 3 * count do schedule[#schedule + 1] = ARGV[at] + 0 end
+  schedule[#schedule - 2] = math.huge  -- (sent as 0: the last segment has no end)
+  block.fixed_schedule = schedule
   return i + 2 + 3 * count
 end
 
