@@ -13,9 +13,9 @@ hits both alike. Per run: requests/s and the server process's CPU (user + system
 answered request, warm-up and drain included on both sides of the division. The ratio
 of the medians is the figure.
 
-Then the kernels alone: the request path's own work per request (the checks of an Update
-and its answer written from a script answer of one rating group), timed in this process
-on each implementation.
+Then the kernels alone: the request path's own work per request (the checks of an Update,
+its block's script arguments and its answer written from a script answer of one rating
+group), timed in this process on each implementation.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 from creditline.api.messages import RequestPath
 from creditline.charging.kernels import PURE_ENV, Kernels, compiled_kernels, pure_kernels
-from creditline.charging.rating import load_plan
+from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import RequestKind
 from creditline.store.redis_process import RedisProcess, free_port
@@ -92,9 +92,10 @@ def _measure(server: ServerProcess, args: argparse.Namespace, workload: Workload
 
 
 def _kernels_alone_us(kernels: Kernels, calls: int) -> float:
-    """The request path's work of one Update (checks, answer bytes), in microseconds."""
+    """The request path's work of one Update (checks, the blocks' script arguments, answer
+    bytes), in microseconds."""
     plan = load_plan(Path(DEFAULT_PLAN_PATH))
-    path = RequestPath(kernels, plan, Settings())
+    path = RequestPath(kernels, plan, BandedRater(), Settings())
     request = pb.CreditControlRequest(
         session_id="bench-session-000001", account_id="bench-000042", request_number=2,
         rating_groups=[pb.RatingGroupRequest(
@@ -106,6 +107,7 @@ def _kernels_alone_us(kernels: Kernels, calls: int) -> float:
         started = time.perf_counter()
         for _ in range(calls):
             path.check_credit_control(request, RequestKind.UPDATE, now_ms)
+            path.script_blocks(request.rating_groups, now_ms, default_grant=True)
             path.credit_control_answer(SCRIPT_ANSWER, request, now_ms)
         best_s = min(best_s, time.perf_counter() - started)
     return best_s / calls * 1e6
@@ -145,7 +147,7 @@ def main() -> int:
           f"{medians['pure'][1] / medians['compiled'][1]:.3f}")
     alone = {k.implementation: _kernels_alone_us(k, args.kernel_calls)
              for k in (compiled_kernels(), pure_kernels())}
-    print(f"the request path alone (an Update's checks and answer): compiled "
+    print(f"the request path alone (an Update's checks, blocks and answer): compiled "
           f"{alone['compiled']:.2f} us, pure {alone['pure']:.2f} us, "
           f"ratio {alone['pure'] / alone['compiled']:.1f}")
     return 0
