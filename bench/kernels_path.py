@@ -2,7 +2,7 @@
 twin against on the compiled kernels (issue 16's goal: pure / compiled >= 1.3).
 
     python -m bench.kernels_path [--duration-s 10] [--rounds 3] [--concurrency 64]
-                                 [--accounts 2000] [--kernel-calls 20000]
+                                 [--accounts 2000] [--kernel-calls 20000] [--path-only]
 
 Starts two `creditline serve` processes (one worker each, as bench/run.py does), each on
 a redis-server of its own: one on the compiled kernels, one with CREDITLINE_PURE_RATING=1
@@ -15,7 +15,7 @@ of the medians is the figure.
 
 Then the kernels alone: the request path's own work per request (the checks of an Update,
 its block's script arguments and its answer written from a script answer of one rating
-group), timed in this process on each implementation.
+group), timed in this process on each implementation (alone with --path-only).
 """
 
 from __future__ import annotations
@@ -120,7 +120,21 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=2000)
     parser.add_argument("--kernel-calls", type=int, default=20_000)
+    parser.add_argument("--path-only", action="store_true",
+                        help="only the request path alone, in this process: no servers")
     args = parser.parse_args()
+    if not args.path_only:
+        _servers_ratio(args)
+    alone = {k.implementation: _kernels_alone_us(k, args.kernel_calls)
+             for k in (compiled_kernels(), pure_kernels())}
+    print(f"the request path alone (an Update's checks, blocks and answer): compiled "
+          f"{alone['compiled']:.2f} us, pure {alone['pure']:.2f} us, "
+          f"ratio {alone['pure'] / alone['compiled']:.1f}")
+    return 0
+
+
+def _servers_ratio(args: argparse.Namespace) -> None:
+    """Both servers driven in alternation; prints each run, the medians and their ratio."""
     workload = Workload(account_count=args.accounts)
     runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp, \
@@ -145,12 +159,6 @@ def main() -> int:
         print(f"median {mode:8s} {rps:8.0f} requests/s {cpu_us:7.1f} us server CPU per request")
     print(f"server CPU per request, pure / compiled: "
           f"{medians['pure'][1] / medians['compiled'][1]:.3f}")
-    alone = {k.implementation: _kernels_alone_us(k, args.kernel_calls)
-             for k in (compiled_kernels(), pure_kernels())}
-    print(f"the request path alone (an Update's checks, blocks and answer): compiled "
-          f"{alone['compiled']:.2f} us, pure {alone['pure']:.2f} us, "
-          f"ratio {alone['pure'] / alone['compiled']:.1f}")
-    return 0
 
 
 if __name__ == "__main__":
