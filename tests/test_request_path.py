@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -38,6 +39,7 @@ from creditline.charging.rating import (
     load_plan,
     parse_plan,
 )
+from creditline.observability.telemetry import TracedRater
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import MAX_SAFE_INTEGER, EventBlockAnswer, SessionBlockAnswer
 from creditline.v1 import charging_pb2 as pb
@@ -365,7 +367,8 @@ def _unique(blocks: list[pb.RatingGroupRequest]) -> list[pb.RatingGroupRequest]:
 def test_block_arguments_are_the_reference_on_both_kernels(
         plan: Plan, request_blocks: list[pb.RatingGroupRequest], event_time_ms: int,
         default_grant: bool) -> None:
-    for rater in (BandedRater(), IncrementRater()):
+    # (the traced rater makes no table ahead: every rated block asks it)
+    for rater in (BandedRater(), IncrementRater(), TracedRater(BandedRater())):
         reference = reference_script_blocks(request_blocks, plan, rater, event_time_ms,
                                             default_grant)
         for kernels in BOTH:
@@ -373,6 +376,29 @@ def test_block_arguments_are_the_reference_on_both_kernels(
                 request_blocks, event_time_ms, default_grant)
             assert made == reference, (kernels.implementation, type(rater).__name__)
             assert [type(a) for a in made] == [type(a) for a in reference]
+
+
+@pytest.mark.parametrize("kernels", BOTH, ids=lambda k: k.implementation)
+def test_a_block_plan_refuses_what_it_cannot_send(kernels: Kernels) -> None:
+    module = kernels.module
+    blocks_of = module.BlockPlan("p", lambda *_: (), lambda _: "")
+    blocks_of.add_version(1, -1, 100, module.FIXED, "t", 1, 0, False, ("F", 0, 0), None)
+    refused = {
+        "active_from_ms: versions are added in ascending order":
+            (1, -1, 99, module.FIXED, "t", 1, 0, False, ("F",), None),
+        "how: FREE, FIXED or RATED, got 7": (1, -1, 200, 7, "t", 1, 0, False, None, None),
+        "unit_code: one of t, v, s, got 'x'":
+            (1, -1, 200, module.FREE, "x", 1, 0, False, None, None),
+        "table_args: given with FIXED, and only then":
+            (1, -1, 200, module.RATED, "t", 1, 0, False, ("F",), None),
+        "rating_group, service_id: must be uint32 (service_id -1: none)":
+            (2**32, -1, 200, module.FREE, "t", 1, 0, False, None, None),
+    }
+    for message, version in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            blocks_of.add_version(*version)
+    assert blocks_of.script_blocks([block(1), block(1, service_id=3)], 99, True) == [
+        2, "1", 1, "p/1", "none", 0, 0, "-", 0, "1.3", 1, "p/1.3", "none", 0, 0, "-", 0]
 
 
 class CountingRater(BandedRater):
