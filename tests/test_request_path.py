@@ -349,7 +349,7 @@ def generated_plans(draw: st.DrawFn) -> Plan:
 some = st.one_of(st.none(), st.integers(0, 10**6), st.integers(1, 10**5))
 request_units = st.builds(pb.Units, time_s=some, total_octets=some, uplink_octets=some,
                           downlink_octets=some, service_specific_units=some)
-request_blocks = st.builds(
+generated_blocks = st.builds(
     pb.RatingGroupRequest, rating_group=st.sampled_from((*GROUPS, *GROUPS, 0)),
     service_id=st.none() | st.sampled_from((*SERVICES, 9)),
     requested=st.none() | request_units, used=request_units)
@@ -362,7 +362,7 @@ def _unique(blocks: list[pb.RatingGroupRequest]) -> list[pb.RatingGroupRequest]:
 
 
 @settings(max_examples=300)
-@given(generated_plans(), st.lists(request_blocks, max_size=5).map(_unique), BLOCK_TIMES_MS,
+@given(generated_plans(), st.lists(generated_blocks, max_size=5).map(_unique), BLOCK_TIMES_MS,
        st.booleans())
 def test_block_arguments_are_the_reference_on_both_kernels(
         plan: Plan, request_blocks: list[pb.RatingGroupRequest], event_time_ms: int,
@@ -399,6 +399,18 @@ def test_a_block_plan_refuses_what_it_cannot_send(kernels: Kernels) -> None:
             blocks_of.add_version(*version)
     assert blocks_of.script_blocks([block(1), block(1, service_id=3)], 99, True) == [
         2, "1", 1, "p/1", "none", 0, 0, "-", 0, "1.3", 1, "p/1.3", "none", 0, 0, "-", 0]
+
+
+@pytest.mark.parametrize("kernels", BOTH, ids=lambda k: k.implementation)
+def test_a_tariff_without_versions_is_in_force_at_any_time(kernels: Kernels) -> None:
+    # a plan made in code may hold `tariffs` alone: Plan.tariff_for then ignores active_from
+    later = Tariff(RG_WEB, None, UnitKind.VOLUME, next_increment_price_micros=3,
+                   active_from_unix_ms=NOW_MS)
+    plan = Plan("p", 1800, 300, 20, tariffs={(RG_WEB, None): later})
+    request = [block(RG_WEB, requested=10), block(RG_WEB, service_id=2)]
+    made = block_plan(kernels, plan, BandedRater()).script_blocks(request, 0, True)
+    assert made == reference_script_blocks(request, plan, BandedRater(), 0, True)
+    assert made[4] == "ok" and made.count("ok") == 2  # both blocks rated
 
 
 class CountingRater(BandedRater):

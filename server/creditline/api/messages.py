@@ -117,7 +117,6 @@ class RequestPath:
         return self._module.encode_stream_answer(correlation_id, field_number, answer)
 
 
-
 def block_plan(kernels: Kernels, plan: Plan, rater: Rater) -> KernelBlockPlan:
     """The plan as the kernels read it per request: each tariff version, with its rate
     table's arguments when the rater says the table is fixed; the other tables are the
@@ -128,23 +127,23 @@ def block_plan(kernels: Kernels, plan: Plan, rater: Rater) -> KernelBlockPlan:
                   ) -> Sequence[int | str]:
         return rater.rate_table(tariff, event_time_ms, lookback_s, period).script_args
 
-    found = module.BlockPlan(plan.name, rate_args, plan.billing_period)
+    kernel_plan = module.BlockPlan(plan.name, rate_args, plan.billing_period)
     for key in dict.fromkeys([*plan.tariffs, *plan.tariff_versions]):
         versions = plan.tariff_versions.get(key)
         # a tariff without versions is in force at any time (Plan.tariff_for)
         dated = [(module.ACTIVE_ALWAYS_MS, plan.tariffs[key])] if versions is None else [
             (version.active_from_unix_ms, version) for version in versions]
         for active_from_ms, tariff in dated:
-            _add_version(found, module, key, active_from_ms, tariff, rater)
-    return found
+            _add_version(kernel_plan, module, key, active_from_ms, tariff, rater)
+    return kernel_plan
 
 
-def _add_version(found: KernelBlockPlan, module: KernelModule, key: TariffKey,
+def _add_version(kernel_plan: KernelBlockPlan, module: KernelModule, key: TariffKey,
                  active_from_ms: int, tariff: Tariff, rater: Rater) -> None:
     table = None if tariff.free else rater.fixed_table(tariff)
     how = module.FREE if tariff.free else module.RATED if table is None else module.FIXED
     rating_group, service_id = key
-    found.add_version(
+    kernel_plan.add_version(
         rating_group, -1 if service_id is None else service_id, active_from_ms, how,
         UNIT_CODES[tariff.unit_kind], _final_action(tariff), tariff.default_grant_units,
         bool(tariff.tiers), None if table is None else table.script_args, tariff)
