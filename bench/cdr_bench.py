@@ -32,10 +32,11 @@ from typing import Any
 
 import psycopg
 from creditline.api.app import redis_client, store_config
-from creditline.api.messages import script_blocks
+from creditline.api.messages import block_plan
 from creditline.books.cdr import open_sink
 from creditline.books.exporter import Exporter
 from creditline.books.reconcile import reconcile
+from creditline.charging.kernels import select_kernels
 from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import EventAction, RequestKind
@@ -74,10 +75,11 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
         now_ms = int(time.time() * 1000)
         # one Event DEBIT of one SMS: the charging script's arguments, as the server
         # builds them; one CDR per call
-        sms_blocks = script_blocks(
+        sms_blocks = block_plan(select_kernels(), load_plan(DEFAULT_PLAN),
+                                BandedRater()).script_blocks(
             [pb.RatingGroupRequest(rating_group=RG_SMS,
                                    requested=pb.Units(service_specific_units=1))],
-            load_plan(DEFAULT_PLAN), BandedRater(), now_ms, default_grant=False)
+            now_ms, default_grant=False)
         started = time.perf_counter()
         for start in range(0, cdrs, GENERATE_CONCURRENCY):
             await asyncio.gather(*(

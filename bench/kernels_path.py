@@ -2,7 +2,7 @@
 twin against on the compiled kernels (issue 16's goal: pure / compiled >= 1.3).
 
     python -m bench.kernels_path [--duration-s 10] [--rounds 3] [--concurrency 64]
-                                 [--accounts 2000] [--kernel-calls 20000]
+                                 [--accounts 2000] [--kernel-calls 20000] [--path-only]
 
 Starts two `creditline serve` processes (one worker each, as bench/run.py does), each on
 a redis-server of its own: one on the compiled kernels, one with CREDITLINE_PURE_RATING=1
@@ -13,9 +13,9 @@ hits both alike. Per run: requests/s and the server process's CPU (user + system
 answered request, warm-up and drain included on both sides of the division. The ratio
 of the medians is the figure.
 
-Then the kernels alone: the request path's own work per request (the checks of an Update
-and its answer written from a script answer of one rating group), timed in this process
-on each implementation.
+Then the kernels alone: the request path's own work per request (the checks of an Update,
+its block's script arguments and its answer written from a script answer of one rating
+group), timed in this process on each implementation (alone with --path-only).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 from creditline.api.messages import RequestPath
 from creditline.charging.kernels import PURE_ENV, Kernels, compiled_kernels, pure_kernels
-from creditline.charging.rating import load_plan
+from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import RequestKind
 from creditline.store.redis_process import RedisProcess, free_port
@@ -92,9 +92,10 @@ def _measure(server: ServerProcess, args: argparse.Namespace, workload: Workload
 
 
 def _kernels_alone_us(kernels: Kernels, calls: int) -> float:
-    """The request path's work of one Update (checks, answer bytes), in microseconds."""
+    """The request path's work of one Update (checks, the blocks' script arguments, answer
+    bytes), in microseconds."""
     plan = load_plan(Path(DEFAULT_PLAN_PATH))
-    path = RequestPath(kernels, plan, Settings())
+    path = RequestPath(kernels, plan, BandedRater(), Settings())
     request = pb.CreditControlRequest(
         session_id="bench-session-000001", account_id="bench-000042", request_number=2,
         rating_groups=[pb.RatingGroupRequest(
@@ -106,6 +107,7 @@ def _kernels_alone_us(kernels: Kernels, calls: int) -> float:
         started = time.perf_counter()
         for _ in range(calls):
             path.check_credit_control(request, RequestKind.UPDATE, now_ms)
+            path.script_blocks(request.rating_groups, now_ms, default_grant=True)
             path.credit_control_answer(SCRIPT_ANSWER, request, now_ms)
         best_s = min(best_s, time.perf_counter() - started)
     return best_s / calls * 1e6
@@ -118,7 +120,21 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--accounts", type=int, default=2000)
     parser.add_argument("--kernel-calls", type=int, default=20_000)
+    parser.add_argument("--path-only", action="store_true",
+                        help="only the request path alone, in this process: no servers")
     args = parser.parse_args()
+    if not args.path_only:
+        _servers_ratio(args)
+    alone = {k.implementation: _kernels_alone_us(k, args.kernel_calls)
+             for k in (compiled_kernels(), pure_kernels())}
+    print(f"the request path alone (an Update's checks, blocks and answer): compiled "
+          f"{alone['compiled']:.2f} us, pure {alone['pure']:.2f} us, "
+          f"ratio {alone['pure'] / alone['compiled']:.1f}")
+    return 0
+
+
+def _servers_ratio(args: argparse.Namespace) -> None:
+    """Both servers driven in alternation; prints each run, the medians and their ratio."""
     workload = Workload(account_count=args.accounts)
     runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory() as tmp, \
@@ -143,12 +159,6 @@ def main() -> int:
         print(f"median {mode:8s} {rps:8.0f} requests/s {cpu_us:7.1f} us server CPU per request")
     print(f"server CPU per request, pure / compiled: "
           f"{medians['pure'][1] / medians['compiled'][1]:.3f}")
-    alone = {k.implementation: _kernels_alone_us(k, args.kernel_calls)
-             for k in (compiled_kernels(), pure_kernels())}
-    print(f"the request path alone (an Update's checks and answer): compiled "
-          f"{alone['compiled']:.2f} us, pure {alone['pure']:.2f} us, "
-          f"ratio {alone['pure'] / alone['compiled']:.1f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import psutil
 from creditline.api.app import store_config, transport_for
+from creditline.api.messages import block_plan
+from creditline.charging.kernels import select_kernels
 from creditline.charging.rating import BandedRater, Plan, load_plan
 from creditline.settings import Settings
 from creditline.store.redis_process import RedisProcess, free_port
@@ -162,11 +164,11 @@ def _cpu_s(processes: Sequence[psutil.Process]) -> float:
 async def _measure(store: Store, redis_pids: Sequence[int], plan: Plan, first: int,
                    sessions: int, in_flight: int) -> Sample:
     redis_cpu = [psutil.Process(pid) for pid in redis_pids]
-    rater = BandedRater()
+    blocks_of = block_plan(select_kernels(), plan, BandedRater())
     redis_before, client_before = _cpu_s(redis_cpu), time.process_time()
     started = time.perf_counter()
     for start in range(first, first + sessions, in_flight):
-        await asyncio.gather(*(charging_flow(store, plan, rater, f"lean-{n % ACCOUNTS}", n)
+        await asyncio.gather(*(charging_flow(store, blocks_of, f"lean-{n % ACCOUNTS}", n)
                                for n in range(start, min(first + sessions, start + in_flight))))
     elapsed = time.perf_counter() - started
     requests = sessions * REQUESTS_PER_FLOW

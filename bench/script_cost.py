@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from creditline.api.app import redis_client, store_config
-from creditline.api.messages import script_blocks
-from creditline.charging.rating import BandedRater, Plan, load_plan
+from creditline.api.messages import block_plan
+from creditline.charging.kernels import KernelBlockPlan, select_kernels
+from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import EventAction, RequestKind
 from creditline.store.redis_process import RedisProcess
@@ -56,19 +57,19 @@ KINDS = {"Initial": RequestKind.INITIAL, "Update": RequestKind.UPDATE,
          "Terminate": RequestKind.TERMINATE}
 
 
-async def charging_flow(store: Store, plan: Plan, rater: BandedRater, account_id: str,
-                number: int) -> None:
+async def charging_flow(store: Store, blocks_of: KernelBlockPlan, account_id: str,
+                        number: int) -> None:
     for method, request in session_requests(f"{account_id};s{number}", account_id,
                                             UPDATES_PER_SESSION):
         now_ms = int(time.time() * 1000)
-        blocks = script_blocks(request.rating_groups, plan, rater, now_ms,
-                                  default_grant=method == "Initial")
+        blocks = blocks_of.script_blocks(request.rating_groups, now_ms,
+                                         default_grant=method == "Initial")
         await store.charge(KINDS[method], account_id, request.session_id,
                            request.request_number, now_ms, now_ms, EventAction.NONE, blocks,
                            60_000)
     event = event_request(f"{account_id};e{number}", account_id)
     now_ms = int(time.time() * 1000)
-    blocks = script_blocks(event.rating_groups, plan, rater, now_ms, default_grant=False)
+    blocks = blocks_of.script_blocks(event.rating_groups, now_ms, default_grant=False)
     await store.charge(RequestKind.EVENT, account_id, event.session_id, 0, now_ms, now_ms,
                        EventAction.DEBIT, blocks, 0)
 
@@ -84,9 +85,9 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
             for account_id in accounts:
                 await store.admin(account_id, "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
             await redis.config_resetstat()
-            plan, rater = load_plan(PLAN_PATH), BandedRater()
+            blocks_of = block_plan(select_kernels(), load_plan(PLAN_PATH), BandedRater())
             for start in range(0, sessions, FLOWS_AT_ONCE):
-                await asyncio.gather(*(charging_flow(store, plan, rater, accounts[n % ACCOUNTS], n)
+                await asyncio.gather(*(charging_flow(store, blocks_of, accounts[n % ACCOUNTS], n)
                                        for n in range(start, min(sessions, start + FLOWS_AT_ONCE))))
             stats: dict[str, dict[str, float]] = await redis.info("commandstats")
             version = (await redis.info("server"))["redis_version"]

@@ -673,3 +673,197 @@ def encode_stream_answer(unsigned long long correlation_id, int field_number, by
     # a oneof member: written even when empty
     _chunk(&writer.message, <unsigned char>(field_number << 3 | 2), answer, len(answer))
     return writer.result()
+
+
+# ---------------------------------------------------------------- the script's block arguments
+# Twin of kernels_py.py's BlockPlan (same methods, same arguments): the plan turned once
+# into each (rating group, service id)'s versions, a fixed tariff's table arguments made
+# ahead, so that a request's block of a fixed tariff reads the message and copies these;
+# a table that moves with the request is the rater's (rate_args: one pricing
+# implementation, in Python).
+
+FREE = 0
+FIXED = 1
+RATED = 2
+ACTIVE_ALWAYS_MS = -(2**63)
+
+cdef int _FREE = 0
+cdef int _FIXED = 1
+cdef int _RATED = 2
+cdef long long _NO_SERVICE = -1
+# how a block's Units count a version's units
+cdef enum:
+    COUNT_TIME = 0
+    COUNT_VOLUME = 1
+    COUNT_SERVICE_SPECIFIC = 2
+
+
+cdef class _Version:
+    """One tariff version as its block is sent."""
+    cdef long long active_from_ms
+    cdef int how
+    cdef int counted_by
+    cdef bint tiered
+    cdef str unit_code
+    cdef object final_action
+    cdef object default_grant_units
+    cdef tuple table_args
+    cdef object tariff
+
+
+cdef class _Versions:
+    """A (rating group, service id)'s versions, ascending activation; the ids its blocks
+    carry, made once."""
+    cdef str block_id
+    cdef str tariff_id
+    cdef list versions
+
+    cdef _Version at(self, long long event_time_ms):
+        """The latest version active at the event time (None: none yet)."""
+        cdef _Version current = None, version
+        for version in self.versions:
+            if version.active_from_ms > event_time_ms:
+                break
+            current = version
+        return current
+
+
+cdef str _block_id_of(object rating_group, long long service_id):
+    return str(rating_group) if service_id == _NO_SERVICE else f"{rating_group}.{service_id}"
+
+
+cdef inline object _units(object units, int counted_by):
+    if counted_by == COUNT_TIME:
+        return units.time_s
+    if counted_by == COUNT_SERVICE_SPECIFIC:
+        return units.service_specific_units
+    if units.HasField("total_octets"):
+        return units.total_octets
+    return units.uplink_octets + units.downlink_octets
+
+
+cdef class BlockPlan:
+    """A plan as the kernels read it per request: add_version for each tariff version at
+    start, then script_blocks per request."""
+    cdef str _plan_name
+    cdef object _rate_args
+    cdef object _billing_period
+    cdef dict _by_group      # rating group -> its versions without a service id
+    cdef dict _by_service    # rating group << 32 | service id -> its versions
+
+    def __init__(self, str plan_name, rate_args, billing_period):
+        self._plan_name = plan_name
+        self._rate_args = rate_args
+        self._billing_period = billing_period
+        self._by_group = {}
+        self._by_service = {}
+
+    def add_version(self, rating_group, service_id, long long active_from_ms, int how,
+                    str unit_code, final_action, default_grant_units, bint tiered,
+                    table_args, tariff):
+        """A version of the tariff of (rating group, service id; -1: none), added in
+        ascending active_from_ms; table_args: a FIXED version's rate table arguments."""
+        cdef _Versions versions
+        cdef _Version version = _Version()
+        if not 0 <= rating_group < 2**32 or not -1 <= service_id < 2**32:
+            raise ValueError("rating_group, service_id: must be uint32 (service_id -1: none)")
+        if how not in (_FREE, _FIXED, _RATED):
+            raise ValueError(f"how: FREE, FIXED or RATED, got {how}")
+        if unit_code not in ("t", "v", "s"):
+            raise ValueError(f"unit_code: one of t, v, s, got {unit_code!r}")
+        if (how == _FIXED) != (table_args is not None):
+            raise ValueError("table_args: given with FIXED, and only then")
+        block_id = _block_id_of(rating_group, service_id)
+        if service_id == _NO_SERVICE:
+            table, key = self._by_group, rating_group
+        else:
+            table, key = self._by_service, rating_group << 32 | service_id
+        versions = table.get(key)
+        if versions is None:
+            versions = _Versions()
+            versions.block_id, versions.tariff_id = block_id, f"{self._plan_name}/{block_id}"
+            versions.versions = []
+            table[key] = versions
+        # (no negative indexes: wraparound is off)
+        count = len(versions.versions)
+        if count and (<_Version>versions.versions[count - 1]).active_from_ms > active_from_ms:
+            raise ValueError("active_from_ms: versions are added in ascending order")
+        version.active_from_ms, version.how, version.tiered = active_from_ms, how, tiered
+        version.unit_code = unit_code
+        version.counted_by = (COUNT_TIME if unit_code == "t" else
+                              COUNT_VOLUME if unit_code == "v" else COUNT_SERVICE_SPECIFIC)
+        version.final_action, version.default_grant_units = final_action, default_grant_units
+        version.table_args = tuple(table_args or ())
+        version.tariff = tariff
+        versions.versions.append(version)
+
+    def script_blocks(self, blocks, long long event_time_ms, bint default_grant):
+        """The charging script's block arguments: their count, then each block's fields
+        (and rate table)."""
+        cdef list args = [len(blocks)]
+        cdef str period = ""  # the billing period, found once and only for tiers
+        cdef long long service_id
+        cdef _Versions versions
+        cdef _Version version
+        for block in blocks:
+            rating_group = block.rating_group
+            service_id = block.service_id if block.HasField("service_id") else _NO_SERVICE
+            versions = None
+            version = None
+            if service_id != _NO_SERVICE:
+                versions = self._by_service.get(
+                    (<unsigned long long>rating_group) << 32 | <unsigned long long>service_id)
+                if versions is not None:
+                    version = versions.at(event_time_ms)
+                if version is None:
+                    versions = None  # the ids are the request's, the tariff the group's
+                    general = self._by_group.get(rating_group)
+                    if general is not None:
+                        version = (<_Versions>general).at(event_time_ms)
+            else:
+                versions = self._by_group.get(rating_group)
+                if versions is not None:
+                    version = versions.at(event_time_ms)
+            if versions is None:
+                block_id = _block_id_of(rating_group, service_id)
+                tariff_id = f"{self._plan_name}/{block_id}"
+            else:
+                block_id, tariff_id = versions.block_id, versions.tariff_id
+            if version is None:
+                args += [block_id, rating_group, tariff_id, "none", 0, 0, "-", 0]
+                continue
+            if version.tiered and not period:
+                period = self._billing_period(event_time_ms)
+            self._add_block(args, block, version, block_id, rating_group, tariff_id,
+                            default_grant, event_time_ms, period)
+        return args
+
+    cdef int _add_block(self, list args, object block, _Version version, str block_id,
+                        object rating_group, str tariff_id, bint default_grant,
+                        long long event_time_ms, str period) except -1:
+        requested = -1
+        if block.HasField("requested"):
+            requested = _units(block.requested, version.counted_by)
+            if requested == 0 and default_grant and version.how != _FREE:
+                requested = version.default_grant_units
+        used = _units(block.used, version.counted_by)
+        args.append(block_id)
+        args.append(rating_group)
+        args.append(tariff_id)
+        if version.how == _FREE:
+            args.append("free")
+            args.append(max(requested, 0))
+        else:
+            args.append("ok")
+            args.append(requested)
+        args.append(used)
+        args.append(version.unit_code)
+        args.append(version.final_action)
+        if version.how == _FIXED:
+            args.extend(version.table_args)
+        elif version.how == _RATED:
+            # time-unit usage reported now ended now: the table looks back over it
+            args.extend(self._rate_args(
+                version.tariff, event_time_ms,
+                used if version.counted_by == COUNT_TIME else 0, period))
+        return 0

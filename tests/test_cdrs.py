@@ -16,10 +16,11 @@ import grpc
 import psycopg
 import pytest
 from creditline.api.app import RunningServer, redis_client, start_server, stop_server
-from creditline.api.messages import script_blocks
+from creditline.api.messages import block_plan
 from creditline.books.cdr import Sink, open_sink
 from creditline.books.exporter import Exporter
 from creditline.books.reconcile import reconcile
+from creditline.charging.kernels import select_kernels
 from creditline.charging.rating import BandedRater, load_plan
 from creditline.settings import Settings
 from creditline.store.contract import EventAction, RequestKind
@@ -257,9 +258,9 @@ async def test_hundred_thousand_cdrs_exported_and_reconciled(books: Books,
             account_id=acct, initial_balance_micros=10**12))
     now_ms = 1_800_000_000_000
     # the charging script's arguments for one SMS, as the server builds them
-    blocks = script_blocks([block(RG_SMS, requested=1)],
-                              load_plan(Path(__file__).parent / "plan.toml"), BandedRater(),
-                              now_ms, default_grant=False)
+    plan = load_plan(Path(__file__).parent / "plan.toml")
+    blocks = block_plan(select_kernels(), plan, BandedRater()).script_blocks(
+        [block(RG_SMS, requested=1)], now_ms, default_grant=False)
     total = 100_000
     batch = 100  # concurrent calls: within the pool of Redis connections
     for start in range(0, total, batch):  # the real charging script, without gRPC

@@ -10,9 +10,9 @@ import struct
 from importlib import resources
 from pathlib import Path
 
-from creditline.api.messages import script_blocks
+from creditline.api.messages import block_plan
 from creditline.charging import rating
-from creditline.charging.kernels import compiled_kernels, pure_kernels
+from creditline.charging.kernels import compiled_kernels, pure_kernels, select_kernels
 from creditline.charging.rating import BandedRater, load_plan
 from creditline.store.contract import (
     BLOCK_FIELDS,
@@ -140,8 +140,9 @@ def test_the_contract_is_what_the_store_sends() -> None:
 def test_the_server_writes_each_block_as_block_fields_names_it() -> None:
     plan = load_plan(Path(__file__).parent / "plan.toml")
     request = block(RG_VOICE, requested=60, used=5)
-    args = script_blocks([request, block(RG_FREE, used=7), block(RG_UNRATED)], plan,
-                         BandedRater(), 1_780_000_000_000, default_grant=True)
+    args = block_plan(select_kernels(), plan, BandedRater()).script_blocks(
+        [request, block(RG_FREE, used=7), block(RG_UNRATED)], 1_780_000_000_000,
+        default_grant=True)
     assert args[0] == 3
     voice = dict(zip(BLOCK_FIELDS, args[1:1 + len(BLOCK_FIELDS)], strict=True))
     assert voice == {"rg": str(RG_VOICE), "bucket_rg": RG_VOICE,

@@ -10,27 +10,41 @@ requests. And the switch is real: a server on each implementation answers throug
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import pytest
 from creditline.api.app import CHARGING, RunningServer
 from creditline.api.handlers import add_service
-from creditline.api.messages import request_rules
+from creditline.api.messages import UNIT_CODES, block_plan, request_rules
 from creditline.api.service import ChargingService
 from creditline.charging.kernels import (
     PURE_ENV,
+    Kernels,
     compiled_kernels,
     pure_kernels,
     require_kernels,
 )
-from creditline.charging.rating import BandedRater
-from creditline.settings import Settings
+from creditline.charging.rating import (
+    BandedRater,
+    IncrementRater,
+    Plan,
+    Rater,
+    RateTable,
+    Tariff,
+    UnitKind,
+    load_plan,
+    parse_plan,
+)
+from creditline.observability.telemetry import TracedRater
+from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.contract import MAX_SAFE_INTEGER, EventBlockAnswer, SessionBlockAnswer
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.messages import RG_SMS, RG_VOICE, RG_WEB, block, ccr
@@ -236,6 +250,198 @@ def test_credit_control_checks_agree(request: pb.CreditControlRequest, initial: 
 def test_event_checks_agree(request: pb.EventRequest) -> None:
     assert (COMPILED.module.validate_event(request, RULES, NOW_MS)
             == PURE.module.validate_event(request, RULES, NOW_MS))
+
+
+# ---------------------------------------------------------------- the blocks' script arguments
+
+
+def reference_units(units: pb.Units, kind: UnitKind) -> int:
+    if kind is UnitKind.VOLUME and not units.HasField("total_octets"):
+        return units.uplink_octets + units.downlink_octets
+    value: int = getattr(units, UNIT_FIELDS[UNIT_CODES[kind]])
+    return value
+
+
+def reference_script_blocks(blocks: Sequence[pb.RatingGroupRequest], plan: Plan, rater: Rater,
+                            event_time_ms: int, default_grant: bool) -> list[int | str]:
+    """The blocks' arguments as the server made them in Python before (rating.py's tariff
+    choice and rate tables, block by block)."""
+    args: list[int | str] = [len(blocks)]
+    period = ""
+    for item in blocks:
+        service_id = item.service_id if item.HasField("service_id") else None
+        tariff = plan.tariff_for(item.rating_group, service_id, event_time_ms)
+        block_id = str(item.rating_group) if service_id is None else (
+            f"{item.rating_group}.{service_id}")
+        tariff_id = f"{plan.name}/{block_id}"
+        if tariff is None:
+            args += [block_id, item.rating_group, tariff_id, "none", 0, 0, "-", 0]
+            continue
+        unit = UNIT_CODES[tariff.unit_kind]
+        final_action = pb.FinalUnitAction.Value(tariff.final_unit_action.name)
+        requested = -1
+        if item.HasField("requested"):
+            requested = reference_units(item.requested, tariff.unit_kind)
+            if requested == 0 and default_grant and not tariff.free:
+                requested = tariff.default_grant_units
+        used = reference_units(item.used, tariff.unit_kind)
+        if tariff.free:
+            args += [block_id, item.rating_group, tariff_id, "free", max(requested, 0), used,
+                     unit, final_action]
+            continue
+        if tariff.tiers and not period:
+            period = plan.billing_period(event_time_ms)
+        lookback_s = used if tariff.unit_kind is UnitKind.TIME else 0
+        table = rater.rate_table(tariff, event_time_ms, lookback_s, period)
+        args += [block_id, item.rating_group, tariff_id, "ok", requested, used, unit,
+                 final_action, *table.script_args]
+    return args
+
+
+GROUPS, SERVICES = (1, 2, 3), (7, 8)
+# around the instants the generated versions start at
+VERSION_DAYS = [dt.date(2027, 1, d) for d in (1, 10, 20)]
+BLOCK_TIMES_MS = st.integers(1_797_000_000_000, 1_801_000_000_000)  # 2026-12-11 to 01-26
+prices = st.integers(0, 10**6)
+
+
+@st.composite
+def tariff_tables(draw: st.DrawFn) -> dict[str, object]:
+    first = draw(st.integers(1, 120))
+    following = draw(st.integers(1, 60))
+    table: dict[str, object] = {
+        "rating_group": draw(st.sampled_from(GROUPS)),
+        "unit": draw(st.sampled_from([k.value for k in UnitKind])),
+        "connect_fee_micros": draw(prices), "first_increment_units": first,
+        "first_increment_price_micros": draw(prices), "next_increment_units": following,
+        "next_increment_price_micros": draw(prices),
+        "default_grant_units": draw(st.integers(0, 1000)),
+        "final_unit_action": draw(st.sampled_from(["terminate", "restrict_access"])),
+    }
+    if draw(st.integers(0, 2)) == 0:
+        table["service_id"] = draw(st.sampled_from(SERVICES))
+    if draw(st.integers(0, 5)) == 0:
+        table["free"] = True
+    if draw(st.integers(0, 2)) == 0:
+        table["active_from"] = draw(st.sampled_from(VERSION_DAYS))
+    if draw(st.booleans()):
+        start = draw(st.integers(0, 22))
+        table["band"] = [{"name": "peak", "start": f"{start:02d}:00",
+                          "end": f"{draw(st.integers(start + 1, 24)):02d}:00",
+                          "next_increment_price_micros": draw(prices)}]
+    if draw(st.integers(0, 3)) == 0:
+        table["tier"] = [{"from_units": first + following * draw(st.integers(0, 50)),
+                          "next_increment_price_micros": draw(prices)}]
+    return table
+
+
+@st.composite
+def generated_plans(draw: st.DrawFn) -> Plan:
+    tables = draw(st.lists(tariff_tables(), min_size=2, max_size=10))
+    # versions of one tariff differ by their activation date
+    tables = list({(t["rating_group"], t.get("service_id"), t.get("active_from")): t
+                   for t in tables}.values())
+    return parse_plan({"plan": {"name": draw(st.sampled_from(["p", "default"])),
+                                "time_zone": draw(st.sampled_from(["UTC", "Europe/Paris"]))},
+                       "tariff": tables}, source="generated")
+
+
+some = st.one_of(st.none(), st.integers(0, 10**6), st.integers(1, 10**5))
+request_units = st.builds(pb.Units, time_s=some, total_octets=some, uplink_octets=some,
+                          downlink_octets=some, service_specific_units=some)
+generated_blocks = st.builds(
+    pb.RatingGroupRequest, rating_group=st.sampled_from((*GROUPS, *GROUPS, 0)),
+    service_id=st.none() | st.sampled_from((*SERVICES, 9)),
+    requested=st.none() | request_units, used=request_units)
+
+
+def _unique(blocks: list[pb.RatingGroupRequest]) -> list[pb.RatingGroupRequest]:
+    # the checks refuse a (rating group, service id) twice
+    return list({(b.rating_group, b.service_id if b.HasField("service_id") else None): b
+                 for b in blocks}.values())
+
+
+@settings(max_examples=300)
+@given(generated_plans(), st.lists(generated_blocks, max_size=5).map(_unique), BLOCK_TIMES_MS,
+       st.booleans())
+def test_block_arguments_are_the_reference_on_both_kernels(
+        plan: Plan, request_blocks: list[pb.RatingGroupRequest], event_time_ms: int,
+        default_grant: bool) -> None:
+    # (the traced rater makes no table ahead: every rated block asks it)
+    for rater in (BandedRater(), IncrementRater(), TracedRater(BandedRater())):
+        reference = reference_script_blocks(request_blocks, plan, rater, event_time_ms,
+                                            default_grant)
+        for kernels in BOTH:
+            made = block_plan(kernels, plan, rater).script_blocks(
+                request_blocks, event_time_ms, default_grant)
+            assert made == reference, (kernels.implementation, type(rater).__name__)
+            assert [type(a) for a in made] == [type(a) for a in reference]
+
+
+@pytest.mark.parametrize("kernels", BOTH, ids=lambda k: k.implementation)
+def test_a_block_plan_refuses_what_it_cannot_send(kernels: Kernels) -> None:
+    module = kernels.module
+    blocks_of = module.BlockPlan("p", lambda *_: (), lambda _: "")
+    blocks_of.add_version(1, -1, 100, module.FIXED, "t", 1, 0, False, ("F", 0, 0), None)
+    refused = {
+        "active_from_ms: versions are added in ascending order":
+            (1, -1, 99, module.FIXED, "t", 1, 0, False, ("F",), None),
+        "how: FREE, FIXED or RATED, got 7": (1, -1, 200, 7, "t", 1, 0, False, None, None),
+        "unit_code: one of t, v, s, got 'x'":
+            (1, -1, 200, module.FREE, "x", 1, 0, False, None, None),
+        "table_args: given with FIXED, and only then":
+            (1, -1, 200, module.RATED, "t", 1, 0, False, ("F",), None),
+        "rating_group, service_id: must be uint32 (service_id -1: none)":
+            (2**32, -1, 200, module.FREE, "t", 1, 0, False, None, None),
+    }
+    for message, version in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            blocks_of.add_version(*version)
+    assert blocks_of.script_blocks([block(1), block(1, service_id=3)], 99, True) == [
+        2, "1", 1, "p/1", "none", 0, 0, "-", 0, "1.3", 1, "p/1.3", "none", 0, 0, "-", 0]
+
+
+@pytest.mark.parametrize("kernels", BOTH, ids=lambda k: k.implementation)
+def test_a_tariff_without_versions_is_in_force_at_any_time(kernels: Kernels) -> None:
+    # a plan made in code may hold `tariffs` alone: Plan.tariff_for then ignores active_from
+    later = Tariff(RG_WEB, None, UnitKind.VOLUME, next_increment_price_micros=3,
+                   active_from_unix_ms=NOW_MS)
+    plan = Plan("p", 1800, 300, 20, tariffs={(RG_WEB, None): later})
+    request = [block(RG_WEB, requested=10), block(RG_WEB, service_id=2)]
+    made = block_plan(kernels, plan, BandedRater()).script_blocks(request, 0, True)
+    assert made == reference_script_blocks(request, plan, BandedRater(), 0, True)
+    assert made[4] == "ok" and made.count("ok") == 2  # both blocks rated
+
+
+class CountingRater(BandedRater):
+    """The full rater, counting the tables it is asked for per request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables_asked = 0
+
+    def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
+                   period: str) -> RateTable:
+        self.tables_asked += 1
+        return super().rate_table(tariff, event_time_unix_ms, lookback_s, period)
+
+
+@pytest.mark.parametrize("kernels", BOTH, ids=lambda k: k.implementation)
+def test_the_default_plans_blocks_ask_the_rater_nothing_per_request(kernels: Kernels) -> None:
+    # every default tariff is fixed: its arguments were made at start
+    plan, rater = load_plan(DEFAULT_PLAN_PATH), CountingRater()
+    blocks_of = block_plan(kernels, plan, rater)
+    asked_at_start = rater.tables_asked
+    request = [block(RG_WEB, requested=1024, used=10), block(RG_VOICE, requested=0, used=7),
+               block(RG_SMS, requested=1), block(RG_WEB, service_id=4)]
+    args = blocks_of.script_blocks(request, NOW_MS, default_grant=True)
+    assert rater.tables_asked == asked_at_start
+    assert args == reference_script_blocks(request, plan, BandedRater(), NOW_MS, True)
+    banded = block_plan(kernels, load_plan(DEFAULT_PLAN_PATH.parent / "bands-and-tiers.toml"),
+                        rater)
+    asked_at_start = rater.tables_asked
+    banded.script_blocks([block(RG_WEB, requested=1)], NOW_MS, default_grant=True)
+    assert rater.tables_asked == asked_at_start + 1  # a table with bands: the rater's
 
 
 def test_the_kernels_read_the_answer_fields_in_the_contracts_order() -> None:

@@ -1,9 +1,8 @@
 """The charging path between the gRPC messages and the charging script.
 
-`RequestPath` checks a request (naming the first bad field) and writes the answer from the
-script's answer string, in the rating kernels (native/); `script_blocks` turns the
-rating-group blocks into the script's arguments (tariff status, units, price schedule).
-No I/O here.
+`RequestPath` checks a request (naming the first bad field), turns its rating-group blocks
+into the script's arguments (tariff status, units, rate table) and writes the answer from
+the script's answer string, in the rating kernels (native/). No I/O here.
 """
 
 from __future__ import annotations
@@ -11,8 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from creditline.charging.kernels import Kernels, Refused, RequestRules
-from creditline.charging.rating import Plan, Rater, Tariff, UnitKind
+from creditline.charging.kernels import (
+    KernelBlockPlan,
+    KernelModule,
+    Kernels,
+    Refused,
+    RequestRules,
+)
+from creditline.charging.rating import Plan, Rater, Tariff, TariffKey, UnitKind
 from creditline.settings import Settings
 from creditline.store.contract import ID_CHARACTERS, EventAction, RequestKind
 from creditline.v1 import charging_pb2 as pb
@@ -27,15 +32,10 @@ EVENT_ACTIONS = {
     pb.CHECK_BALANCE: EventAction.CHECK, pb.PRICE_ENQUIRY: EventAction.PRICE,
 }
 _REPORTING_REASONS = frozenset(pb.ReportingReason.values())  # values() builds a list
-_UNIT_FIELD = {
-    UnitKind.TIME: "time_s",
-    UnitKind.VOLUME: "total_octets",
-    UnitKind.SERVICE_SPECIFIC: "service_specific_units",
-}
-# A block's unit kind as the charging script's arguments and answers carry it ("-": the
-# rating group has no tariff), so that a stored answer decodes without the request.
+# A block's unit kind as the charging script's arguments and answers carry it (the kernels
+# send "-" when the rating group has no tariff), so that a stored answer decodes without
+# the request.
 UNIT_CODES = {UnitKind.TIME: "t", UnitKind.VOLUME: "v", UnitKind.SERVICE_SPECIFIC: "s"}
-NO_UNIT = "-"
 
 
 def request_rules(settings: Settings) -> RequestRules:
@@ -48,14 +48,16 @@ def request_rules(settings: Settings) -> RequestRules:
 class RequestPath:
     """Everything the server computes per charging request around the script, in the
     kernels it was given (the compiled ones, or their pure-Python twin with
-    CREDITLINE_PURE_RATING=1): the request's checks, and the script's answer written
-    straight into the answer's wire bytes (the handlers send bytes as they are). The script
-    arguments are script_blocks'."""
+    CREDITLINE_PURE_RATING=1): the request's checks, its blocks' script arguments, and the
+    script's answer written straight into the answer's wire bytes (the handlers send bytes
+    as they are)."""
 
-    def __init__(self, kernels: Kernels, plan: Plan, settings: Settings) -> None:
+    def __init__(self, kernels: Kernels, plan: Plan, rater: Rater, settings: Settings
+                 ) -> None:
         self.kernels = kernels
         self._module = kernels.module
         self._plan = plan
+        self._blocks = block_plan(kernels, plan, rater)
         self._rules = request_rules(settings)
         self._plan_times = (plan.validity_time_s, plan.quota_holding_time_s,
                             plan.quota_threshold_percent)
@@ -70,6 +72,13 @@ class RequestPath:
 
     def check_event(self, request: pb.EventRequest, now_ms: int) -> Refused:
         return self._module.validate_event(request, self._rules, now_ms)
+
+    def script_blocks(self, blocks: Sequence[pb.RatingGroupRequest], event_time_ms: int,
+                      default_grant: bool) -> list[int | str]:
+        """The charging script's block arguments (store/contract.py BLOCK_FIELDS, then a
+        rated block's rate table); default_grant: a block asking for 0 units is granted
+        its tariff's default_grant_units."""
+        return self._blocks.script_blocks(blocks, event_time_ms, default_grant)
 
     def credit_control_answer(self, answer: str, request: pb.CreditControlRequest,
                               event_time_unix_ms: int) -> bytes:
@@ -108,49 +117,36 @@ class RequestPath:
         return self._module.encode_stream_answer(correlation_id, field_number, answer)
 
 
+def block_plan(kernels: Kernels, plan: Plan, rater: Rater) -> KernelBlockPlan:
+    """The plan as the kernels read it per request: each tariff version, with its rate
+    table's arguments when the rater says the table is fixed; the other tables are the
+    rater's, asked per request."""
+    module = kernels.module
 
-def units_of(units: pb.Units, kind: UnitKind) -> int:
-    if kind is UnitKind.VOLUME and not units.HasField("total_octets"):
-        return units.uplink_octets + units.downlink_octets
-    value: int = getattr(units, _UNIT_FIELD[kind])
-    return value
+    def rate_args(tariff: Tariff, event_time_ms: int, lookback_s: int, period: str
+                  ) -> Sequence[int | str]:
+        return rater.rate_table(tariff, event_time_ms, lookback_s, period).script_args
+
+    kernel_plan = module.BlockPlan(plan.name, rate_args, plan.billing_period)
+    for key in dict.fromkeys([*plan.tariffs, *plan.tariff_versions]):
+        versions = plan.tariff_versions.get(key)
+        # a tariff without versions is in force at any time (Plan.tariff_for)
+        dated = [(module.ACTIVE_ALWAYS_MS, plan.tariffs[key])] if versions is None else [
+            (version.active_from_unix_ms, version) for version in versions]
+        for active_from_ms, tariff in dated:
+            _add_version(kernel_plan, module, key, active_from_ms, tariff, rater)
+    return kernel_plan
 
 
-def script_blocks(
-    blocks: Sequence[pb.RatingGroupRequest], plan: Plan, rater: Rater,
-    event_time_unix_ms: int, default_grant: bool,
-) -> list[int | str]:
-    """The charging script's block arguments (tariff status, units, rate table)."""
-    args: list[int | str] = [len(blocks)]
-    period = ""  # the billing period, found once and only for a tariff with tiers
-    for block in blocks:
-        service_id = block.service_id if block.HasField("service_id") else None
-        tariff = plan.tariff_for(block.rating_group, service_id, event_time_unix_ms)
-        block_id = str(block.rating_group) if service_id is None else (
-            f"{block.rating_group}.{service_id}")
-        tariff_id = f"{plan.name}/{block_id}"
-        if tariff is None:
-            args += [block_id, block.rating_group, tariff_id, "none", 0, 0, NO_UNIT, 0]
-            continue
-        unit, final_action = UNIT_CODES[tariff.unit_kind], _final_action(tariff)
-        requested = -1
-        if block.HasField("requested"):
-            requested = units_of(block.requested, tariff.unit_kind)
-            if requested == 0 and default_grant and not tariff.free:
-                requested = tariff.default_grant_units
-        used = units_of(block.used, tariff.unit_kind)
-        if tariff.free:
-            args += [block_id, block.rating_group, tariff_id, "free", max(requested, 0),
-                     used, unit, final_action]
-            continue
-        if tariff.tiers and not period:
-            period = plan.billing_period(event_time_unix_ms)
-        # time-unit usage reported now ended now: the table looks back over it
-        lookback_s = used if tariff.unit_kind is UnitKind.TIME else 0
-        table = rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
-        args += [block_id, block.rating_group, tariff_id, "ok", requested, used, unit,
-                 final_action, *table.script_args]
-    return args
+def _add_version(kernel_plan: KernelBlockPlan, module: KernelModule, key: TariffKey,
+                 active_from_ms: int, tariff: Tariff, rater: Rater) -> None:
+    table = None if tariff.free else rater.fixed_table(tariff)
+    how = module.FREE if tariff.free else module.RATED if table is None else module.FIXED
+    rating_group, service_id = key
+    kernel_plan.add_version(
+        rating_group, -1 if service_id is None else service_id, active_from_ms, how,
+        UNIT_CODES[tariff.unit_kind], _final_action(tariff), tariff.default_grant_units,
+        bool(tariff.tiers), None if table is None else table.script_args, tariff)
 
 
 def _final_action(tariff: Tariff) -> int:

@@ -62,11 +62,9 @@ class ChargingService:
     def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings, *,
                  charge_calls_bounded: bool = False, kernels: Kernels | None = None) -> None:
         self._store = store
-        self._plan = plan
-        self._rater = rater
         self._settings = settings
         # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so
-        self.path = messages.RequestPath(kernels or require_kernels(), plan, settings)
+        self.path = messages.RequestPath(kernels or require_kernels(), plan, rater, settings)
         # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
         # path): no timer of ours per request
         self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
@@ -155,8 +153,7 @@ class ChargingService:
         """Rates the blocks and runs the charging script once; the answer is None when
         Redis failed (nothing was applied: the script is atomic)."""
         event_time_ms = request.event_time_unix_ms or now_ms
-        blocks = messages.script_blocks(
-            request.rating_groups, self._plan, self._rater, event_time_ms, default_grant)
+        blocks = self.path.script_blocks(request.rating_groups, event_time_ms, default_grant)
         supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms
         try:
             return await _call_store(self._store.charge(

@@ -55,14 +55,42 @@ Refused = tuple[int, str] | None  # (result code, message naming the field)
 FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
 
 
+# (tariff, event time ms, look-back s, billing period) -> the tariff's rate table arguments
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+BillingPeriod = Callable[[int], str]  # event time ms -> the billing period's name
+
+
+class KernelBlockPlan(Protocol):
+    """A plan as the kernels read it per request (see native/kernels_py.py BlockPlan)."""
+
+    def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
+                    unit_code: str, final_action: int, default_grant_units: int,
+                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tariff: Any) -> None: ...
+    def script_blocks(self, blocks: Sequence[Any], event_time_ms: int,
+                      default_grant: bool) -> list[int | str]: ...
+
+
+class KernelBlockPlanFactory(Protocol):
+    def __call__(self, plan_name: str, rate_args: RateArgs,
+                 billing_period: BillingPeriod) -> KernelBlockPlan: ...
+
+
 class KernelModule(Protocol):
     MAX_SAFE_INTEGER: int
     MAX_SEGMENTS: int
     REACH_UNBOUNDED: int
     NO_END: int
+    # how a tariff version's block is sent (BlockPlan.add_version's `how`)
+    FREE: int
+    FIXED: int
+    RATED: int
+    ACTIVE_ALWAYS_MS: int
 
     @property
     def Schedule(self) -> KernelScheduleFactory: ...
+    @property
+    def BlockPlan(self) -> KernelBlockPlanFactory: ...
     # schedules: this module's own Schedule objects (Kernels.schedule), which no type states
     def cost_batch(self, schedules: list[Any], schedule_index: array[int],
                    from_units: array[int], units: array[int]) -> array[int]: ...

@@ -366,6 +366,11 @@ class Rater(Protocol):
     def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
                    period: str) -> RateTable: ...
 
+    def fixed_table(self, tariff: Tariff) -> RateTable | None:
+        """The tariff's rate table when it is the same for every request (the request
+        path then makes its arguments once, at start), else None."""
+        ...
+
 
 class IncrementRater:
     """The first rater: connect fee, a first increment, then the following increments
@@ -373,6 +378,9 @@ class IncrementRater:
 
     def rate_table(self, tariff: Tariff, event_time_unix_ms: int, lookback_s: int,
                    period: str) -> RateTable:
+        return simple_table(tariff)
+
+    def fixed_table(self, tariff: Tariff) -> RateTable | None:
         return simple_table(tariff)
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule:
@@ -409,6 +417,10 @@ class BandedRater:
             template.next_increment_units, template.time_based,
             period if tariff.tiers else NO_PERIOD, template.tier_from_units,
             template.band_prices_micros, tuple(changes))
+
+    def fixed_table(self, tariff: Tariff) -> RateTable | None:
+        # bands and tiers move the table with the event time and the billing period
+        return None if tariff.bands or tariff.tiers else self._kept_of(tariff).template
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int,
                  period_used_units: int = 0) -> PriceSchedule:

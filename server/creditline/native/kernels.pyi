@@ -54,3 +54,21 @@ def encode_credit_control_refusal(session_id: str, request_number: int, code: in
 def encode_event_refusal(session_id: str, request_number: int, code: int,
                          message: str) -> bytes: ...
 def encode_stream_answer(correlation_id: int, field_number: int, answer: bytes) -> bytes: ...
+
+# the script's block arguments
+FREE: int
+FIXED: int
+RATED: int
+ACTIVE_ALWAYS_MS: int
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+BillingPeriod = Callable[[int], str]
+
+class BlockPlan:
+    def __init__(self, plan_name: str, rate_args: RateArgs,
+                 billing_period: BillingPeriod) -> None: ...
+    def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
+                    unit_code: str, final_action: int, default_grant_units: int,
+                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tariff: Any) -> None: ...
+    def script_blocks(self, blocks: Sequence[Any], event_time_ms: int,
+                      default_grant: bool) -> list[int | str]: ...

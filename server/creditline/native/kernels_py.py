@@ -516,3 +516,186 @@ def encode_stream_answer(correlation_id: int, field_number: int, answer: bytes) 
     _number(out, 0x08, correlation_id)
     _chunk(out, field_number << 3 | 2, answer)  # a oneof member: written even when empty
     return bytes(out)
+
+
+# ---------------------------------------------------------------- the script's block arguments
+# The charging script's arguments of a request's rating-group blocks (store/contract.py
+# BLOCK_FIELDS, then the rate table of a rated block), twin of the compiled module's: the
+# plan is turned once into a BlockPlan (each (rating group, service id)'s tariff versions,
+# a fixed tariff's rate table arguments made ahead), and a request's blocks are walked
+# against it. Tariff choice is creditline.charging.rating.Plan.tariff_for's; the tables
+# that move with the request are the rater's (rate_args), so there is one pricing
+# implementation (tests/test_request_path.py holds the three to the same arguments).
+
+# How a version's block is sent: "free", or "ok" with its table made ahead or per request.
+FREE, FIXED, RATED = 0, 1, 2
+# A version active before any event time: a plan's only version of a tariff.
+ACTIVE_ALWAYS_MS = -(2**63)
+_NO_SERVICE = -1
+# The unit codes the script reads (creditline.api.messages.UNIT_CODES) -> how a block's
+# Units count them: a field, or the volume (total_octets, else uplink + downlink).
+_UNIT_COUNTED_BY = {"t": "time_s", "v": "", "s": "service_specific_units"}
+# (tariff, event time ms, look-back s, billing period) -> the tariff's rate table arguments
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+BillingPeriod = Callable[[int], str]  # event time ms -> the billing period's name
+
+
+class _Version:
+    """One tariff version as its block is sent."""
+
+    __slots__ = ("active_from_ms", "default_grant_units", "final_action", "how",
+                 "table_args", "tariff", "tiered", "time_based", "unit_code", "units_field")
+
+    def __init__(self, active_from_ms: int, how: int, unit_code: str, final_action: int,
+                 default_grant_units: int, tiered: bool,
+                 table_args: Sequence[int | str] | None, tariff: Any) -> None:
+        if how not in (FREE, FIXED, RATED):
+            raise ValueError(f"how: FREE, FIXED or RATED, got {how}")
+        if unit_code not in _UNIT_COUNTED_BY:
+            raise ValueError(f"unit_code: one of t, v, s, got {unit_code!r}")
+        if (how == FIXED) != (table_args is not None):
+            raise ValueError("table_args: given with FIXED, and only then")
+        self.active_from_ms = active_from_ms
+        self.how = how
+        self.unit_code = unit_code
+        self.units_field = _UNIT_COUNTED_BY[unit_code]
+        self.time_based = unit_code == "t"
+        self.final_action = final_action
+        self.default_grant_units = default_grant_units
+        self.tiered = tiered
+        self.table_args = tuple(table_args or ())
+        self.tariff = tariff
+
+
+class _Versions:
+    """A (rating group, service id)'s versions, ascending activation; the ids its blocks
+    carry, made once."""
+
+    __slots__ = ("block_id", "tariff_id", "versions")
+
+    def __init__(self, block_id: str, tariff_id: str) -> None:
+        self.block_id = block_id
+        self.tariff_id = tariff_id
+        self.versions: list[_Version] = []
+
+    def at(self, event_time_ms: int) -> _Version | None:
+        """The latest version active at the event time."""
+        current = None
+        for version in self.versions:
+            if version.active_from_ms > event_time_ms:
+                break
+            current = version
+        return current
+
+
+class BlockPlan:
+    """A plan as the kernels read it per request: add_version for each tariff version at
+    start, then script_blocks per request."""
+
+    __slots__ = ("_billing_period", "_by_group", "_by_service", "_plan_name", "_rate_args")
+
+    def __init__(self, plan_name: str, rate_args: RateArgs,
+                 billing_period: BillingPeriod) -> None:
+        self._plan_name = plan_name
+        self._rate_args = rate_args
+        self._billing_period = billing_period
+        self._by_group: dict[int, _Versions] = {}    # (rating group, no service id)
+        self._by_service: dict[int, _Versions] = {}  # rating group << 32 | service id
+
+    def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
+                    unit_code: str, final_action: int, default_grant_units: int,
+                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tariff: Any) -> None:
+        """A version of the tariff of (rating group, service id; -1: none), added in
+        ascending active_from_ms; table_args: a FIXED version's rate table arguments."""
+        if not 0 <= rating_group < 2**32 or not -1 <= service_id < 2**32:
+            raise ValueError("rating_group, service_id: must be uint32 (service_id -1: none)")
+        block_id = _block_id_of(rating_group, service_id)
+        if service_id == _NO_SERVICE:
+            table, key = self._by_group, rating_group
+        else:
+            table, key = self._by_service, rating_group << 32 | service_id
+        versions = table.get(key)
+        if versions is None:
+            versions = table[key] = _Versions(block_id, f"{self._plan_name}/{block_id}")
+        if versions.versions and versions.versions[-1].active_from_ms > active_from_ms:
+            raise ValueError("active_from_ms: versions are added in ascending order")
+        versions.versions.append(_Version(active_from_ms, how, unit_code, final_action,
+                                          default_grant_units, tiered, table_args, tariff))
+
+    def script_blocks(self, blocks: Sequence[Any], event_time_ms: int, default_grant: bool
+                      ) -> list[int | str]:
+        """The charging script's block arguments: their count, then each block's fields
+        (and rate table)."""
+        args: list[int | str] = [len(blocks)]
+        period = ""  # the billing period, found once and only for a tariff with tiers
+        for block in blocks:
+            rating_group = block.rating_group
+            service_id = block.service_id if block.HasField("service_id") else _NO_SERVICE
+            versions, version = self._version_for(rating_group, service_id, event_time_ms)
+            if versions is None:
+                block_id = _block_id_of(rating_group, service_id)
+                tariff_id = f"{self._plan_name}/{block_id}"
+            else:
+                block_id, tariff_id = versions.block_id, versions.tariff_id
+            if version is None:
+                args += [block_id, rating_group, tariff_id, "none", 0, 0, "-", 0]
+                continue
+            if version.tiered and not period:
+                period = self._billing_period(event_time_ms)
+            _add_block(args, block, version, block_id, rating_group, tariff_id,
+                       default_grant, event_time_ms, period, self._rate_args)
+        return args
+
+    def _version_for(self, rating_group: int, service_id: int, event_time_ms: int
+                     ) -> tuple[_Versions | None, _Version | None]:
+        """(the versions whose ids the block carries, or None: the ids are made; the
+        version in force): the service id's tariff, else the rating group's."""
+        if service_id != _NO_SERVICE:
+            specific = self._by_service.get(rating_group << 32 | service_id)
+            version = None if specific is None else specific.at(event_time_ms)
+            if version is not None:
+                return specific, version
+            general = self._by_group.get(rating_group)
+            return None, None if general is None else general.at(event_time_ms)
+        general = self._by_group.get(rating_group)
+        return general, None if general is None else general.at(event_time_ms)
+
+
+def _block_id_of(rating_group: int, service_id: int) -> str:
+    return str(rating_group) if service_id == _NO_SERVICE else f"{rating_group}.{service_id}"
+
+
+def _add_block(args: list[int | str], block: Any, version: _Version, block_id: str,
+               rating_group: int, tariff_id: str, default_grant: bool, event_time_ms: int,
+               period: str, rate_args: RateArgs) -> None:
+    requested = -1
+    if block.HasField("requested"):
+        requested = _units(block.requested, version.units_field)
+        if requested == 0 and default_grant and version.how != FREE:
+            requested = version.default_grant_units
+    used = _units(block.used, version.units_field)
+    if version.how == FREE:
+        args += [block_id, rating_group, tariff_id, "free", max(requested, 0), used,
+                 version.unit_code, version.final_action]
+        return
+    args += [block_id, rating_group, tariff_id, "ok", requested, used, version.unit_code,
+             version.final_action]
+    if version.how == FIXED:
+        args += version.table_args
+        return
+    # time-unit usage reported now ended now: the table looks back over it
+    lookback_s = used if version.time_based else 0
+    args += rate_args(version.tariff, event_time_ms, lookback_s, period)
+
+
+def _units(units: Any, field: str) -> int:
+    """The units counted by `field` ("": the volume: total_octets, else up + down)."""
+    if field:
+        value: int = getattr(units, field)
+        return value
+    if units.HasField("total_octets"):
+        total: int = units.total_octets
+        return total
+    up_and_down: int = units.uplink_octets + units.downlink_octets
+    return up_and_down
