@@ -74,7 +74,7 @@ class RequestPath:
         return self._module.validate_event(request, self._rules, now_ms)
 
     def script_blocks(self, blocks: Sequence[pb.RatingGroupRequest], event_time_ms: int,
-                      default_grant: bool) -> list[int | str]:
+                      default_grant: bool) -> list[int | str | bytes]:
         """The charging script's block arguments (store/contract.py BLOCK_FIELDS, then a
         rated block's rate table); default_grant: a block asking for 0 units is granted
         its tariff's default_grant_units."""
@@ -124,7 +124,7 @@ def block_plan(kernels: Kernels, plan: Plan, rater: Rater) -> KernelBlockPlan:
     module = kernels.module
 
     def rate_args(tariff: Tariff, event_time_ms: int, lookback_s: int, period: str
-                  ) -> Sequence[int | str]:
+                  ) -> Sequence[int | str | bytes]:
         return rater.rate_table(tariff, event_time_ms, lookback_s, period).script_args
 
     kernel_plan = module.BlockPlan(plan.name, rate_args, plan.billing_period)

@@ -56,7 +56,7 @@ FinalUnitOf = Callable[[int, int | None], tuple[str, Sequence[str]]]
 
 
 # (tariff, event time ms, look-back s, billing period) -> the tariff's rate table arguments
-RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str | bytes]]
 BillingPeriod = Callable[[int], str]  # event time ms -> the billing period's name
 
 
@@ -65,10 +65,10 @@ class KernelBlockPlan(Protocol):
 
     def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
                     unit_code: str, final_action: int, default_grant_units: int,
-                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tiered: bool, table_args: Sequence[int | str | bytes] | None,
                     tariff: Any) -> None: ...
     def script_blocks(self, blocks: Sequence[Any], event_time_ms: int,
-                      default_grant: bool) -> list[int | str]: ...
+                      default_grant: bool) -> list[int | str | bytes]: ...
 
 
 class KernelBlockPlanFactory(Protocol):

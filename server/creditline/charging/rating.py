@@ -142,7 +142,7 @@ class RateTable:
     band_prices_micros: tuple[tuple[int, ...], ...]
     band_changes: tuple[tuple[int, int], ...]
     # the arguments, built once: a cached table is sent with every request
-    script_args: tuple[int | str, ...] = field(init=False, repr=False, compare=False)
+    script_args: tuple[int | str | bytes, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "script_args", tuple(self._script_args()))
@@ -198,19 +198,19 @@ class RateTable:
             band = changed_to
         return band
 
-    def _script_args(self) -> list[int | str]:
+    def _script_args(self) -> list[int | str | bytes]:
         """The table as the charging script reads it (store/lua/charge/, ARGV; the forms:
         store/contract.py RateTableForm)."""
         if not self.tier_from_units and len(self.band_changes) == 1:
             # the same schedule from wherever a session stands: built here, once per table,
             # rather than parsed and built by the script on every request
             schedule = self.schedule(0, 0, 0)
-            fixed: list[int | str] = [RateTableForm.FIXED, schedule.connect_fee_micros,
+            fixed: list[int | str | bytes] = [RateTableForm.FIXED, schedule.connect_fee_micros,
                                       len(schedule.segments)]
             for seg in schedule.segments:
                 fixed += [seg.end_units or 0, seg.increment_units, seg.increment_price_micros]
             return fixed
-        args: list[int | str] = [
+        args: list[int | str | bytes] = [
             RateTableForm.BANDED, self.connect_fee_micros, self.first_increment_units,
             self.next_increment_units,
             1 if self.time_based else 0, self.period, len(self.tier_from_units),

@@ -60,7 +60,7 @@ FREE: int
 FIXED: int
 RATED: int
 ACTIVE_ALWAYS_MS: int
-RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str | bytes]]
 BillingPeriod = Callable[[int], str]
 
 class BlockPlan:
@@ -68,7 +68,7 @@ class BlockPlan:
                  billing_period: BillingPeriod) -> None: ...
     def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
                     unit_code: str, final_action: int, default_grant_units: int,
-                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tiered: bool, table_args: Sequence[int | str | bytes] | None,
                     tariff: Any) -> None: ...
     def script_blocks(self, blocks: Sequence[Any], event_time_ms: int,
-                      default_grant: bool) -> list[int | str]: ...
+                      default_grant: bool) -> list[int | str | bytes]: ...

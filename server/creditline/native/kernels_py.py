@@ -536,7 +536,7 @@ _NO_SERVICE = -1
 # Units count them: a field, or the volume (total_octets, else uplink + downlink).
 _UNIT_COUNTED_BY = {"t": "time_s", "v": "", "s": "service_specific_units"}
 # (tariff, event time ms, look-back s, billing period) -> the tariff's rate table arguments
-RateArgs = Callable[[Any, int, int, str], Sequence[int | str]]
+RateArgs = Callable[[Any, int, int, str], Sequence[int | str | bytes]]
 BillingPeriod = Callable[[int], str]  # event time ms -> the billing period's name
 
 
@@ -548,7 +548,7 @@ class _Version:
 
     def __init__(self, active_from_ms: int, how: int, unit_code: str, final_action: int,
                  default_grant_units: int, tiered: bool,
-                 table_args: Sequence[int | str] | None, tariff: Any) -> None:
+                 table_args: Sequence[int | str | bytes] | None, tariff: Any) -> None:
         if how not in (FREE, FIXED, RATED):
             raise ValueError(f"how: FREE, FIXED or RATED, got {how}")
         if unit_code not in _UNIT_COUNTED_BY:
@@ -604,7 +604,7 @@ class BlockPlan:
 
     def add_version(self, rating_group: int, service_id: int, active_from_ms: int, how: int,
                     unit_code: str, final_action: int, default_grant_units: int,
-                    tiered: bool, table_args: Sequence[int | str] | None,
+                    tiered: bool, table_args: Sequence[int | str | bytes] | None,
                     tariff: Any) -> None:
         """A version of the tariff of (rating group, service id; -1: none), added in
         ascending active_from_ms; table_args: a FIXED version's rate table arguments."""
@@ -624,10 +624,10 @@ class BlockPlan:
                                           default_grant_units, tiered, table_args, tariff))
 
     def script_blocks(self, blocks: Sequence[Any], event_time_ms: int, default_grant: bool
-                      ) -> list[int | str]:
+                      ) -> list[int | str | bytes]:
         """The charging script's block arguments: their count, then each block's fields
         (and rate table)."""
-        args: list[int | str] = [len(blocks)]
+        args: list[int | str | bytes] = [len(blocks)]
         period = ""  # the billing period, found once and only for a tariff with tiers
         for block in blocks:
             rating_group = block.rating_group
@@ -666,7 +666,7 @@ def _block_id_of(rating_group: int, service_id: int) -> str:
     return str(rating_group) if service_id == _NO_SERVICE else f"{rating_group}.{service_id}"
 
 
-def _add_block(args: list[int | str], block: Any, version: _Version, block_id: str,
+def _add_block(args: list[int | str | bytes], block: Any, version: _Version, block_id: str,
                rating_group: int, tariff_id: str, default_grant: bool, event_time_ms: int,
                period: str, rate_args: RateArgs) -> None:
     requested = -1

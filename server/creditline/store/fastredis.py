@@ -32,7 +32,7 @@ class ReplyError(ScriptError, ResponseError):
     so that the callers catching RedisError catch it as they catch redis-py's."""
 
 
-def _pack(*parts: str | int) -> bytes:
+def _pack(*parts: str | int | bytes) -> bytes:
     # hiredis's type stub declares a one-element tuple; the function takes any length
     packed: bytes = hiredis.pack_command(parts)  # type: ignore[arg-type]
     return packed
@@ -256,14 +256,14 @@ class FastScriptClient:
         return connection.send(command)
 
     def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                args: Sequence[int | str], *, asking: bool = False) -> Awaitable[Any]:
+                args: Sequence[int | str | bytes], *, asking: bool = False) -> Awaitable[Any]:
         """Runs a script by its SHA; loads it first if Redis does not know it (NOSCRIPT,
         e.g. after a restart) and runs it again."""
         return self._script(_pack("EVALSHA", sha, len(keys), *keys, *args), "NOSCRIPT",
                             ("SCRIPT", "LOAD", source), asking)
 
     def fcall(self, function: str, library: str, keys: Sequence[str],
-              args: Sequence[int | str], *, asking: bool = False) -> Awaitable[Any]:
+              args: Sequence[int | str | bytes], *, asking: bool = False) -> Awaitable[Any]:
         """Runs a library's function; loads the library first if Redis does not know the
         function (e.g. after a restart, or on a cluster's node that has not seen it)."""
         return self._script(_pack("FCALL", function, len(keys), *keys, *args),

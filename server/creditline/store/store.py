@@ -421,7 +421,7 @@ class Store:
     async def charge(
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
-        blocks: list[int | str], supervision_ms: int = 0, refund_of: str = "",
+        blocks: list[int | str | bytes], supervision_ms: int = 0, refund_of: str = "",
     ) -> str:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer. The
         session id's claim is taken by an Initial and given back when the session closes
@@ -445,7 +445,7 @@ class Store:
     def _charge_call(
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
-        blocks: list[int | str], supervision_ms: int, refund_of: str,
+        blocks: list[int | str | bytes], supervision_ms: int, refund_of: str,
     ) -> Awaitable[Any]:
         """The charging script's call (a plain function, as _script_call: no coroutine of
         its own per request)."""
@@ -464,7 +464,7 @@ class Store:
             script_keys.append(claim_key(session_id, self.config.partitions))
         config = self.config
         trim_strategy, trim_threshold = self._trimming(now_ms)
-        script_args: list[int | str] = [*ChargeArgs(
+        script_args: list[int | str | bytes] = [*ChargeArgs(
             kind=kind, request_number=request_number, account_id=account_id,
             session_id=session_id, now_ms=now_ms, event_time_ms=event_time_ms,
             retention_s=config.answer_retention_s, event_action=event_action,

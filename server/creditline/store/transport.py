@@ -49,11 +49,11 @@ class Transport(Protocol):
         """Every call raises TimeoutError after the call timeout (no timer needed)."""
 
     def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                args: Sequence[int | str]) -> Awaitable[Any]:
+                args: Sequence[int | str | bytes]) -> Awaitable[Any]:
         """A script by its SHA, loaded from source on NOSCRIPT."""
 
     def fcall(self, function: str, library: str, keys: Sequence[str],
-              args: Sequence[int | str]) -> Awaitable[Any]:
+              args: Sequence[int | str | bytes]) -> Awaitable[Any]:
         """A library's function (Redis 7), the library loaded when Redis does not know the
         function."""
 
@@ -242,12 +242,12 @@ class LeanCluster:
         raise ReplyError(f"Redis Cluster: slot {slot} redirected {MAX_REDIRECTS} times")
 
     def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                args: Sequence[int | str]) -> Awaitable[Any]:
+                args: Sequence[int | str | bytes]) -> Awaitable[Any]:
         return self._run(keys[0] if keys else "", lambda node, asking: node.evalsha(
             sha, source, keys, args, asking=asking))
 
     def fcall(self, function: str, library: str, keys: Sequence[str],
-              args: Sequence[int | str]) -> Awaitable[Any]:
+              args: Sequence[int | str | bytes]) -> Awaitable[Any]:
         # (each node loads the library at its first call that finds it missing)
         return self._run(keys[0] if keys else "", lambda node, asking: node.fcall(
             function, library, keys, args, asking=asking))
@@ -283,7 +283,7 @@ class RedisPy:
             redis.set_response_callback(name, _as_sent)
 
     async def evalsha(self, sha: str, source: str, keys: Sequence[str],
-                      args: Sequence[int | str]) -> Any:
+                      args: Sequence[int | str | bytes]) -> Any:
         try:
             try:
                 return await self._redis.execute_command(
@@ -296,7 +296,7 @@ class RedisPy:
             raise ReplyError(str(error)) from error
 
     async def fcall(self, function: str, library: str, keys: Sequence[str],
-                    args: Sequence[int | str]) -> Any:
+                    args: Sequence[int | str | bytes]) -> Any:
         command = ("FCALL", function, len(keys), *keys, *args)
         try:
             try:
