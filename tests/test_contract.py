@@ -5,6 +5,7 @@ differs."""
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from importlib import resources
@@ -17,6 +18,7 @@ from creditline.charging.rating import BandedRater, load_plan
 from creditline.store.contract import (
     BLOCK_FIELDS,
     EVENT_TYPES,
+    FIXED_SCHEDULE_NUMBER,
     ID_CHARACTERS,
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
@@ -45,6 +47,11 @@ def _lua_constant(name: str) -> int:
     match = re.search(rf"^local {name} = (\d+)$", CHARGE_LUA, re.MULTILINE)
     assert match, f"charge.lua: no 'local {name} = <number>'"
     return int(match[1])
+
+
+def test_the_fixed_schedule_number_is_the_contracts() -> None:
+    assert f"local FIXED_SCHEDULE_NUMBER = '{FIXED_SCHEDULE_NUMBER}'" in CHARGE_LUA
+    assert struct.calcsize(f"<{FIXED_SCHEDULE_NUMBER}") == 8  # (the script's #packed / 8)
 
 
 def test_the_usage_rates_format_is_the_contracts() -> None:
@@ -169,13 +176,15 @@ def test_the_server_sends_a_fixed_tariff_its_schedule_built() -> None:
     plan, rater = load_plan(Path(__file__).parent / "plan.toml"), BandedRater()
     fixed = rater.rate_table(plan.tariff_for(RG_VOICE, None), 1_780_000_000_000, 0, "")
     schedule = fixed.schedule(0, 0, 0)
-    assert fixed.script_args[:3] == (RateTableForm.FIXED, schedule.connect_fee_micros,
-                                     len(schedule.segments))
-    sent = fixed.script_args[3:]
+    form, packed = fixed.script_args
+    assert form == RateTableForm.FIXED and isinstance(packed, bytes)
+    numbers = struct.unpack(f"<{len(packed) // 8}{FIXED_SCHEDULE_NUMBER}", packed)
+    assert numbers[0] == schedule.connect_fee_micros
+    sent = numbers[1:]
     assert [tuple(sent[n:n + 3]) for n in range(0, len(sent), 3)] == [
-        (seg.end_units or 0, seg.increment_units, seg.increment_price_micros)
+        (seg.end_units or math.inf, seg.increment_units, seg.increment_price_micros)
         for seg in schedule.segments]
-    assert schedule.segments[-1].end_units is None  # the one the script reads as no end
+    assert schedule.segments[-1].end_units is None  # the one sent as infinity
     peak = plan.tariff_for(101, None)  # tests/plan.toml: a voice tariff with a peak band
     assert peak is not None and peak.bands
     banded = rater.rate_table(peak, 1_780_000_000_000, 0, "")

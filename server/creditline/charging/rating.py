@@ -26,6 +26,7 @@ import bisect
 import datetime as dt
 import enum
 import math
+import struct
 import time
 import tomllib
 import zoneinfo
@@ -36,7 +37,12 @@ from typing import Any, Protocol
 
 from creditline.charging.kernels import KernelSchedule, select_kernels
 from creditline.errors import PlanError
-from creditline.store.contract import MAX_SAFE_INTEGER, MAX_SEGMENTS, RateTableForm
+from creditline.store.contract import (
+    FIXED_SCHEDULE_NUMBER,
+    MAX_SAFE_INTEGER,
+    MAX_SEGMENTS,
+    RateTableForm,
+)
 
 # MAX_SAFE_INTEGER (Lua numbers are doubles: every unit count and amount stays below 2^53)
 # and MAX_SEGMENTS (segments in one schedule: bounds the charging script's walk and the
@@ -204,12 +210,7 @@ class RateTable:
         if not self.tier_from_units and len(self.band_changes) == 1:
             # the same schedule from wherever a session stands: built here, once per table,
             # rather than parsed and built by the script on every request
-            schedule = self.schedule(0, 0, 0)
-            fixed: list[int | str | bytes] = [RateTableForm.FIXED, schedule.connect_fee_micros,
-                                      len(schedule.segments)]
-            for seg in schedule.segments:
-                fixed += [seg.end_units or 0, seg.increment_units, seg.increment_price_micros]
-            return fixed
+            return [RateTableForm.FIXED, fixed_schedule_argument(self.schedule(0, 0, 0))]
         args: list[int | str | bytes] = [
             RateTableForm.BANDED, self.connect_fee_micros, self.first_increment_units,
             self.next_increment_units,
@@ -385,6 +386,17 @@ class IncrementRater:
 
     def schedule(self, tariff: Tariff, event_time_unix_ms: int) -> PriceSchedule:
         return simple_schedule(tariff)
+
+
+def fixed_schedule_argument(schedule: PriceSchedule) -> bytes:
+    """A FIXED table's one argument (store/contract.py FIXED_SCHEDULE_NUMBER): the connect
+    fee, then per segment its end (infinity for the last), increment and price, as binary
+    doubles (exact below 2^53, as every amount here is)."""
+    numbers: list[float] = [schedule.connect_fee_micros]
+    for seg in schedule.segments:
+        end = math.inf if seg.end_units is None else seg.end_units
+        numbers += [end, seg.increment_units, seg.increment_price_micros]
+    return struct.pack(f"<{len(numbers)}{FIXED_SCHEDULE_NUMBER}", *numbers)
 
 
 class BandedRater:

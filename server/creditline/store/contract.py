@@ -123,6 +123,12 @@ class ChargeArgs(NamedTuple):
     refund_of: str        # REFUND: the session id of the charge it reverses; else ""
 
 
+# A FIXED rate table's schedule goes to the script as one binary argument: its numbers
+# (connect fee, then per segment end, increment, price; the last end infinity) as
+# little-endian doubles of this struct code: no number for the script to parse as text.
+FIXED_SCHEDULE_NUMBER = "d"
+
+
 # A rating group's usage rates (spike detection) as charge.lua keeps them in the rates hash
 # (ChargeKeys.rates, field: the rating group), binary (Redis's Lua struct library, the
 # same codes as Python's struct): the fast and the slow window's rate (units per second),

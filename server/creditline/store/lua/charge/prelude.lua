@@ -83,8 +83,9 @@ ARGV:
       status is "ok" the rate table (server/rating.py RateTable.script_args), its form
       first (server/contract.py RateTableForm):
       "F" (one band, no tiers: the same price schedule wherever the session stands, built
-      by the server): connect fee, segment count S and S triples (ending: cumulative
-      units, 0 for the last, which has no end; increment units; price per increment);
+      by the server): one argument, binary (creditline/store/contract.py
+      FIXED_SCHEDULE_NUMBER doubles): connect fee, then per segment its end (cumulative
+      units, infinity for the last), increment units and price per increment;
       "B" (bands or tiers: the script builds the schedule from where the session stands):
       connect fee, first increment units, following increment units, time-based 0/1,
       billing period ("-": no tiers), tier count T and T tier starts (units of the billing

@@ -124,15 +124,30 @@ end
 -- tonumber() it fails on anything that is not a number instead of returning nil.
 local function num(text) return text + 0 end
 
--- A FIXED table: the schedule as the server built it (server/contract.py RateTableForm),
--- from ARGV[i] on (after the form); returns the index of the argument after it.
+-- A FIXED table's schedule as the server built it (creditline/store/contract.py
+-- RateTableForm, FIXED_SCHEDULE_NUMBER): one argument, its numbers binary, already in the
+-- schedule's order (the last end infinity).
+local FIXED_SCHEDULE_NUMBER = 'd'
+-- The struct format of each segment count, made at its first use and kept: at most
+-- MAX_SEGMENTS strings, the same for every request (a library's load may not use the
+-- string library; a script made by EVALSHA makes them again per call).
+local fixed_schedule_formats = {}
+local function fixed_schedule_format(count)
+  local format = fixed_schedule_formats[count]
+  if not format then
+    format = '<' .. string.rep(FIXED_SCHEDULE_NUMBER, 1 + 3 * count)
+    fixed_schedule_formats[count] = format
+  end
+  return format
+end
+
+-- The schedule from ARGV[i] (after the form); returns the index of the argument after it.
 local function read_fixed_schedule(block, i)
-  local count = ARGV[i + 1] + 0
-  local schedule = { ARGV[i] + 0 }
-  for at = i + 2, i + 1 + 3 * count do schedule[#schedule + 1] = ARGV[at] + 0 end
-  schedule[#schedule - 2] = math.huge  -- (sent as 0: the last segment has no end)
+  local packed = ARGV[i]
+  local schedule = { struct.unpack(fixed_schedule_format((#packed / 8 - 1) / 3), packed) }
+  schedule[#schedule] = nil  -- (unpack's last value: the position after the numbers)
   block.fixed_schedule = schedule
-  return i + 2 + 3 * count
+  return i + 1
 end
 
 -- The rate table of a block (server/rating.py RateTable.script_args), from ARGV[i] on;
