@@ -315,3 +315,39 @@ async def test_a_cluster_with_a_password_is_charged_on_every_node(settings: Sett
         with pytest.raises(AuthenticationError):
             await wrong.command("cl:{0}:meta", "GET", "cl:{0}:meta")
         await wrong.aclose()
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["lean", "redis-py"])
+async def test_every_node_runs_the_charging_library_by_fcall(
+        fast_path: bool, settings: Settings) -> None:
+    """The server loads the charging library on one node at start; every other node gets it
+    at its first FCALL that finds it missing (lean path and redis-py's cluster client), and
+    from then on each charging request is one FCALL there."""
+    with RedisCluster(masters=3) as cluster:
+        configured = replace(settings, redis_cluster=True, redis_fast_path=fast_path,
+                             redis_call_timeout_s=10.0)
+        running = await start_server(configured, cluster.url)
+        redis = ClusterClient.from_url(cluster.url, decode_responses=True)
+        try:
+            assert running.store.charge_operation == "FCALL"
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+                charging = charging_pb2_grpc.ChargingStub(channel)
+                books = Books(redis, settings.partitions)  # type: ignore[arg-type]
+                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
+                accounts = [await make(balance_micros=10_000_000) for _ in range(9)]
+                for acct in accounts:
+                    answer = await charging.Initial(ccr(f"{acct};f", acct, 0,
+                                                        block(RG_WEB, requested=4_096)))
+                    assert answer.result_code == pb.SUCCESS
+                await books.assert_balanced()
+            masters = _masters(cluster)
+            owners = {_owner(masters, key_slot(account_keys(acct, settings.partitions).account))
+                      for acct in accounts}
+            assert owners == set(masters)  # every node charged
+            for node in masters.values():
+                assert node.execute_command("FUNCTION", "LIST"), node  # the library is there
+                assert node.info("commandstats")["cmdstat_fcall"]["calls"] >= 1
+                node.close()
+        finally:
+            await redis.aclose()
+            await stop_server(running, grace_s=1.0)
