@@ -170,6 +170,19 @@ async def test_hostile_ids_leave_their_keys_in_their_partitions_slot(
             assert key_slot(claim) == await slot(claim)
 
 
+async def _accounts_with_a_session(channel: grpc.aio.Channel, books: Books, count: int,
+                                   balance_micros: int, tag: str, requested: int) -> list[str]:
+    """`count` new accounts, each with a session `<account>;<tag>` opened (SUCCESS)."""
+    charging = charging_pb2_grpc.ChargingStub(channel)
+    make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
+    accounts = [await make(balance_micros=balance_micros) for _ in range(count)]
+    for acct in accounts:
+        answer = await charging.Initial(ccr(f"{acct};{tag}", acct, 0,
+                                            block(RG_WEB, requested=requested)))
+        assert answer.result_code == pb.SUCCESS
+    return accounts
+
+
 def _masters(cluster: RedisCluster, password: str = "") -> dict[int, SyncRedis]:
     return {node.port: SyncRedis(port=node.port, password=password or None)
             for node in cluster.nodes}
@@ -248,12 +261,8 @@ async def test_charging_goes_on_when_a_node_restarts(settings: Settings) -> None
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
                 charging = charging_pb2_grpc.ChargingStub(channel)
                 books = Books(redis, settings.partitions)  # type: ignore[arg-type]
-                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
-                accounts = [await make(balance_micros=100_000_000) for _ in range(12)]
-                for acct in accounts:
-                    answer = await charging.Initial(ccr(f"{acct};r", acct, 0,
-                                                        block(RG_WEB, requested=10_240)))
-                    assert answer.result_code == pb.SUCCESS
+                accounts = await _accounts_with_a_session(channel, books, 12, 100_000_000,
+                                                          "r", 10_240)
                 victim = cluster.nodes[1]
                 on_victim = next(acct for acct in accounts if _owner(
                     _masters(cluster), key_slot(account_keys(acct, settings.partitions)
@@ -331,14 +340,9 @@ async def test_every_node_runs_the_charging_library_by_fcall(
         try:
             assert running.store.charge_operation == "FCALL"
             async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-                charging = charging_pb2_grpc.ChargingStub(channel)
                 books = Books(redis, settings.partitions)  # type: ignore[arg-type]
-                make = _account_maker(admin_pb2_grpc.AdminStub(channel), books)
-                accounts = [await make(balance_micros=10_000_000) for _ in range(9)]
-                for acct in accounts:
-                    answer = await charging.Initial(ccr(f"{acct};f", acct, 0,
-                                                        block(RG_WEB, requested=4_096)))
-                    assert answer.result_code == pb.SUCCESS
+                accounts = await _accounts_with_a_session(channel, books, 9, 10_000_000,
+                                                          "f", 4_096)
                 await books.assert_balanced()
             masters = _masters(cluster)
             owners = {_owner(masters, key_slot(account_keys(acct, settings.partitions).account))

@@ -172,10 +172,10 @@ local function answer_blocks()
     shared_code = fold_code(shared_code, code)
     parts = parts .. part
   end
-  if closing then  -- (rg_state: those the blocks applied are there already)
+  if closing then  -- (those the blocks applied are released already)
     for field, _ in pairs(session) do
       local rg = string.match(field, RG_STATE_FIELD) or string.match(field, '^k:(.+)$')
-      if rg then release(rg_state(rg)) end
+      if rg and not rg_states[rg] then release(rg_state(rg)) end
     end
   end
   return int(overall_code(shared_code)) .. parts
