@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import statistics
@@ -178,12 +179,18 @@ async def _measure(store: Store, redis_pids: Sequence[int], plan: Plan, first: i
         redis_cpu_us=1e6 * (_cpu_s(redis_cpu) - redis_before) / requests)
 
 
+def _ratio(value: float, base: float) -> float:
+    # (a short run can see no tick of Redis's CPU clock at all: no ratio to it then)
+    return value / base if base else math.nan
+
+
 def _line(name: str, sample: Sample, plain: Sample) -> str:
     return (f"{name:17s} {sample.requests_per_s:7,.0f} req/s "
-            f"({sample.requests_per_s / plain.requests_per_s:.3f}), client CPU "
+            f"({_ratio(sample.requests_per_s, plain.requests_per_s):.3f}), client CPU "
             f"{sample.client_cpu_us:5.1f} us/request "
-            f"({sample.client_cpu_us / plain.client_cpu_us:.3f}), Redis CPU "
-            f"{sample.redis_cpu_us:5.1f} us ({sample.redis_cpu_us / plain.redis_cpu_us:.3f})")
+            f"({_ratio(sample.client_cpu_us, plain.client_cpu_us):.3f}), Redis CPU "
+            f"{sample.redis_cpu_us:5.1f} us "
+            f"({_ratio(sample.redis_cpu_us, plain.redis_cpu_us):.3f})")
 
 
 async def run_rounds(variants: list[Variant], sessions: int, rounds: int, in_flight: int
@@ -208,9 +215,10 @@ async def run_rounds(variants: list[Variant], sessions: int, rounds: int, in_fli
             for index, variant in enumerate(variants):
                 sample, plain = samples[index], samples[0]
                 print("  " + _line(variant.name, sample, plain))
-                ratios[variant.name].append((sample.requests_per_s / plain.requests_per_s,
-                                             sample.client_cpu_us / plain.client_cpu_us,
-                                             sample.redis_cpu_us / plain.redis_cpu_us))
+                ratios[variant.name].append((
+                    _ratio(sample.requests_per_s, plain.requests_per_s),
+                    _ratio(sample.client_cpu_us, plain.client_cpu_us),
+                    _ratio(sample.redis_cpu_us, plain.redis_cpu_us)))
     finally:
         for _, transport in stores:
             await transport.aclose()

@@ -30,7 +30,8 @@ CONNECTION_COMMANDS = frozenset({"hello", "client", "auth", "select"})
 # reads, the supervision sweep, the account gauge, the start-up check.
 BACKGROUND_COMMANDS = frozenset({"xread", "xrange", "xrevrange", "zrangebyscore", "scan",
                                  "ping", "hsetnx", "hget"})
-_SCRIPT_CALL = re.compile(r"""redis\.p?call\(\s*['"]([A-Za-z]+)['"]""")
+# (charge.lua calls redis.call by its local name, redis_call)
+_SCRIPT_CALL = re.compile(r"""redis[._]p?call\(\s*['"]([A-Za-z]+)['"]""")
 
 
 def script_commands() -> frozenset[str]:

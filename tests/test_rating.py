@@ -568,9 +568,11 @@ def harness_args(schedule: PriceSchedule) -> list[int]:
 
 
 def lua_rating_functions() -> str:
-    """The rating functions of the charging script, as they are (its part, not a copy)."""
-    return resources.files("creditline.store").joinpath("lua", "charge", "rating.lua").read_text(
-        encoding="utf-8")
+    """The rating functions of the charging script, as they are (its parts, not a copy), and
+    the standard functions they call bound."""
+    charge = resources.files("creditline.store").joinpath("lua", "charge")
+    return "".join(charge.joinpath(f"{part}.lua").read_text(encoding="utf-8")
+                   for part in ("libraries", "rating")) + "bind_libraries()\n"
 
 
 def test_the_charging_script_prices_rater_schedules_as_the_kernels_do(

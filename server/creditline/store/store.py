@@ -220,8 +220,8 @@ def _script_source(name: str) -> str:
 # charge.lua, in parts by concern (lua/charge/<part>.lua), joined in this order into one
 # chunk that defines charge(keys, args): the parts share its locals, each defined before
 # its use.
-CHARGE_SCRIPT_PARTS = ("prelude", "rating", "arguments", "state", "notifications", "event",
-                       "session", "entry")
+CHARGE_SCRIPT_PARTS = ("prelude", "libraries", "rating", "arguments", "state",
+                       "notifications", "event", "session", "entry")
 
 
 def charge_script_source() -> str:

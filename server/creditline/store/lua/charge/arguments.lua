@@ -1,4 +1,4 @@
--- charge.lua, part 3 of 8 (after rating.lua; see prelude.lua)
+-- charge.lua, part 4 of 9 (after rating.lua; see prelude.lua)
 -- ---------------------------------------------------------------- decoding the arguments
 -- (After the rating functions: num() is one of them.) One request's, set by read_arguments.
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
@@ -30,7 +30,7 @@ end
 
 local function read_arguments()
   account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
-    events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = unpack(KEYS, 1, 11)
+    events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = base_unpack(KEYS, 1, 11)
   -- (one argument per line, named as creditline/store/contract.py ChargeArgs names it: the
   -- tests hold the two to each other)
   kind = ARGV[1]
@@ -49,6 +49,6 @@ local function read_arguments()
   supervision_ms = num(ARGV[14])
   refund_of = ARGV[15]
   block_count = num(ARGV[16])
-  now_s = math.floor(now_ms / 1000)
+  now_s = math_floor(now_ms / 1000)
   read_blocks()
 end

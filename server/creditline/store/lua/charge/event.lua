@@ -1,4 +1,4 @@
--- charge.lua, part 6 of 8 (after notifications.lua; see prelude.lua)
+-- charge.lua, part 7 of 9 (after notifications.lua; see prelude.lua)
 -- ---------------------------------------------------------------- events
 -- (kind E: event_request)
 -- An event block as the answer carries it (see Return above).
@@ -10,20 +10,20 @@ end
 -- A stored event answer "<number>|<answer>[|<refunds>]" -> number, answer, and the
 -- refunds of a debit ("" before any; nil for other events: nothing to refund).
 local function stored_event(stored)
-  local number, answer, rest = string.match(stored, '^([^|]*)|([^|]*)(.*)$')
+  local number, answer, rest = string_match(stored, '^([^|]*)|([^|]*)(.*)$')
   if rest == '' then return number, answer, nil end
-  return number, answer, string.sub(rest, 2)
+  return number, answer, string_sub(rest, 2)
 end
 
 -- A session's fields with its rating groups' units used, from buckets and money charged
 -- as u:, fb:, c: (what refunds read; its ru:, rc: are fields of their own).
 local function session_charges(fields)
   local states = {}
-  for field, packed in pairs(fields) do
-    local rg = string.match(field, RG_STATE_FIELD)
+  for field, packed in base_pairs(fields) do
+    local rg = string_match(field, RG_STATE_FIELD)
     if rg then states[rg] = decode_rg_state(packed) end
   end
-  for rg, state in pairs(states) do  -- (a table is not added to while it is traversed)
+  for rg, state in base_pairs(states) do  -- (a table is not added to while it is traversed)
     fields['u:' .. rg], fields['fb:' .. rg], fields['c:' .. rg] = state.u, state.fb, state.c
   end
   return fields
@@ -33,7 +33,7 @@ end
 -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
 -- charge is kept.
 local function refund_target()
-  local stored = redis.call('GET', KEYS[12])
+  local stored = redis_call('GET', KEYS[12])
   if not stored then
     local session_fields = hash(KEYS[13])
     if next(session_fields) == nil then return nil end
@@ -44,11 +44,11 @@ local function refund_target()
   if not refunds then return fields, stored end  -- not a debit
   -- a debit's blocks "block id,code,unit kind,units,amount,from buckets", after the code
   for rg, units, amount, from_buckets in
-      string.gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
+      string_gmatch(answer, ';([^;,]+),%d+,[^,;]+,(%d+),(%d+),(%d+)') do
     fields['u:' .. rg], fields['fb:' .. rg] = num(units), num(from_buckets)
     fields['c:' .. rg] = num(amount)
   end
-  for rg, units, amount in string.gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
+  for rg, units, amount in string_gmatch(refunds, '([^,=]+)=(%d+):(%d+)') do
     fields['ru:' .. rg], fields['rc:' .. rg] = num(units), num(amount)
   end
   return fields, stored
@@ -58,23 +58,23 @@ end
 -- event's stored answer rewritten (its expiry kept) with the refunds after it.
 local function record_refunds(target, stored_event_answer, refunded)
   if not stored_event_answer then
-    for rg, r in pairs(refunded) do
-      redis.call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
-      redis.call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
+    for rg, r in base_pairs(refunded) do
+      redis_call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
+      redis_call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
     end
     return
   end
-  for rg, r in pairs(refunded) do
+  for rg, r in base_pairs(refunded) do
     target['ru:' .. rg] = num(target['ru:' .. rg] or 0) + r.units
     target['rc:' .. rg] = num(target['rc:' .. rg] or 0) + r.amount
   end
   local parts = {}
-  for field, units in pairs(target) do
-    local rg = string.match(field, '^ru:(.+)$')
+  for field, units in base_pairs(target) do
+    local rg = string_match(field, '^ru:(.+)$')
     if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
   end
   local number, answer = stored_event(stored_event_answer)
-  redis.call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table.concat(parts, ','),
+  redis_call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table_concat(parts, ','),
     'KEEPTTL')
 end
 
@@ -85,7 +85,7 @@ end
 -- price of the charge's last units at the refund's prices.
 local function refund_amounts(target)
   local amounts = {}
-  for index, block in ipairs(blocks) do
+  for index, block in base_ipairs(blocks) do
     local where, rg = 'rating_groups[' .. (index - 1) .. ']', block.rg
     if block.status == 'ok' then
       -- (the units it rated: those used that buckets did not pay for)
@@ -104,7 +104,7 @@ local function refund_amounts(target)
       local amount = money_left
       if units < units_left then
         local schedule = schedule_from(block, 0, period_units(block), 0)
-        amount = math.min(money_left,
+        amount = math_min(money_left,
           cost(schedule, units_left) - cost(schedule, units_left - units))
       end
       amounts[index] = amount
@@ -116,7 +116,7 @@ end
 -- The event's answer when it is not to be applied (a retransmission's stored answer, or a
 -- refusal), else nil and, for a REFUND, the charge it names and the money per block.
 local function admit_event()
-  local stored = redis.call('GET', request_key)
+  local stored = redis_call('GET', request_key)
   if stored then
     local stored_number, stored_answer = stored_event(stored)
     stored_number = num(stored_number)
@@ -164,7 +164,7 @@ end
 -- buckets (a DEBIT that cannot pay charges nothing: the answer says 0).
 local function debit_block(event, block)
   local units = block.requested
-  local from_buckets = math.min(units, bucket_units_free(block.bucket_rg))
+  local from_buckets = math_min(units, bucket_units_free(block.bucket_rg))
   local amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
   local debit = event_action == 'DEBIT'
   if amount > available_money() then
@@ -211,13 +211,13 @@ local function write_event(event, answer)
   if #event.cdr_items > 0 then
     write_cdr('kind', (event_action == 'DEBIT') and 'event' or 'refund',
       'started_ms', int(event_time_ms), 'cause', 'event', 'result', answer:match('^%d+'),
-      'charged', int(event.cdr_total), 'items', table.concat(event.cdr_items, ';'), unpack(
+      'charged', int(event.cdr_total), 'items', table_concat(event.cdr_items, ';'), base_unpack(
       event_action == 'REFUND' and { 'refunds', refund_of } or {}))
   end
   if event.target then record_refunds(event.target, event.target_answer, event.refunded) end
   -- a debit's answer ends with '|': its refunds go there (see stored_event)
   local refundable = (event_action == 'DEBIT') and '|' or ''
-  redis.call('SET', request_key, int(request_number) .. '|' .. answer .. refundable, 'EX',
+  redis_call('SET', request_key, int(request_number) .. '|' .. answer .. refundable, 'EX',
     retention_s)
 end
 
@@ -228,7 +228,7 @@ local function event_request()
   local event = { target = target, target_answer = target_answer, refunds = refunds,
     cdr_items = {}, cdr_total = 0, refunded = {}, sufficient = 1 }
   local parts, shared_code = '', nil  -- parts: ";<block>" per block
-  for index, block in ipairs(blocks) do
+  for index, block in base_ipairs(blocks) do
     local code, part = event_block(event, index, block)
     shared_code = fold_code(shared_code, code)
     parts = parts .. part

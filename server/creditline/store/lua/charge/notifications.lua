@@ -1,4 +1,4 @@
--- charge.lua, part 5 of 8 (after state.lua; see prelude.lua)
+-- charge.lua, part 6 of 9 (after state.lua; see prelude.lua)
 -- ---------------------------------------------------------------- notifications
 -- The request's events, written together as one stream entry by write_records, and its
 -- rating groups' new usage rates (one request's: set by begin_records).
@@ -14,8 +14,8 @@ end
 -- Low-balance thresholds crossed downwards by this request: once per crossing.
 local function notify_low_balance()
   if not low_balance or balance >= balance_at_start then return end
-  for threshold in string.gmatch(low_balance, '[^,]+') do
-    local t = tonumber(threshold)
+  for threshold in string_gmatch(low_balance, '[^,]+') do
+    local t = base_tonumber(threshold)
     if balance_at_start >= t and balance < t then
       notify('low_balance|threshold|' .. int(t) .. '|balance|' .. int(balance))
     end
@@ -33,9 +33,9 @@ local USAGE_RATES_FORMAT, USAGE_RATES_BYTES = '<ddddB', 33
 -- The rates of a rating group as stored, or new ones (none yet; or an older version's
 -- text, whose history then starts again).
 local function stored_rates(rg)
-  local stored = redis.call('HGET', rates_key, rg)
+  local stored = redis_call('HGET', rates_key, rg)
   if stored and #stored == USAGE_RATES_BYTES then
-    local fast, slow, at_ms, since_ms, spike = struct.unpack(USAGE_RATES_FORMAT, stored)
+    local fast, slow, at_ms, since_ms, spike = struct_unpack(USAGE_RATES_FORMAT, stored)
     return { fast = fast, slow = slow, at_ms = at_ms, since_ms = since_ms, spike = spike == 1 }
   end
   return { fast = 0, slow = 0, at_ms = event_time_ms, since_ms = event_time_ms,
@@ -49,16 +49,16 @@ local function observe_usage(rg, units)
     rates = stored_rates(rg)
     rate_changes[rg] = rates
   end
-  local elapsed_s = math.max(0, event_time_ms - rates.at_ms) / 1000
-  rates.fast = rates.fast * math.exp(-elapsed_s / spike_fast_s) + units / spike_fast_s
-  rates.slow = rates.slow * math.exp(-elapsed_s / spike_slow_s) + units / spike_slow_s
-  rates.at_ms = math.max(rates.at_ms, event_time_ms)
+  local elapsed_s = math_max(0, event_time_ms - rates.at_ms) / 1000
+  rates.fast = rates.fast * math_exp(-elapsed_s / spike_fast_s) + units / spike_fast_s
+  rates.slow = rates.slow * math_exp(-elapsed_s / spike_slow_s) + units / spike_slow_s
+  rates.at_ms = math_max(rates.at_ms, event_time_ms)
   local history_s = (rates.at_ms - rates.since_ms) / 1000
   local high = history_s >= spike_slow_s and rates.fast > spike_factor * rates.slow
   if high and not rates.spike then
     notify('usage_spike|rg|' .. rg .. '|units|' .. int(units) .. '|rate_per_s|'
-      .. string.format('%.3f', rates.fast) .. '|usual_rate_per_s|'
-      .. string.format('%.3f', rates.slow))
+      .. string_format('%.3f', rates.fast) .. '|usual_rate_per_s|'
+      .. string_format('%.3f', rates.slow))
   end
   if high then rates.spike = true
   elseif rates.fast < spike_factor * rates.slow / 2 then rates.spike = false end
@@ -66,19 +66,19 @@ end
 
 local function write_rates()
   local flat = {}
-  for rg, r in pairs(rate_changes) do
+  for rg, r in base_pairs(rate_changes) do
     flat[#flat + 1] = rg
-    flat[#flat + 1] = struct.pack(USAGE_RATES_FORMAT, r.fast, r.slow, r.at_ms, r.since_ms,
+    flat[#flat + 1] = struct_pack(USAGE_RATES_FORMAT, r.fast, r.slow, r.at_ms, r.since_ms,
       r.spike and 1 or 0)
   end
-  if #flat > 0 then redis.call('HSET', rates_key, unpack(flat)) end
+  if #flat > 0 then redis_call('HSET', rates_key, base_unpack(flat)) end
 end
 
 -- All writes of the request that are not the charge itself: notifications, rates,
 -- expired buckets. Called once, after every check has passed.
 local function write_records()
-  for _, b in ipairs(expired_buckets) do
-    redis.call('HDEL', buckets_key, b.id)
+  for _, b in base_ipairs(expired_buckets) do
+    redis_call('HDEL', buckets_key, b.id)
     if num(b.remaining) > 0 then
       notify('bucket_expired|rg|' .. b.rg .. '|bucket|' .. b.id .. '|units|' .. b.remaining)
     end
@@ -89,17 +89,17 @@ local function write_records()
   -- One entry for all the request's events: n numbers its last event (they are n - k + 1
   -- .. n in the partition's count), e holds them in order. Why: an entry per event cost
   -- ~3.3 XADD and INCR per request here and as many entries for every reader to decode.
-  local last = redis.call('INCRBY', event_counter_key, #notifications)
+  local last = redis_call('INCRBY', event_counter_key, #notifications)
   local refunds = {}  -- the id a refund names: the client's string, a field of the entry
   if refund_of ~= '' then refunds = { 'refunds', refund_of } end
-  redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*', 'a', account_id,
-    's', session_id, 'ts', int(now_ms), 'n', last, 'e', table.concat(notifications, ';'),
-    unpack(refunds))
+  redis_call('XADD', events_key, trim_strategy, '~', trim_threshold, '*', 'a', account_id,
+    's', session_id, 'ts', int(now_ms), 'n', last, 'e', table_concat(notifications, ';'),
+    base_unpack(refunds))
 end
 
 -- write_cdr(field, value, ...), like notify
 local function write_cdr(...)
-  redis.call('XADD', cdrs_key, '*', unpack({ 'account', account_id, 'session', session_id,
+  redis_call('XADD', cdrs_key, '*', base_unpack({ 'account', account_id, 'session', session_id,
     'ended_ms', int(now_ms), 'balance_after', int(balance), ... }))
 end
 

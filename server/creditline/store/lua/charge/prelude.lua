@@ -3,8 +3,8 @@ charge.lua: every charging request (session Initial / Update / Terminate, one-sh
 and the closing of a stale session by supervision) in one atomic step, one round trip. It
 reads and checks everything first, then writes; a refusal writes nothing. It is kept in
 parts by concern (lua/charge/), joined in the order of creditline/store/store.py
-CHARGE_SCRIPT_PARTS (prelude, rating, arguments, state, notifications, event, session,
-entry) into one Lua chunk that defines the function charge(keys, args). Redis 7 loads it
+CHARGE_SCRIPT_PARTS (prelude, libraries, rating, arguments, state, notifications, event,
+session, entry) into one Lua chunk that defines the function charge(keys, args). Redis 7 loads it
 once as a library (FUNCTION LOAD) and each request is one FCALL: every function here is
 made once, at load. Redis 6.2 has no functions: there the same chunk ends with
 `return charge(KEYS, ARGV)` and runs as a script (EVALSHA), its functions made again on
@@ -16,11 +16,13 @@ written here too, in the same step: one exists if and only if its charge happene
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
                           charged, refunded, adjusted, low_balance (thresholds, "t1,t2,...")
-  KEYS[2] request key     session hash (kinds I/U/T: per rating group u: units used, fb:
-                          of them paid from buckets (the others are the units rated), c:
-                          money charged, x: uncharged, m: money reserved, b: and bl: bucket
-                          units reserved and from which, k: the buckets' rating group, tf:
-                          the tariff, ru: and rc: units and money refunded since) or event
+  KEYS[2] request key     session hash (kinds I/U/T: last_request, answer, state,
+                          started_ms, account, session; per rating group g:<block id>, its
+                          state packed (creditline/store/contract.py
+                          SESSION_RATING_GROUP_*: units used, money charged, units paid
+                          from buckets, money uncharged, money reserved, bucket units
+                          reserved; the buckets' rating group, the tariff, the bucket
+                          holds); ru: and rc: units and money refunded since) or event
                           answer string (kind E: "<request number>|
                           <answer>", a debit's then "|<refunds>": "<rg>=<units>:<money>,..."
                           refunded of it)
@@ -108,20 +110,6 @@ saturate at MAX_SAFE; integers are written back with %d (tostring would print 1e
 local MAX_SAFE = 9007199254740991
 local SUCCESS, DENIED, NOT_APPLICABLE, LIMIT_REACHED = 2001, 4010, 4011, 4012
 local UNKNOWN_SESSION, INVALID_VALUE, USER_UNKNOWN, RATING_FAILED = 5002, 5004, 5030, 5031
-
--- Integers as text for Redis (%d: tostring would print 1e+15). Many are written more than
--- once per request (the time, the balance, zeros): each is formatted once, string.format
--- costs ~1,500 instructions.
-local int_texts  -- (one request's: set again by charge)
-local function int(x)
-  local text = int_texts[x]
-  if text == nil then
-    text = string.format('%d', x)
-    if x == x then int_texts[x] = text end  -- (NaN cannot be a key)
-  end
-  return text
-end
-
 
 -- The request's keys and arguments, as KEYS and ARGV are named in a script (set by charge).
 local KEYS, ARGV

@@ -1,4 +1,4 @@
--- charge.lua, part 2 of 8 (after prelude.lua; see prelude.lua)
+-- charge.lua, part 3 of 9 (after libraries.lua; see prelude.lua)
 -- ---------------------------------------------------------------- rating
 -- Keep in step with server/rating.py (RateTable.schedule, PriceSchedule.cost /
 -- max_units_within). A schedule is one flat array over the session's cumulative units:
@@ -10,7 +10,7 @@ local MAX_SEGMENTS = 64
 
 local function band_at(block, offset_s)
   local band = block.changes[1].band
-  for _, change in ipairs(block.changes) do
+  for _, change in base_ipairs(block.changes) do
     if change.offset_s > offset_s then break end
     band = change.band
   end
@@ -21,14 +21,14 @@ end
 -- (Functions of their own rather than closures in schedule_from: making a closure per call
 -- searches the script's open upvalues for each variable it uses.)
 local function prices_at(block, rated, offset_s, units)
-  local ahead = math.max(0, units - rated)
+  local ahead = math_max(0, units - rated)
   if block.time_based then return band_at(block, offset_s + ahead) end
   return band_at(block, offset_s)
 end
 
 local function tier_at(block, rated, period_units, units)
-  local position, tier = period_units + math.max(0, units - rated), 0
-  for _, from_units in ipairs(block.tiers) do
+  local position, tier = period_units + math_max(0, units - rated), 0
+  for _, from_units in base_ipairs(block.tiers) do
     if from_units <= position then tier = tier + 1 end
   end
   return tier
@@ -46,7 +46,7 @@ local function schedule_from(block, rated, period_units, offset_s)
   local function add(units)
     local start = first
     if units > first then
-      start = first + math.ceil((units - first) / following) * following
+      start = first + math_ceil((units - first) / following) * following
     end
     if not seen[start] then seen[start] = true; starts[#starts + 1] = start end
   end
@@ -56,15 +56,15 @@ local function schedule_from(block, rated, period_units, offset_s)
       if at > rated then add(at) end
     end
   end
-  for _, from_units in ipairs(block.tiers) do
+  for _, from_units in base_ipairs(block.tiers) do
     if from_units > period_units then add(rated + from_units - period_units) end
   end
-  table.sort(starts)
+  table_sort(starts)
   local schedule = { block.connect_fee, first, first, prices_at(block, rated, offset_s, 0)[1] }
-  local count = math.min(#starts, MAX_SEGMENTS - 1)
+  local count = math_min(#starts, MAX_SEGMENTS - 1)
   for index = 1, count do
     local start = starts[index]
-    local ending = math.huge
+    local ending = math_huge
     if index < count then ending = starts[index + 1] end
     local tier = tier_at(block, rated, period_units, start)
     local price = prices_at(block, rated, offset_s, start)[2 + tier]
@@ -85,8 +85,8 @@ local function cost(schedule, units)
   local total, start = schedule[1], 0
   for at = 2, #schedule, 3 do
     local ending = schedule[at]
-    local stop = math.min(units, ending)
-    total = total + math.ceil((stop - start) / schedule[at + 1]) * schedule[at + 2]
+    local stop = math_min(units, ending)
+    total = total + math_ceil((stop - start) / schedule[at + 1]) * schedule[at + 2]
     if total >= MAX_SAFE then return MAX_SAFE end
     if units <= ending then return total end
     start = ending
@@ -100,11 +100,11 @@ local function max_units_within(schedule, budget)
   local spent, start = schedule[1], 0
   for at = 2, #schedule, 3 do
     local ending, increment, price = schedule[at], schedule[at + 1], schedule[at + 2]
-    local increments = math.ceil((ending - start) / increment)
+    local increments = math_ceil((ending - start) / increment)
     local buyable = increments
-    if price > 0 then buyable = math.floor((budget - spent) / price) end
+    if price > 0 then buyable = math_floor((budget - spent) / price) end
     if buyable < increments then return start + buyable * increment end
-    if ending == math.huge then return math.huge end
+    if ending == math_huge then return math_huge end
     spent = spent + increments * price
     start = ending
   end
@@ -115,7 +115,7 @@ end
 local function affordable_units(schedule, from, amount, wanted)
   if amount < 0 then amount = 0 end
   local reach = max_units_within(schedule, cost(schedule, from) + amount)
-  return math.max(0, math.min(wanted, reach - from))
+  return math_max(0, math_min(wanted, reach - from))
 end
 
 -- A number from a string that the caller (ARGV) or this script (%d, %.17g) wrote. Not
@@ -135,7 +135,7 @@ local fixed_schedule_formats = {}
 local function fixed_schedule_format(count)
   local format = fixed_schedule_formats[count]
   if not format then
-    format = '<' .. string.rep(FIXED_SCHEDULE_NUMBER, 1 + 3 * count)
+    format = '<' .. string_rep(FIXED_SCHEDULE_NUMBER, 1 + 3 * count)
     fixed_schedule_formats[count] = format
   end
   return format
@@ -144,7 +144,7 @@ end
 -- The schedule from ARGV[i] (after the form); returns the index of the argument after it.
 local function read_fixed_schedule(block, i)
   local packed = ARGV[i]
-  local schedule = { struct.unpack(fixed_schedule_format((#packed / 8 - 1) / 3), packed) }
+  local schedule = { struct_unpack(fixed_schedule_format((#packed / 8 - 1) / 3), packed) }
   schedule[#schedule] = nil  -- (unpack's last value: the position after the numbers)
   block.fixed_schedule = schedule
   return i + 1

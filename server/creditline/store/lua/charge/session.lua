@@ -1,4 +1,4 @@
--- charge.lua, part 7 of 8 (after event.lua; see prelude.lua)
+-- charge.lua, part 8 of 9 (after event.lua; see prelude.lua)
 -- ---------------------------------------------------------------- sessions
 -- (kinds I, U, T and S: session_request)
 
@@ -13,10 +13,10 @@ local session, rg_states, final_rgs, closing, claim_key
 local function refuse_initial(exists)
   if exists then return INVALID_VALUE .. ';!session already exists' end
   if barred then return DENIED .. ';!account is barred' end
-  local held = claim_key and redis.call('GET', claim_key)
+  local held = claim_key and redis_call('GET', claim_key)
   local holder, holder_key
-  if held then holder, holder_key = string.match(held, '^([^|]*)|[^|]*|(.*)$') end
-  if holder and holder ~= account_id and redis.call('HGET', holder_key, 'state') == 'open' then
+  if held then holder, holder_key = string_match(held, '^([^|]*)|[^|]*|(.*)$') end
+  if holder and holder ~= account_id and redis_call('HGET', holder_key, 'state') == 'open' then
     return INVALID_VALUE .. ';!session_id: already open on another account'
   end
   return nil
@@ -27,7 +27,7 @@ end
 local function admit_session()
   local exists = session.state ~= nil
   if kind == 'S' then
-    local deadline = tonumber(redis.call('ZSCORE', deadlines_key, request_key))
+    local deadline = base_tonumber(redis_call('ZSCORE', deadlines_key, request_key))
     if session.state ~= 'open' or not deadline or deadline > now_ms then
       return '0;!not due'
     end
@@ -76,14 +76,14 @@ end
 local function charge_usage(block, state)
   local rg, used = block.rg, block.used
   local from_buckets = consume_buckets(block.bucket_rg,
-    math.min(used, bucket_units_free(block.bucket_rg)))
+    math_min(used, bucket_units_free(block.bucket_rg)))
   -- the units rated so far: those used that buckets did not pay for
   local rated = state.u - state.fb
   local money_units = used - from_buckets
   -- the usage ended at the event time: its rated units are the last ones before it
   local schedule = schedule_from(block, rated, period_units(block), -money_units)
   local price = cost(schedule, rated + money_units) - cost(schedule, rated)
-  local charged = math.min(price, math.max(0, available_money()))
+  local charged = math_min(price, math_max(0, available_money()))
   charge_money(charged)
   add_period_units(block, money_units)
   state.u, state.c = state.u + used, state.c + charged
@@ -103,7 +103,7 @@ local function grant(block, state, wanted)
   local from_buckets, held, earliest = 0, '', 0
   local free = bucket_units_free(block.bucket_rg)
   if free > 0 then
-    from_buckets, held, earliest = take_buckets(block.bucket_rg, math.min(wanted, free), true)
+    from_buckets, held, earliest = take_buckets(block.bucket_rg, math_min(wanted, free), true)
   end
   local rated = state.u - state.fb
   -- the grant starts at the event time
@@ -167,14 +167,14 @@ end
 -- (no blocks: the code alone, as text like every answer)
 local function answer_blocks()
   local parts, shared_code = '', nil
-  for _, block in ipairs(blocks) do
+  for _, block in base_ipairs(blocks) do
     local code, part = answer_block(block)
     shared_code = fold_code(shared_code, code)
     parts = parts .. part
   end
   if closing then  -- (those the blocks applied are released already)
-    for field, _ in pairs(session) do
-      local rg = string.match(field, RG_STATE_FIELD) or string.match(field, '^k:(.+)$')
+    for field, _ in base_pairs(session) do
+      local rg = string_match(field, RG_STATE_FIELD) or string_match(field, '^k:(.+)$')
       if rg and not rg_states[rg] then release(rg_state(rg)) end
     end
   end
@@ -194,25 +194,25 @@ local function write_session(answer)
     flat[#flat + 1], flat[#flat + 2] = 'account', account_id
     flat[#flat + 1], flat[#flat + 2] = 'session', session_id
   end
-  for rg, state in pairs(rg_states) do
+  for rg, state in base_pairs(rg_states) do
     flat[#flat + 1], flat[#flat + 2] = RG_STATE_PREFIX .. rg, encode_rg_state(state)
     if state.legacy then delete_legacy_rg_fields(request_key, rg) end
   end
-  redis.call('HSET', request_key, unpack(flat))
+  redis_call('HSET', request_key, base_unpack(flat))
 end
 
 -- The CDR of a closed session: one item per rating group it charged or reserved (every
 -- one has its state in rg_states at a close).
 local function write_session_cdr(cause, result)
   local items, total = {}, 0
-  for rg, state in pairs(rg_states) do
+  for rg, state in base_pairs(rg_states) do
     items[#items + 1] = rg .. '|' .. state.tf .. '|' .. int(state.u) .. '|' .. int(state.c)
       .. '|' .. int(state.fb) .. '|' .. int(state.x)
     total = total + state.c
   end
-  table.sort(items)
+  table_sort(items)
   write_cdr('kind', 'session', 'started_ms', session.started_ms or '0', 'cause', cause,
-    'result', result, 'charged', int(total), 'items', table.concat(items, ';'))
+    'result', result, 'charged', int(total), 'items', table_concat(items, ';'))
 end
 
 -- A close (T, S): the session leaves the account's sets, gives its claim back, is kept
@@ -220,16 +220,16 @@ end
 local function close_session(answer)
   local cause = (kind == 'T') and 'terminate' or 'supervision'
   notify('session_ended|cause|' .. cause)
-  redis.call('SREM', sessions_key, request_key)
-  redis.call('HDEL', final_key, session_id)
-  redis.call('ZREM', deadlines_key, request_key)
+  redis_call('SREM', sessions_key, request_key)
+  redis_call('HDEL', final_key, session_id)
+  redis_call('ZREM', deadlines_key, request_key)
   if claim_key then
-    local held = redis.call('GET', claim_key)
-    if held and string.sub(held, 1, #account_id + 1) == account_id .. '|' then
-      redis.call('DEL', claim_key)
+    local held = redis_call('GET', claim_key)
+    if held and string_sub(held, 1, #account_id + 1) == account_id .. '|' then
+      redis_call('DEL', claim_key)
     end
   end
-  redis.call('EXPIRE', request_key, retention_s)
+  redis_call('EXPIRE', request_key, retention_s)
   write_session_cdr(cause, answer:match('^%d+'))
 end
 
@@ -237,15 +237,15 @@ end
 -- groups noted, its supervision deadline moved on.
 local function keep_session_open()
   if kind == 'I' then
-    redis.call('SADD', sessions_key, request_key)
+    redis_call('SADD', sessions_key, request_key)
     if claim_key then
-      redis.call('SET', claim_key, account_id .. '|' .. int(now_ms) .. '|' .. request_key)
+      redis_call('SET', claim_key, account_id .. '|' .. int(now_ms) .. '|' .. request_key)
     end
   end
   if #final_rgs > 0 then
-    redis.call('HSET', final_key, session_id, table.concat(final_rgs, ','))
+    redis_call('HSET', final_key, session_id, table_concat(final_rgs, ','))
   end
-  redis.call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
+  redis_call('ZADD', deadlines_key, int(now_ms + supervision_ms), request_key)
 end
 
 -- A session request (I, U, T, S).

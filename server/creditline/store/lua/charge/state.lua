@@ -1,12 +1,12 @@
--- charge.lua, part 4 of 8 (after arguments.lua; see prelude.lua)
+-- charge.lua, part 5 of 9 (after arguments.lua; see prelude.lua)
 -- ---------------------------------------------------------------- state
 -- A hash as a table field -> value. Read as a RESP3 map, it arrives as that table, built by
 -- Redis; as RESP2 it would be a flat array for a loop here to copy (-2.5 % instructions).
 -- (Redis sets RESP2 again at the start of every script.)
 local function hash(key)
-  redis.setresp(3)
-  local map = redis.call('HGETALL', key).map
-  redis.setresp(2)
+  redis_setresp(3)
+  local map = redis_call('HGETALL', key).map
+  redis_setresp(2)
   return map
 end
 
@@ -18,7 +18,7 @@ local account, account_changes  -- field -> increment
 -- Reads the account; the refusal when there is none. (HMGET of the fields the script
 -- uses: the whole hash as a map cost ~10k instructions more per request.)
 local function read_account()
-  local read = redis.call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
+  local read = redis_call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
     'state', 'low_balance', 'charged', 'refunded')
   if not read[1] then return USER_UNKNOWN .. ';!unknown account' end
   balance, reserved, credit_limit = num(read[1]), num(read[2]), num(read[3])
@@ -46,10 +46,10 @@ local function period_units(block)
   period_units_by_rg = period_units_by_rg or {}
   local known = period_units_by_rg[block.rg]
   if known == nil then
-    local stored = redis.call('HMGET', usage_key, block.rg .. ':period',
+    local stored = redis_call('HMGET', usage_key, block.rg .. ':period',
       block.rg .. ':period_units')
     known = 0
-    if stored[1] == block.period then known = tonumber(stored[2]) or 0 end
+    if stored[1] == block.period then known = base_tonumber(stored[2]) or 0 end
     period_units_by_rg[block.rg] = known
   end
   return known
@@ -59,7 +59,7 @@ local function add_period_units(block, units)
   if block.period == '-' or units <= 0 then return end
   local total = period_units(block) + units
   period_units_by_rg[block.rg] = total
-  redis.call('HSET', usage_key, block.rg .. ':period', block.period,
+  redis_call('HSET', usage_key, block.rg .. ':period', block.period,
     block.rg .. ':period_units', int(total))
 end
 
@@ -73,8 +73,8 @@ local BUCKET_VALUE = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(
 local function bucket_order(a, b)
   if a.priority ~= b.priority then return a.priority < b.priority end
   local ea, eb = a.expires, b.expires
-  if ea == 0 then ea = math.huge end
-  if eb == 0 then eb = math.huge end
+  if ea == 0 then ea = math_huge end
+  if eb == 0 then eb = math_huge end
   if ea ~= eb then return ea < eb end
   return a.id < b.id
 end
@@ -84,7 +84,7 @@ local NO_BUCKETS = {}
 
 local function read_buckets()
   period_units_by_rg = nil  -- (made by period_units, for tariffs with tiers only)
-  local raw = redis.call('HGETALL', buckets_key)
+  local raw = redis_call('HGETALL', buckets_key)
   if #raw == 0 then  -- (most accounts: no tables to make)
     buckets_by_rg, buckets_by_serial, expired_buckets = NO_BUCKETS, NO_BUCKETS, NO_BUCKETS
     return
@@ -92,7 +92,7 @@ local function read_buckets()
   buckets_by_rg, buckets_by_serial, expired_buckets = {}, {}, {}
   for i = 1, #raw, 2 do
     local rg, remaining, expires, priority, initial, unit, serial, held =
-      string.match(raw[i + 1], BUCKET_VALUE)
+      string_match(raw[i + 1], BUCKET_VALUE)
     expires = num(expires)
     if expires == 0 or expires > now_s then
       local b = { id = raw[i], rg = rg, remaining = num(remaining), expires = expires,
@@ -106,17 +106,17 @@ local function read_buckets()
       expired_buckets[#expired_buckets + 1] = { id = raw[i], rg = rg, remaining = remaining }
     end
   end
-  for _, list in pairs(buckets_by_rg) do table.sort(list, bucket_order) end
+  for _, list in base_pairs(buckets_by_rg) do table_sort(list, bucket_order) end
 end
 
 -- A bucket's units that no open session holds.
-local function free_units(b) return math.max(0, b.remaining - b.reserved) end
+local function free_units(b) return math_max(0, b.remaining - b.reserved) end
 
 -- (Most accounts hold no bucket of a rating group: no loop, and no empty list, then.)
 local function bucket_units_free(rg)
   local list, total = buckets_by_rg[rg], 0
   if not list then return 0 end
-  for _, b in ipairs(list) do total = total + free_units(b) end
+  for _, b in base_ipairs(list) do total = total + free_units(b) end
   return total
 end
 
@@ -127,9 +127,9 @@ local function take_buckets(rg, units, hold)
   local list = buckets_by_rg[rg]
   if not list or units <= 0 then return 0, '', 0 end
   local taken, held, earliest = 0, {}, 0
-  for _, b in ipairs(list) do
+  for _, b in base_ipairs(list) do
     if taken >= units then break end
-    local take = math.min(free_units(b), units - taken)
+    local take = math_min(free_units(b), units - taken)
     if take > 0 then
       if hold then
         b.reserved = b.reserved + take
@@ -144,7 +144,7 @@ local function take_buckets(rg, units, hold)
       end
     end
   end
-  return taken, table.concat(held, ','), earliest
+  return taken, table_concat(held, ','), earliest
 end
 
 local function consume_buckets(rg, units)
@@ -153,20 +153,20 @@ end
 
 -- Gives back reservations "serial=units,..."; those of buckets gone since are gone.
 local function release_buckets(held)
-  for serial, units in string.gmatch(held, '([^,=]+)=(%d+)') do
+  for serial, units in string_gmatch(held, '([^,=]+)=(%d+)') do
     local b = buckets_by_serial[serial]
     if b then
-      b.reserved = math.max(0, b.reserved - num(units))
+      b.reserved = math_max(0, b.reserved - num(units))
       b.dirty = true
     end
   end
 end
 
 local function write_buckets()
-  for _, list in pairs(buckets_by_rg) do
-    for _, b in ipairs(list) do
+  for _, list in base_pairs(buckets_by_rg) do
+    for _, b in base_ipairs(list) do
       if b.dirty then
-        redis.call('HSET', buckets_key, b.id, table.concat({ b.rg, int(b.remaining),
+        redis_call('HSET', buckets_key, b.id, table_concat({ b.rg, int(b.remaining),
           int(b.expires), int(b.priority), b.initial, b.kind, b.serial, int(b.reserved) },
           '|'))
       end
@@ -178,11 +178,11 @@ end
 -- runs meanwhile): one call instead of one HINCRBY per field.
 local function write_account()
   local flat = {}
-  for field, delta in pairs(account_changes) do
+  for field, delta in base_pairs(account_changes) do
     flat[#flat + 1] = field
-    flat[#flat + 1] = int((tonumber(account[field]) or 0) + delta)  -- (fields of read_account)
+    flat[#flat + 1] = int((base_tonumber(account[field]) or 0) + delta)  -- (fields of read_account)
   end
-  if #flat > 0 then redis.call('HSET', account_key, unpack(flat)) end
+  if #flat > 0 then redis_call('HSET', account_key, base_unpack(flat)) end
 end
 
 -- A rating group's state in a session hash (field RG_STATE_PREFIX .. block id), as
@@ -200,13 +200,13 @@ local function new_rg_state()
 end
 
 local function decode_rg_state(packed)
-  local u, c, fb, x, m, b = struct.unpack(RG_STATE_FORMAT, packed)
-  local k, tf, bl = string.match(packed, RG_STATE_TEXTS, RG_STATE_BYTES + 1)
+  local u, c, fb, x, m, b = struct_unpack(RG_STATE_FORMAT, packed)
+  local k, tf, bl = string_match(packed, RG_STATE_TEXTS, RG_STATE_BYTES + 1)
   return { u = u, c = c, fb = fb, x = x, m = m, b = b, k = k, tf = tf, bl = bl, legacy = false }
 end
 
 local function encode_rg_state(state)
-  return struct.pack(RG_STATE_FORMAT, state.u, state.c, state.fb, state.x, state.m, state.b)
+  return struct_pack(RG_STATE_FORMAT, state.u, state.c, state.fb, state.x, state.m, state.b)
     .. state.k .. '|' .. state.tf .. '|' .. state.bl
 end
 
@@ -227,18 +227,18 @@ end
 
 local function delete_legacy_rg_fields(key, rg)
   local names = {}
-  for i, prefix in ipairs(LEGACY_RG_FIELDS) do names[i] = prefix .. rg end
-  redis.call('HDEL', key, unpack(names))
+  for i, prefix in base_ipairs(LEGACY_RG_FIELDS) do names[i] = prefix .. rg end
+  redis_call('HDEL', key, base_unpack(names))
 end
 
 local function record_usage(rg, used, charged, from_buckets, uncharged)
-  if used > 0 then redis.call('HINCRBY', usage_key, rg .. ':used', int(used)) end
-  if charged ~= 0 then redis.call('HINCRBY', usage_key, rg .. ':charged', int(charged)) end
+  if used > 0 then redis_call('HINCRBY', usage_key, rg .. ':used', int(used)) end
+  if charged ~= 0 then redis_call('HINCRBY', usage_key, rg .. ':charged', int(charged)) end
   if from_buckets > 0 then
-    redis.call('HINCRBY', usage_key, rg .. ':from_buckets', int(from_buckets))
+    redis_call('HINCRBY', usage_key, rg .. ':from_buckets', int(from_buckets))
   end
   if uncharged > 0 then
-    redis.call('HINCRBY', usage_key, rg .. ':uncharged', int(uncharged))
+    redis_call('HINCRBY', usage_key, rg .. ':uncharged', int(uncharged))
   end
 end
 
