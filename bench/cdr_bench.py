@@ -53,6 +53,7 @@ RG_SMS = 300
 GENERATE_CONCURRENCY = 100
 MAX_CDRS = 2_000_000
 DEFAULT_PLAN = DEFAULT_PLAN_PATH
+PLAN_ID = "default"  # DEFAULT_PLAN's plan (its name): the accounts' plan
 ACCOUNT_BALANCE_MICROS = 10**12
 
 
@@ -68,7 +69,7 @@ async def generate(redis_url: str, accounts: int, cdrs: int) -> dict[str, Any]:
         for start in range(0, accounts, GENERATE_CONCURRENCY):
             answers = await asyncio.gather(*(
                 store.admin(name, "CREATE", ACCOUNT_BALANCE_MICROS, 0,
-                            MAX_BUCKETS_PER_ACCOUNT, "")
+                            MAX_BUCKETS_PER_ACCOUNT, "", PLAN_ID)
                 for name in names[start:start + GENERATE_CONCURRENCY]))
             if any(answer.status == "EXISTS" for answer in answers):
                 raise RuntimeError("an account existed after FLUSHALL")

@@ -52,6 +52,7 @@ from redis import Redis as SyncRedis
 from bench.script_cost import (
     ACCOUNTS,
     FLOWS_AT_ONCE,
+    PLAN_ID,
     PLAN_PATH,
     UPDATES_PER_SESSION,
     charging_flow,
@@ -154,7 +155,8 @@ async def _store(variant: Variant) -> tuple[Store, Transport]:
     store = Store(transport, store_config(variant.settings))
     await store.prepare()
     for n in range(ACCOUNTS):
-        await store.admin(f"lean-{n}", "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
+        await store.admin(f"lean-{n}", "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "",
+                          PLAN_ID)
     return store, transport
 
 

@@ -50,6 +50,9 @@ from creditline.store.transport import RedisPy
 from bench.workload import event_request, session_requests
 
 PLAN_PATH = DEFAULT_PLAN_PATH
+PLAN_ID = "default"  # PLAN_PATH's plan (its name): the accounts' plan
+# the script checks the plan each request was priced by, as the server's requests have it
+PLAN_CHECKED = {"assumed_plan": PLAN_ID, "default_plan": PLAN_ID}
 ACCOUNTS = 1_000
 FLOWS_AT_ONCE = 50
 UPDATES_PER_SESSION = 3
@@ -66,12 +69,12 @@ async def charging_flow(store: Store, blocks_of: KernelBlockPlan, account_id: st
                                          default_grant=method == "Initial")
         await store.charge(KINDS[method], account_id, request.session_id,
                            request.request_number, now_ms, now_ms, EventAction.NONE, blocks,
-                           60_000)
+                           60_000, **PLAN_CHECKED)
     event = event_request(f"{account_id};e{number}", account_id)
     now_ms = int(time.time() * 1000)
     blocks = blocks_of.script_blocks(event.rating_groups, now_ms, default_grant=False)
     await store.charge(RequestKind.EVENT, account_id, event.session_id, 0, now_ms, now_ms,
-                       EventAction.DEBIT, blocks, 0)
+                       EventAction.DEBIT, blocks, 0, **PLAN_CHECKED)
 
 
 async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
@@ -83,7 +86,8 @@ async def measure(sessions: int, redis_server: str) -> dict[str, Any]:
             await store.prepare()
             accounts = [f"cost-{n}" for n in range(ACCOUNTS)]
             for account_id in accounts:
-                await store.admin(account_id, "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "")
+                await store.admin(account_id, "CREATE", 10**12, 0, MAX_BUCKETS_PER_ACCOUNT, "",
+                                  PLAN_ID)
             await redis.config_resetstat()
             blocks_of = block_plan(select_kernels(), load_plan(PLAN_PATH), BandedRater())
             for start in range(0, sessions, FLOWS_AT_ONCE):

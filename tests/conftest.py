@@ -19,12 +19,12 @@ from creditline.settings import Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import META_KEY, recorded_partitions
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, notifications_pb2_grpc
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from tests.books import Books
-from tests.stream_client import StreamCharging
+from tests.stream_client import charging_over
 
 _account_numbers = itertools.count(1)
 
@@ -77,13 +77,8 @@ async def charging(request: pytest.FixtureRequest, channel: grpc.aio.Channel
                    ) -> AsyncIterator[Any]:
     """The Charging service, through the unary RPCs and through Charging.Stream: every
     scenario runs on both."""
-    stub = charging_pb2_grpc.ChargingStub(channel)
-    if request.param == "unary":
-        yield stub
-        return
-    stream = StreamCharging(stub)
-    yield stream
-    await stream.close()
+    async with charging_over(channel, request.param) as charging:
+        yield charging
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@ every scenario test runs on both transports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
 
@@ -52,3 +55,18 @@ class StreamCharging:
     async def close(self) -> None:
         await self._outgoing.put(None)
         await asyncio.wait_for(self._reader, 10)
+
+
+@contextlib.asynccontextmanager
+async def charging_over(channel: grpc.aio.Channel, transport: str) -> AsyncIterator[Any]:
+    """The Charging service on `channel`: its unary RPCs ("unary"), or the same calls
+    carried by one Charging.Stream ("stream")."""
+    stub = charging_pb2_grpc.ChargingStub(channel)
+    if transport == "unary":
+        yield stub
+        return
+    stream = StreamCharging(stub)
+    try:
+        yield stream
+    finally:
+        await stream.close()

@@ -186,6 +186,22 @@ def test_lean_path_comparison_runs_on_plain_auth_and_tls() -> None:
     assert all(f"  {name} " in result.stdout for name in ("plain", "auth", "tls+auth"))
 
 
+def test_plans_bench_counts_second_round_trips() -> None:
+    """bench/plans_bench.py, small: a server that has seen no account prices each one's
+    first request again (accounts off the default plan: 2 of 3 here), then none; a changed
+    plan costs its account's next request one more."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.plans_bench", "--plans", "3", "--accounts", "30",
+         "--rounds", "3", "--changed", "0.1"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1: 180 requests, 200 script calls" in result.stdout
+    assert "round 2: 180 requests, 180 script calls: 0.00 %" in result.stdout
+    assert "(3 accounts changed plan)" in result.stdout
+    assert "round 3: 180 requests, 183 script calls" in result.stdout
+
+
 def test_histogram_percentiles_within_one_percent() -> None:
     rng = random.Random(7)
     latencies_s = [rng.expovariate(1 / 0.002) for _ in range(20_000)]

@@ -22,6 +22,7 @@ from creditline.store.contract import (
     ID_CHARACTERS,
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
+    PLAN_RETRY_ANSWER,
     SCRIPT_RESULT_CODES,
     USAGE_RATES_FORMAT,
     AdminArgs,
@@ -33,8 +34,9 @@ from creditline.store.contract import (
     RateTableForm,
     RequestKind,
     SessionBlockAnswer,
+    plan_to_retry,
 )
-from creditline.store.store import charge_script_source
+from creditline.store.store import charge_script_source, refused
 from creditline.v1 import charging_pb2 as pb
 
 from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
@@ -52,6 +54,13 @@ def _lua_constant(name: str) -> int:
 def test_the_fixed_schedule_number_is_the_contracts() -> None:
     assert f"local FIXED_SCHEDULE_NUMBER = '{FIXED_SCHEDULE_NUMBER}'" in CHARGE_LUA
     assert struct.calcsize(f"<{FIXED_SCHEDULE_NUMBER}") == 8  # (the script's #packed / 8)
+
+
+def test_the_plan_retry_answer_is_the_contracts() -> None:
+    assert f"local PLAN_RETRY_ANSWER = '{PLAN_RETRY_ANSWER}'" in CHARGE_LUA
+    assert refused(PLAN_RETRY_ANSWER + "x")  # nothing written: a refusal's form
+    assert plan_to_retry(PLAN_RETRY_ANSWER + "cheap") == "cheap"
+    assert plan_to_retry("2001;100,2001,t,60,0,0,0") is None
 
 
 def test_the_usage_rates_format_is_the_contracts() -> None:

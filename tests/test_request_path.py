@@ -488,7 +488,7 @@ async def service_on(request: pytest.FixtureRequest, server: RunningServer, sett
     (no kernels given: the environment's), served by a grpc server of its own on the test
     server's store and plan."""
     kernels = {"compiled": COMPILED, "pure": PURE}.get(request.param)
-    service = ChargingService(server.store, server.plan, BandedRater(), settings,
+    service = ChargingService(server.store, server.catalogue, BandedRater(), settings,
                               kernels=kernels)
     if kernels is None:
         # the suite runs twice (README): on the compiled kernels, then with

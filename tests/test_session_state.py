@@ -9,6 +9,7 @@ import asyncio
 import re
 import struct
 from collections.abc import AsyncIterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,9 @@ def test_the_script_packs_the_state_as_the_contract_says() -> None:
     match = re.search(r"^local RG_STATE_PREFIX, RG_STATE_FIELD = '([^']+)', '\^([^(]+)\(",
                       CHARGE_LUA, re.MULTILINE)
     assert match and match[1] == match[2] == SESSION_RATING_GROUP_PREFIX
+    # (admin.lua finds a session's rating groups by the same field names: ChangePlan)
+    admin = resources.files("creditline.store").joinpath("lua", "admin.lua").read_text("utf-8")
+    assert f"local RG_STATE_FIELD = '^{SESSION_RATING_GROUP_PREFIX}(.+)$'" in admin
     match = re.search(r"^local RG_STATE_FORMAT, RG_STATE_BYTES = '([^']+)', (\d+)$",
                       CHARGE_LUA, re.MULTILINE)
     assert match and match[1] == SESSION_RATING_GROUP_FORMAT

@@ -137,6 +137,13 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     create.add_argument("account_id")
     create.add_argument("--balance-micros", type=int, default=0)
     create.add_argument("--credit-limit-micros", type=int, default=0)
+    create.add_argument("--plan", default="", help="a plan of the server's catalogue "
+                        "(`creditline plans`; default: the catalogue's default plan)")
+    change_plan = account_commands.add_parser(
+        "change-plan", help="put the account on another plan from now (its open sessions "
+        "are asked to re-authorise)")
+    change_plan.add_argument("account_id")
+    change_plan.add_argument("plan")
     top_up = account_commands.add_parser("top-up")
     top_up.add_argument("account_id")
     top_up.add_argument("amount_micros", type=int)
@@ -150,6 +157,9 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
                         help="idempotency key (default: random)")
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
+
+    plans = commands.add_parser("plans", help="the server's catalogue: its price plans")
+    _add_connection_flags(plans)
 
     health = commands.add_parser(
         "health", help="ask a running server's gRPC health service; exit 0 when SERVING")
@@ -175,7 +185,10 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
         if command == "create":
             return await admin.CreateAccount(admin_pb.CreateAccountRequest(
                 account_id=args.account_id, initial_balance_micros=args.balance_micros,
-                credit_limit_micros=args.credit_limit_micros))
+                credit_limit_micros=args.credit_limit_micros, plan_id=args.plan))
+        if command == "change-plan":
+            return await admin.ChangePlan(admin_pb.ChangePlanRequest(
+                account_id=args.account_id, plan_id=args.plan))
         if command == "top-up":
             return await admin.TopUp(admin_pb.TopUpRequest(
                 account_id=args.account_id, amount_micros=args.amount_micros,
@@ -206,6 +219,13 @@ async def _credit_control_command(args: argparse.Namespace) -> pb.CreditControlA
         method = {"initial": stub.Initial, "update": stub.Update,
                   "terminate": stub.Terminate}[args.command]
         return await method(request)
+
+
+async def _plans_command(args: argparse.Namespace) -> admin_pb.ListPlansResponse:
+    async with _channel(args) as channel:
+        plans: admin_pb.ListPlansResponse = await admin_pb2_grpc.AdminStub(channel).ListPlans(
+            admin_pb.ListPlansRequest())
+        return plans
 
 
 async def _health_command(args: argparse.Namespace) -> health_pb2.HealthCheckResponse:
@@ -245,14 +265,14 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "serve":
         try:
             settings = settings_module.from_arguments(args)
-            from creditline.charging.rating import load_plan
+            from creditline.charging.catalogue import load_catalogue
             from creditline.settings import check_files
             from creditline.workers import serve as serve_processes
 
             configure_logging(settings.log_format, settings.log_level)
             # bad files are refused before anything starts
             check_files(settings)
-            load_plan(Path(settings.plan_path))
+            load_catalogue(Path(settings.plan_path))
             return serve_processes(settings)
         except (ValueError, PlanError) as error:
             print(f"creditline: {error}", file=sys.stderr)
@@ -264,6 +284,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
         if args.command == "account":
             _print(asyncio.run(_account_command(args)))
+        elif args.command == "plans":
+            _print(asyncio.run(_plans_command(args)))
         else:
             _print(asyncio.run(_credit_control_command(args)))
     except grpc.aio.AioRpcError as error:

@@ -63,7 +63,7 @@ class Settings:
     redis_fast_path: bool = True
     # directory for the embedded redis-server's data; empty: a temporary directory
     embedded_redis_dir: str = ""
-    # the TOML plan file with the tariffs
+    # the TOML catalogue of price plans (charging/catalogue.py), or a plan file: one plan
     plan_path: str = str(DEFAULT_PLAN_PATH)
     # how long a closed session's or an event's answer is kept for retransmissions
     answer_retention_s: int = 600
@@ -115,6 +115,10 @@ class Settings:
     redis_max_connections: int = 32
     # requests of one Charging.Stream worked on at once (then the stream is not read)
     max_in_flight_per_stream: int = 256
+    # accounts on a plan other than the default whose plan one process remembers, so
+    # that their requests are priced by it in one round trip (~150 bytes each); one it
+    # forgot costs its next request a second round trip
+    max_remembered_account_plans: int = 200_000
     # grace given to calls in flight when the server stops
     shutdown_grace_s: float = 5.0
     # Redis AUTH: user (empty: the default user) and password (secret: environment

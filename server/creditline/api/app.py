@@ -29,8 +29,9 @@ from creditline.api.handlers import add_service
 from creditline.api.interceptors import CallWrapper
 from creditline.api.notifications import NotificationsService
 from creditline.api.service import AdminService, ChargingService
+from creditline.charging.catalogue import Catalogue, PlansSeen, load_catalogue
 from creditline.charging.kernels import require_kernels
-from creditline.charging.rating import BandedRater, Plan, load_plan
+from creditline.charging.rating import BandedRater
 from creditline.errors import RedisSetupError, SettingsError
 from creditline.events.hub import READ_BLOCK_MS, EventHub
 from creditline.observability.telemetry import Telemetry, build_telemetry
@@ -57,7 +58,7 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     redis: RedisClient
-    plan: Plan
+    catalogue: Catalogue
     store: Store
     transport: Transport
     hub: EventHub
@@ -229,7 +230,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     check_files(settings)
     kernels = require_kernels()  # refuses the pure path unless allowed
     log.info("rating kernels: %s", kernels.implementation)
-    plan = load_plan(Path(settings.plan_path))
+    catalogue = load_catalogue(Path(settings.plan_path))
     credentials = security.server_credentials(settings)
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
@@ -248,10 +249,12 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     wrap = None if wrapper is None else wrapper.wrap
     see_call = None if wrapper is None else wrapper.see_call
     rater = telemetry.traced_rater(BandedRater())
-    add_service(server, ChargingService(store, plan, rater, settings,
-                                        charge_calls_bounded=transport.bounded), CHARGING, wrap,
-                see_call)
-    add_service(server, AdminService(store, settings), ADMIN, wrap, see_call)
+    plans_seen = PlansSeen(settings.max_remembered_account_plans, catalogue.default_plan_id)
+    add_service(server, ChargingService(store, catalogue, rater, settings,
+                                        charge_calls_bounded=transport.bounded,
+                                        plans_seen=plans_seen), CHARGING, wrap, see_call)
+    add_service(server, AdminService(store, settings, catalogue, plans_seen=plans_seen),
+                ADMIN, wrap, see_call)
     hub = await _event_hub(redis_url, settings, transport)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
@@ -283,7 +286,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
                                   [cdrs_key(p) for p in range(settings.partitions)],
                                   [accounts_key(p) for p in range(settings.partitions)])
-    return RunningServer(server=server, port=port, redis=redis, plan=plan, store=store,
+    return RunningServer(server=server, port=port, redis=redis, catalogue=catalogue,
+                         store=store,
                          transport=transport, hub=hub, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry)
 
@@ -339,11 +343,13 @@ async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool 
     running = await start_server(settings, redis_url, reuse_port=reuse_port)
     freeze_startup_objects()
     telemetry = running.telemetry
-    log.info("creditline listening on port %d (pid %d, %s), plan %r with %d tariffs; "
+    log.info("creditline listening on port %d (pid %d, %s), %d plan(s), the default %r "
+             "with %d tariffs; "
              "tracing %s, metrics %s", running.port, os.getpid(),
              "mutual TLS" if settings.mutual_tls else
              "TLS" if settings.tls_enabled else "insecure",
-             running.plan.name, len(running.plan.tariffs),
+             len(running.catalogue.plans), running.catalogue.default_plan_id,
+             len(running.catalogue.default_plan.tariffs),
              "on" if telemetry.tracer else "off",
              f"on (prometheus port {telemetry.prometheus_port})"
              if telemetry.prometheus_port else "on" if telemetry.metrics else "off")

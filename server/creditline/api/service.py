@@ -12,11 +12,17 @@ import grpc
 from redis.exceptions import RedisError
 
 from creditline.api import messages
+from creditline.charging.catalogue import Catalogue, PlansSeen
 from creditline.charging.kernels import Kernels, require_kernels
-from creditline.charging.rating import Plan, Rater, UnitKind
+from creditline.charging.rating import Rater, UnitKind
 from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
-from creditline.store.contract import MAX_SAFE_INTEGER, EventAction, RequestKind
+from creditline.store.contract import (
+    MAX_SAFE_INTEGER,
+    EventAction,
+    RequestKind,
+    plan_to_retry,
+)
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc
@@ -47,6 +53,15 @@ async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
         raise StoreUnavailableError(repr(error)) from error
 
 
+# A request is priced at most this many times: by the plan last seen, then by the
+# account's (another try only when the plan changed again in between: a refusal then).
+_PLAN_TRIES = 2
+_UNABLE = messages.UNABLE_TO_COMPLY
+# (script answers' form, "<code>;!<reason>": the kernels write them as refusals)
+_PLAN_UNKNOWN = (f"{_UNABLE};!the account's plan {{plan_id!r}} is not in this server's "
+                 "catalogue: retry (a catalogue being reloaded), or ChangePlan")
+_PLAN_CHANGING = f"{_UNABLE};!the account's plan changed during the request: retry"
+
 # The StreamAnswer field an answer goes in: credit_control (2) or event (3).
 _CREDIT_CONTROL_FIELD, _EVENT_FIELD = 2, 3
 _STORE_UNAVAILABLE = (messages.UNABLE_TO_COMPLY, "charging store unavailable: retry, then "
@@ -59,16 +74,28 @@ class ChargingService:
     wire bytes written by the rating kernels (messages.RequestPath); the handlers send them
     as they are."""
 
-    def __init__(self, store: Store, plan: Plan, rater: Rater, settings: Settings, *,
-                 charge_calls_bounded: bool = False, kernels: Kernels | None = None) -> None:
+    def __init__(self, store: Store, catalogue: Catalogue, rater: Rater, settings: Settings,
+                 *, charge_calls_bounded: bool = False, kernels: Kernels | None = None,
+                 plans_seen: PlansSeen | None = None) -> None:
         self._store = store
         self._settings = settings
-        # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so
-        self.path = messages.RequestPath(kernels or require_kernels(), plan, rater, settings)
+        # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so; one
+        # path per plan (what prices a request), the default plan's for what no plan
+        # changes (the checks, the refusals)
+        kernels = kernels or require_kernels()
+        self._paths = {plan_id: messages.RequestPath(kernels, plan, rater, settings)
+                       for plan_id, plan in catalogue.plans.items()}
+        self._default_plan_id = catalogue.default_plan_id
+        self.path = self._paths[catalogue.default_plan_id]
+        # (shared with the Admin service of the process: the plans it sets are known here)
+        self._plans_seen = plans_seen or PlansSeen(settings.max_remembered_account_plans,
+                                                   catalogue.default_plan_id)
         # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
         # path): no timer of ours per request
         self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
-        self._supervision_ms = int(plan.validity_time_s * 1000 * settings.supervision_factor)
+        self._supervision_ms = {
+            plan_id: int(plan.validity_time_s * 1000 * settings.supervision_factor)
+            for plan_id, plan in catalogue.plans.items()}
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context) -> bytes:
         return await self._credit_control(request, RequestKind.INITIAL)
@@ -86,11 +113,11 @@ class ChargingService:
         refused = self.path.check_credit_control(request, kind, now_ms)
         if refused:
             return self.path.refusal(request, refused)
-        answer = await self._charge(kind, request, now_ms, EventAction.NONE, default_grant=True)
+        answer, path = await self._charge(kind, request, now_ms, EventAction.NONE,
+                                          default_grant=True)
         if answer is None:
             return self.path.refusal(request, _STORE_UNAVAILABLE)
-        return self.path.credit_control_answer(
-            answer, request, request.event_time_unix_ms or now_ms)
+        return path.credit_control_answer(answer, request, request.event_time_unix_ms or now_ms)
 
     async def Stream(self, requests: AsyncIterator[pb.StreamRequest], context: Context
                      ) -> AsyncIterator[bytes | pb.StreamAnswer]:
@@ -149,16 +176,40 @@ class ChargingService:
     async def _charge(self, kind: RequestKind,
                       request: pb.CreditControlRequest | pb.EventRequest,
                       now_ms: int, event_action: EventAction, default_grant: bool,
-                      refund_of: str = "") -> str | None:
-        """Rates the blocks and runs the charging script once; the answer is None when
-        Redis failed (nothing was applied: the script is atomic)."""
+                      refund_of: str = "") -> tuple[str | None, messages.RequestPath]:
+        """Rates the blocks by the plan the account was last seen on and runs the charging
+        script; again by the account's plan when the script says it is on another (once:
+        the plan seen is remembered, so the next request takes one round trip). The
+        answer, None when Redis failed (nothing was applied: the script is atomic), and
+        the path of the plan that priced it."""
+        account_id = request.account_id
+        plan_id = self._plans_seen.plan_of(account_id)
+        for _ in range(_PLAN_TRIES):
+            path = self._paths[plan_id]
+            answer = await self._charge_by(path, plan_id, kind, request, now_ms, event_action,
+                                           default_grant, refund_of)
+            account_plan = None if answer is None else plan_to_retry(answer)
+            if account_plan is None:
+                return answer, path
+            self._plans_seen.remember(account_id, account_plan)
+            if account_plan not in self._paths:
+                return _PLAN_UNKNOWN.format(plan_id=account_plan), path
+            plan_id = account_plan
+        return _PLAN_CHANGING, path
+
+    async def _charge_by(self, path: messages.RequestPath, plan_id: str, kind: RequestKind,
+                         request: pb.CreditControlRequest | pb.EventRequest, now_ms: int,
+                         event_action: EventAction, default_grant: bool, refund_of: str
+                         ) -> str | None:
+        """One charging script call, the blocks priced by `plan_id` (its path)."""
         event_time_ms = request.event_time_unix_ms or now_ms
-        blocks = self.path.script_blocks(request.rating_groups, event_time_ms, default_grant)
-        supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms
+        blocks = path.script_blocks(request.rating_groups, event_time_ms, default_grant)
+        supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms[plan_id]
         try:
             return await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
-                now_ms, event_time_ms, event_action, blocks, supervision_ms, refund_of),
+                now_ms, event_time_ms, event_action, blocks, supervision_ms, refund_of,
+                assumed_plan=plan_id, default_plan=self._default_plan_id),
                 self._charge_timeout_s)
         except StoreUnavailableError:
             return None
@@ -172,13 +223,13 @@ class ChargingService:
         refused = self.path.check_event(request, now_ms)
         if refused:
             return self.path.event_refusal(request, refused)
-        answer = await self._charge(
+        answer, path = await self._charge(
             RequestKind.EVENT, request, now_ms, messages.EVENT_ACTIONS[request.action],
             default_grant=False,
             refund_of=request.refund_of_session_id)
         if answer is None:
             return self.path.event_refusal(request, _EVENT_STORE_UNAVAILABLE)
-        return self.path.event_answer(answer, request)
+        return path.event_answer(answer, request)
 
 
 def _failed_stream_answer(request: pb.StreamRequest) -> pb.StreamAnswer:
@@ -201,10 +252,15 @@ _UNIT_KIND_ENUMS = {name: value for value, name in _UNIT_KIND_NAMES.items()}
 class AdminService(admin_pb2_grpc.AdminServicer):
     """Accounts, top-ups, buckets and balances. Bad input: INVALID_ARGUMENT naming the field."""
 
-    def __init__(self, store: Store, settings: Settings, kernels: Kernels | None = None
+    def __init__(self, store: Store, settings: Settings, catalogue: Catalogue,
+                 kernels: Kernels | None = None, plans_seen: PlansSeen | None = None
                  ) -> None:
         self._store = store
         self._settings = settings
+        self._catalogue = catalogue
+        # the plans this process's accounts are put on, for its Charging service to price
+        # their next requests by
+        self._plans_seen = plans_seen
         self._kernels = (kernels or require_kernels()).module
 
     async def _run(self, context: Context, call: Callable[[], Awaitable[T]]
@@ -236,7 +292,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 account_id=account_id, detail=detail, id_field=_ID_FIELDS.get(operation, ""),
                 id=args[1] if len(args) > 1 else "", amount=args[0] if args else ""))
             raise AssertionError("abort raises")
-        return account_message(account_id, result.account)
+        return account_message(account_id, result.account, self._catalogue.default_plan_id)
+
+    async def _check_plan_id(self, plan_id: str, context: Context) -> None:
+        if plan_id not in self._catalogue.plans:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"plan_id: {plan_id!r} is "
+                                "not a plan of the catalogue (Admin.ListPlans)")
 
     async def CreateAccount(self, request: admin_pb.CreateAccountRequest,
                             context: Context) -> admin_pb.Account:
@@ -258,10 +319,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if any(abs(t) > MAX_SAFE_INTEGER for t in thresholds):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "low_balance_thresholds_micros: out of range")
-        return await self._operate(
+        plan_id = request.plan_id or self._catalogue.default_plan_id
+        await self._check_plan_id(plan_id, context)
+        account = await self._operate(
             context, request.account_id, "CREATE", request.initial_balance_micros,
             request.credit_limit_micros, MAX_BUCKETS_PER_ACCOUNT,
-            ",".join(str(t) for t in sorted(set(thresholds))), *bucket_args)
+            ",".join(str(t) for t in sorted(set(thresholds))), plan_id, *bucket_args)
+        self._saw_plan(account)
+        return account
+
+    def _saw_plan(self, account: admin_pb.Account) -> None:
+        if self._plans_seen is not None:
+            self._plans_seen.remember(account.account_id, account.plan_id)
 
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
                            context: Context) -> list[int | str]:
@@ -325,6 +394,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await self._check_account_id(request.account_id, context)
         return await self._operate(context, request.account_id, "GET")
 
+    async def ChangePlan(self, request: admin_pb.ChangePlanRequest,
+                         context: Context) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        await self._check_plan_id(request.plan_id, context)
+        account = await self._operate(context, request.account_id, "PLAN", request.plan_id,
+                                      self._catalogue.default_plan_id)
+        self._saw_plan(account)
+        return account
+
+    async def ListPlans(self, request: admin_pb.ListPlansRequest,
+                        context: Context) -> admin_pb.ListPlansResponse:
+        catalogue = self._catalogue
+        return admin_pb.ListPlansResponse(
+            plans=[admin_pb.Plan(plan_id=plan_id,
+                                 rating_groups=sorted({rg for rg, _ in plan.tariffs}),
+                                 billing_day=plan.billing_day, time_zone=plan.time_zone)
+                   for plan_id, plan in catalogue.plans.items()],
+            default_plan_id=catalogue.default_plan_id,
+            catalogue_version=catalogue.version)
+
 
 # The longest reason an adjustment may give (it is kept in the CDR and the notification).
 MAX_REASON_CHARS = 256
@@ -358,7 +447,10 @@ _ADMIN_REFUSALS = {
 }
 
 
-def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Account:
+def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id: str
+                    ) -> admin_pb.Account:
+    """The Account message; an account with no plan of its own (made before plans) is on
+    the catalogue's default plan."""
     fields = snapshot.account
     balance, credit_limit = int(fields["balance"]), int(fields["credit_limit"])
     reserved = int(fields["reserved"])
@@ -370,7 +462,7 @@ def account_message(account_id: str, snapshot: AccountSnapshot) -> admin_pb.Acco
         initial_balance_micros=int(fields["initial"]),
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
-        adjusted_micros=int(fields["adjusted"]),
+        adjusted_micros=int(fields["adjusted"]), plan_id=fields.get("plan", default_plan_id),
     )
     for bucket_id, value in sorted(snapshot.buckets.items()):
         bucket = parse_bucket(value)

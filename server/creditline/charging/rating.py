@@ -30,7 +30,7 @@ import struct
 import time
 import tomllib
 import zoneinfo
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -588,7 +588,7 @@ _PLAN_DEFAULTS: dict[str, int] = {
     "quota_holding_time_s": 300,
     "quota_threshold_percent": 20,
 }
-_PLAN_KEYS = {"name", "time_zone", "billing_day", *_PLAN_DEFAULTS}
+PLAN_KEYS = frozenset({"name", "time_zone", "billing_day", *_PLAN_DEFAULTS})
 _TARIFF_INTEGERS = (
     "connect_fee_micros", "first_increment_units", "first_increment_price_micros",
     "next_increment_units", "next_increment_price_micros", "default_grant_units",
@@ -613,20 +613,34 @@ def load_plan(path: Path) -> Plan:
     return parse_plan(data, source=str(path))
 
 
-def parse_plan(data: Mapping[str, Any], source: str) -> Plan:
-    plan_table = data.get("plan", {})
-    if not isinstance(plan_table, dict):
-        raise PlanError(f"{source}: plan: must be a table")
-    unknown = set(plan_table) - _PLAN_KEYS
+def checked_table(value: Any, where: str, allowed: Set[str]) -> dict[str, Any]:
+    """A TOML table with only the `allowed` fields; PlanError naming `where` otherwise."""
+    if not isinstance(value, dict):
+        raise PlanError(f"{where}: must be a table")
+    unknown = set(value) - allowed
     if unknown:
-        raise PlanError(f"{source}: plan.{sorted(unknown)[0]}: unknown field")
+        raise PlanError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    return value
+
+
+def parse_plan(data: Mapping[str, Any], source: str) -> Plan:
+    """A plan file's plan: its [plan] table and its [[tariff]] tables."""
+    plan_table = checked_table(data.get("plan", {}), f"{source}: plan", PLAN_KEYS)
+    return parse_plan_table(plan_table, data.get("tariff", []), f"{source}: plan",
+                            f"{source}: tariff", default_name=Path(source).stem)
+
+
+def parse_plan_table(plan_table: Mapping[str, Any], raw_tariffs: Any, where: str,
+                     tariffs_where: str, default_name: str) -> Plan:
+    """A plan from its settings (PLAN_KEYS, checked by the caller) and its tariff tables;
+    errors name `where` (the plan's table) or `tariffs_where` (its tariffs)."""
     settings = {
-        key: _integer(plan_table.get(key, default), f"{source}: plan.{key}", minimum=0)
+        key: _integer(plan_table.get(key, default), f"{where}.{key}", minimum=0)
         for key, default in _PLAN_DEFAULTS.items()
     }
     if settings["quota_threshold_percent"] > 100:
-        raise PlanError(f"{source}: plan.quota_threshold_percent: must be 0..100")
-    billing_day = _integer(plan_table.get("billing_day", 1), f"{source}: plan.billing_day",
+        raise PlanError(f"{where}.quota_threshold_percent: must be 0..100")
+    billing_day = _integer(plan_table.get("billing_day", 1), f"{where}.billing_day",
                            minimum=1, maximum=MAX_BILLING_DAY)
     time_zone = plan_table.get("time_zone", "UTC")
     try:
@@ -634,25 +648,24 @@ def parse_plan(data: Mapping[str, Any], source: str) -> Plan:
             raise ValueError(time_zone)
         _zone(time_zone)
     except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-        raise PlanError(f"{source}: plan.time_zone: {time_zone!r} is not a known time zone "
+        raise PlanError(f"{where}.time_zone: {time_zone!r} is not a known time zone "
                         "(an IANA name such as 'Europe/Paris')") from None
-    raw_tariffs = data.get("tariff", [])
     if not isinstance(raw_tariffs, list) or not raw_tariffs:
-        raise PlanError(f"{source}: tariff: at least one [[tariff]] table is required")
+        raise PlanError(f"{tariffs_where}: at least one [[tariff]] table is required")
     versions: dict[TariffKey, list[Tariff]] = {}
     for index, raw in enumerate(raw_tariffs):
-        where = f"{source}: tariff[{index}]"
-        tariff = _parse_tariff(raw, where, time_zone)
+        tariff_where = f"{tariffs_where}[{index}]"
+        tariff = _parse_tariff(raw, tariff_where, time_zone)
         key = (tariff.rating_group, tariff.service_id)
         known = versions.setdefault(key, [])
         if any(v.active_from_unix_ms == tariff.active_from_unix_ms for v in known):
             # versions of one tariff differ by their activation date
-            raise PlanError(f"{where}: rating_group {key[0]} service_id {key[1]}: "
+            raise PlanError(f"{tariff_where}: rating_group {key[0]} service_id {key[1]}: "
                             "defined twice (with the same active_from)")
         known.append(tariff)
     ordered = {key: tuple(sorted(found, key=lambda t: t.active_from_unix_ms))
                for key, found in versions.items()}
-    return Plan(name=str(plan_table.get("name", Path(source).stem)),
+    return Plan(name=str(plan_table.get("name", default_name)),
                 tariffs={key: found[0] for key, found in ordered.items()},
                 tariff_versions=ordered, time_zone=time_zone, billing_day=billing_day,
                 **settings)

@@ -80,7 +80,7 @@ ID_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.
 EVENT_TYPES = frozenset({
     "quota_granted", "usage_charged", "session_ended", "event_charged", "event_refunded",
     "top_up", "low_balance", "credit_exhausted", "final_units_granted", "bucket_expired",
-    "usage_spike", "reauthorization_needed", "adjustment",
+    "usage_spike", "reauthorization_needed", "adjustment", "plan_changed",
 })
 
 
@@ -101,7 +101,7 @@ class ChargeKeys(NamedTuple):
 
 
 class ChargeArgs(NamedTuple):
-    """charge.lua's ARGV[1..15]. The blocks follow: their count (ARGV[16], the script's
+    """charge.lua's ARGV[1..17]. The blocks follow: their count (ARGV[18], the script's
     block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
     table (charging/rating.py RateTable.script_args, in one of the RateTableForm)."""
 
@@ -121,6 +121,21 @@ class ChargeArgs(NamedTuple):
     spike_factor: str     # a decimal number; 0: no spike detection
     supervision_ms: int
     refund_of: str        # REFUND: the session id of the charge it reverses; else ""
+    # the plan the server priced the request by, which must be the account's ("": not
+    # checked, a supervision close), and the plan of accounts that name none
+    assumed_plan: str
+    default_plan: str
+
+
+# The charging script's answer when the account is on another plan than the request was
+# priced by: a refusal's form ("<code>;!<reason>", nothing written) ending with the
+# account's plan id. The server prices the request again by that plan and sends it once more.
+PLAN_RETRY_ANSWER = "0;!plan="
+
+
+def plan_to_retry(answer: str) -> str | None:
+    """The account's plan when the answer asks for the request again by it, else None."""
+    return answer[len(PLAN_RETRY_ANSWER):] if answer.startswith(PLAN_RETRY_ANSWER) else None
 
 
 # A FIXED rate table's schedule goes to the script as one binary argument: its numbers
@@ -223,7 +238,7 @@ class AdminKeys(NamedTuple):
 class AdminArgs(NamedTuple):
     """admin.lua's ARGV[1..4]; the operation's own arguments follow."""
 
-    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, GET
+    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, GET
     account_id: str
     now_ms: int
     event_trim: str

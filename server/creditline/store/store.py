@@ -421,11 +421,14 @@ class Store:
     async def charge(
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
-        blocks: list[int | str | bytes], supervision_ms: int = 0, refund_of: str = "",
+        blocks: list[int | str | bytes], supervision_ms: int = 0, refund_of: str = "", *,
+        assumed_plan: str = "", default_plan: str = "",
     ) -> str:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer. The
         session id's claim is taken by an Initial and given back when the session closes
-        (see __init__). refund_of: a REFUND's session id of the charge it reverses."""
+        (see __init__). refund_of: a REFUND's session id of the charge it reverses.
+        assumed_plan: the plan the blocks were priced by; the answer is contract's
+        PLAN_RETRY_ANSWER when the account is on another ("": not checked)."""
         claim = ""
         claims = self._claims_apart
         if kind is RequestKind.INITIAL and claims:
@@ -434,7 +437,7 @@ class Store:
                 return refusal
         answer = text(await self._charge_call(
             kind, account_id, session_id, request_number, now_ms, event_time_ms,
-            event_action, blocks, supervision_ms, refund_of))
+            event_action, blocks, supervision_ms, refund_of, assumed_plan, default_plan))
         # a closed session gives its claim back, and so does a refused Initial that took
         # one (it opened nothing)
         if claims and ((kind in CLOSING_KINDS and not refused(answer)) or (
@@ -446,6 +449,7 @@ class Store:
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
         blocks: list[int | str | bytes], supervision_ms: int, refund_of: str,
+        assumed_plan: str, default_plan: str,
     ) -> Awaitable[Any]:
         """The charging script's call (a plain function, as _script_call: no coroutine of
         its own per request)."""
@@ -471,7 +475,8 @@ class Store:
             trim_strategy=trim_strategy, trim_threshold=trim_threshold,
             spike_fast_s=config.spike_fast_window_s, spike_slow_s=config.spike_slow_window_s,
             spike_factor=self._spike_factor,
-            supervision_ms=supervision_ms, refund_of=refund_of), *blocks]
+            supervision_ms=supervision_ms, refund_of=refund_of, assumed_plan=assumed_plan,
+            default_plan=default_plan), *blocks]
         charge = self._charge
         if self._functions:
             call = self._transport.fcall(charge.function, charge.library, script_keys,

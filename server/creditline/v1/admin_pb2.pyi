@@ -169,6 +169,7 @@ class Account(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
     ADJUSTED_MICROS_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -188,6 +189,8 @@ class Account(_message.Message):
     open_sessions: _builtins.int
     adjusted_micros: _builtins.int
     """sum of adjustments (AdjustBalance)"""
+    plan_id: _builtins.str
+    """the catalogue plan that prices its requests"""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -209,10 +212,11 @@ class Account(_message.Message):
         usage: _abc.Iterable[Global___RatingGroupUsage] | None = ...,
         open_sessions: _builtins.int = ...,
         adjusted_micros: _builtins.int = ...,
+        plan_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -227,9 +231,12 @@ class CreateAccountRequest(_message.Message):
     CREDIT_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     BUCKETS_FIELD_NUMBER: _builtins.int
     LOW_BALANCE_THRESHOLDS_MICROS_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     initial_balance_micros: _builtins.int
     credit_limit_micros: _builtins.int
+    plan_id: _builtins.str
+    """A plan of the catalogue (ListPlans); empty: the catalogue's default plan."""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -244,14 +251,112 @@ class CreateAccountRequest(_message.Message):
         credit_limit_micros: _builtins.int = ...,
         buckets: _abc.Iterable[Global___Bucket] | None = ...,
         low_balance_thresholds_micros: _abc.Iterable[_builtins.int] | None = ...,
+        plan_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "low_balance_thresholds_micros", b"low_balance_thresholds_micros"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "low_balance_thresholds_micros", b"low_balance_thresholds_micros", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateAccountRequest: _TypeAlias = CreateAccountRequest  # noqa: Y015
+
+@_typing.final
+class ChangePlanRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    plan_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        plan_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "plan_id", b"plan_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChangePlanRequest: _TypeAlias = ChangePlanRequest  # noqa: Y015
+
+@_typing.final
+class ListPlansRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansRequest: _TypeAlias = ListPlansRequest  # noqa: Y015
+
+@_typing.final
+class Plan(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAN_ID_FIELD_NUMBER: _builtins.int
+    RATING_GROUPS_FIELD_NUMBER: _builtins.int
+    BILLING_DAY_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    plan_id: _builtins.str
+    billing_day: _builtins.int
+    time_zone: _builtins.str
+    @_builtins.property
+    def rating_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """those its tariffs price (or declare free)"""
+
+    def __init__(
+        self,
+        *,
+        plan_id: _builtins.str = ...,
+        rating_groups: _abc.Iterable[_builtins.int] | None = ...,
+        billing_day: _builtins.int = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["billing_day", b"billing_day", "plan_id", b"plan_id", "rating_groups", b"rating_groups", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Plan: _TypeAlias = Plan  # noqa: Y015
+
+@_typing.final
+class ListPlansResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    DEFAULT_PLAN_ID_FIELD_NUMBER: _builtins.int
+    CATALOGUE_VERSION_FIELD_NUMBER: _builtins.int
+    default_plan_id: _builtins.str
+    catalogue_version: _builtins.str
+    """the same on every process serving the same file"""
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Plan]:
+        """in the catalogue's order"""
+
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___Plan] | None = ...,
+        default_plan_id: _builtins.str = ...,
+        catalogue_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalogue_version", b"catalogue_version", "default_plan_id", b"default_plan_id", "plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPlansResponse: _TypeAlias = ListPlansResponse  # noqa: Y015
 
 @_typing.final
 class TopUpRequest(_message.Message):

@@ -64,6 +64,16 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.ListPlans = channel.unary_unary(
+                '/creditline.v1.Admin/ListPlans',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+                _registered_method=True)
+        self.ChangePlan = channel.unary_unary(
+                '/creditline.v1.Admin/ChangePlan',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -109,6 +119,22 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPlans(self, request, context):
+        """The catalogue's price plans (the server's catalogue file: `--plan-path`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChangePlan(self, request, context):
+        """Puts the account on another plan of the catalogue, from now: its next request is
+        priced by it, and each of its open sessions is asked to re-authorise every rating
+        group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +166,16 @@ def add_AdminServicer_to_server(servicer, server):
             'AdjustBalance': grpc.unary_unary_rpc_method_handler(
                     servicer.AdjustBalance,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'ListPlans': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPlans,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.ListPlansRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.ListPlansResponse.SerializeToString,
+            ),
+            'ChangePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.ChangePlan,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -304,6 +340,60 @@ class Admin:
             target,
             '/creditline.v1.Admin/AdjustBalance',
             creditline_dot_v1_dot_admin__pb2.AdjustBalanceRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPlans(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/ListPlans',
+            creditline_dot_v1_dot_admin__pb2.ListPlansRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.ListPlansResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChangePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/ChangePlan',
+            creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

@@ -44,6 +44,13 @@ class AdminStub:
     (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
     beyond what is available (balance + credit limit - reserved) is refused.
     """
+    ListPlans: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]
+    """The catalogue's price plans (the server's catalogue file: `--plan-path`)."""
+    ChangePlan: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ChangePlanRequest, _admin_pb2.Account]
+    """Puts the account on another plan of the catalogue, from now: its next request is
+    priced by it, and each of its open sessions is asked to re-authorise every rating
+    group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -58,6 +65,13 @@ class AdminAsyncStub(AdminStub):
     correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
     (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
     beyond what is available (balance + credit limit - reserved) is refused.
+    """
+    ListPlans: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPlansRequest, _admin_pb2.ListPlansResponse]  # type: ignore[assignment]
+    """The catalogue's price plans (the server's catalogue file: `--plan-path`)."""
+    ChangePlan: _aio.UnaryUnaryMultiCallable[_admin_pb2.ChangePlanRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Puts the account on another plan of the catalogue, from now: its next request is
+    priced by it, and each of its open sessions is asked to re-authorise every rating
+    group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -106,6 +120,25 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         correction. Idempotent by adjustment_id; announced (ADJUSTMENT), recorded in a CDR
         (kind "adjustment", charged = -amount) and in the books as adjusted_micros. A debit
         beyond what is available (balance + credit limit - reserved) is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def ListPlans(
+        self,
+        request: _admin_pb2.ListPlansRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPlansResponse, _abc.Awaitable[_admin_pb2.ListPlansResponse]]:
+        """The catalogue's price plans (the server's catalogue file: `--plan-path`)."""
+
+    @_abc_1.abstractmethod
+    def ChangePlan(
+        self,
+        request: _admin_pb2.ChangePlanRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Puts the account on another plan of the catalogue, from now: its next request is
+        priced by it, and each of its open sessions is asked to re-authorise every rating
+        group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -51,6 +51,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     ADJUSTMENT: _EventType.ValueType  # 13
     """AdjustBalance: amount, balance after; details reason, id"""
+    PLAN_CHANGED: _EventType.ValueType  # 14
+    """ChangePlan: details plan (the new one) and from (the old)"""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -77,6 +79,8 @@ units (rating_group): the network function should ask for that rating group agai
 """
 ADJUSTMENT: EventType.ValueType  # 13
 """AdjustBalance: amount, balance after; details reason, id"""
+PLAN_CHANGED: EventType.ValueType  # 14
+"""ChangePlan: details plan (the new one) and from (the old)"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

@@ -18,13 +18,15 @@ KEYS (all under the account's partition hash tag):
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
   CREATE  initial_balance credit_limit bucket_limit low_balance_thresholds ("t1,t2" or "")
-          [bucket fields x6]...            -> account | "EXISTS" | "TOO_MANY_BUCKETS"
+          plan [bucket fields x6]...       -> account | "EXISTS" | "TOO_MANY_BUCKETS"
   TOPUP   amount top_up_id                 -> account | "UNKNOWN" | "CONFLICT|<amount>"
   ADJUST  amount adjustment_id reason      -> account | "UNKNOWN" | "CONFLICT|<amount>"
                                               | "UNAFFORDABLE|<available>"
   BUCKET  bucket_limit id rg units expires_at_s priority kind
           -> account | "UNKNOWN" | "BUCKET_EXISTS" | "TOO_MANY_BUCKETS"
   STATE   active|barred                    -> account | "UNKNOWN"
+  PLAN    plan default_plan                -> account | "UNKNOWN"  (the account's plan
+          from now; its open sessions asked to re-authorise every rating group they hold)
   GET     -> account | "UNKNOWN"
 where account is { status ("OK", or "DUPLICATE" for a top-up or adjustment id applied
 before with the same amount; another amount is a CONFLICT naming the first), account
@@ -122,15 +124,33 @@ local function ask_reauthorization()
   redis.call('DEL', final_key)
 end
 
+-- A session's rating groups: its fields RG_STATE_FIELD (creditline/store/contract.py
+-- SESSION_RATING_GROUP_PREFIX, as charge.lua writes them)
+local RG_STATE_FIELD = '^g:(.+)$'
+
+-- A plan change: every open session should ask again for every rating group it holds
+-- (its prices changed), and the sessions held at final units are held no more.
+local function ask_open_sessions_again()
+  for _, session_key in ipairs(redis.call('SMEMBERS', sessions_key)) do
+    local session_id = redis.call('HGET', session_key, 'session')
+    for _, field in ipairs(redis.call('HKEYS', session_key)) do
+      local rg = string.match(field, RG_STATE_FIELD)
+      if rg then notify('reauthorization_needed|rg|' .. rg, 's', session_id) end
+    end
+  end
+  redis.call('DEL', final_key)
+end
+
 if op == 'CREATE' then
   if exists then return 'EXISTS' end
   local bucket_limit = tonumber(ARGV[7])
-  local first_bucket = 9
+  local first_bucket = 10
   if (#ARGV - first_bucket + 1) / 6 > bucket_limit then return 'TOO_MANY_BUCKETS' end
   redis.call('HSET', account_key, 'balance', ARGV[5], 'credit_limit', ARGV[6],
     'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
     'charged', '0', 'refunded', '0', 'adjusted', '0', 'created_ms', now_ms)
   if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
+  redis.call('HSET', account_key, 'plan', ARGV[9])
   redis.call('SADD', account_index_key, account_id)
   for i = first_bucket, #ARGV, 6 do
     redis.call('HSET', buckets_key, ARGV[i],
@@ -181,6 +201,12 @@ elseif op == 'BUCKET' then
   return account('OK')
 elseif op == 'STATE' then
   redis.call('HSET', account_key, 'state', ARGV[5])
+  return account('OK')
+elseif op == 'PLAN' then
+  local from = redis.call('HGET', account_key, 'plan') or ARGV[6]
+  redis.call('HSET', account_key, 'plan', ARGV[5])
+  notify('plan_changed|plan|' .. ARGV[5] .. '|from|' .. from)
+  ask_open_sessions_again()
   return account('OK')
 elseif op == 'GET' then
   return account('OK')

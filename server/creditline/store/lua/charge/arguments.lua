@@ -5,11 +5,11 @@ local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
   events_key, cdrs_key, rates_key, event_counter_key, deadlines_key
 local kind, request_number, account_id, session_id, now_ms, event_time_ms, retention_s,
   event_action, trim_strategy, trim_threshold, spike_fast_s, spike_slow_s, spike_factor,
-  supervision_ms, refund_of, block_count
+  supervision_ms, refund_of, assumed_plan, default_plan, block_count
 local now_s
 local blocks
 -- Where the blocks start (after the arguments read_arguments reads)
-local FIRST_BLOCK_ARGUMENT = 17
+local FIRST_BLOCK_ARGUMENT = 19
 
 -- The rating-group blocks.
 local function read_blocks()
@@ -48,7 +48,9 @@ local function read_arguments()
   spike_factor = num(ARGV[13])
   supervision_ms = num(ARGV[14])
   refund_of = ARGV[15]
-  block_count = num(ARGV[16])
+  assumed_plan = ARGV[16]
+  default_plan = ARGV[17]
+  block_count = num(ARGV[18])
   now_s = math_floor(now_ms / 1000)
   read_blocks()
 end

@@ -225,6 +225,8 @@ end
 local function event_request()
   local early, target, target_answer, refunds = admit_event()
   if early then return early end
+  local retry = plan_retry()
+  if retry then return retry end
   local event = { target = target, target_answer = target_answer, refunds = refunds,
     cdr_items = {}, cdr_total = 0, refunded = {}, sufficient = 1 }
   local parts, shared_code = '', nil  -- parts: ";<block>" per block

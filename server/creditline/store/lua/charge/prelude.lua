@@ -15,7 +15,8 @@ written here too, in the same step: one exists if and only if its charge happene
 
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
-                          charged, refunded, adjusted, low_balance (thresholds, "t1,t2,...")
+                          charged, refunded, adjusted, low_balance (thresholds, "t1,t2,..."),
+                          plan (its price plan's id in the catalogue)
   KEYS[2] request key     session hash (kinds I/U/T: last_request, answer, state,
                           started_ms, account, session; per rating group g:<block id>, its
                           state packed (creditline/store/contract.py
@@ -77,7 +78,11 @@ ARGV:
   [13] the factor (0: no spike detection)
   [14] supervision time, ms: a session with no request for this long is closed
   [15] REFUND: the session id of the event or session whose charge it reverses; else ""
-  [16] number of rating-group blocks, then each block as:
+  [16] the plan the server priced the request by (the catalogue's id): the account's plan
+      ("plan" in its hash) must be the same, else the answer is PLAN_RETRY_ANSWER and the
+      account's plan, and nothing is written; "": not checked (a supervision close)
+  [17] the catalogue's default plan: the plan of an account with no "plan" field
+  [18] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, unit kind ("t" time, "v" volume, "s" service

@@ -252,7 +252,7 @@ end
 local function session_request()
   session, rg_states, final_rgs = hash(request_key), {}, {}
   claim_key = KEYS[12]
-  local early = admit_session()
+  local early = admit_session() or plan_retry()
   if early then return early end
   closing = kind == 'T' or kind == 'S'
   local answer = answer_blocks()

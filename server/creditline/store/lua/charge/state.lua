@@ -12,22 +12,32 @@ end
 
 -- The account, one request's (set by read_account): the fields the script reads, and
 -- those it may change as read (field -> value).
-local balance, balance_at_start, reserved, credit_limit, barred, low_balance
+local balance, balance_at_start, reserved, credit_limit, barred, low_balance, account_plan
 local account, account_changes  -- field -> increment
 
 -- Reads the account; the refusal when there is none. (HMGET of the fields the script
 -- uses: the whole hash as a map cost ~10k instructions more per request.)
 local function read_account()
   local read = redis_call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
-    'state', 'low_balance', 'charged', 'refunded')
+    'state', 'low_balance', 'charged', 'refunded', 'plan')
   if not read[1] then return USER_UNKNOWN .. ';!unknown account' end
   balance, reserved, credit_limit = num(read[1]), num(read[2]), num(read[3])
   balance_at_start = balance
   barred = read[4] == 'barred'
   low_balance = read[5]
+  account_plan = read[8] or default_plan  -- (accounts made before plans: the default)
   account = { balance = balance, reserved = reserved, charged = read[6], refunded = read[7] }
   account_changes = {}
   return nil
+end
+
+-- The answer when the server priced the request by another plan than the account's (it
+-- prices it again by that one: creditline/store/contract.py PLAN_RETRY_ANSWER), else nil.
+-- No plan assumed (''): a supervision close, which prices nothing.
+local PLAN_RETRY_ANSWER = '0;!plan='
+local function plan_retry()
+  if assumed_plan == '' or assumed_plan == account_plan then return nil end
+  return PLAN_RETRY_ANSWER .. account_plan
 end
 
 local function account_add(field, delta)
