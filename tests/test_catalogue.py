@@ -10,10 +10,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from itertools import count
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -27,8 +27,10 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_g
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as npb
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.books import Books
+from tests.cluster import RedisCluster
 from tests.messages import RG_SMS, RG_VOICE, block, ccr, rg_answer
 from tests.stream_client import charging_over
 from tests.test_notifications import subscribe
@@ -39,14 +41,44 @@ VOICE_PRICE_PER_S = {"standard": 10_000, "cheap": 2_000}
 _numbers = count()
 
 
+class Backend(NamedTuple):
+    url: str
+    cluster: bool
+
+
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def backend(request: pytest.FixtureRequest, redis_process: RedisProcess) -> Iterator[Backend]:
+    """Every scenario on one Redis and on a Redis Cluster of three masters."""
+    if request.param == "redis":
+        yield Backend(redis_process.url, cluster=False)
+        return
+    with RedisCluster(masters=3) as cluster:
+        yield Backend(cluster.url, cluster=True)
+
+
 @pytest.fixture(scope="module")
-async def servers(redis_process: RedisProcess) -> AsyncIterator[list[RunningServer]]:
+async def servers(backend: Backend) -> AsyncIterator[list[RunningServer]]:
     """Two servers on the catalogue and the same Redis (two processes of one deployment)."""
-    settings = Settings(listen_address="127.0.0.1:0", plan_path=str(CATALOGUE))
-    running = [await start_server(settings, redis_process.url) for _ in range(2)]
+    settings = Settings(listen_address="127.0.0.1:0", plan_path=str(CATALOGUE),
+                        redis_cluster=backend.cluster, redis_call_timeout_s=10.0)
+    running = [await start_server(settings, backend.url) for _ in range(2)]
     yield running
     for server in running:
         await stop_server(server, grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+async def redis(backend: Backend) -> AsyncIterator[Redis | ClusterClient]:
+    client: Redis | ClusterClient = (
+        ClusterClient.from_url(backend.url, decode_responses=True) if backend.cluster
+        else Redis.from_url(backend.url, decode_responses=True))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def books(redis: Redis | ClusterClient) -> Books:
+    return Books(redis, Settings().partitions)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +111,12 @@ async def _account(admin: admin_pb2_grpc.AdminStub, books: Books, plan_id: str =
     return account_id
 
 
-async def _fcalls(redis: Redis) -> int:
+async def _fcalls(redis: Redis | ClusterClient) -> int:
+    """The charging script's calls so far, on every node of a cluster."""
+    if isinstance(redis, ClusterClient):
+        by_node = await redis.info("commandstats", target_nodes=ClusterClient.ALL_NODES)
+        return sum(int(stats.get("cmdstat_fcall", {}).get("calls", 0))
+                   for stats in by_node.values())
     stats = await redis.info("commandstats")
     return int(stats.get("cmdstat_fcall", {}).get("calls", 0))
 
@@ -91,7 +128,8 @@ def _sms(account_id: str, number: int = 0) -> pb.EventRequest:
 
 
 async def test_each_account_is_priced_by_its_plan_in_one_round_trip(
-        charging: Any, channels: list[grpc.aio.Channel], redis: Redis, books: Books) -> None:
+        charging: Any, channels: list[grpc.aio.Channel], redis: Redis | ClusterClient,
+        books: Books) -> None:
     admin = _admin(channels[0])
     on_plan = {plan_id: await _account(admin, books, plan_id) for plan_id in SMS_PRICE}
     for plan_id, account_id in on_plan.items():
@@ -166,8 +204,8 @@ async def test_plans_are_listed_and_unknown_ones_refused(
 
 
 async def test_an_account_on_a_plan_this_server_does_not_have_is_refused_unapplied(
-        servers: list[RunningServer], channels: list[grpc.aio.Channel], redis: Redis,
-        books: Books) -> None:
+        servers: list[RunningServer], channels: list[grpc.aio.Channel],
+        redis: Redis | ClusterClient, books: Books) -> None:
     """A catalogue being rolled out: the account is on a plan this process has not loaded.
     The request is refused with 5012 (retry) and nothing is charged."""
     account_id = await _account(_admin(channels[0]), books)
