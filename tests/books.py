@@ -37,6 +37,7 @@ class AccountBooks:
     refunded: int
     topped_up: int
     adjusted: int
+    purchased: int
     initial: int
     credit_limit: int
     sessions_reserved: int
@@ -94,6 +95,7 @@ class Books:
             balance=int(account["balance"]), reserved=int(account["reserved"]),
             charged=int(account["charged"]), refunded=int(account["refunded"]),
             topped_up=int(account["topped_up"]), adjusted=int(account["adjusted"]),
+            purchased=int(account.get("purchased", 0)),
             initial=int(account["initial"]),
             credit_limit=int(account["credit_limit"]),
             sessions_reserved=sessions_reserved,
@@ -107,8 +109,8 @@ class Books:
     async def assert_balanced(self, account_id: str | None = None) -> None:
         for account in [account_id] if account_id else self.accounts:
             b = await self.read(account)
-            assert b.initial + b.topped_up - b.charged + b.refunded + b.adjusted == b.balance, (
-                account, b)
+            assert (b.initial + b.topped_up - b.charged + b.refunded + b.adjusted
+                    - b.purchased == b.balance), (account, b)
             assert b.reserved == b.sessions_reserved, (account, b)
             assert b.bucket_reserved == b.sessions_bucket_reserved, (account, b)
             # usage records net charges (refunds recorded negative) per rating group

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from itertools import count
 from pathlib import Path
@@ -219,6 +220,69 @@ async def test_an_account_on_a_plan_this_server_does_not_have_is_refused_unappli
     await books.assert_balanced()
 
 
+def _buy(account_id: str, offer_id: str, purchase_id: str) -> admin_pb.BuyAddOnRequest:
+    return admin_pb.BuyAddOnRequest(account_id=account_id, offer_id=offer_id,
+                                    purchase_id=purchase_id)
+
+
+async def test_an_add_on_is_paid_once_and_its_units_are_used_before_money(
+        charging: Any, channels: list[grpc.aio.Channel], books: Books) -> None:
+    admin = _admin(channels[0])
+    account_id = await _account(admin, books)
+    subscriber = await subscribe(notifications_pb2_grpc.NotificationsStub(channels[0]),
+                                 account_ids=[account_id], event_types=[npb.PURCHASE])
+    bought = await admin.BuyAddOn(_buy(account_id, "sms-10", "p-1"))
+    assert (bought.balance_micros, bought.purchased_micros) == (9_800_000, 200_000)
+    (bucket,) = bought.buckets
+    assert (bucket.bucket_id, bucket.rating_group, bucket.remaining_units) == ("p-1.1",
+                                                                               RG_SMS, 10)
+    assert abs(bucket.expires_at_unix_s - (time.time() + 86_400)) < 60
+    (event,) = await subscriber.read(1)
+    assert (event.amount_micros, event.balance_micros) == (200_000, 9_800_000)
+    assert dict(event.details) == {"offer": "sms-10", "purchase_id": "p-1"}
+    subscriber.cancel()
+    # a retransmission (and ten at once) changes nothing: the same purchase
+    again = await asyncio.gather(*(admin.BuyAddOn(_buy(account_id, "sms-10", "p-1"))
+                                   for _ in range(10)))
+    assert {a.balance_micros for a in again} == {9_800_000}
+    answer = await charging.Event(_sms(account_id))
+    assert answer.rating_groups[0].amount_micros == 0  # from the add-on's bucket
+    assert answer.rating_groups[0].units_from_buckets == 1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await admin.BuyAddOn(_buy(account_id, "voice-hour", "p-1"))
+    assert refused.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert "'p-1' bought offer 'sms-10'" in str(refused.value.details())
+    await books.assert_balanced()
+
+
+async def test_an_add_on_the_account_cannot_have_is_refused_with_nothing_changed(
+        channels: list[grpc.aio.Channel], books: Books) -> None:
+    admin = _admin(channels[0])
+    account_id = await _account(admin, books)  # on "standard": no voice-hour
+    for offer_id, purchase_id, code, reason in [
+            ("voice-hour", "p-2", grpc.StatusCode.FAILED_PRECONDITION,
+             "not sold with the account's plan 'standard'"),
+            ("gold", "p-3", grpc.StatusCode.INVALID_ARGUMENT, "not an offer of the catalogue"),
+            ("sms-10", "p 4", grpc.StatusCode.INVALID_ARGUMENT, "purchase_id: letters")]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await admin.BuyAddOn(_buy(account_id, offer_id, purchase_id))
+        assert refused.value.code() is code
+        assert reason in str(refused.value.details())
+    await admin.AdjustBalance(admin_pb.AdjustBalanceRequest(
+        account_id=account_id, amount_micros=-9_900_000, adjustment_id="a", reason="test"))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:  # 0.10 left: the add-on is 0.20
+        await admin.BuyAddOn(_buy(account_id, "sms-10", "p-5"))
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert "costs 200000 micros, more than the 100000 available" in str(
+        refused.value.details())
+    state = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+    assert (state.balance_micros, state.purchased_micros, len(state.buckets)) == (100_000, 0, 0)
+    await books.assert_balanced()
+
+
+PLAN_A = '[[plan]]\nid = "a"\n[[plan.tariff]]\nrating_group = 1\nunit = "time"\nfree = true\n'
+
+
 @pytest.mark.parametrize(("text", "reason"), [
     ('[[plan]]\nid = "a"\n', "plan[0].tariff: at least one [[tariff]] table is required"),
     ('[[plan]]\nid = "a b"\n[[plan.tariff]]\n', "plan[0].id: ' ' is not allowed"),
@@ -233,7 +297,17 @@ async def test_an_account_on_a_plan_this_server_does_not_have_is_refused_unappli
      'unit = "time"\nfree = true\n', "plan[0].billing_day:"),
     ('[[plan]]\nid = "a"\n[[plan.tariff]]\nrating_group = 1\nunit = "minutes"\n',
      "plan[0].tariff[0].unit: 'minutes' is not one of"),
-    ('[[offer]]\nid = "x"\n', "offer: unknown table"),
+    ('[[bundle]]\nid = "x"\n', "bundle: unknown table"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\n',
+     "offer[0].kind: 'recurring': only 'add_on' offers are sold so far"),
+    (PLAN_A + '[[offer]]\nid = "x"\nprice_micros = 1\nvalidity_s = 60\nplans = ["b"]\n',
+     "offer[0].plans: a list of the catalogue's plan ids (a)"),
+    (PLAN_A + '[[offer]]\nid = "x"\nprice_micros = 1\nvalidity_s = 60\n'
+     '[[offer.allowance]]\nrating_group = 1\nunit = "time"\nunits = 0\n',
+     "offer[0].allowance[0].units: required, a whole number 1..9007199254740991"),
+    (PLAN_A + '[[offer]]\nid = "a"\nprice_micros = 1\nvalidity_s = 60\n'
+     '[[offer.allowance]]\nrating_group = 1\nunit = "time"\nunits = 5\n',
+     "offer[0].id: 'a' names an earlier offer or a plan"),
 ])
 def test_bad_catalogues_are_refused_naming_file_field_and_reason(
         tmp_path: Path, text: str, reason: str) -> None:
@@ -266,9 +340,12 @@ async def test_the_cli_lists_plans_and_puts_accounts_on_them(
     assert [p["plan_id"] for p in listed["plans"]] == ["standard", "cheap"]
     account_id = f"cat{os.getpid()}-cli"
     created = await asyncio.to_thread(_cli, port, "account", "create", account_id,
-                                      "--balance-micros", "1000", "--plan", "cheap")
+                                      "--balance-micros", "1000000", "--plan", "cheap")
     books.track(account_id)
     assert created["plan_id"] == "cheap"
+    assert [o["offer_id"] for o in listed["offers"]] == ["sms-10", "voice-hour"]
+    bought = await asyncio.to_thread(_cli, port, "account", "buy", account_id, "voice-hour")
+    assert bought["purchased_micros"] == "500000"  # (JSON: int64 as a string)
     changed = await asyncio.to_thread(_cli, port, "account", "change-plan", account_id,
                                       "standard")
     assert changed["plan_id"] == "standard"

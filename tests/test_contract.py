@@ -94,7 +94,7 @@ def test_the_result_codes_are_the_scripts_and_the_protocols() -> None:
 def _keys_read(source: str) -> list[str]:
     # (a script's top-level locals, or a function's assignments: charge.lua's read_arguments,
     # which calls unpack by its local name, base_unpack)
-    match = re.search(r"^(?:local |  )([\w,\s]+?) = (?:base_)?unpack\(KEYS, 1, (\d+)\)", source,
+    match = re.search(r"^(?:local |  )([\w,\s]+?) =\s+(?:base_)?unpack\(KEYS, 1, (\d+)\)", source,
                       re.MULTILINE)
     assert match, "no unpack(KEYS, ...)"
     names = [name.strip() for name in match[1].split(",")]

@@ -81,7 +81,7 @@ def test_key_names_are_injective_and_keep_their_partition_slot() -> None:
     for account_id in accounts:
         keys = account_keys(account_id, partitions)
         for kind in ("account", "buckets", "usage", "open_sessions", "final_sessions",
-                     "top_ups", "rates"):
+                     "top_ups", "rates", "adjustments", "purchases"):
             name(getattr(keys, kind), kind, account_id)
         for session_id in [*HOSTILE_SESSION_IDS, "s", "acct", "x"]:
             name(keys.session(session_id), "session", account_id, session_id)

@@ -144,6 +144,11 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
         "are asked to re-authorise)")
     change_plan.add_argument("account_id")
     change_plan.add_argument("plan")
+    buy = account_commands.add_parser(
+        "buy", help="buy an add-on of the catalogue: its price debited, its units granted")
+    buy.add_argument("account_id")
+    buy.add_argument("offer")
+    buy.add_argument("--purchase-id", default="", help="idempotency key (default: random)")
     top_up = account_commands.add_parser("top-up")
     top_up.add_argument("account_id")
     top_up.add_argument("amount_micros", type=int)
@@ -158,7 +163,8 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
 
-    plans = commands.add_parser("plans", help="the server's catalogue: its price plans")
+    plans = commands.add_parser("plans", help="the server's catalogue: its price plans "
+                                "and offers")
     _add_connection_flags(plans)
 
     health = commands.add_parser(
@@ -186,6 +192,10 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
             return await admin.CreateAccount(admin_pb.CreateAccountRequest(
                 account_id=args.account_id, initial_balance_micros=args.balance_micros,
                 credit_limit_micros=args.credit_limit_micros, plan_id=args.plan))
+        if command == "buy":
+            return await admin.BuyAddOn(admin_pb.BuyAddOnRequest(
+                account_id=args.account_id, offer_id=args.offer,
+                purchase_id=args.purchase_id or uuid.uuid4().hex))
         if command == "change-plan":
             return await admin.ChangePlan(admin_pb.ChangePlanRequest(
                 account_id=args.account_id, plan_id=args.plan))

@@ -12,7 +12,7 @@ import grpc
 from redis.exceptions import RedisError
 
 from creditline.api import messages
-from creditline.charging.catalogue import Catalogue, PlansSeen
+from creditline.charging.catalogue import Catalogue, Offer, PlansSeen
 from creditline.charging.kernels import Kernels, require_kernels
 from creditline.charging.rating import Rater, UnitKind
 from creditline.errors import StoreUnavailableError
@@ -286,11 +286,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             account_id, operation, *args))
         if result.account is None:
             status, _, detail = result.status.partition("|")  # "CONFLICT|<amount>" ...
-            code, message = _ADMIN_REFUSALS.get(
-                status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}"))
+            refusals = _PURCHASE_REFUSALS if operation == "PURCHASE" else _ADMIN_REFUSALS
+            code, message = refusals.get(status, _ADMIN_REFUSALS.get(
+                status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}")))
             await context.abort(code, message.format(
                 account_id=account_id, detail=detail, id_field=_ID_FIELDS.get(operation, ""),
-                id=args[1] if len(args) > 1 else "", amount=args[0] if args else ""))
+                id=args[1] if len(args) > 1 else "", amount=args[0] if args else "",
+                purchase_id=args[0] if args else "", offer_id=args[1] if len(args) > 1 else "",
+                price=args[2] if len(args) > 2 else ""))
             raise AssertionError("abort raises")
         return account_message(account_id, result.account, self._catalogue.default_plan_id)
 
@@ -403,6 +406,29 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._saw_plan(account)
         return account
 
+    async def BuyAddOn(self, request: admin_pb.BuyAddOnRequest, context: Context
+                       ) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        offer = self._catalogue.offers.get(request.offer_id)
+        if offer is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offer_id: "
+                                f"{request.offer_id!r} is not an offer of the catalogue "
+                                "(Admin.ListPlans)")
+            raise AssertionError("abort raises")
+        await _check_idempotency_id(request.purchase_id, "purchase_id", "purchases", context)
+        if not messages.ACCOUNT_ID_PATTERN.fullmatch(request.purchase_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "purchase_id: letters, "
+                                "digits and ._:@+- only (it names the add-on's buckets)")
+        expires_at_s = int(time.time()) + offer.validity_s
+        allowances: list[int | str] = []
+        for allowance in offer.allowances:
+            allowances += [allowance.rating_group, allowance.units, expires_at_s,
+                           allowance.priority, allowance.unit_kind.value]
+        return await self._operate(
+            context, request.account_id, "PURCHASE", request.purchase_id, offer.offer_id,
+            offer.price_micros, ",".join(sorted(offer.plans)),
+            self._catalogue.default_plan_id, MAX_BUCKETS_PER_ACCOUNT, *allowances)
+
     async def ListPlans(self, request: admin_pb.ListPlansRequest,
                         context: Context) -> admin_pb.ListPlansResponse:
         catalogue = self._catalogue
@@ -412,7 +438,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                  billing_day=plan.billing_day, time_zone=plan.time_zone)
                    for plan_id, plan in catalogue.plans.items()],
             default_plan_id=catalogue.default_plan_id,
-            catalogue_version=catalogue.version)
+            catalogue_version=catalogue.version,
+            offers=[_offer_message(offer) for offer in catalogue.offers.values()])
 
 
 # The longest reason an adjustment may give (it is kept in the CDR and the notification).
@@ -432,6 +459,31 @@ _ID_FIELDS = {"TOPUP": "top_up_id", "ADJUST": "adjustment_id"}
 # admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
 # said after "|"), {id_field}, {id} and {amount} (the operation's first arguments) are
 # filled in)
+def _offer_message(offer: Offer) -> admin_pb.Offer:
+    return admin_pb.Offer(
+        offer_id=offer.offer_id, kind=offer.kind, price_micros=offer.price_micros,
+        validity_s=offer.validity_s, plan_ids=sorted(offer.plans),
+        allowances=[admin_pb.Allowance(
+            rating_group=a.rating_group, unit_kind=_UNIT_KIND_ENUMS[a.unit_kind.value],
+            units=a.units, priority=a.priority) for a in offer.allowances])
+
+
+# BuyAddOn's refusals (nothing changed): {purchase_id}, {offer_id}, {price}, {detail}
+_PURCHASE_REFUSALS = {
+    "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
+                 "purchase_id: {purchase_id!r} bought offer {detail!r}, not {offer_id!r}; "
+                 "nothing changed (a new purchase needs a new id)"),
+    "UNAFFORDABLE": (grpc.StatusCode.FAILED_PRECONDITION,
+                     "offer_id: {offer_id!r} costs {price} micros, more than the {detail} "
+                     "available (balance + credit limit - reserved); nothing changed"),
+    "NOT_SOLD": (grpc.StatusCode.FAILED_PRECONDITION,
+                 "offer_id: {offer_id!r} is not sold with the account's plan {detail!r}; "
+                 "nothing changed"),
+    "BUCKET_EXISTS": (grpc.StatusCode.ALREADY_EXISTS,
+                      "purchase_id: the account has a bucket named by {purchase_id!r} "
+                      "already (its add-on buckets are \"<purchase id>.<n>\"); nothing changed"),
+}
+
 _ADMIN_REFUSALS = {
     "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
                  "{id_field}: {id!r} was applied with amount_micros {detail}, not "
@@ -463,6 +515,7 @@ def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id:
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
         adjusted_micros=int(fields["adjusted"]), plan_id=fields.get("plan", default_plan_id),
+        purchased_micros=int(fields.get("purchased", 0)),
     )
     for bucket_id, value in sorted(snapshot.buckets.items()):
         bucket = parse_bucket(value)

@@ -32,7 +32,7 @@ class CdrItem:
 @dataclass(frozen=True, slots=True)
 class Cdr:
     cdr_id: str
-    kind: str                    # session | event | refund | adjustment
+    kind: str                    # session | event | refund | adjustment | purchase
     account_id: str
     session_id: str
     started_ms: int
@@ -42,7 +42,8 @@ class Cdr:
     charged_micros: int
     balance_after_micros: int
     items: tuple[CdrItem, ...]
-    # refund: the session id of the charge it reverses; adjustment: its reason
+    # refund: the session id of the charge it reverses; adjustment: its reason; purchase:
+    # the offer bought
     reference: str = ""
 
 
@@ -58,7 +59,7 @@ def cdr_from_stream(partition: int, stream_id: str, fields: Mapping[str, str]) -
         ended_ms=int(fields["ended_ms"]), cause=fields["cause"],
         result_code=int(fields.get("result") or 0), charged_micros=int(fields["charged"]),
         balance_after_micros=int(fields["balance_after"]), items=tuple(items),
-        reference=fields.get("refunds") or fields.get("reason", ""),
+        reference=fields.get("refunds") or fields.get("reason") or fields.get("offer", ""),
     )
 
 

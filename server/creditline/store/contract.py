@@ -81,6 +81,7 @@ EVENT_TYPES = frozenset({
     "quota_granted", "usage_charged", "session_ended", "event_charged", "event_refunded",
     "top_up", "low_balance", "credit_exhausted", "final_units_granted", "bucket_expired",
     "usage_spike", "reauthorization_needed", "adjustment", "plan_changed",
+    "purchase",
 })
 
 
@@ -233,12 +234,13 @@ class AdminKeys(NamedTuple):
     account_index: str  # the partition's set of account ids
     adjustments: str
     cdrs: str
+    purchases: str      # purchase id -> offer id (applied once per id)
 
 
 class AdminArgs(NamedTuple):
     """admin.lua's ARGV[1..4]; the operation's own arguments follow."""
 
-    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, GET
+    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, PURCHASE, GET
     account_id: str
     now_ms: int
     event_trim: str

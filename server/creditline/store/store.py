@@ -171,6 +171,10 @@ class AccountKeys:
         return f"{self.prefix}:adjustments"
 
     @property
+    def purchases(self) -> str:
+        return f"{self.prefix}:purchases"
+
+    @property
     def events(self) -> str:
         return events_key(self.partition)
 
@@ -571,7 +575,8 @@ class Store:
                 account=keys.account, buckets=keys.buckets, usage=keys.usage,
                 sessions=keys.open_sessions, topups=keys.top_ups, final=keys.final_sessions,
                 events=keys.events, event_counter=event_counter_key(keys.partition),
-                account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs)],
+                account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs,
+                purchases=keys.purchases)],
             [*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
                         event_trim=self._event_trim(now_ms)), *args])
         raw = await (call if self._instrument is None

@@ -170,6 +170,7 @@ class Account(_message.Message):
     OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
     ADJUSTED_MICROS_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    PURCHASED_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -191,6 +192,8 @@ class Account(_message.Message):
     """sum of adjustments (AdjustBalance)"""
     plan_id: _builtins.str
     """the catalogue plan that prices its requests"""
+    purchased_micros: _builtins.int
+    """sum of add-on purchases (BuyAddOn)"""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -213,10 +216,11 @@ class Account(_message.Message):
         open_sessions: _builtins.int = ...,
         adjusted_micros: _builtins.int = ...,
         plan_id: _builtins.str = ...,
+        purchased_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -284,6 +288,32 @@ class ChangePlanRequest(_message.Message):
 Global___ChangePlanRequest: _TypeAlias = ChangePlanRequest  # noqa: Y015
 
 @_typing.final
+class BuyAddOnRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    PURCHASE_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    offer_id: _builtins.str
+    purchase_id: _builtins.str
+    """Idempotency key: a purchase with the same id is applied once."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        purchase_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "offer_id", b"offer_id", "purchase_id", b"purchase_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BuyAddOnRequest: _TypeAlias = BuyAddOnRequest  # noqa: Y015
+
+@_typing.final
 class ListPlansRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -297,6 +327,73 @@ class ListPlansRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPlansRequest: _TypeAlias = ListPlansRequest  # noqa: Y015
+
+@_typing.final
+class Allowance(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATING_GROUP_FIELD_NUMBER: _builtins.int
+    UNIT_KIND_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    rating_group: _builtins.int
+    unit_kind: Global___UnitKind.ValueType
+    units: _builtins.int
+    priority: _builtins.int
+    def __init__(
+        self,
+        *,
+        rating_group: _builtins.int = ...,
+        unit_kind: Global___UnitKind.ValueType = ...,
+        units: _builtins.int = ...,
+        priority: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "rating_group", b"rating_group", "unit_kind", b"unit_kind", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Allowance: _TypeAlias = Allowance  # noqa: Y015
+
+@_typing.final
+class Offer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    PRICE_MICROS_FIELD_NUMBER: _builtins.int
+    VALIDITY_S_FIELD_NUMBER: _builtins.int
+    PLAN_IDS_FIELD_NUMBER: _builtins.int
+    ALLOWANCES_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    kind: _builtins.str
+    """"add_on" """
+    price_micros: _builtins.int
+    validity_s: _builtins.int
+    @_builtins.property
+    def plan_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the plans it is sold with"""
+
+    @_builtins.property
+    def allowances(self) -> _containers.RepeatedCompositeFieldContainer[Global___Allowance]: ...
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        price_micros: _builtins.int = ...,
+        validity_s: _builtins.int = ...,
+        plan_ids: _abc.Iterable[_builtins.str] | None = ...,
+        allowances: _abc.Iterable[Global___Allowance] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowances", b"allowances", "kind", b"kind", "offer_id", b"offer_id", "plan_ids", b"plan_ids", "price_micros", b"price_micros", "validity_s", b"validity_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Offer: _TypeAlias = Offer  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
@@ -336,6 +433,7 @@ class ListPlansResponse(_message.Message):
     PLANS_FIELD_NUMBER: _builtins.int
     DEFAULT_PLAN_ID_FIELD_NUMBER: _builtins.int
     CATALOGUE_VERSION_FIELD_NUMBER: _builtins.int
+    OFFERS_FIELD_NUMBER: _builtins.int
     default_plan_id: _builtins.str
     catalogue_version: _builtins.str
     """the same on every process serving the same file"""
@@ -343,16 +441,19 @@ class ListPlansResponse(_message.Message):
     def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___Plan]:
         """in the catalogue's order"""
 
+    @_builtins.property
+    def offers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Offer]: ...
     def __init__(
         self,
         *,
         plans: _abc.Iterable[Global___Plan] | None = ...,
         default_plan_id: _builtins.str = ...,
         catalogue_version: _builtins.str = ...,
+        offers: _abc.Iterable[Global___Offer] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalogue_version", b"catalogue_version", "default_plan_id", b"default_plan_id", "plans", b"plans"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalogue_version", b"catalogue_version", "default_plan_id", b"default_plan_id", "offers", b"offers", "plans", b"plans"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

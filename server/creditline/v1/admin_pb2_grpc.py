@@ -74,6 +74,11 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.BuyAddOn = channel.unary_unary(
+                '/creditline.v1.Admin/BuyAddOn',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -135,6 +140,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BuyAddOn(self, request, context):
+        """Buys an add-on of the catalogue (ListPlans: offers) for the account: its price debited
+        and its allowances added as buckets ending with its validity, in one step; refused with
+        nothing changed (FAILED_PRECONDITION) when the account cannot pay it or its plan does
+        not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
+        "purchase") and in the books as purchased_micros; the open sessions are asked to
+        re-authorise (their quotas may grow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +193,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ChangePlan': grpc.unary_unary_rpc_method_handler(
                     servicer.ChangePlan,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'BuyAddOn': grpc.unary_unary_rpc_method_handler(
+                    servicer.BuyAddOn,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -394,6 +416,33 @@ class Admin:
             target,
             '/creditline.v1.Admin/ChangePlan',
             creditline_dot_v1_dot_admin__pb2.ChangePlanRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BuyAddOn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/BuyAddOn',
+            creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

@@ -51,6 +51,14 @@ class AdminStub:
     priced by it, and each of its open sessions is asked to re-authorise every rating
     group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
     """
+    BuyAddOn: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BuyAddOnRequest, _admin_pb2.Account]
+    """Buys an add-on of the catalogue (ListPlans: offers) for the account: its price debited
+    and its allowances added as buckets ending with its validity, in one step; refused with
+    nothing changed (FAILED_PRECONDITION) when the account cannot pay it or its plan does
+    not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
+    "purchase") and in the books as purchased_micros; the open sessions are asked to
+    re-authorise (their quotas may grow).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -72,6 +80,14 @@ class AdminAsyncStub(AdminStub):
     """Puts the account on another plan of the catalogue, from now: its next request is
     priced by it, and each of its open sessions is asked to re-authorise every rating
     group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
+    """
+    BuyAddOn: _aio.UnaryUnaryMultiCallable[_admin_pb2.BuyAddOnRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Buys an add-on of the catalogue (ListPlans: offers) for the account: its price debited
+    and its allowances added as buckets ending with its validity, in one step; refused with
+    nothing changed (FAILED_PRECONDITION) when the account cannot pay it or its plan does
+    not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
+    "purchase") and in the books as purchased_micros; the open sessions are asked to
+    re-authorise (their quotas may grow).
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -139,6 +155,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Puts the account on another plan of the catalogue, from now: its next request is
         priced by it, and each of its open sessions is asked to re-authorise every rating
         group it holds (REAUTHORIZATION_NEEDED), so that its quotas follow the new prices.
+        """
+
+    @_abc_1.abstractmethod
+    def BuyAddOn(
+        self,
+        request: _admin_pb2.BuyAddOnRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Buys an add-on of the catalogue (ListPlans: offers) for the account: its price debited
+        and its allowances added as buckets ending with its validity, in one step; refused with
+        nothing changed (FAILED_PRECONDITION) when the account cannot pay it or its plan does
+        not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
+        "purchase") and in the books as purchased_micros; the open sessions are asked to
+        re-authorise (their quotas may grow).
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -53,6 +53,8 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """AdjustBalance: amount, balance after; details reason, id"""
     PLAN_CHANGED: _EventType.ValueType  # 14
     """ChangePlan: details plan (the new one) and from (the old)"""
+    PURCHASE: _EventType.ValueType  # 15
+    """BuyAddOn: amount, balance after; details offer, purchase_id"""
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -81,6 +83,8 @@ ADJUSTMENT: EventType.ValueType  # 13
 """AdjustBalance: amount, balance after; details reason, id"""
 PLAN_CHANGED: EventType.ValueType  # 14
 """ChangePlan: details plan (the new one) and from (the old)"""
+PURCHASE: EventType.ValueType  # 15
+"""BuyAddOn: amount, balance after; details offer, purchase_id"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

@@ -14,6 +14,7 @@ KEYS (all under the account's partition hash tag):
   KEYS[9] account index   the partition's set of account ids (reconcile, metrics)
   KEYS[10] adjustments    hash: adjustment id -> amount (applied once per id)
   KEYS[11] CDR stream     the partition's charging data records
+  KEYS[12] purchases      hash: purchase id -> offer id (applied once per id)
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
@@ -27,6 +28,10 @@ stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
   STATE   active|barred                    -> account | "UNKNOWN"
   PLAN    plan default_plan                -> account | "UNKNOWN"  (the account's plan
           from now; its open sessions asked to re-authorise every rating group they hold)
+  PURCHASE purchase_id offer_id price plans ("p1,p2": the plans that sell it)
+          default_plan bucket_limit [allowance: rg units expires_at_s priority kind]...
+          -> account | "UNKNOWN" | "CONFLICT|<offer id>" | "UNAFFORDABLE|<available>"
+          | "NOT_SOLD|<plan>" | "TOO_MANY_BUCKETS" | "BUCKET_EXISTS"
   GET     -> account | "UNKNOWN"
 where account is { status ("OK", or "DUPLICATE" for a top-up or adjustment id applied
 before with the same amount; another amount is a CONFLICT naming the first), account
@@ -42,7 +47,8 @@ final units, on the event stream.
 ]]
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
-  event_counter_key, account_index_key, adjustments_key, cdrs_key = unpack(KEYS, 1, 11)
+  event_counter_key, account_index_key, adjustments_key, cdrs_key, purchases_key =
+  unpack(KEYS, 1, 12)
 -- (one argument per line, named as server/contract.py AdminArgs names it)
 local op = ARGV[1]
 local account_id = ARGV[2]
@@ -141,6 +147,57 @@ local function ask_open_sessions_again()
   redis.call('DEL', final_key)
 end
 
+-- The refusal of an add-on purchase before anything is written, else nil.
+local function purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
+                                allowances)
+  local plan = redis.call('HGET', account_key, 'plan') or default_plan
+  if not string.find(',' .. plans .. ',', ',' .. plan .. ',', 1, true) then
+    return 'NOT_SOLD|' .. plan
+  end
+  local fields = redis.call('HMGET', account_key, 'balance', 'credit_limit', 'reserved')
+  local available = fields[1] + fields[2] - fields[3]
+  if available < price then return 'UNAFFORDABLE|' .. string.format('%d', available) end
+  if redis.call('HLEN', buckets_key) + allowances > bucket_limit then
+    return 'TOO_MANY_BUCKETS'
+  end
+  for n = 1, allowances do
+    if redis.call('HEXISTS', buckets_key, purchase_id .. '.' .. n) == 1 then
+      return 'BUCKET_EXISTS'
+    end
+  end
+  return nil
+end
+
+-- An add-on bought: its price debited, its allowances buckets (ids "<purchase id>.<n>"),
+-- announced, a CDR, and the open sessions asked again (their quotas may grow).
+local function purchase(purchase_id, offer_id, price, plans, default_plan, bucket_limit)
+  local first = redis.call('HGET', purchases_key, purchase_id)
+  if first == offer_id then return account('DUPLICATE') end
+  if first then return 'CONFLICT|' .. first end
+  local first_allowance = 11
+  local allowances = (#ARGV - first_allowance + 1) / 5
+  local refusal = purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
+    allowances)
+  if refusal then return refusal end
+  redis.call('HSET', purchases_key, purchase_id, offer_id)
+  local balance = redis.call('HINCRBY', account_key, 'balance', -price)
+  redis.call('HINCRBY', account_key, 'purchased', price)
+  for n = 1, allowances do
+    local i = first_allowance + (n - 1) * 5
+    redis.call('HSET', buckets_key, purchase_id .. '.' .. n,
+      bucket_value(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]))
+  end
+  local price_text, balance_text = string.format('%d', price), string.format('%d', balance)
+  notify('purchase|amount|' .. price_text .. '|balance|' .. balance_text,
+    'offer', offer_id, 'purchase_id', purchase_id)
+  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', purchase_id,
+    'ended_ms', now_ms, 'balance_after', balance_text, 'kind', 'purchase',
+    'started_ms', now_ms, 'cause', 'purchase', 'result', '2001',
+    'charged', price_text, 'items', '', 'offer', offer_id)
+  ask_open_sessions_again()
+  return account('OK')
+end
+
 if op == 'CREATE' then
   if exists then return 'EXISTS' end
   local bucket_limit = tonumber(ARGV[7])
@@ -148,7 +205,7 @@ if op == 'CREATE' then
   if (#ARGV - first_bucket + 1) / 6 > bucket_limit then return 'TOO_MANY_BUCKETS' end
   redis.call('HSET', account_key, 'balance', ARGV[5], 'credit_limit', ARGV[6],
     'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
-    'charged', '0', 'refunded', '0', 'adjusted', '0', 'created_ms', now_ms)
+    'charged', '0', 'refunded', '0', 'adjusted', '0', 'purchased', '0', 'created_ms', now_ms)
   if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
   redis.call('HSET', account_key, 'plan', ARGV[9])
   redis.call('SADD', account_index_key, account_id)
@@ -208,6 +265,8 @@ elseif op == 'PLAN' then
   notify('plan_changed|plan|' .. ARGV[5] .. '|from|' .. from)
   ask_open_sessions_again()
   return account('OK')
+elseif op == 'PURCHASE' then
+  return purchase(ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], tonumber(ARGV[10]))
 elseif op == 'GET' then
   return account('OK')
 end
