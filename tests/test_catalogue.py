@@ -6,6 +6,7 @@ one process remembers of an account's plan, the other changes."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import subprocess
@@ -181,6 +182,33 @@ async def test_a_plan_changed_elsewhere_prices_the_session_from_its_next_request
     assert rg_answer(update, RG_VOICE).charged_micros == 20 * VOICE_PRICE_PER_S["cheap"]
     end = await charging.Terminate(ccr(session_id, account_id, 2, block(RG_VOICE, used=10)))
     assert rg_answer(end, RG_VOICE).charged_micros == 10 * VOICE_PRICE_PER_S["cheap"]
+    await books.assert_balanced()
+
+
+async def test_a_plan_change_from_the_next_period_takes_over_at_its_boundary(
+        servers: list[RunningServer], channels: list[grpc.aio.Channel],
+        redis: Redis | ClusterClient, books: Books) -> None:
+    admin = _admin(channels[0])
+    charging = charging_pb2_grpc.ChargingStub(channels[0])
+    account_id = await _account(admin, books)
+    scheduled = await admin.ChangePlan(admin_pb.ChangePlanRequest(
+        account_id=account_id, plan_id="cheap", from_next_period=True))
+    # tests/catalogue.toml's "standard": billing day 1, UTC
+    today = dt.datetime.now(dt.UTC).date()
+    boundary = dt.datetime(today.year + today.month // 12, today.month % 12 + 1, 1,
+                           tzinfo=dt.UTC)
+    assert (scheduled.plan_id, scheduled.next_plan_id) == ("standard", "cheap")
+    assert scheduled.next_plan_from_unix_ms == int(boundary.timestamp() * 1000)
+    answer = await charging.Event(_sms(account_id))
+    assert answer.rating_groups[0].amount_micros == SMS_PRICE["standard"]  # not yet
+    # the boundary passes (the account's own record of it, moved to a second ago)
+    key = servers[0].store.keys(account_id).account
+    await redis.hset(key, "next_plan_from_ms", str(int(time.time() * 1000) - 1_000))
+    answer = await charging.Event(_sms(account_id, 1))
+    assert answer.rating_groups[0].amount_micros == SMS_PRICE["cheap"]
+    assert await redis.hmget(key, "plan", "next_plan") == ["cheap", None]  # made the plan
+    state = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+    assert (state.plan_id, state.next_plan_id) == ("cheap", "")
     await books.assert_balanced()
 
 

@@ -144,6 +144,8 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
         "are asked to re-authorise)")
     change_plan.add_argument("account_id")
     change_plan.add_argument("plan")
+    change_plan.add_argument("--from-next-period", action="store_true",
+                             help="from the start of the account's next billing period")
     buy = account_commands.add_parser(
         "buy", help="buy an add-on of the catalogue: its price debited, its units granted")
     buy.add_argument("account_id")
@@ -198,7 +200,8 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
                 purchase_id=args.purchase_id or uuid.uuid4().hex))
         if command == "change-plan":
             return await admin.ChangePlan(admin_pb.ChangePlanRequest(
-                account_id=args.account_id, plan_id=args.plan))
+                account_id=args.account_id, plan_id=args.plan,
+                from_next_period=args.from_next_period))
         if command == "top-up":
             return await admin.TopUp(admin_pb.TopUpRequest(
                 account_id=args.account_id, amount_micros=args.amount_micros,

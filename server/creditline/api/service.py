@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -286,7 +286,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             account_id, operation, *args))
         if result.account is None:
             status, _, detail = result.status.partition("|")  # "CONFLICT|<amount>" ...
-            refusals = _PURCHASE_REFUSALS if operation == "PURCHASE" else _ADMIN_REFUSALS
+            refusals = _OPERATION_REFUSALS.get(operation, _ADMIN_REFUSALS)
             code, message = refusals.get(status, _ADMIN_REFUSALS.get(
                 status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}")))
             await context.abort(code, message.format(
@@ -401,10 +401,23 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                          context: Context) -> admin_pb.Account:
         await self._check_account_id(request.account_id, context)
         await self._check_plan_id(request.plan_id, context)
-        account = await self._operate(context, request.account_id, "PLAN", request.plan_id,
-                                      self._catalogue.default_plan_id)
-        self._saw_plan(account)
-        return account
+        if not request.from_next_period:
+            account = await self._operate(context, request.account_id, "PLAN",
+                                          request.plan_id, self._catalogue.default_plan_id,
+                                          "0", "")
+            self._saw_plan(account)
+            return account
+        # (the boundary is the current plan's: read it first; the script refuses the
+        # change if the plan changed in between)
+        current = await self._operate(context, request.account_id, "GET")
+        plan = self._catalogue.plans.get(current.plan_id)
+        if plan is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the account's plan "
+                                f"{current.plan_id!r} is not in this server's catalogue")
+            raise AssertionError("abort raises")
+        from_ms = plan.next_period_start_ms(int(time.time() * 1000))
+        return await self._operate(context, request.account_id, "PLAN", request.plan_id,
+                                   self._catalogue.default_plan_id, from_ms, current.plan_id)
 
     async def BuyAddOn(self, request: admin_pb.BuyAddOnRequest, context: Context
                        ) -> admin_pb.Account:
@@ -484,6 +497,12 @@ _PURCHASE_REFUSALS = {
                       "already (its add-on buckets are \"<purchase id>.<n>\"); nothing changed"),
 }
 
+# ChangePlan's from the next period: the plan the boundary was computed by is gone
+_PLAN_REFUSALS = {
+    "CONFLICT": (grpc.StatusCode.ABORTED, "the account's plan changed meanwhile (to "
+                 "{detail!r}); nothing changed: retry"),
+}
+
 _ADMIN_REFUSALS = {
     "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
                  "{id_field}: {id!r} was applied with amount_micros {detail}, not "
@@ -497,6 +516,21 @@ _ADMIN_REFUSALS = {
     "TOO_MANY_BUCKETS": (grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"buckets: the account would hold more than {MAX_BUCKETS_PER_ACCOUNT}"),
 }
+
+
+def _plans_of(fields: Mapping[str, str], default_plan_id: str) -> dict[str, Any]:
+    """The account's plan now and the one scheduled, as charge.lua reads them: a plan
+    scheduled from an instant passed already is the plan."""
+    plan_id, next_plan_id = fields.get("plan", default_plan_id), fields.get("next_plan", "")
+    next_from_ms = int(fields.get("next_plan_from_ms", 0))
+    if next_plan_id and time.time() * 1000 >= next_from_ms:
+        return {"plan_id": next_plan_id}
+    return {"plan_id": plan_id, "next_plan_id": next_plan_id,
+            "next_plan_from_unix_ms": next_from_ms}
+
+
+# (after _ADMIN_REFUSALS: an operation's own refusals first, then the common ones)
+_OPERATION_REFUSALS = {"PURCHASE": _PURCHASE_REFUSALS, "PLAN": _PLAN_REFUSALS}
 
 
 def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id: str
@@ -514,8 +548,8 @@ def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id:
         initial_balance_micros=int(fields["initial"]),
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
-        adjusted_micros=int(fields["adjusted"]), plan_id=fields.get("plan", default_plan_id),
-        purchased_micros=int(fields.get("purchased", 0)),
+        purchased_micros=int(fields.get("purchased", 0)), adjusted_micros=int(fields["adjusted"]),
+        **_plans_of(fields, default_plan_id),
     )
     for bucket_id, value in sorted(snapshot.buckets.items()):
         bucket = parse_bucket(value)

@@ -336,6 +336,14 @@ class Plan:
             year, month = (year, month - 1) if month > 1 else (year - 1, 12)
         return f"{year:04d}-{month:02d}-{self.billing_day:02d}"
 
+    def next_period_start_ms(self, at_unix_ms: int) -> int:
+        """When the billing period after the one holding the instant starts (unix ms): the
+        billing day's local midnight in the plan's time zone."""
+        first = dt.date.fromisoformat(self.billing_period(at_unix_ms))
+        year, month = (first.year, first.month + 1) if first.month < 12 else (first.year + 1, 1)
+        start = dt.datetime(year, month, self.billing_day, tzinfo=_zone(self.time_zone))
+        return _unix_ms(start)
+
     def tariff_for(self, rating_group: int, service_id: int | None,
                    at_unix_ms: int | None = None) -> Tariff | None:
         """The tariff of (rating group, service id), else the rating group's own: of its

@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63reditline/v1/admin.proto\x12\rcreditline.v1\"\xd2\x01\n\x06\x42ucket\x12\x11\n\tbucket_id\x18\x01 \x01(\t\x12\x14\n\x0crating_group\x18\x02 \x01(\r\x12*\n\tunit_kind\x18\x03 \x01(\x0e\x32\x17.creditline.v1.UnitKind\x12\x15\n\rinitial_units\x18\x04 \x01(\x04\x12\x17\n\x0fremaining_units\x18\x05 \x01(\x04\x12\x19\n\x11\x65xpires_at_unix_s\x18\x06 \x01(\x03\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x16\n\x0ereserved_units\x18\x08 \x01(\x04\"\xb8\x01\n\x10RatingGroupUsage\x12\x14\n\x0crating_group\x18\x01 \x01(\r\x12\x12\n\nused_units\x18\x02 \x01(\x04\x12\x16\n\x0e\x63harged_micros\x18\x03 \x01(\x03\x12\x1a\n\x12units_from_buckets\x18\x04 \x01(\x04\x12\x18\n\x10uncharged_micros\x18\x05 \x01(\x03\x12\x16\n\x0e\x62illing_period\x18\x06 \x01(\t\x12\x14\n\x0cperiod_units\x18\x07 \x01(\x04\"\xcf\x03\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.creditline.v1.AccountState\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x1b\n\x13\x63redit_limit_micros\x18\x04 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x05 \x01(\x03\x12\x18\n\x10\x61vailable_micros\x18\x06 \x01(\x03\x12\x1e\n\x16initial_balance_micros\x18\x07 \x01(\x03\x12\x18\n\x10topped_up_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x63harged_micros\x18\t \x01(\x03\x12\x17\n\x0frefunded_micros\x18\n \x01(\x03\x12&\n\x07\x62uckets\x18\x0b \x03(\x0b\x32\x15.creditline.v1.Bucket\x12.\n\x05usage\x18\x0c \x03(\x0b\x32\x1f.creditline.v1.RatingGroupUsage\x12\x15\n\ropen_sessions\x18\r \x01(\r\x12\x17\n\x0f\x61\x64justed_micros\x18\x0e \x01(\x03\x12\x0f\n\x07plan_id\x18\x0f \x01(\t\x12\x18\n\x10purchased_micros\x18\x10 \x01(\x03\"\xc7\x01\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1e\n\x16initial_balance_micros\x18\x02 \x01(\x03\x12\x1b\n\x13\x63redit_limit_micros\x18\x03 \x01(\x03\x12&\n\x07\x62uckets\x18\x04 \x03(\x0b\x32\x15.creditline.v1.Bucket\x12%\n\x1dlow_balance_thresholds_micros\x18\x05 \x03(\x03\x12\x0f\n\x07plan_id\x18\x06 \x01(\t\"8\n\x11\x43hangePlanRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\"L\n\x0f\x42uyAddOnRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08offer_id\x18\x02 \x01(\t\x12\x13\n\x0bpurchase_id\x18\x03 \x01(\t\"\x12\n\x10ListPlansRequest\"n\n\tAllowance\x12\x14\n\x0crating_group\x18\x01 \x01(\r\x12*\n\tunit_kind\x18\x02 \x01(\x0e\x32\x17.creditline.v1.UnitKind\x12\r\n\x05units\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\r\"\x91\x01\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cprice_micros\x18\x03 \x01(\x03\x12\x12\n\nvalidity_s\x18\x04 \x01(\x03\x12\x10\n\x08plan_ids\x18\x05 \x03(\t\x12,\n\nallowances\x18\x06 \x03(\x0b\x32\x18.creditline.v1.Allowance\"V\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x15\n\rrating_groups\x18\x02 \x03(\r\x12\x13\n\x0b\x62illing_day\x18\x03 \x01(\r\x12\x11\n\ttime_zone\x18\x04 \x01(\t\"\x91\x01\n\x11ListPlansResponse\x12\"\n\x05plans\x18\x01 \x03(\x0b\x32\x13.creditline.v1.Plan\x12\x17\n\x0f\x64\x65\x66\x61ult_plan_id\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61talogue_version\x18\x03 \x01(\t\x12$\n\x06offers\x18\x04 \x03(\x0b\x32\x14.creditline.v1.Offer\"L\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x11\n\ttop_up_id\x18\x03 \x01(\t\"M\n\x10\x41\x64\x64\x42ucketRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x06\x62ucket\x18\x02 \x01(\x0b\x32\x15.creditline.v1.Bucket\"X\n\x16SetAccountStateRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.creditline.v1.AccountState\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"h\n\x14\x41\x64justBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x15\n\radjustment_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t*E\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x42\x41RRED\x10\x02*Q\n\x08UnitKind\x12\x19\n\x15UNIT_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04TIME\x10\x01\x12\n\n\x06VOLUME\x10\x02\x12\x14\n\x10SERVICE_SPECIFIC\x10\x03\x32\x9d\x05\n\x05\x41\x64min\x12L\n\rCreateAccount\x12#.creditline.v1.CreateAccountRequest\x1a\x16.creditline.v1.Account\x12<\n\x05TopUp\x12\x1b.creditline.v1.TopUpRequest\x1a\x16.creditline.v1.Account\x12\x44\n\tAddBucket\x12\x1f.creditline.v1.AddBucketRequest\x1a\x16.creditline.v1.Account\x12P\n\x0fSetAccountState\x12%.creditline.v1.SetAccountStateRequest\x1a\x16.creditline.v1.Account\x12\x46\n\nGetAccount\x12 .creditline.v1.GetAccountRequest\x1a\x16.creditline.v1.Account\x12L\n\rAdjustBalance\x12#.creditline.v1.AdjustBalanceRequest\x1a\x16.creditline.v1.Account\x12N\n\tListPlans\x12\x1f.creditline.v1.ListPlansRequest\x1a .creditline.v1.ListPlansResponse\x12\x46\n\nChangePlan\x12 .creditline.v1.ChangePlanRequest\x1a\x16.creditline.v1.Account\x12\x42\n\x08\x42uyAddOn\x12\x1e.creditline.v1.BuyAddOnRequest\x1a\x16.creditline.v1.Accountb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63reditline/v1/admin.proto\x12\rcreditline.v1\"\xd2\x01\n\x06\x42ucket\x12\x11\n\tbucket_id\x18\x01 \x01(\t\x12\x14\n\x0crating_group\x18\x02 \x01(\r\x12*\n\tunit_kind\x18\x03 \x01(\x0e\x32\x17.creditline.v1.UnitKind\x12\x15\n\rinitial_units\x18\x04 \x01(\x04\x12\x17\n\x0fremaining_units\x18\x05 \x01(\x04\x12\x19\n\x11\x65xpires_at_unix_s\x18\x06 \x01(\x03\x12\x10\n\x08priority\x18\x07 \x01(\r\x12\x16\n\x0ereserved_units\x18\x08 \x01(\x04\"\xb8\x01\n\x10RatingGroupUsage\x12\x14\n\x0crating_group\x18\x01 \x01(\r\x12\x12\n\nused_units\x18\x02 \x01(\x04\x12\x16\n\x0e\x63harged_micros\x18\x03 \x01(\x03\x12\x1a\n\x12units_from_buckets\x18\x04 \x01(\x04\x12\x18\n\x10uncharged_micros\x18\x05 \x01(\x03\x12\x16\n\x0e\x62illing_period\x18\x06 \x01(\t\x12\x14\n\x0cperiod_units\x18\x07 \x01(\x04\"\x85\x04\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.creditline.v1.AccountState\x12\x16\n\x0e\x62\x61lance_micros\x18\x03 \x01(\x03\x12\x1b\n\x13\x63redit_limit_micros\x18\x04 \x01(\x03\x12\x17\n\x0freserved_micros\x18\x05 \x01(\x03\x12\x18\n\x10\x61vailable_micros\x18\x06 \x01(\x03\x12\x1e\n\x16initial_balance_micros\x18\x07 \x01(\x03\x12\x18\n\x10topped_up_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x63harged_micros\x18\t \x01(\x03\x12\x17\n\x0frefunded_micros\x18\n \x01(\x03\x12&\n\x07\x62uckets\x18\x0b \x03(\x0b\x32\x15.creditline.v1.Bucket\x12.\n\x05usage\x18\x0c \x03(\x0b\x32\x1f.creditline.v1.RatingGroupUsage\x12\x15\n\ropen_sessions\x18\r \x01(\r\x12\x17\n\x0f\x61\x64justed_micros\x18\x0e \x01(\x03\x12\x0f\n\x07plan_id\x18\x0f \x01(\t\x12\x18\n\x10purchased_micros\x18\x10 \x01(\x03\x12\x14\n\x0cnext_plan_id\x18\x11 \x01(\t\x12\x1e\n\x16next_plan_from_unix_ms\x18\x12 \x01(\x03\"\xc7\x01\n\x14\x43reateAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1e\n\x16initial_balance_micros\x18\x02 \x01(\x03\x12\x1b\n\x13\x63redit_limit_micros\x18\x03 \x01(\x03\x12&\n\x07\x62uckets\x18\x04 \x03(\x0b\x32\x15.creditline.v1.Bucket\x12%\n\x1dlow_balance_thresholds_micros\x18\x05 \x03(\x03\x12\x0f\n\x07plan_id\x18\x06 \x01(\t\"R\n\x11\x43hangePlanRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0f\n\x07plan_id\x18\x02 \x01(\t\x12\x18\n\x10\x66rom_next_period\x18\x03 \x01(\x08\"L\n\x0f\x42uyAddOnRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x10\n\x08offer_id\x18\x02 \x01(\t\x12\x13\n\x0bpurchase_id\x18\x03 \x01(\t\"\x12\n\x10ListPlansRequest\"n\n\tAllowance\x12\x14\n\x0crating_group\x18\x01 \x01(\r\x12*\n\tunit_kind\x18\x02 \x01(\x0e\x32\x17.creditline.v1.UnitKind\x12\r\n\x05units\x18\x03 \x01(\x04\x12\x10\n\x08priority\x18\x04 \x01(\r\"\x91\x01\n\x05Offer\x12\x10\n\x08offer_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x14\n\x0cprice_micros\x18\x03 \x01(\x03\x12\x12\n\nvalidity_s\x18\x04 \x01(\x03\x12\x10\n\x08plan_ids\x18\x05 \x03(\t\x12,\n\nallowances\x18\x06 \x03(\x0b\x32\x18.creditline.v1.Allowance\"V\n\x04Plan\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\x12\x15\n\rrating_groups\x18\x02 \x03(\r\x12\x13\n\x0b\x62illing_day\x18\x03 \x01(\r\x12\x11\n\ttime_zone\x18\x04 \x01(\t\"\x91\x01\n\x11ListPlansResponse\x12\"\n\x05plans\x18\x01 \x03(\x0b\x32\x13.creditline.v1.Plan\x12\x17\n\x0f\x64\x65\x66\x61ult_plan_id\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61talogue_version\x18\x03 \x01(\t\x12$\n\x06offers\x18\x04 \x03(\x0b\x32\x14.creditline.v1.Offer\"L\n\x0cTopUpRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x11\n\ttop_up_id\x18\x03 \x01(\t\"M\n\x10\x41\x64\x64\x42ucketRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12%\n\x06\x62ucket\x18\x02 \x01(\x0b\x32\x15.creditline.v1.Bucket\"X\n\x16SetAccountStateRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.creditline.v1.AccountState\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"h\n\x14\x41\x64justBalanceRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x15\n\ramount_micros\x18\x02 \x01(\x03\x12\x15\n\radjustment_id\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t*E\n\x0c\x41\x63\x63ountState\x12\x1d\n\x19\x41\x43\x43OUNT_STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\n\n\x06\x42\x41RRED\x10\x02*Q\n\x08UnitKind\x12\x19\n\x15UNIT_KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04TIME\x10\x01\x12\n\n\x06VOLUME\x10\x02\x12\x14\n\x10SERVICE_SPECIFIC\x10\x03\x32\x9d\x05\n\x05\x41\x64min\x12L\n\rCreateAccount\x12#.creditline.v1.CreateAccountRequest\x1a\x16.creditline.v1.Account\x12<\n\x05TopUp\x12\x1b.creditline.v1.TopUpRequest\x1a\x16.creditline.v1.Account\x12\x44\n\tAddBucket\x12\x1f.creditline.v1.AddBucketRequest\x1a\x16.creditline.v1.Account\x12P\n\x0fSetAccountState\x12%.creditline.v1.SetAccountStateRequest\x1a\x16.creditline.v1.Account\x12\x46\n\nGetAccount\x12 .creditline.v1.GetAccountRequest\x1a\x16.creditline.v1.Account\x12L\n\rAdjustBalance\x12#.creditline.v1.AdjustBalanceRequest\x1a\x16.creditline.v1.Account\x12N\n\tListPlans\x12\x1f.creditline.v1.ListPlansRequest\x1a .creditline.v1.ListPlansResponse\x12\x46\n\nChangePlan\x12 .creditline.v1.ChangePlanRequest\x1a\x16.creditline.v1.Account\x12\x42\n\x08\x42uyAddOn\x12\x1e.creditline.v1.BuyAddOnRequest\x1a\x16.creditline.v1.Accountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'creditline.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCOUNTSTATE']._serialized_start=2158
-  _globals['_ACCOUNTSTATE']._serialized_end=2227
-  _globals['_UNITKIND']._serialized_start=2229
-  _globals['_UNITKIND']._serialized_end=2310
+  _globals['_ACCOUNTSTATE']._serialized_start=2238
+  _globals['_ACCOUNTSTATE']._serialized_end=2307
+  _globals['_UNITKIND']._serialized_start=2309
+  _globals['_UNITKIND']._serialized_end=2390
   _globals['_BUCKET']._serialized_start=45
   _globals['_BUCKET']._serialized_end=255
   _globals['_RATINGGROUPUSAGE']._serialized_start=258
   _globals['_RATINGGROUPUSAGE']._serialized_end=442
   _globals['_ACCOUNT']._serialized_start=445
-  _globals['_ACCOUNT']._serialized_end=908
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=911
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1110
-  _globals['_CHANGEPLANREQUEST']._serialized_start=1112
-  _globals['_CHANGEPLANREQUEST']._serialized_end=1168
-  _globals['_BUYADDONREQUEST']._serialized_start=1170
-  _globals['_BUYADDONREQUEST']._serialized_end=1246
-  _globals['_LISTPLANSREQUEST']._serialized_start=1248
-  _globals['_LISTPLANSREQUEST']._serialized_end=1266
-  _globals['_ALLOWANCE']._serialized_start=1268
-  _globals['_ALLOWANCE']._serialized_end=1378
-  _globals['_OFFER']._serialized_start=1381
-  _globals['_OFFER']._serialized_end=1526
-  _globals['_PLAN']._serialized_start=1528
-  _globals['_PLAN']._serialized_end=1614
-  _globals['_LISTPLANSRESPONSE']._serialized_start=1617
-  _globals['_LISTPLANSRESPONSE']._serialized_end=1762
-  _globals['_TOPUPREQUEST']._serialized_start=1764
-  _globals['_TOPUPREQUEST']._serialized_end=1840
-  _globals['_ADDBUCKETREQUEST']._serialized_start=1842
-  _globals['_ADDBUCKETREQUEST']._serialized_end=1919
-  _globals['_SETACCOUNTSTATEREQUEST']._serialized_start=1921
-  _globals['_SETACCOUNTSTATEREQUEST']._serialized_end=2009
-  _globals['_GETACCOUNTREQUEST']._serialized_start=2011
-  _globals['_GETACCOUNTREQUEST']._serialized_end=2050
-  _globals['_ADJUSTBALANCEREQUEST']._serialized_start=2052
-  _globals['_ADJUSTBALANCEREQUEST']._serialized_end=2156
-  _globals['_ADMIN']._serialized_start=2313
-  _globals['_ADMIN']._serialized_end=2982
+  _globals['_ACCOUNT']._serialized_end=962
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=965
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1164
+  _globals['_CHANGEPLANREQUEST']._serialized_start=1166
+  _globals['_CHANGEPLANREQUEST']._serialized_end=1248
+  _globals['_BUYADDONREQUEST']._serialized_start=1250
+  _globals['_BUYADDONREQUEST']._serialized_end=1326
+  _globals['_LISTPLANSREQUEST']._serialized_start=1328
+  _globals['_LISTPLANSREQUEST']._serialized_end=1346
+  _globals['_ALLOWANCE']._serialized_start=1348
+  _globals['_ALLOWANCE']._serialized_end=1458
+  _globals['_OFFER']._serialized_start=1461
+  _globals['_OFFER']._serialized_end=1606
+  _globals['_PLAN']._serialized_start=1608
+  _globals['_PLAN']._serialized_end=1694
+  _globals['_LISTPLANSRESPONSE']._serialized_start=1697
+  _globals['_LISTPLANSRESPONSE']._serialized_end=1842
+  _globals['_TOPUPREQUEST']._serialized_start=1844
+  _globals['_TOPUPREQUEST']._serialized_end=1920
+  _globals['_ADDBUCKETREQUEST']._serialized_start=1922
+  _globals['_ADDBUCKETREQUEST']._serialized_end=1999
+  _globals['_SETACCOUNTSTATEREQUEST']._serialized_start=2001
+  _globals['_SETACCOUNTSTATEREQUEST']._serialized_end=2089
+  _globals['_GETACCOUNTREQUEST']._serialized_start=2091
+  _globals['_GETACCOUNTREQUEST']._serialized_end=2130
+  _globals['_ADJUSTBALANCEREQUEST']._serialized_start=2132
+  _globals['_ADJUSTBALANCEREQUEST']._serialized_end=2236
+  _globals['_ADMIN']._serialized_start=2393
+  _globals['_ADMIN']._serialized_end=3062
 # @@protoc_insertion_point(module_scope)

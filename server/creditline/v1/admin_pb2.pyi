@@ -171,6 +171,8 @@ class Account(_message.Message):
     ADJUSTED_MICROS_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
     PURCHASED_MICROS_FIELD_NUMBER: _builtins.int
+    NEXT_PLAN_ID_FIELD_NUMBER: _builtins.int
+    NEXT_PLAN_FROM_UNIX_MS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -194,6 +196,11 @@ class Account(_message.Message):
     """the catalogue plan that prices its requests"""
     purchased_micros: _builtins.int
     """sum of add-on purchases (BuyAddOn)"""
+    next_plan_id: _builtins.str
+    """A plan change from the next billing period (ChangePlan from_next_period): the plan and
+    when it takes over; empty and 0 when none is scheduled.
+    """
+    next_plan_from_unix_ms: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -217,10 +224,12 @@ class Account(_message.Message):
         adjusted_micros: _builtins.int = ...,
         plan_id: _builtins.str = ...,
         purchased_micros: _builtins.int = ...,
+        next_plan_id: _builtins.str = ...,
+        next_plan_from_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "next_plan_from_unix_ms", b"next_plan_from_unix_ms", "next_plan_id", b"next_plan_id", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -271,17 +280,23 @@ class ChangePlanRequest(_message.Message):
 
     ACCOUNT_ID_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    FROM_NEXT_PERIOD_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     plan_id: _builtins.str
+    from_next_period: _builtins.bool
+    """From the start of the account's next billing period (its plan's billing day, local
+    midnight) instead of now; open sessions are priced by it from then on.
+    """
     def __init__(
         self,
         *,
         account_id: _builtins.str = ...,
         plan_id: _builtins.str = ...,
+        from_next_period: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "from_next_period", b"from_next_period", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

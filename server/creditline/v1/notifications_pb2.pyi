@@ -52,7 +52,9 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     ADJUSTMENT: _EventType.ValueType  # 13
     """AdjustBalance: amount, balance after; details reason, id"""
     PLAN_CHANGED: _EventType.ValueType  # 14
-    """ChangePlan: details plan (the new one) and from (the old)"""
+    """ChangePlan: details plan (the new one), from (the old) and, for a change from the next
+    billing period, effective_from_ms (when it takes over)
+    """
     PURCHASE: _EventType.ValueType  # 15
     """BuyAddOn: amount, balance after; details offer, purchase_id"""
 
@@ -82,7 +84,9 @@ units (rating_group): the network function should ask for that rating group agai
 ADJUSTMENT: EventType.ValueType  # 13
 """AdjustBalance: amount, balance after; details reason, id"""
 PLAN_CHANGED: EventType.ValueType  # 14
-"""ChangePlan: details plan (the new one) and from (the old)"""
+"""ChangePlan: details plan (the new one), from (the old) and, for a change from the next
+billing period, effective_from_ms (when it takes over)
+"""
 PURCHASE: EventType.ValueType  # 15
 """BuyAddOn: amount, balance after; details offer, purchase_id"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015

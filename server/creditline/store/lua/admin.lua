@@ -26,8 +26,11 @@ stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
   BUCKET  bucket_limit id rg units expires_at_s priority kind
           -> account | "UNKNOWN" | "BUCKET_EXISTS" | "TOO_MANY_BUCKETS"
   STATE   active|barred                    -> account | "UNKNOWN"
-  PLAN    plan default_plan                -> account | "UNKNOWN"  (the account's plan
-          from now; its open sessions asked to re-authorise every rating group they hold)
+  PLAN    plan default_plan from_ms expected_plan -> account | "UNKNOWN" | "CONFLICT|<plan>"
+          from_ms "0": the account's plan from now (its open sessions asked to re-authorise
+          every rating group they hold); else from then on (next_plan, next_plan_from_ms:
+          charge.lua takes it from that instant), refused when the account's plan is no
+          longer expected_plan (the plan whose billing period the server computed from_ms by)
   PURCHASE purchase_id offer_id price plans ("p1,p2": the plans that sell it)
           default_plan bucket_limit [allowance: rg units expires_at_s priority kind]...
           -> account | "UNKNOWN" | "CONFLICT|<offer id>" | "UNAFFORDABLE|<available>"
@@ -147,10 +150,34 @@ local function ask_open_sessions_again()
   redis.call('DEL', final_key)
 end
 
+-- The account's plan now: its plan, or the one scheduled from an instant passed already
+-- (as charge.lua reads it), or the catalogue's default for an account made before plans.
+local function plan_now(default_plan)
+  local fields = redis.call('HMGET', account_key, 'plan', 'next_plan', 'next_plan_from_ms')
+  if fields[2] and tonumber(now_ms) >= tonumber(fields[3]) then return fields[2] end
+  return fields[1] or default_plan
+end
+
+-- ChangePlan: now (from_ms "0"), or from the next billing period (from_ms).
+local function change_plan(plan, default_plan, from_ms, expected_plan)
+  local from = plan_now(default_plan)
+  if from_ms == '0' then
+    redis.call('HSET', account_key, 'plan', plan)
+    redis.call('HDEL', account_key, 'next_plan', 'next_plan_from_ms')
+    notify('plan_changed|plan|' .. plan .. '|from|' .. from)
+    ask_open_sessions_again()
+    return account('OK')
+  end
+  if from ~= expected_plan then return 'CONFLICT|' .. from end
+  redis.call('HSET', account_key, 'plan', from, 'next_plan', plan, 'next_plan_from_ms', from_ms)
+  notify('plan_changed|plan|' .. plan .. '|from|' .. from .. '|effective_from_ms|' .. from_ms)
+  return account('OK')
+end
+
 -- The refusal of an add-on purchase before anything is written, else nil.
 local function purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
                                 allowances)
-  local plan = redis.call('HGET', account_key, 'plan') or default_plan
+  local plan = plan_now(default_plan)
   if not string.find(',' .. plans .. ',', ',' .. plan .. ',', 1, true) then
     return 'NOT_SOLD|' .. plan
   end
@@ -260,11 +287,7 @@ elseif op == 'STATE' then
   redis.call('HSET', account_key, 'state', ARGV[5])
   return account('OK')
 elseif op == 'PLAN' then
-  local from = redis.call('HGET', account_key, 'plan') or ARGV[6]
-  redis.call('HSET', account_key, 'plan', ARGV[5])
-  notify('plan_changed|plan|' .. ARGV[5] .. '|from|' .. from)
-  ask_open_sessions_again()
-  return account('OK')
+  return change_plan(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 elseif op == 'PURCHASE' then
   return purchase(ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], tonumber(ARGV[10]))
 elseif op == 'GET' then

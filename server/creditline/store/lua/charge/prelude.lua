@@ -16,7 +16,10 @@ written here too, in the same step: one exists if and only if its charge happene
 KEYS (all under the account's partition hash tag, so the script runs on Redis Cluster):
   KEYS[1] account hash    balance, credit_limit, state, reserved, initial, topped_up,
                           charged, refunded, adjusted, low_balance (thresholds, "t1,t2,..."),
-                          plan (its price plan's id in the catalogue)
+                          plan (its price plan's id in the catalogue), next_plan and
+                          next_plan_from_ms (a change from the next billing period: the
+                          plan from that instant on; the first request after it makes it
+                          the plan)
   KEYS[2] request key     session hash (kinds I/U/T: last_request, answer, state,
                           started_ms, account, session; per rating group g:<block id>, its
                           state packed (creditline/store/contract.py

@@ -13,19 +13,23 @@ end
 -- The account, one request's (set by read_account): the fields the script reads, and
 -- those it may change as read (field -> value).
 local balance, balance_at_start, reserved, credit_limit, barred, low_balance, account_plan
+local plan_change_due  -- a plan change scheduled for now or before: made by write_account
 local account, account_changes  -- field -> increment
 
 -- Reads the account; the refusal when there is none. (HMGET of the fields the script
 -- uses: the whole hash as a map cost ~10k instructions more per request.)
 local function read_account()
   local read = redis_call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
-    'state', 'low_balance', 'charged', 'refunded', 'plan')
+    'state', 'low_balance', 'charged', 'refunded', 'plan', 'next_plan', 'next_plan_from_ms')
   if not read[1] then return USER_UNKNOWN .. ';!unknown account' end
   balance, reserved, credit_limit = num(read[1]), num(read[2]), num(read[3])
   balance_at_start = balance
   barred = read[4] == 'barred'
   low_balance = read[5]
   account_plan = read[8] or default_plan  -- (accounts made before plans: the default)
+  -- (a change from the next billing period: in force from next_plan_from_ms)
+  plan_change_due = read[9] ~= false and now_ms >= num(read[10])
+  if plan_change_due then account_plan = read[9] end
   account = { balance = balance, reserved = reserved, charged = read[6], refunded = read[7] }
   account_changes = {}
   return nil
@@ -191,6 +195,10 @@ local function write_account()
   for field, delta in base_pairs(account_changes) do
     flat[#flat + 1] = field
     flat[#flat + 1] = int((base_tonumber(account[field]) or 0) + delta)  -- (fields of read_account)
+  end
+  if plan_change_due then  -- (until then each request took the scheduled plan itself)
+    flat[#flat + 1], flat[#flat + 2] = 'plan', account_plan
+    redis_call('HDEL', account_key, 'next_plan', 'next_plan_from_ms')
   end
   if #flat > 0 then redis_call('HSET', account_key, base_unpack(flat)) end
 end
