@@ -33,6 +33,7 @@ def worker_count(settings: Settings) -> int:
 
 
 def _worker_main(settings: Settings, redis_url: str) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a reload asked before the worker runs)
     configure_logging(settings.log_format, settings.log_level)
     try:
         uvloop.run(serve_with_redis(settings, redis_url, reuse_port=True))
@@ -42,7 +43,9 @@ def _worker_main(settings: Settings, redis_url: str) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Runs the server until SIGINT or SIGTERM; returns the exit code."""
+    """Runs the server until SIGINT or SIGTERM (SIGHUP: the catalogue reloaded); returns
+    the exit code."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (until serving: a reload, not a hang-up)
     for risk in risks(settings):  # once, here: not again in every worker
         log.warning("%s", risk)
     workers = worker_count(settings)
@@ -63,12 +66,15 @@ def serve(settings: Settings) -> int:
         log.info("started %d workers on %s", workers, settings.listen_address)
 
         def pass_on(signum: int, frame: FrameType | None) -> None:
+            # a stop (SIGTERM, SIGINT) stops every worker; SIGHUP makes each reload the
+            # catalogue (each says in its log what came of it)
+            passed = signal.SIGHUP if signum == signal.SIGHUP else signal.SIGTERM
             for process in processes:
                 if process.is_alive() and process.pid:
-                    os.kill(process.pid, signal.SIGTERM)
+                    os.kill(process.pid, passed)
 
-        signal.signal(signal.SIGTERM, pass_on)
-        signal.signal(signal.SIGINT, pass_on)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, pass_on)
         for process in processes:
             process.join()
         return max((p.exitcode or 0) for p in processes)

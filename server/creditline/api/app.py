@@ -10,7 +10,8 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,21 @@ from creditline.api.service import AdminService, ChargingService
 from creditline.charging.catalogue import Catalogue, PlansSeen, load_catalogue
 from creditline.charging.kernels import require_kernels
 from creditline.charging.rating import BandedRater
-from creditline.errors import RedisSetupError, SettingsError
+from creditline.errors import PlanError, RedisSetupError, SettingsError
 from creditline.events.hub import READ_BLOCK_MS, EventHub
 from creditline.observability.telemetry import Telemetry, build_telemetry
 from creditline.settings import Settings, check_files, redact_url, redis_password
 from creditline.store.fastredis import FastScriptClient, tls_context
 from creditline.store.redis_process import RedisProcess
-from creditline.store.store import RedisClient, Store, StoreConfig, accounts_key, cdrs_key
+from creditline.store.store import (
+    RedisClient,
+    Store,
+    StoreConfig,
+    account_keys,
+    accounts_key,
+    cdrs_key,
+    text,
+)
 from creditline.store.supervision import Supervisor
 from creditline.store.transport import LeanCluster, RedisPy, Transport
 from creditline.v1 import admin_pb2, charging_pb2, notifications_pb2
@@ -65,6 +74,9 @@ class RunningServer:
     supervisor: Supervisor
     health: Any  # grpc_health's aio HealthServicer (untyped)
     telemetry: Telemetry
+    charging: ChargingService
+    admin: AdminService
+    plan_path: Path  # the catalogue's file, read again by a reload (SIGHUP)
 
 
 def _redis_options(url: str, settings: Settings) -> dict[str, Any]:
@@ -249,12 +261,12 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     wrap = None if wrapper is None else wrapper.wrap
     see_call = None if wrapper is None else wrapper.see_call
     rater = telemetry.traced_rater(BandedRater())
-    plans_seen = PlansSeen(settings.max_remembered_account_plans, catalogue.default_plan_id)
-    add_service(server, ChargingService(store, catalogue, rater, settings,
-                                        charge_calls_bounded=transport.bounded,
-                                        plans_seen=plans_seen), CHARGING, wrap, see_call)
-    add_service(server, AdminService(store, settings, catalogue, plans_seen=plans_seen),
-                ADMIN, wrap, see_call)
+    plans_seen = PlansSeen(settings.max_remembered_account_plans)
+    charging = ChargingService(store, catalogue, rater, settings,
+                               charge_calls_bounded=transport.bounded, plans_seen=plans_seen)
+    admin = AdminService(store, settings, catalogue, plans_seen=plans_seen)
+    add_service(server, charging, CHARGING, wrap, see_call)
+    add_service(server, admin, ADMIN, wrap, see_call)
     hub = await _event_hub(redis_url, settings, transport)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
@@ -289,7 +301,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     return RunningServer(server=server, port=port, redis=redis, catalogue=catalogue,
                          store=store,
                          transport=transport, hub=hub, supervisor=supervisor,
-                         health=health_servicer, telemetry=telemetry)
+                         health=health_servicer, telemetry=telemetry, charging=charging,
+                         admin=admin, plan_path=Path(settings.plan_path))
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:
@@ -337,6 +350,53 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+async def plan_users(redis: RedisClient, partitions: int, plan_ids: Set[str],
+                     default_plan_id: str) -> Counter[str]:
+    """How many accounts are on each of `plan_ids`, or have a change to it scheduled; an
+    account with no plan of its own (made before plans) counts for the default plan."""
+    users: Counter[str] = Counter()
+    for partition in range(partitions):
+        async for member in redis.sscan_iter(accounts_key(partition), count=1000):
+            keys = account_keys(text(member), partitions)
+            plan, next_plan = await redis.hmget(keys.account, "plan", "next_plan")
+            for plan_id in {text(plan) if plan else default_plan_id,
+                            text(next_plan) if next_plan else ""} & set(plan_ids):
+                users[plan_id] += 1
+    return users
+
+
+async def reload_catalogue(running: RunningServer, partitions: int) -> str:
+    """Reads the catalogue file again and serves it from the next request on; refused
+    (the old one kept) when it cannot be read or checked, or when a plan it drops (or the
+    default it changes) is still some account's. Returns what happened, for the log."""
+    old = running.admin.catalogue
+    try:
+        new = load_catalogue(running.plan_path)
+    except PlanError as error:
+        raise PlanError(f"catalogue reload refused, version {old.version} kept: {error}") \
+            from None
+    dropped = set(old.plans) - set(new.plans)
+    if new.default_plan_id != old.default_plan_id:
+        dropped.add(old.default_plan_id)  # (accounts with no plan of their own are on it)
+    users = await plan_users(running.redis, partitions, dropped, old.default_plan_id)
+    if users:
+        named = ", ".join(f"{plan!r} by {count} account(s)" for plan, count in
+                          sorted(users.items()))
+        raise PlanError(f"catalogue reload refused, version {old.version} kept: it drops "
+                        f"plans still in use: {named} (ChangePlan them first)")
+    running.charging.use_catalogue(new)
+    running.admin.use_catalogue(new)
+    return f"catalogue reloaded: version {old.version} -> {new.version}, {len(new.plans)} " \
+           f"plan(s), {len(new.offers)} offer(s)"
+
+
+async def _reload_on_signal(running: RunningServer, partitions: int) -> None:
+    try:
+        log.info("%s", await reload_catalogue(running, partitions))
+    except (PlanError, RedisError, OSError) as error:
+        log.error("%s", error)
+
+
 async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool = False
                            ) -> None:
     """Runs one server process until SIGINT or SIGTERM."""
@@ -357,6 +417,13 @@ async def serve_with_redis(settings: Settings, redis_url: str, reuse_port: bool 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:  # SIGHUP: the catalogue file again
+        task = asyncio.ensure_future(_reload_on_signal(running, settings.partitions))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     log.info("stopping: finishing calls in flight for up to %.1f s", settings.shutdown_grace_s)
     await stop_server(running, settings.shutdown_grace_s)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -53,6 +54,29 @@ async def _call_store(call: Awaitable[T], timeout_s: float | None) -> T:
         raise StoreUnavailableError(repr(error)) from error
 
 
+@dataclass(frozen=True, slots=True)
+class _Pricing:
+    """What a catalogue gives the Charging service: a request path per plan, each plan's
+    supervision time, the default plan."""
+
+    paths: Mapping[str, messages.RequestPath]
+    supervision_ms: Mapping[str, int]
+    default_plan_id: str
+    default_path: messages.RequestPath
+
+    @classmethod
+    def of(cls, catalogue: Catalogue, kernels: Kernels, rater: Rater, settings: Settings
+           ) -> _Pricing:
+        paths = {plan_id: messages.RequestPath(kernels, plan, rater, settings)
+                 for plan_id, plan in catalogue.plans.items()}
+        supervision_ms = {
+            plan_id: int(plan.validity_time_s * 1000 * settings.supervision_factor)
+            for plan_id, plan in catalogue.plans.items()}
+        default = catalogue.default_plan_id
+        return cls(paths=paths, supervision_ms=supervision_ms, default_plan_id=default,
+                   default_path=paths[default])
+
+
 # A request is priced at most this many times: by the plan last seen, then by the
 # account's (another try only when the plan changed again in between: a refusal then).
 _PLAN_TRIES = 2
@@ -79,23 +103,25 @@ class ChargingService:
                  plans_seen: PlansSeen | None = None) -> None:
         self._store = store
         self._settings = settings
-        # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so; one
-        # path per plan (what prices a request), the default plan's for what no plan
-        # changes (the checks, the refusals)
-        kernels = kernels or require_kernels()
-        self._paths = {plan_id: messages.RequestPath(kernels, plan, rater, settings)
-                       for plan_id, plan in catalogue.plans.items()}
-        self._default_plan_id = catalogue.default_plan_id
-        self.path = self._paths[catalogue.default_plan_id]
+        # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so
+        self._kernels = kernels or require_kernels()
+        self._rater = rater
+        self._pricing = _Pricing.of(catalogue, self._kernels, rater, settings)
         # (shared with the Admin service of the process: the plans it sets are known here)
-        self._plans_seen = plans_seen or PlansSeen(settings.max_remembered_account_plans,
-                                                   catalogue.default_plan_id)
+        self._plans_seen = plans_seen or PlansSeen(settings.max_remembered_account_plans)
         # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
         # path): no timer of ours per request
         self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
-        self._supervision_ms = {
-            plan_id: int(plan.validity_time_s * 1000 * settings.supervision_factor)
-            for plan_id, plan in catalogue.plans.items()}
+
+    @property
+    def path(self) -> messages.RequestPath:
+        """The default plan's path: what no plan changes (the checks, the refusals)."""
+        return self._pricing.default_path
+
+    def use_catalogue(self, catalogue: Catalogue) -> None:
+        """Prices the requests that start from now on by this catalogue (a reload): one
+        swap, so every request is priced by one catalogue, the old or the new."""
+        self._pricing = _Pricing.of(catalogue, self._kernels, self._rater, self._settings)
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context) -> bytes:
         return await self._credit_control(request, RequestKind.INITIAL)
@@ -183,33 +209,37 @@ class ChargingService:
         answer, None when Redis failed (nothing was applied: the script is atomic), and
         the path of the plan that priced it."""
         account_id = request.account_id
-        plan_id = self._plans_seen.plan_of(account_id)
+        pricing = self._pricing  # (one catalogue for the whole request)
+        plan_id = self._plans_seen.plan_of(account_id, pricing.default_plan_id)
+        if plan_id not in pricing.paths:  # (remembered from before a reload)
+            plan_id = pricing.default_plan_id
         for _ in range(_PLAN_TRIES):
-            path = self._paths[plan_id]
-            answer = await self._charge_by(path, plan_id, kind, request, now_ms, event_action,
-                                           default_grant, refund_of)
+            path = pricing.paths[plan_id]
+            answer = await self._charge_by(pricing, plan_id, kind, request, now_ms,
+                                           event_action, default_grant, refund_of)
             account_plan = None if answer is None else plan_to_retry(answer)
             if account_plan is None:
                 return answer, path
-            self._plans_seen.remember(account_id, account_plan)
-            if account_plan not in self._paths:
+            self._plans_seen.remember(account_id, account_plan, pricing.default_plan_id)
+            if account_plan not in pricing.paths:
                 return _PLAN_UNKNOWN.format(plan_id=account_plan), path
             plan_id = account_plan
         return _PLAN_CHANGING, path
 
-    async def _charge_by(self, path: messages.RequestPath, plan_id: str, kind: RequestKind,
+    async def _charge_by(self, pricing: _Pricing, plan_id: str, kind: RequestKind,
                          request: pb.CreditControlRequest | pb.EventRequest, now_ms: int,
                          event_action: EventAction, default_grant: bool, refund_of: str
                          ) -> str | None:
-        """One charging script call, the blocks priced by `plan_id` (its path)."""
+        """One charging script call, the blocks priced by `plan_id`, a plan of `pricing`."""
         event_time_ms = request.event_time_unix_ms or now_ms
-        blocks = path.script_blocks(request.rating_groups, event_time_ms, default_grant)
-        supervision_ms = 0 if kind is RequestKind.EVENT else self._supervision_ms[plan_id]
+        blocks = pricing.paths[plan_id].script_blocks(request.rating_groups, event_time_ms,
+                                                      default_grant)
+        supervision_ms = 0 if kind is RequestKind.EVENT else pricing.supervision_ms[plan_id]
         try:
             return await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
                 now_ms, event_time_ms, event_action, blocks, supervision_ms, refund_of,
-                assumed_plan=plan_id, default_plan=self._default_plan_id),
+                assumed_plan=plan_id, default_plan=pricing.default_plan_id),
                 self._charge_timeout_s)
         except StoreUnavailableError:
             return None
@@ -331,9 +361,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self._saw_plan(account)
         return account
 
+    @property
+    def catalogue(self) -> Catalogue:
+        return self._catalogue
+
+    def use_catalogue(self, catalogue: Catalogue) -> None:
+        """Serves this catalogue from the next call on (a reload)."""
+        self._catalogue = catalogue
+
     def _saw_plan(self, account: admin_pb.Account) -> None:
         if self._plans_seen is not None:
-            self._plans_seen.remember(account.account_id, account.plan_id)
+            self._plans_seen.remember(account.account_id, account.plan_id,
+                                      self._catalogue.default_plan_id)
 
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
                            context: Context) -> list[int | str]:

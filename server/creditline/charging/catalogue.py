@@ -211,17 +211,16 @@ class PlansSeen:
     default plan take no room; at most `capacity` others, the oldest forgotten first (a
     forgotten account costs its next request one more round trip, no more)."""
 
-    def __init__(self, capacity: int, default_plan_id: str) -> None:
+    def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._default = default_plan_id
         self._plans: dict[str, str] = {}  # (insertion order: the oldest first)
 
-    def plan_of(self, account_id: str) -> str:
-        return self._plans.get(account_id, self._default)
+    def plan_of(self, account_id: str, default_plan_id: str) -> str:
+        return self._plans.get(account_id, default_plan_id)
 
-    def remember(self, account_id: str, plan_id: str) -> None:
+    def remember(self, account_id: str, plan_id: str, default_plan_id: str) -> None:
         self._plans.pop(account_id, None)
-        if plan_id == self._default or self._capacity <= 0:
+        if plan_id == default_plan_id or self._capacity <= 0:
             return
         if len(self._plans) >= self._capacity:
             del self._plans[next(iter(self._plans))]
