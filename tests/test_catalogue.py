@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import grpc
 import pytest
-from creditline.api.app import RunningServer, start_server, stop_server
+from creditline.api.app import RunningServer, reload_catalogue, start_server, stop_server
 from creditline.charging.catalogue import load_catalogue
 from creditline.errors import PlanError
 from creditline.settings import Settings
@@ -209,6 +209,47 @@ async def test_a_plan_change_from_the_next_period_takes_over_at_its_boundary(
     assert await redis.hmget(key, "plan", "next_plan") == ["cheap", None]  # made the plan
     state = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
     assert (state.plan_id, state.next_plan_id) == ("cheap", "")
+    await books.assert_balanced()
+
+
+async def test_a_reload_is_refused_while_accounts_use_a_plan_it_drops(
+        backend: Backend, tmp_path: Path, books: Books) -> None:
+    """reload_catalogue, what SIGHUP runs (tests/test_catalogue_reload.py: the signal), on
+    this backend: the accounts using a plan are found in every partition."""
+    path = tmp_path / "catalogue.toml"
+    path.write_text(CATALOGUE.read_text())
+    settings = Settings(listen_address="127.0.0.1:0", plan_path=str(path),
+                        redis_cluster=backend.cluster, redis_call_timeout_s=10.0)
+    running = await start_server(settings, backend.url)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            admin = _admin(channel)
+            for _ in range(3):
+                await _account(admin, books, "cheap")
+            path.write_text(CATALOGUE.read_text().replace('"cheap"', '"thrifty"'))
+            with pytest.raises(PlanError) as refused:
+                await reload_catalogue(running, settings.partitions)
+            assert "it drops plans still in use: 'cheap' by " in str(refused.value)
+            used = int(str(refused.value).split("'cheap' by ")[1].split(" ")[0])
+            assert used >= 3  # (and those of the module's other tests on this Redis)
+            # an account made before plans (no plan of its own) follows the default: a
+            # reload that changes the default is refused while there is one
+            older = await _account(admin, books)
+            await running.redis.hdel(running.store.keys(older).account, "plan")
+            path.write_text(CATALOGUE.read_text().replace('default_plan = "standard"',
+                                                          'default_plan = "cheap"'))
+            with pytest.raises(PlanError) as refused:
+                await reload_catalogue(running, settings.partitions)
+            assert "'standard (the default)' by " in str(refused.value)
+            await running.redis.hset(running.store.keys(older).account, "plan", "standard")
+            path.write_text(CATALOGUE.read_text() + '\n[[plan]]\nid = "gold"\n'
+                            '[[plan.tariff]]\nrating_group = 1\nunit = "time"\nfree = true\n')
+            assert "catalogue reloaded" in await reload_catalogue(running, settings.partitions)
+            listed = await admin.ListPlans(admin_pb.ListPlansRequest())
+            assert [p.plan_id for p in listed.plans] == ["standard", "cheap", "gold"]
+            await _account(admin, books, "gold")
+    finally:
+        await stop_server(running, grace_s=1.0)
     await books.assert_balanced()
 
 

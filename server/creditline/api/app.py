@@ -353,7 +353,8 @@ def freeze_startup_objects() -> None:
 async def plan_users(redis: RedisClient, partitions: int, plan_ids: Set[str],
                      default_plan_id: str) -> Counter[str]:
     """How many accounts are on each of `plan_ids`, or have a change to it scheduled; an
-    account with no plan of its own (made before plans) counts for the default plan."""
+    account with no plan of its own (made before plans) is on the default plan, so it
+    counts when `default_plan_id` is one of them."""
     users: Counter[str] = Counter()
     for partition in range(partitions):
         async for member in redis.sscan_iter(accounts_key(partition), count=1000):
@@ -363,6 +364,16 @@ async def plan_users(redis: RedisClient, partitions: int, plan_ids: Set[str],
                             text(next_plan) if next_plan else ""} & set(plan_ids):
                 users[plan_id] += 1
     return users
+
+
+async def accounts_without_a_plan(redis: RedisClient, partitions: int) -> int:
+    """Accounts made before plans (no plan of their own: they follow the default)."""
+    count = 0
+    for partition in range(partitions):
+        async for member in redis.sscan_iter(accounts_key(partition), count=1000):
+            if not await redis.hexists(account_keys(text(member), partitions).account, "plan"):
+                count += 1
+    return count
 
 
 async def reload_catalogue(running: RunningServer, partitions: int) -> str:
@@ -376,9 +387,12 @@ async def reload_catalogue(running: RunningServer, partitions: int) -> str:
         raise PlanError(f"catalogue reload refused, version {old.version} kept: {error}") \
             from None
     dropped = set(old.plans) - set(new.plans)
-    if new.default_plan_id != old.default_plan_id:
-        dropped.add(old.default_plan_id)  # (accounts with no plan of their own are on it)
     users = await plan_users(running.redis, partitions, dropped, old.default_plan_id)
+    # accounts with no plan of their own would move to a new default
+    default_moves = (new.default_plan_id != old.default_plan_id
+                     and old.default_plan_id not in dropped)
+    if default_moves and (moved := await accounts_without_a_plan(running.redis, partitions)):
+        users[f"{old.default_plan_id} (the default)"] = moved
     if users:
         named = ", ".join(f"{plan!r} by {count} account(s)" for plan, count in
                           sorted(users.items()))
