@@ -508,9 +508,6 @@ async def _check_idempotency_id(value: str, field: str, what: str, context: Cont
 
 _ID_FIELDS = {"TOPUP": "top_up_id", "ADJUST": "adjustment_id"}
 
-# admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
-# said after "|"), {id_field}, {id} and {amount} (the operation's first arguments) are
-# filled in)
 def _offer_message(offer: Offer) -> admin_pb.Offer:
     return admin_pb.Offer(
         offer_id=offer.offer_id, kind=offer.kind, price_micros=offer.price_micros,
@@ -542,6 +539,9 @@ _PLAN_REFUSALS = {
                  "{detail!r}); nothing changed: retry"),
 }
 
+# admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
+# said after "|"), {id_field}, {id} and {amount} (the operation's first arguments) are
+# filled in)
 _ADMIN_REFUSALS = {
     "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
                  "{id_field}: {id!r} was applied with amount_micros {detail}, not "
