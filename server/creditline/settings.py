@@ -116,7 +116,7 @@ class Settings:
     # requests of one Charging.Stream worked on at once (then the stream is not read)
     max_in_flight_per_stream: int = 256
     # accounts on a plan other than the default whose plan one process remembers, so
-    # that their requests are priced by it in one round trip (~150 bytes each); one it
+    # that their requests are priced by it in one round trip (~170 bytes each); one it
     # forgot costs its next request a second round trip
     max_remembered_account_plans: int = 200_000
     # grace given to calls in flight when the server stops
