@@ -30,6 +30,7 @@ from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from redis.asyncio import Redis
 
+from bench import redis_stats
 from bench.workload import event_request, session_requests
 
 FLOWS_AT_ONCE = 50
@@ -73,8 +74,7 @@ async def _flows(charging: charging_pb2_grpc.ChargingStub, accounts: list[str],
 async def _script_calls(redis: Redis) -> int:
     """The charging script's calls so far: FCALLs (Redis 7: the admin script is an EVALSHA,
     so no other FCALL counts)."""
-    stats = await redis.info("commandstats")
-    return int(stats.get("cmdstat_fcall", {}).get("calls", 0))
+    return (await redis_stats.command_calls(redis)).get("fcall", 0)
 
 
 async def run(plans: int, accounts: int, rounds: int, changed: float) -> None:

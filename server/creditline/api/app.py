@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 from collections import Counter
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,6 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     redis: RedisClient
-    catalogue: Catalogue
     store: Store
     transport: Transport
     hub: EventHub
@@ -77,6 +76,11 @@ class RunningServer:
     charging: ChargingService
     admin: AdminService
     plan_path: Path  # the catalogue's file, read again by a reload (SIGHUP)
+
+    @property
+    def catalogue(self) -> Catalogue:
+        """The catalogue served now (a reload changes it)."""
+        return self.admin.catalogue
 
 
 def _redis_options(url: str, settings: Settings) -> dict[str, Any]:
@@ -298,8 +302,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
                                   [cdrs_key(p) for p in range(settings.partitions)],
                                   [accounts_key(p) for p in range(settings.partitions)])
-    return RunningServer(server=server, port=port, redis=redis, catalogue=catalogue,
-                         store=store,
+    return RunningServer(server=server, port=port, redis=redis, store=store,
                          transport=transport, hub=hub, supervisor=supervisor,
                          health=health_servicer, telemetry=telemetry, charging=charging,
                          admin=admin, plan_path=Path(settings.plan_path))
@@ -350,49 +353,41 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-async def plan_users(redis: RedisClient, partitions: int, plan_ids: Set[str],
-                     default_plan_id: str) -> Counter[str]:
-    """How many accounts are on each of `plan_ids`, or have a change to it scheduled; an
-    account with no plan of its own (made before plans) is on the default plan, so it
-    counts when `default_plan_id` is one of them."""
+# plans_in_use's count of the accounts with no plan of their own (made before plans: they
+# follow the default plan)
+NO_PLAN = ""
+
+
+async def plans_in_use(redis: RedisClient, partitions: int) -> Counter[str]:
+    """How many accounts are on each plan or have a change to it scheduled (one scan of
+    the accounts, one HMGET each); under NO_PLAN those with no plan of their own."""
     users: Counter[str] = Counter()
     for partition in range(partitions):
         async for member in redis.sscan_iter(accounts_key(partition), count=1000):
-            keys = account_keys(text(member), partitions)
-            plan, next_plan = await redis.hmget(keys.account, "plan", "next_plan")
-            for plan_id in {text(plan) if plan else default_plan_id,
-                            text(next_plan) if next_plan else ""} & set(plan_ids):
-                users[plan_id] += 1
+            plan, next_plan = await redis.hmget(
+                account_keys(text(member), partitions).account, "plan", "next_plan")
+            users[text(plan) if plan else NO_PLAN] += 1
+            if next_plan and next_plan != plan:
+                users[text(next_plan)] += 1
     return users
-
-
-async def accounts_without_a_plan(redis: RedisClient, partitions: int) -> int:
-    """Accounts made before plans (no plan of their own: they follow the default)."""
-    count = 0
-    for partition in range(partitions):
-        async for member in redis.sscan_iter(accounts_key(partition), count=1000):
-            if not await redis.hexists(account_keys(text(member), partitions).account, "plan"):
-                count += 1
-    return count
 
 
 async def reload_catalogue(running: RunningServer, partitions: int) -> str:
     """Reads the catalogue file again and serves it from the next request on; refused
     (the old one kept) when it cannot be read or checked, or when a plan it drops (or the
     default it changes) is still some account's. Returns what happened, for the log."""
-    old = running.admin.catalogue
+    old = running.catalogue
     try:
         new = load_catalogue(running.plan_path)
     except PlanError as error:
         raise PlanError(f"catalogue reload refused, version {old.version} kept: {error}") \
             from None
-    dropped = set(old.plans) - set(new.plans)
-    users = await plan_users(running.redis, partitions, dropped, old.default_plan_id)
-    # accounts with no plan of their own would move to a new default
-    default_moves = (new.default_plan_id != old.default_plan_id
-                     and old.default_plan_id not in dropped)
-    if default_moves and (moved := await accounts_without_a_plan(running.redis, partitions)):
-        users[f"{old.default_plan_id} (the default)"] = moved
+    in_use = await plans_in_use(running.redis, partitions)
+    users = {plan_id: in_use[plan_id] for plan_id in set(old.plans) - set(new.plans)
+             if in_use[plan_id]}
+    if in_use[NO_PLAN] and new.default_plan_id != old.default_plan_id:
+        # (accounts with no plan of their own would move to the new default)
+        users[f"{old.default_plan_id} (the default)"] = in_use[NO_PLAN]
     if users:
         named = ", ".join(f"{plan!r} by {count} account(s)" for plan, count in
                           sorted(users.items()))
