@@ -229,7 +229,7 @@ async def test_a_reload_is_refused_while_accounts_use_a_plan_it_drops(
             path.write_text(CATALOGUE.read_text().replace('"cheap"', '"thrifty"'))
             with pytest.raises(PlanError) as refused:
                 await reload_catalogue(running, settings.partitions)
-            assert "it drops plans still in use: 'cheap' by " in str(refused.value)
+            assert "it drops what is still in use: plan 'cheap' by " in str(refused.value)
             used = int(str(refused.value).split("'cheap' by ")[1].split(" ")[0])
             assert used >= 3  # (and those of the module's other tests on this Redis)
             # an account made before plans (no plan of its own) follows the default: a
@@ -240,7 +240,7 @@ async def test_a_reload_is_refused_while_accounts_use_a_plan_it_drops(
                                                           'default_plan = "cheap"'))
             with pytest.raises(PlanError) as refused:
                 await reload_catalogue(running, settings.partitions)
-            assert "'standard (the default)' by " in str(refused.value)
+            assert "plan 'standard' (the default) by " in str(refused.value)
             await running.redis.hset(running.store.keys(older).account, "plan", "standard")
             path.write_text(CATALOGUE.read_text() + '\n[[plan]]\nid = "gold"\n'
                             '[[plan.tariff]]\nrating_group = 1\nunit = "time"\nfree = true\n')
@@ -350,6 +350,7 @@ async def test_an_add_on_the_account_cannot_have_is_refused_with_nothing_changed
 
 
 PLAN_A = '[[plan]]\nid = "a"\n[[plan.tariff]]\nrating_group = 1\nunit = "time"\nfree = true\n'
+ALLOWANCE = '[[offer.allowance]]\nrating_group = 1\nunit = "time"\nunits = 5\n'
 
 
 @pytest.mark.parametrize(("text", "reason"), [
@@ -367,8 +368,21 @@ PLAN_A = '[[plan]]\nid = "a"\n[[plan.tariff]]\nrating_group = 1\nunit = "time"\n
     ('[[plan]]\nid = "a"\n[[plan.tariff]]\nrating_group = 1\nunit = "minutes"\n',
      "plan[0].tariff[0].unit: 'minutes' is not one of"),
     ('[[bundle]]\nid = "x"\n', "bundle: unknown table"),
-    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\n',
-     "offer[0].kind: 'recurring': only 'add_on' offers are sold so far"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "bundle"\n',
+     "offer[0].kind: 'bundle' is not one of add_on, recurring"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\nfee_micros = 1\n' + ALLOWANCE,
+     "offer[0].period: required, 'monthly' (from the account's billing day) or "
+     "period_days = 1..366"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\nfee_micros = 1\nperiod = "monthly"\n'
+     'period_days = 7\n' + ALLOWANCE, "not both"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\nfee_micros = 1\nperiod = "monthly"\n'
+     'on_short_balance = "beg"\n' + ALLOWANCE,
+     "offer[0].on_short_balance: 'beg' is not one of suspend, bar, credit_limit"),
+    (PLAN_A + '[[offer]]\nid = "x"\nkind = "recurring"\nvalidity_s = 60\n',
+     "offer[0].validity_s: unknown field"),
+    (PLAN_A + '[[offer]]\nid = "x"\nprice_micros = 1\nvalidity_s = 60\n' + ALLOWANCE
+     + 'rollover_cap_units = 5\n',
+     "offer[0].allowance[0].rollover_cap_units: unknown field"),
     (PLAN_A + '[[offer]]\nid = "x"\nprice_micros = 1\nvalidity_s = 60\nplans = ["b"]\n',
      "offer[0].plans: a list of the catalogue's plan ids (a)"),
     (PLAN_A + '[[offer]]\nid = "x"\nprice_micros = 1\nvalidity_s = 60\n'

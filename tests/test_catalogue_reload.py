@@ -105,7 +105,7 @@ def test_sighup_reloads_the_catalogue_on_every_worker_and_refuses_what_would_bre
     finally:
         output = stop(process)
     assert output.count("catalogue reloaded: version") == 2, output  # each worker once
-    assert output.count("it drops plans still in use: 'cheap' by 1 account(s)") == 2, output
+    assert output.count("it drops what is still in use: plan 'cheap' by 1 account(s)") == 2, output
     assert output.count("not valid TOML") == 2, output
 
 

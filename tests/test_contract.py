@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 import struct
-from importlib import resources
 from pathlib import Path
 
 from creditline.api.messages import block_plan
@@ -36,13 +35,13 @@ from creditline.store.contract import (
     SessionBlockAnswer,
     plan_to_retry,
 )
-from creditline.store.store import charge_script_source, refused
+from creditline.store.store import admin_script_source, charge_script_source, refused
 from creditline.v1 import charging_pb2 as pb
 
 from tests.messages import RG_FREE, RG_UNRATED, RG_VOICE, block
 
 CHARGE_LUA = charge_script_source()
-ADMIN_LUA = resources.files("creditline.store").joinpath("lua", "admin.lua").read_text("utf-8")
+ADMIN_LUA = admin_script_source()
 
 
 def _lua_constant(name: str) -> int:

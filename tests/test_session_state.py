@@ -9,7 +9,6 @@ import asyncio
 import re
 import struct
 from collections.abc import AsyncIterator
-from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,12 @@ from creditline.store.contract import (
     session_rating_groups,
 )
 from creditline.store.redis_process import RedisProcess
-from creditline.store.store import account_keys, charge_script_source, recorded_partitions
+from creditline.store.store import (
+    account_keys,
+    admin_script_source,
+    charge_script_source,
+    recorded_partitions,
+)
 from creditline.v1 import charging_pb2 as pb
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -45,7 +49,7 @@ def test_the_script_packs_the_state_as_the_contract_says() -> None:
                       CHARGE_LUA, re.MULTILINE)
     assert match and match[1] == match[2] == SESSION_RATING_GROUP_PREFIX
     # (admin.lua finds a session's rating groups by the same field names: ChangePlan)
-    admin = resources.files("creditline.store").joinpath("lua", "admin.lua").read_text("utf-8")
+    admin = admin_script_source()
     assert f"local RG_STATE_FIELD = '^{SESSION_RATING_GROUP_PREFIX}(.+)$'" in admin
     match = re.search(r"^local RG_STATE_FORMAT, RG_STATE_BYTES = '([^']+)', (\d+)$",
                       CHARGE_LUA, re.MULTILINE)

@@ -119,6 +119,16 @@ class Settings:
     # that their requests are priced by it in one round trip (~170 bytes each); one it
     # forgot costs its next request a second round trip
     max_remembered_account_plans: int = 200_000
+    # the server's clock runs this many seconds ahead of the machine's (behind when
+    # negative): to try billing periods and renewals without waiting. 0 in production
+    # (the server warns at start otherwise)
+    clock_offset_s: int = field(default=0, metadata={"help": (
+        "run the server's clock this many seconds ahead of the machine's (trials of "
+        "period boundaries and renewals); 0 in production")})
+    # recurring offers: every process looks for renewals due every renewal interval,
+    # renewing at most `batch` per partition per pass
+    renewal_interval_s: float = 1.0
+    renewal_batch: int = 1000
     # grace given to calls in flight when the server stops
     shutdown_grace_s: float = 5.0
     # Redis AUTH: user (empty: the default user) and password (secret: environment
@@ -155,7 +165,7 @@ class Settings:
             "max_rating_groups_per_request", "max_session_id_bytes",
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections", "metrics_accounts_interval_s", "max_event_age_s",
-            "max_event_ahead_s",
+            "max_event_ahead_s", "renewal_interval_s", "renewal_batch",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -265,6 +275,10 @@ def risks(settings: Settings) -> list[str]:
         found.append(f"listening on {settings.listen_address} without mutual TLS "
                      f"(allow_insecure_remote): every caller from anywhere has every role, "
                      f"Admin included")
+    if settings.clock_offset_s:
+        found.append(f"setting clock_offset_s: the server's clock runs "
+                     f"{settings.clock_offset_s} s off the machine's: every charge, deadline, "
+                     f"expiry and renewal is dated by it (trials only)")
     return found
 
 

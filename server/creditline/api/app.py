@@ -33,10 +33,13 @@ from creditline.api.service import AdminService, ChargingService
 from creditline.charging.catalogue import Catalogue, PlansSeen, load_catalogue
 from creditline.charging.kernels import require_kernels
 from creditline.charging.rating import BandedRater
+from creditline.charging.renewal import Renewer
+from creditline.clock import Clock
 from creditline.errors import PlanError, RedisSetupError, SettingsError
 from creditline.events.hub import READ_BLOCK_MS, EventHub
 from creditline.observability.telemetry import Telemetry, build_telemetry
 from creditline.settings import Settings, check_files, redact_url, redis_password
+from creditline.store.contract import NEXT_PLAN_FIELD, PLAN_FIELD
 from creditline.store.fastredis import FastScriptClient, tls_context
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import (
@@ -71,6 +74,7 @@ class RunningServer:
     transport: Transport
     hub: EventHub
     supervisor: Supervisor
+    renewer: Renewer
     health: Any  # grpc_health's aio HealthServicer (untyped)
     telemetry: Telemetry
     charging: ChargingService
@@ -251,7 +255,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     telemetry = telemetry or build_telemetry(settings, environ)
     redis = redis_client(redis_url, settings)
     transport = transport_for(redis_url, settings)  # (it connects at its first call)
-    store = Store(transport, store_config(settings), telemetry.script_instrument())
+    store = Store(transport, store_config(settings), telemetry.script_instrument(),
+                  Clock(settings.clock_offset_s * 1000))
     try:
         await check_redis(redis, redis_url, settings.redis_call_timeout_s)
         await store.prepare()
@@ -285,6 +290,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         add_service(server, ReflectionServicer(
             [*services, reflection.SERVICE_NAME]), REFLECTION, wrap)
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
+    renewer = Renewer(store, lambda: admin.catalogue, settings.renewal_interval_s,
+                      settings.renewal_batch)
     if credentials is None:
         port = server.add_insecure_port(settings.listen_address)
     else:
@@ -297,6 +304,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         raise SettingsError(f"setting listen_address: cannot listen on {settings.listen_address}")
     await server.start()
     supervisor.start()
+    renewer.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
@@ -304,6 +312,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                                   [accounts_key(p) for p in range(settings.partitions)])
     return RunningServer(server=server, port=port, redis=redis, store=store,
                          transport=transport, hub=hub, supervisor=supervisor,
+                         renewer=renewer,
                          health=health_servicer, telemetry=telemetry, charging=charging,
                          admin=admin, plan_path=Path(settings.plan_path))
 
@@ -316,6 +325,7 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     await running.health.enter_graceful_shutdown()
     await running.server.stop(grace_s)
     await running.supervisor.stop()
+    await running.renewer.stop()
     await running.hub.stop()
     await running.transport.aclose()
     await running.telemetry.shutdown()
@@ -353,46 +363,54 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
-# plans_in_use's count of the accounts with no plan of their own (made before plans: they
+# catalogue_in_use's count of the accounts with no plan of their own (made before plans: they
 # follow the default plan)
 NO_PLAN = ""
 
 
-async def plans_in_use(redis: RedisClient, partitions: int) -> Counter[str]:
-    """How many accounts are on each plan or have a change to it scheduled (one scan of
-    the accounts, one HMGET each); under NO_PLAN those with no plan of their own."""
-    users: Counter[str] = Counter()
+async def catalogue_in_use(redis: RedisClient, partitions: int
+                           ) -> tuple[Counter[str], Counter[str]]:
+    """How many accounts are on each plan or have a change to it scheduled (under NO_PLAN
+    those with no plan of their own), and how many subscribe to each recurring offer: one
+    scan of the accounts, one HMGET and one HKEYS each."""
+    plans: Counter[str] = Counter()
+    offers: Counter[str] = Counter()
     for partition in range(partitions):
         async for member in redis.sscan_iter(accounts_key(partition), count=1000):
-            plan, next_plan = await redis.hmget(
-                account_keys(text(member), partitions).account, "plan", "next_plan")
-            users[text(plan) if plan else NO_PLAN] += 1
+            keys = account_keys(text(member), partitions)
+            plan, next_plan = await redis.hmget(keys.account, PLAN_FIELD, NEXT_PLAN_FIELD)
+            plans[text(plan) if plan else NO_PLAN] += 1
             if next_plan and next_plan != plan:
-                users[text(next_plan)] += 1
-    return users
+                plans[text(next_plan)] += 1
+            offers.update(text(offer_id) for offer_id in await redis.hkeys(keys.subscriptions))
+    return plans, offers
 
 
 async def reload_catalogue(running: RunningServer, partitions: int) -> str:
     """Reads the catalogue file again and serves it from the next request on; refused
-    (the old one kept) when it cannot be read or checked, or when a plan it drops (or the
-    default it changes) is still some account's. Returns what happened, for the log."""
+    (the old one kept) when it cannot be read or checked, or when a plan or a recurring
+    offer it drops (or the default it changes) is still some account's. Returns what
+    happened, for the log."""
     old = running.catalogue
     try:
         new = load_catalogue(running.plan_path)
     except PlanError as error:
         raise PlanError(f"catalogue reload refused, version {old.version} kept: {error}") \
             from None
-    in_use = await plans_in_use(running.redis, partitions)
-    users = {plan_id: in_use[plan_id] for plan_id in set(old.plans) - set(new.plans)
-             if in_use[plan_id]}
-    if in_use[NO_PLAN] and new.default_plan_id != old.default_plan_id:
+    plans, offers = await catalogue_in_use(running.redis, partitions)
+    users = {f"plan {plan_id!r}": plans[plan_id] for plan_id in set(old.plans) - set(new.plans)
+             if plans[plan_id]}
+    if plans[NO_PLAN] and new.default_plan_id != old.default_plan_id:
         # (accounts with no plan of their own would move to the new default)
-        users[f"{old.default_plan_id} (the default)"] = in_use[NO_PLAN]
+        users[f"plan {old.default_plan_id!r} (the default)"] = plans[NO_PLAN]
+    users.update({f"offer {offer_id!r}": count for offer_id, count in offers.items()
+                  if not (offer_id in new.offers and new.offers[offer_id].recurring)})
     if users:
-        named = ", ".join(f"{plan!r} by {count} account(s)" for plan, count in
+        named = ", ".join(f"{what} by {count} account(s)" for what, count in
                           sorted(users.items()))
         raise PlanError(f"catalogue reload refused, version {old.version} kept: it drops "
-                        f"plans still in use: {named} (ChangePlan them first)")
+                        f"what is still in use: {named} (ChangePlan or CancelSubscription "
+                        "them first)")
     running.charging.use_catalogue(new)
     running.admin.use_catalogue(new)
     return f"catalogue reloaded: version {old.version} -> {new.version}, {len(new.plans)} " \

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -16,12 +15,18 @@ from creditline.api import messages
 from creditline.charging.catalogue import Catalogue, Offer, PlansSeen
 from creditline.charging.kernels import Kernels, require_kernels
 from creditline.charging.rating import Rater, UnitKind
+from creditline.charging.subscriptions import allowance_args, first_period
 from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
 from creditline.store.contract import (
     MAX_SAFE_INTEGER,
+    NEXT_PLAN_FIELD,
+    NEXT_PLAN_FROM_FIELD,
+    PLAN_FIELD,
     EventAction,
     RequestKind,
+    parse_subscription,
+    plan_in_force,
     plan_to_retry,
 )
 from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
@@ -135,7 +140,7 @@ class ChargingService:
     async def _credit_control(self, request: pb.CreditControlRequest, kind: RequestKind
                               ) -> bytes:
         """The CreditControlAnswer's wire bytes."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self._store.clock.now_ms()
         refused = self.path.check_credit_control(request, kind, now_ms)
         if refused:
             return self.path.refusal(request, refused)
@@ -249,7 +254,7 @@ class ChargingService:
 
     async def _event(self, request: pb.EventRequest) -> bytes:
         """The EventAnswer's wire bytes."""
-        now_ms = int(time.time() * 1000)
+        now_ms = self._store.clock.now_ms()
         refused = self.path.check_event(request, now_ms)
         if refused:
             return self.path.event_refusal(request, refused)
@@ -309,9 +314,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[1])
 
     async def _operate(self, context: Context, account_id: str, operation: str,
-                       *args: int | str) -> admin_pb.Account:
+                       *args: int | str, facts: Mapping[str, object] | None = None
+                       ) -> admin_pb.Account:
         """Runs the operation; the account it left, or the call aborted with the status
-        that names the refusal."""
+        that names the refusal, its message filled in with `facts` (the request's)."""
         result = await self._run(context, lambda: self._store.admin(
             account_id, operation, *args))
         if result.account is None:
@@ -319,13 +325,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             refusals = _OPERATION_REFUSALS.get(operation, _ADMIN_REFUSALS)
             code, message = refusals.get(status, _ADMIN_REFUSALS.get(
                 status, (grpc.StatusCode.INTERNAL, f"admin: {result.status}")))
-            await context.abort(code, message.format(
-                account_id=account_id, detail=detail, id_field=_ID_FIELDS.get(operation, ""),
-                id=args[1] if len(args) > 1 else "", amount=args[0] if args else "",
-                purchase_id=args[0] if args else "", offer_id=args[1] if len(args) > 1 else "",
-                price=args[2] if len(args) > 2 else ""))
+            await context.abort(code, message.format_map(
+                {**(facts or {}), "account_id": account_id, "detail": detail}))
             raise AssertionError("abort raises")
-        return account_message(account_id, result.account, self._catalogue.default_plan_id)
+        return account_message(account_id, result.account, self._catalogue.default_plan_id,
+                               self._store.clock.now_ms())
 
     async def _check_plan_id(self, plan_id: str, context: Context) -> None:
         if plan_id not in self._catalogue.plans:
@@ -399,7 +403,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         await _check_idempotency_id(request.top_up_id, "top_up_id", "top-ups", context)
         # a top-up id seen before changes nothing and answers the account as it is
         return await self._operate(context, request.account_id, "TOPUP",
-                                   request.amount_micros, request.top_up_id)
+                                   request.amount_micros, request.top_up_id, facts={
+                                       "id_field": "top_up_id", "id": request.top_up_id,
+                                       "amount": request.amount_micros})
 
     async def AddBucket(self, request: admin_pb.AddBucketRequest,
                         context: Context) -> admin_pb.Account:
@@ -420,7 +426,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: required "
                                 f"(1..{MAX_REASON_CHARS} characters): why the balance changes")
         return await self._operate(context, request.account_id, "ADJUST",
-                                   request.amount_micros, request.adjustment_id, request.reason)
+                                   request.amount_micros, request.adjustment_id, request.reason,
+                                   facts={"id_field": "adjustment_id",
+                                          "id": request.adjustment_id,
+                                          "amount": request.amount_micros})
 
     async def SetAccountState(self, request: admin_pb.SetAccountStateRequest,
                               context: Context) -> admin_pb.Account:
@@ -454,7 +463,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the account's plan "
                                 f"{current.plan_id!r} is not in this server's catalogue")
             raise AssertionError("abort raises")
-        from_ms = plan.next_period_start_ms(int(time.time() * 1000))
+        from_ms = plan.next_period_start_ms(self._store.clock.now_ms())
         return await self._operate(context, request.account_id, "PLAN", request.plan_id,
                                    self._catalogue.default_plan_id, from_ms, current.plan_id)
 
@@ -471,7 +480,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if not messages.ACCOUNT_ID_PATTERN.fullmatch(request.purchase_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "purchase_id: letters, "
                                 "digits and ._:@+- only (it names the add-on's buckets)")
-        expires_at_s = int(time.time()) + offer.validity_s
+        expires_at_s = self._store.clock.now_ms() // 1000 + offer.validity_s
         allowances: list[int | str] = []
         for allowance in offer.allowances:
             allowances += [allowance.rating_group, allowance.units, expires_at_s,
@@ -479,7 +488,41 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._operate(
             context, request.account_id, "PURCHASE", request.purchase_id, offer.offer_id,
             offer.price_micros, ",".join(sorted(offer.plans)),
-            self._catalogue.default_plan_id, MAX_BUCKETS_PER_ACCOUNT, *allowances)
+            self._catalogue.default_plan_id, MAX_BUCKETS_PER_ACCOUNT, *allowances,
+            facts={"purchase_id": request.purchase_id, "offer_id": offer.offer_id,
+                   "price": offer.price_micros})
+
+    async def _recurring_offer(self, offer_id: str, context: Context) -> Offer:
+        offer = self._catalogue.offers.get(offer_id)
+        if offer is None or not offer.recurring:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"offer_id: {offer_id!r} "
+                                "is not a recurring offer of the catalogue (Admin.ListPlans)")
+            raise AssertionError("abort raises")
+        return offer
+
+    async def SubscribeToOffer(self, request: admin_pb.SubscribeToOfferRequest,
+                               context: Context) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        offer = await self._recurring_offer(request.offer_id, context)
+        # (a monthly offer's first period ends on the billing day of the account's plan)
+        current = await self._operate(context, request.account_id, "GET")
+        plan = self._catalogue.plans.get(current.plan_id, self._catalogue.default_plan)
+        first = first_period(offer, plan, self._store.clock.now_ms())
+        return await self._operate(
+            context, request.account_id, "SUBSCRIBE", offer.offer_id, first.end_ms,
+            first.fee_micros, offer.on_short_balance.value, ",".join(sorted(offer.plans)),
+            self._catalogue.default_plan_id, MAX_BUCKETS_PER_ACCOUNT,
+            *allowance_args(offer, first.end_ms, first),
+            facts={"offer_id": offer.offer_id, "price": first.fee_micros})
+
+    async def CancelSubscription(self, request: admin_pb.CancelSubscriptionRequest,
+                                 context: Context) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        if not request.offer_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "offer_id: required")
+        return await self._operate(context, request.account_id, "CANCEL", request.offer_id,
+                                   "1" if request.immediately else "0",
+                                   facts={"offer_id": request.offer_id})
 
     async def ListPlans(self, request: admin_pb.ListPlansRequest,
                         context: Context) -> admin_pb.ListPlansResponse:
@@ -506,7 +549,6 @@ async def _check_idempotency_id(value: str, field: str, what: str, context: Cont
                             f"{field}: required (1..{MAX_IDEMPOTENCY_ID_CHARS} characters), "
                             f"makes {what} idempotent")
 
-_ID_FIELDS = {"TOPUP": "top_up_id", "ADJUST": "adjustment_id"}
 
 def _offer_message(offer: Offer) -> admin_pb.Offer:
     return admin_pb.Offer(
@@ -514,7 +556,10 @@ def _offer_message(offer: Offer) -> admin_pb.Offer:
         validity_s=offer.validity_s, plan_ids=sorted(offer.plans),
         allowances=[admin_pb.Allowance(
             rating_group=a.rating_group, unit_kind=_UNIT_KIND_ENUMS[a.unit_kind.value],
-            units=a.units, priority=a.priority) for a in offer.allowances])
+            units=a.units, priority=a.priority, rollover_cap_units=a.rollover_cap_units)
+            for a in offer.allowances],
+        period=offer.period, period_days=offer.period_days,
+        on_short_balance=offer.on_short_balance.value if offer.recurring else "")
 
 
 # BuyAddOn's refusals (nothing changed): {purchase_id}, {offer_id}, {price}, {detail}
@@ -533,6 +578,17 @@ _PURCHASE_REFUSALS = {
                       "already (its add-on buckets are \"<purchase id>.<n>\"); nothing changed"),
 }
 
+# SubscribeToOffer's and CancelSubscription's: {offer_id} (the first argument), {detail}
+_SUBSCRIPTION_REFUSALS = {
+    "UNAFFORDABLE": (grpc.StatusCode.FAILED_PRECONDITION,
+                     "offer_id: {offer_id!r}'s first fee is {price} micros, more than the "
+                     "{detail} available (balance - reserved, with the credit limit only when "
+                     "the offer's on_short_balance is credit_limit); nothing changed"),
+    "NOT_SOLD": _PURCHASE_REFUSALS["NOT_SOLD"],
+    "NOT_SUBSCRIBED": (grpc.StatusCode.NOT_FOUND, "offer_id: the account does not subscribe "
+                       "to {offer_id!r}"),
+}
+
 # ChangePlan's from the next period: the plan the boundary was computed by is gone
 _PLAN_REFUSALS = {
     "CONFLICT": (grpc.StatusCode.ABORTED, "the account's plan changed meanwhile (to "
@@ -540,8 +596,8 @@ _PLAN_REFUSALS = {
 }
 
 # admin.lua refusals -> (gRPC status, message; {account_id}, {detail} (what the script
-# said after "|"), {id_field}, {id} and {amount} (the operation's first arguments) are
-# filled in)
+# said after "|") and the request's facts ({id_field}, {id} and {amount} of a top-up or
+# an adjustment) are filled in)
 _ADMIN_REFUSALS = {
     "CONFLICT": (grpc.StatusCode.ALREADY_EXISTS,
                  "{id_field}: {id!r} was applied with amount_micros {detail}, not "
@@ -557,23 +613,25 @@ _ADMIN_REFUSALS = {
 }
 
 
-def _plans_of(fields: Mapping[str, str], default_plan_id: str) -> dict[str, Any]:
-    """The account's plan now and the one scheduled, as charge.lua reads them: a plan
-    scheduled from an instant passed already is the plan."""
-    plan_id, next_plan_id = fields.get("plan", default_plan_id), fields.get("next_plan", "")
-    next_from_ms = int(fields.get("next_plan_from_ms", 0))
-    if next_plan_id and time.time() * 1000 >= next_from_ms:
-        return {"plan_id": next_plan_id}
+def _plans_of(fields: Mapping[str, str], default_plan_id: str, now_ms: int
+              ) -> dict[str, Any]:
+    """The account's plan now and the one scheduled, by contract.plan_in_force."""
+    plan_id = fields.get(PLAN_FIELD, default_plan_id)
+    next_plan_id, next_from_ms = fields.get(NEXT_PLAN_FIELD), fields.get(NEXT_PLAN_FROM_FIELD)
+    in_force = plan_in_force(plan_id, next_plan_id, next_from_ms, default_plan_id, now_ms)
+    if in_force != plan_id or not next_plan_id:
+        return {"plan_id": in_force}
     return {"plan_id": plan_id, "next_plan_id": next_plan_id,
-            "next_plan_from_unix_ms": next_from_ms}
+            "next_plan_from_unix_ms": int(next_from_ms or 0)}
 
 
 # (after _ADMIN_REFUSALS: an operation's own refusals first, then the common ones)
-_OPERATION_REFUSALS = {"PURCHASE": _PURCHASE_REFUSALS, "PLAN": _PLAN_REFUSALS}
+_OPERATION_REFUSALS = {"PURCHASE": _PURCHASE_REFUSALS, "PLAN": _PLAN_REFUSALS,
+                       "SUBSCRIBE": _SUBSCRIPTION_REFUSALS, "CANCEL": _SUBSCRIPTION_REFUSALS}
 
 
-def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id: str
-                    ) -> admin_pb.Account:
+def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id: str,
+                    now_ms: int) -> admin_pb.Account:
     """The Account message; an account with no plan of its own (made before plans) is on
     the catalogue's default plan."""
     fields = snapshot.account
@@ -588,8 +646,14 @@ def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id:
         topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
         purchased_micros=int(fields.get("purchased", 0)), adjusted_micros=int(fields["adjusted"]),
-        **_plans_of(fields, default_plan_id),
+        fees_micros=int(fields.get("fees", 0)), **_plans_of(fields, default_plan_id, now_ms),
     )
+    for offer_id, value in sorted(snapshot.subscriptions.items()):
+        subscription = parse_subscription(value)
+        account.subscriptions.add(
+            offer_id=offer_id, state=subscription.state,
+            period_start_unix_ms=subscription.period_start_ms,
+            period_end_unix_ms=subscription.period_end_ms, periods=subscription.periods)
     for bucket_id, value in sorted(snapshot.buckets.items()):
         bucket = parse_bucket(value)
         account.buckets.add(

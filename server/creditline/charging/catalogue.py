@@ -14,6 +14,7 @@ import hashlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,36 @@ MAX_ALLOWANCES_PER_OFFER = 8
 MAX_OFFER_VALIDITY_S = 366 * 86_400
 _CATALOGUE_KEYS = frozenset({"default_plan"})
 _TOP_LEVEL_KEYS = frozenset({"catalogue", "plan", "offer"})
-_OFFER_KEYS = frozenset({"id", "kind", "price_micros", "validity_s", "plans", "allowance"})
+_ADD_ON_KEYS = frozenset({"id", "kind", "price_micros", "validity_s", "plans", "allowance"})
+_RECURRING_KEYS = frozenset({"id", "kind", "fee_micros", "period", "period_days",
+                             "on_short_balance", "plans", "allowance"})
 _ALLOWANCE_KEYS = frozenset({"rating_group", "unit", "units", "priority"})
-# The offer kinds sold today: an add-on, bought once (Admin.BuyAddOn), its allowances
-# buckets that end with its validity. (Recurring offers: not yet.)
+_RECURRING_ALLOWANCE_KEYS = _ALLOWANCE_KEYS | {"rollover_cap_units"}
+# The offer kinds:
+# - an add-on, bought once (Admin.BuyAddOn): its price, and allowances as buckets that
+#   end with its validity;
+# - a recurring offer, subscribed to (Admin.SubscribeToOffer) and renewed at every
+#   period boundary until cancelled: a fee per period, and allowances as buckets that end
+#   with the period (what is left rolling over, up to a cap, into the next one).
 ADD_ON = "add_on"
+RECURRING = "recurring"
+# A recurring offer's period: monthly, from the account's billing day (its plan's), or
+# every period_days days from the subscription.
+MONTHLY = "monthly"
+DAYS = "days"
+MAX_PERIOD_DAYS = 366
+
+
+class ShortBalancePolicy(StrEnum):
+    """What a renewal does when the money cannot pay the fee (the offer says)."""
+
+    # the fee must be paid from the balance (without the credit limit): else the offer is
+    # suspended (no fee, no allowances) until its next boundary or a new subscription
+    SUSPEND = "suspend"
+    # as SUSPEND, and the account is barred (charging refused) until set active again
+    BAR = "bar"
+    # the fee may take the balance down to minus the credit limit; beyond it, SUSPEND
+    CREDIT_LIMIT = "credit_limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +81,28 @@ class Allowance:
     unit_kind: UnitKind
     units: int
     priority: int  # lower is used first (buckets' order)
+    # a recurring offer's: at most this many units left at a period's end are carried
+    # into the next period's bucket (0: none)
+    rollover_cap_units: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Offer:
     offer_id: str
-    kind: str
+    kind: str              # ADD_ON or RECURRING
+    # an add-on's price; a recurring offer's fee per period
     price_micros: int
-    validity_s: int
+    validity_s: int        # an add-on's (0 for a recurring offer)
     plans: frozenset[str]  # the plans it is sold with (all the catalogue's when not named)
     allowances: tuple[Allowance, ...]
+    # a recurring offer's: MONTHLY or DAYS (then every period_days), and its policy
+    period: str = ""
+    period_days: int = 0
+    on_short_balance: ShortBalancePolicy = ShortBalancePolicy.SUSPEND
+
+    @property
+    def recurring(self) -> bool:
+        return self.kind == RECURRING
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +158,7 @@ def _offers(tables: Any, source: str, plans: Mapping[str, Plan]) -> dict[str, Of
         raise PlanError(f"{source}: offer: at most {MAX_OFFERS} offers, got {len(tables)}")
     offers: dict[str, Offer] = {}
     for index, table in enumerate(tables):
-        offer = _offer(checked_table(table, f"{source}: offer[{index}]", _OFFER_KEYS),
-                       f"{source}: offer[{index}]", plans)
+        offer = _offer(table, f"{source}: offer[{index}]", plans)
         if offer.offer_id in offers or offer.offer_id in plans:
             raise PlanError(f"{source}: offer[{index}].id: {offer.offer_id!r} names an "
                             "earlier offer or a plan")
@@ -129,27 +166,58 @@ def _offers(tables: Any, source: str, plans: Mapping[str, Plan]) -> dict[str, Of
     return offers
 
 
-def _offer(table: Mapping[str, Any], where: str, plans: Mapping[str, Plan]) -> Offer:
+def _offer(raw: Any, where: str, plans: Mapping[str, Plan]) -> Offer:
+    kind = raw.get("kind", ADD_ON) if isinstance(raw, dict) else ADD_ON
+    if kind not in (ADD_ON, RECURRING):
+        raise PlanError(f"{where}.kind: {kind!r} is not one of {ADD_ON}, {RECURRING}")
+    recurring = kind == RECURRING
+    table = checked_table(raw, where, _RECURRING_KEYS if recurring else _ADD_ON_KEYS)
     offer_id = check_plan_id(table.get("id"), f"{where}.id")
-    kind = table.get("kind", ADD_ON)
-    if kind != ADD_ON:
-        raise PlanError(f"{where}.kind: {kind!r}: only {ADD_ON!r} offers are sold so far "
-                        "(recurring offers are not built yet)")
-    price = _whole(table.get("price_micros"), f"{where}.price_micros", MAX_SAFE_INTEGER)
-    validity_s = _whole(table.get("validity_s"), f"{where}.validity_s", MAX_OFFER_VALIDITY_S,
-                        minimum=1)
     named = table.get("plans", list(plans))
     if not isinstance(named, list) or not named or not all(p in plans for p in named):
         raise PlanError(f"{where}.plans: a list of the catalogue's plan ids "
                         f"({', '.join(plans)})")
-    raw = table.get("allowance", [])
+    allowances = _allowances(table.get("allowance", []), where, recurring)
+    if not recurring:
+        return Offer(offer_id=offer_id, kind=kind, plans=frozenset(named),
+                     allowances=allowances,
+                     price_micros=_whole(table.get("price_micros"), f"{where}.price_micros",
+                                         MAX_SAFE_INTEGER),
+                     validity_s=_whole(table.get("validity_s"), f"{where}.validity_s",
+                                       MAX_OFFER_VALIDITY_S, minimum=1))
+    period, period_days = _period(table, where)
+    try:
+        policy = ShortBalancePolicy(table.get("on_short_balance", ShortBalancePolicy.SUSPEND))
+    except ValueError:
+        choices = ", ".join(p.value for p in ShortBalancePolicy)
+        raise PlanError(f"{where}.on_short_balance: {table.get('on_short_balance')!r} is not "
+                        f"one of {choices}") from None
+    return Offer(offer_id=offer_id, kind=kind, plans=frozenset(named), allowances=allowances,
+                 price_micros=_whole(table.get("fee_micros"), f"{where}.fee_micros",
+                                     MAX_SAFE_INTEGER),
+                 validity_s=0, period=period, period_days=period_days,
+                 on_short_balance=policy)
+
+
+def _period(table: Mapping[str, Any], where: str) -> tuple[str, int]:
+    """A recurring offer's period: (MONTHLY, 0) or (DAYS, n)."""
+    period = table.get("period", DAYS if "period_days" in table else None)
+    if period == MONTHLY and "period_days" not in table:
+        return MONTHLY, 0
+    if period == DAYS:
+        return DAYS, _whole(table.get("period_days"), f"{where}.period_days", MAX_PERIOD_DAYS,
+                            minimum=1)
+    raise PlanError(f"{where}.period: required, {MONTHLY!r} (from the account's billing day) "
+                    f"or period_days = 1..{MAX_PERIOD_DAYS} (every n days), not both")
+
+
+def _allowances(raw: Any, where: str, recurring: bool) -> tuple[Allowance, ...]:
     if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_ALLOWANCES_PER_OFFER:
         raise PlanError(f"{where}.allowance: 1..{MAX_ALLOWANCES_PER_OFFER} [[offer.allowance]]"
                         " tables")
-    allowances = tuple(_allowance(checked_table(a, f"{where}.allowance[{i}]", _ALLOWANCE_KEYS),
-                                  f"{where}.allowance[{i}]") for i, a in enumerate(raw))
-    return Offer(offer_id=offer_id, kind=kind, price_micros=price, validity_s=validity_s,
-                 plans=frozenset(named), allowances=allowances)
+    keys = _RECURRING_ALLOWANCE_KEYS if recurring else _ALLOWANCE_KEYS
+    return tuple(_allowance(checked_table(a, f"{where}.allowance[{i}]", keys),
+                            f"{where}.allowance[{i}]") for i, a in enumerate(raw))
 
 
 def _allowance(table: Mapping[str, Any], where: str) -> Allowance:
@@ -162,7 +230,9 @@ def _allowance(table: Mapping[str, Any], where: str) -> Allowance:
     return Allowance(rating_group=rating_group, unit_kind=unit_kind,
                      units=_whole(table.get("units"), f"{where}.units", MAX_SAFE_INTEGER,
                                   minimum=1),
-                     priority=_whole(table.get("priority", 0), f"{where}.priority", 2**32 - 1))
+                     priority=_whole(table.get("priority", 0), f"{where}.priority", 2**32 - 1),
+                     rollover_cap_units=_whole(table.get("rollover_cap_units", 0),
+                                               f"{where}.rollover_cap_units", MAX_SAFE_INTEGER))
 
 
 def _whole(value: Any, where: str, maximum: int, minimum: int = 0) -> int:

@@ -336,6 +336,12 @@ class Plan:
             year, month = (year, month - 1) if month > 1 else (year - 1, 12)
         return f"{year:04d}-{month:02d}-{self.billing_day:02d}"
 
+    def period_start_ms(self, at_unix_ms: int) -> int:
+        """When the billing period holding the instant started (unix ms)."""
+        first = dt.date.fromisoformat(self.billing_period(at_unix_ms))
+        return _unix_ms(dt.datetime(first.year, first.month, first.day,
+                                    tzinfo=_zone(self.time_zone)))
+
     def next_period_start_ms(self, at_unix_ms: int) -> int:
         """When the billing period after the one holding the instant starts (unix ms): the
         billing day's local midnight in the plan's time zone."""

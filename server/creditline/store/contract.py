@@ -81,7 +81,8 @@ EVENT_TYPES = frozenset({
     "quota_granted", "usage_charged", "session_ended", "event_charged", "event_refunded",
     "top_up", "low_balance", "credit_exhausted", "final_units_granted", "bucket_expired",
     "usage_spike", "reauthorization_needed", "adjustment", "plan_changed",
-    "purchase",
+    "purchase", "subscribed", "renewed", "renewal_failed", "subscription_cancelled",
+    "subscription_ended",
 })
 
 
@@ -235,12 +236,68 @@ class AdminKeys(NamedTuple):
     adjustments: str
     cdrs: str
     purchases: str      # purchase id -> offer id (applied once per id)
+    subscriptions: str  # recurring offer id -> its subscription (SUBSCRIPTION_FIELDS)
+    renewals: str       # the partition's sorted set of what falls due (renewal_member)
 
 
 class AdminArgs(NamedTuple):
     """admin.lua's ARGV[1..4]; the operation's own arguments follow."""
 
-    op: str               # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, PURCHASE, GET
+    # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, PURCHASE, SUBSCRIBE, CANCEL, RENEW,
+    # PLAN_DUE, GET
+    op: str
     account_id: str
     now_ms: int
     event_trim: str
+
+
+# A subscription to a recurring offer, as admin.lua (admin/subscriptions.lua) writes it in
+# the account's subscriptions hash under the offer id: these fields, "|"-separated.
+SUBSCRIPTION_FIELDS = ("state", "period_start_ms", "period_end_ms", "periods")
+# Its states: paid for its period; cancelled, ending with its period; its renewal refused
+# for want of money (no allowances until it is paid again).
+SUBSCRIPTION_STATES = ("active", "cancelling", "suspended")
+# The buckets of a subscription's allowances: "<offer id>#<n>", n from 1 ('#' is in no id
+# a caller gives: ID_CHARACTERS).
+ALLOWANCE_BUCKET_SEPARATOR = "#"
+
+
+class Subscription(NamedTuple):
+    state: str
+    period_start_ms: int
+    period_end_ms: int
+    periods: int  # periods paid (the first included)
+
+
+def parse_subscription(value: str) -> Subscription:
+    state, start_ms, end_ms, periods = value.split("|")
+    return Subscription(state, int(start_ms), int(end_ms), int(periods))
+
+
+def renewal_member(offer_id: str, account_id: str) -> str:
+    """What falls due, in a partition's renewals set: a subscription's period end
+    ("<offer id>|<account id>"), or with offer_id "" the account's scheduled plan change.
+    Injective: an offer id is never empty and holds no '|'."""
+    return f"{offer_id}|{account_id}"
+
+
+def due_item(member: str) -> tuple[str, str]:
+    """(offer id, or "" for a scheduled plan change; account id) of a renewals member."""
+    offer_id, _, account_id = member.partition("|")
+    return offer_id, account_id
+
+
+# The account hash's plan fields: its plan, and a change scheduled from an instant on
+# (ChangePlan from_next_period). admin.lua writes them; charge.lua, admin.lua and the
+# server read them by one rule, plan_in_force (tests/test_contract.py holds the scripts'
+# names to these).
+PLAN_FIELD, NEXT_PLAN_FIELD, NEXT_PLAN_FROM_FIELD = "plan", "next_plan", "next_plan_from_ms"
+
+
+def plan_in_force(plan: str | None, next_plan: str | None, next_plan_from_ms: str | int | None,
+                  default_plan: str, now_ms: int) -> str:
+    """The account's plan at now_ms: the one scheduled when its instant has come, else its
+    plan, else (an account made before plans) the catalogue's default."""
+    if next_plan and next_plan_from_ms is not None and now_ms >= int(next_plan_from_ms):
+        return next_plan
+    return plan or default_plan

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 import zlib
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +28,13 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from creditline.clock import Clock
 from creditline.errors import StoreDataError
 from creditline.store.contract import (
     CLOSING_KINDS,
+    NEXT_PLAN_FIELD,
+    NEXT_PLAN_FROM_FIELD,
+    PLAN_FIELD,
     SCRIPT_RESULT_CODES,
     AdminArgs,
     AdminKeys,
@@ -113,6 +116,11 @@ def deadlines_key(partition: int) -> str:
     return f"{partition_tag(partition)}:deadlines"
 
 
+def renewals_key(partition: int) -> str:
+    """What falls due in the partition (contract.renewal_member), scored by when."""
+    return f"{partition_tag(partition)}:renewals"
+
+
 def cdrs_key(partition: int) -> str:
     return f"{partition_tag(partition)}:cdrs"
 
@@ -175,6 +183,14 @@ class AccountKeys:
         return f"{self.prefix}:purchases"
 
     @property
+    def subscriptions(self) -> str:
+        return f"{self.prefix}:subscriptions"
+
+    @property
+    def renewals(self) -> str:
+        return renewals_key(self.partition)
+
+    @property
     def events(self) -> str:
         return events_key(self.partition)
 
@@ -231,6 +247,14 @@ CHARGE_SCRIPT_PARTS = ("prelude", "libraries", "rating", "arguments", "state",
 def charge_script_source() -> str:
     """The charging chunk: the parts of charge.lua joined, defining charge(keys, args)."""
     return "".join(_script_source(f"charge/{part}.lua") for part in CHARGE_SCRIPT_PARTS)
+
+
+# admin.lua, in parts joined in this order into one script: the parts share its locals.
+ADMIN_SCRIPT_PARTS = ("prelude", "plans", "subscriptions", "entry")
+
+
+def admin_script_source() -> str:
+    return "".join(_script_source(f"admin/{part}.lua") for part in ADMIN_SCRIPT_PARTS)
 
 
 class _Named:
@@ -304,6 +328,7 @@ class AccountSnapshot:
     buckets: dict[str, str]
     usage: dict[str, str]
     open_sessions: int
+    subscriptions: dict[str, str] = field(default_factory=dict)  # offer id -> its value
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,15 +371,18 @@ class Store:
     """The charging and admin scripts, and the reads beside them, over one Transport."""
 
     def __init__(self, transport: Transport, config: StoreConfig,
-                 instrument: ScriptInstrument | None = None) -> None:
+                 instrument: ScriptInstrument | None = None, clock: Clock | None = None
+                 ) -> None:
         self._transport = transport
         self.config = config
+        # the server's time, as every script it runs is told it
+        self.clock = clock or Clock()
         self._charge = charge_script(charge_script_source())
         # FCALL: prepare() found that Redis has functions and loaded the library
         self._functions = False
         # a span and a latency sample per script call; None (telemetry off): nothing
         self._instrument = instrument
-        self._admin = _Named(_script_source("admin.lua"))
+        self._admin = _Named(admin_script_source())
         self._claim = _Named(_script_source("claim.lua"))
         self._spike_factor = str(config.spike_factor)  # (formatted once)
         self._meta = _Named(_META_SCRIPT)
@@ -565,18 +593,34 @@ class Store:
                                    now_ms, now_ms, EventAction.NONE, [0])
         return not answer.startswith("0;")
 
+    async def due(self, partition: int, now_ms: int, limit: int) -> list[tuple[str, int]]:
+        """(renewals member, when due) of up to `limit` items due in the partition."""
+        key = renewals_key(partition)
+        flat: Any = await self._transport.command(
+            key, "ZRANGEBYSCORE", key, "-inf", now_ms, "WITHSCORES", "LIMIT", 0, limit)
+        return [(text(flat[i]), int(float(text(flat[i + 1])))) for i in range(0, len(flat), 2)]
+
+    async def plan_fields(self, account_id: str) -> tuple[str | None, str | None, str | None]:
+        """The account's PLAN_FIELD, NEXT_PLAN_FIELD and NEXT_PLAN_FROM_FIELD (contract)."""
+        key = self.keys(account_id).account
+        values: Any = await self._transport.command(
+            key, "HMGET", key, PLAN_FIELD, NEXT_PLAN_FIELD, NEXT_PLAN_FROM_FIELD)
+        plan, next_plan, from_ms = (None if v is None else text(v) for v in values)
+        return plan, next_plan, from_ms
+
     async def admin(self, account_id: str, operation: str, *args: int | str
                     ) -> AdminResult:
         """Runs one admin.lua operation; the account as it left it, in the same step."""
         keys = self.keys(account_id)
-        now_ms = int(time.time() * 1000)
+        now_ms = self.clock.now_ms()
         call = self._transport.evalsha(
             self._admin.sha, self._admin.source, [*AdminKeys(
                 account=keys.account, buckets=keys.buckets, usage=keys.usage,
                 sessions=keys.open_sessions, topups=keys.top_ups, final=keys.final_sessions,
                 events=keys.events, event_counter=event_counter_key(keys.partition),
                 account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs,
-                purchases=keys.purchases)],
+                purchases=keys.purchases, subscriptions=keys.subscriptions,
+                renewals=keys.renewals)],
             [*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
                         event_trim=self._event_trim(now_ms)), *args])
         raw = await (call if self._instrument is None
@@ -585,5 +629,5 @@ class Store:
             return AdminResult(text(raw), None)
         return AdminResult(text(raw[0]), AccountSnapshot(
             account=_pairs(raw[1]), buckets=_pairs(raw[2]), usage=_pairs(raw[3]),
-            open_sessions=int(raw[4]),
+            open_sessions=int(raw[4]), subscriptions=_pairs(raw[5]),
         ))

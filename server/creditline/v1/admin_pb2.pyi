@@ -173,6 +173,8 @@ class Account(_message.Message):
     PURCHASED_MICROS_FIELD_NUMBER: _builtins.int
     NEXT_PLAN_ID_FIELD_NUMBER: _builtins.int
     NEXT_PLAN_FROM_UNIX_MS_FIELD_NUMBER: _builtins.int
+    FEES_MICROS_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -201,10 +203,14 @@ class Account(_message.Message):
     when it takes over; empty and 0 when none is scheduled.
     """
     next_plan_from_unix_ms: _builtins.int
+    fees_micros: _builtins.int
+    """sum of recurring offers' fees (subscriptions, renewals)"""
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingGroupUsage]: ...
+    @_builtins.property
+    def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subscription]: ...
     def __init__(
         self,
         *,
@@ -226,14 +232,102 @@ class Account(_message.Message):
         purchased_micros: _builtins.int = ...,
         next_plan_id: _builtins.str = ...,
         next_plan_from_unix_ms: _builtins.int = ...,
+        fees_micros: _builtins.int = ...,
+        subscriptions: _abc.Iterable[Global___Subscription] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "next_plan_from_unix_ms", b"next_plan_from_unix_ms", "next_plan_id", b"next_plan_id", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "fees_micros", b"fees_micros", "initial_balance_micros", b"initial_balance_micros", "next_plan_from_unix_ms", b"next_plan_from_unix_ms", "next_plan_id", b"next_plan_id", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "subscriptions", b"subscriptions", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class Subscription(_message.Message):
+    """A subscription to a recurring offer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PERIOD_START_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PERIOD_END_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PERIODS_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    state: _builtins.str
+    """"active"; "cancelling" (ends with its period); "suspended" (a renewal found the money
+    short: no allowances; tried again when the period ends, or SubscribeToOffer pays now)
+    """
+    period_start_unix_ms: _builtins.int
+    period_end_unix_ms: _builtins.int
+    """when it renews (or ends, cancelling)"""
+    periods: _builtins.int
+    """periods paid, the first included"""
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        period_start_unix_ms: _builtins.int = ...,
+        period_end_unix_ms: _builtins.int = ...,
+        periods: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "period_end_unix_ms", b"period_end_unix_ms", "period_start_unix_ms", b"period_start_unix_ms", "periods", b"periods", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscription: _TypeAlias = Subscription  # noqa: Y015
+
+@_typing.final
+class SubscribeToOfferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    offer_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "offer_id", b"offer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeToOfferRequest: _TypeAlias = SubscribeToOfferRequest  # noqa: Y015
+
+@_typing.final
+class CancelSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    IMMEDIATELY_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    offer_id: _builtins.str
+    immediately: _builtins.bool
+    """false: at the end of the period paid"""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        offer_id: _builtins.str = ...,
+        immediately: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "immediately", b"immediately", "offer_id", b"offer_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelSubscriptionRequest: _TypeAlias = CancelSubscriptionRequest  # noqa: Y015
 
 @_typing.final
 class CreateAccountRequest(_message.Message):
@@ -351,10 +445,13 @@ class Allowance(_message.Message):
     UNIT_KIND_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    ROLLOVER_CAP_UNITS_FIELD_NUMBER: _builtins.int
     rating_group: _builtins.int
     unit_kind: Global___UnitKind.ValueType
     units: _builtins.int
     priority: _builtins.int
+    rollover_cap_units: _builtins.int
+    """a recurring offer's: carried into the next period at most"""
     def __init__(
         self,
         *,
@@ -362,10 +459,11 @@ class Allowance(_message.Message):
         unit_kind: Global___UnitKind.ValueType = ...,
         units: _builtins.int = ...,
         priority: _builtins.int = ...,
+        rollover_cap_units: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "rating_group", b"rating_group", "unit_kind", b"unit_kind", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "rating_group", b"rating_group", "rollover_cap_units", b"rollover_cap_units", "unit_kind", b"unit_kind", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -381,11 +479,23 @@ class Offer(_message.Message):
     VALIDITY_S_FIELD_NUMBER: _builtins.int
     PLAN_IDS_FIELD_NUMBER: _builtins.int
     ALLOWANCES_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    PERIOD_DAYS_FIELD_NUMBER: _builtins.int
+    ON_SHORT_BALANCE_FIELD_NUMBER: _builtins.int
     offer_id: _builtins.str
     kind: _builtins.str
-    """"add_on" """
+    """"add_on" or "recurring" """
     price_micros: _builtins.int
+    """an add-on's price; a recurring offer's fee per period"""
     validity_s: _builtins.int
+    """an add-on's"""
+    period: _builtins.str
+    """a recurring offer's: "monthly" (from the account's billing day) or "days" (every
+    period_days), and what a renewal does when the money is short: "suspend", "bar",
+    "credit_limit"
+    """
+    period_days: _builtins.int
+    on_short_balance: _builtins.str
     @_builtins.property
     def plan_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """the plans it is sold with"""
@@ -401,10 +511,13 @@ class Offer(_message.Message):
         validity_s: _builtins.int = ...,
         plan_ids: _abc.Iterable[_builtins.str] | None = ...,
         allowances: _abc.Iterable[Global___Allowance] | None = ...,
+        period: _builtins.str = ...,
+        period_days: _builtins.int = ...,
+        on_short_balance: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowances", b"allowances", "kind", b"kind", "offer_id", b"offer_id", "plan_ids", b"plan_ids", "price_micros", b"price_micros", "validity_s", b"validity_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowances", b"allowances", "kind", b"kind", "offer_id", b"offer_id", "on_short_balance", b"on_short_balance", "period", b"period", "period_days", b"period_days", "plan_ids", b"plan_ids", "price_micros", b"price_micros", "validity_s", b"validity_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

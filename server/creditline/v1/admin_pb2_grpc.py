@@ -79,6 +79,16 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SubscribeToOffer = channel.unary_unary(
+                '/creditline.v1.Admin/SubscribeToOffer',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.SubscribeToOfferRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
+        self.CancelSubscription = channel.unary_unary(
+                '/creditline.v1.Admin/CancelSubscription',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -152,6 +162,30 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeToOffer(self, request, context):
+        """Subscribes the account to a recurring offer of the catalogue: the fee of the first
+        period (from now to the period's end; a monthly offer's prorated by the time left of
+        the billing period, its allowances too) taken and the allowances added as buckets
+        "<offer id>#<n>" ending with the period, in one step. Refused with nothing changed
+        (FAILED_PRECONDITION) when the money is short (as the offer's on_short_balance says)
+        or the plan does not sell it. Subscribing again changes nothing, except that it keeps
+        a cancelled subscription on (its period is paid) and pays again for a suspended one.
+        Announced (SUBSCRIBED), a CDR (kind "fee"), in the books as fees_micros. At every
+        period end the subscription renews once (RENEWED, or RENEWAL_FAILED and the policy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelSubscription(self, request, context):
+        """Ends a subscription: when its period ends (its allowances stay until then), or
+        immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
+        then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +232,16 @@ def add_AdminServicer_to_server(servicer, server):
             'BuyAddOn': grpc.unary_unary_rpc_method_handler(
                     servicer.BuyAddOn,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SubscribeToOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubscribeToOffer,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.SubscribeToOfferRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'CancelSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelSubscription,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -443,6 +487,60 @@ class Admin:
             target,
             '/creditline.v1.Admin/BuyAddOn',
             creditline_dot_v1_dot_admin__pb2.BuyAddOnRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeToOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/SubscribeToOffer',
+            creditline_dot_v1_dot_admin__pb2.SubscribeToOfferRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/CancelSubscription',
+            creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,22 @@ class AdminStub:
     "purchase") and in the books as purchased_micros; the open sessions are asked to
     re-authorise (their quotas may grow).
     """
+    SubscribeToOffer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SubscribeToOfferRequest, _admin_pb2.Account]
+    """Subscribes the account to a recurring offer of the catalogue: the fee of the first
+    period (from now to the period's end; a monthly offer's prorated by the time left of
+    the billing period, its allowances too) taken and the allowances added as buckets
+    "<offer id>#<n>" ending with the period, in one step. Refused with nothing changed
+    (FAILED_PRECONDITION) when the money is short (as the offer's on_short_balance says)
+    or the plan does not sell it. Subscribing again changes nothing, except that it keeps
+    a cancelled subscription on (its period is paid) and pays again for a suspended one.
+    Announced (SUBSCRIBED), a CDR (kind "fee"), in the books as fees_micros. At every
+    period end the subscription renews once (RENEWED, or RENEWAL_FAILED and the policy).
+    """
+    CancelSubscription: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CancelSubscriptionRequest, _admin_pb2.Account]
+    """Ends a subscription: when its period ends (its allowances stay until then), or
+    immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
+    then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -88,6 +104,22 @@ class AdminAsyncStub(AdminStub):
     not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
     "purchase") and in the books as purchased_micros; the open sessions are asked to
     re-authorise (their quotas may grow).
+    """
+    SubscribeToOffer: _aio.UnaryUnaryMultiCallable[_admin_pb2.SubscribeToOfferRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Subscribes the account to a recurring offer of the catalogue: the fee of the first
+    period (from now to the period's end; a monthly offer's prorated by the time left of
+    the billing period, its allowances too) taken and the allowances added as buckets
+    "<offer id>#<n>" ending with the period, in one step. Refused with nothing changed
+    (FAILED_PRECONDITION) when the money is short (as the offer's on_short_balance says)
+    or the plan does not sell it. Subscribing again changes nothing, except that it keeps
+    a cancelled subscription on (its period is paid) and pays again for a suspended one.
+    Announced (SUBSCRIBED), a CDR (kind "fee"), in the books as fees_micros. At every
+    period end the subscription renews once (RENEWED, or RENEWAL_FAILED and the policy).
+    """
+    CancelSubscription: _aio.UnaryUnaryMultiCallable[_admin_pb2.CancelSubscriptionRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """Ends a subscription: when its period ends (its allowances stay until then), or
+    immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
+    then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -169,6 +201,34 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         not sell it. Idempotent by purchase_id. Announced (PURCHASE), recorded in a CDR (kind
         "purchase") and in the books as purchased_micros; the open sessions are asked to
         re-authorise (their quotas may grow).
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeToOffer(
+        self,
+        request: _admin_pb2.SubscribeToOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Subscribes the account to a recurring offer of the catalogue: the fee of the first
+        period (from now to the period's end; a monthly offer's prorated by the time left of
+        the billing period, its allowances too) taken and the allowances added as buckets
+        "<offer id>#<n>" ending with the period, in one step. Refused with nothing changed
+        (FAILED_PRECONDITION) when the money is short (as the offer's on_short_balance says)
+        or the plan does not sell it. Subscribing again changes nothing, except that it keeps
+        a cancelled subscription on (its period is paid) and pays again for a suspended one.
+        Announced (SUBSCRIBED), a CDR (kind "fee"), in the books as fees_micros. At every
+        period end the subscription renews once (RENEWED, or RENEWAL_FAILED and the policy).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelSubscription(
+        self,
+        request: _admin_pb2.CancelSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """Ends a subscription: when its period ends (its allowances stay until then), or
+        immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
+        then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!creditline/v1/notifications.proto\x12\rcreditline.v1\"\x98\x01\n\x10SubscribeRequest\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x01 \x03(\t\x12-\n\x0b\x65vent_types\x18\x02 \x03(\x0e\x32\x18.creditline.v1.EventType\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x1c\n\x0f\x62\x61tch_linger_ms\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_batch_linger_ms\"\xd3\x02\n\x0b\x43hargeEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.creditline.v1.EventType\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x14\n\x0crating_group\x18\x06 \x01(\t\x12\r\n\x05units\x18\x07 \x01(\x03\x12\x15\n\ramount_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x62\x61lance_micros\x18\t \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\n \x01(\x03\x12\x38\n\x07\x64\x65tails\x18\x0b \x03(\x0b\x32\'.creditline.v1.ChargeEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x10\x43hargeEventBatch\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.creditline.v1.ChargeEvent\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t*\xc4\x02\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rQUOTA_GRANTED\x10\x01\x12\x11\n\rUSAGE_CHARGED\x10\x02\x12\x11\n\rSESSION_ENDED\x10\x03\x12\x11\n\rEVENT_CHARGED\x10\x04\x12\x12\n\x0e\x45VENT_REFUNDED\x10\x05\x12\n\n\x06TOP_UP\x10\x06\x12\x0f\n\x0bLOW_BALANCE\x10\x07\x12\x14\n\x10\x43REDIT_EXHAUSTED\x10\x08\x12\x17\n\x13\x46INAL_UNITS_GRANTED\x10\t\x12\x12\n\x0e\x42UCKET_EXPIRED\x10\n\x12\x0f\n\x0bUSAGE_SPIKE\x10\x0b\x12\x1a\n\x16REAUTHORIZATION_NEEDED\x10\x0c\x12\x0e\n\nADJUSTMENT\x10\r\x12\x10\n\x0cPLAN_CHANGED\x10\x0e\x12\x0c\n\x08PURCHASE\x10\x0f\x32\xb3\x01\n\rNotifications\x12J\n\tSubscribe\x12\x1f.creditline.v1.SubscribeRequest\x1a\x1a.creditline.v1.ChargeEvent0\x01\x12V\n\x10SubscribeBatches\x12\x1f.creditline.v1.SubscribeRequest\x1a\x1f.creditline.v1.ChargeEventBatch0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!creditline/v1/notifications.proto\x12\rcreditline.v1\"\x98\x01\n\x10SubscribeRequest\x12\x13\n\x0b\x61\x63\x63ount_ids\x18\x01 \x03(\t\x12-\n\x0b\x65vent_types\x18\x02 \x03(\x0e\x32\x18.creditline.v1.EventType\x12\x0e\n\x06\x63ursor\x18\x03 \x01(\t\x12\x1c\n\x0f\x62\x61tch_linger_ms\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x12\n\x10_batch_linger_ms\"\xd3\x02\n\x0b\x43hargeEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12&\n\x04type\x18\x03 \x01(\x0e\x32\x18.creditline.v1.EventType\x12\x12\n\naccount_id\x18\x04 \x01(\t\x12\x12\n\nsession_id\x18\x05 \x01(\t\x12\x14\n\x0crating_group\x18\x06 \x01(\t\x12\r\n\x05units\x18\x07 \x01(\x03\x12\x15\n\ramount_micros\x18\x08 \x01(\x03\x12\x16\n\x0e\x62\x61lance_micros\x18\t \x01(\x03\x12\x14\n\x0ctime_unix_ms\x18\n \x01(\x03\x12\x38\n\x07\x64\x65tails\x18\x0b \x03(\x0b\x32\'.creditline.v1.ChargeEvent.DetailsEntry\x1a.\n\x0c\x44\x65tailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x10\x43hargeEventBatch\x12*\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1a.creditline.v1.ChargeEvent\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t*\xa9\x03\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rQUOTA_GRANTED\x10\x01\x12\x11\n\rUSAGE_CHARGED\x10\x02\x12\x11\n\rSESSION_ENDED\x10\x03\x12\x11\n\rEVENT_CHARGED\x10\x04\x12\x12\n\x0e\x45VENT_REFUNDED\x10\x05\x12\n\n\x06TOP_UP\x10\x06\x12\x0f\n\x0bLOW_BALANCE\x10\x07\x12\x14\n\x10\x43REDIT_EXHAUSTED\x10\x08\x12\x17\n\x13\x46INAL_UNITS_GRANTED\x10\t\x12\x12\n\x0e\x42UCKET_EXPIRED\x10\n\x12\x0f\n\x0bUSAGE_SPIKE\x10\x0b\x12\x1a\n\x16REAUTHORIZATION_NEEDED\x10\x0c\x12\x0e\n\nADJUSTMENT\x10\r\x12\x10\n\x0cPLAN_CHANGED\x10\x0e\x12\x0c\n\x08PURCHASE\x10\x0f\x12\x0e\n\nSUBSCRIBED\x10\x10\x12\x0b\n\x07RENEWED\x10\x11\x12\x12\n\x0eRENEWAL_FAILED\x10\x12\x12\x1a\n\x16SUBSCRIPTION_CANCELLED\x10\x13\x12\x16\n\x12SUBSCRIPTION_ENDED\x10\x14\x32\xb3\x01\n\rNotifications\x12J\n\tSubscribe\x12\x1f.creditline.v1.SubscribeRequest\x1a\x1a.creditline.v1.ChargeEvent0\x01\x12V\n\x10SubscribeBatches\x12\x1f.creditline.v1.SubscribeRequest\x1a\x1f.creditline.v1.ChargeEventBatch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,7 +34,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHARGEEVENT_DETAILSENTRY']._loaded_options = None
   _globals['_CHARGEEVENT_DETAILSENTRY']._serialized_options = b'8\001'
   _globals['_EVENTTYPE']._serialized_start=630
-  _globals['_EVENTTYPE']._serialized_end=954
+  _globals['_EVENTTYPE']._serialized_end=1055
   _globals['_SUBSCRIBEREQUEST']._serialized_start=53
   _globals['_SUBSCRIBEREQUEST']._serialized_end=205
   _globals['_CHARGEEVENT']._serialized_start=208
@@ -43,6 +43,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHARGEEVENT_DETAILSENTRY']._serialized_end=547
   _globals['_CHARGEEVENTBATCH']._serialized_start=549
   _globals['_CHARGEEVENTBATCH']._serialized_end=627
-  _globals['_NOTIFICATIONS']._serialized_start=957
-  _globals['_NOTIFICATIONS']._serialized_end=1136
+  _globals['_NOTIFICATIONS']._serialized_start=1058
+  _globals['_NOTIFICATIONS']._serialized_end=1237
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,16 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     PURCHASE: _EventType.ValueType  # 15
     """BuyAddOn: amount, balance after; details offer, purchase_id"""
+    SUBSCRIBED: _EventType.ValueType  # 16
+    """Recurring offers (details offer, period: the periods paid): a subscription's first
+    fee (amount, balance after); a renewal's fee; a renewal refused for want of money
+    (amount: the fee; details available, policy); a cancellation (details ends_ms) and
+    the subscription's end (details cause: cancelled, period_ended)
+    """
+    RENEWED: _EventType.ValueType  # 17
+    RENEWAL_FAILED: _EventType.ValueType  # 18
+    SUBSCRIPTION_CANCELLED: _EventType.ValueType  # 19
+    SUBSCRIPTION_ENDED: _EventType.ValueType  # 20
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -89,6 +99,16 @@ billing period, effective_from_ms (when it takes over)
 """
 PURCHASE: EventType.ValueType  # 15
 """BuyAddOn: amount, balance after; details offer, purchase_id"""
+SUBSCRIBED: EventType.ValueType  # 16
+"""Recurring offers (details offer, period: the periods paid): a subscription's first
+fee (amount, balance after); a renewal's fee; a renewal refused for want of money
+(amount: the fee; details available, policy); a cancellation (details ends_ms) and
+the subscription's end (details cause: cancelled, period_ended)
+"""
+RENEWED: EventType.ValueType  # 17
+RENEWAL_FAILED: EventType.ValueType  # 18
+SUBSCRIPTION_CANCELLED: EventType.ValueType  # 19
+SUBSCRIPTION_ENDED: EventType.ValueType  # 20
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

@@ -15,6 +15,10 @@ KEYS (all under the account's partition hash tag):
   KEYS[10] adjustments    hash: adjustment id -> amount (applied once per id)
   KEYS[11] CDR stream     the partition's charging data records
   KEYS[12] purchases      hash: purchase id -> offer id (applied once per id)
+  KEYS[13] subscriptions  hash: recurring offer id -> its subscription (subscriptions.lua)
+  KEYS[14] renewals       the partition's sorted set of what falls due: a subscription's
+                          period end ("<offer id>|<account id>") and a scheduled plan
+                          change ("|<account id>"), scored by when (unix ms)
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
 stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
@@ -35,10 +39,13 @@ stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
           default_plan bucket_limit [allowance: rg units expires_at_s priority kind]...
           -> account | "UNKNOWN" | "CONFLICT|<offer id>" | "UNAFFORDABLE|<available>"
           | "NOT_SOLD|<plan>" | "TOO_MANY_BUCKETS" | "BUCKET_EXISTS"
+  SUBSCRIBE, CANCEL, RENEW, PLAN_DUE: recurring offers and scheduled plan changes, see
+          subscriptions.lua
   GET     -> account | "UNKNOWN"
 where account is { status ("OK", or "DUPLICATE" for a top-up or adjustment id applied
 before with the same amount; another amount is a CONFLICT naming the first), account
-fields, buckets (live ones: expired ones are not listed), usage, open session count },
+fields, buckets (live ones: expired ones are not listed), usage, open session count,
+subscriptions },
 read in the same step as the operation: the answer shows the account as the operation left
 it, in one round trip. An adjustment is a credit (or, negative, a debit within what is
 available) that reverses no charge: customer care's goodwill or correction, with a reason;
@@ -50,8 +57,8 @@ final units, on the event stream.
 ]]
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
-  event_counter_key, account_index_key, adjustments_key, cdrs_key, purchases_key =
-  unpack(KEYS, 1, 12)
+  event_counter_key, account_index_key, adjustments_key, cdrs_key, purchases_key,
+  subscriptions_key, renewals_key = unpack(KEYS, 1, 14)
 -- (one argument per line, named as server/contract.py AdminArgs names it)
 local op = ARGV[1]
 local account_id = ARGV[2]
@@ -65,6 +72,8 @@ local function bucket_value(rg, units, expires, priority, kind)
   local serial = redis.call('HINCRBY', account_key, 'bucket_serial', 1)
   return table.concat({ rg, units, expires, priority, units, kind, serial, 0 }, '|')
 end
+
+local function text(number) return string.format('%d', number) end
 
 local function expired(value)
   local expires = tonumber(string.match(value, '^[^|]*|[^|]*|([^|]*)|'))
@@ -95,7 +104,8 @@ end
 
 local function account(status)
   return { status, redis.call('HGETALL', account_key), live_buckets(),
-    redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key) }
+    redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key),
+    redis.call('HGETALL', subscriptions_key) }
 end
 
 -- Expired buckets removed (announced when units were left), as charge.lua does.
@@ -158,139 +168,34 @@ local function plan_now(default_plan)
   return fields[1] or default_plan
 end
 
--- ChangePlan: now (from_ms "0"), or from the next billing period (from_ms).
-local function change_plan(plan, default_plan, from_ms, expected_plan)
-  local from = plan_now(default_plan)
-  if from_ms == '0' then
-    redis.call('HSET', account_key, 'plan', plan)
-    redis.call('HDEL', account_key, 'next_plan', 'next_plan_from_ms')
-    notify('plan_changed|plan|' .. plan .. '|from|' .. from)
-    ask_open_sessions_again()
-    return account('OK')
-  end
-  if from ~= expected_plan then return 'CONFLICT|' .. from end
-  redis.call('HSET', account_key, 'plan', from, 'next_plan', plan, 'next_plan_from_ms', from_ms)
-  notify('plan_changed|plan|' .. plan .. '|from|' .. from .. '|effective_from_ms|' .. from_ms)
-  return account('OK')
+-- Refused ("NOT_SOLD|<plan>") unless the account's plan is one of `plans` ("p1,p2").
+local function not_sold(plans, default_plan)
+  local plan = plan_now(default_plan)
+  if string.find(',' .. plans .. ',', ',' .. plan .. ',', 1, true) then return nil end
+  return 'NOT_SOLD|' .. plan
 end
 
--- The refusal of an add-on purchase before anything is written, else nil.
-local function purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
-                                allowances)
-  local plan = plan_now(default_plan)
-  if not string.find(',' .. plans .. ',', ',' .. plan .. ',', 1, true) then
-    return 'NOT_SOLD|' .. plan
-  end
+-- The money a payment may take: the balance less what open sessions hold, and the credit
+-- limit when `with_credit`.
+local function available_money(with_credit)
   local fields = redis.call('HMGET', account_key, 'balance', 'credit_limit', 'reserved')
-  local available = fields[1] + fields[2] - fields[3]
-  if available < price then return 'UNAFFORDABLE|' .. string.format('%d', available) end
-  if redis.call('HLEN', buckets_key) + allowances > bucket_limit then
-    return 'TOO_MANY_BUCKETS'
-  end
-  for n = 1, allowances do
-    if redis.call('HEXISTS', buckets_key, purchase_id .. '.' .. n) == 1 then
-      return 'BUCKET_EXISTS'
-    end
-  end
+  return fields[1] - fields[3] + (with_credit and fields[2] or 0)
+end
+
+-- An offer's sale refused (not sold with the plan, or "UNAFFORDABLE|<available>"), or nil.
+local function sale_refusal(plans, default_plan, price, with_credit)
+  local refusal = not_sold(plans, default_plan)
+  if refusal then return refusal end
+  local available = available_money(with_credit)
+  if available < price then return 'UNAFFORDABLE|' .. text(available) end
   return nil
 end
 
--- An add-on bought: its price debited, its allowances buckets (ids "<purchase id>.<n>"),
--- announced, a CDR, and the open sessions asked again (their quotas may grow).
-local function purchase(purchase_id, offer_id, price, plans, default_plan, bucket_limit)
-  local first = redis.call('HGET', purchases_key, purchase_id)
-  if first == offer_id then return account('DUPLICATE') end
-  if first then return 'CONFLICT|' .. first end
-  local first_allowance = 11
-  local allowances = (#ARGV - first_allowance + 1) / 5
-  local refusal = purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
-    allowances)
-  if refusal then return refusal end
-  redis.call('HSET', purchases_key, purchase_id, offer_id)
-  local balance = redis.call('HINCRBY', account_key, 'balance', -price)
-  redis.call('HINCRBY', account_key, 'purchased', price)
-  for n = 1, allowances do
-    local i = first_allowance + (n - 1) * 5
-    redis.call('HSET', buckets_key, purchase_id .. '.' .. n,
-      bucket_value(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]))
-  end
-  local price_text, balance_text = string.format('%d', price), string.format('%d', balance)
-  notify('purchase|amount|' .. price_text .. '|balance|' .. balance_text,
-    'offer', offer_id, 'purchase_id', purchase_id)
-  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', purchase_id,
-    'ended_ms', now_ms, 'balance_after', balance_text, 'kind', 'purchase',
-    'started_ms', now_ms, 'cause', 'purchase', 'result', '2001',
-    'charged', price_text, 'items', '', 'offer', offer_id)
-  ask_open_sessions_again()
-  return account('OK')
+-- A CDR of money the account paid for an offer (no session): a purchase, a fee.
+local function offer_record(kind, record_id, offer_id, charged, balance, cause, result)
+  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', record_id,
+    'ended_ms', now_ms, 'balance_after', balance, 'kind', kind, 'started_ms', now_ms,
+    'cause', cause, 'result', result or '2001', 'charged', charged, 'items', '',
+    'offer', offer_id)
 end
 
-if op == 'CREATE' then
-  if exists then return 'EXISTS' end
-  local bucket_limit = tonumber(ARGV[7])
-  local first_bucket = 10
-  if (#ARGV - first_bucket + 1) / 6 > bucket_limit then return 'TOO_MANY_BUCKETS' end
-  redis.call('HSET', account_key, 'balance', ARGV[5], 'credit_limit', ARGV[6],
-    'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
-    'charged', '0', 'refunded', '0', 'adjusted', '0', 'purchased', '0', 'created_ms', now_ms)
-  if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
-  redis.call('HSET', account_key, 'plan', ARGV[9])
-  redis.call('SADD', account_index_key, account_id)
-  for i = first_bucket, #ARGV, 6 do
-    redis.call('HSET', buckets_key, ARGV[i],
-      bucket_value(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]))
-  end
-  return account('OK')
-end
-
-if not exists then return 'UNKNOWN' end
-
-if op == 'TOPUP' then
-  local seen = seen_before(topups_key, ARGV[6], ARGV[5])
-  if seen then return seen end
-  redis.call('HSET', topups_key, ARGV[6], ARGV[5])
-  local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
-  redis.call('HINCRBY', account_key, 'topped_up', ARGV[5])
-  notify('top_up|amount|' .. ARGV[5] .. '|balance|' .. string.format('%d', balance),
-    'top_up_id', ARGV[6])
-  ask_reauthorization()
-  return account('OK')
-elseif op == 'ADJUST' then
-  local amount, adjustment_id, reason = tonumber(ARGV[5]), ARGV[6], ARGV[7]
-  local seen = seen_before(adjustments_key, adjustment_id, ARGV[5])
-  if seen then return seen end
-  local fields = redis.call('HMGET', account_key, 'balance', 'credit_limit', 'reserved')
-  local available = fields[1] + fields[2] - fields[3]
-  if amount < 0 and available + amount < 0 then
-    return 'UNAFFORDABLE|' .. string.format('%d', available)
-  end
-  redis.call('HSET', adjustments_key, adjustment_id, ARGV[5])
-  local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
-  redis.call('HINCRBY', account_key, 'adjusted', ARGV[5])
-  local balance_text = string.format('%d', balance)
-  notify('adjustment|amount|' .. ARGV[5] .. '|balance|' .. balance_text,
-    'adjustment_id', adjustment_id, 'reason', reason)
-  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', adjustment_id,
-    'ended_ms', now_ms, 'balance_after', balance_text, 'kind', 'adjustment',
-    'started_ms', now_ms, 'cause', 'adjustment', 'result', '2001',
-    'charged', string.format('%d', -amount), 'items', '', 'reason', reason)
-  if amount > 0 then ask_reauthorization() end
-  return account('OK')
-elseif op == 'BUCKET' then
-  drop_expired_buckets()
-  if redis.call('HEXISTS', buckets_key, ARGV[6]) == 1 then return 'BUCKET_EXISTS' end
-  if redis.call('HLEN', buckets_key) >= tonumber(ARGV[5]) then return 'TOO_MANY_BUCKETS' end
-  redis.call('HSET', buckets_key, ARGV[6],
-    bucket_value(ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]))
-  return account('OK')
-elseif op == 'STATE' then
-  redis.call('HSET', account_key, 'state', ARGV[5])
-  return account('OK')
-elseif op == 'PLAN' then
-  return change_plan(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
-elseif op == 'PURCHASE' then
-  return purchase(ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], tonumber(ARGV[10]))
-elseif op == 'GET' then
-  return account('OK')
-end
-return redis.error_reply('admin.lua: unknown operation ' .. tostring(op))

@@ -1,0 +1,79 @@
+if op == 'CREATE' then
+  if exists then return 'EXISTS' end
+  local bucket_limit = tonumber(ARGV[7])
+  local first_bucket = 10
+  if (#ARGV - first_bucket + 1) / 6 > bucket_limit then return 'TOO_MANY_BUCKETS' end
+  redis.call('HSET', account_key, 'balance', ARGV[5], 'credit_limit', ARGV[6],
+    'state', 'active', 'reserved', '0', 'initial', ARGV[5], 'topped_up', '0',
+    'charged', '0', 'refunded', '0', 'adjusted', '0', 'purchased', '0', 'fees', '0',
+    'created_ms', now_ms)
+  if ARGV[8] ~= '' then redis.call('HSET', account_key, 'low_balance', ARGV[8]) end
+  redis.call('HSET', account_key, 'plan', ARGV[9])
+  redis.call('SADD', account_index_key, account_id)
+  for i = first_bucket, #ARGV, 6 do
+    redis.call('HSET', buckets_key, ARGV[i],
+      bucket_value(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]))
+  end
+  return account('OK')
+end
+
+if not exists then return 'UNKNOWN' end
+
+if op == 'TOPUP' then
+  local seen = seen_before(topups_key, ARGV[6], ARGV[5])
+  if seen then return seen end
+  redis.call('HSET', topups_key, ARGV[6], ARGV[5])
+  local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
+  redis.call('HINCRBY', account_key, 'topped_up', ARGV[5])
+  notify('top_up|amount|' .. ARGV[5] .. '|balance|' .. string.format('%d', balance),
+    'top_up_id', ARGV[6])
+  ask_reauthorization()
+  return account('OK')
+elseif op == 'ADJUST' then
+  local amount, adjustment_id, reason = tonumber(ARGV[5]), ARGV[6], ARGV[7]
+  local seen = seen_before(adjustments_key, adjustment_id, ARGV[5])
+  if seen then return seen end
+  local fields = redis.call('HMGET', account_key, 'balance', 'credit_limit', 'reserved')
+  local available = fields[1] + fields[2] - fields[3]
+  if amount < 0 and available + amount < 0 then
+    return 'UNAFFORDABLE|' .. string.format('%d', available)
+  end
+  redis.call('HSET', adjustments_key, adjustment_id, ARGV[5])
+  local balance = redis.call('HINCRBY', account_key, 'balance', ARGV[5])
+  redis.call('HINCRBY', account_key, 'adjusted', ARGV[5])
+  local balance_text = string.format('%d', balance)
+  notify('adjustment|amount|' .. ARGV[5] .. '|balance|' .. balance_text,
+    'adjustment_id', adjustment_id, 'reason', reason)
+  redis.call('XADD', cdrs_key, '*', 'account', account_id, 'session', adjustment_id,
+    'ended_ms', now_ms, 'balance_after', balance_text, 'kind', 'adjustment',
+    'started_ms', now_ms, 'cause', 'adjustment', 'result', '2001',
+    'charged', string.format('%d', -amount), 'items', '', 'reason', reason)
+  if amount > 0 then ask_reauthorization() end
+  return account('OK')
+elseif op == 'BUCKET' then
+  drop_expired_buckets()
+  if redis.call('HEXISTS', buckets_key, ARGV[6]) == 1 then return 'BUCKET_EXISTS' end
+  if redis.call('HLEN', buckets_key) >= tonumber(ARGV[5]) then return 'TOO_MANY_BUCKETS' end
+  redis.call('HSET', buckets_key, ARGV[6],
+    bucket_value(ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]))
+  return account('OK')
+elseif op == 'STATE' then
+  redis.call('HSET', account_key, 'state', ARGV[5])
+  return account('OK')
+elseif op == 'PLAN' then
+  return change_plan(ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+elseif op == 'PURCHASE' then
+  return purchase(ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], tonumber(ARGV[10]))
+elseif op == 'SUBSCRIBE' then
+  return subscribe(ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8], ARGV[9], ARGV[10],
+    tonumber(ARGV[11]))
+elseif op == 'CANCEL' then
+  return cancel(ARGV[5], ARGV[6])
+elseif op == 'RENEW' then
+  return renew(ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8]), ARGV[9])
+elseif op == 'PLAN_DUE' then
+  return plan_due()
+elseif op == 'GET' then
+  return account('OK')
+end
+return redis.error_reply('admin.lua: unknown operation ' .. tostring(op))
