@@ -1,5 +1,5 @@
-"""The books, read straight from Redis: for every account,
-initial + top-ups - charges + refunds + adjustments = balance, reserved = the sum of the
+"""The books, read straight from Redis: for every account, initial + top-ups - charges
++ refunds + adjustments - purchases - fees = balance, reserved = the sum of the
 money held by its open sessions, and each bucket's reserved units = the sum its open
 sessions hold of it."""
 
@@ -38,6 +38,7 @@ class AccountBooks:
     topped_up: int
     adjusted: int
     purchased: int
+    fees: int
     initial: int
     credit_limit: int
     sessions_reserved: int
@@ -95,7 +96,7 @@ class Books:
             balance=int(account["balance"]), reserved=int(account["reserved"]),
             charged=int(account["charged"]), refunded=int(account["refunded"]),
             topped_up=int(account["topped_up"]), adjusted=int(account["adjusted"]),
-            purchased=int(account.get("purchased", 0)),
+            purchased=int(account.get("purchased", 0)), fees=int(account.get("fees", 0)),
             initial=int(account["initial"]),
             credit_limit=int(account["credit_limit"]),
             sessions_reserved=sessions_reserved,
@@ -110,7 +111,7 @@ class Books:
         for account in [account_id] if account_id else self.accounts:
             b = await self.read(account)
             assert (b.initial + b.topped_up - b.charged + b.refunded + b.adjusted
-                    - b.purchased == b.balance), (account, b)
+                    - b.purchased - b.fees == b.balance), (account, b)
             assert b.reserved == b.sessions_reserved, (account, b)
             assert b.bucket_reserved == b.sessions_bucket_reserved, (account, b)
             # usage records net charges (refunds recorded negative) per rating group

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -22,8 +22,10 @@ from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, notifications_pb2_grpc
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.books import Books
+from tests.cluster import RedisCluster
 from tests.stream_client import charging_over
 
 _account_numbers = itertools.count(1)
@@ -147,3 +149,33 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"requests served {r.requests}; faults injected {dict(r.faults)}; "
             f"retransmissions {r.retransmissions}; reconcile: {r.reconciled_accounts} "
             f"accounts, {r.discrepancies} discrepancies")
+
+
+class Backend(NamedTuple):
+    url: str
+    cluster: bool
+
+
+@pytest.fixture(scope="module", params=["redis", "cluster"])
+def backend(request: pytest.FixtureRequest, redis_process: RedisProcess) -> Iterator[Backend]:
+    """Every scenario of a module that asks for it on one Redis and on a Redis Cluster of
+    three masters."""
+    if request.param == "redis":
+        yield Backend(redis_process.url, cluster=False)
+        return
+    with RedisCluster(masters=3) as cluster:
+        yield Backend(cluster.url, cluster=True)
+
+
+@pytest.fixture(scope="module")
+async def backend_redis(backend: Backend) -> AsyncIterator[Redis | ClusterClient]:
+    client: Redis | ClusterClient = (
+        ClusterClient.from_url(backend.url, decode_responses=True) if backend.cluster
+        else Redis.from_url(backend.url, decode_responses=True))
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def backend_books(backend_redis: Redis | ClusterClient) -> Books:
+    return Books(backend_redis, Settings().partitions)

@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from itertools import count
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 import pytest
@@ -23,7 +23,6 @@ from creditline.api.app import RunningServer, reload_catalogue, start_server, st
 from creditline.charging.catalogue import load_catalogue
 from creditline.errors import PlanError
 from creditline.settings import Settings
-from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -32,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 from tests.books import Books
-from tests.cluster import RedisCluster
+from tests.conftest import Backend
 from tests.messages import RG_SMS, RG_VOICE, block, ccr, rg_answer
 from tests.stream_client import charging_over
 from tests.test_notifications import subscribe
@@ -41,21 +40,6 @@ CATALOGUE = Path(__file__).parent / "catalogue.toml"
 SMS_PRICE = {"standard": 50_000, "cheap": 10_000}      # tests/catalogue.toml
 VOICE_PRICE_PER_S = {"standard": 10_000, "cheap": 2_000}
 _numbers = count()
-
-
-class Backend(NamedTuple):
-    url: str
-    cluster: bool
-
-
-@pytest.fixture(scope="module", params=["redis", "cluster"])
-def backend(request: pytest.FixtureRequest, redis_process: RedisProcess) -> Iterator[Backend]:
-    """Every scenario on one Redis and on a Redis Cluster of three masters."""
-    if request.param == "redis":
-        yield Backend(redis_process.url, cluster=False)
-        return
-    with RedisCluster(masters=3) as cluster:
-        yield Backend(cluster.url, cluster=True)
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +53,14 @@ async def servers(backend: Backend) -> AsyncIterator[list[RunningServer]]:
         await stop_server(server, grace_s=1.0)
 
 
-@pytest.fixture(scope="module")
-async def redis(backend: Backend) -> AsyncIterator[Redis | ClusterClient]:
-    client: Redis | ClusterClient = (
-        ClusterClient.from_url(backend.url, decode_responses=True) if backend.cluster
-        else Redis.from_url(backend.url, decode_responses=True))
-    yield client
-    await client.aclose()
+@pytest.fixture
+def redis(backend_redis: Redis | ClusterClient) -> Redis | ClusterClient:
+    return backend_redis
 
 
 @pytest.fixture
-def books(redis: Redis | ClusterClient) -> Books:
-    return Books(redis, Settings().partitions)
+def books(backend_books: Books) -> Books:
+    return backend_books
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +406,8 @@ async def test_the_cli_lists_plans_and_puts_accounts_on_them(
                                       "--balance-micros", "1000000", "--plan", "cheap")
     books.track(account_id)
     assert created["plan_id"] == "cheap"
-    assert [o["offer_id"] for o in listed["offers"]] == ["sms-10", "voice-hour"]
+    assert [o["offer_id"] for o in listed["offers"]] == [
+        "sms-10", "voice-hour", "sms-daily", "sms-daily-bar", "sms-daily-credit", "voice-monthly"]
     bought = await asyncio.to_thread(_cli, port, "account", "buy", account_id, "voice-hour")
     assert bought["purchased_micros"] == "500000"  # (JSON: int64 as a string)
     changed = await asyncio.to_thread(_cli, port, "account", "change-plan", account_id,

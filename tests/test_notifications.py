@@ -63,6 +63,15 @@ class Subscriber:
     def cancel(self) -> None:
         self.call.cancel()
 
+    async def close(self) -> None:
+        """Cancels the call and takes the end of a read still pending (else asyncio says
+        its exception was never retrieved)."""
+        self.call.cancel()
+        if self._pending is not None:
+            await asyncio.wait({self._pending})
+            if not self._pending.cancelled():
+                self._pending.exception()
+
 
 async def subscribe(notifications, **filters) -> Subscriber:  # type: ignore[no-untyped-def]
     """Starts a subscription and waits until it is live (its start cursor arrives)."""

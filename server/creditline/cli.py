@@ -151,6 +151,17 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     buy.add_argument("account_id")
     buy.add_argument("offer")
     buy.add_argument("--purchase-id", default="", help="idempotency key (default: random)")
+    subscribe = account_commands.add_parser(
+        "subscribe", help="subscribe to a recurring offer of the catalogue: its first fee "
+        "taken, its allowances granted; renewed at every period end")
+    subscribe.add_argument("account_id")
+    subscribe.add_argument("offer")
+    cancel = account_commands.add_parser(
+        "cancel", help="cancel a subscription: at the end of its period, or --now")
+    cancel.add_argument("account_id")
+    cancel.add_argument("offer")
+    cancel.add_argument("--now", action="store_true",
+                        help="immediately: its allowances gone, nothing refunded")
     top_up = account_commands.add_parser("top-up")
     top_up.add_argument("account_id")
     top_up.add_argument("amount_micros", type=int)
@@ -198,6 +209,12 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
             return await admin.BuyAddOn(admin_pb.BuyAddOnRequest(
                 account_id=args.account_id, offer_id=args.offer,
                 purchase_id=args.purchase_id or uuid.uuid4().hex))
+        if command == "subscribe":
+            return await admin.SubscribeToOffer(admin_pb.SubscribeToOfferRequest(
+                account_id=args.account_id, offer_id=args.offer))
+        if command == "cancel":
+            return await admin.CancelSubscription(admin_pb.CancelSubscriptionRequest(
+                account_id=args.account_id, offer_id=args.offer, immediately=args.now))
         if command == "change-plan":
             return await admin.ChangePlan(admin_pb.ChangePlanRequest(
                 account_id=args.account_id, plan_id=args.plan,
