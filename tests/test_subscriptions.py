@@ -40,19 +40,22 @@ _numbers = count()
 
 
 @contextlib.asynccontextmanager
-async def serving(backend: Backend, ahead_s: int = 0, **settings: Any
-                  ) -> AsyncIterator[RunningServer]:
-    """A server whose clock runs ahead_s ahead; its sweeps run when the test says."""
+async def serving(backend: Backend, ahead_s: int = 0, count: int = 1, **settings: Any
+                  ) -> AsyncIterator[list[RunningServer]]:
+    """`count` servers started at once, their clocks ahead_s ahead: each renews what is
+    due as it starts, then only when the test says (sweep_once)."""
     chosen: dict[str, Any] = {
         "listen_address": "127.0.0.1:0", "plan_path": str(CATALOGUE),
         "redis_cluster": backend.cluster, "redis_call_timeout_s": 10.0,
         "clock_offset_s": ahead_s, "renewal_interval_s": 3600, "supervision_interval_s": 3600,
         **settings}
-    running = await start_server(Settings(**chosen), backend.url)
+    running = await asyncio.gather(*(start_server(Settings(**chosen), backend.url)
+                                     for _ in range(count)))
     try:
-        yield running
+        yield list(running)
     finally:
-        await stop_server(running, grace_s=1.0)
+        for server in running:
+            await stop_server(server, grace_s=1.0)
 
 
 @contextlib.asynccontextmanager
@@ -105,7 +108,7 @@ def _of_type(events: list[npb.ChargeEvent], kind: int) -> list[npb.ChargeEvent]:
 
 async def test_a_subscription_takes_its_first_fee_and_grants_its_allowances(
         backend: Backend, backend_books: Books, backend_redis: Any) -> None:
-    async with serving(backend) as running, admin_of(running) as admin, \
+    async with serving(backend) as (running,), admin_of(running) as admin, \
             contextlib.AsyncExitStack() as stack:
         account_id = await _account(admin, backend_books)
         events = await stack.enter_async_context(_events(running, account_id))
@@ -133,7 +136,7 @@ async def test_a_subscription_takes_its_first_fee_and_grants_its_allowances(
 
 
 async def test_refusals_change_nothing(backend: Backend, backend_books: Books) -> None:
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin:
         poor = await _account(admin, backend_books, balance=50_000, credit_limit=1_000_000)
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # (suspend: balance alone)
             await admin.SubscribeToOffer(_subscribe(poor))
@@ -171,7 +174,8 @@ async def _use_sms(running: RunningServer, account_id: str, count: int) -> None:
 
 async def test_renewal_once_at_the_period_end_rolls_over_up_to_the_cap(
         backend: Backend, backend_books: Books, backend_redis: Any) -> None:
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin, \
+            contextlib.AsyncExitStack() as stack:
         account_id = await _account(admin, backend_books)
         await admin.SubscribeToOffer(_subscribe(account_id))
         await _use_sms(running, account_id, 12)  # 8 left: 5 roll over (the cap), 3 expire
@@ -179,15 +183,12 @@ async def test_renewal_once_at_the_period_end_rolls_over_up_to_the_cap(
             opened = await charging_pb2_grpc.ChargingStub(channel).Initial(
                 ccr(f"{account_id};call", account_id, 0, block(RG_VOICE, requested=60)))
             assert opened.result_code == pb.SUCCESS
-    # a day and a minute later, two servers sweep at once
-    async with serving(backend, ahead_s=86_460) as one, serving(backend, ahead_s=86_460) as two, \
-            contextlib.AsyncExitStack() as stack:
-        events = await stack.enter_async_context(_events(one, account_id))
-        renewed = await asyncio.gather(one.renewer.sweep_once(), two.renewer.sweep_once())
-        assert sum(renewed) >= 1
-        assert await one.renewer.sweep_once() + await two.renewer.sweep_once() == 0
-        async with admin_of(one) as admin:
-            state = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+        events = await stack.enter_async_context(_events(running, account_id))
+        # a day and a minute later, two servers start at once: each renews as it starts
+        async with serving(backend, ahead_s=86_460, count=2) as (one, two), \
+                admin_of(one) as later:
+            assert await one.renewer.sweep_once() + await two.renewer.sweep_once() == 0
+            state = await later.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
         assert (state.balance_micros, state.fees_micros) == (1_000_000 - 2 * FEE, 2 * FEE)
         (subscription,) = state.subscriptions
         assert (subscription.state, subscription.periods) == ("active", 2)
@@ -215,44 +216,44 @@ async def test_renewal_once_at_the_period_end_rolls_over_up_to_the_cap(
 async def test_a_renewal_the_money_cannot_pay_applies_the_offers_policy(
         backend: Backend, backend_books: Books, backend_redis: Any, offer_id: str,
         credit_limit: int, state: str, balance: int, account_state: int) -> None:
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin, \
+            contextlib.AsyncExitStack() as stack:
         account_id = await _account(admin, backend_books, balance=150_000,
                                     credit_limit=credit_limit)
         await admin.SubscribeToOffer(_subscribe(account_id, offer_id))  # 50,000 left
-    async with serving(backend, ahead_s=86_460) as running, admin_of(running) as admin, \
-            contextlib.AsyncExitStack() as stack:
         events = await stack.enter_async_context(_events(running, account_id))
-        assert await running.renewer.sweep_once() >= 1
-        after = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
-        (subscription,) = after.subscriptions
-        assert (subscription.state, after.balance_micros, after.state) == (
-            state, balance, account_state)
-        bucket = _bucket(after, f"{offer_id}#1")
-        seen = await events.drain()
-        records = await _fee_records(backend_redis, account_id)
-        if state == "active":
-            assert bucket is not None and bucket.remaining_units == DAILY_SMS
-            assert len(_of_type(seen, npb.RENEWED)) == 1
-            assert records[-1]["charged"] == str(FEE)
-        else:  # no fee, no allowance: announced, and a CDR of nothing charged, 4012
-            assert bucket is None
-            (failed,) = _of_type(seen, npb.RENEWAL_FAILED)
-            available = 50_000 + (credit_limit if offer_id == "sms-daily-credit" else 0)
-            assert (failed.amount_micros, failed.details["available"]) == (FEE, str(available))
-            assert (records[-1]["charged"], records[-1]["result"]) == ("0", "4012")
-        if state == "suspended":  # topped up, it is paid again from now
-            await admin.TopUp(admin_pb.TopUpRequest(account_id=account_id,
-                                                    amount_micros=FEE, top_up_id="t1"))
-            again = await admin.SubscribeToOffer(_subscribe(account_id, offer_id))
-            assert (again.subscriptions[0].state, again.subscriptions[0].periods) == (
-                "active", 2)
-            assert again.balance_micros == 50_000
+        async with serving(backend, ahead_s=86_460) as (later,), admin_of(later) as admin:
+            after = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+            (subscription,) = after.subscriptions
+            assert (subscription.state, after.balance_micros, after.state) == (
+                state, balance, account_state)
+            bucket = _bucket(after, f"{offer_id}#1")
+            seen = await events.drain()
+            records = await _fee_records(backend_redis, account_id)
+            if state == "active":
+                assert bucket is not None and bucket.remaining_units == DAILY_SMS
+                assert len(_of_type(seen, npb.RENEWED)) == 1
+                assert records[-1]["charged"] == str(FEE)
+            else:  # no fee, no allowance: announced, and a CDR of nothing charged, 4012
+                assert bucket is None
+                (failed,) = _of_type(seen, npb.RENEWAL_FAILED)
+                available = 50_000 + (credit_limit if offer_id == "sms-daily-credit" else 0)
+                assert (failed.amount_micros, failed.details["available"]) == (
+                    FEE, str(available))
+                assert (records[-1]["charged"], records[-1]["result"]) == ("0", "4012")
+            if state == "suspended":  # topped up, it is paid again from now
+                await admin.TopUp(admin_pb.TopUpRequest(account_id=account_id,
+                                                        amount_micros=FEE, top_up_id="t1"))
+                again = await admin.SubscribeToOffer(_subscribe(account_id, offer_id))
+                assert (again.subscriptions[0].state, again.subscriptions[0].periods) == (
+                    "active", 2)
+                assert again.balance_micros == 50_000
     await backend_books.assert_balanced()
 
 
 async def test_a_cancelled_subscription_ends_with_its_period_or_at_once(
         backend: Backend, backend_books: Books) -> None:
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin:
         later, now = await _account(admin, backend_books), await _account(admin, backend_books)
         for account_id in (later, now):
             await admin.SubscribeToOffer(_subscribe(account_id))
@@ -263,8 +264,7 @@ async def test_a_cancelled_subscription_ends_with_its_period_or_at_once(
         gone = await admin.CancelSubscription(admin_pb.CancelSubscriptionRequest(
             account_id=now, offer_id="sms-daily", immediately=True))
         assert (list(gone.subscriptions), list(gone.buckets)) == ([], [])
-    async with serving(backend, ahead_s=86_460) as running, admin_of(running) as admin:
-        assert await running.renewer.sweep_once() >= 1
+    async with serving(backend, ahead_s=86_460) as (running,), admin_of(running) as admin:
         ended = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=later))
         assert (list(ended.subscriptions), list(ended.buckets), ended.fees_micros) == (
             [], [], FEE)
@@ -274,7 +274,7 @@ async def test_a_cancelled_subscription_ends_with_its_period_or_at_once(
 async def test_a_monthly_offer_prorates_its_first_period_to_the_billing_day(
         backend: Backend, backend_books: Books) -> None:
     plan = load_catalogue(CATALOGUE).plans["standard"]
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin:
         account_id = await _account(admin, backend_books, balance=10_000_000)
         subscribed = await admin.SubscribeToOffer(_subscribe(account_id, "voice-monthly"))
     (subscription,) = subscribed.subscriptions
@@ -286,8 +286,7 @@ async def test_a_monthly_offer_prorates_its_first_period_to_the_billing_day(
     assert bucket is not None and bucket.remaining_units == 6_000 * (end - start) // whole
     # at the billing day it renews for the whole month, whole fee
     ahead_s = (end - start) // 1000 + 60
-    async with serving(backend, ahead_s=ahead_s) as running, admin_of(running) as admin:
-        assert await running.renewer.sweep_once() >= 1
+    async with serving(backend, ahead_s=ahead_s) as (running,), admin_of(running) as admin:
         renewed = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
     (subscription,) = renewed.subscriptions
     assert subscription.period_end_unix_ms == plan.next_period_start_ms(end)
@@ -299,7 +298,8 @@ async def test_a_monthly_offer_prorates_its_first_period_to_the_billing_day(
 
 async def test_a_plan_change_from_the_next_period_re_authorises_the_sessions_then(
         backend: Backend, backend_books: Books) -> None:
-    async with serving(backend) as running, admin_of(running) as admin:
+    async with serving(backend) as (running,), admin_of(running) as admin, \
+            contextlib.AsyncExitStack() as stack:
         account_id = await _account(admin, backend_books)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             await charging_pb2_grpc.ChargingStub(channel).Initial(
@@ -307,18 +307,16 @@ async def test_a_plan_change_from_the_next_period_re_authorises_the_sessions_the
         scheduled = await admin.ChangePlan(admin_pb.ChangePlanRequest(
             account_id=account_id, plan_id="cheap", from_next_period=True))
         ahead_s = (scheduled.next_plan_from_unix_ms - running.store.clock.now_ms()) // 1000
-        ahead_s += 60
-    async with serving(backend, ahead_s=ahead_s) as running, admin_of(running) as admin, \
-            contextlib.AsyncExitStack() as stack:
         events = await stack.enter_async_context(_events(running, account_id))
-        assert await running.renewer.sweep_once() >= 1
-        asked = _of_type(await events.drain(), npb.REAUTHORIZATION_NEEDED)
-        assert [(e.session_id, e.rating_group) for e in asked] == [
-            (f"{account_id};call", str(RG_VOICE))]
-        changed = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
-        assert (changed.plan_id, changed.next_plan_id) == ("cheap", "")
-        await running.renewer.sweep_once()  # (once: nothing more for this account)
-        assert _of_type(await events.drain(), npb.REAUTHORIZATION_NEEDED) == []
+        async with serving(backend, ahead_s=ahead_s + 60) as (later,), \
+                admin_of(later) as admin:
+            asked = _of_type(await events.drain(), npb.REAUTHORIZATION_NEEDED)
+            assert [(e.session_id, e.rating_group) for e in asked] == [
+                (f"{account_id};call", str(RG_VOICE))]
+            changed = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+            assert (changed.plan_id, changed.next_plan_id) == ("cheap", "")
+            await later.renewer.sweep_once()  # (once: nothing more for this account)
+            assert _of_type(await events.drain(), npb.REAUTHORIZATION_NEEDED) == []
     await backend_books.assert_balanced()
 
 
@@ -326,7 +324,8 @@ async def test_a_reload_that_drops_a_subscribed_offer_is_refused(
         backend: Backend, backend_books: Books, tmp_path: Any) -> None:
     path = tmp_path / "catalogue.toml"
     path.write_text(CATALOGUE.read_text())
-    async with serving(backend, plan_path=str(path)) as running, admin_of(running) as admin:
+    async with serving(backend, plan_path=str(path)) as (running,), \
+            admin_of(running) as admin:
         account_id = await _account(admin, backend_books)
         await admin.SubscribeToOffer(_subscribe(account_id, "sms-daily-bar"))
         path.write_text(CATALOGUE.read_text().replace('"sms-daily-bar"', '"sms-daily-ban"'))

@@ -302,6 +302,9 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         await redis.aclose()
         await telemetry.shutdown()
         raise SettingsError(f"setting listen_address: cannot listen on {settings.listen_address}")
+    # what fell due while no process ran (a restart at a period's end) is renewed before
+    # the first request: one pass, at most renewal_batch per partition
+    await renewer.sweep_logged()
     await server.start()
     supervisor.start()
     renewer.start()

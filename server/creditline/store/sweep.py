@@ -28,6 +28,13 @@ class PeriodicSweep(abc.ABC):
     async def sweep_once(self) -> int:
         """One pass over every partition; returns how many items it did."""
 
+    async def sweep_logged(self) -> int:
+        """One pass, said in the log when it did something."""
+        done = await self.sweep_once()
+        if done:
+            log.info("%s: %d done", self.name, done)
+        return done
+
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=self.name)
 
@@ -42,9 +49,6 @@ class PeriodicSweep(abc.ABC):
         while not self._stopping:
             await asyncio.sleep(self._interval_s)
             try:
-                done = await self.sweep_once()
+                await self.sweep_logged()
             except (RedisError, OSError) as error:
                 log.warning("%s failed: %r", self.name, error)
-                continue
-            if done:
-                log.info("%s: %d done", self.name, done)
