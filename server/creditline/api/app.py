@@ -290,8 +290,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         add_service(server, ReflectionServicer(
             [*services, reflection.SERVICE_NAME]), REFLECTION, wrap)
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
-    renewer = Renewer(store, lambda: admin.catalogue, settings.renewal_interval_s,
-                      settings.renewal_batch)
+    renewer = Renewer(store, store.config.partitions, lambda: admin.catalogue,
+                      settings.renewal_interval_s, settings.renewal_batch)
     if credentials is None:
         port = server.add_insecure_port(settings.listen_address)
     else:

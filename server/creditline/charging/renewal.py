@@ -14,11 +14,12 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from typing import Protocol
 
 from creditline.charging.catalogue import Catalogue
 from creditline.charging.subscriptions import allowance_args, next_period_end_ms
+from creditline.clock import Clock
 from creditline.store.contract import due_item, plan_in_force
-from creditline.store.store import Store
 from creditline.store.sweep import PeriodicSweep
 
 log = logging.getLogger(__name__)
@@ -27,19 +28,41 @@ log = logging.getLogger(__name__)
 _DONE = frozenset({"OK", "SHORT", "ENDED"})
 
 
+class AdminOutcome(Protocol):
+    @property
+    def status(self) -> str: ...
+    @property
+    def account(self) -> object | None: ...
+
+
+class RenewalStore(Protocol):
+    """What renewal needs of the store (creditline.store.store.Store is one): charging
+    depends on the store's contract, not on its client."""
+
+    @property
+    def clock(self) -> Clock: ...
+    async def due(self, partition: int, now_ms: int, limit: int
+                  ) -> list[tuple[str, int]]: ...
+    async def plan_fields(self, account_id: str
+                          ) -> tuple[str | None, str | None, str | None]: ...
+    async def admin(self, account_id: str, operation: str, *args: int | str
+                    ) -> AdminOutcome: ...
+
+
 class Renewer(PeriodicSweep):
     name = "renewal"
 
-    def __init__(self, store: Store, catalogue: Callable[[], Catalogue], interval_s: float,
-                 batch: int) -> None:
+    def __init__(self, store: RenewalStore, partitions: int,
+                 catalogue: Callable[[], Catalogue], interval_s: float, batch: int) -> None:
         super().__init__(interval_s)
         self._store = store
+        self._partitions = partitions
         self._catalogue = catalogue  # the one served now (a reload changes it)
         self._batch = batch
         self.renewed = 0
 
     async def sweep_once(self) -> int:
-        partitions = list(range(self._store.config.partitions))
+        partitions = list(range(self._partitions))
         random.shuffle(partitions)  # processes sweeping together start in different places
         done = 0
         for partition in partitions:
