@@ -268,6 +268,10 @@ cdef int _MISSING = 5005
 cdef int _RETRY_AND_TERMINATE = 3
 
 
+_ACCOUNT_ID_RULE = ("account_id: only letters, digits and . _ : @ + - are allowed, and one / "
+                    "between a group's id and its member's (\"<group id>/<member>\")")
+
+
 cdef inline bint _account_char(Py_UCS4 c) noexcept:
     # account ids become part of Redis keys inside the hash tag: no braces, no spaces
     return (u'a' <= c <= u'z' or u'A' <= c <= u'Z' or u'0' <= c <= u'9'
@@ -295,9 +299,15 @@ def check_ids(str session_id, str account_id, Py_ssize_t max_session_id_bytes,
         return _MISSING, "account_id: missing"
     if len(account_id.encode()) > max_account_id_bytes:
         return _INVALID, f"account_id: longer than {max_account_id_bytes} bytes"
+    cdef Py_ssize_t separators = 0
     for c in account_id:
-        if not _account_char(c):
-            return _INVALID, "account_id: only letters, digits and . _ : @ + - are allowed"
+        if c == u'/':  # contract.GROUP_SEPARATOR: a group's member
+            separators += 1
+        elif not _account_char(c):
+            return _INVALID, _ACCOUNT_ID_RULE
+    if separators and (separators > 1 or account_id[0] == u'/'
+                       or account_id[len(account_id) - 1] == u'/'):
+        return _INVALID, _ACCOUNT_ID_RULE
     return None
 
 

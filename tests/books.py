@@ -1,15 +1,17 @@
 """The books, read straight from Redis: for every account, initial + top-ups - charges
 + refunds + adjustments - purchases - fees = balance, reserved = the sum of the
 money held by its open sessions, and each bucket's reserved units = the sum its open
-sessions hold of it."""
+sessions hold of it. A shared group's account counts its members' charges, sessions and
+holds with its own; each member's reserved is its own sessions', its charges its usage's,
+and within its limit what it spent."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
 
-from creditline.store.contract import SessionRatingGroup, session_rating_groups
-from creditline.store.store import account_keys, parse_bucket
+from creditline.store.contract import SessionRatingGroup, group_of, session_rating_groups
+from creditline.store.store import AccountKeys, account_keys, parse_bucket
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -75,8 +77,37 @@ class Books:
         return session
 
     async def read(self, account_id: str) -> AccountBooks:
+        """An account's books; a group's with its members' sessions and usage."""
         keys = account_keys(account_id, self.partitions)
         account = await self.redis.hgetall(keys.account)
+        sessions_reserved, sessions_bucket, usage_charged = await self._held(keys)
+        if group_of(account_id) is None:
+            for member in await self.redis.smembers(keys.members):
+                reserved, bucket, usage = await self._held(account_keys(member, self.partitions))
+                sessions_reserved += reserved
+                usage_charged += usage
+                for serial, units in bucket.items():
+                    sessions_bucket[serial] += units
+        buckets = [parse_bucket(v) for v in (await self.redis.hgetall(keys.buckets)).values()]
+        live_serials = {str(b.serial) for b in buckets}
+        return AccountBooks(
+            balance=int(account.get("balance", 0)), reserved=int(account["reserved"]),
+            charged=int(account["charged"]), refunded=int(account["refunded"]),
+            topped_up=int(account.get("topped_up", 0)), adjusted=int(account.get("adjusted", 0)),
+            purchased=int(account.get("purchased", 0)), fees=int(account.get("fees", 0)),
+            initial=int(account.get("initial", 0)),
+            credit_limit=int(account.get("credit_limit", 0)),
+            sessions_reserved=sessions_reserved,
+            bucket_reserved={str(b.serial): b.reserved for b in buckets if b.reserved},
+            # a bucket removed since (expired) took its reservations with it
+            sessions_bucket_reserved={k: v for k, v in sessions_bucket.items()
+                                      if v and k in live_serials},
+            usage_charged=usage_charged,
+        )
+
+    async def _held(self, keys: AccountKeys) -> tuple[int, dict[str, int], int]:
+        """(money its open sessions hold, bucket serial -> units they hold, net charges
+        its usage records) of one account."""
         sessions_reserved = 0
         sessions_bucket: dict[str, int] = defaultdict(int)  # bucket serial -> units
         for session_key in await self.redis.smembers(keys.open_sessions):
@@ -89,26 +120,25 @@ class Books:
                     assert sum(map(int, held.values())) == state.bucket_units
                     for serial, units in held.items():
                         sessions_bucket[serial] += int(units)
-        buckets = [parse_bucket(v) for v in (await self.redis.hgetall(keys.buckets)).values()]
-        live_serials = {str(b.serial) for b in buckets}
         usage = await self.redis.hgetall(keys.usage)
-        return AccountBooks(
-            balance=int(account["balance"]), reserved=int(account["reserved"]),
-            charged=int(account["charged"]), refunded=int(account["refunded"]),
-            topped_up=int(account["topped_up"]), adjusted=int(account["adjusted"]),
-            purchased=int(account.get("purchased", 0)), fees=int(account.get("fees", 0)),
-            initial=int(account["initial"]),
-            credit_limit=int(account["credit_limit"]),
-            sessions_reserved=sessions_reserved,
-            bucket_reserved={str(b.serial): b.reserved for b in buckets if b.reserved},
-            # a bucket removed since (expired) took its reservations with it
-            sessions_bucket_reserved={k: v for k, v in sessions_bucket.items()
-                                      if v and k in live_serials},
-            usage_charged=sum(int(v) for f, v in usage.items() if f.endswith(":charged")),
-        )
+        usage_charged = sum(int(v) for f, v in usage.items() if f.endswith(":charged"))
+        return sessions_reserved, sessions_bucket, usage_charged
+
+    async def assert_member_balanced(self, member_id: str) -> None:
+        """A member's own books (its group's hold its money): what it holds is what its
+        sessions hold, its charges are its usage's, and it spent within its limit."""
+        b = await self.read(member_id)
+        assert b.reserved == b.sessions_reserved, (member_id, b)
+        assert b.usage_charged == b.charged - b.refunded, (member_id, b)
+        fields = await self.redis.hgetall(account_keys(member_id, self.partitions).account)
+        if "limit" in fields:
+            assert int(fields["spent"]) + b.reserved <= int(fields["limit"]), (member_id, fields)
 
     async def assert_balanced(self, account_id: str | None = None) -> None:
         for account in [account_id] if account_id else self.accounts:
+            if group_of(account) is not None:
+                await self.assert_member_balanced(account)
+                continue
             b = await self.read(account)
             assert (b.initial + b.topped_up - b.charged + b.refunded + b.adjusted
                     - b.purchased - b.fees == b.balance), (account, b)

@@ -18,6 +18,7 @@ from creditline.store.contract import (
     BLOCK_FIELDS,
     EVENT_TYPES,
     FIXED_SCHEDULE_NUMBER,
+    GROUP_SEPARATOR,
     ID_CHARACTERS,
     MAX_SAFE_INTEGER,
     MAX_SEGMENTS,
@@ -33,6 +34,7 @@ from creditline.store.contract import (
     RateTableForm,
     RequestKind,
     SessionBlockAnswer,
+    group_of,
     plan_to_retry,
 )
 from creditline.store.store import admin_script_source, charge_script_source, refused
@@ -232,4 +234,17 @@ def test_both_kernels_take_exactly_the_contracts_id_characters() -> None:
         for code in range(1, 0x3000):
             char = chr(code)
             refused = kernels.module.check_ids("s", f"a{char}b", 100, 100)
-            assert (refused is None) == (char in ID_CHARACTERS), (kernels.implementation, char)
+            accepted = char in ID_CHARACTERS or char == GROUP_SEPARATOR
+            assert (refused is None) == accepted, (kernels.implementation, char)
+
+
+def test_both_kernels_take_a_member_id_with_one_separator_between_two_ids() -> None:
+    cases = {"family": True, "family/alice": True, "f.1/a-b": True, "/alice": False,
+             "family/": False, "/": False, "a/b/c": False, "family//alice": False,
+             "fam ily/alice": False}
+    for kernels in (compiled_kernels(), pure_kernels()):
+        for account_id, valid in cases.items():
+            refused = kernels.module.check_ids("s", account_id, 100, 100)
+            assert (refused is None) == valid, (kernels.implementation, account_id, refused)
+            assert group_of(account_id) == (account_id.split("/")[0] if "/" in account_id
+                                            else None)

@@ -133,12 +133,22 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
                                   help="create, top up, adjust, bar and show accounts")
     _add_connection_flags(account)
     account_commands = account.add_subparsers(dest="account_command", required=True)
-    create = account_commands.add_parser("create")
+    create = account_commands.add_parser(
+        "create", help="an account; \"<group id>/<member>\": a member of the group's "
+        "shared balance (made before), with no money of its own")
     create.add_argument("account_id")
     create.add_argument("--balance-micros", type=int, default=0)
     create.add_argument("--credit-limit-micros", type=int, default=0)
     create.add_argument("--plan", default="", help="a plan of the server's catalogue "
                         "(`creditline plans`; default: the catalogue's default plan)")
+    create.add_argument("--member-limit-micros", type=int, default=None,
+                        help="a member's limit on what it spends per billing period")
+    limit = account_commands.add_parser(
+        "limit", help="set a group member's limit per billing period (--none: no limit)")
+    limit.add_argument("account_id")
+    limit_value = limit.add_mutually_exclusive_group(required=True)
+    limit_value.add_argument("--micros", type=int)
+    limit_value.add_argument("--none", action="store_true")
     change_plan = account_commands.add_parser(
         "change-plan", help="put the account on another plan from now (its open sessions "
         "are asked to re-authorise)")
@@ -202,9 +212,16 @@ async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
         admin = admin_pb2_grpc.AdminStub(channel)
         command = args.account_command
         if command == "create":
+            member_limit = args.member_limit_micros
             return await admin.CreateAccount(admin_pb.CreateAccountRequest(
                 account_id=args.account_id, initial_balance_micros=args.balance_micros,
-                credit_limit_micros=args.credit_limit_micros, plan_id=args.plan))
+                credit_limit_micros=args.credit_limit_micros, plan_id=args.plan,
+                has_member_limit=member_limit is not None,
+                member_limit_micros=member_limit or 0))
+        if command == "limit":
+            return await admin.SetMemberLimit(admin_pb.SetMemberLimitRequest(
+                account_id=args.account_id, has_limit=not args.none,
+                limit_micros=args.micros or 0))
         if command == "buy":
             return await admin.BuyAddOn(admin_pb.BuyAddOnRequest(
                 account_id=args.account_id, offer_id=args.offer,

@@ -25,7 +25,7 @@ from creditline.events.hub import (
 )
 from creditline.observability.telemetry import Metrics
 from creditline.settings import MAX_BATCH_LINGER_S
-from creditline.store.store import partition_of
+from creditline.store.store import account_partition
 from creditline.v1 import notifications_pb2 as pb
 from creditline.v1 import notifications_pb2_grpc
 
@@ -223,7 +223,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
         await _authorize(accounts, context)
         partitions = frozenset(
             range(self._hub.partitions) if accounts is None
-            else (partition_of(a, self._hub.partitions) for a in accounts))
+            else (account_partition(a, self._hub.partitions) for a in accounts))
         return Subscription(partitions=partitions, account_ids=accounts,
                             event_types=frozenset(names) or None,
                             queue=asyncio.Queue(self._queue_size))

@@ -14,17 +14,19 @@ from redis.exceptions import RedisError
 from creditline.api import messages
 from creditline.charging.catalogue import Catalogue, Offer, PlansSeen
 from creditline.charging.kernels import Kernels, require_kernels
-from creditline.charging.rating import Rater, UnitKind
+from creditline.charging.rating import Plan, Rater, UnitKind
 from creditline.charging.subscriptions import allowance_args, first_period
 from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
 from creditline.store.contract import (
+    GROUP_SEPARATOR,
     MAX_SAFE_INTEGER,
     NEXT_PLAN_FIELD,
     NEXT_PLAN_FROM_FIELD,
     PLAN_FIELD,
     EventAction,
     RequestKind,
+    group_of,
     parse_subscription,
     plan_in_force,
     plan_to_retry,
@@ -68,6 +70,7 @@ class _Pricing:
     supervision_ms: Mapping[str, int]
     default_plan_id: str
     default_path: messages.RequestPath
+    plans: Mapping[str, Plan]
 
     @classmethod
     def of(cls, catalogue: Catalogue, kernels: Kernels, rater: Rater, settings: Settings
@@ -79,7 +82,14 @@ class _Pricing:
             for plan_id, plan in catalogue.plans.items()}
         default = catalogue.default_plan_id
         return cls(paths=paths, supervision_ms=supervision_ms, default_plan_id=default,
-                   default_path=paths[default])
+                   default_path=paths[default], plans=catalogue.plans)
+
+    def member_period(self, account_id: str, plan_id: str, now_ms: int) -> str:
+        """A group member's billing period by its plan (its limit counts spending in it);
+        "" for an account of its own."""
+        if GROUP_SEPARATOR not in account_id:
+            return ""
+        return self.plans[plan_id].billing_period(now_ms)
 
 
 # A request is priced at most this many times: by the plan last seen, then by the
@@ -244,7 +254,8 @@ class ChargingService:
             return await _call_store(self._store.charge(
                 kind, request.account_id, request.session_id, request.request_number,
                 now_ms, event_time_ms, event_action, blocks, supervision_ms, refund_of,
-                assumed_plan=plan_id, default_plan=pricing.default_plan_id),
+                assumed_plan=plan_id, default_plan=pricing.default_plan_id,
+                member_period=pricing.member_period(request.account_id, plan_id, now_ms)),
                 self._charge_timeout_s)
         except StoreUnavailableError:
             return None
@@ -328,7 +339,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(code, message.format_map(
                 {**(facts or {}), "account_id": account_id, "detail": detail}))
             raise AssertionError("abort raises")
-        return account_message(account_id, result.account, self._catalogue.default_plan_id,
+        return account_message(account_id, result.account, self._catalogue,
                                self._store.clock.now_ms())
 
     async def _check_plan_id(self, plan_id: str, context: Context) -> None:
@@ -358,10 +369,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                 "low_balance_thresholds_micros: out of range")
         plan_id = request.plan_id or self._catalogue.default_plan_id
         await self._check_plan_id(plan_id, context)
+        member_limit = await self._member_limit(request, context)
         account = await self._operate(
             context, request.account_id, "CREATE", request.initial_balance_micros,
             request.credit_limit_micros, MAX_BUCKETS_PER_ACCOUNT,
-            ",".join(str(t) for t in sorted(set(thresholds))), plan_id, *bucket_args)
+            ",".join(str(t) for t in sorted(set(thresholds))), plan_id, member_limit,
+            *bucket_args)
         self._saw_plan(account)
         return account
 
@@ -377,6 +390,48 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if self._plans_seen is not None:
             self._plans_seen.remember(account.account_id, account.plan_id,
                                       self._catalogue.default_plan_id)
+
+    async def _member_limit(self, request: admin_pb.CreateAccountRequest, context: Context
+                            ) -> str:
+        """A new member's limit as admin.lua takes it ("": none); refuses what a member
+        cannot have (money of its own) and a limit on an account of its own."""
+        group = group_of(request.account_id)
+        if group is None:
+            if request.has_member_limit:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, (
+                    "has_member_limit: only a group's member (account_id \"<group id>/"
+                    "<member>\") has a limit"))
+            return ""
+        own_money = [
+            name for name, value in (
+                ("initial_balance_micros", request.initial_balance_micros),
+                ("credit_limit_micros", request.credit_limit_micros),
+                ("buckets", len(request.buckets)),
+                ("low_balance_thresholds_micros", len(request.low_balance_thresholds_micros)))
+            if value]
+        if own_money:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, (
+                f"{own_money[0]}: a member of group {group!r} has no money or buckets of "
+                "its own (they are the group's: top up, adjust and add buckets to the "
+                "group)"))
+        return await self._limit_text(request.has_member_limit, request.member_limit_micros,
+                                      "member_limit_micros", context)
+
+    async def _limit_text(self, has_limit: bool, limit_micros: int, field: str,
+                          context: Context) -> str:
+        if not has_limit:
+            return ""
+        if not 0 <= limit_micros <= MAX_SAFE_INTEGER:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{field}: 0 to {MAX_SAFE_INTEGER}")
+        return str(limit_micros)
+
+    async def SetMemberLimit(self, request: admin_pb.SetMemberLimitRequest,
+                             context: Context) -> admin_pb.Account:
+        await self._check_account_id(request.account_id, context)
+        limit = await self._limit_text(request.has_limit, request.limit_micros,
+                                       "limit_micros", context)
+        return await self._operate(context, request.account_id, "LIMIT", limit)
 
     async def _bucket_args(self, bucket: admin_pb.Bucket, where: str,
                            context: Context) -> list[int | str]:
@@ -610,6 +665,15 @@ _ADMIN_REFUSALS = {
     "BUCKET_EXISTS": (grpc.StatusCode.ALREADY_EXISTS, "bucket.bucket_id: exists"),
     "TOO_MANY_BUCKETS": (grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"buckets: the account would hold more than {MAX_BUCKETS_PER_ACCOUNT}"),
+    "NO_GROUP": (grpc.StatusCode.FAILED_PRECONDITION,
+                 "account_id: {account_id}'s group does not exist (create the group's "
+                 "account first)"),
+    "MEMBER": (grpc.StatusCode.FAILED_PRECONDITION,
+               "account_id: {account_id} is a member of group {detail!r}, whose money and "
+               "allowances it draws on: top up, adjust, add buckets, buy and subscribe for "
+               "the group; nothing changed"),
+    "NOT_MEMBER": (grpc.StatusCode.FAILED_PRECONDITION,
+                   "account_id: {account_id} is no group's member (\"<group id>/<member>\")"),
 }
 
 
@@ -625,29 +689,54 @@ def _plans_of(fields: Mapping[str, str], default_plan_id: str, now_ms: int
             "next_plan_from_unix_ms": int(next_from_ms or 0)}
 
 
+def _member_fields(account: admin_pb.Account, fields: Mapping[str, str],
+                   catalogue: Catalogue, now_ms: int) -> None:
+    """A member's group, limit and spending in its plan's billing period (charge.lua
+    starts a new period's count from 0 at the period's first charge); what it may still
+    spend within its limit bounds its available."""
+    account.group_id = fields["group"]
+    plan = catalogue.plans.get(account.plan_id, catalogue.default_plan)
+    account.member_billing_period = plan.billing_period(now_ms)
+    spent = int(fields.get("spent", 0))
+    if fields.get("spent_period") != account.member_billing_period:
+        spent = 0
+    account.member_spent_micros = spent
+    if "limit" in fields:
+        account.has_member_limit = True
+        account.member_limit_micros = int(fields["limit"])
+        account.available_micros = min(account.available_micros,
+                                       account.member_limit_micros - max(0, spent)
+                                       - account.reserved_micros)
+
+
 # (after _ADMIN_REFUSALS: an operation's own refusals first, then the common ones)
 _OPERATION_REFUSALS = {"PURCHASE": _PURCHASE_REFUSALS, "PLAN": _PLAN_REFUSALS,
                        "SUBSCRIBE": _SUBSCRIPTION_REFUSALS, "CANCEL": _SUBSCRIPTION_REFUSALS}
 
 
-def account_message(account_id: str, snapshot: AccountSnapshot, default_plan_id: str,
+def account_message(account_id: str, snapshot: AccountSnapshot, catalogue: Catalogue,
                     now_ms: int) -> admin_pb.Account:
     """The Account message; an account with no plan of its own (made before plans) is on
-    the catalogue's default plan."""
+    the catalogue's default plan. A group's member shows its group's money."""
     fields = snapshot.account
-    balance, credit_limit = int(fields["balance"]), int(fields["credit_limit"])
+    money = snapshot.group or fields  # (a member: its group's)
+    balance, credit_limit = int(money["balance"]), int(money["credit_limit"])
     reserved = int(fields["reserved"])
+    barred = "barred" in (fields["state"], money["state"])
     account = admin_pb.Account(
-        account_id=account_id,
-        state=admin_pb.BARRED if fields["state"] == "barred" else admin_pb.ACTIVE,
+        account_id=account_id, state=admin_pb.BARRED if barred else admin_pb.ACTIVE,
         balance_micros=balance, credit_limit_micros=credit_limit, reserved_micros=reserved,
-        available_micros=balance + credit_limit - reserved,
-        initial_balance_micros=int(fields["initial"]),
-        topped_up_micros=int(fields["topped_up"]), charged_micros=int(fields["charged"]),
+        available_micros=balance + credit_limit - int(money["reserved"]),
+        initial_balance_micros=int(fields.get("initial", 0)),
+        topped_up_micros=int(fields.get("topped_up", 0)), charged_micros=int(fields["charged"]),
         refunded_micros=int(fields["refunded"]), open_sessions=snapshot.open_sessions,
-        purchased_micros=int(fields.get("purchased", 0)), adjusted_micros=int(fields["adjusted"]),
-        fees_micros=int(fields.get("fees", 0)), **_plans_of(fields, default_plan_id, now_ms),
+        purchased_micros=int(fields.get("purchased", 0)),
+        adjusted_micros=int(fields.get("adjusted", 0)), fees_micros=int(fields.get("fees", 0)),
+        member_ids=sorted(snapshot.members),
+        **_plans_of(fields, catalogue.default_plan_id, now_ms),
     )
+    if snapshot.group:
+        _member_fields(account, fields, catalogue, now_ms)
     for offer_id, value in sorted(snapshot.subscriptions.items()):
         subscription = parse_subscription(value)
         account.subscriptions.add(

@@ -4,6 +4,9 @@ For every account:
     initial + top-ups - charges in CDRs (refunds negative) - charges of open sessions
         = balance
     reserved = the money held by the open sessions
+A shared group's account counts its members' CDRs and open sessions with its own (its
+money pays for them); each member's own charged - refunded equals its CDRs and open
+sessions' charges, and its reserved what its sessions hold.
 CDRs are counted from the sink and from the streams not yet exported, each id once.
 Accounts are found through each partition's index of account ids, never by a pattern over
 key names (which ids could match).
@@ -19,7 +22,7 @@ from typing import Any, cast
 from redis import Redis
 
 from creditline.books.cdr import Sink, cdr_from_stream
-from creditline.store.contract import session_rating_groups
+from creditline.store.contract import group_of, session_rating_groups
 from creditline.store.store import AccountKeys, account_keys, accounts_key, cdrs_key, text
 
 SCAN_BATCH = 1000
@@ -37,12 +40,19 @@ class Discrepancy:
                 f"{self.expected_micros} (difference {self.actual_micros - self.expected_micros})")
 
 
-def _accounts(redis: Redis, partitions: int) -> Iterator[tuple[str, AccountKeys]]:
-    """(account id, its keys) of every account, partition by partition."""
-    for partition in range(partitions):
-        for member in redis.sscan_iter(accounts_key(partition), count=SCAN_BATCH):
-            account_id = text(member)
-            yield account_id, account_keys(account_id, partitions)
+def _partition_accounts(redis: Redis, partition: int) -> Iterator[str]:
+    """The ids of the partition's accounts (a group's members are in its partition)."""
+    for member in redis.sscan_iter(accounts_key(partition), count=SCAN_BATCH):
+        yield text(member)
+
+
+@dataclass(slots=True)
+class _Totals:
+    """What an account's CDRs and open sessions say it was charged and holds."""
+
+    recorded: int = 0
+    open_charged: int = 0
+    open_reserved: int = 0
 
 
 def _unexported_charges(redis: Redis, partitions: int) -> tuple[dict[str, int], list[str]]:
@@ -88,16 +98,42 @@ def reconcile(redis: Redis, partitions: int, sink: Sink) -> tuple[int, list[Disc
     exported = sink.charged_by_account(excluding_ids=unexported_ids)
     problems: list[Discrepancy] = []
     checked = 0
-    for account_id, keys in _accounts(redis, partitions):
-        account = {text(k): text(v) for k, v in redis.hgetall(keys.account).items()}
-        open_charged, open_reserved = _open_sessions(redis, keys)
-        recorded = exported.get(account_id, 0) + unexported.get(account_id, 0)
-        expected = (int(account["initial"]) + int(account["topped_up"]) - recorded
-                    - open_charged)
+    for partition in range(partitions):
+        totals: dict[str, _Totals] = {}
+        for account_id in _partition_accounts(redis, partition):
+            keys = account_keys(account_id, partitions)
+            open_charged, open_reserved = _open_sessions(redis, keys)
+            totals[account_id] = _Totals(
+                exported.get(account_id, 0) + unexported.get(account_id, 0), open_charged,
+                open_reserved)
+        for account_id, own in totals.items():
+            group = group_of(account_id)
+            if group in totals:  # (the group pays: its totals count the member's)
+                totals[group].recorded += own.recorded
+                totals[group].open_charged += own.open_charged
+                totals[group].open_reserved += own.open_reserved
+        for account_id, total in totals.items():
+            account = {text(k): text(v) for k, v in
+                       redis.hgetall(account_keys(account_id, partitions).account).items()}
+            problems += _discrepancies(account_id, account, total)
+            checked += 1
+    return checked, problems
+
+
+def _discrepancies(account_id: str, account: dict[str, str], total: _Totals
+                   ) -> list[Discrepancy]:
+    problems = []
+    if group_of(account_id) is None:
+        expected = (int(account["initial"]) + int(account["topped_up"]) - total.recorded
+                    - total.open_charged)
         if expected != int(account["balance"]):
             problems.append(Discrepancy(account_id, "balance", expected, int(account["balance"])))
-        if open_reserved != int(account["reserved"]):
-            problems.append(Discrepancy(account_id, "reserved", open_reserved,
-                                        int(account["reserved"])))
-        checked += 1
-    return checked, problems
+    else:  # a member: its own charges (its group's balance pays them)
+        net = int(account["charged"]) - int(account["refunded"])
+        if total.recorded + total.open_charged != net:
+            problems.append(Discrepancy(account_id, "charged - refunded",
+                                        total.recorded + total.open_charged, net))
+    if total.open_reserved != int(account["reserved"]):
+        problems.append(Discrepancy(account_id, "reserved", total.open_reserved,
+                                    int(account["reserved"])))
+    return problems

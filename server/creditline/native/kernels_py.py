@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from creditline.store.contract import ID_CHARACTERS
+from creditline.store.contract import GROUP_SEPARATOR, ID_CHARACTERS
 
 MAX_SAFE_INTEGER = 2**53 - 1
 # Segments per schedule: a bound on the work of one rating (and the C arrays' size).
@@ -194,6 +194,8 @@ FAILURE_HANDLING_RETRY_AND_TERMINATE = 3
 REFUND = 2            # RequestedAction
 EVENT_ACTION_MAX = 4  # RequestedAction: 1..4 are actions, 0 is missing
 _ACCOUNT_ID_CHARS = frozenset(ID_CHARACTERS)
+_ACCOUNT_ID_RULE = ("account_id: only letters, digits and . _ : @ + - are allowed, and one / "
+                    "between a group's id and its member's (\"<group id>/<member>\")")
 _UNITS_FIELDS = ("time_s", "total_octets", "uplink_octets", "downlink_octets",
                  "service_specific_units")
 # A unit code of the script's answer -> the Units field number its units go in.
@@ -227,11 +229,12 @@ def check_ids(session_id: str, account_id: str, max_session_id_bytes: int,
         return MISSING_AVP, "account_id: missing"
     if len(account_id.encode()) > max_account_id_bytes:
         return INVALID_AVP_VALUE, f"account_id: longer than {max_account_id_bytes} bytes"
-    # account ids become part of Redis keys inside the hash tag: no braces, no spaces
-    for char in account_id:
-        if char not in _ACCOUNT_ID_CHARS:
-            return (INVALID_AVP_VALUE,
-                    "account_id: only letters, digits and . _ : @ + - are allowed")
+    # account ids become part of Redis keys inside the hash tag: no braces, no spaces;
+    # "<group id>/<member>" is a group's member
+    parts = account_id.split(GROUP_SEPARATOR)
+    if len(parts) > 2 or not all(
+            part and all(char in _ACCOUNT_ID_CHARS for char in part) for part in parts):
+        return INVALID_AVP_VALUE, _ACCOUNT_ID_RULE
     return None
 
 

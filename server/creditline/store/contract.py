@@ -75,6 +75,19 @@ SCRIPT_RESULT_CODES = {
 # service for buckets).
 ID_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+-"
 
+# A member of a shared group (a family, a company) is the account "<group id>/<member>":
+# it draws on the group's money and allowances, so its keys share the group's hash tag (its
+# partition is the group id's), and the server knows the group from the id alone, with no
+# read. Each part is of ID_CHARACTERS; one separator, neither first nor last.
+GROUP_SEPARATOR = "/"
+
+
+def group_of(account_id: str) -> str | None:
+    """The group of a member's account id, or None for an account of its own."""
+    group, separator, _ = account_id.partition(GROUP_SEPARATOR)
+    return group if separator else None
+
+
 # The notification types the scripts write, as the event's "t" field (the protobuf
 # EventType names in lower case; tests/test_contract.py holds the two equal).
 EVENT_TYPES = frozenset({
@@ -87,7 +100,7 @@ EVENT_TYPES = frozenset({
 
 
 class ChargeKeys(NamedTuple):
-    """charge.lua's KEYS[1..11] (the script's locals are these names + `_key`)."""
+    """charge.lua's KEYS[1..12] (the script's locals are these names + `_key`)."""
 
     account: str
     request: str        # the session hash (I/U/T/S) or the event answer (E)
@@ -100,10 +113,12 @@ class ChargeKeys(NamedTuple):
     rates: str
     event_counter: str
     deadlines: str
+    # the hash holding the account's money: the account's own, or a member's group's
+    money: str
 
 
 class ChargeArgs(NamedTuple):
-    """charge.lua's ARGV[1..17]. The blocks follow: their count (ARGV[18], the script's
+    """charge.lua's ARGV[1..18]. The blocks follow: their count (ARGV[19], the script's
     block_count), then each block's BLOCK_FIELDS and, when its status is "ok", its rate
     table (charging/rating.py RateTable.script_args, in one of the RateTableForm)."""
 
@@ -127,6 +142,9 @@ class ChargeArgs(NamedTuple):
     # checked, a supervision close), and the plan of accounts that name none
     assumed_plan: str
     default_plan: str
+    # a group member's billing period (its limit counts what it spent in it); "": not a
+    # member
+    member_period: str
 
 
 # The charging script's answer when the account is on another plan than the request was
@@ -238,17 +256,24 @@ class AdminKeys(NamedTuple):
     purchases: str      # purchase id -> offer id (applied once per id)
     subscriptions: str  # recurring offer id -> its subscription (SUBSCRIPTION_FIELDS)
     renewals: str       # the partition's sorted set of what falls due (renewal_member)
+    money: str          # the hash holding the money: the account's own, a member's group's
+    members: str        # the group's set of member ids (a member's: its group's)
 
 
 class AdminArgs(NamedTuple):
-    """admin.lua's ARGV[1..4]; the operation's own arguments follow."""
+    """admin.lua's ARGV[1..6]; the operation's own arguments follow."""
 
     # CREATE, TOPUP, ADJUST, BUCKET, STATE, PLAN, PURCHASE, SUBSCRIBE, CANCEL, RENEW,
-    # PLAN_DUE, GET
+    # PLAN_DUE, LIMIT, GET
     op: str
     account_id: str
     now_ms: int
     event_trim: str
+    # the keys of a member's sessions at final units and of its open sessions, as formats
+    # of the member id's byte length and the id (string.format): a group's credit or offer
+    # asks its members' sessions too
+    member_final_key_format: str
+    member_sessions_key_format: str
 
 
 # A subscription to a recurring offer, as admin.lua (admin/subscriptions.lua) writes it in

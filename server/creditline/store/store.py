@@ -42,6 +42,7 @@ from creditline.store.contract import (
     ChargeKeys,
     EventAction,
     RequestKind,
+    group_of,
 )
 from creditline.store.fastredis import ReplyError
 
@@ -145,14 +146,27 @@ class AccountKeys:
 
     partition: int
     prefix: str
+    # the prefix of the account holding the money and the allowances: this one's, or a
+    # group member's group's
+    money_prefix: str
 
     @property
     def account(self) -> str:
         return f"{self.prefix}:acct"
 
     @property
+    def money(self) -> str:
+        return f"{self.money_prefix}:acct"
+
+    @property
+    def members(self) -> str:
+        """A group's set of member ids."""
+        return f"{self.money_prefix}:members"
+
+    @property
     def buckets(self) -> str:
-        return f"{self.prefix}:buckets"
+        """The unit buckets: a group's members draw on the group's."""
+        return f"{self.money_prefix}:buckets"
 
     @property
     def usage(self) -> str:
@@ -209,12 +223,31 @@ class AccountKeys:
         return f"{self.prefix}:e:{session_id}"
 
 
+def account_partition(account_id: str, partitions: int) -> int:
+    """An account's partition: a group's member lives in its group's (one hash tag for the
+    group's keys)."""
+    return partition_of(group_of(account_id) or account_id, partitions)
+
+
 def account_keys(account_id: str, partitions: int) -> AccountKeys:
-    partition = partition_of(account_id, partitions)
-    # the id's length says where it ends: what follows is always one of this class's
+    group = group_of(account_id)
+    partition = account_partition(account_id, partitions)
+    prefix = _account_prefix(partition, account_id)
+    return AccountKeys(partition, prefix,
+                       prefix if group is None else _account_prefix(partition, group))
+
+
+def _account_prefix(partition: int, account_id: str) -> str:
+    # the id's length says where it ends: what follows is always one of AccountKeys'
     # suffixes, so no account id, nor session id after it, can spell another's key
-    return AccountKeys(partition,
-                       f"{partition_tag(partition)}:a:{len(account_id.encode())}:{account_id}")
+    return f"{partition_tag(partition)}:a:{len(account_id.encode())}:{account_id}"
+
+
+def key_formats(partition: int) -> AccountKeys:
+    """The keys of any account of the partition, as formats of the id's byte length and
+    the id (admin.lua builds a group's members' keys with them)."""
+    prefix = f"{partition_tag(partition)}:a:%d:%s"
+    return AccountKeys(partition, prefix, prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +283,7 @@ def charge_script_source() -> str:
 
 
 # admin.lua, in parts joined in this order into one script: the parts share its locals.
-ADMIN_SCRIPT_PARTS = ("prelude", "plans", "subscriptions", "entry")
+ADMIN_SCRIPT_PARTS = ("prelude", "plans", "subscriptions", "groups", "entry")
 
 
 def admin_script_source() -> str:
@@ -329,6 +362,8 @@ class AccountSnapshot:
     usage: dict[str, str]
     open_sessions: int
     subscriptions: dict[str, str] = field(default_factory=dict)  # offer id -> its value
+    group: dict[str, str] = field(default_factory=dict)  # a member's group's account hash
+    members: list[str] = field(default_factory=list)     # a group's member ids
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,13 +489,14 @@ class Store:
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
         blocks: list[int | str | bytes], supervision_ms: int = 0, refund_of: str = "", *,
-        assumed_plan: str = "", default_plan: str = "",
+        assumed_plan: str = "", default_plan: str = "", member_period: str = "",
     ) -> str:
         """Runs one charging request (kind I/U/T/E/S); returns the script's answer. The
         session id's claim is taken by an Initial and given back when the session closes
         (see __init__). refund_of: a REFUND's session id of the charge it reverses.
         assumed_plan: the plan the blocks were priced by; the answer is contract's
-        PLAN_RETRY_ANSWER when the account is on another ("": not checked)."""
+        PLAN_RETRY_ANSWER when the account is on another ("": not checked).
+        member_period: a group member's billing period, for its limit ("": not a member)."""
         claim = ""
         claims = self._claims_apart
         if kind is RequestKind.INITIAL and claims:
@@ -469,7 +505,8 @@ class Store:
                 return refusal
         answer = text(await self._charge_call(
             kind, account_id, session_id, request_number, now_ms, event_time_ms,
-            event_action, blocks, supervision_ms, refund_of, assumed_plan, default_plan))
+            event_action, blocks, supervision_ms, refund_of, assumed_plan, default_plan,
+            member_period))
         # a closed session gives its claim back, and so does a refused Initial that took
         # one (it opened nothing)
         if claims and ((kind in CLOSING_KINDS and not refused(answer)) or (
@@ -481,7 +518,7 @@ class Store:
         self, kind: RequestKind, account_id: str, session_id: str, request_number: int,
         now_ms: int, event_time_ms: int, event_action: EventAction,
         blocks: list[int | str | bytes], supervision_ms: int, refund_of: str,
-        assumed_plan: str, default_plan: str,
+        assumed_plan: str, default_plan: str, member_period: str,
     ) -> Awaitable[Any]:
         """The charging script's call (a plain function, as _script_call: no coroutine of
         its own per request)."""
@@ -493,10 +530,10 @@ class Store:
             usage=keys.usage, sessions=keys.open_sessions, final=keys.final_sessions,
             events=keys.events, cdrs=keys.cdrs, rates=keys.rates,
             event_counter=event_counter_key(keys.partition),
-            deadlines=deadlines_key(keys.partition))]
-        if refund_of:  # KEYS[12], KEYS[13]: the charge it names, an event's or a session's
+            deadlines=deadlines_key(keys.partition), money=keys.money)]
+        if refund_of:  # KEYS[13], KEYS[14]: the charge it names, an event's or a session's
             script_keys += [keys.event(refund_of), keys.session(refund_of)]
-        elif self._claims_in_script and kind in _CLAIMING_KINDS:  # KEYS[12]
+        elif self._claims_in_script and kind in _CLAIMING_KINDS:  # KEYS[13]
             script_keys.append(claim_key(session_id, self.config.partitions))
         config = self.config
         trim_strategy, trim_threshold = self._trimming(now_ms)
@@ -508,7 +545,7 @@ class Store:
             spike_fast_s=config.spike_fast_window_s, spike_slow_s=config.spike_slow_window_s,
             spike_factor=self._spike_factor,
             supervision_ms=supervision_ms, refund_of=refund_of, assumed_plan=assumed_plan,
-            default_plan=default_plan), *blocks]
+            default_plan=default_plan, member_period=member_period), *blocks]
         charge = self._charge
         if self._functions:
             call = self._transport.fcall(charge.function, charge.library, script_keys,
@@ -613,6 +650,7 @@ class Store:
         """Runs one admin.lua operation; the account as it left it, in the same step."""
         keys = self.keys(account_id)
         now_ms = self.clock.now_ms()
+        formats = key_formats(keys.partition)
         call = self._transport.evalsha(
             self._admin.sha, self._admin.source, [*AdminKeys(
                 account=keys.account, buckets=keys.buckets, usage=keys.usage,
@@ -620,14 +658,18 @@ class Store:
                 events=keys.events, event_counter=event_counter_key(keys.partition),
                 account_index=keys.index, adjustments=keys.adjustments, cdrs=keys.cdrs,
                 purchases=keys.purchases, subscriptions=keys.subscriptions,
-                renewals=keys.renewals)],
+                renewals=keys.renewals, money=keys.money, members=keys.members)],
             [*AdminArgs(op=operation, account_id=account_id, now_ms=now_ms,
-                        event_trim=self._event_trim(now_ms)), *args])
+                        event_trim=self._event_trim(now_ms),
+                        member_final_key_format=formats.final_sessions,
+                        member_sessions_key_format=formats.open_sessions),
+             *args])
         raw = await (call if self._instrument is None
                      else self._instrument.run("admin.lua", call))
         if not isinstance(raw, list):
             return AdminResult(text(raw), None)
         return AdminResult(text(raw[0]), AccountSnapshot(
             account=_pairs(raw[1]), buckets=_pairs(raw[2]), usage=_pairs(raw[3]),
-            open_sessions=int(raw[4]), subscriptions=_pairs(raw[5]),
+            open_sessions=int(raw[4]), subscriptions=_pairs(raw[5]), group=_pairs(raw[6]),
+            members=[text(m) for m in raw[7]],
         ))

@@ -175,6 +175,12 @@ class Account(_message.Message):
     NEXT_PLAN_FROM_UNIX_MS_FIELD_NUMBER: _builtins.int
     FEES_MICROS_FIELD_NUMBER: _builtins.int
     SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    HAS_MEMBER_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMBER_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    MEMBER_SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    MEMBER_BILLING_PERIOD_FIELD_NUMBER: _builtins.int
+    MEMBER_IDS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     state: Global___AccountState.ValueType
     balance_micros: _builtins.int
@@ -205,12 +211,29 @@ class Account(_message.Message):
     next_plan_from_unix_ms: _builtins.int
     fees_micros: _builtins.int
     """sum of recurring offers' fees (subscriptions, renewals)"""
+    group_id: _builtins.str
+    """A shared balance. A member ("<group id>/<member>") draws on its group's money and
+    buckets: its balance, credit limit and available are the group's (available within
+    its limit), buckets the group's; reserved, charged, refunded, usage and sessions its
+    own; initial, topped up, adjusted, purchased and fees 0 (the group's books hold them).
+    a member's group; empty: an account of its own
+    """
+    has_member_limit: _builtins.bool
+    """a member with a limit per billing period"""
+    member_limit_micros: _builtins.int
+    member_spent_micros: _builtins.int
+    """charged less refunded in member_billing_period"""
+    member_billing_period: _builtins.str
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
     def usage(self) -> _containers.RepeatedCompositeFieldContainer[Global___RatingGroupUsage]: ...
     @_builtins.property
     def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Subscription]: ...
+    @_builtins.property
+    def member_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """a group's members"""
+
     def __init__(
         self,
         *,
@@ -234,14 +257,47 @@ class Account(_message.Message):
         next_plan_from_unix_ms: _builtins.int = ...,
         fees_micros: _builtins.int = ...,
         subscriptions: _abc.Iterable[Global___Subscription] | None = ...,
+        group_id: _builtins.str = ...,
+        has_member_limit: _builtins.bool = ...,
+        member_limit_micros: _builtins.int = ...,
+        member_spent_micros: _builtins.int = ...,
+        member_billing_period: _builtins.str = ...,
+        member_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "fees_micros", b"fees_micros", "initial_balance_micros", b"initial_balance_micros", "next_plan_from_unix_ms", b"next_plan_from_unix_ms", "next_plan_id", b"next_plan_id", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "subscriptions", b"subscriptions", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "adjusted_micros", b"adjusted_micros", "available_micros", b"available_micros", "balance_micros", b"balance_micros", "buckets", b"buckets", "charged_micros", b"charged_micros", "credit_limit_micros", b"credit_limit_micros", "fees_micros", b"fees_micros", "group_id", b"group_id", "has_member_limit", b"has_member_limit", "initial_balance_micros", b"initial_balance_micros", "member_billing_period", b"member_billing_period", "member_ids", b"member_ids", "member_limit_micros", b"member_limit_micros", "member_spent_micros", b"member_spent_micros", "next_plan_from_unix_ms", b"next_plan_from_unix_ms", "next_plan_id", b"next_plan_id", "open_sessions", b"open_sessions", "plan_id", b"plan_id", "purchased_micros", b"purchased_micros", "refunded_micros", b"refunded_micros", "reserved_micros", b"reserved_micros", "state", b"state", "subscriptions", b"subscriptions", "topped_up_micros", b"topped_up_micros", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class SetMemberLimitRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    HAS_LIMIT_FIELD_NUMBER: _builtins.int
+    LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """"<group id>/<member>" """
+    has_limit: _builtins.bool
+    """false: no limit"""
+    limit_micros: _builtins.int
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        has_limit: _builtins.bool = ...,
+        limit_micros: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "has_limit", b"has_limit", "limit_micros", b"limit_micros"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetMemberLimitRequest: _TypeAlias = SetMemberLimitRequest  # noqa: Y015
 
 @_typing.final
 class Subscription(_message.Message):
@@ -339,11 +395,19 @@ class CreateAccountRequest(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     LOW_BALANCE_THRESHOLDS_MICROS_FIELD_NUMBER: _builtins.int
     PLAN_ID_FIELD_NUMBER: _builtins.int
+    HAS_MEMBER_LIMIT_FIELD_NUMBER: _builtins.int
+    MEMBER_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     account_id: _builtins.str
     initial_balance_micros: _builtins.int
     credit_limit_micros: _builtins.int
     plan_id: _builtins.str
     """A plan of the catalogue (ListPlans); empty: the catalogue's default plan."""
+    has_member_limit: _builtins.bool
+    """A member of a shared group: account_id "<group id>/<member>", the group an account
+    made before; no money or buckets of its own (they must be 0 and empty), optionally a
+    limit on what it spends per billing period.
+    """
+    member_limit_micros: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___Bucket]: ...
     @_builtins.property
@@ -359,10 +423,12 @@ class CreateAccountRequest(_message.Message):
         buckets: _abc.Iterable[Global___Bucket] | None = ...,
         low_balance_thresholds_micros: _abc.Iterable[_builtins.int] | None = ...,
         plan_id: _builtins.str = ...,
+        has_member_limit: _builtins.bool = ...,
+        member_limit_micros: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "initial_balance_micros", b"initial_balance_micros", "low_balance_thresholds_micros", b"low_balance_thresholds_micros", "plan_id", b"plan_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "buckets", b"buckets", "credit_limit_micros", b"credit_limit_micros", "has_member_limit", b"has_member_limit", "initial_balance_micros", b"initial_balance_micros", "low_balance_thresholds_micros", b"low_balance_thresholds_micros", "member_limit_micros", b"member_limit_micros", "plan_id", b"plan_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

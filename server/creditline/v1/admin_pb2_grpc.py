@@ -89,6 +89,11 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SetMemberLimit = channel.unary_unary(
+                '/creditline.v1.Admin/SetMemberLimit',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -186,6 +191,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetMemberLimit(self, request, context):
+        """A group member's limit on what it spends per billing period (its plan's), or none.
+        Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
+        is no member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +256,11 @@ def add_AdminServicer_to_server(servicer, server):
             'CancelSubscription': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSubscription,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetMemberLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetMemberLimit,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
             ),
     }
@@ -541,6 +560,33 @@ class Admin:
             target,
             '/creditline.v1.Admin/CancelSubscription',
             creditline_dot_v1_dot_admin__pb2.CancelSubscriptionRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetMemberLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/SetMemberLimit',
+            creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
             options,
             channel_credentials,

@@ -75,6 +75,11 @@ class AdminStub:
     immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
     then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
     """
+    SetMemberLimit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetMemberLimitRequest, _admin_pb2.Account]
+    """A group member's limit on what it spends per billing period (its plan's), or none.
+    Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
+    is no member.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -120,6 +125,11 @@ class AdminAsyncStub(AdminStub):
     """Ends a subscription: when its period ends (its allowances stay until then), or
     immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
     then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
+    """
+    SetMemberLimit: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetMemberLimitRequest, _admin_pb2.Account]  # type: ignore[assignment]
+    """A group member's limit on what it spends per billing period (its plan's), or none.
+    Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
+    is no member.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -229,6 +239,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Ends a subscription: when its period ends (its allowances stay until then), or
         immediately (its allowances gone, nothing refunded). Announced (SUBSCRIPTION_CANCELLED,
         then SUBSCRIPTION_ENDED). NOT_FOUND when the account does not subscribe to the offer.
+        """
+
+    @_abc_1.abstractmethod
+    def SetMemberLimit(
+        self,
+        request: _admin_pb2.SetMemberLimitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Account, _abc.Awaitable[_admin_pb2.Account]]:
+        """A group member's limit on what it spends per billing period (its plan's), or none.
+        Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
+        is no member.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -39,7 +39,7 @@ local function purchase(purchase_id, offer_id, price, plans, default_plan, bucke
   local first = redis.call('HGET', purchases_key, purchase_id)
   if first == offer_id then return account('DUPLICATE') end
   if first then return 'CONFLICT|' .. first end
-  local first_allowance = 11
+  local first_allowance = 13
   local allowances = (#ARGV - first_allowance + 1) / 5
   local refusal = purchase_refusal(purchase_id, price, plans, default_plan, bucket_limit,
     allowances)

@@ -19,11 +19,19 @@ KEYS (all under the account's partition hash tag):
   KEYS[14] renewals       the partition's sorted set of what falls due: a subscription's
                           period end ("<offer id>|<account id>") and a scheduled plan
                           change ("|<account id>"), scored by when (unix ms)
+  KEYS[15] money hash     the account hash holding the money: KEYS[1] again, or a group
+                          member's group's (see charge.lua KEYS[12]); a member's KEYS[2]
+                          is its group's buckets too
+  KEYS[16] members        the group's set of member ids (groups.lua)
 
 ARGV[1] is the operation, ARGV[2] the account id, ARGV[3] now (unix ms), ARGV[4] the event
-stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
+stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), ARGV[5] and ARGV[6] the key formats of a
+member's sessions at final units and of its open sessions (string.format of the id's byte
+length and the id: a group's credit or offer asks its members' sessions too), then the
+operation's arguments:
   CREATE  initial_balance credit_limit bucket_limit low_balance_thresholds ("t1,t2" or "")
-          plan [bucket fields x6]...       -> account | "EXISTS" | "TOO_MANY_BUCKETS"
+          plan member_limit ("": none; a member's only) [bucket fields x6]...
+          -> account | "EXISTS" | "TOO_MANY_BUCKETS" | "NO_GROUP" (a member's group)
   TOPUP   amount top_up_id                 -> account | "UNKNOWN" | "CONFLICT|<amount>"
   ADJUST  amount adjustment_id reason      -> account | "UNKNOWN" | "CONFLICT|<amount>"
                                               | "UNAFFORDABLE|<available>"
@@ -41,11 +49,14 @@ stream trimming ("MAXLEN,<n>" or "MINID,<ms>"), then the operation's arguments:
           | "NOT_SOLD|<plan>" | "TOO_MANY_BUCKETS" | "BUCKET_EXISTS"
   SUBSCRIBE, CANCEL, RENEW, PLAN_DUE: recurring offers and scheduled plan changes, see
           subscriptions.lua
+  LIMIT   member_limit ("": none)          -> account | "UNKNOWN" | "NOT_MEMBER"
+          (a member's TOPUP, ADJUST, BUCKET, PURCHASE, SUBSCRIBE: "MEMBER|<group id>", its
+          money and allowances being the group's; see groups.lua)
   GET     -> account | "UNKNOWN"
 where account is { status ("OK", or "DUPLICATE" for a top-up or adjustment id applied
 before with the same amount; another amount is a CONFLICT naming the first), account
 fields, buckets (live ones: expired ones are not listed), usage, open session count,
-subscriptions },
+subscriptions, a member's group's account fields (else empty), a group's member ids },
 read in the same step as the operation: the answer shows the account as the operation left
 it, in one round trip. An adjustment is a credit (or, negative, a debit within what is
 available) that reverses no charge: customer care's goodwill or correction, with a reason;
@@ -58,12 +69,14 @@ final units, on the event stream.
 
 local account_key, buckets_key, usage_key, sessions_key, topups_key, final_key, events_key,
   event_counter_key, account_index_key, adjustments_key, cdrs_key, purchases_key,
-  subscriptions_key, renewals_key = unpack(KEYS, 1, 14)
+  subscriptions_key, renewals_key, money_key, members_key = unpack(KEYS, 1, 16)
 -- (one argument per line, named as server/contract.py AdminArgs names it)
 local op = ARGV[1]
 local account_id = ARGV[2]
 local now_ms = ARGV[3]
 local event_trim = ARGV[4]
+local member_final_key_format = ARGV[5]
+local member_sessions_key_format = ARGV[6]
 local trim_strategy, trim_threshold = string.match(event_trim, '^(%u+),(%d+)$')
 
 -- A new bucket, numbered in its account (a session's reservation names the bucket by
@@ -84,12 +97,15 @@ end
 -- KEYS[7]): `event` is "<type>|<field>|<value>|..." of numbers only; the client's own
 -- strings (a top-up id, session ids) go in fields of the entry, which every event of an
 -- entry carries.
-local function notify(event, ...)
+local function notify_of(account, event, ...)
   redis.call('XADD', events_key, trim_strategy, '~', trim_threshold, '*',
-    'a', account_id, 'ts', now_ms, 'n', redis.call('INCR', event_counter_key), 'e', event, ...)
+    'a', account, 'ts', now_ms, 'n', redis.call('INCR', event_counter_key), 'e', event, ...)
 end
+local function notify(event, ...) notify_of(account_id, event, ...) end
 
 local exists = redis.call('EXISTS', account_key) == 1
+-- a member of a shared group: its money and allowances are its group's
+local is_member = money_key ~= account_key
 
 local function live_buckets()
   local raw, live = redis.call('HGETALL', buckets_key), {}
@@ -105,7 +121,9 @@ end
 local function account(status)
   return { status, redis.call('HGETALL', account_key), live_buckets(),
     redis.call('HGETALL', usage_key), redis.call('SCARD', sessions_key),
-    redis.call('HGETALL', subscriptions_key) }
+    redis.call('HGETALL', subscriptions_key),
+    is_member and redis.call('HGETALL', money_key) or {},
+    is_member and {} or redis.call('SMEMBERS', members_key) }
 end
 
 -- Expired buckets removed (announced when units were left), as charge.lua does.
@@ -131,33 +149,57 @@ local function seen_before(ids_key, id, amount)
   return 'CONFLICT|' .. first
 end
 
--- A top-up or a credit: every session held at its final units should ask again, for the
--- rating groups it holds them for.
-local function ask_reauthorization()
-  local held = redis.call('HGETALL', final_key)
+-- The account's sessions held at final units (hash `key`) asked to re-authorise, for the
+-- rating groups they hold them for; then held no more.
+local function ask_final_sessions(account, key)
+  local held = redis.call('HGETALL', key)
   for i = 1, #held, 2 do
     for rg in string.gmatch(held[i + 1], '[^,]+') do
-      notify('reauthorization_needed|rg|' .. rg, 's', held[i])
+      notify_of(account, 'reauthorization_needed|rg|' .. rg, 's', held[i])
     end
   end
-  redis.call('DEL', final_key)
+  redis.call('DEL', key)
+end
+
+-- Calls fn(member id, its key of the format) for each of a group's members (none for a
+-- member or an account without members).
+local function each_member(key_format, fn)
+  if is_member then return end
+  for _, member in ipairs(redis.call('SMEMBERS', members_key)) do
+    fn(member, string.format(key_format, #member, member))
+  end
+end
+
+-- A top-up or a credit: every session held at its final units should ask again, the
+-- group's members' too (they draw on the same money).
+local function ask_reauthorization()
+  ask_final_sessions(account_id, final_key)
+  each_member(member_final_key_format, ask_final_sessions)
 end
 
 -- A session's rating groups: its fields RG_STATE_FIELD (creditline/store/contract.py
 -- SESSION_RATING_GROUP_PREFIX, as charge.lua writes them)
 local RG_STATE_FIELD = '^g:(.+)$'
 
--- A plan change: every open session should ask again for every rating group it holds
--- (its prices changed), and the sessions held at final units are held no more.
-local function ask_open_sessions_again()
-  for _, session_key in ipairs(redis.call('SMEMBERS', sessions_key)) do
+-- The account's open sessions (set `key`) asked again for every rating group they hold.
+local function ask_sessions(account, key)
+  for _, session_key in ipairs(redis.call('SMEMBERS', key)) do
     local session_id = redis.call('HGET', session_key, 'session')
     for _, field in ipairs(redis.call('HKEYS', session_key)) do
       local rg = string.match(field, RG_STATE_FIELD)
-      if rg then notify('reauthorization_needed|rg|' .. rg, 's', session_id) end
+      if rg then notify_of(account, 'reauthorization_needed|rg|' .. rg, 's', session_id) end
     end
   end
+end
+
+-- A plan change, an offer bought or renewed: every open session should ask again for
+-- every rating group it holds (its prices or quotas changed), a group's members' too, and
+-- the sessions held at final units are held no more.
+local function ask_open_sessions_again()
+  ask_sessions(account_id, sessions_key)
+  each_member(member_sessions_key_format, ask_sessions)
   redis.call('DEL', final_key)
+  each_member(member_final_key_format, function(_, key) redis.call('DEL', key) end)
 end
 
 -- The account's plan now: its plan, or the one scheduled from an instant passed already

@@ -100,7 +100,7 @@ local function too_many_buckets(offer_id, granted, bucket_limit)
 end
 
 local function subscribe(offer_id, end_ms, fee, policy, plans, default_plan, bucket_limit)
-  local first = 12
+  local first = 14
   local sub = read_subscription(offer_id)
   if sub and sub.state == 'active' then return account('DUPLICATE') end
   if sub and sub.state == 'cancelling' then  -- (kept on: its period is paid)
@@ -157,7 +157,7 @@ local function renewal_refused(offer_id, sub, next_end_ms, fee, policy, availabl
 end
 
 local function renew(offer_id, due_end_ms, next_end_ms, fee, policy)
-  local first = 10
+  local first = 12
   local sub = read_subscription(offer_id)
   if not sub then
     redis.call('ZREM', renewals_key, renewal_member(offer_id))

@@ -2,14 +2,14 @@
 -- ---------------------------------------------------------------- decoding the arguments
 -- (After the rating functions: num() is one of them.) One request's, set by read_arguments.
 local account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
-  events_key, cdrs_key, rates_key, event_counter_key, deadlines_key
+  events_key, cdrs_key, rates_key, event_counter_key, deadlines_key, money_key
 local kind, request_number, account_id, session_id, now_ms, event_time_ms, retention_s,
   event_action, trim_strategy, trim_threshold, spike_fast_s, spike_slow_s, spike_factor,
-  supervision_ms, refund_of, assumed_plan, default_plan, block_count
+  supervision_ms, refund_of, assumed_plan, default_plan, member_period, block_count
 local now_s
 local blocks
 -- Where the blocks start (after the arguments read_arguments reads)
-local FIRST_BLOCK_ARGUMENT = 19
+local FIRST_BLOCK_ARGUMENT = 20
 
 -- The rating-group blocks.
 local function read_blocks()
@@ -30,7 +30,8 @@ end
 
 local function read_arguments()
   account_key, request_key, buckets_key, usage_key, sessions_key, final_key,
-    events_key, cdrs_key, rates_key, event_counter_key, deadlines_key = base_unpack(KEYS, 1, 11)
+    events_key, cdrs_key, rates_key, event_counter_key, deadlines_key, money_key =
+    base_unpack(KEYS, 1, 12)
   -- (one argument per line, named as creditline/store/contract.py ChargeArgs names it: the
   -- tests hold the two to each other)
   kind = ARGV[1]
@@ -50,7 +51,8 @@ local function read_arguments()
   refund_of = ARGV[15]
   assumed_plan = ARGV[16]
   default_plan = ARGV[17]
-  block_count = num(ARGV[18])
+  member_period = ARGV[18]
+  block_count = num(ARGV[19])
   now_s = math_floor(now_ms / 1000)
   read_blocks()
 end

@@ -33,9 +33,9 @@ end
 -- and the event's stored answer when it is an event's (nil: a session's); nil when no such
 -- charge is kept.
 local function refund_target()
-  local stored = redis_call('GET', KEYS[12])
+  local stored = redis_call('GET', KEYS[13])
   if not stored then
-    local session_fields = hash(KEYS[13])
+    local session_fields = hash(KEYS[14])
     if next(session_fields) == nil then return nil end
     return session_charges(session_fields), nil
   end
@@ -59,8 +59,8 @@ end
 local function record_refunds(target, stored_event_answer, refunded)
   if not stored_event_answer then
     for rg, r in base_pairs(refunded) do
-      redis_call('HINCRBY', KEYS[13], 'ru:' .. rg, int(r.units))
-      redis_call('HINCRBY', KEYS[13], 'rc:' .. rg, int(r.amount))
+      redis_call('HINCRBY', KEYS[14], 'ru:' .. rg, int(r.units))
+      redis_call('HINCRBY', KEYS[14], 'rc:' .. rg, int(r.amount))
     end
     return
   end
@@ -74,7 +74,7 @@ local function record_refunds(target, stored_event_answer, refunded)
     if rg then parts[#parts + 1] = rg .. '=' .. int(units) .. ':' .. int(target['rc:' .. rg]) end
   end
   local number, answer = stored_event(stored_event_answer)
-  redis_call('SET', KEYS[12], number .. '|' .. answer .. '|' .. table_concat(parts, ','),
+  redis_call('SET', KEYS[13], number .. '|' .. answer .. '|' .. table_concat(parts, ','),
     'KEEPTTL')
 end
 
@@ -167,7 +167,7 @@ local function debit_block(event, block)
   local from_buckets = math_min(units, bucket_units_free(block.bucket_rg))
   local amount = cost(schedule_from(block, 0, period_units(block), 0), units - from_buckets)
   local debit = event_action == 'DEBIT'
-  if amount > available_money() then
+  if amount > grant_money() then
     event.sufficient = 0
     if not debit then return LIMIT_REACHED, amount, from_buckets end
     notify('credit_exhausted|rg|' .. block.rg)

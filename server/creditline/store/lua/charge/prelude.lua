@@ -55,13 +55,20 @@ KEYS (all under the account's partition hash tag, so the script runs on Redis Cl
                           dropped any after its cursor
   KEYS[11] deadlines      the partition's sorted set: session key -> supervision deadline
                           (unix ms); a session with no request by then is closed ("S")
-  KEYS[12], KEYS[13]      REFUND only: the event answer and the session hash of the id the
+  KEYS[12] money hash     the hash holding the account's money: the account's own (KEYS[1]
+                          again), or, for a member of a shared group ("<group>/<member>"),
+                          its group's account hash: balance, reserved, credit_limit,
+                          charged, refunded, state and low_balance are read and written
+                          there; the member's own hash keeps its reserved, charged,
+                          refunded, and its spending in the billing period (spent,
+                          spent_period) against its optional limit (limit)
+  KEYS[13], KEYS[14]      REFUND only: the event answer and the session hash of the id the
                           refund names (whichever exists holds the charge it reverses)
-  KEYS[12]                kinds I, T, S on one Redis server (not a cluster): the session
+  KEYS[13]                kinds I, T, S on one Redis server (not a cluster): the session
                           id's claim, in the id's own partition (server/lua/claim.lua: its
                           format): an Initial refuses an id another account holds open and
                           takes the claim, a close gives it back; on a cluster the server
-                          does this in steps of its own, and no KEYS[12] is given
+                          does this in steps of its own, and no KEYS[13] is given
 
 ARGV:
   [1] kind: "I", "U", "T" (session), "E" (event), or "S" (close the session if its
@@ -85,7 +92,9 @@ ARGV:
       ("plan" in its hash) must be the same, else the answer is PLAN_RETRY_ANSWER and the
       account's plan, and nothing is written; "": not checked (a supervision close)
   [17] the catalogue's default plan: the plan of an account with no "plan" field
-  [18] number of rating-group blocks, then each block as:
+  [18] a group member's billing period (its plan's, named by its first day): the member's
+      limit counts what it spent within it; "" for an account of its own
+  [19] number of rating-group blocks, then each block as:
       block id (rating group, or "<rating group>.<service id>"), the rating group whose
       unit buckets apply, tariff id, tariff status ("ok" / "free" / "none"), requested
       units (-1: none), used units, unit kind ("t" time, "v" volume, "s" service

@@ -5,7 +5,7 @@
 -- One request's (set by session_request): the session hash as read, the state of each
 -- rating group this request touches (block id -> rating group state, see state.lua), the
 -- rating groups granted their final units, whether the request closes the session, and the
--- session id's claim (KEYS[12], see above).
+-- session id's claim (KEYS[13], see above).
 local session, rg_states, final_rgs, closing, claim_key
 
 -- An Initial's refusal: the id is open on another account (its claim names that
@@ -108,7 +108,7 @@ local function grant(block, state, wanted)
   local rated = state.u - state.fb
   -- the grant starts at the event time
   local schedule = schedule_from(block, rated, period_units(block), 0)
-  local money_units = affordable_units(schedule, rated, available_money(),
+  local money_units = affordable_units(schedule, rated, grant_money(),
     wanted - from_buckets)
   local money = cost(schedule, rated + money_units) - cost(schedule, rated)
   reserved = reserved + money
@@ -117,7 +117,7 @@ local function grant(block, state, wanted)
   if from_buckets > 0 then state.b, state.bl = from_buckets, held end
   local granted = from_buckets + money_units
   local more = bucket_units_free(block.bucket_rg) > 0
-    or affordable_units(schedule, rated + money_units, available_money(), 1) > 0
+    or affordable_units(schedule, rated + money_units, grant_money(), 1) > 0
   return granted, (granted < wanted) or not more, earliest
 end
 
@@ -251,7 +251,7 @@ end
 -- A session request (I, U, T, S).
 local function session_request()
   session, rg_states, final_rgs = hash(request_key), {}, {}
-  claim_key = KEYS[12]
+  claim_key = KEYS[13]
   local early = admit_session() or plan_retry()
   if early then return early end
   closing = kind == 'T' or kind == 'S'

@@ -11,27 +11,62 @@ local function hash(key)
 end
 
 -- The account, one request's (set by read_account): the fields the script reads, and
--- those it may change as read (field -> value).
+-- those it may change as read (field -> value). For a group's member they are the group's
+-- (money_key), and `member` holds the member's own.
 local balance, balance_at_start, reserved, credit_limit, barred, low_balance, account_plan
 local plan_change_due  -- a plan change scheduled for now or before: made by write_account
 local account, account_changes  -- field -> increment
+-- A member of a shared group (nil: an account of its own): its reserved, charged,
+-- refunded and spent (in period) as numbers, its limit (nil: none), changed.
+local member
 
--- Reads the account; the refusal when there is none. (HMGET of the fields the script
--- uses: the whole hash as a map cost ~10k instructions more per request.)
-local function read_account()
-  local read = redis_call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
-    'state', 'low_balance', 'charged', 'refunded', 'plan', 'next_plan', 'next_plan_from_ms')
-  if not read[1] then return USER_UNKNOWN .. ';!unknown account' end
+-- The plan in force: the account's, or the one scheduled when its instant has come
+-- (creditline/store/contract.py plan_in_force).
+local function set_plan(plan, next_plan, next_plan_from_ms)
+  account_plan = plan or default_plan  -- (accounts made before plans: the default)
+  plan_change_due = next_plan ~= false and now_ms >= num(next_plan_from_ms)
+  if plan_change_due then account_plan = next_plan end
+end
+
+-- The money fields, from the hash that holds them (HMGET result from 'balance' on).
+local function set_money(read)
   balance, reserved, credit_limit = num(read[1]), num(read[2]), num(read[3])
   balance_at_start = balance
   barred = read[4] == 'barred'
   low_balance = read[5]
-  account_plan = read[8] or default_plan  -- (accounts made before plans: the default)
-  -- (a change from the next billing period: in force from next_plan_from_ms)
-  plan_change_due = read[9] ~= false and now_ms >= num(read[10])
-  if plan_change_due then account_plan = read[9] end
   account = { balance = balance, reserved = reserved, charged = read[6], refunded = read[7] }
   account_changes = {}
+end
+
+-- A member's own fields and its group's money; the refusal when either is missing.
+local function read_member()
+  local own = redis_call('HMGET', account_key, 'reserved', 'state', 'charged', 'refunded',
+    'plan', 'next_plan', 'next_plan_from_ms', 'limit', 'spent', 'spent_period')
+  if not own[1] then return USER_UNKNOWN .. ';!unknown account' end
+  local money = redis_call('HMGET', money_key, 'balance', 'reserved', 'credit_limit',
+    'state', 'low_balance', 'charged', 'refunded')
+  if not money[1] then return USER_UNKNOWN .. ';!unknown account (its group is gone)' end
+  set_money(money)
+  barred = barred or own[2] == 'barred'
+  set_plan(own[5], own[6], own[7])
+  -- (no period given: a supervision close, which charges nothing: the count stays as is)
+  local period = member_period ~= '' and member_period or own[10]
+  member = { reserved = num(own[1]), charged = num(own[3]), refunded = num(own[4]),
+    spent = own[10] == period and num(own[9]) or 0, period = period,
+    limit = own[8] and num(own[8]), changed = false }
+  return nil
+end
+
+-- Reads the account; the refusal when there is none. (HMGET of the fields the script
+-- uses: the whole hash as a map cost ~10k instructions more per request.)
+local function read_account()
+  member = nil
+  if money_key ~= account_key then return read_member() end
+  local read = redis_call('HMGET', account_key, 'balance', 'reserved', 'credit_limit',
+    'state', 'low_balance', 'charged', 'refunded', 'plan', 'next_plan', 'next_plan_from_ms')
+  if not read[1] then return USER_UNKNOWN .. ';!unknown account' end
+  set_money(read)
+  set_plan(read[8], read[9], read[10])
   return nil
 end
 
@@ -44,11 +79,40 @@ local function plan_retry()
   return PLAN_RETRY_ANSWER .. account_plan
 end
 
+-- A member's share of a change to its group's money: what it holds and spent.
+local MEMBER_SPENDING = { charged = 1, refunded = -1 }
+local function member_add(field, delta)
+  if field == 'reserved' then
+    member.reserved = member.reserved + delta
+  elseif MEMBER_SPENDING[field] then
+    member[field] = member[field] + delta
+    member.spent = member.spent + MEMBER_SPENDING[field] * delta
+  else
+    return
+  end
+  member.changed = true
+end
+
 local function account_add(field, delta)
-  if delta ~= 0 then account_changes[field] = (account_changes[field] or 0) + delta end
+  if delta ~= 0 then
+    account_changes[field] = (account_changes[field] or 0) + delta
+    if member then member_add(field, delta) end
+  end
 end
 local function available_money()
   return balance + credit_limit - reserved
+end
+
+-- What a grant or a debit may take: the money available, and for a member with a limit
+-- no more than the limit leaves (what it spent in the period and holds counted). Usage
+-- reported beyond a grant is charged from the money alone (charge_usage): a member's
+-- spending passes its limit by at most that overrun.
+local function grant_money()
+  local money = available_money()
+  if member and member.limit then
+    money = math_min(money, member.limit - math_max(0, member.spent) - member.reserved)
+  end
+  return money
 end
 
 -- Units rated in the billing period, per block of a tariff with tiers: where its tiers
@@ -190,17 +254,29 @@ end
 
 -- One HSET of the changed fields' new values (the script read them all, and nothing else
 -- runs meanwhile): one call instead of one HINCRBY per field.
+-- A member's own fields, when they changed: what it holds and what it spent in the period.
+local function write_member()
+  if not member.changed then return end
+  redis_call('HSET', account_key, 'reserved', int(member.reserved), 'charged',
+    int(member.charged), 'refunded', int(member.refunded), 'spent', int(member.spent),
+    'spent_period', member.period)
+end
+
+local function write_plan_change()
+  redis_call('HSET', account_key, 'plan', account_plan)
+  redis_call('HDEL', account_key, 'next_plan', 'next_plan_from_ms')
+end
+
 local function write_account()
   local flat = {}
   for field, delta in base_pairs(account_changes) do
     flat[#flat + 1] = field
     flat[#flat + 1] = int((base_tonumber(account[field]) or 0) + delta)  -- (fields of read_account)
   end
-  if plan_change_due then  -- (until then each request took the scheduled plan itself)
-    flat[#flat + 1], flat[#flat + 2] = 'plan', account_plan
-    redis_call('HDEL', account_key, 'next_plan', 'next_plan_from_ms')
-  end
-  if #flat > 0 then redis_call('HSET', account_key, base_unpack(flat)) end
+  if #flat > 0 then redis_call('HSET', money_key, base_unpack(flat)) end
+  if member then write_member() end
+  -- (until then each request took the scheduled plan itself)
+  if plan_change_due then write_plan_change() end
 end
 
 -- A rating group's state in a session hash (field RG_STATE_PREFIX .. block id), as
