@@ -18,13 +18,14 @@ from tests.processes import serve, stop, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "A worked example on the example catalogue"
+GROUPS_MARKER = "### Shared balances"
 
 
-def _example() -> list[list[str]]:
-    """The commands of the README's worked example, each as its words."""
+def _example(marker: str = MARKER) -> list[list[str]]:
+    """The commands of the README's example after `marker`, each as its words."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = text[text.index(MARKER):].split("```sh\n", 1)[1].split("```", 1)[0]
-    return [shlex.split(line) for line in block.splitlines()
+    block = text[text.index(marker):].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line, comments=True) for line in block.splitlines()
             if line.strip() and not line.startswith("#")]
 
 
@@ -85,3 +86,22 @@ def test_the_readme_worked_example_does_what_the_readme_says(tmp_path: Path) -> 
     assert _bucket(week_later, "bob-1.1") is None
     sms = _bucket(week_later, "sms-week#1")
     assert sms is not None and sms["remaining_units"] == "200"
+
+
+def test_the_readme_shared_balance_example_does_what_the_readme_says(tmp_path: Path) -> None:
+    port = free_port()
+    process = serve("--embedded-redis-dir", str(tmp_path / "trial"),
+                    "--listen-address", f"127.0.0.1:{port}")
+    try:
+        wait_for_port(port, process)
+        answers = [(words, _run(words, port)) for words in _example(GROUPS_MARKER)]
+    finally:
+        stop(process)
+    initial = next(answer for words, answer in answers if words[1] == "initial")
+    assert initial["rating_groups"][0]["granted"]["time_s"] == "190"
+    alice, family = (answer for words, answer in answers if words[1:3] == ["account", "show"])
+    assert (alice["group_id"], alice["balance_micros"], alice["member_spent_micros"],
+            alice["member_limit_micros"], alice["available_micros"]) == (
+        "family", "28000000", "2000000", "3000000", "1000000")
+    assert (family["member_ids"], family["charged_micros"]) == (
+        ["family/alice", "family/bob"], "2000000")
