@@ -222,8 +222,10 @@ def test_the_event_types_are_the_protocols() -> None:
     names = {name.lower() for name in npb.EventType.DESCRIPTOR.values_by_name
              if name != "EVENT_TYPE_UNSPECIFIED"}
     assert names == EVENT_TYPES
-    # each notify(...) of the scripts names its type first
-    written = set(re.findall(r"notify\('([a-z_]+)", charge_script_source() + ADMIN_LUA))
+    # each notify(...) of the scripts names its type first (notify_of(account, ...): after
+    # the account it is of)
+    written = set(re.findall(r"notify(?:\(|_of\(\w+, )'([a-z_]+)",
+                             charge_script_source() + ADMIN_LUA))
     assert written == EVENT_TYPES
 
 
