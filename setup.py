@@ -1,4 +1,5 @@
-"""Compiles the rating kernels (native/kernels.pyx) as part of every build.
+"""Compiles the rating kernels (native/kernels.pyx) and the Diameter codec
+(native/diameter_codec.pyx) as part of every build.
 
 Everything else about the package is in pyproject.toml; setuptools has no declarative
 form for ext_modules, hence this file. `pip install .` and `pip install -e .` both run it.
@@ -9,7 +10,8 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("creditline.native.kernels", ["native/kernels.pyx"])],
+        [Extension("creditline.native.kernels", ["native/kernels.pyx"]),
+         Extension("creditline.native.diameter_codec", ["native/diameter_codec.pyx"])],
         compiler_directives={"language_level": "3"},
     ),
 )

@@ -1,0 +1,302 @@
+"""The Diameter names Creditline speaks: command codes, AVP codes and their data types
+(RFC 6733 base, RFC 4006/8506 credit control, 3GPP TS 32.299 for the vendor 10415 AVPs),
+result codes and the enumerations' values.
+
+An AVP with its M flag set that is not in KNOWN_AVPS is refused (5001, Failed-AVP naming
+it); a known grouped AVP Creditline does not read (Service-Information, User-Equipment-
+Info, Proxy-Info, ...) is passed over whole, its contents unchecked.
+"""
+
+from __future__ import annotations
+
+import enum
+
+VENDOR_3GPP = 10415
+CREDIT_CONTROL_APPLICATION = 4  # Auth-Application-Id of Gy/Ro (RFC 4006 §1.3)
+RELAY_APPLICATION = 0xFFFFFFFF
+BASE_APPLICATION = 0
+
+
+class Command(enum.IntEnum):
+    CAPABILITIES_EXCHANGE = 257
+    RE_AUTH = 258
+    CREDIT_CONTROL = 272
+    ABORT_SESSION = 274
+    DEVICE_WATCHDOG = 280
+    DISCONNECT_PEER = 282
+
+
+class AvpType(enum.Enum):
+    OCTETS = "OctetString"
+    UTF8 = "UTF8String"
+    IDENTITY = "DiameterIdentity"
+    ADDRESS = "Address"
+    TIME = "Time"
+    UNSIGNED32 = "Unsigned32"
+    UNSIGNED64 = "Unsigned64"
+    INTEGER32 = "Integer32"
+    INTEGER64 = "Integer64"
+    ENUMERATED = "Enumerated"
+    GROUPED = "Grouped"
+
+
+class Avp(enum.IntEnum):
+    """AVP codes of vendor 0 (IETF)."""
+
+    USER_NAME = 1
+    FILTER_ID = 11
+    EVENT_TIMESTAMP = 55
+    HOST_IP_ADDRESS = 257
+    AUTH_APPLICATION_ID = 258
+    ACCT_APPLICATION_ID = 259
+    VENDOR_SPECIFIC_APPLICATION_ID = 260
+    REDIRECT_HOST_USAGE = 261
+    REDIRECT_MAX_CACHE_TIME = 262
+    SESSION_ID = 263
+    ORIGIN_HOST = 264
+    SUPPORTED_VENDOR_ID = 265
+    VENDOR_ID = 266
+    FIRMWARE_REVISION = 267
+    RESULT_CODE = 268
+    PRODUCT_NAME = 269
+    SESSION_BINDING = 270
+    SESSION_SERVER_FAILOVER = 271
+    DISCONNECT_CAUSE = 273
+    AUTH_REQUEST_TYPE = 274
+    AUTH_GRACE_PERIOD = 276
+    AUTH_SESSION_STATE = 277
+    ORIGIN_STATE_ID = 278
+    FAILED_AVP = 279
+    PROXY_HOST = 280
+    ERROR_MESSAGE = 281
+    ROUTE_RECORD = 282
+    DESTINATION_REALM = 283
+    PROXY_INFO = 284
+    RE_AUTH_REQUEST_TYPE = 285
+    SESSION_TIMEOUT = 27
+    DESTINATION_HOST = 293
+    ERROR_REPORTING_HOST = 294
+    TERMINATION_CAUSE = 295
+    ORIGIN_REALM = 296
+    EXPERIMENTAL_RESULT = 297
+    EXPERIMENTAL_RESULT_CODE = 298
+    INBAND_SECURITY_ID = 299
+    PROXY_STATE = 33
+    CC_CORRELATION_ID = 411
+    CC_INPUT_OCTETS = 412
+    CC_MONEY = 413
+    CC_OUTPUT_OCTETS = 414
+    CC_REQUEST_NUMBER = 415
+    CC_REQUEST_TYPE = 416
+    CC_SERVICE_SPECIFIC_UNITS = 417
+    CC_SESSION_FAILOVER = 418
+    CC_SUB_SESSION_ID = 419
+    CC_TIME = 420
+    CC_TOTAL_OCTETS = 421
+    CHECK_BALANCE_RESULT = 422
+    COST_INFORMATION = 423
+    COST_UNIT = 424
+    CURRENCY_CODE = 425
+    CREDIT_CONTROL = 426
+    CREDIT_CONTROL_FAILURE_HANDLING = 427
+    DIRECT_DEBITING_FAILURE_HANDLING = 428
+    EXPONENT = 429
+    FINAL_UNIT_INDICATION = 430
+    GRANTED_SERVICE_UNIT = 431
+    RATING_GROUP = 432
+    REDIRECT_ADDRESS_TYPE = 433
+    REDIRECT_SERVER = 434
+    REDIRECT_SERVER_ADDRESS = 435
+    REQUESTED_ACTION = 436
+    REQUESTED_SERVICE_UNIT = 437
+    RESTRICTION_FILTER_RULE = 438
+    SERVICE_IDENTIFIER = 439
+    SERVICE_PARAMETER_INFO = 440
+    SERVICE_PARAMETER_TYPE = 441
+    SERVICE_PARAMETER_VALUE = 442
+    SUBSCRIPTION_ID = 443
+    SUBSCRIPTION_ID_DATA = 444
+    UNIT_VALUE = 445
+    USED_SERVICE_UNIT = 446
+    VALUE_DIGITS = 447
+    VALIDITY_TIME = 448
+    FINAL_UNIT_ACTION = 449
+    SUBSCRIPTION_ID_TYPE = 450
+    TARIFF_TIME_CHANGE = 451
+    TARIFF_CHANGE_USAGE = 452
+    G_S_U_POOL_IDENTIFIER = 453
+    CC_UNIT_TYPE = 454
+    MULTIPLE_SERVICES_INDICATOR = 455
+    MULTIPLE_SERVICES_CREDIT_CONTROL = 456
+    G_S_U_POOL_REFERENCE = 457
+    USER_EQUIPMENT_INFO = 458
+    USER_EQUIPMENT_INFO_TYPE = 459
+    USER_EQUIPMENT_INFO_VALUE = 460
+    SERVICE_CONTEXT_ID = 461
+
+
+class Avp3gpp(enum.IntEnum):
+    """AVP codes of vendor 10415 (3GPP TS 32.299, 29.061) that Creditline reads, writes or
+    passes over."""
+
+    USER_LOCATION_INFO = 22          # 3GPP-User-Location-Info (29.061)
+    MS_TIMEZONE = 23
+    RAT_TYPE_29061 = 21
+    TIME_QUOTA_THRESHOLD = 868
+    VOLUME_QUOTA_THRESHOLD = 869
+    TRIGGER_TYPE = 870
+    QUOTA_HOLDING_TIME = 871
+    REPORTING_REASON = 872
+    SERVICE_INFORMATION = 873
+    PS_INFORMATION = 874
+    IMS_INFORMATION = 876
+    SMS_INFORMATION = 2000
+    TRIGGER = 1264
+    QOS_INFORMATION = 1016
+    RAT_TYPE = 1032
+    ENVELOPE_REPORTING = 1268
+    TIME_QUOTA_MECHANISM = 1270
+
+
+# (vendor, code) -> type, of every AVP Creditline knows
+_TYPES: dict[AvpType, tuple[int, ...]] = {
+    AvpType.UTF8: (Avp.USER_NAME, Avp.FILTER_ID, Avp.SESSION_ID, Avp.PRODUCT_NAME,
+                   Avp.ERROR_MESSAGE, Avp.SERVICE_CONTEXT_ID, Avp.SUBSCRIPTION_ID_DATA,
+                   Avp.REDIRECT_SERVER_ADDRESS, Avp.RESTRICTION_FILTER_RULE, Avp.COST_UNIT,
+                   Avp.CC_SUB_SESSION_ID),
+    AvpType.IDENTITY: (Avp.ORIGIN_HOST, Avp.ORIGIN_REALM, Avp.DESTINATION_HOST,
+                       Avp.DESTINATION_REALM, Avp.ROUTE_RECORD, Avp.PROXY_HOST,
+                       Avp.ERROR_REPORTING_HOST),
+    AvpType.ADDRESS: (Avp.HOST_IP_ADDRESS,),
+    AvpType.TIME: (Avp.EVENT_TIMESTAMP, Avp.TARIFF_TIME_CHANGE),
+    AvpType.OCTETS: (Avp.PROXY_STATE, Avp.CC_CORRELATION_ID, Avp.SERVICE_PARAMETER_VALUE,
+                     Avp.USER_EQUIPMENT_INFO_VALUE, Avp.SESSION_BINDING),
+    AvpType.UNSIGNED32: (Avp.AUTH_APPLICATION_ID, Avp.ACCT_APPLICATION_ID,
+                         Avp.SUPPORTED_VENDOR_ID, Avp.VENDOR_ID, Avp.FIRMWARE_REVISION,
+                         Avp.RESULT_CODE, Avp.ORIGIN_STATE_ID, Avp.EXPERIMENTAL_RESULT_CODE,
+                         Avp.INBAND_SECURITY_ID, Avp.CC_REQUEST_NUMBER, Avp.RATING_GROUP,
+                         Avp.SERVICE_IDENTIFIER, Avp.SERVICE_PARAMETER_TYPE,
+                         Avp.VALIDITY_TIME, Avp.SESSION_TIMEOUT, Avp.AUTH_GRACE_PERIOD,
+                         Avp.CC_TIME, Avp.REDIRECT_MAX_CACHE_TIME, Avp.CURRENCY_CODE,
+                         Avp.G_S_U_POOL_IDENTIFIER),
+    AvpType.UNSIGNED64: (Avp.CC_INPUT_OCTETS, Avp.CC_OUTPUT_OCTETS, Avp.CC_TOTAL_OCTETS,
+                         Avp.CC_SERVICE_SPECIFIC_UNITS),
+    AvpType.INTEGER32: (Avp.EXPONENT,),
+    AvpType.INTEGER64: (Avp.VALUE_DIGITS,),
+    AvpType.ENUMERATED: (Avp.CC_REQUEST_TYPE, Avp.SUBSCRIPTION_ID_TYPE, Avp.REQUESTED_ACTION,
+                         Avp.CC_SESSION_FAILOVER, Avp.CREDIT_CONTROL_FAILURE_HANDLING,
+                         Avp.DIRECT_DEBITING_FAILURE_HANDLING, Avp.FINAL_UNIT_ACTION,
+                         Avp.REDIRECT_ADDRESS_TYPE, Avp.CHECK_BALANCE_RESULT,
+                         Avp.MULTIPLE_SERVICES_INDICATOR, Avp.DISCONNECT_CAUSE,
+                         Avp.AUTH_REQUEST_TYPE, Avp.AUTH_SESSION_STATE,
+                         Avp.RE_AUTH_REQUEST_TYPE, Avp.TERMINATION_CAUSE,
+                         Avp.REDIRECT_HOST_USAGE, Avp.SESSION_SERVER_FAILOVER,
+                         Avp.CREDIT_CONTROL, Avp.TARIFF_CHANGE_USAGE, Avp.CC_UNIT_TYPE,
+                         Avp.USER_EQUIPMENT_INFO_TYPE),
+    AvpType.GROUPED: (Avp.VENDOR_SPECIFIC_APPLICATION_ID, Avp.FAILED_AVP, Avp.PROXY_INFO,
+                      Avp.EXPERIMENTAL_RESULT, Avp.CC_MONEY, Avp.COST_INFORMATION,
+                      Avp.FINAL_UNIT_INDICATION, Avp.GRANTED_SERVICE_UNIT,
+                      Avp.REDIRECT_SERVER, Avp.REQUESTED_SERVICE_UNIT,
+                      Avp.SERVICE_PARAMETER_INFO, Avp.SUBSCRIPTION_ID, Avp.UNIT_VALUE,
+                      Avp.USED_SERVICE_UNIT, Avp.MULTIPLE_SERVICES_CREDIT_CONTROL,
+                      Avp.G_S_U_POOL_REFERENCE, Avp.USER_EQUIPMENT_INFO),
+}
+_TYPES_3GPP: dict[AvpType, tuple[int, ...]] = {
+    AvpType.UNSIGNED32: (Avp3gpp.TIME_QUOTA_THRESHOLD, Avp3gpp.VOLUME_QUOTA_THRESHOLD,
+                         Avp3gpp.QUOTA_HOLDING_TIME),
+    AvpType.ENUMERATED: (Avp3gpp.REPORTING_REASON, Avp3gpp.TRIGGER_TYPE, Avp3gpp.RAT_TYPE,
+                         Avp3gpp.ENVELOPE_REPORTING),
+    AvpType.OCTETS: (Avp3gpp.USER_LOCATION_INFO, Avp3gpp.MS_TIMEZONE, Avp3gpp.RAT_TYPE_29061),
+    AvpType.GROUPED: (Avp3gpp.SERVICE_INFORMATION, Avp3gpp.PS_INFORMATION,
+                      Avp3gpp.IMS_INFORMATION, Avp3gpp.SMS_INFORMATION, Avp3gpp.TRIGGER,
+                      Avp3gpp.QOS_INFORMATION, Avp3gpp.TIME_QUOTA_MECHANISM),
+}
+KNOWN_AVPS: dict[tuple[int, int], AvpType] = {
+    **{(0, code): kind for kind, codes in _TYPES.items() for code in codes},
+    **{(VENDOR_3GPP, code): kind for kind, codes in _TYPES_3GPP.items() for code in codes},
+}
+# The grouped AVPs Creditline reads inside; any other grouped AVP is passed over whole.
+READ_INSIDE = frozenset({
+    (0, Avp.SUBSCRIPTION_ID), (0, Avp.MULTIPLE_SERVICES_CREDIT_CONTROL),
+    (0, Avp.REQUESTED_SERVICE_UNIT), (0, Avp.USED_SERVICE_UNIT),
+    (0, Avp.VENDOR_SPECIFIC_APPLICATION_ID),
+})
+
+
+class ResultCode(enum.IntEnum):
+    SUCCESS = 2001
+    LIMITED_SUCCESS = 2002
+    COMMAND_UNSUPPORTED = 3001
+    UNABLE_TO_DELIVER = 3002
+    REALM_NOT_SERVED = 3003
+    TOO_BUSY = 3004
+    APPLICATION_UNSUPPORTED = 3007
+    INVALID_HDR_BITS = 3009
+    INVALID_AVP_BITS = 3008
+    UNKNOWN_PEER = 3010
+    END_USER_SERVICE_DENIED = 4010
+    CREDIT_CONTROL_NOT_APPLICABLE = 4011
+    CREDIT_LIMIT_REACHED = 4012
+    AVP_UNSUPPORTED = 5001
+    UNKNOWN_SESSION_ID = 5002
+    AUTHORIZATION_REJECTED = 5003
+    INVALID_AVP_VALUE = 5004
+    MISSING_AVP = 5005
+    RESOURCES_EXCEEDED = 5006
+    AVP_OCCURS_TOO_MANY_TIMES = 5009
+    NO_COMMON_APPLICATION = 5010
+    UNSUPPORTED_VERSION = 5011
+    UNABLE_TO_COMPLY = 5012
+    INVALID_AVP_LENGTH = 5014
+    INVALID_MESSAGE_LENGTH = 5015
+    USER_UNKNOWN = 5030
+    RATING_FAILED = 5031
+
+
+class CcRequestType(enum.IntEnum):
+    INITIAL = 1
+    UPDATE = 2
+    TERMINATION = 3
+    EVENT = 4
+
+
+class RequestedAction(enum.IntEnum):
+    DIRECT_DEBITING = 0
+    REFUND_ACCOUNT = 1
+    CHECK_BALANCE = 2
+    PRICE_ENQUIRY = 3
+
+
+class SubscriptionIdType(enum.IntEnum):
+    END_USER_E164 = 0
+    END_USER_IMSI = 1
+    END_USER_SIP_URI = 2
+    END_USER_NAI = 3
+    END_USER_PRIVATE = 4
+
+
+class FinalUnitAction(enum.IntEnum):
+    TERMINATE = 0
+    REDIRECT = 1
+    RESTRICT_ACCESS = 2
+
+
+class RedirectAddressType(enum.IntEnum):
+    IPV4 = 0
+    IPV6 = 1
+    URL = 2
+    SIP_URI = 3
+
+
+class DisconnectCause(enum.IntEnum):
+    REBOOTING = 0
+    BUSY = 1
+    DO_NOT_WANT_TO_TALK_TO_YOU = 2
+
+
+CHECK_BALANCE_ENOUGH_CREDIT, CHECK_BALANCE_NO_CREDIT = 0, 1
+# Auth-Session-State NO_STATE_MAINTAINED (RFC 6733 §8.11): what a credit-control server
+# sends in an ASR (RFC 4006 §5.6)
+NO_STATE_MAINTAINED = 1
+# Re-Auth-Request-Type AUTHORIZE_ONLY (RFC 6733 §8.12): what a RAR of RFC 4006 §5.5 carries
+AUTHORIZE_ONLY = 0
