@@ -155,6 +155,36 @@ class Settings:
     metrics_accounts_interval_s: float = 60.0
     # the grpc.reflection service (grpcurl list / describe)
     reflection_enabled: bool = True
+    # Diameter Gy/Ro (README "Connecting a gateway over Gy"): where it listens (TCP,
+    # host:port; empty: no Diameter listener), who it is, and which peers it serves
+    diameter_listen: str = field(default="", metadata={"help": (
+        "host:port of the Diameter Gy listener (TCP); empty: none")})
+    diameter_origin_host: str = "creditline.localdomain"
+    diameter_origin_realm: str = "localdomain"
+    # allowed peers, comma-separated: "<Origin-Host>" or "<Origin-Host>@<address>"; empty:
+    # any peer connecting from a loopback address (a first try)
+    diameter_peers: str = ""
+    # the peers' realms allowed, comma-separated; empty: any
+    diameter_peer_realms: str = ""
+    diameter_max_peers: int = 64
+    # a peer's requests worked on at once; past it 3004 DIAMETER_TOO_BUSY
+    diameter_max_pending_per_peer: int = 1024
+    diameter_max_message_bytes: int = 64 * 1024
+    # watchdog (RFC 3539 Tw): a DWR after this long without traffic, the peer dropped
+    # when it does not answer in as long
+    diameter_watchdog_s: float = 30.0
+    # a connection with no CER this long is closed
+    diameter_cer_timeout_s: float = 10.0
+    # how long the server's own requests (RAR, ASR) wait for an answer
+    diameter_request_timeout_s: float = 5.0
+    # a Subscription-Id no identity maps: "none" (5030 DIAMETER_USER_UNKNOWN) or "data"
+    # (its Subscription-Id-Data is the account id: trials)
+    diameter_identity_fallback: str = "none"
+    # ISO 4217 numeric currency code of Cost-Information (978: EUR)
+    diameter_currency_code: int = 978
+    # open sessions whose peer and account one process keeps (RAR, ASR; CCR-U without
+    # Subscription-Id); the oldest forgotten past it
+    diameter_max_sessions: int = 1_000_000
 
     def __post_init__(self) -> None:
         positive = (
@@ -166,6 +196,9 @@ class Settings:
             "max_account_id_bytes", "max_message_bytes", "redis_call_timeout_s",
             "redis_max_connections", "metrics_accounts_interval_s", "max_event_age_s",
             "max_event_ahead_s", "renewal_interval_s", "renewal_batch",
+            "diameter_max_peers", "diameter_max_pending_per_peer",
+            "diameter_max_message_bytes", "diameter_watchdog_s", "diameter_cer_timeout_s",
+            "diameter_request_timeout_s", "diameter_max_sessions",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -178,7 +211,11 @@ class Settings:
         if self.spike_fast_window_s >= self.spike_slow_window_s:
             raise SettingsError("setting spike_fast_window_s: must be shorter than "
                              "spike_slow_window_s")
-        for name in ("listen_address", "metrics_listen_address"):
+        if self.diameter_identity_fallback not in ("none", "data"):
+            raise SettingsError("setting diameter_identity_fallback: \"none\" or \"data\"")
+        if self.diameter_max_message_bytes < 20:
+            raise SettingsError("setting diameter_max_message_bytes: at least 20 (a header)")
+        for name in ("listen_address", "metrics_listen_address", "diameter_listen"):
             value = getattr(self, name)
             if (value or name == "listen_address") and ":" not in value:
                 raise SettingsError(f"setting {name}: {value!r} is not host:port")

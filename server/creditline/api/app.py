@@ -35,11 +35,12 @@ from creditline.charging.kernels import require_kernels
 from creditline.charging.rating import BandedRater
 from creditline.charging.renewal import Renewer
 from creditline.clock import Clock
+from creditline.diameter.node import DiameterNode
 from creditline.errors import PlanError, RedisSetupError, SettingsError
 from creditline.events.hub import READ_BLOCK_MS, EventHub
 from creditline.observability.telemetry import Telemetry, build_telemetry
 from creditline.settings import Settings, check_files, redact_url, redis_password
-from creditline.store.contract import NEXT_PLAN_FIELD, PLAN_FIELD
+from creditline.store.contract import NEXT_PLAN_FIELD, PLAN_FIELD, SUBSCRIPTION_ID_TYPES
 from creditline.store.fastredis import FastScriptClient, tls_context
 from creditline.store.redis_process import RedisProcess
 from creditline.store.store import (
@@ -80,6 +81,7 @@ class RunningServer:
     charging: ChargingService
     admin: AdminService
     plan_path: Path  # the catalogue's file, read again by a reload (SIGHUP)
+    diameter: DiameterNode | None = None  # the Gy listener (diameter_listen)
 
     @property
     def catalogue(self) -> Catalogue:
@@ -306,6 +308,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     # the first request: one pass, at most renewal_batch per partition
     await renewer.sweep_logged()
     await server.start()
+    diameter = await _diameter_node(settings, charging, store)
     supervisor.start()
     renewer.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
@@ -317,7 +320,27 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                          transport=transport, hub=hub, supervisor=supervisor,
                          renewer=renewer,
                          health=health_servicer, telemetry=telemetry, charging=charging,
-                         admin=admin, plan_path=Path(settings.plan_path))
+                         admin=admin, plan_path=Path(settings.plan_path), diameter=diameter)
+
+
+async def _diameter_node(settings: Settings, charging: ChargingService, store: Store
+                         ) -> DiameterNode | None:
+    """The Diameter Gy listener when diameter_listen names one."""
+    if not settings.diameter_listen:
+        return None
+
+    async def identities(subscription_id_type: int, data: str) -> str | None:
+        kind = SUBSCRIPTION_ID_TYPES.get(subscription_id_type)
+        if kind is None:
+            return None
+        try:
+            return await store.identity_account(kind, data)
+        except ValueError:  # (data no identity of that kind can hold: bound to none)
+            return None
+
+    node = DiameterNode(settings, charging, identities)
+    await node.start()
+    return node
 
 
 async def stop_server(running: RunningServer, grace_s: float) -> None:
@@ -326,6 +349,8 @@ async def stop_server(running: RunningServer, grace_s: float) -> None:
     # script: a call cut at the end of the grace was applied whole or not at all, and its
     # retransmission gets the stored answer. Redis closes only after the last call.
     await running.health.enter_graceful_shutdown()
+    if running.diameter is not None:  # (its peers told first: DPR, then they go)
+        await running.diameter.stop()
     await running.server.stop(grace_s)
     await running.supervisor.stop()
     await running.renewer.stop()

@@ -139,17 +139,18 @@ class ChargingService:
         self._pricing = _Pricing.of(catalogue, self._kernels, self._rater, self._settings)
 
     async def Initial(self, request: pb.CreditControlRequest, context: Context) -> bytes:
-        return await self._credit_control(request, RequestKind.INITIAL)
+        return await self.credit_control(request, RequestKind.INITIAL)
 
     async def Update(self, request: pb.CreditControlRequest, context: Context) -> bytes:
-        return await self._credit_control(request, RequestKind.UPDATE)
+        return await self.credit_control(request, RequestKind.UPDATE)
 
     async def Terminate(self, request: pb.CreditControlRequest, context: Context) -> bytes:
-        return await self._credit_control(request, RequestKind.TERMINATE)
+        return await self.credit_control(request, RequestKind.TERMINATE)
 
-    async def _credit_control(self, request: pb.CreditControlRequest, kind: RequestKind
-                              ) -> bytes:
-        """The CreditControlAnswer's wire bytes."""
+    async def credit_control(self, request: pb.CreditControlRequest, kind: RequestKind
+                             ) -> bytes:
+        """The CreditControlAnswer's wire bytes (the unary calls', the Stream's and the
+        Diameter front end's one path)."""
         now_ms = self._store.clock.now_ms()
         refused = self.path.check_credit_control(request, kind, now_ms)
         if refused:
@@ -204,9 +205,9 @@ class ChargingService:
     async def _stream_answer(self, request: pb.StreamRequest) -> bytes:
         which = request.WhichOneof("request")
         if which == "event":
-            answer, field = await self._event(request.event), _EVENT_FIELD
+            answer, field = await self.event(request.event), _EVENT_FIELD
         elif which is not None and (kind := _STREAM_KINDS.get(which)) is not None:
-            answer = await self._credit_control(getattr(request, which), kind)
+            answer = await self.credit_control(getattr(request, which), kind)
             field = _CREDIT_CONTROL_FIELD
         else:
             answer = self.path.refusal(pb.CreditControlRequest(), (
@@ -261,10 +262,10 @@ class ChargingService:
             return None
 
     async def Event(self, request: pb.EventRequest, context: Context) -> bytes:
-        return await self._event(request)
+        return await self.event(request)
 
-    async def _event(self, request: pb.EventRequest) -> bytes:
-        """The EventAnswer's wire bytes."""
+    async def event(self, request: pb.EventRequest) -> bytes:
+        """The EventAnswer's wire bytes (as credit_control: every transport's path)."""
         now_ms = self._store.clock.now_ms()
         refused = self.path.check_event(request, now_ms)
         if refused:

@@ -40,7 +40,7 @@ class AvpType(enum.Enum):
     GROUPED = "Grouped"
 
 
-class Avp(enum.IntEnum):
+class AvpCode(enum.IntEnum):
     """AVP codes of vendor 0 (IETF)."""
 
     USER_NAME = 1
@@ -135,7 +135,7 @@ class Avp(enum.IntEnum):
     SERVICE_CONTEXT_ID = 461
 
 
-class Avp3gpp(enum.IntEnum):
+class AvpCode3gpp(enum.IntEnum):
     """AVP codes of vendor 10415 (3GPP TS 32.299, 29.061) that Creditline reads, writes or
     passes over."""
 
@@ -159,57 +159,58 @@ class Avp3gpp(enum.IntEnum):
 
 
 # (vendor, code) -> type, of every AVP Creditline knows
+_C, _G = AvpCode, AvpCode3gpp
 _TYPES: dict[AvpType, tuple[int, ...]] = {
-    AvpType.UTF8: (Avp.USER_NAME, Avp.FILTER_ID, Avp.SESSION_ID, Avp.PRODUCT_NAME,
-                   Avp.ERROR_MESSAGE, Avp.SERVICE_CONTEXT_ID, Avp.SUBSCRIPTION_ID_DATA,
-                   Avp.REDIRECT_SERVER_ADDRESS, Avp.RESTRICTION_FILTER_RULE, Avp.COST_UNIT,
-                   Avp.CC_SUB_SESSION_ID),
-    AvpType.IDENTITY: (Avp.ORIGIN_HOST, Avp.ORIGIN_REALM, Avp.DESTINATION_HOST,
-                       Avp.DESTINATION_REALM, Avp.ROUTE_RECORD, Avp.PROXY_HOST,
-                       Avp.ERROR_REPORTING_HOST),
-    AvpType.ADDRESS: (Avp.HOST_IP_ADDRESS,),
-    AvpType.TIME: (Avp.EVENT_TIMESTAMP, Avp.TARIFF_TIME_CHANGE),
-    AvpType.OCTETS: (Avp.PROXY_STATE, Avp.CC_CORRELATION_ID, Avp.SERVICE_PARAMETER_VALUE,
-                     Avp.USER_EQUIPMENT_INFO_VALUE, Avp.SESSION_BINDING),
-    AvpType.UNSIGNED32: (Avp.AUTH_APPLICATION_ID, Avp.ACCT_APPLICATION_ID,
-                         Avp.SUPPORTED_VENDOR_ID, Avp.VENDOR_ID, Avp.FIRMWARE_REVISION,
-                         Avp.RESULT_CODE, Avp.ORIGIN_STATE_ID, Avp.EXPERIMENTAL_RESULT_CODE,
-                         Avp.INBAND_SECURITY_ID, Avp.CC_REQUEST_NUMBER, Avp.RATING_GROUP,
-                         Avp.SERVICE_IDENTIFIER, Avp.SERVICE_PARAMETER_TYPE,
-                         Avp.VALIDITY_TIME, Avp.SESSION_TIMEOUT, Avp.AUTH_GRACE_PERIOD,
-                         Avp.CC_TIME, Avp.REDIRECT_MAX_CACHE_TIME, Avp.CURRENCY_CODE,
-                         Avp.G_S_U_POOL_IDENTIFIER),
-    AvpType.UNSIGNED64: (Avp.CC_INPUT_OCTETS, Avp.CC_OUTPUT_OCTETS, Avp.CC_TOTAL_OCTETS,
-                         Avp.CC_SERVICE_SPECIFIC_UNITS),
-    AvpType.INTEGER32: (Avp.EXPONENT,),
-    AvpType.INTEGER64: (Avp.VALUE_DIGITS,),
-    AvpType.ENUMERATED: (Avp.CC_REQUEST_TYPE, Avp.SUBSCRIPTION_ID_TYPE, Avp.REQUESTED_ACTION,
-                         Avp.CC_SESSION_FAILOVER, Avp.CREDIT_CONTROL_FAILURE_HANDLING,
-                         Avp.DIRECT_DEBITING_FAILURE_HANDLING, Avp.FINAL_UNIT_ACTION,
-                         Avp.REDIRECT_ADDRESS_TYPE, Avp.CHECK_BALANCE_RESULT,
-                         Avp.MULTIPLE_SERVICES_INDICATOR, Avp.DISCONNECT_CAUSE,
-                         Avp.AUTH_REQUEST_TYPE, Avp.AUTH_SESSION_STATE,
-                         Avp.RE_AUTH_REQUEST_TYPE, Avp.TERMINATION_CAUSE,
-                         Avp.REDIRECT_HOST_USAGE, Avp.SESSION_SERVER_FAILOVER,
-                         Avp.CREDIT_CONTROL, Avp.TARIFF_CHANGE_USAGE, Avp.CC_UNIT_TYPE,
-                         Avp.USER_EQUIPMENT_INFO_TYPE),
-    AvpType.GROUPED: (Avp.VENDOR_SPECIFIC_APPLICATION_ID, Avp.FAILED_AVP, Avp.PROXY_INFO,
-                      Avp.EXPERIMENTAL_RESULT, Avp.CC_MONEY, Avp.COST_INFORMATION,
-                      Avp.FINAL_UNIT_INDICATION, Avp.GRANTED_SERVICE_UNIT,
-                      Avp.REDIRECT_SERVER, Avp.REQUESTED_SERVICE_UNIT,
-                      Avp.SERVICE_PARAMETER_INFO, Avp.SUBSCRIPTION_ID, Avp.UNIT_VALUE,
-                      Avp.USED_SERVICE_UNIT, Avp.MULTIPLE_SERVICES_CREDIT_CONTROL,
-                      Avp.G_S_U_POOL_REFERENCE, Avp.USER_EQUIPMENT_INFO),
+    AvpType.UTF8: (_C.USER_NAME, _C.FILTER_ID, _C.SESSION_ID, _C.PRODUCT_NAME,
+                   _C.ERROR_MESSAGE, _C.SERVICE_CONTEXT_ID, _C.SUBSCRIPTION_ID_DATA,
+                   _C.REDIRECT_SERVER_ADDRESS, _C.RESTRICTION_FILTER_RULE, _C.COST_UNIT,
+                   _C.CC_SUB_SESSION_ID),
+    AvpType.IDENTITY: (_C.ORIGIN_HOST, _C.ORIGIN_REALM, _C.DESTINATION_HOST,
+                       _C.DESTINATION_REALM, _C.ROUTE_RECORD, _C.PROXY_HOST,
+                       _C.ERROR_REPORTING_HOST),
+    AvpType.ADDRESS: (_C.HOST_IP_ADDRESS,),
+    AvpType.TIME: (_C.EVENT_TIMESTAMP, _C.TARIFF_TIME_CHANGE),
+    AvpType.OCTETS: (_C.PROXY_STATE, _C.CC_CORRELATION_ID, _C.SERVICE_PARAMETER_VALUE,
+                     _C.USER_EQUIPMENT_INFO_VALUE, _C.SESSION_BINDING),
+    AvpType.UNSIGNED32: (_C.AUTH_APPLICATION_ID, _C.ACCT_APPLICATION_ID,
+                         _C.SUPPORTED_VENDOR_ID, _C.VENDOR_ID, _C.FIRMWARE_REVISION,
+                         _C.RESULT_CODE, _C.ORIGIN_STATE_ID, _C.EXPERIMENTAL_RESULT_CODE,
+                         _C.INBAND_SECURITY_ID, _C.CC_REQUEST_NUMBER, _C.RATING_GROUP,
+                         _C.SERVICE_IDENTIFIER, _C.SERVICE_PARAMETER_TYPE,
+                         _C.VALIDITY_TIME, _C.SESSION_TIMEOUT, _C.AUTH_GRACE_PERIOD,
+                         _C.CC_TIME, _C.REDIRECT_MAX_CACHE_TIME, _C.CURRENCY_CODE,
+                         _C.G_S_U_POOL_IDENTIFIER),
+    AvpType.UNSIGNED64: (_C.CC_INPUT_OCTETS, _C.CC_OUTPUT_OCTETS, _C.CC_TOTAL_OCTETS,
+                         _C.CC_SERVICE_SPECIFIC_UNITS),
+    AvpType.INTEGER32: (_C.EXPONENT,),
+    AvpType.INTEGER64: (_C.VALUE_DIGITS,),
+    AvpType.ENUMERATED: (_C.CC_REQUEST_TYPE, _C.SUBSCRIPTION_ID_TYPE, _C.REQUESTED_ACTION,
+                         _C.CC_SESSION_FAILOVER, _C.CREDIT_CONTROL_FAILURE_HANDLING,
+                         _C.DIRECT_DEBITING_FAILURE_HANDLING, _C.FINAL_UNIT_ACTION,
+                         _C.REDIRECT_ADDRESS_TYPE, _C.CHECK_BALANCE_RESULT,
+                         _C.MULTIPLE_SERVICES_INDICATOR, _C.DISCONNECT_CAUSE,
+                         _C.AUTH_REQUEST_TYPE, _C.AUTH_SESSION_STATE,
+                         _C.RE_AUTH_REQUEST_TYPE, _C.TERMINATION_CAUSE,
+                         _C.REDIRECT_HOST_USAGE, _C.SESSION_SERVER_FAILOVER,
+                         _C.CREDIT_CONTROL, _C.TARIFF_CHANGE_USAGE, _C.CC_UNIT_TYPE,
+                         _C.USER_EQUIPMENT_INFO_TYPE),
+    AvpType.GROUPED: (_C.VENDOR_SPECIFIC_APPLICATION_ID, _C.FAILED_AVP, _C.PROXY_INFO,
+                      _C.EXPERIMENTAL_RESULT, _C.CC_MONEY, _C.COST_INFORMATION,
+                      _C.FINAL_UNIT_INDICATION, _C.GRANTED_SERVICE_UNIT,
+                      _C.REDIRECT_SERVER, _C.REQUESTED_SERVICE_UNIT,
+                      _C.SERVICE_PARAMETER_INFO, _C.SUBSCRIPTION_ID, _C.UNIT_VALUE,
+                      _C.USED_SERVICE_UNIT, _C.MULTIPLE_SERVICES_CREDIT_CONTROL,
+                      _C.G_S_U_POOL_REFERENCE, _C.USER_EQUIPMENT_INFO),
 }
 _TYPES_3GPP: dict[AvpType, tuple[int, ...]] = {
-    AvpType.UNSIGNED32: (Avp3gpp.TIME_QUOTA_THRESHOLD, Avp3gpp.VOLUME_QUOTA_THRESHOLD,
-                         Avp3gpp.QUOTA_HOLDING_TIME),
-    AvpType.ENUMERATED: (Avp3gpp.REPORTING_REASON, Avp3gpp.TRIGGER_TYPE, Avp3gpp.RAT_TYPE,
-                         Avp3gpp.ENVELOPE_REPORTING),
-    AvpType.OCTETS: (Avp3gpp.USER_LOCATION_INFO, Avp3gpp.MS_TIMEZONE, Avp3gpp.RAT_TYPE_29061),
-    AvpType.GROUPED: (Avp3gpp.SERVICE_INFORMATION, Avp3gpp.PS_INFORMATION,
-                      Avp3gpp.IMS_INFORMATION, Avp3gpp.SMS_INFORMATION, Avp3gpp.TRIGGER,
-                      Avp3gpp.QOS_INFORMATION, Avp3gpp.TIME_QUOTA_MECHANISM),
+    AvpType.UNSIGNED32: (_G.TIME_QUOTA_THRESHOLD, _G.VOLUME_QUOTA_THRESHOLD,
+                         _G.QUOTA_HOLDING_TIME),
+    AvpType.ENUMERATED: (_G.REPORTING_REASON, _G.TRIGGER_TYPE, _G.RAT_TYPE,
+                         _G.ENVELOPE_REPORTING),
+    AvpType.OCTETS: (_G.USER_LOCATION_INFO, _G.MS_TIMEZONE, _G.RAT_TYPE_29061),
+    AvpType.GROUPED: (_G.SERVICE_INFORMATION, _G.PS_INFORMATION,
+                      _G.IMS_INFORMATION, _G.SMS_INFORMATION, _G.TRIGGER,
+                      _G.QOS_INFORMATION, _G.TIME_QUOTA_MECHANISM),
 }
 KNOWN_AVPS: dict[tuple[int, int], AvpType] = {
     **{(0, code): kind for kind, codes in _TYPES.items() for code in codes},
@@ -217,9 +218,9 @@ KNOWN_AVPS: dict[tuple[int, int], AvpType] = {
 }
 # The grouped AVPs Creditline reads inside; any other grouped AVP is passed over whole.
 READ_INSIDE = frozenset({
-    (0, Avp.SUBSCRIPTION_ID), (0, Avp.MULTIPLE_SERVICES_CREDIT_CONTROL),
-    (0, Avp.REQUESTED_SERVICE_UNIT), (0, Avp.USED_SERVICE_UNIT),
-    (0, Avp.VENDOR_SPECIFIC_APPLICATION_ID),
+    (0, AvpCode.SUBSCRIPTION_ID), (0, AvpCode.MULTIPLE_SERVICES_CREDIT_CONTROL),
+    (0, AvpCode.REQUESTED_SERVICE_UNIT), (0, AvpCode.USED_SERVICE_UNIT),
+    (0, AvpCode.VENDOR_SPECIFIC_APPLICATION_ID),
 })
 
 
