@@ -33,6 +33,7 @@ from creditline.store.store import (
     event_counter_key,
     events_key,
     partition_tag,
+    renewals_key,
 )
 from creditline.store.supervision import Supervisor
 from creditline.v1 import admin_pb2 as admin_pb
@@ -70,18 +71,24 @@ def unique_prefix() -> str:
     return f"h{os.getpid()}x{next(_prefixes)}-"
 
 
-def test_key_names_are_injective_and_keep_their_partition_slot() -> None:
-    partitions = 1  # every id in one partition: where collisions would show
+# the account ids key_names names every key of an account for
+KEY_NAMES_ACCOUNT_IDS = [*hostile_account_ids(""), "a:a", "1:a", "x"]
+
+
+def key_names(partitions: int) -> dict[str, tuple[str, ...]]:
+    """Every key the scheme names for hostile account and session ids, and what each names
+    (what it is, its ids); fails at a key named twice, or a session's key off its account's
+    slot. tests/test_identities.py adds the identities' keys."""
     names: dict[str, tuple[str, ...]] = {}
 
     def name(key: str, *what: str) -> None:
         assert names.setdefault(key, what) == what, (key, names[key], what)
 
-    accounts = [*hostile_account_ids(""), "a:a", "1:a", "x"]
-    for account_id in accounts:
+    for account_id in KEY_NAMES_ACCOUNT_IDS:
         keys = account_keys(account_id, partitions)
         for kind in ("account", "buckets", "usage", "open_sessions", "final_sessions",
-                     "top_ups", "rates", "adjustments", "purchases"):
+                     "top_ups", "rates", "adjustments", "purchases", "subscriptions",
+                     "members"):
             name(getattr(keys, kind), kind, account_id)
         for session_id in [*HOSTILE_SESSION_IDS, "s", "acct", "x"]:
             name(keys.session(session_id), "session", account_id, session_id)
@@ -92,8 +99,14 @@ def test_key_names_are_injective_and_keep_their_partition_slot() -> None:
                 keys.account.encode()) == key_slot(partition_tag(keys.partition).encode())
     for key, kind in ((events_key(0), "events"), (event_counter_key(0), "counter"),
                       (cdrs_key(0), "cdrs"), (deadlines_key(0), "deadlines"),
-                      (accounts_key(0), "index"), (META_KEY, "meta")):
+                      (renewals_key(0), "renewals"), (accounts_key(0), "index"),
+                      (META_KEY, "meta")):
         name(key, kind)
+    return names
+
+
+def test_key_names_are_injective_and_keep_their_partition_slot() -> None:
+    key_names(partitions=1)  # every id in one partition: where collisions would show
 
 
 async def _open_update_close(charging: Any, account_id: str, session_id: str) -> None:

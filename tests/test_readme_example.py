@@ -5,10 +5,12 @@ accounts it shows is checked here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ MARKER = "A worked example on the example catalogue"
 GROUPS_MARKER = "### Shared balances"
 
 
-def _example(marker: str = MARKER) -> list[list[str]]:
+def readme_example(marker: str = MARKER) -> list[list[str]]:
     """The commands of the README's example after `marker`, each as its words."""
     text = (ROOT / "README.md").read_text(encoding="utf-8")
     block = text[text.index(marker):].split("```sh\n", 1)[1].split("```", 1)[0]
@@ -39,7 +41,7 @@ def _serve(words: list[str], port: int, data: Path) -> subprocess.Popen[str]:
     return process
 
 
-def _run(words: list[str], port: int) -> dict[str, Any]:
+def run_cli(words: list[str], port: int) -> dict[str, Any]:
     assert words[0] == "creditline", words
     finished = subprocess.run(
         [sys.executable, "-m", "creditline", words[1], "--server", f"127.0.0.1:{port}",
@@ -58,13 +60,13 @@ def test_the_readme_worked_example_does_what_the_readme_says(tmp_path: Path) -> 
     process = None
     port = free_port()
     try:
-        for words in _example():
+        for words in readme_example():
             if words[1] == "serve":
                 if process is not None:
                     stop(process)
                 process = _serve(words, port, tmp_path / "trial")
                 continue
-            answer = _run(words, port)
+            answer = run_cli(words, port)
             if words[1:3] == ["account", "show"]:
                 shown.append(answer)
             elif words[1] == "plans":
@@ -88,15 +90,22 @@ def test_the_readme_worked_example_does_what_the_readme_says(tmp_path: Path) -> 
     assert sms is not None and sms["remaining_units"] == "200"
 
 
-def test_the_readme_shared_balance_example_does_what_the_readme_says(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def cli_server(data: Path) -> Iterator[int]:
+    """`creditline serve` with its defaults on a free port, its embedded Redis's data in
+    `data`: the port, while it serves."""
     port = free_port()
-    process = serve("--embedded-redis-dir", str(tmp_path / "trial"),
-                    "--listen-address", f"127.0.0.1:{port}")
+    process = serve("--embedded-redis-dir", str(data), "--listen-address", f"127.0.0.1:{port}")
     try:
         wait_for_port(port, process)
-        answers = [(words, _run(words, port)) for words in _example(GROUPS_MARKER)]
+        yield port
     finally:
         stop(process)
+
+
+def test_the_readme_shared_balance_example_does_what_the_readme_says(tmp_path: Path) -> None:
+    with cli_server(tmp_path / "trial") as port:
+        answers = [(words, run_cli(words, port)) for words in readme_example(GROUPS_MARKER)]
     initial = next(answer for words, answer in answers if words[1] == "initial")
     assert initial["rating_groups"][0]["granted"]["time_s"] == "190"
     alice, family = (answer for words, answer in answers if words[1:3] == ["account", "show"])

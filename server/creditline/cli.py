@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from creditline import settings as settings_module
 from creditline.errors import PlanError
 from creditline.observability.logging_setup import configure_logging
+from creditline.store.contract import IdentityKind
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -186,6 +187,7 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
     for name in ("show", "bar", "unbar"):
         account_commands.add_parser(name).add_argument("account_id")
 
+    _identity_parsers(commands)
     plans = commands.add_parser("plans", help="the server's catalogue: its price plans "
                                 "and offers")
     _add_connection_flags(plans)
@@ -205,6 +207,38 @@ def _client_parsers(commands: argparse._SubParsersAction) -> None:  # type: igno
         cc.add_argument("--rating-group", type=int, required=True)
         _add_unit_flags(cc, "requested")
         _add_unit_flags(cc, "used")
+
+
+def _identity_parsers(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    identity = commands.add_parser(
+        "identity", help="the subscriber identity table: which account a network identity "
+        "(Diameter Subscription-Id: its type and data) names")
+    _add_connection_flags(identity)
+    identity_commands = identity.add_subparsers(dest="identity_command", required=True)
+    bind = identity_commands.add_parser("set", help="bind an identity to an account")
+    remove = identity_commands.add_parser("remove", help="unbind an identity")
+    show = identity_commands.add_parser("show", help="the account an identity is bound to")
+    for parser in (bind, remove, show):
+        parser.add_argument("kind", choices=[kind.value for kind in IdentityKind])
+        parser.add_argument("data", help="e.g. an MSISDN 491701234567, an IMSI")
+    bind.add_argument("account_id")
+    bind.add_argument("--replace", action="store_true",
+                      help="rebind an identity bound to another account")
+
+
+async def _identity_command(args: argparse.Namespace) -> admin_pb.SubscriberIdentity:
+    # (the Admin API's names: END_USER_ and the kind's; tests/test_identities.py holds them)
+    identity_type = admin_pb.IdentityType.Value(f"END_USER_{IdentityKind(args.kind).name}")
+    async with _channel(args) as channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        if args.identity_command == "set":
+            return await admin.SetSubscriberIdentity(admin_pb.SetSubscriberIdentityRequest(
+                type=identity_type, data=args.data, account_id=args.account_id,
+                replace=args.replace))
+        request = admin_pb.SubscriberIdentityRequest(type=identity_type, data=args.data)
+        if args.identity_command == "remove":
+            return await admin.RemoveSubscriberIdentity(request)
+        return await admin.GetSubscriberIdentity(request)
 
 
 async def _account_command(args: argparse.Namespace) -> admin_pb.Account:
@@ -331,6 +365,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return 0 if answer.status == health_pb2.HealthCheckResponse.SERVING else 1
         if args.command == "account":
             _print(asyncio.run(_account_command(args)))
+        elif args.command == "identity":
+            _print(asyncio.run(_identity_command(args)))
         elif args.command == "plans":
             _print(asyncio.run(_plans_command(args)))
         else:

@@ -19,19 +19,29 @@ from creditline.charging.subscriptions import allowance_args, first_period
 from creditline.errors import StoreUnavailableError
 from creditline.settings import Settings
 from creditline.store.contract import (
+    ADMIN_IDENTITY_TYPE_OFFSET,
     GROUP_SEPARATOR,
     MAX_SAFE_INTEGER,
     NEXT_PLAN_FIELD,
     NEXT_PLAN_FROM_FIELD,
     PLAN_FIELD,
+    SUBSCRIPTION_ID_TYPES,
     EventAction,
+    IdentityKind,
     RequestKind,
     group_of,
+    identity_data_problem,
     parse_subscription,
     plan_in_force,
     plan_to_retry,
 )
-from creditline.store.store import MAX_BUCKETS_PER_ACCOUNT, AccountSnapshot, Store, parse_bucket
+from creditline.store.store import (
+    MAX_BUCKETS_PER_ACCOUNT,
+    AccountSnapshot,
+    IdentityOutcome,
+    Store,
+    parse_bucket,
+)
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
@@ -580,6 +590,58 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                                    "1" if request.immediately else "0",
                                    facts={"offer_id": request.offer_id})
 
+    async def _identity_kind(self, type_number: int, data: str, context: Context
+                             ) -> IdentityKind:
+        """The table's kind of the request's identity type; refuses data it cannot hold."""
+        kind = _IDENTITY_KINDS.get(type_number)
+        if kind is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "type: missing or unknown "
+                                "(END_USER_E164, _IMSI, _SIP_URI, _NAI or _PRIVATE)")
+            raise AssertionError("abort raises")
+        problem = identity_data_problem(kind, data)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"data: {problem}")
+        return kind
+
+    async def SetSubscriberIdentity(self, request: admin_pb.SetSubscriberIdentityRequest,
+                                    context: Context) -> admin_pb.SubscriberIdentity:
+        kind = await self._identity_kind(request.type, request.data, context)
+        await self._check_account_id(request.account_id, context)
+        binding = await self._run(context, lambda: self._store.set_identity(
+            kind, request.data, request.account_id, replace=request.replace))
+        if binding.outcome is IdentityOutcome.UNKNOWN_ACCOUNT:
+            code, message = _ADMIN_REFUSALS["UNKNOWN"]
+            await context.abort(code, message.format(account_id=request.account_id))
+        if binding.outcome is IdentityOutcome.TAKEN:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, (
+                f"data: {_identity_name(request)} is bound to account {binding.previous!r}; "
+                "nothing changed (replace rebinds it)"))
+        return admin_pb.SubscriberIdentity(type=request.type, data=request.data,
+                                           account_id=request.account_id)
+
+    async def RemoveSubscriberIdentity(self, request: admin_pb.SubscriberIdentityRequest,
+                                       context: Context) -> admin_pb.SubscriberIdentity:
+        return await self._bound_identity(request, self._store.remove_identity, context)
+
+    async def GetSubscriberIdentity(self, request: admin_pb.SubscriberIdentityRequest,
+                                    context: Context) -> admin_pb.SubscriberIdentity:
+        return await self._bound_identity(request, self._store.identity_account, context)
+
+    async def _bound_identity(
+            self, request: admin_pb.SubscriberIdentityRequest,
+            account_of: Callable[[IdentityKind, str], Awaitable[str | None]],
+            context: Context) -> admin_pb.SubscriberIdentity:
+        """The identity's binding as account_of (a read, or the removal) answers it;
+        NOT_FOUND when it had none."""
+        kind = await self._identity_kind(request.type, request.data, context)
+        account_id = await self._run(context, lambda: account_of(kind, request.data))
+        if account_id is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"data: {_identity_name(request)} is bound to no account")
+            raise AssertionError("abort raises")
+        return admin_pb.SubscriberIdentity(type=request.type, data=request.data,
+                                           account_id=account_id)
+
     async def ListPlans(self, request: admin_pb.ListPlansRequest,
                         context: Context) -> admin_pb.ListPlansResponse:
         catalogue = self._catalogue
@@ -591,6 +653,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             default_plan_id=catalogue.default_plan_id,
             catalogue_version=catalogue.version,
             offers=[_offer_message(offer) for offer in catalogue.offers.values()])
+
+
+# The Admin API's IdentityType numbers -> the identity table's kinds (RFC 4006's
+# Subscription-Id-Type numbers shifted by the offset: protobuf keeps 0 unspecified).
+_IDENTITY_KINDS = {number + ADMIN_IDENTITY_TYPE_OFFSET: kind
+                   for number, kind in SUBSCRIPTION_ID_TYPES.items()}
+
+
+def _identity_name(request: admin_pb.SubscriberIdentityRequest
+                   | admin_pb.SetSubscriberIdentityRequest) -> str:
+    """The identity as a refusal names it: "END_USER_E164 '491701234567'"."""
+    return f"{admin_pb.IdentityType.Name(request.type)} {request.data!r}"
 
 
 # The longest reason an adjustment may give (it is kept in the CDR and the notification).

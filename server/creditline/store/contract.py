@@ -326,3 +326,47 @@ def plan_in_force(plan: str | None, next_plan: str | None, next_plan_from_ms: st
     if next_plan and next_plan_from_ms is not None and now_ms >= int(next_plan_from_ms):
         return next_plan
     return plan or default_plan
+
+
+class IdentityKind(enum.StrEnum):
+    """A subscriber identity's type (RFC 4006 §8.47 Subscription-Id-Type), by the word the
+    identity table's keys name it with (store.identity_key)."""
+
+    E164 = "e164"          # an MSISDN: END_USER_E164
+    IMSI = "imsi"          # END_USER_IMSI
+    SIP_URI = "sip_uri"    # END_USER_SIP_URI
+    NAI = "nai"            # END_USER_NAI (RFC 7542)
+    PRIVATE = "private"    # END_USER_PRIVATE: the operator's own
+
+
+# RFC 4006's Subscription-Id-Type numbers (what a Diameter gateway sends) -> kind.
+SUBSCRIPTION_ID_TYPES = {0: IdentityKind.E164, 1: IdentityKind.IMSI, 2: IdentityKind.SIP_URI,
+                         3: IdentityKind.NAI, 4: IdentityKind.PRIVATE}
+# The Admin API's IdentityType numbers are RFC 4006's plus this: protobuf keeps 0 for
+# IDENTITY_TYPE_UNSPECIFIED, so END_USER_E164 is 1 there, 0 on the wire of Gy.
+ADMIN_IDENTITY_TYPE_OFFSET = 1
+
+# What Subscription-Id-Data may be: it becomes the last part of a Redis key (after the hash
+# tag, so any character is safe there), and these limits keep it a sane identity.
+MAX_IDENTITY_DATA_BYTES = 128
+# E.164 numbers are digits only, at most 15 (ITU-T E.164 §6); IMSIs 6 to 15 digits
+# (3GPP TS 23.003 §2.2: MCC 3 + MNC 2..3 + MSIN, 15 at most; 6 admits test networks' short
+# ones)
+MIN_E164_DIGITS, MAX_E164_DIGITS = 1, 15
+MIN_IMSI_DIGITS, MAX_IMSI_DIGITS = 6, 15
+_DIGITS = frozenset("0123456789")
+_DIGIT_COUNTS = {IdentityKind.E164: (MIN_E164_DIGITS, MAX_E164_DIGITS),
+                 IdentityKind.IMSI: (MIN_IMSI_DIGITS, MAX_IMSI_DIGITS)}
+
+
+def identity_data_problem(kind: IdentityKind, data: str) -> str | None:
+    """Why `data` cannot be an identity of this kind (the reason, without the field's
+    name), or None."""
+    if not 1 <= len(data.encode()) <= MAX_IDENTITY_DATA_BYTES:
+        return f"1..{MAX_IDENTITY_DATA_BYTES} bytes (UTF-8)"
+    if not data.isprintable() or any(char.isspace() for char in data):
+        return "printable characters only, no whitespace"
+    digits = _DIGIT_COUNTS.get(kind)
+    if digits is not None and not (set(data) <= _DIGITS and digits[0] <= len(data) <= digits[1]):
+        return f"a {kind.name} identity is {digits[0]}..{digits[1]} digits (0-9) only"
+    return None

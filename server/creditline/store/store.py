@@ -8,13 +8,14 @@ Transport (store/transport.py) loads either when Redis does not know it (e.g. af
 restart) and runs it again.
 
 Key names are injective (README "Redis layout"): an account id goes in with its byte
-length before it and a session id only last, so no id of one kind can spell a key of
-another, whatever characters it holds; and the hash tag comes before any id, so braces in
-an id cannot move a key to another slot.
+length before it, and a session id or a subscriber identity's data only last, so no id of
+one kind can spell a key of another, whatever characters it holds; and the hash tag comes
+before any id, so braces in an id cannot move a key to another slot.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import zlib
@@ -41,8 +42,10 @@ from creditline.store.contract import (
     ChargeArgs,
     ChargeKeys,
     EventAction,
+    IdentityKind,
     RequestKind,
     group_of,
+    identity_data_problem,
 )
 from creditline.store.fastredis import ReplyError
 
@@ -136,6 +139,14 @@ def claim_key(session_id: str, partitions: int) -> str:
     """Which account holds a session id open: in the id's own partition, because the
     accounts that could claim it are anywhere."""
     return f"{partition_tag(partition_of(session_id, partitions))}:sid:{session_id}"
+
+
+def identity_key(kind: IdentityKind, data: str, partitions: int) -> str:
+    """The account a subscriber identity (Subscription-Id) names: in the identity's own
+    partition, because its account may be anywhere. Injective: "ident" is no other key's
+    word after the hash tag, the kind is a word without ':', and the data comes last."""
+    partition = partition_of(f"{kind.value}:{data}", partitions)
+    return f"{partition_tag(partition)}:ident:{kind.value}:{data}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +388,23 @@ class AdminResult:
     account: AccountSnapshot | None
 
 
+class IdentityOutcome(enum.StrEnum):
+    """What Store.set_identity did (identity.lua's answer, and the account check before)."""
+
+    SET = "SET"                  # bound to the account asked for
+    TAKEN = "TAKEN"              # bound to another account: nothing changed
+    UNKNOWN_ACCOUNT = "UNKNOWN"  # no such account: nothing changed
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityBinding:
+    """Store.set_identity's answer: the outcome, and the account the identity was bound to
+    before (SET; None: unbound) or stays bound to (TAKEN)."""
+
+    outcome: IdentityOutcome
+    previous: str | None
+
+
 def _pairs(flat: list[Any]) -> dict[str, str]:
     return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
 
@@ -419,6 +447,7 @@ class Store:
         self._instrument = instrument
         self._admin = _Named(admin_script_source())
         self._claim = _Named(_script_source("claim.lua"))
+        self._identity = _Named(_script_source("identity.lua"))
         self._spike_factor = str(config.spike_factor)  # (formatted once)
         self._meta = _Named(_META_SCRIPT)
         # Claims: on one Redis server charge.lua takes and gives back a session id's claim
@@ -673,3 +702,39 @@ class Store:
             open_sessions=int(raw[4]), subscriptions=_pairs(raw[5]), group=_pairs(raw[6]),
             members=[text(m) for m in raw[7]],
         ))
+
+    async def identity_account(self, kind: IdentityKind, data: str) -> str | None:
+        """The account a subscriber identity is bound to, or None: one GET."""
+        return await self._identity_command(kind, data, "GET")
+
+    async def remove_identity(self, kind: IdentityKind, data: str) -> str | None:
+        """Unbinds the identity: the account it was bound to, or None (it was not)."""
+        return await self._identity_command(kind, data, "GETDEL")
+
+    async def _identity_command(self, kind: IdentityKind, data: str, command: str
+                                ) -> str | None:
+        """GET or GETDEL of the identity's key: its account, or None. Data no identity may
+        hold (a gateway's malformed one) is bound to none: no call to Redis."""
+        if identity_data_problem(kind, data):
+            return None
+        key = identity_key(kind, data, self.config.partitions)
+        account_id = await self._transport.command(key, command, key)
+        return None if account_id is None else text(account_id)
+
+    async def set_identity(self, kind: IdentityKind, data: str, account_id: str, *,
+                           replace: bool = False) -> IdentityBinding:
+        """Binds the identity to the account, which must exist; an identity bound to
+        another account stays so unless `replace` (identity.lua: read and write in one
+        step). ValueError for data no identity may hold (contract.identity_data_problem).
+        The account's existence is read before the script, apart (on a cluster the two
+        keys are in two slots): no race, because accounts are never deleted."""
+        problem = identity_data_problem(kind, data)
+        if problem:
+            raise ValueError(f"identity data {data!r}: {problem}")
+        account_key = self.keys(account_id).account
+        if not await self._transport.command(account_key, "EXISTS", account_key):
+            return IdentityBinding(IdentityOutcome.UNKNOWN_ACCOUNT, None)
+        outcome, previous = await self._script_call(
+            self._identity, "identity.lua", [identity_key(kind, data, self.config.partitions)],
+            [account_id, "1" if replace else "0"])
+        return IdentityBinding(IdentityOutcome(text(outcome)), text(previous) or None)

@@ -63,6 +63,37 @@ SERVICE_SPECIFIC: UnitKind.ValueType  # 3
 """messages, API calls..."""
 Global___UnitKind: _TypeAlias = UnitKind  # noqa: Y015
 
+class _IdentityType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IdentityTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IdentityType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IDENTITY_TYPE_UNSPECIFIED: _IdentityType.ValueType  # 0
+    END_USER_E164: _IdentityType.ValueType  # 1
+    """an MSISDN: 1..15 digits"""
+    END_USER_IMSI: _IdentityType.ValueType  # 2
+    """6..15 digits"""
+    END_USER_SIP_URI: _IdentityType.ValueType  # 3
+    END_USER_NAI: _IdentityType.ValueType  # 4
+    END_USER_PRIVATE: _IdentityType.ValueType  # 5
+
+class IdentityType(_IdentityType, metaclass=_IdentityTypeEnumTypeWrapper):
+    """RFC 4006 §8.47 Subscription-Id-Type, each number one more than RFC 4006's (protobuf's 0
+    is unspecified): END_USER_E164 (RFC 0) = 1 ... END_USER_PRIVATE (RFC 4) = 5
+    (creditline.store.contract SUBSCRIPTION_ID_TYPES, ADMIN_IDENTITY_TYPE_OFFSET).
+    """
+
+IDENTITY_TYPE_UNSPECIFIED: IdentityType.ValueType  # 0
+END_USER_E164: IdentityType.ValueType  # 1
+"""an MSISDN: 1..15 digits"""
+END_USER_IMSI: IdentityType.ValueType  # 2
+"""6..15 digits"""
+END_USER_SIP_URI: IdentityType.ValueType  # 3
+END_USER_NAI: IdentityType.ValueType  # 4
+END_USER_PRIVATE: IdentityType.ValueType  # 5
+Global___IdentityType: _TypeAlias = IdentityType  # noqa: Y015
+
 @_typing.final
 class Bucket(_message.Message):
     """Units of one kind held for one rating group, used before money."""
@@ -775,3 +806,80 @@ class AdjustBalanceRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AdjustBalanceRequest: _TypeAlias = AdjustBalanceRequest  # noqa: Y015
+
+@_typing.final
+class SubscriberIdentity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    type: Global___IdentityType.ValueType
+    data: _builtins.str
+    """Subscription-Id-Data: 1..128 bytes, printable, no whitespace (E164 and IMSI: digits)"""
+    account_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: Global___IdentityType.ValueType = ...,
+        data: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "data", b"data", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriberIdentity: _TypeAlias = SubscriberIdentity  # noqa: Y015
+
+@_typing.final
+class SetSubscriberIdentityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REPLACE_FIELD_NUMBER: _builtins.int
+    type: Global___IdentityType.ValueType
+    data: _builtins.str
+    account_id: _builtins.str
+    replace: _builtins.bool
+    """Rebind an identity bound to another account (else ALREADY_EXISTS, nothing changed)."""
+    def __init__(
+        self,
+        *,
+        type: Global___IdentityType.ValueType = ...,
+        data: _builtins.str = ...,
+        account_id: _builtins.str = ...,
+        replace: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "data", b"data", "replace", b"replace", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSubscriberIdentityRequest: _TypeAlias = SetSubscriberIdentityRequest  # noqa: Y015
+
+@_typing.final
+class SubscriberIdentityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    type: Global___IdentityType.ValueType
+    data: _builtins.str
+    def __init__(
+        self,
+        *,
+        type: Global___IdentityType.ValueType = ...,
+        data: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscriberIdentityRequest: _TypeAlias = SubscriberIdentityRequest  # noqa: Y015

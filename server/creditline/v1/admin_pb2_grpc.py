@@ -94,6 +94,21 @@ class AdminStub:
                 request_serializer=creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.SerializeToString,
                 response_deserializer=creditline_dot_v1_dot_admin__pb2.Account.FromString,
                 _registered_method=True)
+        self.SetSubscriberIdentity = channel.unary_unary(
+                '/creditline.v1.Admin/SetSubscriberIdentity',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.SetSubscriberIdentityRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
+                _registered_method=True)
+        self.RemoveSubscriberIdentity = channel.unary_unary(
+                '/creditline.v1.Admin/RemoveSubscriberIdentity',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
+                _registered_method=True)
+        self.GetSubscriberIdentity = channel.unary_unary(
+                '/creditline.v1.Admin/GetSubscriberIdentity',
+                request_serializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.SerializeToString,
+                response_deserializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -200,6 +215,31 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSubscriberIdentity(self, request, context):
+        """The subscriber identity table: which account a network identity (Diameter Gy's
+        Subscription-Id, RFC 4006 §8.46) names. Binds the identity to an existing account
+        (NOT_FOUND: no such account); an identity bound to another account is refused
+        (ALREADY_EXISTS, naming it) unless replace. Binding it to its account again changes
+        nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveSubscriberIdentity(self, request, context):
+        """Unbinds the identity; answers the binding it removed (NOT_FOUND: it was not bound).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSubscriberIdentity(self, request, context):
+        """The account the identity is bound to (NOT_FOUND: none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -262,6 +302,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetMemberLimit,
                     request_deserializer=creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.FromString,
                     response_serializer=creditline_dot_v1_dot_admin__pb2.Account.SerializeToString,
+            ),
+            'SetSubscriberIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSubscriberIdentity,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.SetSubscriberIdentityRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.SerializeToString,
+            ),
+            'RemoveSubscriberIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveSubscriberIdentity,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.SerializeToString,
+            ),
+            'GetSubscriberIdentity': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSubscriberIdentity,
+                    request_deserializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.FromString,
+                    response_serializer=creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -588,6 +643,87 @@ class Admin:
             '/creditline.v1.Admin/SetMemberLimit',
             creditline_dot_v1_dot_admin__pb2.SetMemberLimitRequest.SerializeToString,
             creditline_dot_v1_dot_admin__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSubscriberIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/SetSubscriberIdentity',
+            creditline_dot_v1_dot_admin__pb2.SetSubscriberIdentityRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveSubscriberIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/RemoveSubscriberIdentity',
+            creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSubscriberIdentity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/creditline.v1.Admin/GetSubscriberIdentity',
+            creditline_dot_v1_dot_admin__pb2.SubscriberIdentityRequest.SerializeToString,
+            creditline_dot_v1_dot_admin__pb2.SubscriberIdentity.FromString,
             options,
             channel_credentials,
             insecure,

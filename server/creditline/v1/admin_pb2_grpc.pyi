@@ -80,6 +80,17 @@ class AdminStub:
     Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
     is no member.
     """
+    SetSubscriberIdentity: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetSubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]
+    """The subscriber identity table: which account a network identity (Diameter Gy's
+    Subscription-Id, RFC 4006 §8.46) names. Binds the identity to an existing account
+    (NOT_FOUND: no such account); an identity bound to another account is refused
+    (ALREADY_EXISTS, naming it) unless replace. Binding it to its account again changes
+    nothing.
+    """
+    RemoveSubscriberIdentity: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]
+    """Unbinds the identity; answers the binding it removed (NOT_FOUND: it was not bound)."""
+    GetSubscriberIdentity: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]
+    """The account the identity is bound to (NOT_FOUND: none)."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -131,6 +142,17 @@ class AdminAsyncStub(AdminStub):
     Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
     is no member.
     """
+    SetSubscriberIdentity: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetSubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]  # type: ignore[assignment]
+    """The subscriber identity table: which account a network identity (Diameter Gy's
+    Subscription-Id, RFC 4006 §8.46) names. Binds the identity to an existing account
+    (NOT_FOUND: no such account); an identity bound to another account is refused
+    (ALREADY_EXISTS, naming it) unless replace. Binding it to its account again changes
+    nothing.
+    """
+    RemoveSubscriberIdentity: _aio.UnaryUnaryMultiCallable[_admin_pb2.SubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]  # type: ignore[assignment]
+    """Unbinds the identity; answers the binding it removed (NOT_FOUND: it was not bound)."""
+    GetSubscriberIdentity: _aio.UnaryUnaryMultiCallable[_admin_pb2.SubscriberIdentityRequest, _admin_pb2.SubscriberIdentity]  # type: ignore[assignment]
+    """The account the identity is bound to (NOT_FOUND: none)."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -251,5 +273,34 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         Its open sessions are asked to re-authorise. FAILED_PRECONDITION for an account that
         is no member.
         """
+
+    @_abc_1.abstractmethod
+    def SetSubscriberIdentity(
+        self,
+        request: _admin_pb2.SetSubscriberIdentityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SubscriberIdentity, _abc.Awaitable[_admin_pb2.SubscriberIdentity]]:
+        """The subscriber identity table: which account a network identity (Diameter Gy's
+        Subscription-Id, RFC 4006 §8.46) names. Binds the identity to an existing account
+        (NOT_FOUND: no such account); an identity bound to another account is refused
+        (ALREADY_EXISTS, naming it) unless replace. Binding it to its account again changes
+        nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveSubscriberIdentity(
+        self,
+        request: _admin_pb2.SubscriberIdentityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SubscriberIdentity, _abc.Awaitable[_admin_pb2.SubscriberIdentity]]:
+        """Unbinds the identity; answers the binding it removed (NOT_FOUND: it was not bound)."""
+
+    @_abc_1.abstractmethod
+    def GetSubscriberIdentity(
+        self,
+        request: _admin_pb2.SubscriberIdentityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SubscriberIdentity, _abc.Awaitable[_admin_pb2.SubscriberIdentity]]:
+        """The account the identity is bound to (NOT_FOUND: none)."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
