@@ -2,7 +2,10 @@
 """The Diameter wire format, compiled: the twin of
 server/creditline/native/diameter_codec_py.py (its docstring says what each function does;
 tests/test_diameter_codec.py holds the two equal). The constants and CodecError are the
-twin's."""
+twin's.
+
+Its C arguments refuse (OverflowError) what does not fit 32 bits; the checks below refuse
+flags of more than 8 bits and a command code of more than 24, as the twin does."""
 
 from creditline.native.diameter_codec_py import (
     AVP_FLAGS_RESERVED, AVP_HEADER_BYTES, AVP_MANDATORY, AVP_PROTECTED, AVP_VENDOR,
@@ -63,12 +66,18 @@ def decode_header(bytes message):
     return (length, flags, word1 & 0xFFFFFF, _u32(p + 8), _u32(p + 12), _u32(p + 16))
 
 
-def decode_avps(bytes data, Py_ssize_t start=0, Py_ssize_t end=-1):
+def decode_avps(bytes data, start=0, end=-1):
+    # (start and end checked as Python ints: one too large for a C ssize_t is out of range
+    # as any other, a ValueError as in the twin, not an OverflowError)
     cdef Py_ssize_t size = len(data)
     if end < 0:
         end = size
     if start < 0 or start > end or end > size:
         raise ValueError(f"decode_avps: {start}..{end} is not within {size} bytes")
+    return _decode_avps(data, start, end)
+
+
+cdef list _decode_avps(bytes data, Py_ssize_t start, Py_ssize_t end):
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(data)
     cdef list avps = []
     cdef Py_ssize_t offset = start, header_bytes, length
@@ -96,6 +105,8 @@ def decode_avps(bytes data, Py_ssize_t start=0, Py_ssize_t end=-1):
 
 
 def encode_avp(unsigned int code, unsigned int flags, unsigned int vendor_id, bytes data):
+    if flags > 0xFF:
+        raise OverflowError(f"AVP flags {flags} does not fit in 8 bits")
     cdef Py_ssize_t size = len(data)
     cdef Py_ssize_t head = _AVP_HEADER_BYTES + (_VENDOR_ID_BYTES if vendor_id else 0)
     cdef Py_ssize_t length = head + size
@@ -119,6 +130,10 @@ def encode_avp(unsigned int code, unsigned int flags, unsigned int vendor_id, by
 
 def encode_message(unsigned int flags, unsigned int command_code, unsigned int application_id,
                    unsigned int hop_by_hop, unsigned int end_to_end, bytes avps):
+    if flags > 0xFF:
+        raise OverflowError(f"command flags {flags} does not fit in 8 bits")
+    if command_code > MAX_LENGTH:
+        raise OverflowError(f"command code {command_code} does not fit in 24 bits")
     cdef Py_ssize_t length = _HEADER_BYTES + len(avps)
     if length > MAX_LENGTH:
         raise CodecError(INVALID_MESSAGE_LENGTH, f"{length} bytes, more than a length holds")

@@ -10,6 +10,10 @@ code the answer carries and, for an AVP, the AVP's bytes for its Failed-AVP.
 
 An AVP is decoded as the tuple (code, flags, vendor id (0: none), data): a grouped AVP's
 data is decoded again by the caller (decode_avps on it), which bounds the nesting.
+
+Encoding refuses (OverflowError, as the compiled twin's C arguments do) a field that does
+not fit its place: flags of more than 8 bits, a command code of more than 24, any other
+id or code of more than 32; packed as they come, they would run into the next field.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class CodecError(ValueError):
         super().__init__(message)
         self.result_code = result_code
         self.failed_avp = failed_avp
+
+
+def _fits(value: int, bits: int, name: str) -> None:
+    if not 0 <= value < 1 << bits:
+        raise OverflowError(f"{name} {value} does not fit in {bits} bits")
 
 
 def message_length(prefix: bytes) -> int:
@@ -115,6 +124,9 @@ def decode_avps(data: bytes, start: int = 0, end: int = -1) -> list[Avp]:
 
 def encode_avp(code: int, flags: int, vendor_id: int, data: bytes) -> bytes:
     """One AVP with its padding (the V flag set when vendor_id is not 0)."""
+    _fits(code, 32, "AVP code")
+    _fits(flags, 8, "AVP flags")
+    _fits(vendor_id, 32, "vendor id")
     if vendor_id:
         flags |= AVP_VENDOR
         length = AVP_HEADER_BYTES + VENDOR_ID_BYTES + len(data)
@@ -132,6 +144,11 @@ def encode_avp(code: int, flags: int, vendor_id: int, data: bytes) -> bytes:
 def encode_message(flags: int, command_code: int, application_id: int, hop_by_hop: int,
                    end_to_end: int, avps: bytes) -> bytes:
     """A message of these AVPs (encoded, padded)."""
+    _fits(flags, 8, "command flags")
+    _fits(command_code, 24, "command code")
+    for name, value in (("application id", application_id), ("hop-by-hop id", hop_by_hop),
+                        ("end-to-end id", end_to_end)):
+        _fits(value, 32, name)
     length = HEADER_BYTES + len(avps)
     if length > MAX_LENGTH:
         raise CodecError(INVALID_MESSAGE_LENGTH, f"{length} bytes, more than a length holds")
