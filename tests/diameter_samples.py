@@ -19,8 +19,8 @@ from creditline.diameter.dictionary import (
     AvpType,
     Command,
 )
-from creditline.diameter.dictionary import Avp as A  # noqa: N817 (a tree reads better short)
-from creditline.diameter.dictionary import Avp3gpp as G
+from creditline.diameter.dictionary import AvpCode as A
+from creditline.diameter.dictionary import AvpCode3gpp as G
 
 Value = int | str | list["Node"]
 Node = tuple[int, int, Value]

@@ -72,7 +72,7 @@ async def test_a_session_with_two_rating_groups_is_charged_as_over_grpc(
         backend: Backend, backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         account_id, msisdn = await subscriber(admin, backend_books, 1_000_000)
-        with gateway(_port(running)) as gw:
+        async with gateway(_port(running)) as gw:
             sid = gw.session_id()
             cca = await gw.send(gw.ccr(sid, INITIAL, 0, msisdn,
                                        mscc(RG_VOICE, {"cc_time": 30}),
@@ -99,7 +99,7 @@ async def test_exhaustion_gives_final_units_then_4012(backend: Backend,
                                                       backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         account_id, msisdn = await subscriber(admin, backend_books, 100_000)
-        with gateway(_port(running)) as gw:
+        async with gateway(_port(running)) as gw:
             sid = gw.session_id()
             cca = await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 60})))
             voice = _block(cca, RG_VOICE)
@@ -118,7 +118,7 @@ async def test_a_retransmission_gets_the_stored_answer_and_is_charged_once(
         backend: Backend, backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         account_id, msisdn = await subscriber(admin, backend_books, 1_000_000)
-        with gateway(_port(running)) as gw:
+        async with gateway(_port(running)) as gw:
             sid = gw.session_id()
             await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 30})))
             first = await gw.send(gw.ccr(sid, UPDATE, 1, msisdn,
@@ -139,7 +139,7 @@ async def test_unknown_sessions_and_subscribers_are_refused(backend: Backend,
                                                             backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         _, msisdn = await subscriber(admin, backend_books, 1_000_000)
-        with gateway(_port(running)) as gw:
+        async with gateway(_port(running)) as gw:
             cca = await gw.send(gw.ccr(gw.session_id(), UPDATE, 1, msisdn,
                                        mscc(RG_VOICE, {"cc_time": 30}, {"cc_time": 30})))
             assert cca.result_code == 5002
@@ -156,7 +156,7 @@ async def test_events_debit_check_price_and_refund(backend: Backend,
                                                    backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         account_id, msisdn = await subscriber(admin, backend_books, 1_000_000)
-        with gateway(_port(running)) as gw:
+        async with gateway(_port(running)) as gw:
             price = await gw.send(gw.ccr(gw.session_id(), EVENT, 0, msisdn,
                                          mscc(RG_SMS, {"cc_service_specific_units": 3}),
                                          requested_action=3))
@@ -186,7 +186,7 @@ async def test_events_debit_check_price_and_refund(backend: Backend,
 async def test_two_gateways_share_the_listener(backend: Backend, backend_books: Books) -> None:
     async with diameter_server(backend) as (running, admin):
         _, msisdn = await subscriber(admin, backend_books, 1_000_000)
-        with gateway(_port(running), origin_host="gw1.test") as one, \
+        async with gateway(_port(running), origin_host="gw1.test") as one, \
                 gateway(_port(running), origin_host="gw2.test") as two:
             assert {p.origin_host for p in running.diameter.peers} == {"gw1.test", "gw2.test"} \
                 if running.diameter else False
