@@ -1,0 +1,214 @@
+"""The Diameter listener's protocol edges (RFC 6733), byte by byte (tests/diameter_raw.py):
+CER first or the connection closes, unknown peers and peers without credit control
+refused, watchdogs and disconnection answered, an unknown command and an unknown mandatory
+AVP answered with their errors (Failed-AVP naming the AVP), frames that cannot be read end
+their own connection and no other, and 10,000 fuzzed messages that never crash the
+listener, never touch another peer's connection and never charge anything. On one Redis:
+nothing here depends on where the money is."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from itertools import count
+from typing import Any
+
+import pytest
+from creditline.api.app import RunningServer
+from creditline.diameter import message as dm
+from creditline.diameter.codec import AVP_MANDATORY, FLAG_ERROR, CodecError
+from creditline.diameter.dictionary import AvpCode, Command
+from creditline.store.redis_process import RedisProcess
+from creditline.v1 import admin_pb2 as admin_pb
+from creditline.v1 import admin_pb2_grpc
+
+from tests.books import Books
+from tests.conftest import Backend
+from tests.diameter_raw import RawPeer, ccr_avps, result_code, sms_debit
+from tests.test_subscriptions import admin_of, serving
+
+SMS_EACH = 50_000
+_numbers = count()
+
+
+@pytest.fixture
+def one_redis(redis_process: RedisProcess) -> Backend:
+    return Backend(redis_process.url, cluster=False)
+
+
+@asynccontextmanager
+async def listener(backend: Backend, **settings: Any
+                   ) -> AsyncIterator[tuple[int, RunningServer, admin_pb2_grpc.AdminStub]]:
+    async with serving(backend, diameter_listen="127.0.0.1:0", **settings) as (running,), \
+            admin_of(running) as admin:
+        assert running.diameter is not None
+        yield running.diameter.port, running, admin
+
+
+async def _subscriber(admin: admin_pb2_grpc.AdminStub, books: Books, balance: int
+                      ) -> tuple[str, str]:
+    number = next(_numbers)
+    account_id = f"raw{os.getpid()}-{number}"
+    msisdn = f"4930{os.getpid() % 100_000:05d}{number:04d}"
+    await admin.CreateAccount(admin_pb.CreateAccountRequest(
+        account_id=account_id, initial_balance_micros=balance))
+    await admin.SetSubscriberIdentity(admin_pb.SetSubscriberIdentityRequest(
+        type=admin_pb.END_USER_E164, data=msisdn, account_id=account_id))
+    books.track(account_id)
+    return account_id, msisdn
+
+
+async def test_the_capabilities_exchange_comes_first_and_names_credit_control(
+        one_redis: Backend) -> None:
+    async with listener(one_redis) as (port, running, _):
+        early = await RawPeer.connect(port)
+        await early.send(early.request(Command.CREDIT_CONTROL, []))
+        assert await early.closed_by_server()
+        no_gy = await RawPeer.connect(port, "nogy.test")
+        cea = await no_gy.exchange(no_gy.cer(applications=(16777238,)))  # Gx only
+        assert result_code(cea) == 5010
+        assert await no_gy.closed_by_server()
+        peer = await RawPeer.connect(port)
+        cea = await peer.open()
+        assert result_code(cea) == 2001
+        assert dm.utf8(dm.required(cea.avps, AvpCode.ORIGIN_HOST)) == "creditline.localdomain"
+        assert dm.unsigned32(dm.required(cea.avps, AvpCode.AUTH_APPLICATION_ID)) == 4
+        dwa = await peer.exchange(peer.request(Command.DEVICE_WATCHDOG, peer.identity(), 0))
+        assert (dwa.command_code, dwa.is_request, result_code(dwa)) == (280, False, 2001)
+        unknown = await peer.exchange(peer.request(Command.RE_AUTH + 1000, peer.identity()))
+        assert (result_code(unknown), bool(unknown.flags & FLAG_ERROR)) == (3001, True)
+        dpa = await peer.exchange(peer.request(Command.DISCONNECT_PEER, [
+            *peer.identity(), dm.u32(AvpCode.DISCONNECT_CAUSE, 0)], 0))
+        assert result_code(dpa) == 2001
+        assert await peer.closed_by_server()
+        assert running.diameter is not None and running.diameter.peers == set()
+
+
+async def test_only_configured_peers_are_served(one_redis: Backend) -> None:
+    async with listener(one_redis, diameter_peers="gw.allowed@127.0.0.1,gw.elsewhere@10.9.9.9",
+                        diameter_peer_realms="raw") as (port, _, _):
+        for host, expected in (("gw.allowed", 2001), ("gw.elsewhere", 3010),
+                               ("gw.stranger", 3010)):
+            peer = await RawPeer.connect(port, host)
+            assert result_code(await peer.open()) == expected, host
+            await peer.close()
+
+
+async def test_an_unknown_mandatory_avp_is_refused_and_nothing_is_charged(
+        one_redis: Backend, books: Books) -> None:
+    async with listener(one_redis) as (port, _, admin):
+        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        peer = await RawPeer.connect(port)
+        await peer.open()
+        strange = (99_999, AVP_MANDATORY, 0, b"\x00\x00\x00\x07")
+        answer = await peer.exchange(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+            f"raw;{account_id};1", 4, 0, msisdn, sms_debit(2), strange)))
+        assert result_code(answer) == 5001
+        failed = dm.required(answer.avps, AvpCode.FAILED_AVP)
+        assert dm.grouped(failed) == [strange]
+        # the same without the M flag is passed over: charged
+        passed = await peer.exchange(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+            f"raw;{account_id};2", 4, 0, msisdn, sms_debit(2), (99_999, 0, 0, b"\0\0\0\7"))))
+        assert result_code(passed) == 2001
+        account = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+        assert account.balance_micros == 1_000_000 - 2 * SMS_EACH
+        await peer.close()
+    await books.assert_balanced()
+
+
+async def test_an_unreadable_frame_ends_its_connection_only(one_redis: Backend) -> None:
+    async with listener(one_redis) as (port, _, _):
+        bystander = await RawPeer.connect(port, "bystander.test")
+        await bystander.open()
+        for frame in (b"\x02" + b"\x00\x00\x14" + bytes(16),      # version 2
+                      b"\x01\x00\x00\x00" + bytes(16),             # length 0 (no spin)
+                      b"\x01\x00\x00\x15" + bytes(17),             # not a multiple of 4
+                      b"\x01\xff\xff\xfc" + bytes(16)):            # above max_message_bytes
+            peer = await RawPeer.connect(port)
+            await peer.open()
+            await peer.send(frame)
+            assert await peer.closed_by_server(), frame[:4]
+        dwa = await bystander.exchange(bystander.request(Command.DEVICE_WATCHDOG,
+                                                         bystander.identity(), 0))
+        assert result_code(dwa) == 2001
+        await bystander.close()
+
+
+async def test_a_malformed_avp_is_answered_with_it_and_the_connection_goes_on(
+        one_redis: Backend) -> None:
+    async with listener(one_redis) as (port, _, _):
+        peer = await RawPeer.connect(port)
+        await peer.open()
+        good = peer.request(Command.CREDIT_CONTROL, ccr_avps("raw;m;1", 4, 0, "4930", sms_debit(1)))
+        # the last AVP claims 4 bytes more than the message holds
+        broken = bytearray(good)
+        last = len(broken) - 12  # (the MSCC's Rating-Group: the message's last 12 bytes)
+        struct.pack_into(">I", broken, last + 4, struct.unpack_from(">I", broken, last + 4)[0] + 64)
+        answer = await peer.exchange(bytes(broken))
+        assert result_code(answer) == 5014
+        assert dm.find(answer.avps, AvpCode.FAILED_AVP) is not None
+        dwa = await peer.exchange(peer.request(Command.DEVICE_WATCHDOG, peer.identity(), 0))
+        assert result_code(dwa) == 2001
+        await peer.close()
+
+
+def _mutations(frame: bytes, rng: random.Random, header_too: bool) -> bytes:
+    """The frame with a few bytes changed: past the header (framing kept), or anywhere."""
+    mutated = bytearray(frame)
+    first = 0 if header_too else 20
+    for _ in range(rng.randint(1, 4)):
+        mutated[rng.randrange(first, len(mutated))] = rng.randrange(256)
+    return bytes(mutated)
+
+
+def _malformed(frame: bytes) -> bool:
+    """What the server must refuse: a frame our codec cannot decode, or whose AVPs (the
+    mandatory check, the grouped AVPs it reads) cannot be read."""
+    try:
+        message = dm.decode_message(frame)
+        dm.check_mandatory(message.avps)
+    except (CodecError, dm.AvpError):
+        return True
+    return False
+
+
+async def test_ten_thousand_fuzzed_messages_never_crash_or_charge(
+        one_redis: Backend, books: Books) -> None:
+    rng = random.Random(20261207)
+    async with listener(one_redis) as (port, running, admin):
+        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        bystander = await RawPeer.connect(port, "bystander.test")
+        await bystander.open()
+        peer = await RawPeer.connect(port)
+        await peer.open()
+        sent = 0
+        while sent < 9_500:  # framing kept: one connection, every one answered
+            frame = _mutations(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+                f"fuzz;{sent}", 4, 0, msisdn, sms_debit(1))), rng, header_too=False)
+            if not _malformed(frame):
+                continue
+            answer = await peer.exchange(frame)
+            assert result_code(answer) != 2001
+            sent += 1
+        while sent < 10_000:  # anywhere, the header too: a connection each
+            frame = _mutations(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+                f"fuzz;{sent}", 4, 0, msisdn, sms_debit(1))), rng, header_too=True)
+            if not _malformed(frame):
+                continue
+            one = await RawPeer.connect(port)
+            await one.open()
+            await one.send(frame)
+            await one.close()
+            sent += 1
+        await peer.close()
+        dwa = await bystander.exchange(bystander.request(Command.DEVICE_WATCHDOG,
+                                                         bystander.identity(), 0))
+        assert result_code(dwa) == 2001
+        account = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+        assert (account.balance_micros, account.charged_micros) == (1_000_000, 0)
+        await bystander.close()
+        assert running.diameter is not None
+    await books.assert_balanced()
