@@ -44,7 +44,9 @@ class Gateway:
         self.app = SimpleThreadingApplication(
             APP_DIAMETER_CREDIT_CONTROL_APPLICATION, is_auth_application=True,
             request_handler=self._on_request)
-        self.node.add_application(self.app, [peer])
+        # (python-diameter routes a request it receives by its Destination-Realm, which for
+        # the server's RAR and ASR is the gateway's own realm)
+        self.node.add_application(self.app, [peer], realms=[realm])
 
     def _on_request(self, app: SimpleThreadingApplication, request: Any) -> Any:
         self.requests.put(request)

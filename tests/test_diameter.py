@@ -9,6 +9,7 @@ tests/diameter_raw.py; the other peers' connections are checked unaffected."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -199,4 +200,57 @@ async def test_two_gateways_share_the_listener(backend: Backend, backend_books: 
     await backend_books.assert_balanced()
 
 
-__all__ = ["Gateway", "diameter_server", "subscriber"]
+async def _pushed(gw: Gateway) -> Any:
+    """The next request the server pushed to the gateway (RAR, ASR)."""
+    return await asyncio.to_thread(gw.requests.get, True, 10)
+
+
+async def test_a_top_up_pushes_a_rar_and_the_gateway_asks_again(
+        backend: Backend, backend_books: Books) -> None:
+    async with diameter_server(backend) as (running, admin):
+        account_id, msisdn = await subscriber(admin, backend_books, 100_000)
+        async with gateway(_port(running)) as gw:
+            sid = gw.session_id()
+            cca = await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 60})))
+            assert _block(cca, RG_VOICE).final_unit_indication is not None
+            await admin.TopUp(admin_pb.TopUpRequest(account_id=account_id,
+                                                    amount_micros=500_000, top_up_id=sid))
+            rar = await _pushed(gw)
+            assert (rar.header.command_code, rar.session_id, rar.re_auth_request_type) == (
+                258, sid, 0)
+            assert rar.auth_application_id == 4
+            assert gw.requests.empty()  # (one RAR for the session)
+            cca = await gw.send(gw.ccr(sid, UPDATE, 1, msisdn,
+                                       mscc(RG_VOICE, {"cc_time": 60}, {"cc_time": 10})))
+            assert _block(cca, RG_VOICE).granted_service_unit.cc_time == 50
+            await gw.send(gw.ccr(sid, TERMINATION, 2, msisdn,
+                                 mscc(RG_VOICE, used={"cc_time": 50})))
+        assert await _balance(admin, account_id) == 0
+        assert running.diameter is not None and running.diameter.push.sent == 1
+    await backend_books.assert_balanced()
+
+
+async def test_barring_a_group_pushes_an_asr_for_its_members_sessions(
+        backend: Backend, backend_books: Books) -> None:
+    async with diameter_server(backend) as (running, admin):
+        group_id, _ = await subscriber(admin, backend_books, 1_000_000)
+        member_id = f"{group_id}/kid"
+        msisdn = f"4915{os.getpid() % 100_000:05d}{next(_numbers):04d}"
+        await admin.CreateAccount(admin_pb.CreateAccountRequest(account_id=member_id))
+        await admin.SetSubscriberIdentity(admin_pb.SetSubscriberIdentityRequest(
+            type=admin_pb.END_USER_E164, data=msisdn, account_id=member_id))
+        backend_books.track(member_id)
+        async with gateway(_port(running)) as gw:
+            sid = gw.session_id()
+            cca = await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 30})))
+            assert cca.result_code == 2001
+            await admin.SetAccountState(admin_pb.SetAccountStateRequest(
+                account_id=group_id, state=admin_pb.BARRED))
+            asr = await _pushed(gw)
+            assert (asr.header.command_code, asr.session_id, asr.auth_application_id) == (
+                274, sid, 4)
+            cca = await gw.send(gw.ccr(sid, TERMINATION, 1, msisdn,
+                                       mscc(RG_VOICE, used={"cc_time": 12})))
+            assert cca.result_code == 2001
+        assert await _balance(admin, group_id) == 1_000_000 - 12 * VOICE_PER_S
+    await backend_books.assert_balanced()

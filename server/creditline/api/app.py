@@ -308,7 +308,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     # the first request: one pass, at most renewal_batch per partition
     await renewer.sweep_logged()
     await server.start()
-    diameter = await _diameter_node(settings, charging, store)
+    diameter = await _diameter_node(settings, charging, store, hub)
     supervisor.start()
     renewer.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
@@ -323,8 +323,8 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                          admin=admin, plan_path=Path(settings.plan_path), diameter=diameter)
 
 
-async def _diameter_node(settings: Settings, charging: ChargingService, store: Store
-                         ) -> DiameterNode | None:
+async def _diameter_node(settings: Settings, charging: ChargingService, store: Store,
+                         hub: EventHub) -> DiameterNode | None:
     """The Diameter Gy listener when diameter_listen names one."""
     if not settings.diameter_listen:
         return None
@@ -338,7 +338,7 @@ async def _diameter_node(settings: Settings, charging: ChargingService, store: S
         except ValueError:  # (data no identity of that kind can hold: bound to none)
             return None
 
-    node = DiameterNode(settings, charging, identities)
+    node = DiameterNode(settings, charging, identities, hub)
     await node.start()
     return node
 

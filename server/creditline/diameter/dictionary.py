@@ -296,8 +296,5 @@ class DisconnectCause(enum.IntEnum):
 
 
 CHECK_BALANCE_ENOUGH_CREDIT, CHECK_BALANCE_NO_CREDIT = 0, 1
-# Auth-Session-State NO_STATE_MAINTAINED (RFC 6733 §8.11): what a credit-control server
-# sends in an ASR (RFC 4006 §5.6)
-NO_STATE_MAINTAINED = 1
 # Re-Auth-Request-Type AUTHORIZE_ONLY (RFC 6733 §8.12): what a RAR of RFC 4006 §5.5 carries
 AUTHORIZE_ONLY = 0

@@ -45,7 +45,7 @@ from creditline.diameter.dictionary import (
 )
 from creditline.diameter.message import AvpError, Message
 from creditline.diameter.peer import Peer, answer_to
-from creditline.store.contract import RequestKind
+from creditline.store.contract import GROUP_SEPARATOR, RequestKind, group_of
 from creditline.v1 import charging_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class GyApplication:
         self._identities = identities
         self._rules = rules
         self.sessions: dict[str, OpenSession] = {}  # session id -> (oldest first)
+        self.by_account: dict[str, set[str]] = {}    # account id -> its session ids
 
     async def answer(self, peer: Peer, ccr: Message) -> Message:
         m.check_mandatory(ccr.avps)
@@ -161,15 +162,34 @@ class GyApplication:
                result_code: int) -> None:
         """Which peer and account an open session has: kept from an answered CCR-I or U,
         dropped at its CCR-T; the oldest forgotten past max_sessions."""
-        if kind is CcRequestType.TERMINATION:
-            self.sessions.pop(session_id, None)
+        if kind is CcRequestType.TERMINATION or result_code == ResultCode.UNKNOWN_SESSION_ID:
+            self.forget(session_id)
             return
-        if result_code == ResultCode.UNKNOWN_SESSION_ID:
-            return
-        self.sessions.pop(session_id, None)  # (moves it last: the newest)
+        self.forget(session_id)  # (then added last: the newest)
         self.sessions[session_id] = OpenSession(account_id, peer)
+        self.by_account.setdefault(account_id, set()).add(session_id)
         while len(self.sessions) > self._rules.max_sessions:
-            del self.sessions[next(iter(self.sessions))]
+            self.forget(next(iter(self.sessions)))
+
+    def forget(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return
+        ids = self.by_account.get(session.account_id)
+        if ids is not None:
+            ids.discard(session_id)
+            if not ids:
+                del self.by_account[session.account_id]
+
+    def sessions_of(self, account_id: str) -> list[str]:
+        """The open sessions this process keeps of the account and, for a group, of its
+        members."""
+        found = list(self.by_account.get(account_id, ()))
+        prefix = account_id + GROUP_SEPARATOR
+        if group_of(account_id) is None:
+            found += [sid for member, ids in self.by_account.items()
+                      if member.startswith(prefix) for sid in ids]
+        return found
 
     def _mscc(self, rg: pb.RatingGroupAnswer) -> Avp:
         avps: list[Avp] = []

@@ -16,6 +16,8 @@ from creditline.api.service import ChargingService
 from creditline.diameter.gy import GyApplication, GyRules, IdentityLookup
 from creditline.diameter.message import Message
 from creditline.diameter.peer import Peer, PeerRules
+from creditline.diameter.push import NetworkPush
+from creditline.events.hub import EventHub
 from creditline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def peer_rules(settings: Settings, host_addresses: tuple[str, ...]) -> PeerRules
 
 class DiameterNode:
     def __init__(self, settings: Settings, charging: ChargingService,
-                 identities: IdentityLookup) -> None:
+                 identities: IdentityLookup, hub: EventHub) -> None:
         self._settings = settings
         host, _, port = settings.diameter_listen.rpartition(":")
         self._host, self._port = host.strip("[]") or "0.0.0.0", int(port)
@@ -51,6 +53,8 @@ class DiameterNode:
             identity_fallback=settings.diameter_identity_fallback,
             currency_code=settings.diameter_currency_code,
             max_sessions=settings.diameter_max_sessions))
+        self.push = NetworkPush(hub, self.gy, settings.diameter_origin_host,
+                                settings.diameter_origin_realm)
         self.peers: set[Peer] = set()   # open ones (after CER)
         self._server: asyncio.Server | None = None
         self.port = 0
@@ -70,6 +74,7 @@ class DiameterNode:
             self._new_peer, self._host, self._port,
             reuse_port=self._settings.workers != 1 or None)
         self.port = self._server.sockets[0].getsockname()[1]
+        await self.push.start()
         log.info("diameter listening on %s:%d as %s (realm %s)", self._host, self.port,
                  self._rules.origin_host, self._rules.origin_realm)
         return self.port
@@ -77,6 +82,7 @@ class DiameterNode:
     async def stop(self) -> None:
         """DPR to every peer (DO_NOT_WANT_TO_TALK_TO_YOU would keep them away: REBOOTING
         says come back), then the listener closed."""
+        await self.push.stop()
         if self._server is not None:
             self._server.close()
         await asyncio.gather(*(peer.disconnect() for peer in list(self.peers)),

@@ -95,7 +95,7 @@ EVENT_TYPES = frozenset({
     "top_up", "low_balance", "credit_exhausted", "final_units_granted", "bucket_expired",
     "usage_spike", "reauthorization_needed", "adjustment", "plan_changed",
     "purchase", "subscribed", "renewed", "renewal_failed", "subscription_cancelled",
-    "subscription_ended",
+    "subscription_ended", "account_barred",
 })
 
 

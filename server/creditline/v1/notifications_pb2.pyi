@@ -67,6 +67,10 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     RENEWAL_FAILED: _EventType.ValueType  # 18
     SUBSCRIPTION_CANCELLED: _EventType.ValueType  # 19
     SUBSCRIPTION_ENDED: _EventType.ValueType  # 20
+    ACCOUNT_BARRED: _EventType.ValueType  # 21
+    """the account barred (SetAccountState, or a renewal's bar policy): every open session
+    of it (a group's: of its members too) must end; details cause (admin, renewal)
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -109,6 +113,10 @@ RENEWED: EventType.ValueType  # 17
 RENEWAL_FAILED: EventType.ValueType  # 18
 SUBSCRIPTION_CANCELLED: EventType.ValueType  # 19
 SUBSCRIPTION_ENDED: EventType.ValueType  # 20
+ACCOUNT_BARRED: EventType.ValueType  # 21
+"""the account barred (SetAccountState, or a renewal's bar policy): every open session
+of it (a group's: of its members too) must end; details cause (admin, renewal)
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

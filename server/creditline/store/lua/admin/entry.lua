@@ -61,7 +61,7 @@ elseif op == 'BUCKET' then
     bucket_value(ARGV[9], ARGV[10], ARGV[11], ARGV[12], ARGV[13]))
   return account('OK')
 elseif op == 'STATE' then
-  redis.call('HSET', account_key, 'state', ARGV[7])
+  set_state(ARGV[7], 'admin')
   return account('OK')
 elseif op == 'PLAN' then
   return change_plan(ARGV[7], ARGV[8], ARGV[9], ARGV[10])

@@ -202,6 +202,16 @@ local function ask_open_sessions_again()
   each_member(member_final_key_format, function(_, key) redis.call('DEL', key) end)
 end
 
+-- The account's state set; barring it announced (its open sessions must end: a Diameter
+-- front end aborts them), once, when it was not barred already.
+local function set_state(state, cause)
+  local before = redis.call('HGET', account_key, 'state')
+  redis.call('HSET', account_key, 'state', state)
+  if state == 'barred' and before ~= 'barred' then
+    notify('account_barred', 'cause', cause)
+  end
+end
+
 -- The account's plan now: its plan, or the one scheduled from an instant passed already
 -- (as charge.lua reads it), or the catalogue's default for an account made before plans.
 local function plan_now(default_plan)

@@ -147,7 +147,7 @@ end
 local function renewal_refused(offer_id, sub, next_end_ms, fee, policy, available)
   end_allowances(offer_id)
   write_subscription(offer_id, 'suspended', sub.end_ms, next_end_ms, sub.periods)
-  if policy == 'bar' then redis.call('HSET', account_key, 'state', 'barred') end
+  if policy == 'bar' then set_state('barred', 'renewal') end
   notify('renewal_failed|amount|' .. text(fee) .. '|available|' .. available,
     'offer', offer_id, 'policy', policy)
   offer_record('fee', offer_id .. '#' .. text(sub.periods + 1), offer_id, '0',
