@@ -75,6 +75,13 @@ class PeerRules:
     origin_state_id: int
 
 
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
 class PeerGoneError(ConnectionError):
     """The peer closed, or the connection was closed, before it answered."""
 
@@ -311,7 +318,7 @@ class Peer(asyncio.Protocol):
         if rules.allowed_realms and realm not in rules.allowed_realms:
             return f"realm {realm!r} is not in diameter_peer_realms"
         if not rules.allowed_hosts:
-            if self.address in ("127.0.0.1", "::1"):
+            if _is_loopback(self.address):
                 return ""
             return "no diameter_peers configured: only loopback peers are allowed"
         if host not in rules.allowed_hosts:
