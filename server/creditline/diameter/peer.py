@@ -19,6 +19,7 @@ the AVP) and nothing else is done with it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import contextlib
 import itertools
 import logging
