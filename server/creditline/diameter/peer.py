@@ -19,8 +19,8 @@ the AVP) and nothing else is done with it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import contextlib
+import ipaddress
 import itertools
 import logging
 import random
