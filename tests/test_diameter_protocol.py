@@ -212,3 +212,41 @@ async def test_ten_thousand_fuzzed_messages_never_crash_or_charge(
         await bystander.close()
         assert running.diameter is not None
     await books.assert_balanced()
+
+
+async def test_a_silent_peer_gets_a_watchdog_and_is_dropped_when_it_does_not_answer(
+        one_redis: Backend) -> None:
+    async with listener(one_redis, diameter_watchdog_s=0.3) as (port, running, _):
+        peer = await RawPeer.connect(port)
+        await peer.open()
+        dwr = await peer.read()  # after 0.3 s of silence
+        assert (dwr.command_code, dwr.is_request) == (Command.DEVICE_WATCHDOG, True)
+        await peer.send(dm.encode_message(dm.Message(
+            0, dwr.command_code, 0, dwr.hop_by_hop, dwr.end_to_end,
+            [dm.u32(AvpCode.RESULT_CODE, 2001), *peer.identity()])))
+        again = await peer.read()  # answered: still open, asked again later
+        assert again.command_code == Command.DEVICE_WATCHDOG
+        assert await peer.closed_by_server()  # not answered: dropped
+        assert running.diameter is not None and running.diameter.peers == set()
+
+
+async def test_a_peer_gone_mid_session_leaves_it_to_supervision(
+        one_redis: Backend, books: Books) -> None:
+    async with listener(one_redis) as (port, running, admin):
+        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        peer = await RawPeer.connect(port)
+        await peer.open()
+        session_id = f"raw;{account_id};gone"
+        voice = dm.group(AvpCode.MULTIPLE_SERVICES_CREDIT_CONTROL, [
+            dm.group(AvpCode.REQUESTED_SERVICE_UNIT, [dm.u32(AvpCode.CC_TIME, 30)]),
+            dm.u32(AvpCode.RATING_GROUP, 100)])
+        cca = await peer.exchange(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+            session_id, 1, 0, msisdn, voice)))
+        assert result_code(cca) == 2001
+        await peer.close()  # the gateway crashes
+        later_ms = running.store.clock.now_ms() + 86_400_000
+        assert await running.store.close_if_stale(account_id, session_id, later_ms)
+        account = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+        assert (account.balance_micros, account.reserved_micros, account.open_sessions) == (
+            1_000_000, 0, 0)
+    await books.assert_balanced()

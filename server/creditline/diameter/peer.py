@@ -121,6 +121,7 @@ class Peer(asyncio.Protocol):
         self._end_ids = itertools.count((int(time.time()) & 0xFFF) << 20)
         self._last_heard = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._opened = asyncio.Event()  # set by an accepted CER
 
     # ------------------------------------------------------------------ the transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -235,6 +236,7 @@ class Peer(asyncio.Protocol):
         self.send(answer)
         if accepted:
             self.is_open = True
+            self._opened.set()
         else:
             self.close()
 
@@ -356,8 +358,9 @@ class Peer(asyncio.Protocol):
     async def _watch(self) -> None:
         """No CER in time: closed. Then, silent for watchdog_s: a DWR; no answer to it in
         as long: closed (RFC 3539 §3.4, simplified: no failover to do here)."""
-        await asyncio.sleep(self._rules.cer_timeout_s)
-        if not self.is_open:
+        try:
+            await asyncio.wait_for(self._opened.wait(), self._rules.cer_timeout_s)
+        except TimeoutError:
             log.warning("diameter peer %s: no CER in %s s; closing", self.address,
                         self._rules.cer_timeout_s)
             self.close()
