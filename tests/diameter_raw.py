@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import ssl
 
 from creditline.diameter import message as dm
 from creditline.diameter.codec import FLAG_PROXIABLE, FLAG_REQUEST, Avp
@@ -25,8 +26,9 @@ class RawPeer:
         self.origin_host = origin_host
 
     @classmethod
-    async def connect(cls, port: int, origin_host: str = "raw.test") -> RawPeer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def connect(cls, port: int, origin_host: str = "raw.test",
+                      tls: ssl.SSLContext | None = None) -> RawPeer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         return cls(reader, writer, origin_host)
 
     def identity(self) -> list[Avp]:

@@ -8,12 +8,15 @@ nothing here depends on where the money is."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from itertools import count
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +31,7 @@ from creditline.v1 import admin_pb2_grpc
 from tests.books import Books
 from tests.conftest import Backend
 from tests.diameter_raw import RawPeer, ccr_avps, result_code, sms_debit
+from tests.test_security import CertificateAuthority
 from tests.test_subscriptions import admin_of, serving
 
 SMS_EACH = 50_000
@@ -250,3 +254,27 @@ async def test_a_peer_gone_mid_session_leaves_it_to_supervision(
         assert (account.balance_micros, account.reserved_micros, account.open_sessions) == (
             1_000_000, 0, 0)
     await books.assert_balanced()
+
+
+async def test_tls_from_the_first_byte_with_peer_certificates(
+        one_redis: Backend, tmp_path: Path) -> None:
+    ca = CertificateAuthority(tmp_path)
+    # (names without dots: issue() names its files by them, a dot would start a suffix)
+    server, gateway = ca.issue("creditline", server=True), ca.issue("gw-tls")
+    stranger = CertificateAuthority(tmp_path, "another CA").issue("gw-stranger")
+    async with listener(one_redis, diameter_tls_cert_file=str(server.cert_path),
+                        diameter_tls_key_file=str(server.key_path),
+                        diameter_tls_client_ca_file=str(ca.path)) as (port, _, _):
+        trusted = ssl.create_default_context(cafile=str(ca.path))
+        trusted.load_cert_chain(gateway.cert_path, gateway.key_path)
+        peer = await RawPeer.connect(port, "gw.tls", tls=trusted)
+        assert result_code(await peer.open()) == 2001
+        await peer.close()
+        refused = ssl.create_default_context(cafile=str(ca.path))
+        refused.load_cert_chain(stranger.cert_path, stranger.key_path)
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            other = await RawPeer.connect(port, "gw.stranger", tls=refused)
+            await other.open()
+        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+            plain = await RawPeer.connect(port)  # no TLS at all: the handshake fails
+            await plain.open()

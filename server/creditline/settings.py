@@ -166,6 +166,12 @@ class Settings:
     diameter_peers: str = ""
     # the peers' realms allowed, comma-separated; empty: any
     diameter_peer_realms: str = ""
+    # TLS from the first byte (RFC 6733 §2.1: TLS/TCP, conventionally port 5868): the
+    # server's certificate and key (PEM); with diameter_tls_client_ca_file, peers must show
+    # a certificate of that CA
+    diameter_tls_cert_file: str = ""
+    diameter_tls_key_file: str = ""
+    diameter_tls_client_ca_file: str = ""
     diameter_max_peers: int = 64
     # a peer's requests worked on at once; past it 3004 DIAMETER_TOO_BUSY
     diameter_max_pending_per_peer: int = 1024
@@ -250,6 +256,12 @@ class Settings:
         redis_tls = self.redis_tls_ca_file or self.redis_tls_cert_file
         if redis_tls and not self.redis_url.startswith("rediss://"):
             raise SettingsError("settings redis_tls_*: need a rediss:// redis_url")
+        if bool(self.diameter_tls_cert_file) != bool(self.diameter_tls_key_file):
+            raise SettingsError("settings diameter_tls_cert_file and diameter_tls_key_file: "
+                                "give both or neither")
+        if self.diameter_tls_client_ca_file and not self.diameter_tls_cert_file:
+            raise SettingsError("setting diameter_tls_client_ca_file: needs "
+                                "diameter_tls_cert_file and diameter_tls_key_file too")
         if self.redis_password and self.redis_password_file:
             raise SettingsError("settings redis_password and redis_password_file: give one")
 
@@ -351,7 +363,8 @@ def check_files(settings: Settings) -> None:
     than a TLS handshake failing on the first call."""
     for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file",
                  "redis_tls_ca_file", "redis_tls_cert_file", "redis_tls_key_file",
-                 "redis_password_file"):
+                 "redis_password_file", "diameter_tls_cert_file", "diameter_tls_key_file",
+                 "diameter_tls_client_ca_file"):
         path = getattr(settings, name)
         if not path:
             continue

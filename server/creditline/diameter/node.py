@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 
 from creditline.api.service import ChargingService
@@ -38,6 +39,20 @@ def peer_rules(settings: Settings, host_addresses: tuple[str, ...]) -> PeerRules
         request_timeout_s=settings.diameter_request_timeout_s,
         # (a new value at every start: RFC 6733 §8.16)
         origin_state_id=int(time.time()) & 0xFFFFFFFF)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """TLS from the connection's first byte (RFC 6733 §2.1), TLS 1.2 at least (§13);
+    peers' certificates required when a client CA is given."""
+    if not settings.diameter_tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.diameter_tls_cert_file, settings.diameter_tls_key_file)
+    if settings.diameter_tls_client_ca_file:
+        context.load_verify_locations(settings.diameter_tls_client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 class DiameterNode:
@@ -71,7 +86,7 @@ class DiameterNode:
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._new_peer, self._host, self._port,
+            self._new_peer, self._host, self._port, ssl=tls_context(self._settings),
             reuse_port=self._settings.workers != 1 or None)
         self.port = self._server.sockets[0].getsockname()[1]
         await self.push.start()
