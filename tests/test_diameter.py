@@ -254,3 +254,18 @@ async def test_barring_a_group_pushes_an_asr_for_its_members_sessions(
             assert cca.result_code == 2001
         assert await _balance(admin, group_id) == 1_000_000 - 12 * VOICE_PER_S
     await backend_books.assert_balanced()
+
+
+async def test_usage_above_the_grant_is_charged_as_reported(backend: Backend,
+                                                           backend_books: Books) -> None:
+    async with diameter_server(backend) as (running, admin):
+        account_id, msisdn = await subscriber(admin, backend_books, 1_000_000)
+        async with gateway(_port(running)) as gw:
+            sid = gw.session_id()
+            cca = await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 30})))
+            assert _block(cca, RG_VOICE).granted_service_unit.cc_time == 30
+            cca = await gw.send(gw.ccr(sid, TERMINATION, 1, msisdn,
+                                       mscc(RG_VOICE, used={"cc_time": 45})))
+            assert cca.result_code == 2001
+        assert await _balance(admin, account_id) == 1_000_000 - 45 * VOICE_PER_S
+    await backend_books.assert_balanced()
