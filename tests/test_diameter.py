@@ -80,6 +80,7 @@ async def test_a_session_with_two_rating_groups_is_charged_as_over_grpc(
                                        mscc(RG_SMS, {"cc_service_specific_units": 2})))
             assert (cca.result_code, cca.cc_request_type, cca.cc_request_number) == (
                 2001, INITIAL, 0)
+            assert cca.cc_session_failover == 1  # FAILOVER_SUPPORTED: the state is in Redis
             voice, sms = _block(cca, RG_VOICE), _block(cca, RG_SMS)
             assert (voice.result_code, voice.granted_service_unit.cc_time,
                     voice.validity_time) == (2001, 30, 1800)

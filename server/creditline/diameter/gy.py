@@ -70,7 +70,8 @@ _FINAL_ACTIONS = {pb.TERMINATE: FinalUnitAction.TERMINATE, pb.REDIRECT: FinalUni
                   pb.RESTRICT_ACCESS: FinalUnitAction.RESTRICT_ACCESS}
 _FAILURE_HANDLING = {pb.FAILURE_HANDLING_TERMINATE: 0, pb.FAILURE_HANDLING_CONTINUE: 1,
                      pb.FAILURE_HANDLING_RETRY_AND_TERMINATE: 2}
-MICROS_EXPONENT = -6  # Cost-Information's Unit-Value: micro-units
+MICROS_EXPONENT = -6
+FAILOVER_SUPPORTED = 1  # CC-Session-Failover (RFC 4006 §8.4)  # Cost-Information's Unit-Value: micro-units
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,10 @@ class GyApplication:
             await self._charging.credit_control(request, _KINDS[kind]))
         self._track(session_id, account_id, peer, kind, answer.result_code)
         avps = [*frame, *(self._mscc(rg) for rg in answer.rating_groups)]
+        if kind is CcRequestType.INITIAL:
+            # (a session's state is in Redis: any process, over any connection, serves its
+            # next CCR that carries the Subscription-Id)
+            avps.append(m.u32(AvpCode.CC_SESSION_FAILOVER, FAILOVER_SUPPORTED))
         if answer.failure_handling in _FAILURE_HANDLING:
             avps.append(m.u32(AvpCode.CREDIT_CONTROL_FAILURE_HANDLING,
                               _FAILURE_HANDLING[answer.failure_handling]))
