@@ -70,8 +70,8 @@ _FINAL_ACTIONS = {pb.TERMINATE: FinalUnitAction.TERMINATE, pb.REDIRECT: FinalUni
                   pb.RESTRICT_ACCESS: FinalUnitAction.RESTRICT_ACCESS}
 _FAILURE_HANDLING = {pb.FAILURE_HANDLING_TERMINATE: 0, pb.FAILURE_HANDLING_CONTINUE: 1,
                      pb.FAILURE_HANDLING_RETRY_AND_TERMINATE: 2}
-MICROS_EXPONENT = -6
-FAILOVER_SUPPORTED = 1  # CC-Session-Failover (RFC 4006 §8.4)  # Cost-Information's Unit-Value: micro-units
+MICROS_EXPONENT = -6  # Cost-Information's Unit-Value: micro-units
+FAILOVER_SUPPORTED = 1  # CC-Session-Failover (RFC 4006 §8.4)
 
 
 @dataclass(frozen=True, slots=True)
