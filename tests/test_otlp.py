@@ -1,13 +1,12 @@
-"""The call spans as OTLP: written directly (otlp_encoding) they say what the SDK's own
-encoder says of the same spans, and both OTLP exporters send them to real receivers."""
+"""The spans as OTLP: the stock exporters (HTTP and gRPC) send them to real receivers
+(the collector's TraceService, and its HTTP form, from opentelemetry-proto)."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import os
-import random
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
@@ -18,105 +17,32 @@ from typing import Any
 import grpc
 import pytest
 from creditline.api.app import start_server, stop_server
-from creditline.observability.otlp_encoding import CallEncoder
-from creditline.observability.telemetry import (
-    INSTRUMENTATION_NAME,
-    CallSpan,
-    CallSpanExporter,
-    add_child,
-    build_telemetry,
-    request_attributes,
-)
+from creditline.observability.telemetry import build_telemetry
 from creditline.settings import Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from creditline.v1 import notifications_pb2 as notifications_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tests.books import Books
-from tests.messages import RG_FREE, RG_VOICE, block, ccr
+from tests.messages import RG_VOICE, block, ccr
+from tests.stream_client import charging_over
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
 INITIAL = "creditline.v1.Charging/Initial"
 
 
-def _caller_context(trace_state: str = "") -> SpanContext:
-    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"}
-    if trace_state:
-        headers["tracestate"] = trace_state
-    return trace.get_current_span(TraceContextTextMapPropagator().extract(headers)
-                                  ).get_span_context()
-
-
-def _calls(count: int) -> list[CallSpan]:
-    """Calls of every shape the server makes: with and without a caller, with a trace
-    state, failed children and failed calls, answers with and without a result code."""
-    rng = random.Random(7)
-    base = {"rpc.system": "grpc", "rpc.service": "creditline.v1.Charging",
-            "rpc.method": "Initial"}
-    script = {"db.system.name": "redis", "db.operation.name": "EVALSHA",
-              "creditline.script": "charge.lua"}
-    calls = []
-    for number in range(count):
-        caller = _caller_context("vendor=a,other=b" if number % 4 == 1 else "") \
-            if number % 2 else None
-        trace_id = caller.trace_id if caller is not None else rng.getrandbits(128) | 1
-        context = SpanContext(trace_id, rng.getrandbits(64) | 1, False,
-                              TraceFlags(TraceFlags.SAMPLED),
-                              None if caller is None else caller.trace_state)
-        call = CallSpan(INITIAL, context, caller, time.time_ns(), base)
-        for rating_group in (RG_VOICE, 200)[:1 + number % 2]:
-            add_child(call, "rating", SpanKind.INTERNAL,
-                      {"creditline.rating_group": rating_group}, time.time_ns())
-        add_child(call, "EVALSHA charge.lua", SpanKind.CLIENT, script, time.time_ns(),
-                  ConnectionError("redis went away") if number % 3 == 0 else None)
-        call.end_ns = time.time_ns()
-        call.request = ccr(f"s-{number}", f"acct-{number}", number,
-                           block(RG_VOICE, requested=60), block(RG_FREE))
-        call.response = pb.CreditControlAnswer(result_code=pb.SUCCESS) \
-            if number % 5 else None
-        if number % 4 == 0:
-            call.grpc_status_code = 13
-            call.status = Status(StatusCode.ERROR, "INTERNAL")
-        calls.append(call)
-    return calls
-
-
 def _spans(request: ExportTraceServiceRequest) -> list[OtlpSpan]:
     return [span for resource_spans in request.resource_spans
             for scope_spans in resource_spans.scope_spans for span in scope_spans.spans]
-
-
-def test_call_spans_written_directly_are_what_the_sdks_encoder_writes() -> None:
-    resource = Resource.create({"service.name": "creditline", "host.cores": 2,
-                                "debug": False, "load": 0.5, "zones": ("a", "b")})
-    calls = _calls(60)
-    written = ExportTraceServiceRequest.FromString(CallEncoder(
-        resource, INSTRUMENTATION_NAME, request_attributes, lambda: 42).request(calls))
-
-    class _Unused(SpanExporter):
-        pass
-
-    made = CallSpanExporter(_Unused(), resource)
-    via_sdk = encode_spans([span for call in calls for span in made._spans_of(call)])
-    # a child's span id is drawn when its span is made: the two ways draw differently
-    for span in _spans(via_sdk):
-        if span.name != INITIAL:
-            span.span_id = (42).to_bytes(8, "big")
-    assert len(_spans(written)) == 60 * 3 + 30 and written == via_sdk
 
 
 class _HttpReceiver(BaseHTTPRequestHandler):
@@ -199,6 +125,7 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
                     metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"),))
                 assert answer.result_code == pb.SUCCESS
                 operation = running.store.charge_operation  # FCALL, or EVALSHA on Redis 6
+                await _stream_and_subscription(channel, account_id)
         finally:
             await stop_server(running, grace_s=1.0)  # flushes the batch to the receiver
     assert requests
@@ -220,3 +147,24 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
     # (on one Redis server the session id's claim is taken inside the charging script)
     assert children == {"rating", f"{operation} charge.lua"}
     assert any(span.name == "creditline.v1.Admin/CreateAccount" for span in spans)
+    [stream] = [span for span in spans if span.name == "creditline.v1.Charging/Stream"]
+    [update] = [span for span in spans if span.name == "creditline.v1.Charging/Update"]
+    assert [link.span_id for link in update.links] == [stream.span_id]
+    assert not update.parent_span_id  # a trace of its own
+    [subscription] = [span for span in spans
+                      if span.name == "creditline.v1.Notifications/Subscribe"]
+    assert subscription.kind == OtlpSpan.SPAN_KIND_SERVER
+
+
+async def _stream_and_subscription(channel: grpc.aio.Channel, account_id: str) -> None:
+    """An Update over Charging.Stream, seen by a subscription that then ends."""
+    subscription = notifications_pb2_grpc.NotificationsStub(channel).Subscribe(
+        notifications_pb.SubscribeRequest(account_ids=[account_id]))
+    await asyncio.wait_for(subscription.initial_metadata(), 10)
+    async with charging_over(channel, "stream") as stream:
+        answer = await stream.Update(ccr(f"{account_id};otlp-1", account_id, 1,
+                                         block(RG_VOICE, used=30, requested=60)))
+        assert answer.result_code == pb.SUCCESS
+    await asyncio.wait_for(subscription.read(), 10)
+    subscription.cancel()
+    await asyncio.sleep(0.2)  # the subscription's span ends on the server after the cancel

@@ -7,12 +7,11 @@ import io
 import json
 import logging
 import os
-import random
-import threading
+import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,35 +20,36 @@ import pytest
 from creditline.api.app import RunningServer, _call_wrapper, start_server, stop_server
 from creditline.observability.logging_setup import JsonFormatter, TraceIdFilter
 from creditline.observability.telemetry import (
-    StandardSampler,
     Telemetry,
     TelemetryError,
     build_telemetry,
     sampler_from,
 )
-from creditline.settings import DEFAULT_PLAN_PATH, Settings
-from creditline.store.redis_process import RedisProcess
+from creditline.settings import Settings
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
-from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
+from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from opentelemetry import trace
+from creditline.v1 import notifications_pb2 as notifications_pb
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
-    Decision,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.books import Books
 from tests.conftest import settings_with
 from tests.messages import RG_FREE, RG_VOICE, block, ccr
+from tests.processes import serve, stop, wait_for_port
+from tests.stream_client import charging_over
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN_ID = "00f067aa0ba902b7"
@@ -62,6 +62,7 @@ class Observed:
     metrics: InMemoryMetricReader
     charging: charging_pb2_grpc.ChargingStub
     admin: admin_pb2_grpc.AdminStub
+    channel: grpc.aio.Channel
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ async def observed(redis_process: RedisProcess, settings: Settings
     running = await start_server(settings, redis_process.url, telemetry)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         yield Observed(running, spans, reader, charging_pb2_grpc.ChargingStub(channel),
-                       admin_pb2_grpc.AdminStub(channel))
+                       admin_pb2_grpc.AdminStub(channel), channel)
     await stop_server(running, grace_s=1.0)
 
 
@@ -167,13 +168,15 @@ async def test_concurrent_calls_each_continue_their_own_callers_trace(
                                                                  parents.values()}
 
 
-async def test_a_refused_admin_call_is_an_error_span(observed: Observed) -> None:
+async def test_a_client_error_is_not_an_error_span(observed: Observed) -> None:
+    # OTel's rpc conventions for a server: NOT_FOUND, INVALID_ARGUMENT are the caller's
     observed.spans.clear()
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await observed.admin.GetAccount(admin_pb.GetAccountRequest(account_id="nobody-x"))
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
     [rpc] = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Admin/GetAccount")
-    assert rpc.status.status_code is StatusCode.ERROR
+    assert rpc.status.status_code is not StatusCode.ERROR
+    assert not rpc.events  # no exception recorded for an answer the server chose
     assert (rpc.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
 
 
@@ -273,37 +276,18 @@ def test_exporters_and_samplers_come_from_the_standard_variables() -> None:
                                      "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"})
 
 
-_SDK_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
-    "always_on": lambda _: ALWAYS_ON,
-    "always_off": lambda _: ALWAYS_OFF,
-    "traceidratio": TraceIdRatioBased,
-    "parentbased_always_on": lambda _: ParentBased(ALWAYS_ON),
-    "parentbased_always_off": lambda _: ParentBased(ALWAYS_OFF),
-    "parentbased_traceidratio": lambda ratio: ParentBased(TraceIdRatioBased(ratio)),
-}
-
-
-@pytest.mark.parametrize("name", list(_SDK_SAMPLERS))
-def test_the_standard_samplers_decide_as_the_sdks_do(name: str) -> None:
-    # the server decides without calling the SDK's sampler: the decisions must be the SDK's
-    rng = random.Random(name)
-    for ratio in (0.0, 0.01, 0.5, 1.0) if name.endswith("traceidratio") else (1.0,):
-        ours, sdk = StandardSampler(name, ratio), _SDK_SAMPLERS[name](ratio)
-        assert ours.get_description() == sdk.get_description()
-        bound = TraceIdRatioBased.get_bound_for_rate(ratio)
-        high = rng.getrandbits(64) << 64
-        at_the_bound = [high | low for low in (bound - 1, bound, bound + 1)
-                        if 0 < low < 2 ** 64]
-        for trace_id in [rng.getrandbits(128) | 1 for _ in range(200)] + at_the_bound:
-            for flags in (None, TraceFlags.DEFAULT, TraceFlags.SAMPLED):
-                parent = None if flags is None else SpanContext(
-                    trace_id, rng.getrandbits(64) | 1, True, TraceFlags(flags))
-                context = None if parent is None else trace.set_span_in_context(
-                    trace.NonRecordingSpan(parent))
-                expected = sdk.should_sample(context, trace_id, "call").decision
-                assert ours.samples(trace_id, parent) is (
-                    expected is Decision.RECORD_AND_SAMPLE), (name, ratio, trace_id, flags)
-                assert ours.should_sample(context, trace_id, "call").decision is expected
+@pytest.mark.parametrize(("name", "expected"), [
+    ("always_on", ALWAYS_ON), ("always_off", ALWAYS_OFF),
+    ("traceidratio", TraceIdRatioBased(0.01)), ("parentbased_always_on", ParentBased(ALWAYS_ON)),
+    ("parentbased_always_off", ParentBased(ALWAYS_OFF)),
+    ("parentbased_traceidratio", ParentBased(TraceIdRatioBased(0.01)))])
+def test_the_standard_sampler_names_make_the_sdks_samplers(name: str, expected: Sampler
+                                                           ) -> None:
+    ours = sampler_from({"OTEL_TRACES_SAMPLER": name, "OTEL_TRACES_SAMPLER_ARG": "0.01"})
+    assert type(ours) is type(expected)
+    assert ours.get_description() == expected.get_description()
+    with pytest.raises(TelemetryError, match="OTEL_TRACES_SAMPLER"):
+        sampler_from({"OTEL_TRACES_SAMPLER": "jaeger_remote"})
 
 
 def test_json_logs_carry_the_trace_ids() -> None:
@@ -335,99 +319,205 @@ def test_tracing_off_creates_no_rater_wrapper() -> None:
     assert Telemetry().traced_rater(rater) is rater
 
 
-def test_a_sampled_out_call_records_nothing_not_even_children() -> None:
-    from creditline.api.interceptors import _PROPAGATOR
-    from creditline.charging.rating import IncrementRater, load_plan
-    from creditline.observability.telemetry import current_call, current_trace_ids
-
-    exporter = InMemorySpanExporter()
-    telemetry = Telemetry()
-    telemetry.use_tracing(ParentBased(ALWAYS_ON), [exporter], batched=False)
-    recorder = telemetry.spans
-    assert recorder is not None
-    rater = telemetry.traced_rater(IncrementRater())
-    plan = DEFAULT_PLAN_PATH
-    tariff = load_plan(plan).tariff_for(RG_VOICE, None)
-    assert tariff is not None
-    not_sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"})
-    assert recorder.start_call("creditline.v1.Charging/Initial", not_sampled, {}) is None
-    rater.rate_table(tariff, 0, 0, "")  # no current call: no child
-    assert current_call() is None and current_trace_ids() is None
-    sampled = _PROPAGATOR.extract({"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"})
-    span = recorder.start_call("creditline.v1.Charging/Initial", sampled, {"a": 1})
-    assert span is not None
-    token = recorder.enter(span)
-    try:
-        assert current_call() is span
-        # what the log records carry
-        assert current_trace_ids() == (TRACE_ID, format(span.context.span_id, "016x"))
-        rater.rate_table(tariff, 0, 0, "")
-    finally:
-        recorder.leave(token)
-    assert current_call() is None and current_trace_ids() is None
-    assert exporter.get_finished_spans() == ()  # children are handed over with their call
-    recorder.end_call(span, ccr("s-1", "acct-1", 0, block(RG_VOICE)), None, 0)
-    rating, call = exporter.get_finished_spans()
-    assert rating.parent is not None and rating.parent.span_id == call.context.span_id
-    assert rating.context.trace_id == call.context.trace_id
-    assert rating.start_time is not None and call.start_time is not None
-    assert call.start_time <= rating.start_time
-    assert format(call.context.trace_id, "032x") == TRACE_ID
-    assert dict(call.attributes or {}) == {
-        "a": 1, "creditline.account_id": "acct-1", "creditline.session_id": "s-1",
-        "creditline.request_number": 0, "creditline.rating_groups": [RG_VOICE],
-        "rpc.grpc.status_code": 0}
+async def test_a_sampled_out_call_records_nothing_not_even_children(
+        observed: Observed, checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
+    observed.spans.clear()
+    answer = await observed.charging.Initial(
+        ccr("unsampled-1", account_id, 0, block(RG_VOICE, requested=60)),
+        metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"),))
+    assert answer.result_code == pb.SUCCESS
+    assert observed.spans.get_finished_spans() == ()  # no rating, no script span either
 
 
-class _ThreadNotingExporter(InMemorySpanExporter):
-    """Keeps the spans, and the threads they were exported from."""
+async def test_each_request_of_a_stream_is_a_span_linked_to_the_streams(
+        observed: Observed, checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
+    observed.spans.clear()
+    async with charging_over(observed.channel, "stream") as stream:
+        await stream.Initial(ccr("stream-1", account_id, 0, block(RG_VOICE, requested=60)))
+        answer = await stream.Terminate(ccr("stream-1", account_id, 1, block(RG_VOICE, used=30)))
+    assert answer.result_code == pb.SUCCESS
+    spans = await _spans_named(observed, "creditline.v1.Charging/Stream")
+    [whole] = _by_name(spans, "creditline.v1.Charging/Stream")
+    for method, number in (("Initial", 0), ("Terminate", 1)):
+        [request] = _by_name(spans, f"creditline.v1.Charging/{method}")
+        attributes = dict(request.attributes or {})
+        assert attributes["rpc.method"] == method and attributes["rpc.service"] == (
+            "creditline.v1.Charging")
+        assert attributes["creditline.session_id"] == "stream-1"
+        assert attributes["creditline.request_number"] == number
+        assert attributes["creditline.result_code"] == pb.SUCCESS
+        # a trace of its own (sampled on its own), linked to the stream's span
+        assert request.parent is None and request.kind is SpanKind.SERVER
+        assert [link.context.span_id for link in request.links] == [whole.context.span_id]
+        # its children are its own, not the stream's
+        script = [span for span in spans if span.name.endswith("charge.lua")
+                  and span.parent is not None and span.parent.span_id == request.context.span_id]
+        assert len(script) == 1
+    assert not [span for span in spans
+                if span.parent is not None and span.parent.span_id == whole.context.span_id]
+    requests = _points(observed.metrics, "creditline.rpc.requests")
+    assert any(p.attributes["rpc.method"] == "Terminate"
+               and p.attributes["creditline.transport"] == "stream"
+               and p.attributes["creditline.result_code"] == pb.SUCCESS for p in requests)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: set[int] = set()
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.threads.add(threading.get_ident())
-        return super().export(spans)
+async def _spans_named(observed: Observed, name: str) -> tuple[ReadableSpan, ...]:
+    """The finished spans once one named `name` is among them (a stream's span ends on
+    the server after its client has seen the end)."""
+    deadline = time.monotonic() + 10
+    while not _by_name(spans := observed.spans.get_finished_spans(), name):
+        assert time.monotonic() < deadline, [span.name for span in spans]
+        await asyncio.sleep(0.02)
+    return spans
 
 
-async def test_batched_call_spans_are_made_in_the_export_thread(
+async def test_a_subscription_is_one_span_and_its_events_are_counted(
+        observed: Observed, checked_books: Books) -> None:
+    account_id = await _account(observed, checked_books)
+    observed.spans.clear()
+    notifications = notifications_pb2_grpc.NotificationsStub(observed.channel)
+    call = notifications.Subscribe(
+        notifications_pb.SubscribeRequest(account_ids=[account_id]),
+        metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"),))
+    await asyncio.wait_for(call.initial_metadata(), 10)  # live: every later charge reaches it
+    await observed.charging.Initial(ccr("sub-1", account_id, 0, block(RG_VOICE, requested=60)))
+    await asyncio.wait_for(call.read(), 10)
+    call.cancel()
+    spans = await _spans_named(observed, "creditline.v1.Notifications/Subscribe")
+    [subscription] = _by_name(spans, "creditline.v1.Notifications/Subscribe")
+    assert subscription.parent is not None
+    assert format(subscription.parent.span_id, "016x") == PARENT_SPAN_ID
+    assert subscription.status.status_code is not StatusCode.ERROR  # the caller left
+    delivered = _points(observed.metrics, "creditline.events.delivered")
+    assert sum(p.value for p in delivered if p.attributes["rpc.method"] == "Subscribe") >= 1
+
+
+def _scraped(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """A scrape's samples: name -> (labels, value) each."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+           **labels: str) -> float:
+    return sum(value for have, value in samples.get(name, [])
+               if all(have.get(key) == wanted for key, wanted in labels.items()))
+
+
+async def _session(charging: Any, account_id: str, session_id: str) -> list[Any]:
+    """Initial, an Update and a Terminate of one voice session: their answers."""
+    return [
+        await charging.Initial(ccr(session_id, account_id, 0, block(RG_VOICE, requested=60))),
+        await charging.Update(ccr(session_id, account_id, 1,
+                                  block(RG_VOICE, used=60, requested=60))),
+        await charging.Terminate(ccr(session_id, account_id, 2, block(RG_VOICE, used=45))),
+    ]
+
+
+async def test_the_money_counters_equal_the_books_on_unary_and_on_stream(
         redis_process: RedisProcess, settings: Settings, checked_books: Books) -> None:
-    # as in production: a batch span processor, the calls' spans made in its thread; the
-    # SDK's own spans (other code's, through telemetry.tracer) pass through the same one
-    exporter = _ThreadNotingExporter()
-    telemetry = Telemetry()
-    telemetry.use_tracing(sampler_from({}), [exporter])
-    assert telemetry.tracer is not None
-    running = await start_server(settings, redis_process.url, telemetry)
+    running = await start_server(
+        settings_with(settings, metrics_listen_address="127.0.0.1:0"), redis_process.url,
+        environ={})
+    charged_in_answers = granted_in_answers = 0
+    accounts = []
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            charging = charging_pb2_grpc.ChargingStub(channel)
-            account_id = f"tel{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            checked_books.track(account_id)
-            await admin_pb2_grpc.AdminStub(channel).CreateAccount(
-                admin_pb.CreateAccountRequest(account_id=account_id,
-                                              initial_balance_micros=5_000_000))
-            await charging.Initial(ccr("batched-1", account_id, 0,
-                                       block(RG_VOICE, requested=60), block(RG_FREE)))
-            answer = await charging.Terminate(ccr("batched-1", account_id, 1,
-                                                  block(RG_VOICE, used=10)))
-            operation = running.store.charge_operation
-            with telemetry.tracer.start_as_current_span("other code"):
-                pass
+            admin = admin_pb2_grpc.AdminStub(channel)
+            for transport in ("unary", "stream"):
+                account_id = f"money{os.getpid()}-{uuid.uuid4().hex[:12]}"
+                checked_books.track(account_id)
+                accounts.append(account_id)
+                await admin.CreateAccount(admin_pb.CreateAccountRequest(
+                    account_id=account_id, initial_balance_micros=50_000_000))
+                async with charging_over(channel, transport) as charging:
+                    for answer in await _session(charging, account_id, f"{transport}-m"):
+                        assert answer.result_code == pb.SUCCESS, answer
+                        charged_in_answers += sum(b.charged_micros for b in answer.rating_groups)
+                        granted_in_answers += sum(b.granted.time_s for b in answer.rating_groups)
+        samples = _scraped(await asyncio.to_thread(
+            _scrape, f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"))
     finally:
-        await stop_server(running, grace_s=1.0)  # flushes the batch
-    assert threading.get_ident() not in exporter.threads and exporter.threads
-    spans = exporter.get_finished_spans()
-    assert len(_by_name(spans, "other code")) == 1
-    [initial] = _by_name(spans, "creditline.v1.Charging/Initial")
-    [terminate] = _by_name(spans, "creditline.v1.Charging/Terminate")
-    assert dict(initial.attributes or {})["creditline.result_code"] == pb.SUCCESS
-    assert list(dict(initial.attributes or {})["creditline.rating_groups"]) == [  # type: ignore[arg-type]
-        RG_VOICE, RG_FREE]
-    assert dict(terminate.attributes or {})["creditline.result_code"] == answer.result_code
-    assert dict(terminate.attributes or {})["creditline.request_number"] == 1
-    for call in (initial, terminate):
-        children = [span for span in spans
-                    if span.parent is not None and span.parent.span_id == call.context.span_id]
-        assert f"{operation} charge.lua" in {child.name for child in children}
+        await stop_server(running, grace_s=1.0)
+    books = [await checked_books.read(account_id) for account_id in accounts]
+    assert charged_in_answers > 0
+    assert _total(samples, "creditline_charged_total") == charged_in_answers == sum(
+        account.charged for account in books)
+    assert _total(samples, "creditline_units_granted_total", creditline_unit="time_s") == (
+        granted_in_answers)
+    for method in ("Initial", "Update", "Terminate"):
+        for transport in ("unary", "stream"):
+            assert _total(samples, "creditline_rpc_requests_total", rpc_method=method,
+                          creditline_transport=transport) == 1, (method, transport)
+
+
+async def test_the_prometheus_endpoint_shows_the_operations_signals(
+        redis_process: RedisProcess, settings: Settings, checked_books: Books) -> None:
+    running = await start_server(
+        settings_with(settings, metrics_listen_address="127.0.0.1:0",
+                      metrics_accounts_interval_s=0.05), redis_process.url, environ={})
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            account_id = f"signals{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            checked_books.track(account_id)
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(admin_pb.CreateAccountRequest(
+                account_id=account_id, initial_balance_micros=50_000_000))
+            subscription = notifications_pb2_grpc.NotificationsStub(channel).Subscribe(
+                notifications_pb.SubscribeRequest(account_ids=[account_id]))
+            await asyncio.wait_for(subscription.initial_metadata(), 10)
+            async with charging_over(channel, "stream") as charging:
+                await _session(charging, account_id, "signals-1")
+            await asyncio.wait_for(subscription.read(), 10)
+            url = f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"
+            samples = _scraped(await asyncio.to_thread(_scrape, url))
+            subscription.cancel()
+    finally:
+        await stop_server(running, grace_s=1.0)
+    assert _total(samples, "creditline_rpc_in_flight", rpc_method="Subscribe") == 1
+    assert _total(samples, "creditline_rpc_in_flight", rpc_method="Update") == 0
+    assert "creditline_stream_in_flight" in samples
+    assert _total(samples, "creditline_events_delivered_total") >= 1
+    assert _total(samples, "creditline_redis_up") == 1
+    assert "creditline_hub_lag" in samples
+    assert "creditline_supervision_closures_total" in samples
+    assert _total(samples, "creditline_notification_subscribers") == 1
+
+
+def _free_port_pair() -> int:
+    """A port P with P + 1 free too (two workers' metrics endpoints)."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_one_scrape_per_worker_shows_every_workers_traffic() -> None:
+    port, metrics_port = free_port(), _free_port_pair()
+    process = serve("--listen-address", f"127.0.0.1:{port}", "--workers", "2",
+                    "--metrics-listen-address", f"127.0.0.1:{metrics_port}")
+    try:
+        wait_for_port(port, process)
+        time.sleep(1)  # both workers have bound the port by now
+        calls = 20
+        for n in range(calls):  # new connections: the kernel spreads them over the workers
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(
+                    grpc.RpcError):
+                admin_pb2_grpc.AdminStub(channel).GetAccount(
+                    admin_pb.GetAccountRequest(account_id=f"nobody-{n}"))
+        counts = [_total(_scraped(_scrape(f"http://127.0.0.1:{metrics_port + n}/metrics")),
+                         "creditline_rpc_requests_total", rpc_method="GetAccount")
+                  for n in range(2)]
+        assert sum(counts) == calls and all(counts), counts
+    finally:
+        output = stop(process)
+    assert f"127.0.0.1:{metrics_port}" in output and "port + n" in output, output

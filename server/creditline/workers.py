@@ -32,6 +32,19 @@ def worker_count(settings: Settings) -> int:
     return settings.workers or os.cpu_count() or 1
 
 
+def worker_metrics_address(address: str, worker: int) -> str:
+    """Worker `worker`'s Prometheus endpoint: the port of metrics_listen_address plus the
+    worker's number (0, 1, ...), each worker's own. Why not one endpoint for all: the
+    workers share nothing, and OTel's Prometheus reader serves one process's instruments
+    (prometheus_client's multiprocess mode is for its own instruments); a scrape config
+    lists the ports, each scrape one worker's whole story. Port 0: each its own free one
+    (its log line says which)."""
+    if not address:
+        return address
+    host, _, port = address.rpartition(":")
+    return address if port == "0" else f"{host}:{int(port) + worker}"
+
+
 def _worker_main(settings: Settings, redis_url: str) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a reload asked before the worker runs)
     configure_logging(settings.log_format, settings.log_level)
@@ -58,12 +71,18 @@ def serve(settings: Settings) -> int:
         context = multiprocessing.get_context("spawn")
         processes = [
             context.Process(target=_worker_main, name=f"creditline-worker-{n}",
-                            args=(replace(settings, redis_url=redis_url), redis_url))
+                            args=(replace(settings, redis_url=redis_url,
+                                          metrics_listen_address=worker_metrics_address(
+                                              settings.metrics_listen_address, n)),
+                                  redis_url))
             for n in range(workers)
         ]
         for process in processes:
             process.start()
         log.info("started %d workers on %s", workers, settings.listen_address)
+        if settings.metrics_listen_address:
+            log.info("metrics: worker n serves its own on %s (port + n)",
+                     settings.metrics_listen_address)
 
         def pass_on(signum: int, frame: FrameType | None) -> None:
             # a stop (SIGTERM, SIGINT) stops every worker; SIGHUP makes each reload the

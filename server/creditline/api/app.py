@@ -221,7 +221,7 @@ def _call_wrapper(settings: Settings, telemetry: Telemetry) -> CallWrapper | Non
     # was (no wrapper, no span, no clock read).
     if not (settings.mutual_tls or telemetry.enabled):
         return None
-    return CallWrapper(spans=telemetry.spans, metrics=telemetry.metrics,
+    return CallWrapper(tracer=telemetry.tracer, metrics=telemetry.metrics,
                        check_roles=settings.mutual_tls)
 
 
@@ -270,19 +270,19 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     server = _grpc_server(settings, reuse_port)
     wrapper = _call_wrapper(settings, telemetry)
     wrap = None if wrapper is None else wrapper.wrap
-    see_call = None if wrapper is None else wrapper.see_call
     rater = telemetry.traced_rater(BandedRater())
     plans_seen = PlansSeen(settings.max_remembered_account_plans)
-    charging = ChargingService(store, catalogue, rater, settings,
-                               charge_calls_bounded=transport.bounded, plans_seen=plans_seen)
+    charging = ChargingService(
+        store, catalogue, rater, settings, charge_calls_bounded=transport.bounded,
+        plans_seen=plans_seen, stream_request=None if wrapper is None else wrapper.stream_request)
     admin = AdminService(store, settings, catalogue, plans_seen=plans_seen)
-    add_service(server, charging, CHARGING, wrap, see_call)
-    add_service(server, admin, ADMIN, wrap, see_call)
+    add_service(server, charging, CHARGING, wrap)
+    add_service(server, admin, ADMIN, wrap)
     hub = await _event_hub(redis_url, settings, transport)
     add_service(server, NotificationsService(
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
         settings.subscriber_batch_linger_s),
-        NOTIFICATIONS, wrap, see_call)
+        NOTIFICATIONS, wrap)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]
@@ -313,6 +313,9 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     renewer.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    if telemetry.metrics is not None:  # (what the observable instruments read)
+        telemetry.metrics.hub_lag_source = hub.lag
+        telemetry.metrics.closures_source = lambda: supervisor.closed
     telemetry.start_account_gauge(redis, settings.metrics_accounts_interval_s,
                                   [cdrs_key(p) for p in range(settings.partitions)],
                                   [accounts_key(p) for p in range(settings.partitions)])

@@ -97,7 +97,6 @@ def _handler(method: MethodDescriptor, implementation: Any, wrapped: bool
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Wrap: TypeAlias = "Callable[[str, Handler], Handler]"
-SeeCall: TypeAlias = "Callable[[grpc.HandlerCallDetails], None]"
 
 
 if TYPE_CHECKING:  # generic in the stubs only, like RpcMethodHandler
@@ -108,36 +107,26 @@ else:
 
 class _Methods(_ServiceHandler):
     """The methods of one service by full name (grpc's own dictionary handler does the
-    same), and `see_call`, when given, is shown each of their calls' details as grpc looks
-    its handler up. grpc has read the call's metadata into those details already, in the
-    call's own task; reading it again from the servicer context costs ~5 us per call in
-    the running server (bench/tracing_overhead.py --sections), which the tracing wrapper
-    saves by keeping its trace headers from here (interceptors.CallWrapper.see_call)."""
+    same)."""
 
-    def __init__(self, name: str, handlers: Mapping[str, Handler], see_call: SeeCall | None
-                 ) -> None:
+    def __init__(self, name: str, handlers: Mapping[str, Handler]) -> None:
         self._name = name
         self._handlers = {f"/{name}/{method}": handler for method, handler in handlers.items()}
-        self._see_call = see_call
 
     def service_name(self) -> str:
         return self._name
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        handler = self._handlers.get(handler_call_details.method)
-        if handler is not None and self._see_call is not None:
-            self._see_call(handler_call_details)
-        return handler
+        return self._handlers.get(handler_call_details.method)
 
 
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
-                wrap: Wrap | None = None, see_call: SeeCall | None = None) -> None:
+                wrap: Wrap | None = None) -> None:
     """Registers a servicer; `wrap` (the span, metrics and role check) gets each method's
-    handler with its full name `/<service>/<method>` and returns the one to serve;
-    `see_call` sees each call's details (method, metadata) before its handler runs."""
+    handler with its full name `/<service>/<method>` and returns the one to serve."""
     handlers = {m.name: _handler(m, getattr(servicer, m.name), wrap is not None)
                 for m in service.methods}
     if wrap is not None:
         handlers = {name: wrap(f"/{service.full_name}/{name}", handler)
                     for name, handler in handlers.items()}
-    server.add_generic_rpc_handlers((_Methods(service.full_name, handlers, see_call),))
+    server.add_generic_rpc_handlers((_Methods(service.full_name, handlers),))

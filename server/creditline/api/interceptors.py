@@ -2,54 +2,94 @@
 The servicers know nothing of them.
 
 Each method handler of the Charging, Admin and Notifications services is wrapped once,
-when the service is registered (handlers.add_service), and only when something is
-switched on (mutual TLS, a tracer or metrics): a server without them has no wrapper and
-pays nothing per call. Why not a grpc.aio ServerInterceptor: grpc.aio runs an
-interceptor's chain of coroutines (and our lookup of the wrapped handler) for every call
-before it even finds the handler; with nothing switched on but the interceptor, the
-quietest end-to-end run measured +40-53 us of server CPU per call (other runs within
-their +-30 us noise), the wrapper alone measures nothing.
+when the service is registered (handlers.add_service, through grpc's public
+GenericRpcHandler and method-handler API), and only when something is switched on (mutual
+TLS, a tracer or metrics): a server without them has no wrapper and pays nothing per call.
+Why not a grpc.aio ServerInterceptor: grpc.aio runs an interceptor's chain of coroutines
+(and our lookup of the wrapped handler) for every call before it even finds the handler;
+with nothing switched on but the interceptor, the quietest end-to-end run measured +40-53 us
+of server CPU per call, the wrapper alone measures nothing.
 
-The span of a call is named `<service>/<method>` (kind SERVER), continues the caller's
-trace from the W3C `traceparent` / `tracestate` metadata, and carries the standard rpc.*
-attributes (rpc.system, rpc.service, rpc.method, rpc.grpc.status_code) and
+Spans are the SDK's (telemetry.Telemetry.tracer), by the rpc.* semantic conventions:
+- a unary call: a SERVER span `<service>/<method>`, child of the caller's trace when its
+  metadata carries W3C `traceparent` / `tracestate`;
+- Charging.Stream: a span for the stream, and one per request it carries (named by the
+  request's kind, `creditline.v1.Charging/Update`, ...), each the root of a trace of its
+  own (sampled on its own: a stream lives for hours) with a Link to the stream's span;
+- Subscribe, SubscribeBatches: one span per subscription (events are counted, not spanned).
+Attributes: rpc.system, rpc.service, rpc.method, rpc.grpc.status_code, and
 creditline.account_id, creditline.session_id, creditline.request_number,
 creditline.rating_groups and creditline.result_code read from the request and answer.
-Spans are made by telemetry.SpanRecorder; a sampled-out call makes none, and its children
-(rating, the Redis script) see no sampled parent and make none either. A call refused by
-the role check is traced and counted with its status, and never reaches the servicer.
-Health is registered without the wrapper: it gets neither span nor metrics, and is open to
-every client. Reflection is registered through it for the role check only (any role, with
-mutual TLS: security.ANY_ROLE_SERVICES); it is a stream, so it gets no span or metrics
-either.
+Status ERROR only for server errors (the OTel convention for servers): a NOT_FOUND is the
+caller's. The children (rating, the Redis script) are spans only under a sampled parent.
+A call refused by the role check is traced and counted with its status, and never reaches
+the servicer. Health is registered without the wrapper; reflection through it for the role
+check only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from contextvars import ContextVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from creditline.api import security
-from creditline.observability.telemetry import CallSpan, Metrics, SpanRecorder
-from creditline.v1.charging_pb2 import DIRECT_DEBIT
+from creditline.observability.telemetry import Metrics
+from creditline.v1 import charging_pb2 as pb
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
+# How a Stream's request is answered: its StreamAnswer's wire bytes.
+StreamAnswerer: TypeAlias = "Callable[[pb.StreamRequest], Awaitable[bytes]]"
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
+# The parent of a call that brought no trace context, and of a Stream's request: none.
+_NO_PARENT = TraceContext()
 _UNIT_FIELDS = ("time_s", "total_octets", "service_specific_units")
-# rpc.grpc.status_code: the number of each status (StatusCode.value is a property, and a
-# tuple)
+# rpc.grpc.status_code: the number of each status (StatusCode.value is a tuple)
 _STATUS_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
+# The statuses that are the server's fault: its span's status is ERROR (OTel's rpc
+# conventions for servers); the others (NOT_FOUND, INVALID_ARGUMENT, ...) are the caller's.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS, grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED})
+# The services whose streaming calls are traced and counted (reflection is not).
+_OBSERVED_STREAMS = frozenset({"creditline.v1.Charging", "creditline.v1.Notifications"})
+# A StreamRequest's oneof field -> the method it stands for
+_STREAM_METHODS = {"initial": "Initial", "update": "Update", "terminate": "Terminate",
+                   "event": "Event", None: "Stream"}
+MAX_SPAN_RATING_GROUPS = 64
+_ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
+                  ("session_id", "creditline.session_id"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Method:
+    """What every call of one method shares, made once: its span's name and attributes,
+    its metrics' attributes."""
+
+    span_name: str
+    attributes: Mapping[str, Any]  # rpc.system, rpc.service, rpc.method
+    labels: Mapping[str, Any]  # rpc.service, rpc.method, creditline.transport
+
+    @classmethod
+    def of(cls, service: str, name: str, transport: str) -> _Method:
+        return cls(f"{service}/{name}",
+                   {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+                   {"rpc.service": service, "rpc.method": name,
+                    "creditline.transport": transport})
 
 
 def _split_method(method: str) -> tuple[str, str]:
@@ -57,51 +97,100 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
-# The running call's W3C trace headers, when it sent any: kept by CallWrapper.see_call as
-# grpc looks the call's handler up, which it does in the call's own task (so in a context
-# of the call's own, which the handler runs in too).
-_CALL_TRACE_HEADERS: ContextVar[dict[str, str] | None] = ContextVar(
-    "creditline_call_trace_headers", default=None)
-
-
-def keep_trace_headers(details: grpc.HandlerCallDetails) -> None:
-    """Keeps the call's trace headers for parent_context(); most calls have none, and
-    build nothing."""
-    metadata = details.invocation_metadata or ()
-    for key, _ in metadata:
-        if key in _TRACE_HEADERS:
-            _CALL_TRACE_HEADERS.set({key: value for key, value in metadata
-                                     if key in _TRACE_HEADERS and isinstance(value, str)})
-            return
-
-
-def parent_context() -> TraceContext | None:
-    """The caller's trace context from the running call's W3C trace headers, if any."""
-    headers = _CALL_TRACE_HEADERS.get()
-    return None if headers is None else _PROPAGATOR.extract(headers)
+def caller_context(context: ServicerContext) -> TraceContext:
+    """The caller's trace context from its W3C trace headers; none when it sent none."""
+    headers = {key: value for key, value in context.invocation_metadata() or ()
+               if key in _TRACE_HEADERS and isinstance(value, str)}
+    return _PROPAGATOR.extract(headers, _NO_PARENT) if headers else _NO_PARENT
 
 
 def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     if error is None:
         return grpc.StatusCode.OK
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED  # the caller went away
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
         return code
     return grpc.StatusCode.UNKNOWN
 
 
-class CallWrapper:
-    def __init__(self, *, spans: SpanRecorder | None, metrics: Metrics | None,
-                 check_roles: bool) -> None:
-        self._spans = spans
-        self._metrics = metrics
-        self._check_roles = check_roles
+class Observer:
+    """Starts and ends the spans and records the metrics of calls and Stream requests."""
 
-    @property
-    def see_call(self) -> Callable[[grpc.HandlerCallDetails], None] | None:
-        """What add_service shows each call's details to: keeps the trace headers when
-        calls are traced."""
-        return None if self._spans is None else keep_trace_headers
+    def __init__(self, tracer: Tracer | None, metrics: Metrics | None) -> None:
+        self.tracer = tracer
+        self.metrics = metrics
+
+    def start(self, method: _Method, parent: TraceContext, links: list[Link] | None = None,
+              *, current_anyway: bool = False) -> tuple[Span | None, object]:
+        """The span (None without a tracer), made the current one when it is recorded
+        (for its children and the log records) or `current_anyway` (a Stream's request:
+        its children must not take the stream's span for their parent), and what end()
+        needs to undo that."""
+        if self.metrics is not None:
+            self.metrics.in_flight.add(1, method.labels)
+        if self.tracer is None:
+            return None, None
+        span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER,
+                                      method.attributes, links)
+        if not (span.is_recording() or current_anyway):
+            return span, None
+        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def end(self, method: _Method, started: tuple[Span | None, object], request: Any,
+            response: Any, status: grpc.StatusCode, error: BaseException | None) -> None:
+        span, token = started
+        if token is not None:
+            otel_context.detach(token)  # type: ignore[arg-type]
+        if span is not None and span.is_recording():
+            _end_span(span, request, response, status, error)
+        if self.metrics is not None:
+            self.metrics.in_flight.add(-1, method.labels)
+
+
+def _end_span(span: Span, request: Any, response: Any, status: grpc.StatusCode,
+              error: BaseException | None) -> None:
+    span.set_attributes(dict(request_attributes(request, response, status)))
+    if status in _SERVER_ERRORS:
+        span.set_status(Status(StatusCode.ERROR, status.name))
+    if error is not None and not isinstance(error, grpc.aio.AbortError) \
+            and status is not grpc.StatusCode.CANCELLED:
+        span.record_exception(error)
+    span.end()
+
+
+def request_attributes(request: Any, response: Any, status: grpc.StatusCode
+                       ) -> list[tuple[str, Any]]:
+    """A call's span attributes beyond its method's: its request's ids, request number
+    and rating groups (those it has), its gRPC status and its answer's result code."""
+    attributes: list[tuple[str, Any]] = []
+    for field_name, attribute in _ID_ATTRIBUTES:
+        value = getattr(request, field_name, None)
+        if value:
+            attributes.append((attribute, value))
+    request_number = getattr(request, "request_number", None)
+    if request_number is not None:
+        attributes.append(("creditline.request_number", request_number))
+    blocks = getattr(request, "rating_groups", None)
+    if blocks:
+        attributes.append(("creditline.rating_groups", [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]))
+    attributes.append(("rpc.grpc.status_code", _STATUS_NUMBERS[status]))
+    result_code = getattr(response, "result_code", None)
+    if result_code is not None:
+        attributes.append(("creditline.result_code", int(result_code)))
+    return attributes
+
+
+class CallWrapper:
+    def __init__(self, *, tracer: Tracer | None, metrics: Metrics | None,
+                 check_roles: bool) -> None:
+        self._observer = Observer(tracer, metrics)
+        self._observed = tracer is not None or metrics is not None
+        self._check_roles = check_roles
+        self._stream_methods = {which: _Method.of("creditline.v1.Charging", name, "stream")
+                                for which, name in _STREAM_METHODS.items()}
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler of `method` (`/<service>/<method>`) with the span, metrics and
@@ -113,9 +202,17 @@ class CallWrapper:
                 self._unary(method, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        if is_open or not self._check_roles:
+        observed = self._observed and service in _OBSERVED_STREAMS
+        if is_open or not (self._check_roles or observed):
             return handler
-        return self._streaming(method, handler)
+        return self._streaming(method, handler, observed)
+
+    @property
+    def stream_request(self) -> Callable[[pb.StreamRequest, StreamAnswerer],
+                                         Awaitable[bytes]] | None:
+        """What answers each request of Charging.Stream (ChargingService's hook): its
+        span and metrics around the answering; None when nothing observes them."""
+        return self._stream_request if self._observed else None
 
     async def _authorize(self, service: str, context: ServicerContext
                          ) -> security.Principal:
@@ -128,18 +225,17 @@ class CallWrapper:
     def _unary(self, method: str, inner: Callable[..., Any]
                ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
         service, name = _split_method(method)
-        spans, metrics, check_roles = self._spans, self._metrics, self._check_roles
-        base_attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-        name_of_span = method.lstrip("/")
+        observer, check_roles = self._observer, self._check_roles
+        described = _Method.of(service, name, "unary")
+        traced = observer.tracer is not None
 
         async def call(request: Any, context: ServicerContext) -> Any:
-            # None when sampled out: then no context switch and no child spans
-            span = None if spans is None else spans.start_call(
-                name_of_span, parent_context(), base_attributes)
-            if span is None and metrics is None and not check_roles:
+            if not self._observed:
+                await self._authorize(service, context)
                 return await inner(request, context)
-            token = None if span is None else SpanRecorder.enter(span)
-            start_s = 0.0 if metrics is None else time.perf_counter()
+            started = observer.start(described, caller_context(context) if traced
+                                     else _NO_PARENT)
+            start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None
             try:
@@ -152,37 +248,72 @@ class CallWrapper:
                 error = raised
                 raise
             finally:
-                if token is not None:
-                    SpanRecorder.leave(token)
-                if span is not None or metrics is not None:
-                    status = _status_code(context, error)
-                    if span is not None and spans is not None:
-                        _end_span(spans, span, request, response, status, error)
-                    if metrics is not None:
-                        _record(metrics, base_attributes, status, request, response,
-                                time.perf_counter() - start_s)
+                status = _status_code(context, error)
+                observer.end(described, started, request, response, status, error)
+                if observer.metrics is not None:
+                    _record(observer.metrics, described, status, request, response,
+                            time.perf_counter() - start_s)
 
         return call
 
-    def _streaming(self, method: str, handler: Handler) -> Handler:
-        """Streams (the future notification stream): the role check, and the caller
-        kept as current_principal() for the handler's own per-account filter."""
-        service, _ = _split_method(method)
+    async def _stream_request(self, request: pb.StreamRequest, answer: StreamAnswerer
+                              ) -> bytes:
+        """One request of a Stream: a span of its own linked to the stream's, and the
+        metrics of a unary call of its kind (creditline.transport=stream)."""
+        observer = self._observer
+        which = request.WhichOneof("request")
+        described = self._stream_methods[which]
+        stream = trace.get_current_span().get_span_context()  # (the Stream's own span)
+        links = [Link(stream)] if stream.is_valid and stream.trace_flags.sampled else None
+        metrics = observer.metrics
+        if metrics is not None:
+            metrics.stream_in_flight.add(1)
+        started = observer.start(described, _NO_PARENT, links, current_anyway=True)
+        start_s = time.perf_counter()
+        raw: bytes | None = None
+        error: BaseException | None = None
+        try:
+            raw = await answer(request)
+            return raw
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            inner = None if which is None else getattr(request, which)
+            reply = None if raw is None else _stream_reply(raw)
+            status = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+            observer.end(described, started, inner, reply, status, error)
+            if metrics is not None:
+                metrics.stream_in_flight.add(-1)
+                _record(metrics, described, status, inner, reply,
+                        time.perf_counter() - start_s)
+
+    def _streaming(self, method: str, handler: Handler, observed: bool) -> Handler:
+        """Streams: the role check, the caller kept as current_principal() for the
+        handler's own per-account filter, and (observed) one span for the whole call."""
+        service, name = _split_method(method)
         inner: Callable[..., Any] = (handler.unary_stream or handler.stream_unary
                                      or handler.stream_stream)  # type: ignore[assignment]
+        described = _Method.of(service, name, "stream")
+        observer = self._observer if observed else None
 
         async def call(request: Any, context: ServicerContext) -> Any:
-            principal = await self._authorize(service, context)
-            token = security.set_current_principal(principal)
+            started = None if observer is None else observer.start(
+                described, caller_context(context) if observer.tracer else _NO_PARENT)
+            error: BaseException | None = None
             try:
-                result = inner(request, context)
-                if inspect.isasyncgen(result):
-                    async for message in result:
-                        await context.write(message)
-                    return None
-                return await result
+                return await self._stream(service, inner, request, context)
+            except BaseException as raised:
+                error = raised
+                raise
             finally:
-                security.reset_current_principal(token)
+                if observer is not None and started is not None:
+                    status = _status_code(context, error)
+                    observer.end(described, started, None, None, status, error)
+                    if observer.metrics is not None:
+                        observer.metrics.requests.add(1, {
+                            **described.labels, "rpc.grpc.status_code": _STATUS_NUMBERS[status],
+                            "creditline.result_code": 0})
 
         kinds: Mapping[bool, Callable[..., Handler]] = {
             True: grpc.stream_stream_rpc_method_handler if handler.request_streaming
@@ -193,26 +324,51 @@ class CallWrapper:
             call, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
+    async def _stream(self, service: str, inner: Callable[..., Any], request: Any,
+                      context: ServicerContext) -> Any:
+        token = None
+        if self._check_roles:
+            token = security.set_current_principal(await self._authorize(service, context))
+        try:
+            result = inner(request, context)
+            if inspect.isasyncgen(result):
+                await _write_all(result, context)
+                return None
+            return await result
+        finally:
+            if token is not None:
+                security.reset_current_principal(token)
 
-def _end_span(spans: SpanRecorder, span: CallSpan, request: Any, response: Any,
-              status: grpc.StatusCode, error: BaseException | None) -> None:
-    if status is grpc.StatusCode.OK:
-        spans.end_call(span, request, response, 0)
-        return
-    unexpected = error is not None and not isinstance(error, grpc.aio.AbortError)
-    spans.end_call(span, request, response, _STATUS_NUMBERS[status],
-                   Status(StatusCode.ERROR, status.name), error if unexpected else None)
+
+async def _write_all(messages: AsyncIterator[Any], context: ServicerContext) -> None:
+    async for message in messages:
+        await context.write(message)
 
 
-def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,
+def _stream_reply(raw: bytes) -> Any:
+    """The answer inside a StreamAnswer's wire bytes (a CreditControlAnswer or an
+    EventAnswer)."""
+    answer = pb.StreamAnswer.FromString(raw)
+    which = answer.WhichOneof("answer")
+    return None if which is None else getattr(answer, which)
+
+
+def _record(metrics: Metrics, method: _Method, status: grpc.StatusCode,
             request: Any, response: Any, duration_s: float) -> None:
-    attributes = {**base, "rpc.grpc.status_code": _STATUS_NUMBERS[status]}
+    attributes = {**method.labels, "rpc.grpc.status_code": _STATUS_NUMBERS[status]}
     metrics.duration.record(duration_s, attributes)
     result_code = int(getattr(response, "result_code", 0) or 0)
     metrics.requests.add(1, {**attributes, "creditline.result_code": result_code})
+    if result_code == pb.UNABLE_TO_COMPLY:
+        metrics.unable_to_comply.add(1, method.labels)
     blocks = getattr(response, "rating_groups", None)
-    if not blocks:
-        return
+    if blocks:
+        _record_money(metrics, method, request, blocks)
+
+
+def _record_money(metrics: Metrics, method: _Method, request: Any, blocks: Any) -> None:
+    """Granted units and money charged of an answer's rating-group blocks."""
+    direct_debit = getattr(request, "action", None) == pb.DIRECT_DEBIT
     for block in blocks:
         rating_group = {"creditline.rating_group": block.rating_group}
         granted = getattr(block, "granted", None)
@@ -221,8 +377,8 @@ def _record(metrics: Metrics, base: Mapping[str, Any], status: grpc.StatusCode,
                 if granted.HasField(unit) and getattr(granted, unit):
                     metrics.granted_units.add(getattr(granted, unit),
                                               {**rating_group, "creditline.unit": unit})
-        charged = getattr(block, "charged_micros", 0) or 0
-        if getattr(request, "action", None) == DIRECT_DEBIT:
-            charged = block.amount_micros
+        charged = block.amount_micros if direct_debit else (
+            getattr(block, "charged_micros", 0) or 0)
         if charged > 0:
-            metrics.charged_micros.add(charged, {**rating_group, "rpc.method": base["rpc.method"]})
+            metrics.charged_micros.add(
+                charged, {**rating_group, "rpc.method": method.labels["rpc.method"]})

@@ -140,6 +140,11 @@ _Context = grpc.aio.ServicerContext[pb.SubscribeRequest, bytes]
 _Sender = Callable[[Subscription, Iterable[StreamEvent], _Context], Awaitable[None]]
 
 
+# creditline.events.delivered's attributes, by method (made once)
+_DELIVERED_LABELS = {method: {"rpc.method": method} for method in ("Subscribe",
+                                                                     "SubscribeBatches")}
+
+
 class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     def __init__(self, hub: EventHub, queue_size: int, max_subscribers: int,
                  metrics: Metrics | None = None, batch_linger_s: float = 0.0) -> None:
@@ -209,6 +214,10 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
     def _count_subscribers(self, change: int) -> None:
         if self._metrics is not None:
             self._metrics.notification_subscribers.add(change)
+
+    def _count_delivered(self, events: int, method: str) -> None:
+        if self._metrics is not None:
+            self._metrics.events_delivered.add(events, _DELIVERED_LABELS[method])
 
     async def _subscription(self, request: pb.SubscribeRequest,
                             context: _Context
@@ -291,6 +300,7 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
             if subscription.matches(event):
                 await context.write(
                     event_message_bytes(event, encode_cursor(subscription.positions)))
+                self._count_delivered(1, "Subscribe")
 
     async def _send_batch(self, subscription: Subscription, events: Iterable[StreamEvent],
                           context: _Context) -> None:
@@ -304,7 +314,9 @@ class NotificationsService(notifications_pb2_grpc.NotificationsServicer):
                 if len(batch) >= MAX_BATCH_EVENTS:
                     await context.write(
                         batch_message_bytes(batch, encode_cursor(subscription.positions)))
+                    self._count_delivered(len(batch), "SubscribeBatches")
                     batch = []
         if batch:
             await context.write(
                 batch_message_bytes(batch, encode_cursor(subscription.positions)))
+            self._count_delivered(len(batch), "SubscribeBatches")

@@ -49,6 +49,9 @@ from creditline.v1 import charging_pb2 as pb
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
+# Answers one Stream request, given what answers it: the call wrapper's span and metrics.
+StreamRequestHook = Callable[
+    [pb.StreamRequest, Callable[[pb.StreamRequest], Awaitable[bytes]]], Awaitable[bytes]]
 # A StreamRequest's session request field -> the charging script's request kind.
 _STREAM_KINDS = {"initial": RequestKind.INITIAL, "update": RequestKind.UPDATE,
                  "terminate": RequestKind.TERMINATE}
@@ -125,7 +128,8 @@ class ChargingService:
 
     def __init__(self, store: Store, catalogue: Catalogue, rater: Rater, settings: Settings,
                  *, charge_calls_bounded: bool = False, kernels: Kernels | None = None,
-                 plans_seen: PlansSeen | None = None) -> None:
+                 plans_seen: PlansSeen | None = None,
+                 stream_request: StreamRequestHook | None = None) -> None:
         self._store = store
         self._settings = settings
         # the compiled kernels, or the pure twin when CREDITLINE_PURE_RATING says so
@@ -137,6 +141,9 @@ class ChargingService:
         # the store's charge calls fail by themselves after redis_call_timeout_s (the lean
         # path): no timer of ours per request
         self._charge_timeout_s = None if charge_calls_bounded else settings.redis_call_timeout_s
+        # what answers each Stream request with its span and metrics (the call wrapper's),
+        # given _stream_answer; None: nothing observes them
+        self._stream_request = stream_request
 
     @property
     def path(self) -> messages.RequestPath:
@@ -182,7 +189,9 @@ class ChargingService:
         async def answer(request: pb.StreamRequest) -> None:
             # put_nowait: the queue is unbounded (in_flight bounds it), so no coroutine
             try:
-                answers.put_nowait(await self._stream_answer(request))
+                hook = self._stream_request
+                answers.put_nowait(await (self._stream_answer(request) if hook is None
+                                          else hook(request, self._stream_answer)))
             except Exception:
                 # every request gets an answer, or its client waits for ever
                 log.exception("stream request %d failed", request.correlation_id)

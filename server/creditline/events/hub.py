@@ -276,6 +276,12 @@ class EventHub:
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
 
+    def lag(self) -> int:
+        """Events read for a subscriber and not yet written to it, the most of any of
+        this process's subscribers (creditline.hub.lag)."""
+        return max((subscription.queue.qsize() for subscription in self.subscriptions),
+                   default=0)
+
     def reading(self, partition: int) -> bool:
         return partition in self._readers
 
