@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.books import Books
 from tests.conftest import settings_with
-from tests.messages import RG_FREE, RG_VOICE, block, ccr
+from tests.messages import RG_FREE, RG_PEAK_VOICE, RG_VOICE, block, ccr
 from tests.processes import serve, stop, wait_for_port
 from tests.stream_client import charging_over
 
@@ -97,7 +97,8 @@ async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed,
     observed.spans.clear()
     traceparent = f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"
     answer = await observed.charging.Initial(
-        ccr("trace-1", account_id, 0, block(RG_VOICE, requested=60), block(RG_FREE)),
+        ccr("trace-1", account_id, 0, block(RG_PEAK_VOICE, requested=60), block(RG_VOICE),
+            block(RG_FREE)),
         metadata=(("traceparent", traceparent),))
     assert answer.result_code == pb.SUCCESS
     spans = observed.spans.get_finished_spans()
@@ -112,16 +113,18 @@ async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed,
     assert attributes["rpc.grpc.status_code"] == 0
     assert attributes["creditline.account_id"] == account_id
     assert attributes["creditline.session_id"] == "trace-1"
-    assert list(attributes["creditline.rating_groups"]) == [RG_VOICE, RG_FREE]  # type: ignore[arg-type]
+    assert list(attributes["creditline.rating_groups"]) == [  # type: ignore[arg-type]
+        RG_PEAK_VOICE, RG_VOICE, RG_FREE]
     assert attributes["creditline.result_code"] == pb.SUCCESS
-    # children: the rating of the voice tariff (the free one needs none) and the script
+    # children: the rating of the banded tariff (the voice one's table is made once, the
+    # free one needs none) and the script
     [rating] = _by_name(spans, "rating")
     # (FCALL where Redis has functions, else EVALSHA)
     [script] = _by_name(spans, f"{observed.running.store.charge_operation} charge.lua")
     for child in (rating, script):
         assert child.parent is not None and child.parent.span_id == rpc.context.span_id
         assert child.context.trace_id == rpc.context.trace_id
-    assert (rating.attributes or {})["creditline.rating_group"] == RG_VOICE
+    assert (rating.attributes or {})["creditline.rating_group"] == RG_PEAK_VOICE
     assert script.kind is SpanKind.CLIENT
     assert (script.attributes or {})["db.system.name"] == "redis"
 
