@@ -46,6 +46,7 @@ from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import charging_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
 
 from tests.messages import RG_SMS, RG_VOICE, RG_WEB, block, ccr
 
@@ -367,8 +368,9 @@ def _unique(blocks: list[pb.RatingGroupRequest]) -> list[pb.RatingGroupRequest]:
 def test_block_arguments_are_the_reference_on_both_kernels(
         plan: Plan, request_blocks: list[pb.RatingGroupRequest], event_time_ms: int,
         default_grant: bool) -> None:
-    # (the traced rater makes no table ahead: every rated block asks it)
-    for rater in (BandedRater(), IncrementRater(), TracedRater(BandedRater())):
+    # (the traced rater: the same tables, some with a span around their making)
+    traced = TracedRater(BandedRater(), TracerProvider().get_tracer("test"))
+    for rater in (BandedRater(), IncrementRater(), traced):
         reference = reference_script_blocks(request_blocks, plan, rater, event_time_ms,
                                             default_grant)
         for kernels in BOTH:
