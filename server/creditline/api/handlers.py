@@ -5,8 +5,9 @@ which answers it; the call wrapper (interceptors.CallWrapper) still sees parsed 
 for every good request.
 
 A servicer may answer with the message's wire bytes (the Charging service does: the rating
-kernels write them): they are sent as they are. The call wrapper, when there is one, reads
-answers as messages (spans, metrics): it gets them parsed from those bytes.
+kernels write them): they are sent as they are. The call wrapper, when there is one, gets
+each method's answer class to read such answers when a span or a metric needs them (a
+sampled-out call then pays no parsing).
 """
 
 from __future__ import annotations
@@ -54,22 +55,15 @@ async def _refuse(request: Unparsable, context: Context) -> Message:
     raise AssertionError("abort raises")
 
 
-def _handler(method: MethodDescriptor, implementation: Any, wrapped: bool
-             ) -> grpc.RpcMethodHandler[Any, Any]:
+def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHandler[Any, Any]:
     parse = _deserializer(GetMessageClass(method.input_type))
-    answer_class = GetMessageClass(method.output_type)
-    serialize = _passing_bytes(answer_class)
+    serialize = _passing_bytes(GetMessageClass(method.output_type))
 
     # A good request is checked without a coroutine of its own (every call pays for one).
     async def one(request: Message | Unparsable, context: Context) -> Any:
         if isinstance(request, Unparsable):
             await _refuse(request, context)
         return await implementation(request, context)
-
-    async def one_as_message(request: Message | Unparsable, context: Context) -> Any:
-        # for the call wrapper: the answer as a message, whatever the servicer wrote
-        answer = await one(request, context)
-        return answer_class.FromString(answer) if isinstance(answer, bytes) else answer
 
     async def each(requests: AsyncIterator[Message | Unparsable], context: Context
                    ) -> AsyncIterator[Message]:
@@ -90,13 +84,15 @@ def _handler(method: MethodDescriptor, implementation: Any, wrapped: bool
     if method.client_streaming:
         raise NotImplementedError(f"{method.full_name}: client streaming alone is not used")
     return grpc.unary_unary_rpc_method_handler(
-        one_as_message if wrapped else one, request_deserializer=parse,
+        one, request_deserializer=parse,
         response_serializer=serialize)
 
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-Wrap: TypeAlias = "Callable[[str, Handler], Handler]"
+# (the method's full name, its handler, its answer's message class: for answers written
+# as wire bytes, read only when a span or a metric needs them)
+Wrap: TypeAlias = "Callable[[str, Handler, type[Message]], Handler]"
 
 
 if TYPE_CHECKING:  # generic in the stubs only, like RpcMethodHandler
@@ -124,9 +120,8 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
                 wrap: Wrap | None = None) -> None:
     """Registers a servicer; `wrap` (the span, metrics and role check) gets each method's
     handler with its full name `/<service>/<method>` and returns the one to serve."""
-    handlers = {m.name: _handler(m, getattr(servicer, m.name), wrap is not None)
-                for m in service.methods}
+    handlers = {m.name: _handler(m, getattr(servicer, m.name)) for m in service.methods}
     if wrap is not None:
-        handlers = {name: wrap(f"/{service.full_name}/{name}", handler)
-                    for name, handler in handlers.items()}
+        handlers = {m.name: wrap(f"/{service.full_name}/{m.name}", handlers[m.name],
+                                 GetMessageClass(m.output_type)) for m in service.methods}
     server.add_generic_rpc_handlers((_Methods(service.full_name, handlers),))

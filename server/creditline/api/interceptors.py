@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
@@ -138,6 +139,11 @@ class Observer:
             return span, None
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
+    def reads(self, started: tuple[Span | None, object]) -> bool:
+        """Whether the call's answer is read: for metrics, or a recorded span."""
+        span = started[0]
+        return self.metrics is not None or (span is not None and span.is_recording())
+
     def end(self, method: _Method, started: tuple[Span | None, object], request: Any,
             response: Any, status: grpc.StatusCode, error: BaseException | None) -> None:
         span, token = started
@@ -192,14 +198,14 @@ class CallWrapper:
         self._stream_methods = {which: _Method.of("creditline.v1.Charging", name, "stream")
                                 for which, name in _STREAM_METHODS.items()}
 
-    def wrap(self, method: str, handler: Handler) -> Handler:
+    def wrap(self, method: str, handler: Handler, answer_class: type[Message]) -> Handler:
         """The handler of `method` (`/<service>/<method>`) with the span, metrics and
-        role check around it."""
+        role check around it; answer_class reads answers sent as wire bytes."""
         service, _ = _split_method(method)
         is_open = service in security.OPEN_SERVICES
         if handler.unary_unary is not None and not is_open:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
+                self._unary(method, handler.unary_unary, answer_class),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
         observed = self._observed and service in _OBSERVED_STREAMS
@@ -222,7 +228,7 @@ class CallWrapper:
             await context.abort(refused.code, refused.reason)
             raise
 
-    def _unary(self, method: str, inner: Callable[..., Any]
+    def _unary(self, method: str, inner: Callable[..., Any], answer_class: type[Message]
                ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
         service, name = _split_method(method)
         observer, check_roles = self._observer, self._check_roles
@@ -249,9 +255,11 @@ class CallWrapper:
                 raise
             finally:
                 status = _status_code(context, error)
-                observer.end(described, started, request, response, status, error)
+                answer = _message(response, answer_class) if observer.reads(started) \
+                    else None
+                observer.end(described, started, request, answer, status, error)
                 if observer.metrics is not None:
-                    _record(observer.metrics, described, status, request, response,
+                    _record(observer.metrics, described, status, request, answer,
                             time.perf_counter() - start_s)
 
         return call
@@ -280,7 +288,7 @@ class CallWrapper:
             raise
         finally:
             inner = None if which is None else getattr(request, which)
-            reply = None if raw is None else _stream_reply(raw)
+            reply = None if raw is None or not observer.reads(started) else _stream_reply(raw)
             status = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
             observer.end(described, started, inner, reply, status, error)
             if metrics is not None:
@@ -343,6 +351,11 @@ class CallWrapper:
 async def _write_all(messages: AsyncIterator[Any], context: ServicerContext) -> None:
     async for message in messages:
         await context.write(message)
+
+
+def _message(answer: Any, answer_class: type[Message]) -> Any:
+    """The answer as a message (the Charging service answers with its wire bytes)."""
+    return answer_class.FromString(answer) if isinstance(answer, bytes) else answer
 
 
 def _stream_reply(raw: bytes) -> Any:
