@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from creditline.api.app import RunningServer, _call_wrapper, start_server, stop_server
+from creditline.api.interceptors import _end_span
 from creditline.observability.logging_setup import JsonFormatter, TraceIdFilter
 from creditline.observability.telemetry import (
     Telemetry,
@@ -524,3 +525,20 @@ def test_one_scrape_per_worker_shows_every_workers_traffic() -> None:
     finally:
         output = stop(process)
     assert f"127.0.0.1:{metrics_port}" in output and "port + n" in output, output
+
+
+@pytest.mark.parametrize(("status", "error_span"), [
+    (grpc.StatusCode.NOT_FOUND, False), (grpc.StatusCode.INVALID_ARGUMENT, False),
+    (grpc.StatusCode.CANCELLED, False), (grpc.StatusCode.INTERNAL, True),
+    (grpc.StatusCode.UNAVAILABLE, True), (grpc.StatusCode.DEADLINE_EXCEEDED, True)])
+def test_only_server_errors_make_an_error_span(status: grpc.StatusCode, error_span: bool
+                                               ) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = provider.get_tracer("test").start_span("call")
+    _end_span(span, None, None, status, RuntimeError("boom") if error_span else None)
+    [ended] = exporter.get_finished_spans()
+    assert (ended.status.status_code is StatusCode.ERROR) is error_span
+    assert (ended.attributes or {})["rpc.grpc.status_code"] == status.value[0]
+    assert [event.name for event in ended.events] == (["exception"] if error_span else [])

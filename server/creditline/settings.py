@@ -149,7 +149,8 @@ class Settings:
     # logs: text or json (json carries trace_id and span_id), and the level
     log_format: str = "text"
     log_level: str = "INFO"
-    # Prometheus scrape endpoint (host:port); empty: none
+    # Prometheus scrape endpoint (host:port; 0.0.0.0:PORT to be scraped from another
+    # container); empty: none. With workers, worker n serves PORT + n.
     metrics_listen_address: str = ""
     # how often the account count (the subscribers gauge) is refreshed from Redis
     metrics_accounts_interval_s: float = 60.0

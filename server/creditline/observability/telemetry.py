@@ -357,28 +357,31 @@ def build_telemetry(
         telemetry.use_tracing(chosen_sampler,
                               [_span_exporter(name, environ) for name in trace_names],
                               resource)
-    readers = [metric_reader] if metric_reader is not None else _metric_readers(
-        settings, environ, telemetry)
+    readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
+    if metric_reader is None:
+        readers, telemetry._prometheus = _metric_readers(settings, environ)
+        if telemetry._prometheus is not None:
+            telemetry.prometheus_port = telemetry._prometheus[0].server_port
     if readers:
         telemetry.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         telemetry.metrics = Metrics(telemetry.meter_provider.get_meter(INSTRUMENTATION_NAME))
     return telemetry
 
 
-def _metric_readers(settings: Settings, environ: Mapping[str, str], telemetry: Telemetry
-                    ) -> list[MetricReader]:
-    """The readers OTEL_METRICS_EXPORTER names; a Prometheus one serving
-    metrics_listen_address (default 127.0.0.1:9464 when only the variable names it)."""
+def _metric_readers(settings: Settings, environ: Mapping[str, str]
+                    ) -> tuple[list[MetricReader], tuple[WSGIServer, Thread] | None]:
+    """The readers OTEL_METRICS_EXPORTER names, with a Prometheus one serving
+    metrics_listen_address (default 127.0.0.1:9464 when only the variable names it), and
+    that endpoint's server."""
     metric_names = _names(environ, "OTEL_METRICS_EXPORTER", _METRIC_EXPORTERS)
     readers = [_metric_reader(name, environ) for name in metric_names if name != "prometheus"]
     address = settings.metrics_listen_address
     if not address and "prometheus" in metric_names:
         address = "127.0.0.1:9464"
-    if address:
-        reader, telemetry._prometheus = _prometheus_endpoint(address)
-        telemetry.prometheus_port = telemetry._prometheus[0].server_port
-        readers.append(reader)
-    return readers
+    if not address:
+        return readers, None
+    reader, endpoint = _prometheus_endpoint(address)
+    return [*readers, reader], endpoint
 
 
 def _prometheus_endpoint(address: str) -> tuple[MetricReader, tuple[WSGIServer, Thread]]:
@@ -518,8 +521,9 @@ class TracedRater:
 
 
 def current_trace_ids() -> tuple[str, str] | None:
-    """(trace id, span id) in hex of the OTel context's current span, for log records."""
+    """(trace id, span id) in hex of the OTel context's current span, for log records;
+    None outside a sampled one (its trace is nowhere to be found)."""
     context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
+    if not (context.is_valid and context.trace_flags.sampled):
         return None
     return format(context.trace_id, "032x"), format(context.span_id, "016x")
