@@ -27,6 +27,7 @@ import struct
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 from creditline.diameter import message as m
 from creditline.diameter.codec import (
@@ -116,8 +117,9 @@ class Peer(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # a cast, not an isinstance check: uvloop's transports (the server's loop) do not
+        # subclass asyncio.Transport, and an assert here refused every connection
+        self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else ""
         self._spawn(self._watch())
