@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import itertools
 import logging
@@ -393,12 +394,14 @@ class DiameterBench:
         await asyncio.sleep(args.warmup_s)
         measuring = True
         cpu_before = [_cpu_s(p) for p in (server_procs, redis_procs, driver_procs)]
+        io_before = _io_calls(server_procs)
         machine_before = psutil.cpu_times()
         started = time.perf_counter()
         await asyncio.sleep(args.duration_s)
         measuring = False
         elapsed_s = time.perf_counter() - started
         cpu_after = [_cpu_s(p) for p in (server_procs, redis_procs, driver_procs)]
+        io_after = _io_calls(server_procs)
         machine_after = psutil.cpu_times()
         stop = True
         await asyncio.gather(*workers)
@@ -425,6 +428,10 @@ class DiameterBench:
             # what the rest of the machine took, in % of one core
             "others_cpu_percent": round(max(0.0, 100 * (machine_busy_s - sum(used_s))
                                             / elapsed_s), 1),
+            # read()/write() system calls of the server (sockets to the clients and to
+            # Redis): what batching on either side changes
+            "server_reads_per_request": round((io_after[0] - io_before[0]) / answered, 3),
+            "server_writes_per_request": round((io_after[1] - io_before[1]) / answered, 3),
             # (the kernel's loopback TCP work in interrupts, counted to no process)
             "machine_softirq_percent": round(100 * machine_s["softirq"] / elapsed_s, 1),
             # the same charging work whatever the transport: one script call per request
@@ -443,6 +450,16 @@ class DiameterBench:
                  result["server_cpu_ms_per_request"], result["server_cpu_percent"],
                  result["p50_ms"], result["p99_ms"], window.failures)
         return result
+
+
+def _io_calls(processes: list[psutil.Process]) -> tuple[int, int]:
+    """read and write system calls of the processes so far (/proc/<pid>/io)."""
+    reads = writes = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            counters = process.io_counters()
+            reads, writes = reads + counters.read_count, writes + counters.write_count
+    return reads, writes
 
 
 def _aggregate(phases: dict[str, dict[str, Any]], transport: str) -> dict[str, Any]:
@@ -503,8 +520,8 @@ def _ratios(phases: dict[str, dict[str, Any]], totals: dict[str, dict[str, Any]]
 def table(results: dict[str, Any]) -> str:
     lines = ["| phase | req/s | server CPU ms/req | Redis CPU ms/req | driver CPU ms/req | "
              "server CPU % | others CPU % | p50 ms | p99 ms | failures | Redis trips/req | "
-             "in-script cmds/req |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "in-script cmds/req | server reads/req | server writes/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, p in results["phases"].items():
         lines.append(f"| {name} | {p['requests_per_s']:,.0f} | "
                      f"{p['server_cpu_ms_per_request']:.3f} | "
@@ -512,7 +529,9 @@ def table(results: dict[str, Any]) -> str:
                      f"{p['driver_cpu_ms_per_request']:.3f} | {p['server_cpu_percent']:.0f} | "
                      f"{p['others_cpu_percent']:.0f} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | "
                      f"{p['failures']} | {p['redis_round_trips_per_request']:.3f} | "
-                     f"{p['in_script_commands_per_request']:.1f} |")
+                     f"{p['in_script_commands_per_request']:.1f} | "
+                     f"{p['server_reads_per_request']:.2f} | "
+                     f"{p['server_writes_per_request']:.2f} |")
     lines += ["", "| transport, all rounds | req/s | server CPU ms/req | failures |",
               "|---|---|---|---|"]
     for name, t in results["totals"].items():
