@@ -564,6 +564,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench = DiameterBench(args, server, diameter_port, redis,
                                       redis_server_ps(redis_process.port))
                 results = await _run_phases(bench)
+                results["redis_server"] = (await redis.info("server"))["redis_version"]
         finally:
             code = server.stop()
             if code not in (0, -15):
