@@ -744,16 +744,22 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_results(path: Path, results: dict[str, Any]) -> Path:
+    """A run's results as JSON (bench/results/ is not in git: keep a run worth keeping
+    in bench/reference-runs/)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args = parse_arguments(argv)
     import uvloop
 
     results = uvloop.run(run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{args.tag}.json"
     results["arguments"]["out"] = str(args.out)
-    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    json_path = write_results(args.out / f"{args.tag}.json", results)
     log.info("results: %s", json_path)
     if not args.no_plot:
         from bench.plot import plot

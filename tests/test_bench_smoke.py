@@ -6,6 +6,7 @@ is shared."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import subprocess
@@ -200,6 +201,30 @@ def test_plans_bench_counts_second_round_trips() -> None:
     assert "round 2: 180 requests, 180 script calls: 0.00 %" in result.stdout
     assert "(3 accounts changed plan)" in result.stdout
     assert "round 3: 180 requests, 183 script calls" in result.stdout
+
+
+def test_diameter_bench_runs_every_transport_without_failures(tmp_path: Path) -> None:
+    """bench/diameter_bench.py, tiny: `creditline serve` (uvloop, its Diameter listener)
+    answers CCR-U over one connection, and gRPC Update unary and streamed, every answer
+    2001, the same script work per request, and the books balanced afterwards."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.diameter_bench", "--duration-s", "0.5", "--warmup-s",
+         "0.2", "--rounds", "1", "--accounts", "20", "--in-flight", "8",
+         "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [written] = tmp_path.glob("diameter-*.json")
+    results = json.loads(written.read_text())
+    assert results["failures"] == 0 and not results["teardown_failures"]
+    assert results["books"]["mismatches"] == 0, results["books"]
+    for transport in ("unary", "stream", "diameter"):
+        phase = results["phases"][f"{transport}_round1"]
+        assert phase["requests_per_s"] > 0 and phase["answered"] > 0, phase
+        assert phase["server_cpu_ms_per_request"] > 0, phase
+        assert phase["redis_round_trips_per_request"] == 1.0, phase
+    assert results["ratios"]["diameter_to_unary"]["throughput"] > 0
+    assert "| Diameter / unary |" in result.stdout
 
 
 def test_histogram_percentiles_within_one_percent() -> None:

@@ -20,10 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from creditline.api.app import RunningServer
 from creditline.diameter import message as dm
 from creditline.diameter.codec import AVP_MANDATORY, FLAG_ERROR, CodecError
 from creditline.diameter.dictionary import AvpCode, Command
+from creditline.diameter.message import Message
+from creditline.diameter.node import peer_rules
+from creditline.diameter.peer import Peer
+from creditline.settings import Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc
@@ -278,3 +283,24 @@ async def test_tls_from_the_first_byte_with_peer_certificates(
         with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
             plain = await RawPeer.connect(port)  # no TLS at all: the handshake fails
             await plain.open()
+
+def test_a_peer_on_uvloop_answers_the_cer() -> None:
+    """`creditline serve` runs on uvloop, whose transports are no asyncio.Transport
+    subclasses (the other tests run on asyncio's own loop): a check of the transport's
+    class there refused every connection."""
+    async def no_ccr(peer: Peer, request: Message) -> Message:
+        raise AssertionError("no CCR is sent here")
+
+    async def exchange() -> int:
+        rules = peer_rules(Settings(), ("127.0.0.1",))
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Peer(rules, no_ccr, lambda peer: True, lambda peer: None), "127.0.0.1", 0)
+        try:
+            raw = await RawPeer.connect(server.sockets[0].getsockname()[1])
+            code = result_code(await raw.open())
+            await raw.close()
+            return code
+        finally:
+            server.close()
+
+    assert uvloop.run(exchange()) == 2001

@@ -110,6 +110,8 @@ class Peer(asyncio.Protocol):
         self._on_close = on_close
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
+        # frames sent in this loop turn, written together at its end (_flush)
+        self._outgoing: list[bytes] = []
         self.address = ""
         self.origin_host = ""      # the peer's, from its CER
         self.origin_realm = ""
@@ -126,7 +128,8 @@ class Peer(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # (a stream transport; uvloop's TLS one is no subclass of asyncio.Transport)
+        # a cast, not an isinstance check: uvloop's transports (the server's loop) do not
+        # subclass asyncio.Transport, and an assert here refused every connection
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else ""
@@ -167,11 +170,22 @@ class Peer(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None and not self._closing:
             self._closing = True
+            self._flush()  # (what was sent before the close goes out before it)
             self._transport.close()
 
     def send(self, message: Message) -> None:
+        """Queues the message's frame; the frames of one loop turn go out in one write.
+        Answers finish in bursts (one read of Redis replies completes many), and a write
+        each was a send() system call each: ~10 % of the server's time at saturation."""
         if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(m.encode_message(message))
+            if not self._outgoing:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._outgoing.append(m.encode_message(message))
+
+    def _flush(self) -> None:
+        frames, self._outgoing = self._outgoing, []
+        if frames and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(b"".join(frames))
 
     def _spawn(self, work: Awaitable[None]) -> None:
         task = asyncio.ensure_future(work)
