@@ -28,15 +28,17 @@ def _metric(name: str, kind: str, source: str, *labels: str) -> Metric:
     return Metric(name, kind, frozenset(labels), source)
 
 
-# rpc.* semantic-convention labels every per-call metric carries
-_RPC = ("rpc_system", "rpc_service", "rpc_method", "rpc_grpc_status_code")
+# rpc.* semantic-convention labels every per-call metric carries, and how the request came:
+# unary, or over a gRPC stream (a Charging.Stream request, the streaming call itself)
+_RPC = ("rpc_system", "rpc_service", "rpc_method", "creditline_transport")
 
-# Exposed today: tests/test_operator_metrics.py requires each of them on a live scrape.
+# Exposed: tests/test_operator_metrics.py requires each of them on a live scrape.
 EXISTING: tuple[Metric, ...] = (
     _metric("creditline_rpc_requests_total", "counter", "creditline.rpc.requests",
-            *_RPC, "creditline_result_code"),     # Diameter result code; 0 for Admin
+            *_RPC, "rpc_grpc_status_code",
+            "creditline_result_code"),     # Diameter result code; 0 for Admin
     _metric("rpc_server_call_duration_seconds", "histogram", "rpc.server.call.duration",
-            *_RPC),
+            *_RPC, "rpc_grpc_status_code"),
     _metric("creditline_units_granted_total", "counter", "creditline.units.granted",
             "creditline_rating_group", "creditline_unit"),
     _metric("creditline_charged_total", "counter", "creditline.charged (micro-units)",
@@ -47,28 +49,21 @@ EXISTING: tuple[Metric, ...] = (
     _metric("creditline_notification_subscribers", "gauge",
             "creditline.notification.subscribers (up-down counter)"),
     _metric("creditline_cdr_backlog", "gauge", "creditline.cdr.backlog (observable gauge)"),
+    _metric("creditline_rpc_in_flight", "gauge", "creditline.rpc.in_flight", *_RPC),
+    _metric("creditline_stream_in_flight", "gauge", "creditline.stream.in_flight"),
+    _metric("creditline_hub_lag", "gauge",
+            "creditline.hub.lag (events read for a subscriber, not yet written to it)"),
+    _metric("creditline_redis_unable_to_comply_total", "counter",
+            "creditline.redis.unable_to_comply (5012 answers)", *_RPC),
+    _metric("creditline_supervision_closures_total", "counter",
+            "creditline.supervision.closures (observable counter)"),
+    _metric("creditline_redis_up", "gauge", "creditline.redis.up (1 reachable, 0 not)"),
+    _metric("creditline_events_delivered_total", "counter", "creditline.events.delivered",
+            "rpc_method"),
 )
 
-# Issue 19's new instruments, being added by the other half of that issue (the
-# observability/ rewrite). Their names here are the exporter's rule applied to the OTel
-# names agreed for them, assuming annotation units (`{request}`, `{event}`, ...) or none;
-# labels are not known yet, so none are required. The rules and the dashboard already use
-# them; tests/test_operator_metrics.py reports which of them a scrape shows but does not
-# require them.
-# THIS SET MUST BE EMPTY ONCE ISSUE 19'S INSTRUMENTS LAND: move each entry to EXISTING
-# (with the labels the scrape shows) so that a renamed or missing instrument fails the test
-# instead of leaving an alert that can never fire.
-COMING: tuple[Metric, ...] = (
-    _metric("creditline_rpc_in_flight", "gauge", "creditline.rpc.in_flight"),
-    _metric("creditline_stream_in_flight", "gauge", "creditline.stream.in_flight"),
-    _metric("creditline_hub_lag", "gauge", "creditline.hub.lag (events behind the newest)"),
-    _metric("creditline_redis_unable_to_comply_total", "counter",
-            "creditline.redis.unable_to_comply (5012 answers for a Redis failure)"),
-    _metric("creditline_supervision_closures_total", "counter",
-            "creditline.supervision.closures"),
-    _metric("creditline_redis_up", "gauge", "creditline.redis.up (1 reachable, 0 not)"),
-    _metric("creditline_events_delivered_total", "counter", "creditline.events.delivered"),
-)
+# Names the rules may use before the server exposes them: none left (issue 19 landed).
+COMING: tuple[Metric, ...] = ()
 
 # Made by Prometheus itself for every target it scrapes, never by the server.
 PROMETHEUS_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
