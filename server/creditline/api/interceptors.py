@@ -33,6 +33,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import Token
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -116,6 +117,11 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
+# A call's span (None without a tracer) and, when it was made the current span, the token
+# that undoes that.
+Started: TypeAlias = "tuple[Span | None, Token[TraceContext] | None]"
+
+
 class Observer:
     """Starts and ends the spans and records the metrics of calls and Stream requests."""
 
@@ -124,7 +130,7 @@ class Observer:
         self.metrics = metrics
 
     def start(self, method: _Method, parent: TraceContext, links: list[Link] | None = None,
-              *, current_anyway: bool = False) -> tuple[Span | None, object]:
+              *, current_anyway: bool = False) -> Started:
         """The span (None without a tracer), made the current one when it is recorded
         (for its children and the log records) or `current_anyway` (a Stream's request:
         its children must not take the stream's span for their parent), and what end()
@@ -139,16 +145,16 @@ class Observer:
             return span, None
         return span, otel_context.attach(trace.set_span_in_context(span, parent))
 
-    def reads(self, started: tuple[Span | None, object]) -> bool:
+    def reads(self, started: Started) -> bool:
         """Whether the call's answer is read: for metrics, or a recorded span."""
         span = started[0]
         return self.metrics is not None or (span is not None and span.is_recording())
 
-    def end(self, method: _Method, started: tuple[Span | None, object], request: Any,
+    def end(self, method: _Method, started: Started, request: Any,
             response: Any, status: grpc.StatusCode, error: BaseException | None) -> None:
         span, token = started
         if token is not None:
-            otel_context.detach(token)  # type: ignore[arg-type]
+            otel_context.detach(token)
         if span is not None and span.is_recording():
             _end_span(span, request, response, status, error)
         if self.metrics is not None:
