@@ -85,8 +85,8 @@ def _scenario(channel: grpc.Channel) -> None:
 @pytest.fixture(scope="module")
 def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
     grpc_port, metrics_port = free_port(), free_port()
-    # one worker: with more, each opens the metrics port (issue 19's other half makes one
-    # scrape show all workers); the accounts and the CDR backlog are counted every 0.2 s
+    # one worker: one scrape holds all its series (worker n serves on the base port + n);
+    # the accounts and the CDR backlog are counted every 0.2 s
     process = serve("--embedded-redis-dir", str(tmp_path_factory.mktemp("redis")),
                     "--listen-address", f"127.0.0.1:{grpc_port}", "--workers", "1",
                     "--metrics-listen-address", f"127.0.0.1:{metrics_port}",
