@@ -27,6 +27,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+
+class PortTakenError(RuntimeError):
+    """Another process's redis-server answers on the port chosen."""
+
+
+# Starts tried when the port chosen turns out taken by another process.
+START_ATTEMPTS = 3
 # How long redis-server may take to accept connections after it starts.
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
@@ -76,6 +83,7 @@ class RedisProcess:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="creditline-redis-")
         self.binary = redis_server_binary(binary)
         self.extra_args = extra_args
+        self._chosen_port = not private and not port  # (ours to choose again)
         self.port = 0 if private else port or free_port()
         self.socket_dir = _private_socket_dir() if private else ""
         self._process: subprocess.Popen[bytes] | None = None
@@ -101,6 +109,20 @@ class RedisProcess:
         return ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
 
     def start(self) -> RedisProcess:
+        """Starts it, and waits until it answers. A free port can be taken by another
+        process between free_port() and redis-server's bind (tests running side by side):
+        then ours exits and the Redis answering is the other's, told apart by its process
+        id; a port of our choosing is chosen again."""
+        for _ in range(START_ATTEMPTS - 1):
+            try:
+                return self._start_once()
+            except PortTakenError:
+                if not self._chosen_port:
+                    raise
+                self.port = free_port()
+        return self._start_once()
+
+    def _start_once(self) -> RedisProcess:
         Path(self.data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         log_path = Path(self.data_dir) / "redis.log"
         args = [self.binary, *self._listen_args(),
@@ -111,11 +133,15 @@ class RedisProcess:
             preexec_fn=_set_parent_death_signal if self._die_with_parent else None)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
+            answering = self._answering_pid()
+            if answering == self._process.pid:
+                return self
             if self._process.poll() is not None:
+                if answering is not None:  # (another Redis holds the port)
+                    raise PortTakenError(f"port {self.port}: another redis-server (pid "
+                                         f"{answering}) holds it")
                 raise RuntimeError(f"redis-server exited at start: {self._stderr()} "
                                    f"{_tail(log_path)}")
-            if self._answers_ping():
-                return self
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT_S} s")
@@ -132,13 +158,23 @@ class RedisProcess:
             raise
         return sock
 
-    def _answers_ping(self) -> bool:
+    def _answering_pid(self) -> int | None:
+        """The process id of the redis-server answering on our address, or None."""
         try:
             with self._connect() as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
+                sock.sendall(b"INFO server\r\n")
+                reply = b""
+                while b"process_id:" not in reply or not reply.endswith(b"\r\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return None
+                    reply += chunk
         except OSError:
-            return False
+            return None
+        for line in reply.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                return int(line.split(b":", 1)[1])
+        return None
 
     def _stderr(self) -> str:
         if self._process and self._process.stderr:
