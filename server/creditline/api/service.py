@@ -345,12 +345,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[1])
 
     async def _operate(self, context: Context, account_id: str, operation: str,
-                       *args: int | str, facts: Mapping[str, object] | None = None
-                       ) -> admin_pb.Account:
+                       *args: int | str, facts: Mapping[str, object] | None = None,
+                       now_ms: int | None = None) -> admin_pb.Account:
         """Runs the operation; the account it left, or the call aborted with the status
         that names the refusal, its message filled in with `facts` (the request's)."""
         result = await self._run(context, lambda: self._store.admin(
-            account_id, operation, *args))
+            account_id, operation, *args, now_ms=now_ms))
         if result.account is None:
             status, _, detail = result.status.partition("|")  # "CONFLICT|<amount>" ...
             refusals = _OPERATION_REFUSALS.get(operation, _ADMIN_REFUSALS)
@@ -582,13 +582,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         # (a monthly offer's first period ends on the billing day of the account's plan)
         current = await self._operate(context, request.account_id, "GET")
         plan = self._catalogue.plans.get(current.plan_id, self._catalogue.default_plan)
-        first = first_period(offer, plan, self._store.clock.now_ms())
+        # (one instant for the period's end and for its start, which the script takes)
+        now_ms = self._store.clock.now_ms()
+        first = first_period(offer, plan, now_ms)
         return await self._operate(
             context, request.account_id, "SUBSCRIBE", offer.offer_id, first.end_ms,
             first.fee_micros, offer.on_short_balance.value, ",".join(sorted(offer.plans)),
             self._catalogue.default_plan_id, MAX_BUCKETS_PER_ACCOUNT,
             *allowance_args(offer, first.end_ms, first),
-            facts={"offer_id": offer.offer_id, "price": first.fee_micros})
+            facts={"offer_id": offer.offer_id, "price": first.fee_micros}, now_ms=now_ms)
 
     async def CancelSubscription(self, request: admin_pb.CancelSubscriptionRequest,
                                  context: Context) -> admin_pb.Account:

@@ -674,11 +674,12 @@ class Store:
         plan, next_plan, from_ms = (None if v is None else text(v) for v in values)
         return plan, next_plan, from_ms
 
-    async def admin(self, account_id: str, operation: str, *args: int | str
-                    ) -> AdminResult:
-        """Runs one admin.lua operation; the account as it left it, in the same step."""
+    async def admin(self, account_id: str, operation: str, *args: int | str,
+                    now_ms: int | None = None) -> AdminResult:
+        """Runs one admin.lua operation; the account as it left it, in the same step.
+        now_ms: the instant the caller computed its arguments by (default: now)."""
         keys = self.keys(account_id)
-        now_ms = self.clock.now_ms()
+        now_ms = self.clock.now_ms() if now_ms is None else now_ms
         formats = key_formats(keys.partition)
         call = self._transport.evalsha(
             self._admin.sha, self._admin.source, [*AdminKeys(
