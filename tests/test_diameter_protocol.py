@@ -9,7 +9,6 @@ nothing here depends on where the money is."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import ssl
 import struct
@@ -36,6 +35,7 @@ from creditline.v1 import admin_pb2_grpc
 from tests.books import Books
 from tests.conftest import Backend
 from tests.diameter_raw import RawPeer, ccr_avps, result_code, sms_debit
+from tests.test_diameter import subscriber
 from tests.test_security import CertificateAuthority
 from tests.test_subscriptions import admin_of, serving
 
@@ -55,19 +55,6 @@ async def listener(backend: Backend, **settings: Any
             admin_of(running) as admin:
         assert running.diameter is not None
         yield running.diameter.port, running, admin
-
-
-async def _subscriber(admin: admin_pb2_grpc.AdminStub, books: Books, balance: int
-                      ) -> tuple[str, str]:
-    number = next(_numbers)
-    account_id = f"raw{os.getpid()}-{number}"
-    msisdn = f"4930{os.getpid() % 100_000:05d}{number:04d}"
-    await admin.CreateAccount(admin_pb.CreateAccountRequest(
-        account_id=account_id, initial_balance_micros=balance))
-    await admin.SetSubscriberIdentity(admin_pb.SetSubscriberIdentityRequest(
-        type=admin_pb.END_USER_E164, data=msisdn, account_id=account_id))
-    books.track(account_id)
-    return account_id, msisdn
 
 
 async def test_the_capabilities_exchange_comes_first_and_names_credit_control(
@@ -109,7 +96,7 @@ async def test_only_configured_peers_are_served(one_redis: Backend) -> None:
 async def test_an_unknown_mandatory_avp_is_refused_and_nothing_is_charged(
         one_redis: Backend, books: Books) -> None:
     async with listener(one_redis) as (port, _, admin):
-        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        account_id, msisdn = await subscriber(admin, books, 1_000_000)
         peer = await RawPeer.connect(port)
         await peer.open()
         strange = (99_999, AVP_MANDATORY, 0, b"\x00\x00\x00\x07")
@@ -188,7 +175,7 @@ async def test_ten_thousand_fuzzed_messages_never_crash_or_charge(
         one_redis: Backend, books: Books) -> None:
     rng = random.Random(20261207)
     async with listener(one_redis) as (port, running, admin):
-        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        account_id, msisdn = await subscriber(admin, books, 1_000_000)
         bystander = await RawPeer.connect(port, "bystander.test")
         await bystander.open()
         peer = await RawPeer.connect(port)
@@ -242,7 +229,7 @@ async def test_a_silent_peer_gets_a_watchdog_and_is_dropped_when_it_does_not_ans
 async def test_a_peer_gone_mid_session_leaves_it_to_supervision(
         one_redis: Backend, books: Books) -> None:
     async with listener(one_redis) as (port, running, admin):
-        account_id, msisdn = await _subscriber(admin, books, 1_000_000)
+        account_id, msisdn = await subscriber(admin, books, 1_000_000)
         peer = await RawPeer.connect(port)
         await peer.open()
         session_id = f"raw;{account_id};gone"
