@@ -14,7 +14,6 @@ import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from tests.test_security import CertificateAuthority
 from tests.test_subscriptions import admin_of, serving
 
 SMS_EACH = 50_000
-_numbers = count()
 
 
 @pytest.fixture
