@@ -31,6 +31,10 @@ class RawPeer:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         return cls(reader, writer, origin_host)
 
+    async def start_tls(self, tls: ssl.SSLContext) -> None:
+        """The client's TLS handshake on the open connection (TLS after CER)."""
+        await self.writer.start_tls(tls, server_hostname="127.0.0.1")
+
     def identity(self) -> list[Avp]:
         return [dm.text(AvpCode.ORIGIN_HOST, self.origin_host),
                 dm.text(AvpCode.ORIGIN_REALM, "raw")]
@@ -41,11 +45,18 @@ class RawPeer:
         return dm.encode_message(Message(FLAG_REQUEST | FLAG_PROXIABLE, command, application,
                                          hop, hop, avps))
 
-    def cer(self, applications: tuple[int, ...] = (CREDIT_CONTROL_APPLICATION,)) -> bytes:
+    def cer(self, applications: tuple[int, ...] = (CREDIT_CONTROL_APPLICATION,),
+            security: tuple[int, ...] = ()) -> bytes:
+        """A CER offering the applications and the Inband-Security-Ids (none: the AVP
+        left out)."""
         return self.request(Command.CAPABILITIES_EXCHANGE, [
             *self.identity(), dm.address(AvpCode.HOST_IP_ADDRESS, "127.0.0.1"),
             dm.u32(AvpCode.VENDOR_ID, 0), dm.text(AvpCode.PRODUCT_NAME, "raw"),
+            *(dm.u32(AvpCode.INBAND_SECURITY_ID, s) for s in security),
             *(dm.u32(AvpCode.AUTH_APPLICATION_ID, a) for a in applications)], application=0)
+
+    def watchdog(self) -> bytes:
+        return self.request(Command.DEVICE_WATCHDOG, self.identity(), 0)
 
     async def open(self) -> Message:
         """CER sent, its CEA read."""
@@ -103,7 +114,15 @@ def ccr_avps(session_id: str, request_type: int, number: int, subscription: str,
 
 def sms_debit(count: int) -> Avp:
     """An MSCC of `count` SMS (rating group 300) requested."""
+    return _sms(AvpCode.REQUESTED_SERVICE_UNIT, count)
+
+
+def sms_used(count: int) -> Avp:
+    """An MSCC reporting `count` SMS (rating group 300) used."""
+    return _sms(AvpCode.USED_SERVICE_UNIT, count)
+
+
+def _sms(units: int, count: int) -> Avp:
     return dm.group(AvpCode.MULTIPLE_SERVICES_CREDIT_CONTROL, [
-        dm.group(AvpCode.REQUESTED_SERVICE_UNIT,
-                 [dm.u64(AvpCode.CC_SERVICE_SPECIFIC_UNITS, count)]),
+        dm.group(units, [dm.u64(AvpCode.CC_SERVICE_SPECIFIC_UNITS, count)]),
         dm.u32(AvpCode.RATING_GROUP, 300)])

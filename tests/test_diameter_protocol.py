@@ -3,17 +3,21 @@ CER first or the connection closes, unknown peers and peers without credit contr
 refused, watchdogs and disconnection answered, an unknown command and an unknown mandatory
 AVP answered with their errors (Failed-AVP naming the AVP), frames that cannot be read end
 their own connection and no other, and 10,000 fuzzed messages that never crash the
-listener, never touch another peer's connection and never charge anything. On one Redis:
-nothing here depends on where the money is."""
+listener, never touch another peer's connection and never charge anything; TLS from the
+first byte and TLS after the capabilities exchange (Inband-Security-Id, 5017 when none can
+be agreed), on asyncio's loop and uvloop. On one Redis: nothing here depends on where the
+money is."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import ssl
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,11 @@ import uvloop
 from creditline.api.app import RunningServer
 from creditline.diameter import message as dm
 from creditline.diameter.codec import AVP_MANDATORY, FLAG_ERROR, CodecError
-from creditline.diameter.dictionary import AvpCode, Command
+from creditline.diameter.dictionary import AvpCode, Command, InbandSecurity
 from creditline.diameter.message import Message
 from creditline.diameter.node import peer_rules
 from creditline.diameter.peer import Peer
+from creditline.errors import SettingsError
 from creditline.settings import Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
@@ -33,12 +38,14 @@ from creditline.v1 import admin_pb2_grpc
 
 from tests.books import Books
 from tests.conftest import Backend
-from tests.diameter_raw import RawPeer, ccr_avps, result_code, sms_debit
+from tests.diameter_raw import RawPeer, ccr_avps, result_code, sms_debit, sms_used
 from tests.test_diameter import subscriber
-from tests.test_security import CertificateAuthority
+from tests.test_security import CertificateAuthority, Identity
 from tests.test_subscriptions import admin_of, serving
 
 SMS_EACH = 50_000
+NONE, TLS = InbandSecurity.NO_INBAND_SECURITY, InbandSecurity.TLS
+TLS_REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)
 
 
 @pytest.fixture
@@ -246,28 +253,147 @@ async def test_a_peer_gone_mid_session_leaves_it_to_supervision(
     await books.assert_balanced()
 
 
+@dataclass(frozen=True)
+class Certificates:
+    """The server's certificate files as settings (peers' certificates of the test CA
+    required), a gateway's client context the CA signed, and one another CA signed."""
+
+    settings: dict[str, str]
+    trusted: ssl.SSLContext
+    stranger: ssl.SSLContext
+
+
+def _certificates(directory: Path) -> Certificates:
+    ca = CertificateAuthority(directory)
+    # (names without dots: issue() names its files by them, a dot would start a suffix)
+    server = ca.issue("creditline", server=True)
+    stranger = CertificateAuthority(directory, "another CA").issue("gw-stranger")
+    return Certificates(
+        {"diameter_tls_cert_file": str(server.cert_path),
+         "diameter_tls_key_file": str(server.key_path),
+         "diameter_tls_client_ca_file": str(ca.path)},
+        _client_context(ca, ca.issue("gw-tls")), _client_context(ca, stranger))
+
+
+def _client_context(ca: CertificateAuthority, identity: Identity) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca.path))
+    context.load_cert_chain(identity.cert_path, identity.key_path)
+    return context
+
+
+def _inband_security(cea: Message) -> list[int]:
+    return [dm.unsigned32(a) for a in dm.find_all(cea.avps, AvpCode.INBAND_SECURITY_ID)]
+
+
 async def test_tls_from_the_first_byte_with_peer_certificates(
         one_redis: Backend, tmp_path: Path) -> None:
-    ca = CertificateAuthority(tmp_path)
-    # (names without dots: issue() names its files by them, a dot would start a suffix)
-    server, gateway = ca.issue("creditline", server=True), ca.issue("gw-tls")
-    stranger = CertificateAuthority(tmp_path, "another CA").issue("gw-stranger")
-    async with listener(one_redis, diameter_tls_cert_file=str(server.cert_path),
-                        diameter_tls_key_file=str(server.key_path),
-                        diameter_tls_client_ca_file=str(ca.path)) as (port, _, _):
-        trusted = ssl.create_default_context(cafile=str(ca.path))
-        trusted.load_cert_chain(gateway.cert_path, gateway.key_path)
-        peer = await RawPeer.connect(port, "gw.tls", tls=trusted)
+    certificates = _certificates(tmp_path)
+    async with listener(one_redis, **certificates.settings) as (port, _, _):
+        peer = await RawPeer.connect(port, "gw.tls", tls=certificates.trusted)
         assert result_code(await peer.open()) == 2001
         await peer.close()
-        refused = ssl.create_default_context(cafile=str(ca.path))
-        refused.load_cert_chain(stranger.cert_path, stranger.key_path)
-        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
-            other = await RawPeer.connect(port, "gw.stranger", tls=refused)
+        # TLS already: Inband-Security-Id has no say (a CER offering only TLS, or only none)
+        for security in ((TLS,), (NONE,)):
+            peer = await RawPeer.connect(port, "gw.tls", tls=certificates.trusted)
+            cea = await peer.exchange(peer.cer(security=security))
+            assert (result_code(cea), _inband_security(cea)) == (2001, [])
+            await peer.close()
+        with pytest.raises(TLS_REFUSED):
+            other = await RawPeer.connect(port, "gw.stranger", tls=certificates.stranger)
             await other.open()
-        with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)):
+        with pytest.raises(TLS_REFUSED):
             plain = await RawPeer.connect(port)  # no TLS at all: the handshake fails
             await plain.open()
+
+
+async def _open_in_tls(port: int, tls: ssl.SSLContext, origin_host: str = "raw.test"
+                       ) -> RawPeer:
+    """A peer connected in clear whose CER offers TLS, upgraded after the CEA agreeing it."""
+    peer = await RawPeer.connect(port, origin_host)
+    cea = await peer.exchange(peer.cer(security=(NONE, TLS)))
+    assert (result_code(cea), _inband_security(cea)) == (2001, [TLS])
+    await peer.start_tls(tls)
+    return peer
+
+
+async def _two_sms_session(peer: RawPeer, admin: admin_pb2_grpc.AdminStub, account_id: str,
+                           msisdn: str) -> None:
+    """CCR-I reserving 2 SMS, CCR-T reporting them used: charged from a balance of 1,000,000."""
+    session_id = f"raw;{account_id};2sms"
+    initial = await peer.exchange(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+        session_id, 1, 0, msisdn, sms_debit(2))))
+    assert result_code(initial) == 2001
+    held = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+    assert held.reserved_micros == 2 * SMS_EACH
+    final = await peer.exchange(peer.request(Command.CREDIT_CONTROL, ccr_avps(
+        session_id, 3, 1, msisdn, sms_used(2))))
+    assert result_code(final) == 2001
+    account = await admin.GetAccount(admin_pb.GetAccountRequest(account_id=account_id))
+    assert (account.balance_micros, account.reserved_micros) == (1_000_000 - 2 * SMS_EACH, 0)
+
+
+async def test_tls_after_the_capabilities_exchange_charges_over_tls(
+        one_redis: Backend, books: Books, tmp_path: Path) -> None:
+    certificates = _certificates(tmp_path)
+    async with listener(one_redis, diameter_tls_after_cer=True,
+                        **certificates.settings) as (port, _, admin):
+        account_id, msisdn = await subscriber(admin, books, 1_000_000)
+        peer = await RawPeer.connect(port)
+        cea = await peer.exchange(peer.cer(security=(TLS,)))
+        assert (result_code(cea), _inband_security(cea)) == (2001, [TLS])
+        await peer.start_tls(certificates.trusted)
+        assert peer.writer.get_extra_info("ssl_object") is not None
+        assert result_code(await peer.exchange(peer.watchdog())) == 2001
+        await _two_sms_session(peer, admin, account_id, msisdn)
+        await peer.close()
+    await books.assert_balanced()
+
+
+async def test_tls_after_cer_refuses_what_is_not_tls(
+        one_redis: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    certificates = _certificates(tmp_path)
+    async with listener(one_redis, diameter_tls_after_cer=True,
+                        **certificates.settings) as (port, running, _):
+        bystander = await _open_in_tls(port, certificates.trusted, "bystander.test")
+        # a certificate of another CA: the handshake fails, that connection only ends
+        with caplog.at_level(logging.WARNING, logger="creditline.diameter.peer"), \
+                pytest.raises(TLS_REFUSED):
+            stranger = await _open_in_tls(port, certificates.stranger, "gw.stranger")
+            await stranger.exchange(stranger.watchdog())
+        assert "TLS handshake after CER failed" in caplog.text
+        # Diameter in clear after the CEA is read as the handshake, never as a request
+        clear = await RawPeer.connect(port)
+        assert result_code(await clear.exchange(clear.cer(security=(TLS,)))) == 2001
+        await clear.send(clear.watchdog())
+        assert await clear.closed_by_server()
+        # sent before the CEA was read: not a handshake either
+        eager = await RawPeer.connect(port)
+        await eager.send(eager.cer(security=(TLS,)) + eager.watchdog())
+        assert result_code(await eager.read()) == 2001
+        assert await eager.closed_by_server()
+        # TLS configured: a peer that offers none (or says nothing) is refused
+        for security in ((NONE,), ()):
+            peer = await RawPeer.connect(port)
+            cea = await peer.exchange(peer.cer(security=security))
+            assert result_code(cea) == 5017, security
+            assert await peer.closed_by_server()
+        assert result_code(await bystander.exchange(bystander.watchdog())) == 2001
+        assert running.diameter is not None
+        assert {p.origin_host for p in running.diameter.peers} == {"bystander.test"}
+        await bystander.close()
+
+
+async def test_a_plain_listener_refuses_a_cer_that_offers_only_tls(one_redis: Backend) -> None:
+    async with listener(one_redis) as (port, _, _):
+        only_tls = await RawPeer.connect(port)
+        assert result_code(await only_tls.exchange(only_tls.cer(security=(TLS,)))) == 5017
+        assert await only_tls.closed_by_server()
+        either = await RawPeer.connect(port)
+        cea = await either.exchange(either.cer(security=(NONE, TLS)))
+        assert (result_code(cea), _inband_security(cea)) == (2001, [])
+        assert result_code(await either.exchange(either.watchdog())) == 2001
+        await either.close()
+
 
 def test_a_peer_on_uvloop_answers_the_cer() -> None:
     """`creditline serve` runs on uvloop, whose transports are no asyncio.Transport
@@ -289,3 +415,38 @@ def test_a_peer_on_uvloop_answers_the_cer() -> None:
             server.close()
 
     assert uvloop.run(exchange()) == 2001
+
+
+def test_tls_after_cer_on_uvloop(tmp_path: Path) -> None:
+    """The upgrade through uvloop's start_tls (the server's loop): a peer in TLS after its
+    CEA, and a refused certificate ending its own connection."""
+    certificates = _certificates(tmp_path)
+
+    async def no_ccr(peer: Peer, request: Message) -> Message:
+        raise AssertionError("no CCR is sent here")
+
+    async def exchange() -> tuple[int, bool]:
+        rules = peer_rules(Settings(diameter_tls_after_cer=True, **certificates.settings),
+                           ("127.0.0.1",))
+        server = await asyncio.get_running_loop().create_server(
+            lambda: Peer(rules, no_ccr, lambda peer: True, lambda peer: None), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            peer = await _open_in_tls(port, certificates.trusted)
+            code = result_code(await peer.exchange(peer.watchdog()))
+            await peer.close()
+            try:
+                stranger = await _open_in_tls(port, certificates.stranger)
+                await stranger.exchange(stranger.watchdog())
+            except TLS_REFUSED:
+                return code, True
+            return code, False
+        finally:
+            server.close()
+
+    assert uvloop.run(exchange()) == (2001, True)
+
+
+def test_tls_after_cer_needs_a_certificate() -> None:
+    with pytest.raises(SettingsError, match="diameter_tls_after_cer: needs diameter_tls_cert"):
+        Settings(diameter_tls_after_cer=True)

@@ -173,6 +173,13 @@ class Settings:
     diameter_tls_cert_file: str = ""
     diameter_tls_key_file: str = ""
     diameter_tls_client_ca_file: str = ""
+    # TLS negotiated in the capabilities exchange instead (RFC 3588's way, RFC 6733 §6.10;
+    # freeDiameter's TLS_old_method): the listener is plain, a CER must offer
+    # Inband-Security-Id TLS (else 5017) and the handshake follows its CEA
+    diameter_tls_after_cer: bool = field(default=False, metadata={"help": (
+        "TLS after the CER/CEA (Inband-Security-Id TLS, RFC 3588's way; freeDiameter's "
+        "TLS_old_method) instead of from the first byte: needs diameter_tls_cert_file; "
+        "a CER that does not offer TLS gets 5017 DIAMETER_NO_COMMON_SECURITY")})
     diameter_max_peers: int = 64
     # a peer's requests worked on at once; past it 3004 DIAMETER_TOO_BUSY
     diameter_max_pending_per_peer: int = 1024
@@ -263,6 +270,9 @@ class Settings:
         if self.diameter_tls_client_ca_file and not self.diameter_tls_cert_file:
             raise SettingsError("setting diameter_tls_client_ca_file: needs "
                                 "diameter_tls_cert_file and diameter_tls_key_file too")
+        if self.diameter_tls_after_cer and not self.diameter_tls_cert_file:
+            raise SettingsError("setting diameter_tls_after_cer: needs diameter_tls_cert_file "
+                                "and diameter_tls_key_file")
         if self.redis_password and self.redis_password_file:
             raise SettingsError("settings redis_password and redis_password_file: give one")
 

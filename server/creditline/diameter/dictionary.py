@@ -250,6 +250,7 @@ class ResultCode(enum.IntEnum):
     UNABLE_TO_COMPLY = 5012
     INVALID_AVP_LENGTH = 5014
     INVALID_MESSAGE_LENGTH = 5015
+    NO_COMMON_SECURITY = 5017
     USER_UNKNOWN = 5030
     RATING_FAILED = 5031
 
@@ -287,6 +288,12 @@ class RedirectAddressType(enum.IntEnum):
     IPV6 = 1
     URL = 2
     SIP_URI = 3
+
+
+class InbandSecurity(enum.IntEnum):
+    """Inband-Security-Id (RFC 6733 §6.10): what a CER offers and its CEA agrees."""
+    NO_INBAND_SECURITY = 0
+    TLS = 1
 
 
 class DisconnectCause(enum.IntEnum):

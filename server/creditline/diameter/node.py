@@ -38,12 +38,14 @@ def peer_rules(settings: Settings, host_addresses: tuple[str, ...]) -> PeerRules
         watchdog_s=settings.diameter_watchdog_s, cer_timeout_s=settings.diameter_cer_timeout_s,
         request_timeout_s=settings.diameter_request_timeout_s,
         # (a new value at every start: RFC 6733 §8.16)
-        origin_state_id=int(time.time()) & 0xFFFFFFFF)
+        origin_state_id=int(time.time()) & 0xFFFFFFFF,
+        tls=tls_context(settings), tls_after_cer=settings.diameter_tls_after_cer)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
-    """TLS from the connection's first byte (RFC 6733 §2.1), TLS 1.2 at least (§13);
-    peers' certificates required when a client CA is given."""
+    """The server's TLS, TLS 1.2 at least (RFC 6733 §13): from the connection's first byte
+    (§2.1), or after the CEA with diameter_tls_after_cer; peers' certificates required
+    when a client CA is given."""
     if not settings.diameter_tls_cert_file:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -85,12 +87,15 @@ class DiameterNode:
 
     async def start(self) -> int:
         loop = asyncio.get_running_loop()
+        # (TLS after CER: the listener is plain, each Peer starts TLS after its CEA)
+        tls = None if self._rules.tls_after_cer else self._rules.tls
         self._server = await loop.create_server(
-            self._new_peer, self._host, self._port, ssl=tls_context(self._settings),
+            self._new_peer, self._host, self._port, ssl=tls,
             reuse_port=self._settings.workers != 1 or None)
         self.port = self._server.sockets[0].getsockname()[1]
         await self.push.start()
-        log.info("diameter listening on %s:%d as %s (realm %s)", self._host, self.port,
+        log.info("diameter listening on %s:%d%s as %s (realm %s)", self._host, self.port,
+                 " (TLS after CER)" if self._rules.tls_after_cer else " (TLS)" if tls else "",
                  self._rules.origin_host, self._rules.origin_realm)
         return self.port
 

@@ -14,6 +14,11 @@ version, a length below 20 or not a multiple of 4, above `max_message_bytes`) en
 connection after an error answer where one can be addressed (the framing is lost); a
 message whose AVPs are malformed is answered with the RFC 6733 error (Failed-AVP naming
 the AVP) and nothing else is done with it.
+
+TLS is either from the first byte (the listener's: Inband-Security-Id is then ignored) or,
+with `tls_after_cer`, begun on the plain connection once the CEA agreeing Inband-Security-Id
+TLS is written (RFC 3588 §2.1, RFC 6733 §6.10); a CER that offers no security the
+connection can have is answered 5017 DIAMETER_NO_COMMON_SECURITY and the connection closed.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import ipaddress
 import itertools
 import logging
 import random
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +54,7 @@ from creditline.diameter.dictionary import (
     AvpCode,
     Command,
     DisconnectCause,
+    InbandSecurity,
     ResultCode,
 )
 from creditline.diameter.message import AvpError, Message
@@ -75,6 +82,10 @@ class PeerRules:
     cer_timeout_s: float
     request_timeout_s: float
     origin_state_id: int
+    # the listener's TLS (node.tls_context): from the first byte, or with tls_after_cer
+    # begun after a CEA agreeing Inband-Security-Id TLS; None: plain only
+    tls: ssl.SSLContext | None = None
+    tls_after_cer: bool = False
 
 
 def _is_loopback(address: str) -> bool:
@@ -125,6 +136,8 @@ class Peer(asyncio.Protocol):
         self._last_heard = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._opened = asyncio.Event()  # set by an accepted CER
+        self._upgrading = False    # TLS after CER: the handshake under way
+        self._lost = False
 
     # ------------------------------------------------------------------ the transport
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,6 +149,11 @@ class Peer(asyncio.Protocol):
         self._spawn(self._watch())
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # (once: a TLS handshake after CER that fails or is cut ends the peer itself,
+        # and the TLS layer may tell the same loss again)
+        if self._lost:
+            return
+        self._lost = True
         self._closing = True
         for future in self._waiting.values():
             if not future.done():
@@ -183,6 +201,8 @@ class Peer(asyncio.Protocol):
             self._outgoing.append(m.encode_message(message))
 
     def _flush(self) -> None:
+        if self._upgrading:  # (held: sent in TLS once the handshake is done)
+            return
         frames, self._outgoing = self._outgoing, []
         if frames and self._transport is not None and not self._transport.is_closing():
             self._transport.write(b"".join(frames))
@@ -249,11 +269,56 @@ class Peer(asyncio.Protocol):
                 "the server holds as many peers as diameter_max_peers allows"))
             accepted = False
         self.send(answer)
-        if accepted:
-            self.is_open = True
-            self._opened.set()
-        else:
+        if not accepted:
             self.close()
+            return
+        self.is_open = True
+        self._opened.set()
+        if self._rules.tls_after_cer:  # (accepted: so TLS was agreed)
+            self._start_tls()
+
+    # ------------------------------------------------------------------ TLS after CER
+    def _start_tls(self) -> None:
+        """The CEA written out in clear, then reading paused: the bytes that follow are
+        the peer's TLS handshake, never to be read as Diameter."""
+        assert self._transport is not None
+        self._flush()
+        if self._buffer:
+            # sent before the CEA could be read: not the handshake (that starts on the
+            # CEA), and where the TLS stream would begin is unknown
+            log.warning("diameter peer %s: data after its CER before the TLS handshake; "
+                        "closing", self.origin_host)
+            self.close()
+            return
+        self._transport.pause_reading()
+        self._upgrading = True
+        self._spawn(self._handshake(self._transport))
+
+    async def _handshake(self, plain: asyncio.Transport) -> None:
+        """The server side of the handshake on the connection (the public start_tls:
+        asyncio's and uvloop's alike); the Peer goes on over the TLS transport. A
+        failure ends this connection only; the CER timeout bounds the handshake too."""
+        assert self._rules.tls is not None
+        try:
+            secure = await asyncio.get_running_loop().start_tls(
+                plain, self, self._rules.tls, server_side=True,
+                ssl_handshake_timeout=self._rules.cer_timeout_s)
+        except (OSError, TimeoutError) as error:  # (ssl.SSLError is an OSError)
+            if not self._closing:
+                log.warning("diameter peer %s (%s): TLS handshake after CER failed: %s; "
+                            "closing", self.origin_host, self.address, error)
+            plain.close()
+            self.connection_lost(error)
+            return
+        if secure is None or secure.is_closing() or self._closing:  # (closed meanwhile)
+            plain.close()
+            self.connection_lost(None)
+            return
+        self._transport = secure
+        self._upgrading = False
+        log.info("diameter peer %s: TLS after CER (%s)", self.origin_host,
+                 secure.get_extra_info("cipher"))
+        self._flush()  # (what was answered meanwhile)
 
     def _request(self, message: Message) -> None:
         command = message.command_code
@@ -312,6 +377,8 @@ class Peer(asyncio.Protocol):
         try:
             host = m.utf8(m.required(cer.avps, AvpCode.ORIGIN_HOST))
             realm = m.utf8(m.required(cer.avps, AvpCode.ORIGIN_REALM))
+            security = {m.unsigned32(a) for a in m.find_all(cer.avps,
+                                                            AvpCode.INBAND_SECURITY_ID)}
         except AvpError as error:
             return self._error_answer(cer, error.result_code, str(error), error.failed_avp), False
         self.origin_host, self.origin_realm = host, realm
@@ -323,13 +390,35 @@ class Peer(asyncio.Protocol):
         if not self._offers_credit_control(cer.avps):
             return self._error_answer(cer, ResultCode.NO_COMMON_APPLICATION,
                                       "no Auth-Application-Id 4 (credit control)"), False
+        refusal, agreed = self._inband_security(security)
+        if refusal:
+            log.warning("diameter peer %s (%s): refused: %s", host, self.address, refusal)
+            return self._error_answer(cer, ResultCode.NO_COMMON_SECURITY, refusal), False
         avps = [*self._identity(),
                 *(m.address(AvpCode.HOST_IP_ADDRESS, a) for a in self._rules.host_addresses),
                 m.u32(AvpCode.VENDOR_ID, VENDOR_ID), m.text(AvpCode.PRODUCT_NAME, PRODUCT_NAME,
                                                       mandatory=False),
                 m.u32(AvpCode.ORIGIN_STATE_ID, self._rules.origin_state_id),
-                m.u32(AvpCode.AUTH_APPLICATION_ID, CREDIT_CONTROL_APPLICATION)]
+                m.u32(AvpCode.AUTH_APPLICATION_ID, CREDIT_CONTROL_APPLICATION), *agreed]
         return answer_to(cer, ResultCode.SUCCESS, *avps), True
+
+    def _inband_security(self, offered: set[int]) -> tuple[str, list[Avp]]:
+        """What the CER's Inband-Security-Ids (none: NO_INBAND_SECURITY) leave: a refusal
+        (5017), or the CEA's Inband-Security-Id (RFC 6733 §6.10)."""
+        rules = self._rules
+        if rules.tls is not None and not rules.tls_after_cer:
+            return "", []  # TLS from the first byte: the AVP has no say (RFC 6733 §2.1)
+        offered = offered or {InbandSecurity.NO_INBAND_SECURITY}
+        if rules.tls_after_cer:
+            if InbandSecurity.TLS in offered:
+                return "", [m.u32(AvpCode.INBAND_SECURITY_ID, InbandSecurity.TLS)]
+            # (TLS configured: the operator wants it, a clear connection is not offered)
+            return ("Inband-Security-Id TLS (1) not offered: this listener requires TLS "
+                    "after CER (diameter_tls_after_cer)"), []
+        if InbandSecurity.NO_INBAND_SECURITY in offered:
+            return "", []
+        return ("only Inband-Security-Id TLS (1) offered: this listener has no TLS after "
+                "CER (diameter_tls_after_cer)"), []
 
     def _peer_refusal(self, host: str, realm: str) -> str:
         rules = self._rules
