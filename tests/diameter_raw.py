@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 import ssl
 
 from creditline.diameter import message as dm
@@ -27,8 +28,16 @@ class RawPeer:
 
     @classmethod
     async def connect(cls, port: int, origin_host: str = "raw.test",
-                      tls: ssl.SSLContext | None = None) -> RawPeer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+                      tls: ssl.SSLContext | None = None, sctp: bool = False) -> RawPeer:
+        if not sctp:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
+            return cls(reader, writer, origin_host)
+        # a one-to-one SCTP socket: to asyncio a byte stream like TCP's
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(sock=sock, ssl=tls,
+                                                       server_hostname="127.0.0.1" if tls else None)
         return cls(reader, writer, origin_host)
 
     async def start_tls(self, tls: ssl.SSLContext) -> None:

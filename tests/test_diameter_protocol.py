@@ -5,16 +5,19 @@ AVP answered with their errors (Failed-AVP naming the AVP), frames that cannot b
 their own connection and no other, and 10,000 fuzzed messages that never crash the
 listener, never touch another peer's connection and never charge anything; TLS from the
 first byte and TLS after the capabilities exchange (Inband-Security-Id, 5017 when none can
-be agreed), on asyncio's loop and uvloop. On one Redis: nothing here depends on where the
-money is."""
+be agreed), on asyncio's loop and uvloop; SCTP where the OS has it, and a clear refusal to
+start where it has not. On one Redis: nothing here depends on where the money is."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
+import socket
 import ssl
 import struct
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,9 +33,10 @@ from creditline.diameter.dictionary import AvpCode, Command, InbandSecurity
 from creditline.diameter.message import Message
 from creditline.diameter.node import peer_rules
 from creditline.diameter.peer import Peer
+from creditline.diameter.sctp import StreamListener, sctp_listener
 from creditline.errors import SettingsError
 from creditline.settings import Settings
-from creditline.store.redis_process import RedisProcess
+from creditline.store.redis_process import RedisProcess, free_port
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc
 
@@ -46,6 +50,17 @@ from tests.test_subscriptions import admin_of, serving
 SMS_EACH = 50_000
 NONE, TLS = InbandSecurity.NO_INBAND_SECURITY, InbandSecurity.TLS
 TLS_REFUSED = (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError)
+
+
+def _os_has_sctp() -> bool:
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_SCTP).close()
+    except OSError:
+        return False
+    return True
+
+
+HAS_SCTP = _os_has_sctp()
 
 
 @pytest.fixture
@@ -447,6 +462,80 @@ def test_tls_after_cer_on_uvloop(tmp_path: Path) -> None:
     assert uvloop.run(exchange()) == (2001, True)
 
 
-def test_tls_after_cer_needs_a_certificate() -> None:
+def test_the_transport_settings_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="diameter_transport: 'udp'"):
+        Settings(diameter_transport="udp")
+    with pytest.raises(SettingsError, match="DTLS"):
+        Settings(diameter_transport="sctp", **_certificates(tmp_path).settings)
     with pytest.raises(SettingsError, match="diameter_tls_after_cer: needs diameter_tls_cert"):
         Settings(diameter_tls_after_cer=True)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_sctp_listeners_transport_serves_a_peer(loop: str) -> None:
+    """The accept loop and socket transport the SCTP listener uses (sctp.py: uvloop's own
+    transports cannot hold an SCTP socket), over a TCP socket where the OS has no SCTP:
+    CER, DWR, a burst of DWRs in one write, DPR, the server's close; a peer closing its
+    end is seen."""
+    async def no_ccr(peer: Peer, request: Message) -> Message:
+        raise AssertionError("no CCR is sent here")
+
+    async def exchange() -> list[int]:
+        rules = peer_rules(Settings(), ("127.0.0.1",))
+        closed = asyncio.Event()
+        listening = (sctp_listener("127.0.0.1", 0, reuse_port=False) if HAS_SCTP
+                     else socket.create_server(("127.0.0.1", 0)))
+        listening.setblocking(False)
+        # (a small send buffer, inherited by the accepted socket: answers wait in the
+        # transport for the socket to take them)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        server = StreamListener(listening, lambda: Peer(
+            rules, no_ccr, lambda peer: True, lambda peer: closed.set()))
+        port = listening.getsockname()[1]
+        try:
+            raw = await RawPeer.connect(port, sctp=HAS_SCTP)
+            codes = [result_code(await raw.open())]
+            await raw.send(b"".join(raw.watchdog() for _ in range(3000)))
+            codes += {result_code(await raw.read()) for _ in range(3000)}
+            codes.append(result_code(await raw.exchange(raw.request(
+                Command.DISCONNECT_PEER, [*raw.identity(), dm.u32(AvpCode.DISCONNECT_CAUSE, 0)],
+                0))))
+            codes.append(int(await raw.closed_by_server()))
+            gone = await RawPeer.connect(port, sctp=HAS_SCTP)
+            await gone.open()
+            closed.clear()
+            await gone.close()
+            await asyncio.wait_for(closed.wait(), 10)
+            return codes
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    assert run(exchange()) == [2001, 2001, 2001, 1]
+
+
+@pytest.mark.skipif(HAS_SCTP, reason="this OS has SCTP")
+def test_sctp_where_the_os_has_none_is_refused_at_start_naming_the_cause() -> None:
+    with pytest.raises(SettingsError, match=r"this OS has no SCTP \(errno \d+ .*\); load the sctp "
+                                            r"kernel module .* or use tcp"):
+        sctp_listener("127.0.0.1", 0, reuse_port=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "creditline", "serve", "--workers", "1",
+         "--listen-address", f"127.0.0.1:{free_port()}",
+         "--diameter-listen", "127.0.0.1:0", "--diameter-transport", "sctp"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "creditline: setting diameter_transport sctp: this OS has no SCTP" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not HAS_SCTP, reason="this OS has no SCTP (Linux: the sctp module)")
+async def test_a_charging_session_over_sctp(one_redis: Backend, books: Books) -> None:
+    async with listener(one_redis, diameter_transport="sctp") as (port, _, admin):
+        account_id, msisdn = await subscriber(admin, books, 1_000_000)
+        peer = await RawPeer.connect(port, sctp=True)
+        assert result_code(await peer.open()) == 2001
+        await _two_sms_session(peer, admin, account_id, msisdn)
+        await peer.close()
+    await books.assert_balanced()

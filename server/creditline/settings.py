@@ -35,6 +35,7 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 # Settings that hold secrets: no flag, never printed (repr and logs show "***").
 SECRET_SETTINGS = frozenset({"redis_password"})
 LOG_FORMATS = ("text", "json")
+DIAMETER_TRANSPORTS = ("tcp", "sctp")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -159,7 +160,13 @@ class Settings:
     # Diameter Gy/Ro (README "Connecting a gateway over Gy"): where it listens (TCP,
     # host:port; empty: no Diameter listener), who it is, and which peers it serves
     diameter_listen: str = field(default="", metadata={"help": (
-        "host:port of the Diameter Gy listener (TCP); empty: none")})
+        "host:port of the Diameter Gy listener (TCP, or SCTP: diameter_transport); "
+        "empty: none")})
+    # SCTP where the OS has it (RFC 6733 §2.1: one stream, one-to-one sockets; Linux:
+    # the sctp kernel module), without TLS (DTLS/SCTP is not done); start fails naming
+    # the cause where the OS has none
+    diameter_transport: str = field(default="tcp", metadata={"help": (
+        "the Diameter listener's transport: tcp, or sctp where the OS has it")})
     diameter_origin_host: str = "creditline.localdomain"
     diameter_origin_realm: str = "localdomain"
     # allowed peers, comma-separated: "<Origin-Host>" or "<Origin-Host>@<address>"; empty:
@@ -227,6 +234,9 @@ class Settings:
                              "spike_slow_window_s")
         if self.diameter_identity_fallback not in ("none", "data"):
             raise SettingsError("setting diameter_identity_fallback: \"none\" or \"data\"")
+        if self.diameter_transport not in DIAMETER_TRANSPORTS:
+            raise SettingsError(f"setting diameter_transport: {self.diameter_transport!r} is "
+                                f"not one of {', '.join(DIAMETER_TRANSPORTS)}")
         if self.diameter_max_message_bytes < 20:
             raise SettingsError("setting diameter_max_message_bytes: at least 20 (a header)")
         for name in ("listen_address", "metrics_listen_address", "diameter_listen"):
@@ -270,6 +280,10 @@ class Settings:
         if self.diameter_tls_client_ca_file and not self.diameter_tls_cert_file:
             raise SettingsError("setting diameter_tls_client_ca_file: needs "
                                 "diameter_tls_cert_file and diameter_tls_key_file too")
+        if self.diameter_transport == "sctp" and self.diameter_tls_cert_file:
+            raise SettingsError("settings diameter_transport sctp and diameter_tls_*: RFC 6733 "
+                                "protects SCTP with DTLS (RFC 6083), which Creditline does "
+                                "not speak: TLS is over tcp")
         if self.diameter_tls_after_cer and not self.diameter_tls_cert_file:
             raise SettingsError("setting diameter_tls_after_cer: needs diameter_tls_cert_file "
                                 "and diameter_tls_key_file")

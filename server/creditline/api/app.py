@@ -299,16 +299,18 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     else:
         port = server.add_secure_port(settings.listen_address, credentials)
     if port == 0:
-        await hub.stop()
-        await transport.aclose()
-        await redis.aclose()
-        await telemetry.shutdown()
+        await _release(hub, transport, redis, telemetry)
         raise SettingsError(f"setting listen_address: cannot listen on {settings.listen_address}")
     # what fell due while no process ran (a restart at a period's end) is renewed before
     # the first request: one pass, at most renewal_batch per partition
     await renewer.sweep_logged()
     await server.start()
-    diameter = await _diameter_node(settings, charging, store, hub)
+    try:
+        diameter = await _diameter_node(settings, charging, store, hub)
+    except ValueError:  # (a Diameter listener that cannot be: what runs already stops)
+        await server.stop(0)
+        await _release(hub, transport, redis, telemetry)
+        raise
     supervisor.start()
     renewer.start()
     for service in ("", CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name):
@@ -324,6 +326,15 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
                          renewer=renewer,
                          health=health_servicer, telemetry=telemetry, charging=charging,
                          admin=admin, plan_path=Path(settings.plan_path), diameter=diameter)
+
+
+async def _release(hub: EventHub, transport: Transport, redis: RedisClient,
+                   telemetry: Telemetry) -> None:
+    """What a start that fails has opened, closed: said once, not in __del__ tracebacks."""
+    await hub.stop()
+    await transport.aclose()
+    await redis.aclose()
+    await telemetry.shutdown()
 
 
 async def _diameter_node(settings: Settings, charging: ChargingService, store: Store,

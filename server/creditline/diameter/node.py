@@ -3,6 +3,8 @@
 With `workers` > 1 every worker listens on the same port (SO_REUSEPORT, as the gRPC
 listener): a peer's connection, and so its sessions, stay with the worker the kernel gave
 it to.
+
+The transport is TCP, or SCTP where the OS has it (`diameter_transport`, sctp.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from creditline.diameter.gy import GyApplication, GyRules, IdentityLookup
 from creditline.diameter.message import Message
 from creditline.diameter.peer import Peer, PeerRules
 from creditline.diameter.push import NetworkPush
+from creditline.diameter.sctp import StreamListener, sctp_listener
+from creditline.errors import SettingsError
 from creditline.events.hub import EventHub
 from creditline.settings import Settings
 
@@ -73,7 +77,7 @@ class DiameterNode:
         self.push = NetworkPush(hub, self.gy, settings.diameter_origin_host,
                                 settings.diameter_origin_realm)
         self.peers: set[Peer] = set()   # open ones (after CER)
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | StreamListener | None = None
         self.port = 0
 
     def _advertised(self) -> str:
@@ -86,18 +90,28 @@ class DiameterNode:
             return "127.0.0.1"
 
     async def start(self) -> int:
-        loop = asyncio.get_running_loop()
         # (TLS after CER: the listener is plain, each Peer starts TLS after its CEA)
         tls = None if self._rules.tls_after_cer else self._rules.tls
-        self._server = await loop.create_server(
-            self._new_peer, self._host, self._port, ssl=tls,
-            reuse_port=self._settings.workers != 1 or None)
+        try:
+            self._server = await self._listen(tls)
+        except OSError as error:  # (a port taken, an address not here: as gRPC's is said)
+            raise SettingsError(f"setting diameter_listen: cannot listen on "
+                                f"{self._settings.diameter_listen}: {error}") from None
         self.port = self._server.sockets[0].getsockname()[1]
         await self.push.start()
-        log.info("diameter listening on %s:%d%s as %s (realm %s)", self._host, self.port,
-                 " (TLS after CER)" if self._rules.tls_after_cer else " (TLS)" if tls else "",
+        log.info("diameter listening on %s:%d (%s%s) as %s (realm %s)", self._host, self.port,
+                 self._settings.diameter_transport,
+                 ", TLS after CER" if self._rules.tls_after_cer else ", TLS" if tls else "",
                  self._rules.origin_host, self._rules.origin_realm)
         return self.port
+
+    async def _listen(self, tls: ssl.SSLContext | None) -> asyncio.Server | StreamListener:
+        reuse_port = self._settings.workers != 1
+        if self._settings.diameter_transport == "sctp":  # (no TLS there: Settings)
+            return StreamListener(sctp_listener(self._host, self._port, reuse_port),
+                                  self._new_peer)
+        return await asyncio.get_running_loop().create_server(
+            self._new_peer, self._host, self._port, ssl=tls, reuse_port=reuse_port or None)
 
     async def stop(self) -> None:
         """DPR to every peer (DO_NOT_WANT_TO_TALK_TO_YOU would keep them away: REBOOTING
