@@ -9,11 +9,12 @@ The server runs in this process (uvloop, as `creditline serve` runs it) against 
 redis-server, on the standard path: the SDK's tracer and BatchSpanProcessor; the client
 runs in a child process (this script with --client) with its own event loop, so the two do
 not share one loop; it warms up before it measures. The exporter encodes each batch as the
-stock OTLP exporters do (the SDK's OTLP encoder) and drops it: what is measured is the
-span work, not a collector's network. The modes are interleaved over several rounds and
-each mode's median is reported, since one run on a shared machine is noisy; each round
-starts with another mode. Goals: 1 % >= 0.98 of off, 10 % >= 0.95; 100 % reported. Then
-the tracing work alone, timed in a tight loop in this process: the steady lower bound.
+server's OTLP exporter does (observability/otlp_traces.py's encoder) and drops it: what is
+measured is the span work, not a collector's network. The modes are interleaved over
+several rounds and each mode's median is reported, since one run on a shared machine is
+noisy; each round starts with another mode. Goals: 1 % >= 0.98 of off, 10 % >= 0.95;
+100 % reported. Then the tracing work alone, timed in a tight loop in this process: the
+steady lower bound.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ import grpc
 import uvloop
 from creditline.api.app import freeze_startup_objects, start_server, stop_server
 from creditline.api.interceptors import CallWrapper
+from creditline.observability.otlp_traces import SpanEncoder, select_span_encoder
 from creditline.observability.telemetry import Telemetry
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
@@ -57,13 +58,15 @@ GOALS = {"1%": 0.98, "10%": 0.95}
 
 
 class EncodingExporter(SpanExporter):
-    """Encodes each batch as the OTLP exporters do before sending it, then drops it."""
+    """Encodes each batch as the server's OTLP exporter does before sending it (with the
+    same encoder), then drops it."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: SpanEncoder) -> None:
         self.exported = 0
+        self._encoder = encoder
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        encode_spans(spans).SerializeToString()
+        self._encoder.encode_spans(spans)
         self.exported += len(spans)
         return SpanExportResult.SUCCESS
 
@@ -71,7 +74,7 @@ class EncodingExporter(SpanExporter):
 def _telemetry(sampler: Sampler | None) -> Telemetry:
     telemetry = Telemetry()
     if sampler is not None:
-        telemetry.use_tracing(sampler, [EncodingExporter()])
+        telemetry.use_tracing(sampler, [EncodingExporter(select_span_encoder(os.environ))])
     return telemetry
 
 

@@ -1,18 +1,11 @@
-"""The spans as OTLP: the stock exporters (HTTP and gRPC) send them to real receivers
+"""The spans as OTLP: the server's exporters (HTTP and gRPC) send them to real receivers
 (the collector's TraceService, and its HTTP form, from opentelemetry-proto)."""
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import os
-import threading
 import uuid
-from collections.abc import Iterator
-from concurrent import futures
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import grpc
 import pytest
@@ -24,15 +17,11 @@ from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc, notifications_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from creditline.v1 import notifications_pb2 as notifications_pb
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as OtlpSpan
 
 from tests.books import Books
 from tests.messages import RG_VOICE, block, ccr
+from tests.otlp_receiver import otlp_receiver
 from tests.stream_client import charging_over
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -40,76 +29,15 @@ PARENT_SPAN_ID = "00f067aa0ba902b7"
 INITIAL = "creditline.v1.Charging/Initial"
 
 
-def _spans(request: ExportTraceServiceRequest) -> list[OtlpSpan]:
-    return [span for resource_spans in request.resource_spans
-            for scope_spans in resource_spans.scope_spans for span in scope_spans.spans]
-
-
-class _HttpReceiver(BaseHTTPRequestHandler):
-    requests: list[ExportTraceServiceRequest]
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        if self.path == "/v1/traces":
-            self.requests.append(ExportTraceServiceRequest.FromString(body))
-        answer = ExportTraceServiceResponse().SerializeToString()
-        self.send_response(200 if self.path == "/v1/traces" else 404)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, requests: list[ExportTraceServiceRequest]) -> None:
-        self.requests = requests
-
-    def Export(self, request: ExportTraceServiceRequest, context: Any
-               ) -> ExportTraceServiceResponse:
-        self.requests.append(request)
-        return ExportTraceServiceResponse()
-
-
-@contextmanager
-def _receiver(protocol: str) -> Iterator[tuple[str, list[ExportTraceServiceRequest]]]:
-    """A real OTLP receiver on an ephemeral port: its endpoint and what it received."""
-    requests: list[ExportTraceServiceRequest] = []
-    if protocol == "grpc":
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_GrpcReceiver(requests),
-                                                                  server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        try:
-            yield f"http://127.0.0.1:{port}", requests
-        finally:
-            server.stop(grace=None)
-        return
-    handler = type("Receiver", (_HttpReceiver,), {"requests": requests})
-    http_server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{http_server.server_port}", requests
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
-
-
 @pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
 async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
         protocol: str, redis_process: RedisProcess, settings: Settings,
-        monkeypatch: pytest.MonkeyPatch, checked_books: Books) -> None:
-    with _receiver(protocol) as (endpoint, requests):
-        # the exporters read their endpoint from the environment themselves
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
-        monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+        checked_books: Books) -> None:
+    with otlp_receiver(protocol) as receiver:
+        endpoint, requests = receiver.endpoint, receiver.requests
         environ = {**os.environ, "OTEL_TRACES_EXPORTER": "otlp",
+                   "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+                   "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
                    "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_SERVICE_NAME": "ocs-test"}
         running = await start_server(settings, redis_process.url,
                                      build_telemetry(settings, environ))
@@ -134,7 +62,7 @@ async def test_the_otlp_exporters_send_the_call_spans_to_a_receiver(
                      for attribute in resource_spans.resource.attributes
                      if attribute.key == "service.name"}
     assert service_names == {"ocs-test"}
-    spans = [span for request in requests for span in _spans(request)]
+    spans = receiver.spans()
     [initial] = [span for span in spans if span.name == INITIAL]
     assert initial.trace_id.hex() == TRACE_ID and initial.parent_span_id.hex() == PARENT_SPAN_ID
     assert initial.kind == OtlpSpan.SPAN_KIND_SERVER
