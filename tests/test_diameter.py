@@ -24,6 +24,7 @@ from tests.books import Books
 from tests.conftest import Backend
 from tests.diameter_peer import Gateway, gateway, mscc
 from tests.test_subscriptions import admin_of, serving
+from tests.test_telemetry import samples_of, scrape, total_of
 
 INITIAL, UPDATE, TERMINATION, EVENT = 1, 2, 3, 4
 RG_VOICE, RG_SMS = 100, 300     # tests/catalogue.toml, plan standard: 10,000 a second,
@@ -269,4 +270,34 @@ async def test_usage_above_the_grant_is_charged_as_reported(backend: Backend,
                                        mscc(RG_VOICE, used={"cc_time": 45})))
             assert cca.result_code == 2001
         assert await _balance(admin, account_id) == 1_000_000 - 45 * VOICE_PER_S
+    await backend_books.assert_balanced()
+
+
+async def test_diameter_charging_is_counted_with_its_transport_and_equals_the_books(
+        backend: Backend, backend_books: Books) -> None:
+    """The money and request counters a Prometheus scrape shows after a session and an
+    event over Diameter: the books' charges, each CCR counted once under its method."""
+    async with diameter_server(backend, metrics_listen_address="127.0.0.1:0") as (
+            running, admin):
+        account_id, msisdn = await subscriber(admin, backend_books, 1_000_000)
+        async with gateway(_port(running)) as gw:
+            sid = gw.session_id()
+            await gw.send(gw.ccr(sid, INITIAL, 0, msisdn, mscc(RG_VOICE, {"cc_time": 30})))
+            await gw.send(gw.ccr(sid, UPDATE, 1, msisdn,
+                                 mscc(RG_VOICE, {"cc_time": 30}, {"cc_time": 30})))
+            await gw.send(gw.ccr(sid, TERMINATION, 2, msisdn,
+                                 mscc(RG_VOICE, used={"cc_time": 10})))
+            debit = await gw.send(gw.ccr(gw.session_id(), EVENT, 0, msisdn,
+                                         mscc(RG_SMS, {"cc_service_specific_units": 2}),
+                                         requested_action=0))
+            assert debit.result_code == 2001
+        samples = samples_of(await asyncio.to_thread(
+            scrape, f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"))
+    [books] = [await backend_books.read(account_id)]
+    assert books.charged == 40 * VOICE_PER_S + 2 * SMS_EACH
+    assert total_of(samples, "creditline_charged_total") == books.charged
+    assert total_of(samples, "creditline_units_granted_total", creditline_unit="time_s") == 60
+    for method in ("Initial", "Update", "Terminate", "Event"):
+        assert total_of(samples, "creditline_rpc_requests_total", rpc_method=method,
+                        creditline_transport="diameter", creditline_result_code="2001") == 1
     await backend_books.assert_balanced()

@@ -213,7 +213,7 @@ async def test_metrics_count_calls_units_money_and_redis_latency(observed: Obser
     assert {p.attributes["creditline.script"] for p in redis} >= {"charge.lua", "admin.lua"}
 
 
-def _scrape(url: str) -> str:
+def scrape(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as response:
         text: str = response.read().decode()
         return text
@@ -231,7 +231,7 @@ async def test_prometheus_endpoint_serves_the_metrics(
             with pytest.raises(grpc.aio.AioRpcError):
                 await admin.GetAccount(admin_pb.GetAccountRequest(account_id="nobody-y"))
         url = f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"
-        text = await asyncio.to_thread(_scrape, url)
+        text = await asyncio.to_thread(scrape, url)
         assert "creditline_rpc_requests" in text and 'rpc_method="GetAccount"' in text
         assert "rpc_server_call_duration" in text
         deadline = time.monotonic() + 10
@@ -239,7 +239,7 @@ async def test_prometheus_endpoint_serves_the_metrics(
             # the first count may still be running
             assert time.monotonic() < deadline, text
             await asyncio.sleep(0.1)
-            text = await asyncio.to_thread(_scrape, url)
+            text = await asyncio.to_thread(scrape, url)
         # the CDR backlog: the CDR streams' lengths (the session Redis holds unexported CDRs)
         backlog = sum([await running.redis.xlen(f"cl:{{{p}}}:cdrs")  # type: ignore[misc]
                        for p in range(settings.partitions)])
@@ -398,7 +398,7 @@ async def test_a_subscription_is_one_span_and_its_events_are_counted(
     assert sum(p.value for p in delivered if p.attributes["rpc.method"] == "Subscribe") >= 1
 
 
-def _scraped(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+def samples_of(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """A scrape's samples: name -> (labels, value) each."""
     samples: dict[str, list[tuple[dict[str, str], float]]] = {}
     for family in text_string_to_metric_families(text):
@@ -407,7 +407,7 @@ def _scraped(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return samples
 
 
-def _total(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+def total_of(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
            **labels: str) -> float:
     return sum(value for have, value in samples.get(name, [])
                if all(have.get(key) == wanted for key, wanted in labels.items()))
@@ -444,19 +444,19 @@ async def test_the_money_counters_equal_the_books_on_unary_and_on_stream(
                         assert answer.result_code == pb.SUCCESS, answer
                         charged_in_answers += sum(b.charged_micros for b in answer.rating_groups)
                         granted_in_answers += sum(b.granted.time_s for b in answer.rating_groups)
-        samples = _scraped(await asyncio.to_thread(
-            _scrape, f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"))
+        samples = samples_of(await asyncio.to_thread(
+            scrape, f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"))
     finally:
         await stop_server(running, grace_s=1.0)
     books = [await checked_books.read(account_id) for account_id in accounts]
     assert charged_in_answers > 0
-    assert _total(samples, "creditline_charged_total") == charged_in_answers == sum(
+    assert total_of(samples, "creditline_charged_total") == charged_in_answers == sum(
         account.charged for account in books)
-    assert _total(samples, "creditline_units_granted_total", creditline_unit="time_s") == (
+    assert total_of(samples, "creditline_units_granted_total", creditline_unit="time_s") == (
         granted_in_answers)
     for method in ("Initial", "Update", "Terminate"):
         for transport in ("unary", "stream"):
-            assert _total(samples, "creditline_rpc_requests_total", rpc_method=method,
+            assert total_of(samples, "creditline_rpc_requests_total", rpc_method=method,
                           creditline_transport=transport) == 1, (method, transport)
 
 
@@ -478,18 +478,18 @@ async def test_the_prometheus_endpoint_shows_the_operations_signals(
                 await _session(charging, account_id, "signals-1")
             await asyncio.wait_for(subscription.read(), 10)
             url = f"http://127.0.0.1:{running.telemetry.prometheus_port}/metrics"
-            samples = _scraped(await asyncio.to_thread(_scrape, url))
+            samples = samples_of(await asyncio.to_thread(scrape, url))
             subscription.cancel()
     finally:
         await stop_server(running, grace_s=1.0)
-    assert _total(samples, "creditline_rpc_in_flight", rpc_method="Subscribe") == 1
-    assert _total(samples, "creditline_rpc_in_flight", rpc_method="Update") == 0
+    assert total_of(samples, "creditline_rpc_in_flight", rpc_method="Subscribe") == 1
+    assert total_of(samples, "creditline_rpc_in_flight", rpc_method="Update") == 0
     assert "creditline_stream_in_flight" in samples
-    assert _total(samples, "creditline_events_delivered_total") >= 1
-    assert _total(samples, "creditline_redis_up") == 1
+    assert total_of(samples, "creditline_events_delivered_total") >= 1
+    assert total_of(samples, "creditline_redis_up") == 1
     assert "creditline_hub_lag" in samples
     assert "creditline_supervision_closures_total" in samples
-    assert _total(samples, "creditline_notification_subscribers") == 1
+    assert total_of(samples, "creditline_notification_subscribers") == 1
 
 
 def _free_port_pair() -> int:
@@ -518,7 +518,7 @@ def test_one_scrape_per_worker_shows_every_workers_traffic() -> None:
                     grpc.RpcError):
                 admin_pb2_grpc.AdminStub(channel).GetAccount(
                     admin_pb.GetAccountRequest(account_id=f"nobody-{n}"))
-        counts = [_total(_scraped(_scrape(f"http://127.0.0.1:{metrics_port + n}/metrics")),
+        counts = [total_of(samples_of(scrape(f"http://127.0.0.1:{metrics_port + n}/metrics")),
                          "creditline_rpc_requests_total", rpc_method="GetAccount")
                   for n in range(2)]
         assert sum(counts) == calls and all(counts), counts

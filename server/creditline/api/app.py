@@ -306,7 +306,7 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
     await renewer.sweep_logged()
     await server.start()
     try:
-        diameter = await _diameter_node(settings, charging, store, hub)
+        diameter = await _diameter_node(settings, charging, store, hub, wrapper)
     except ValueError:  # (a Diameter listener that cannot be: what runs already stops)
         await server.stop(0)
         await _release(hub, transport, redis, telemetry)
@@ -338,7 +338,7 @@ async def _release(hub: EventHub, transport: Transport, redis: RedisClient,
 
 
 async def _diameter_node(settings: Settings, charging: ChargingService, store: Store,
-                         hub: EventHub) -> DiameterNode | None:
+                         hub: EventHub, wrapper: CallWrapper | None) -> DiameterNode | None:
     """The Diameter Gy listener when diameter_listen names one."""
     if not settings.diameter_listen:
         return None
@@ -352,7 +352,8 @@ async def _diameter_node(settings: Settings, charging: ChargingService, store: S
         except ValueError:  # (data no identity of that kind can hold: bound to none)
             return None
 
-    node = DiameterNode(settings, charging, identities, hub)
+    node = DiameterNode(settings, charging, identities, hub,
+                        None if wrapper is None else wrapper.diameter_request)
     await node.start()
     return node
 

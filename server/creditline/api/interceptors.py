@@ -16,7 +16,11 @@ Spans are the SDK's (telemetry.Telemetry.tracer), by the rpc.* semantic conventi
 - Charging.Stream: a span for the stream, and one per request it carries (named by the
   request's kind, `creditline.v1.Charging/Update`, ...), each the root of a trace of its
   own (sampled on its own: a stream lives for hours) with a Link to the stream's span;
-- Subscribe, SubscribeBatches: one span per subscription (events are counted, not spanned).
+- Subscribe, SubscribeBatches: one span per subscription (events are counted, not spanned);
+- a Diameter CCR: a span for the charging request it makes, named by its kind
+  (`creditline.v1.Charging/Update`, ...), the root of its trace; metrics as a unary call's
+  with creditline.transport=diameter (the Diameter peer's own messages, CER, DWR, ..., are
+  not counted here).
 Attributes: rpc.system, rpc.service, rpc.method, rpc.grpc.status_code, and
 creditline.account_id, creditline.session_id, creditline.request_number,
 creditline.rating_groups and creditline.result_code read from the request and answer.
@@ -54,6 +58,10 @@ Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 ServicerContext = grpc.aio.ServicerContext[Any, Any]
 # How a Stream's request is answered: its StreamAnswer's wire bytes.
 StreamAnswerer: TypeAlias = "Callable[[pb.StreamRequest], Awaitable[bytes]]"
+# How a Diameter CCR's charging request is observed: (its method, the request, what answers
+# it (the answer's wire bytes), the answer's class) -> the answer's wire bytes.
+DiameterObserver: TypeAlias = ("Callable[[str, Message, Callable[[], Awaitable[bytes]], "
+                               "type[Message]], Awaitable[bytes]]")
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
 # The parent of a call that brought no trace context, and of a Stream's request: none.
@@ -73,6 +81,10 @@ _OBSERVED_STREAMS = frozenset({_CHARGING, "creditline.v1.Notifications"})
 # A StreamRequest's oneof field -> the method it stands for
 _STREAM_METHODS = {"initial": "Initial", "update": "Update", "terminate": "Terminate",
                    "event": "Event", None: "Stream"}
+# The charging methods a Diameter CCR stands for (CC-Request-Type INITIAL, UPDATE,
+# TERMINATION, EVENT), counted and spanned under these names with
+# creditline.transport=diameter
+DIAMETER_METHODS = ("Initial", "Update", "Terminate", "Event")
 MAX_SPAN_RATING_GROUPS = 64
 _ID_ATTRIBUTES = (("account_id", "creditline.account_id"),
                   ("session_id", "creditline.session_id"))
@@ -203,7 +215,9 @@ class CallWrapper:
         self._check_roles = check_roles
         self._stream_methods = {which: _Method.of(_CHARGING, name, "stream")
                                 for which, name in _STREAM_METHODS.items()}
-        for described in self._stream_methods.values():
+        self._diameter_methods = {name: _Method.of(_CHARGING, name, "diameter")
+                                  for name in DIAMETER_METHODS}
+        for described in (*self._stream_methods.values(), *self._diameter_methods.values()):
             self._count_from_zero(described)
 
     def _count_from_zero(self, described: _Method) -> None:
@@ -284,32 +298,58 @@ class CallWrapper:
                               ) -> bytes:
         """One request of a Stream: a span of its own linked to the stream's, and the
         metrics of a unary call of its kind (creditline.transport=stream)."""
-        observer = self._observer
         which = request.WhichOneof("request")
-        described = self._stream_methods[which]
+        inner = None if which is None else getattr(request, which)
         stream = trace.get_current_span().get_span_context()  # (the Stream's own span)
         links = [Link(stream)] if stream.is_valid and stream.trace_flags.sampled else None
-        metrics = observer.metrics
+        metrics = self._observer.metrics
         if metrics is not None:
             metrics.stream_in_flight.add(1)
+        try:
+            return await self._observe(self._stream_methods[which], inner,
+                                       lambda: answer(request), _stream_reply, links)
+        finally:
+            if metrics is not None:
+                metrics.stream_in_flight.add(-1)
+
+    @property
+    def diameter_request(self) -> DiameterObserver | None:
+        """What observes each charging request a Diameter CCR makes (GyApplication's hook):
+        None when nothing observes them."""
+        return self._diameter_request if self._observed else None
+
+    async def _diameter_request(self, method: str, request: Message,
+                                answer: Callable[[], Awaitable[bytes]],
+                                answer_class: type[Message]) -> bytes:
+        """A CCR's charging request (method Initial, Update, Terminate or Event): a span,
+        the root of its trace, and the metrics of a unary call of its kind
+        (creditline.transport=diameter)."""
+        return await self._observe(self._diameter_methods[method], request, answer,
+                                   answer_class.FromString, None)
+
+    async def _observe(self, described: _Method, request: Any,
+                       answer: Callable[[], Awaitable[bytes]],
+                       read_answer: Callable[[bytes], Any], links: list[Link] | None
+                       ) -> bytes:
+        """A charging request that did not come as a unary gRPC call: its span (current
+        for its children, never the stream's or a previous request's) and metrics."""
+        observer = self._observer
         started = observer.start(described, _NO_PARENT, links, current_anyway=True)
         start_s = time.perf_counter()
         raw: bytes | None = None
         error: BaseException | None = None
         try:
-            raw = await answer(request)
+            raw = await answer()
             return raw
         except BaseException as raised:
             error = raised
             raise
         finally:
-            inner = None if which is None else getattr(request, which)
-            reply = None if raw is None or not observer.reads(started) else _stream_reply(raw)
+            reply = None if raw is None or not observer.reads(started) else read_answer(raw)
             status = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-            observer.end(described, started, inner, reply, status, error)
-            if metrics is not None:
-                metrics.stream_in_flight.add(-1)
-                _record(metrics, described, status, inner, reply,
+            observer.end(described, started, request, reply, status, error)
+            if observer.metrics is not None:
+                _record(observer.metrics, described, status, request, reply,
                         time.perf_counter() - start_s)
 
     def _streaming(self, method: str, handler: Handler, observed: bool) -> Handler:

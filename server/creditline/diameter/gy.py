@@ -27,6 +27,9 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from google.protobuf.message import Message as ProtoMessage
+
+from creditline.api.interceptors import DiameterObserver
 from creditline.api.service import ChargingService
 from creditline.diameter import message as m
 from creditline.diameter.codec import Avp
@@ -72,6 +75,9 @@ _FAILURE_HANDLING = {pb.FAILURE_HANDLING_TERMINATE: 0, pb.FAILURE_HANDLING_CONTI
                      pb.FAILURE_HANDLING_RETRY_AND_TERMINATE: 2}
 MICROS_EXPONENT = -6  # Cost-Information's Unit-Value: micro-units
 FAILOVER_SUPPORTED = 1  # CC-Session-Failover (RFC 4006 §8.4)
+# the charging method each request type stands for, in spans and metrics
+_METHODS = {CcRequestType.INITIAL: "Initial", CcRequestType.UPDATE: "Update",
+            CcRequestType.TERMINATION: "Terminate"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +100,9 @@ class GyApplication:
     session has (RAR and ASR go to that peer)."""
 
     def __init__(self, charging: ChargingService, identities: IdentityLookup,
-                 rules: GyRules) -> None:
+                 rules: GyRules, observe: DiameterObserver | None = None) -> None:
         self._charging = charging
+        self._observe = observe  # spans and metrics of the charging requests, when on
         self._identities = identities
         self._rules = rules
         self.sessions: dict[str, OpenSession] = {}  # session id -> (oldest first)
@@ -148,8 +155,9 @@ class GyApplication:
         request = pb.CreditControlRequest(
             session_id=session_id, request_number=number, account_id=account_id,
             event_time_unix_ms=_event_time_ms(ccr.avps), rating_groups=_rating_groups(ccr.avps))
-        answer = pb.CreditControlAnswer.FromString(
-            await self._charging.credit_control(request, _KINDS[kind]))
+        answer = pb.CreditControlAnswer.FromString(await self._charged(
+            _METHODS[kind], request, lambda: self._charging.credit_control(request, _KINDS[kind]),
+            pb.CreditControlAnswer))
         self._track(session_id, account_id, peer, kind, answer.result_code)
         avps = [*frame, *(self._mscc(rg) for rg in answer.rating_groups)]
         if kind is CcRequestType.INITIAL:
@@ -232,7 +240,8 @@ class GyApplication:
             event_time_unix_ms=_event_time_ms(ccr.avps), action=_ACTIONS[RequestedAction(action)],
             rating_groups=_rating_groups(ccr.avps),
             refund_of_session_id=correlation[3].decode(errors="replace") if correlation else "")
-        answer = pb.EventAnswer.FromString(await self._charging.event(request))
+        answer = pb.EventAnswer.FromString(await self._charged(
+            "Event", request, lambda: self._charging.event(request), pb.EventAnswer))
         avps = [*frame, m.u32(AvpCode.REQUESTED_ACTION, action)]
         avps += [self._event_mscc(rg) for rg in answer.rating_groups]
         if action == RequestedAction.CHECK_BALANCE:
@@ -244,6 +253,14 @@ class GyApplication:
         if answer.error_message:
             avps.append(m.text(AvpCode.ERROR_MESSAGE, answer.error_message[:200], mandatory=False))
         return answer_to(ccr, answer.result_code or ResultCode.UNABLE_TO_COMPLY, *avps)
+
+    async def _charged(self, method: str, request: ProtoMessage,
+                       charge: Callable[[], Awaitable[bytes]],
+                       answer_class: type[ProtoMessage]) -> bytes:
+        """The charging core's answer (wire bytes), observed when something observes."""
+        if self._observe is None:
+            return await charge()
+        return await self._observe(method, request, charge, answer_class)
 
     def _event_mscc(self, rg: pb.EventRatingGroupAnswer) -> Avp:
         avps: list[Avp] = []

@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 
+from creditline.api.interceptors import DiameterObserver
 from creditline.api.service import ChargingService
 from creditline.diameter.gy import GyApplication, GyRules, IdentityLookup
 from creditline.diameter.message import Message
@@ -63,7 +64,8 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 class DiameterNode:
     def __init__(self, settings: Settings, charging: ChargingService,
-                 identities: IdentityLookup, hub: EventHub) -> None:
+                 identities: IdentityLookup, hub: EventHub,
+                 observe: DiameterObserver | None = None) -> None:
         self._settings = settings
         host, _, port = settings.diameter_listen.rpartition(":")
         self._host, self._port = host.strip("[]") or "0.0.0.0", int(port)
@@ -73,7 +75,7 @@ class DiameterNode:
             origin_realm=settings.diameter_origin_realm,
             identity_fallback=settings.diameter_identity_fallback,
             currency_code=settings.diameter_currency_code,
-            max_sessions=settings.diameter_max_sessions))
+            max_sessions=settings.diameter_max_sessions), observe)
         self.push = NetworkPush(hub, self.gy, settings.diameter_origin_host,
                                 settings.diameter_origin_realm)
         self.peers: set[Peer] = set()   # open ones (after CER)
