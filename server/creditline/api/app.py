@@ -18,9 +18,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from grpc_reflection.v1alpha._async import ReflectionServicer
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
@@ -283,13 +281,15 @@ async def start_server(settings: Settings, redis_url: str, telemetry: Telemetry 
         hub, settings.subscriber_queue_size, settings.max_subscribers, telemetry.metrics,
         settings.subscriber_batch_linger_s),
         NOTIFICATIONS, wrap)
-    health_servicer = HealthServicer()
+    # (health.aio and reflection.aio: the packages' public asyncio servicers, which the
+    # type stubs do not list)
+    health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [CHARGING_SERVICE, ADMIN_SERVICE, NOTIFICATIONS.full_name, health.SERVICE_NAME]
     if settings.reflection_enabled:
         # through the wrapper: with mutual TLS only callers with a role may list and
         # describe the services (reflection.enable_server_reflection would open it to all)
-        add_service(server, ReflectionServicer(
+        add_service(server, reflection.aio.ReflectionServicer(  # type: ignore[attr-defined]
             [*services, reflection.SERVICE_NAME]), REFLECTION, wrap)
     supervisor = Supervisor(store, settings.supervision_interval_s, settings.supervision_batch)
     renewer = Renewer(store, store.config.partitions, lambda: admin.catalogue,
