@@ -117,17 +117,17 @@ async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed,
     assert list(attributes["creditline.rating_groups"]) == [  # type: ignore[arg-type]
         RG_PEAK_VOICE, RG_VOICE, RG_FREE]
     assert attributes["creditline.result_code"] == pb.SUCCESS
-    # children: the rating of the banded tariff (the voice one's table is made once, the
-    # free one needs none) and the script
+    # its Redis script call (one: the charging function) counted and timed on it, and one
+    # child: the rating of the banded tariff (the voice one's table is made once, the free
+    # one needs none)
+    assert attributes["creditline.redis.calls"] == 1
+    assert 0 < attributes["creditline.redis.duration_s"] < 10  # type: ignore[operator]
     [rating] = _by_name(spans, "rating")
-    # (FCALL where Redis has functions, else EVALSHA)
-    [script] = _by_name(spans, f"{observed.running.store.charge_operation} charge.lua")
-    for child in (rating, script):
-        assert child.parent is not None and child.parent.span_id == rpc.context.span_id
-        assert child.context.trace_id == rpc.context.trace_id
+    assert rating.parent is not None and rating.parent.span_id == rpc.context.span_id
+    assert rating.context.trace_id == rpc.context.trace_id
     assert (rating.attributes or {})["creditline.rating_group"] == RG_PEAK_VOICE
-    assert script.kind is SpanKind.CLIENT
-    assert (script.attributes or {})["db.system.name"] == "redis"
+    assert {span.name for span in spans if span.parent is not None
+            and span.parent.span_id == rpc.context.span_id} == {"rating"}
 
 
 async def test_a_new_trace_without_trace_context(observed: Observed,
@@ -355,12 +355,11 @@ async def test_each_request_of_a_stream_is_a_span_linked_to_the_streams(
         # a trace of its own (sampled on its own), linked to the stream's span
         assert request.parent is None and request.kind is SpanKind.SERVER
         assert [link.context.span_id for link in request.links] == [whole.context.span_id]
-        # its children are its own, not the stream's
-        script = [span for span in spans if span.name.endswith("charge.lua")
-                  and span.parent is not None and span.parent.span_id == request.context.span_id]
-        assert len(script) == 1
+        # its Redis call is its own, not the stream's
+        assert (request.attributes or {})["creditline.redis.calls"] == 1
     assert not [span for span in spans
                 if span.parent is not None and span.parent.span_id == whole.context.span_id]
+    assert "creditline.redis.calls" not in (whole.attributes or {})
     requests = _points(observed.metrics, "creditline.rpc.requests")
     assert any(p.attributes["rpc.method"] == "Terminate"
                and p.attributes["creditline.transport"] == "stream"

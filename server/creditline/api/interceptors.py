@@ -23,9 +23,11 @@ Spans are the SDK's (telemetry.Telemetry.tracer), by the rpc.* semantic conventi
   not counted here).
 Attributes: rpc.system, rpc.service, rpc.method, rpc.grpc.status_code, and
 creditline.account_id, creditline.session_id, creditline.request_number,
-creditline.rating_groups and creditline.result_code read from the request and answer.
+creditline.rating_groups and creditline.result_code read from the request and answer;
+creditline.redis.calls and creditline.redis.duration_s, the count and time of the call's
+Redis script calls (observability/telemetry.py's ScriptInstrument).
 Status ERROR only for server errors (the OTel convention for servers): a NOT_FOUND is the
-caller's. The children (rating, the Redis script) are spans only under a sampled parent.
+caller's. A child (rating) is a span only under a sampled parent.
 A call refused by the role check is traced and counted with its status, and never reaches
 the servicer. Health is registered without the wrapper; reflection through it for the role
 check only.
