@@ -25,6 +25,7 @@ import gc
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -34,7 +35,7 @@ import uvloop
 from creditline.api.app import freeze_startup_objects, start_server, stop_server
 from creditline.api.interceptors import CallWrapper
 from creditline.observability.otlp_traces import SpanEncoder, select_span_encoder
-from creditline.observability.telemetry import Telemetry
+from creditline.observability.telemetry import RootSampling, Telemetry, tracing_sampling
 from creditline.settings import DEFAULT_PLAN_PATH, Settings
 from creditline.store.redis_process import RedisProcess
 from creditline.v1 import admin_pb2 as admin_pb
@@ -42,17 +43,18 @@ from creditline.v1 import admin_pb2_grpc, charging_pb2_grpc
 from creditline.v1 import charging_pb2 as pb
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import Sampler
 
 RG_VOICE = 100
-CLIENT_TIMEOUT_S = 300
+CLIENT_TIMEOUT_S = 3600  # (under callgrind a run takes minutes)
 ACCOUNTS = 64
-# the samplers as OTEL_TRACES_SAMPLER=parentbased_traceidratio and _ARG make them
-MODES: dict[str, Sampler | None] = {
+# the sampling as OTEL_TRACES_SAMPLER=parentbased_traceidratio and _ARG make it in the
+# server (telemetry.tracing_sampling: the SDK's sampler and the root sampling ahead of it)
+MODES: dict[str, tuple[Sampler, RootSampling] | None] = {
     "off": None,
-    "1%": ParentBased(TraceIdRatioBased(0.01)),
-    "10%": ParentBased(TraceIdRatioBased(0.1)),
-    "100%": ParentBased(TraceIdRatioBased(1.0)),
+    **{f"{ratio:.0%}": tracing_sampling({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                                         "OTEL_TRACES_SAMPLER_ARG": str(ratio)})
+       for ratio in (0.01, 0.1, 1.0)},
 }
 GOALS = {"1%": 0.98, "10%": 0.95}
 
@@ -71,15 +73,23 @@ class EncodingExporter(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-def _telemetry(sampler: Sampler | None) -> Telemetry:
+Sampling = tuple[Sampler, RootSampling]
+
+
+def _telemetry(sampling: Sampling | None) -> Telemetry:
     telemetry = Telemetry()
-    if sampler is not None:
-        telemetry.use_tracing(sampler, [EncodingExporter(select_span_encoder(os.environ))])
+    if sampling is not None:
+        sampler, roots = sampling
+        telemetry.use_tracing(sampler, [EncodingExporter(select_span_encoder(os.environ))],
+                              root_sampling=roots)
     return telemetry
 
 
-async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> float:
-    """Calls/s of `sessions` Initial + Terminate pairs, `concurrency` sessions at once."""
+async def _drive(target: str, run_id: str, sessions: int, concurrency: int,
+                 rate: float = 0.0) -> float:
+    """Calls/s of `sessions` Initial + Terminate pairs, `concurrency` sessions at once;
+    with a rate, the sessions start at that many a second (0: as fast as they can)."""
+    loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(target) as channel:
         charging = charging_pb2_grpc.ChargingStub(channel)
         queue: asyncio.Queue[int] = asyncio.Queue()
@@ -89,6 +99,8 @@ async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> f
         async def worker() -> None:
             while not queue.empty():
                 number = queue.get_nowait()
+                if rate:
+                    await asyncio.sleep(max(0.0, start_s + number / rate - loop.time()))
                 account_id = f"bench-{number % ACCOUNTS}"
                 session_id = f"{run_id}-{number}"
                 request = pb.CreditControlRequest(
@@ -102,14 +114,15 @@ async def _drive(target: str, run_id: str, sessions: int, concurrency: int) -> f
                 request.rating_groups[0].used.time_s = 30
                 await charging.Terminate(request)
 
-        start_s = time.perf_counter()
+        start_s = loop.time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return 2 * sessions / (time.perf_counter() - start_s)
+        return 2 * sessions / (loop.time() - start_s)
 
 
-async def _client(target: str, run_id: str, sessions: int, concurrency: int) -> float:
+async def _client(target: str, run_id: str, sessions: int, concurrency: int,
+                  rate: float) -> float:
     await _drive(target, f"{run_id}-warm", concurrency, concurrency)  # connect, warm up
-    return await _drive(target, run_id, sessions, concurrency)
+    return await _drive(target, run_id, sessions, concurrency, rate)
 
 
 async def _accounts(target: str) -> None:
@@ -130,9 +143,9 @@ class Run:
     cpu_us_per_call: float  # this (server) process's CPU time, all its threads
 
 
-async def _measure(settings: Settings, redis_url: str, sampler: Sampler | None, run_id: str,
-                   sessions: int, concurrency: int) -> Run:
-    running = await start_server(settings, redis_url, _telemetry(sampler), environ={})
+async def _measure(settings: Settings, redis_url: str, sampling: Sampling | None, run_id: str,
+                   sessions: int, concurrency: int, rate: float = 0.0) -> Run:
+    running = await start_server(settings, redis_url, _telemetry(sampling), environ={})
     freeze_startup_objects()  # as `creditline serve` does once it has started
     target = f"127.0.0.1:{running.port}"
     try:
@@ -140,7 +153,7 @@ async def _measure(settings: Settings, redis_url: str, sampler: Sampler | None, 
         cpu_start_s = time.process_time()
         child = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "--client", target, run_id, str(sessions),
-            str(concurrency), stdout=asyncio.subprocess.PIPE)
+            str(concurrency), str(rate), stdout=asyncio.subprocess.PIPE)
         output, _ = await asyncio.wait_for(child.communicate(), CLIENT_TIMEOUT_S)
         cpu_s = time.process_time() - cpu_start_s
         if child.returncode != 0:
@@ -167,7 +180,7 @@ class _Context:
         return (("user-agent", "bench"),)
 
 
-async def _tracing_work_us(sampler: Sampler | None) -> float:
+async def _tracing_work_us(sampling: Sampling | None) -> float:
     """Server CPU per call of what tracing adds, in this process without network or Redis:
     the call wrapper's span and the script's child span around a handler that awaits a
     finished script call, the spans exported (encoded) as they are in the server. A lower
@@ -177,7 +190,7 @@ async def _tracing_work_us(sampler: Sampler | None) -> float:
     # understate the cost
     os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(4 * (LOOP_CALLS + LOOP_WARMUP_CALLS))
     try:
-        telemetry = _telemetry(sampler)
+        telemetry = _telemetry(sampling)
     finally:
         del os.environ["OTEL_BSP_MAX_QUEUE_SIZE"]
     instrument = telemetry.script_instrument()
@@ -193,7 +206,8 @@ async def _tracing_work_us(sampler: Sampler | None) -> float:
 
     call = handler
     if telemetry.tracer is not None:
-        wrapper = CallWrapper(tracer=telemetry.tracer, metrics=None, check_roles=False)
+        wrapper = CallWrapper(tracer=telemetry.tracer, metrics=None, check_roles=False,
+                              roots=telemetry.root_sampling)
         call = wrapper.wrap("/creditline.v1.Charging/Initial",
                             grpc.unary_unary_rpc_method_handler(handler),
                             pb.CreditControlAnswer).unary_unary
@@ -209,8 +223,8 @@ async def _tracing_work_us(sampler: Sampler | None) -> float:
     return (time.process_time() - start_s) / LOOP_CALLS * 1e6
 
 
-async def _rounds(settings: Settings, rounds: int, sessions: int, concurrency: int
-                  ) -> dict[str, list[Run]]:
+async def _rounds(settings: Settings, rounds: int, sessions: int, concurrency: int,
+                  rate: float) -> dict[str, list[Run]]:
     runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
     names = list(MODES)
     with RedisProcess() as redis:
@@ -219,11 +233,59 @@ async def _rounds(settings: Settings, rounds: int, sessions: int, concurrency: i
             shift = round_number % len(names)
             for mode in names[shift:] + names[:shift]:
                 run = await _measure(settings, redis.url, MODES[mode],
-                                     f"r{round_number}-{mode}", sessions, concurrency)
+                                     f"r{round_number}-{mode}", sessions, concurrency, rate)
                 runs[mode].append(run)
                 print(f"round {round_number + 1} {mode:>5}: {run.calls_per_s:8.0f} calls/s, "
                       f"server CPU {run.cpu_us_per_call:6.0f} us/call", flush=True)
     return runs
+
+
+# --instructions: each mode's server counted twice, with these many sessions and with
+# INSTRUCTION_SESSIONS_MORE more; the difference is the calls' own (no start, no imports).
+INSTRUCTIONS_AT_ONCE = 2  # callgrind runs side by side (one per core)
+
+
+async def _server_instructions(mode: str, sessions: int, concurrency: int, out_dir: str
+                               ) -> int:
+    """The instructions the server process executed (all its threads) in one run of mode
+    under callgrind: valgrind traces this process, not the client's or Redis's."""
+    out_file = os.path.join(out_dir, f"{mode.strip('%')}-{sessions}.out")
+    child = await asyncio.create_subprocess_exec(
+        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+        sys.executable, __file__, "--one-mode", mode, "--sessions", str(sessions),
+        "--concurrency", str(concurrency),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, errors = await asyncio.wait_for(child.communicate(), CLIENT_TIMEOUT_S)
+    if child.returncode != 0:
+        raise RuntimeError(f"{mode} under callgrind failed: {errors.decode()[-2000:]}")
+    with open(out_file) as out:
+        for line in out:
+            if line.startswith(("summary:", "totals:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"{out_file}: no summary line")
+
+
+async def _instructions(sessions: int, concurrency: int) -> None:
+    """Instructions per call of each mode, and each mode's ratio to off: on a noisy
+    machine the steady figure (callgrind counts the same for the same work)."""
+    more = sessions  # the second run has twice the sessions
+    at_once = asyncio.Semaphore(INSTRUCTIONS_AT_ONCE)
+    with tempfile.TemporaryDirectory() as out_dir:
+        async def counted(mode: str, count: int) -> int:
+            async with at_once:
+                return await _server_instructions(mode, count, concurrency, out_dir)
+
+        runs = {mode: asyncio.gather(counted(mode, sessions), counted(mode, sessions + more))
+                for mode in MODES}
+        results = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
+    per_call = {mode: (bigger - smaller) / (2 * more)
+                for mode, (smaller, bigger) in results.items()}
+    print(f"server instructions per call (callgrind; runs of {sessions} and "
+          f"{sessions + more} sessions, the difference over {2 * more} calls):")
+    for mode, instructions in per_call.items():
+        goal = f"  (goal >= {GOALS[mode]})" if mode in GOALS else ""
+        print(f"  tracing {mode:>5}: {instructions:10,.0f}, ratio "
+              f"{per_call['off'] / instructions:.3f}{goal}")
 
 
 def _report(runs: dict[str, list[Run]]) -> None:
@@ -251,17 +313,33 @@ async def main(argv: Sequence[str]) -> int:
     parser.add_argument("--sessions", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--client", nargs=4, metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE"),
+    parser.add_argument("--instructions", action="store_true",
+                        help="count the server's instructions per call under callgrind")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="sessions started per second (0: as fast as the server takes "
+                             "them); below saturation the CPU per call is steadier")
+    parser.add_argument("--client", nargs=5,
+                        metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE", "RATE"),
                         help="(internal) be the load generator and print calls/s")
+    parser.add_argument("--one-mode", choices=list(MODES),
+                        help="(internal) serve one run of this mode (under callgrind)")
     args = parser.parse_args(argv)
     if args.client:
-        target, run_id, sessions, concurrency = args.client
-        print(await _client(target, run_id, int(sessions), int(concurrency)))
+        target, run_id, sessions, concurrency, rate = args.client
+        print(await _client(target, run_id, int(sessions), int(concurrency), float(rate)))
+        return 0
+    if args.instructions:
+        await _instructions(args.sessions, args.concurrency)
         return 0
     # a long Redis deadline: on a crowded machine a call may wait, but must not fail
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(DEFAULT_PLAN_PATH)),
                        redis_max_connections=64, redis_call_timeout_s=30.0)
-    runs = await _rounds(settings, args.rounds, args.sessions, args.concurrency)
+    if args.one_mode:
+        with RedisProcess() as redis:
+            await _measure(settings, redis.url, MODES[args.one_mode], "one",
+                           args.sessions, args.concurrency)
+        return 0
+    runs = await _rounds(settings, args.rounds, args.sessions, args.concurrency, args.rate)
     print(f"\nmedians of {args.rounds} rounds, {2 * args.sessions} calls each "
           f"(Initial + Terminate), {args.concurrency} sessions at once:")
     _report(runs)
@@ -269,8 +347,8 @@ async def main(argv: Sequence[str]) -> int:
     print("\ntracing work alone (in process, no network, no Redis), CPU per call, and the "
           f"ratio it implies\nfor a server spending off's {off_us:.0f} us CPU per call "
           "(a lower bound):")
-    work = {mode: statistics.median([await _tracing_work_us(sampler) for _ in range(3)])
-            for mode, sampler in MODES.items()}
+    work = {mode: statistics.median([await _tracing_work_us(sampling) for _ in range(3)])
+            for mode, sampling in MODES.items()}
     for mode in MODES:
         extra = max(0.0, work[mode] - work["off"])
         print(f"  tracing {mode:>5}: {work[mode]:6.1f} us, +{extra:5.1f} us, ratio "

@@ -541,3 +541,62 @@ def test_only_server_errors_make_an_error_span(status: grpc.StatusCode, error_sp
     assert (ended.status.status_code is StatusCode.ERROR) is error_span
     assert (ended.attributes or {})["rpc.grpc.status_code"] == status.value[0]
     assert [event.name for event in ended.events] == (["exception"] if error_span else [])
+
+
+async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_callers(
+        redis_process: RedisProcess, settings: Settings, checked_books: Books) -> None:
+    """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the root sampling drawn ahead of the
+    SDK traces about the ratio of calls with no trace context (the rest get no span at
+    all), always a caller's sampled trace and never a caller's unsampled one; a Stream's
+    request left out gives its Redis call to no span (the stream's is not its parent)."""
+    spans = InMemorySpanExporter()
+    environ = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+               "OTEL_TRACES_SAMPLER_ARG": "0.2"}
+    running = await start_server(settings, redis_process.url,
+                                 build_telemetry(settings, environ, span_exporter=spans))
+    calls = 400
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            admin = admin_pb2_grpc.AdminStub(channel)
+            account_id = f"ratio{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            checked_books.track(account_id)
+            await admin.CreateAccount(admin_pb.CreateAccountRequest(
+                account_id=account_id, initial_balance_micros=10**12))
+            charging = charging_pb2_grpc.ChargingStub(channel)
+            for number in range(calls):
+                await charging.Event(_sms_debit(account_id, f"root-{number}"))
+            for flags in ("01", "00"):
+                for number in range(20):
+                    await charging.Event(
+                        _sms_debit(account_id, f"caller-{flags}-{number}"),
+                        metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-{flags}"),))
+            async with charging_over(channel, "stream") as streamed:
+                for number in range(60):
+                    await streamed.Event(_sms_debit(account_id, f"stream-{number}"))
+    finally:
+        await stop_server(running, grace_s=1.0)
+    events = _by_name(spans.get_finished_spans(), "creditline.v1.Charging/Event")
+
+    def session(span: ReadableSpan) -> str:
+        return str((span.attributes or {})["creditline.session_id"])
+
+    roots = [span for span in events if session(span).startswith("root-")]
+    # 400 draws at 0.2: 80 expected; outside 45..120 happens less than once in 10^6 runs
+    assert 45 <= len(roots) <= 120, len(roots)
+    assert all(span.parent is None for span in roots)
+    followed = [span for span in events if session(span).startswith("caller-")]
+    assert {session(span)[:9] for span in followed} == {"caller-01"} and len(followed) == 20
+    assert {format(span.context.trace_id, "032x") for span in followed} == {TRACE_ID}
+    streamed = [span for span in events if session(span).startswith("stream-")]
+    assert 0 < len(streamed) < 60  # (60 draws at 0.2: none or all, once in 10^5 runs)
+    assert all((span.attributes or {})["creditline.redis.calls"] == 1 for span in streamed)
+    for stream in _by_name(spans.get_finished_spans(), "creditline.v1.Charging/Stream"):
+        # (the stream's own span is drawn as a root too; its requests' Redis calls are
+        # never its own, traced or not)
+        assert "creditline.redis.calls" not in (stream.attributes or {})
+
+
+def _sms_debit(account_id: str, session_id: str) -> pb.EventRequest:
+    return pb.EventRequest(session_id=session_id, account_id=account_id,
+                           action=pb.DIRECT_DEBIT, rating_groups=[pb.RatingGroupRequest(
+                               rating_group=RG_VOICE, requested=pb.Units(time_s=1))])

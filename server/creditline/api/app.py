@@ -220,7 +220,7 @@ def _call_wrapper(settings: Settings, telemetry: Telemetry) -> CallWrapper | Non
     if not (settings.mutual_tls or telemetry.enabled):
         return None
     return CallWrapper(tracer=telemetry.tracer, metrics=telemetry.metrics,
-                       check_roles=settings.mutual_tls)
+                       check_roles=settings.mutual_tls, roots=telemetry.root_sampling)
 
 
 def _grpc_server(settings: Settings, reuse_port: bool) -> grpc.aio.Server:

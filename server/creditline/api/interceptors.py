@@ -48,11 +48,11 @@ from google.protobuf.message import Message
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context as TraceContext
-from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from creditline.api import security
-from creditline.observability.telemetry import Metrics
+from creditline.observability.telemetry import Metrics, RootSampling
 from creditline.v1 import charging_pb2 as pb
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
@@ -68,6 +68,8 @@ _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 _PROPAGATOR = TraceContextTextMapPropagator()
 # The parent of a call that brought no trace context, and of a Stream's request: none.
 _NO_PARENT = TraceContext()
+# The context of a root call left out by the root sampling: no span is current in it.
+_NO_SPAN = trace.set_span_in_context(INVALID_SPAN, _NO_PARENT)
 _UNIT_FIELDS = ("time_s", "total_octets", "service_specific_units")
 # rpc.grpc.status_code: the number of each status (StatusCode.value is a tuple)
 _STATUS_NUMBERS = {code: code.value[0] for code in grpc.StatusCode}
@@ -120,6 +122,12 @@ def caller_context(context: ServicerContext) -> TraceContext:
     return _PROPAGATOR.extract(headers, _NO_PARENT) if headers else _NO_PARENT
 
 
+def _is_root(parent: TraceContext) -> bool:
+    """Whether a span in this context would start a trace: no caller's trace context, or
+    one that names no valid span (a malformed traceparent)."""
+    return parent is _NO_PARENT or not trace.get_current_span(parent).get_span_context().is_valid
+
+
 def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
     if error is None:
         return grpc.StatusCode.OK
@@ -139,9 +147,11 @@ Started: TypeAlias = "tuple[Span | None, Token[TraceContext] | None]"
 class Observer:
     """Starts and ends the spans and records the metrics of calls and Stream requests."""
 
-    def __init__(self, tracer: Tracer | None, metrics: Metrics | None) -> None:
+    def __init__(self, tracer: Tracer | None, metrics: Metrics | None,
+                 roots: RootSampling | None = None) -> None:
         self.tracer = tracer
         self.metrics = metrics
+        self.roots = roots or RootSampling()
 
     def start(self, method: _Method, parent: TraceContext, links: list[Link] | None = None,
               *, current_anyway: bool = False) -> Started:
@@ -153,6 +163,10 @@ class Observer:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
             return None, None
+        if _is_root(parent) and not self.roots.traced():
+            # a root left out (RootSampling): no span at all; a Stream's request still
+            # hides the stream's span from its children
+            return None, otel_context.attach(_NO_SPAN) if current_anyway else None
         span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER,
                                       method.attributes, links)
         if not (span.is_recording() or current_anyway):
@@ -211,8 +225,8 @@ def request_attributes(request: Any, response: Any, status: grpc.StatusCode
 
 class CallWrapper:
     def __init__(self, *, tracer: Tracer | None, metrics: Metrics | None,
-                 check_roles: bool) -> None:
-        self._observer = Observer(tracer, metrics)
+                 check_roles: bool, roots: RootSampling | None = None) -> None:
+        self._observer = Observer(tracer, metrics, roots)
         self._observed = tracer is not None or metrics is not None
         self._check_roles = check_roles
         self._stream_methods = {which: _Method.of(_CHARGING, name, "stream")
@@ -273,6 +287,8 @@ class CallWrapper:
                 return await inner(request, context)
             started = observer.start(described, caller_context(context) if traced
                                      else _NO_PARENT)
+            if started[0] is None and observer.metrics is None and not check_roles:
+                return await inner(request, context)  # a root left out: nothing to record
             start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None
