@@ -27,7 +27,10 @@ creditline.rating_groups and creditline.result_code read from the request and an
 creditline.redis.calls and creditline.redis.duration_s, the count and time of the call's
 Redis script calls (observability/telemetry.py's ScriptInstrument).
 Status ERROR only for server errors (the OTel convention for servers): a NOT_FOUND is the
-caller's. A child (rating) is a span only under a sampled parent.
+caller's. A child (rating) is a span only under a sampled parent. A call with no caller's
+trace context is first drawn by the root sampling (telemetry.RootSampling): one left out
+makes no span at all, and a unary one skips the rest of the wrapper when nothing else
+(metrics, the role check) needs it.
 A call refused by the role check is traced and counted with its status, and never reaches
 the servicer. Health is registered without the wrapper; reflection through it for the role
 check only.
