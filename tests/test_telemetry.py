@@ -21,6 +21,7 @@ from creditline.api.app import RunningServer, _call_wrapper, start_server, stop_
 from creditline.api.interceptors import _end_span
 from creditline.observability.logging_setup import JsonFormatter, TraceIdFilter
 from creditline.observability.telemetry import (
+    CallRecord,
     Telemetry,
     TelemetryError,
     build_telemetry,
@@ -536,7 +537,7 @@ def test_only_server_errors_make_an_error_span(status: grpc.StatusCode, error_sp
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     span = provider.get_tracer("test").start_span("call")
-    _end_span(span, None, None, status, RuntimeError("boom") if error_span else None)
+    _end_span(CallRecord(span), None, status, RuntimeError("boom") if error_span else None)
     [ended] = exporter.get_finished_spans()
     assert (ended.status.status_code is StatusCode.ERROR) is error_span
     assert (ended.attributes or {})["rpc.grpc.status_code"] == status.value[0]

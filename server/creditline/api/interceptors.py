@@ -55,7 +55,12 @@ from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, Stat
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from creditline.api import security
-from creditline.observability.telemetry import Metrics, RootSampling
+from creditline.observability.telemetry import (
+    CALL_RECORD_KEY,
+    CallRecord,
+    Metrics,
+    RootSampling,
+)
 from creditline.v1 import charging_pb2 as pb
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
@@ -142,9 +147,9 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-# A call's span (None without a tracer) and, when it was made the current span, the token
-# that undoes that.
-Started: TypeAlias = "tuple[Span | None, Token[TraceContext] | None]"
+# A call's span (None without a tracer); when it was made the current span, the token
+# that undoes that; when it is recorded, its CallRecord.
+Started: TypeAlias = "tuple[Span | None, Token[TraceContext] | None, CallRecord | None]"
 
 
 class Observer:
@@ -156,45 +161,56 @@ class Observer:
         self.metrics = metrics
         self.roots = roots or RootSampling()
 
-    def start(self, method: _Method, parent: TraceContext, links: list[Link] | None = None,
-              *, current_anyway: bool = False) -> Started:
-        """The span (None without a tracer), made the current one when it is recorded
-        (for its children and the log records) or `current_anyway` (a Stream's request:
-        its children must not take the stream's span for their parent), and what end()
-        needs to undo that."""
+    def start(self, method: _Method, parent: TraceContext, request: Any = None,
+              links: list[Link] | None = None, *, current_anyway: bool = False) -> Started:
+        """The span (None without a tracer), with its method's and its request's
+        attributes, made the current one with its CallRecord when it is recorded (for its
+        children, its Redis calls and the log records) or `current_anyway` (a Stream's
+        request: its children must not take the stream's span for their parent), and
+        what end() needs to undo that."""
         if self.metrics is not None:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
-            return None, None
+            return None, None, None
         if _is_root(parent) and not self.roots.traced():
             # a root left out (RootSampling): no span at all; a Stream's request still
             # hides the stream's span from its children
-            return None, otel_context.attach(_NO_SPAN) if current_anyway else None
+            return None, otel_context.attach(_NO_SPAN) if current_anyway else None, None
+        # (all the attributes known at the start in one mapping: the SDK checks each
+        # mapping it is given as a whole, then each value)
+        attributes = {**method.attributes, **request_attributes(request)} if request \
+            is not None else method.attributes
         span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER,
-                                      method.attributes, links)
-        if not (span.is_recording() or current_anyway):
-            return span, None
-        return span, otel_context.attach(trace.set_span_in_context(span, parent))
+                                      attributes, links)
+        if not span.is_recording():
+            return span, otel_context.attach(trace.set_span_in_context(span, parent)) \
+                if current_anyway else None, None
+        record = CallRecord(span)
+        context = otel_context.set_value(CALL_RECORD_KEY, record,
+                                         trace.set_span_in_context(span, parent))
+        return span, otel_context.attach(context), record
 
     def reads(self, started: Started) -> bool:
         """Whether the call's answer is read: for metrics, or a recorded span."""
-        span = started[0]
-        return self.metrics is not None or (span is not None and span.is_recording())
+        return self.metrics is not None or started[2] is not None
 
-    def end(self, method: _Method, started: Started, request: Any,
-            response: Any, status: grpc.StatusCode, error: BaseException | None) -> None:
-        span, token = started
+    def end(self, method: _Method, started: Started, response: Any,
+            status: grpc.StatusCode, error: BaseException | None) -> None:
+        _, token, record = started
         if token is not None:
             otel_context.detach(token)
-        if span is not None and span.is_recording():
-            _end_span(span, request, response, status, error)
+        if record is not None:
+            _end_span(record, response, status, error)
         if self.metrics is not None:
             self.metrics.in_flight.add(-1, method.labels)
 
 
-def _end_span(span: Span, request: Any, response: Any, status: grpc.StatusCode,
+def _end_span(record: CallRecord, response: Any, status: grpc.StatusCode,
               error: BaseException | None) -> None:
-    span.set_attributes(dict(request_attributes(request, response, status)))
+    """The span's attributes known at its end (its answer's, its Redis calls'), in one
+    mapping; its status; its error."""
+    span = record.span
+    span.set_attributes({**answer_attributes(response, status), **record.attributes()})
     if status in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, status.name))
     if error is not None and not isinstance(error, grpc.aio.AbortError) \
@@ -203,26 +219,31 @@ def _end_span(span: Span, request: Any, response: Any, status: grpc.StatusCode,
     span.end()
 
 
-def request_attributes(request: Any, response: Any, status: grpc.StatusCode
-                       ) -> list[tuple[str, Any]]:
-    """A call's span attributes beyond its method's: its request's ids, request number
-    and rating groups (those it has), its gRPC status and its answer's result code."""
-    attributes: list[tuple[str, Any]] = []
+def request_attributes(request: Any) -> dict[str, Any]:
+    """A call's span attributes from its request: its ids, request number and rating
+    groups (those it has)."""
+    attributes: dict[str, Any] = {}
     for field_name, attribute in _ID_ATTRIBUTES:
         value = getattr(request, field_name, None)
         if value:
-            attributes.append((attribute, value))
+            attributes[attribute] = value
     request_number = getattr(request, "request_number", None)
     if request_number is not None:
-        attributes.append(("creditline.request_number", request_number))
+        attributes["creditline.request_number"] = request_number
     blocks = getattr(request, "rating_groups", None)
     if blocks:
-        attributes.append(("creditline.rating_groups", [
-            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]))
-    attributes.append(("rpc.grpc.status_code", _STATUS_NUMBERS[status]))
+        attributes["creditline.rating_groups"] = [
+            block.rating_group for block in blocks[:MAX_SPAN_RATING_GROUPS]]
+    return attributes
+
+
+def answer_attributes(response: Any, status: grpc.StatusCode) -> dict[str, Any]:
+    """A call's span attributes from its end: its gRPC status and its answer's result
+    code."""
+    attributes: dict[str, Any] = {"rpc.grpc.status_code": _STATUS_NUMBERS[status]}
     result_code = getattr(response, "result_code", None)
     if result_code is not None:
-        attributes.append(("creditline.result_code", int(result_code)))
+        attributes["creditline.result_code"] = int(result_code)
     return attributes
 
 
@@ -289,7 +310,7 @@ class CallWrapper:
                 await self._authorize(service, context)
                 return await inner(request, context)
             started = observer.start(described, caller_context(context) if traced
-                                     else _NO_PARENT)
+                                     else _NO_PARENT, request)
             if started[0] is None and observer.metrics is None and not check_roles:
                 return await inner(request, context)  # a root left out: nothing to record
             start_s = time.perf_counter()
@@ -308,7 +329,7 @@ class CallWrapper:
                 status = _status_code(context, error)
                 answer = _message(response, answer_class) if observer.reads(started) \
                     else None
-                observer.end(described, started, request, answer, status, error)
+                observer.end(described, started, answer, status, error)
                 if observer.metrics is not None:
                     _record(observer.metrics, described, status, request, answer,
                             time.perf_counter() - start_s)
@@ -355,7 +376,8 @@ class CallWrapper:
         """A charging request that did not come as a unary gRPC call: its span (current
         for its children, never the stream's or a previous request's) and metrics."""
         observer = self._observer
-        started = observer.start(described, _NO_PARENT, links, current_anyway=True)
+        started = observer.start(described, _NO_PARENT, request, links,
+                                 current_anyway=True)
         start_s = time.perf_counter()
         raw: bytes | None = None
         error: BaseException | None = None
@@ -368,7 +390,7 @@ class CallWrapper:
         finally:
             reply = None if raw is None or not observer.reads(started) else read_answer(raw)
             status = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-            observer.end(described, started, request, reply, status, error)
+            observer.end(described, started, reply, status, error)
             if observer.metrics is not None:
                 _record(observer.metrics, described, status, request, reply,
                         time.perf_counter() - start_s)
@@ -394,7 +416,7 @@ class CallWrapper:
             finally:
                 if observer is not None and started is not None:
                     status = _status_code(context, error)
-                    observer.end(described, started, None, None, status, error)
+                    observer.end(described, started, None, status, error)
                     if observer.metrics is not None:
                         observer.metrics.requests.add(1, {
                             **described.labels, "rpc.grpc.status_code": _STATUS_NUMBERS[status],

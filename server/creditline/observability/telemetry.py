@@ -32,12 +32,13 @@ from threading import Thread
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIServer
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
@@ -465,24 +466,34 @@ async def _count_accounts_every(redis: RedisClient, metrics: Metrics, interval_s
 # `python bench/tracing_overhead.py`'s loop, 2026-12-07: 85 -> 51 us at 100 %)
 REDIS_CALLS_ATTRIBUTE = "creditline.redis.calls"
 REDIS_DURATION_ATTRIBUTE = "creditline.redis.duration_s"
+# Where a sampled call's CallRecord is found: a value of the OTel context the call wrapper
+# makes current for the call (a key, made once: not state)
+CALL_RECORD_KEY = otel_context.create_key("creditline.call_record")
 
 
-def _recorded_current_span(tracer: Tracer | None) -> Span | None:
-    """The running call's span when it is recorded (sampled); else None."""
-    if tracer is None:
-        return None
-    span = trace.get_current_span()
-    return span if span.is_recording() else None
+@dataclass(slots=True)
+class CallRecord:
+    """A sampled call's span and what is summed for it while it runs: the count and time
+    of its Redis script calls, set on the span once, when it ends, with its answer's
+    attributes (set per script call, with a read-back to sum them, they cost a third
+    more attribute checks of the SDK's per sampled call)."""
+
+    span: Span
+    redis_calls: int = 0
+    redis_duration_s: float = 0.0
+
+    def attributes(self) -> dict[str, Any]:
+        """The Redis attributes, when the call made a script call."""
+        if not self.redis_calls:
+            return {}
+        return {REDIS_CALLS_ATTRIBUTE: self.redis_calls,
+                REDIS_DURATION_ATTRIBUTE: self.redis_duration_s}
 
 
-def _add_redis_call(span: Span, duration_s: float) -> None:
-    """Counts one more Redis script call and its time on the call's span (summed)."""
-    seen = span.attributes if isinstance(span, ReadableSpan) else None
-    calls = seen.get(REDIS_CALLS_ATTRIBUTE) if seen else None
-    total_s = seen.get(REDIS_DURATION_ATTRIBUTE) if seen else None
-    span.set_attributes({
-        REDIS_CALLS_ATTRIBUTE: (calls if isinstance(calls, int) else 0) + 1,
-        REDIS_DURATION_ATTRIBUTE: (total_s if isinstance(total_s, float) else 0.0) + duration_s})
+def current_call_record() -> CallRecord | None:
+    """The running call's record when it is sampled (a span is recorded); else None."""
+    record = otel_context.get_value(CALL_RECORD_KEY)
+    return record if isinstance(record, CallRecord) else None
 
 
 class ScriptInstrument:
@@ -500,32 +511,33 @@ class ScriptInstrument:
         """The call itself when there is nothing to record (a sampled-out call and no
         metrics): it then costs no extra coroutine or clock read. operation: EVALSHA or
         FCALL."""
-        span = _recorded_current_span(self._tracer)
-        if span is None and self._metrics is None:
+        record = None if self._tracer is None else current_call_record()
+        if record is None and self._metrics is None:
             return call
         labels = self._labels.get((operation, script)) or self._new_labels(operation, script)
-        return self._timed(labels, call, span)
+        return self._timed(labels, call, record)
 
     def _new_labels(self, operation: str, script: str) -> dict[str, Any]:
         labels = {"creditline.script": script}
         self._labels[(operation, script)] = labels
         return labels
 
-    async def _timed(self, labels: dict[str, Any], call: Awaitable[T], span: Span | None
-                     ) -> T:
+    async def _timed(self, labels: dict[str, Any], call: Awaitable[T],
+                     record: CallRecord | None) -> T:
         start_s = time.perf_counter()
         metrics = self._metrics
         try:
             result = await call
         except Exception as error:
-            if span is not None:
-                span.record_exception(error)
+            if record is not None:
+                record.span.record_exception(error)
             if metrics is not None and not isinstance(error, ResponseError):
                 metrics.redis_up = 0  # (a script's own error is an answer: Redis is up)
             raise
         finally:
-            if span is not None:
-                _add_redis_call(span, time.perf_counter() - start_s)
+            if record is not None:
+                record.redis_calls += 1
+                record.redis_duration_s += time.perf_counter() - start_s
         if metrics is not None:
             metrics.redis_up = 1
             metrics.redis_duration.record(time.perf_counter() - start_s, labels)
@@ -548,7 +560,7 @@ class TracedRater:
         if attributes is None:
             attributes = self._attributes[rating_group] = {
                 "creditline.rating_group": rating_group}
-        span = None if _recorded_current_span(self._tracer) is None else \
+        span = None if current_call_record() is None else \
             self._tracer.start_span("rating", kind=SpanKind.INTERNAL, attributes=attributes)
         try:
             return self._rater.rate_table(tariff, event_time_unix_ms, lookback_s, period)
