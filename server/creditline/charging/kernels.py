@@ -6,6 +6,10 @@ The compiled module is chosen by default. CREDITLINE_PURE_RATING=1 forces the pu
 rather than run 30 times slower unnoticed: `require_kernels` refuses it unless
 CREDITLINE_ALLOW_PURE_RATING=1 says the pure path is acceptable.
 
+The other compiled modules (the Diameter codec, the OTLP span encoder) are chosen by the
+same variables through `select_compiled`, so that one build, one switch and one error
+message cover every compiled module and its twin.
+
 Both modules are imported by their names; `KernelModule` below is what the charging path
 uses of them, and mypy checks both against it where they are imported (the compiled one
 through its stub, native/kernels.pyi). The request path's messages are protobuf messages,
@@ -18,7 +22,7 @@ import os
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from creditline.errors import KernelsUnavailableError
 
@@ -28,7 +32,10 @@ if TYPE_CHECKING:  # rating.py prices with these kernels
 PURE_ENV = "CREDITLINE_PURE_RATING"
 ALLOW_PURE_ENV = "CREDITLINE_ALLOW_PURE_RATING"
 COMPILED_MODULE = "creditline.native.kernels"
+RATING_KERNELS = f"the compiled rating kernels ({COMPILED_MODULE})"
 _TRUE = {"1", "true", "yes", "on"}
+
+T = TypeVar("T")
 
 
 class KernelSchedule(Protocol):
@@ -132,8 +139,36 @@ class Kernels:
         )
 
 
-def _flag(environ: Mapping[str, str], name: str) -> bool:
-    return environ.get(name, "").strip().lower() in _TRUE
+def _flag(environ: Mapping[str, str] | None, name: str) -> bool:
+    """Whether the variable is set true in environ (os.environ unless given): the one
+    reading of PURE_ENV and ALLOW_PURE_ENV for every compiled module."""
+    env = os.environ if environ is None else environ
+    return env.get(name, "").strip().lower() in _TRUE
+
+
+def _unavailable(what: str, error: object) -> KernelsUnavailableError:
+    """The refusal of a build without a compiled module: which module (what), why, and the
+    two ways out, so that an operator need not read this file to fix it."""
+    return KernelsUnavailableError(
+        f"{what} did not load: {error}; reinstall (pip install .), or set "
+        f"{ALLOW_PURE_ENV}=1 to run the pure twin (slower: bench/ measures by how much)")
+
+
+def select_compiled(load_compiled: Callable[[], T], twin: T, what: str,
+                    environ: Mapping[str, str] | None = None) -> T:
+    """The compiled module (what load_compiled imports) or its pure twin: the twin when
+    CREDITLINE_PURE_RATING forces it, or when the import fails and
+    CREDITLINE_ALLOW_PURE_RATING allows it; else KernelsUnavailableError naming `what`
+    (a human name that includes the module's, e.g. RATING_KERNELS). environ: os.environ
+    unless given."""
+    if _flag(environ, PURE_ENV):
+        return twin
+    try:
+        return load_compiled()
+    except ImportError as error:
+        if _flag(environ, ALLOW_PURE_ENV):
+            return twin
+        raise _unavailable(what, error) from error
 
 
 def pure_kernels() -> Kernels:
@@ -156,8 +191,9 @@ def select_kernels(environ: Mapping[str, str] | None = None,
     """The compiled kernels unless CREDITLINE_PURE_RATING forces the pure path; the pure
     ones (with the reason in compiled_error) when the compiled module cannot be loaded
     (load_compiled: how, for a test of a build without them)."""
-    env = os.environ if environ is None else environ
-    if _flag(env, PURE_ENV):
+    # Not select_compiled: rating.py prices with whichever kernels load, and the reason
+    # the compiled ones did not is kept for the start-up log; require_kernels refuses.
+    if _flag(environ, PURE_ENV):
         return pure_kernels()
     try:
         return load_compiled()
@@ -170,14 +206,9 @@ def require_kernels(environ: Mapping[str, str] | None = None,
                     load_compiled: Callable[[], Kernels] = compiled_kernels) -> Kernels:
     """select_kernels, refusing a silent fall-back: the pure path only when forced
     (CREDITLINE_PURE_RATING) or allowed (CREDITLINE_ALLOW_PURE_RATING)."""
-    env = os.environ if environ is None else environ
-    kernels = select_kernels(env, load_compiled)
-    if kernels.compiled_error and not _flag(env, ALLOW_PURE_ENV):
-        raise KernelsUnavailableError(
-            f"the compiled rating kernels ({COMPILED_MODULE}) cannot be loaded: "
-            f"{kernels.compiled_error}; rebuild the package (pip install .) or set "
-            f"{ALLOW_PURE_ENV}=1 to run on the pure-Python kernels "
-            "(tens of times slower: bench/rating_bench.py)")
+    kernels = select_kernels(environ, load_compiled)
+    if kernels.compiled_error and not _flag(environ, ALLOW_PURE_ENV):
+        raise _unavailable(RATING_KERNELS, kernels.compiled_error)
     return kernels
 
 

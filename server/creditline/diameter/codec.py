@@ -10,11 +10,10 @@ twin's, which the compiled module imports.
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from creditline.charging.kernels import ALLOW_PURE_ENV, PURE_ENV
-from creditline.errors import KernelsUnavailableError
+from creditline.charging.kernels import select_compiled
 from creditline.native import diameter_codec_py
 from creditline.native.diameter_codec_py import (
     AVP_MANDATORY,
@@ -30,7 +29,7 @@ from creditline.native.diameter_codec_py import (
 )
 
 COMPILED_MODULE = "creditline.native.diameter_codec"
-_TRUE = {"1", "true", "yes", "on"}
+COMPILED_CODEC = f"the compiled Diameter codec ({COMPILED_MODULE})"
 
 __all__ = ["AVP_MANDATORY", "AVP_VENDOR", "FLAG_ERROR", "FLAG_PROXIABLE", "FLAG_REQUEST",
            "FLAG_RETRANSMITTED", "HEADER_BYTES", "Avp", "Codec", "CodecError", "codec",
@@ -57,19 +56,11 @@ def compiled_codec() -> Codec:
     return diameter_codec
 
 
-def select_codec(environ: dict[str, str] | None = None) -> Codec:
-    env = dict(os.environ) if environ is None else environ
-    if env.get(PURE_ENV, "").lower() in _TRUE:
-        return pure_codec()
-    try:
-        return compiled_codec()
-    except ImportError as error:
-        if env.get(ALLOW_PURE_ENV, "").lower() in _TRUE:
-            return pure_codec()
-        raise KernelsUnavailableError(
-            f"the compiled Diameter codec ({COMPILED_MODULE}) did not load: {error}; "
-            f"reinstall (pip install .), or set {ALLOW_PURE_ENV}=1 to run the pure twin"
-        ) from error
+def select_codec(environ: Mapping[str, str] | None = None,
+                 load_compiled: Callable[[], Codec] = compiled_codec) -> Codec:
+    """The compiled codec or its twin, as select_compiled chooses (environ: os.environ
+    unless given; load_compiled: how, for a test of a build without it)."""
+    return select_compiled(load_compiled, pure_codec(), COMPILED_CODEC, environ)
 
 
 # Chosen once, at import: the module is read-only (its functions), not state.

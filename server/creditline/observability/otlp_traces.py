@@ -31,7 +31,7 @@ import random
 import threading
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import unquote, urlparse
@@ -43,8 +43,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from creditline.charging.kernels import ALLOW_PURE_ENV, PURE_ENV
-from creditline.errors import KernelsUnavailableError, TelemetryError
+from creditline.charging.kernels import select_compiled
+from creditline.errors import TelemetryError
 from creditline.native import otlp_spans_py
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ DEFAULT_HTTP_ENDPOINT = "http://localhost:4318"
 HTTP_TRACES_PATH = "/v1/traces"
 DEFAULT_TIMEOUT_S = 10.0
 FIRST_BACKOFF_S = 1.0
+COMPILED_ENCODER = "the compiled OTLP span encoder (creditline.native.otlp_spans)"
 _TRUE = {"1", "true", "yes", "on"}
 # gRPC codes worth another try (OTLP's specification: the ones the server may get past)
 RETRYABLE_CODES = frozenset({
@@ -68,19 +69,22 @@ class SpanEncoder(Protocol):
     def encode_spans(self, spans: Sequence[ReadableSpan]) -> bytes: ...
 
 
-def select_span_encoder(environ: Mapping[str, str]) -> SpanEncoder:
-    """The compiled encoder, or the pure twin as the rating kernels choose theirs."""
-    if environ.get(PURE_ENV, "").lower() in _TRUE:
-        return otlp_spans_py
-    try:
-        from creditline.native import otlp_spans
-    except ImportError as error:
-        if environ.get(ALLOW_PURE_ENV, "").lower() in _TRUE:
-            return otlp_spans_py
-        raise KernelsUnavailableError(
-            f"the compiled OTLP span encoder did not load: {error}; reinstall "
-            f"(pip install .), or set {ALLOW_PURE_ENV}=1 to run the pure twin") from error
+def pure_span_encoder() -> SpanEncoder:
+    return otlp_spans_py
+
+
+def compiled_span_encoder() -> SpanEncoder:
+    """The compiled encoder; ImportError when the build did not produce it."""
+    from creditline.native import otlp_spans
     return otlp_spans
+
+
+def select_span_encoder(environ: Mapping[str, str],
+                        load_compiled: Callable[[], SpanEncoder] = compiled_span_encoder,
+                        ) -> SpanEncoder:
+    """The compiled encoder or its twin, as select_compiled chooses (load_compiled: how,
+    for a test of a build without it)."""
+    return select_compiled(load_compiled, pure_span_encoder(), COMPILED_ENCODER, environ)
 
 
 @dataclass(frozen=True)
