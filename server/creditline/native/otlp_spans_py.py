@@ -123,13 +123,13 @@ def _key_values(attributes: Mapping[str, Any] | None, field: int) -> bytearray:
     # in Python code; their copy() is their dict's: 12.5 -> 10.7 us a span, compiled)
     copy = getattr(attributes, "copy", None)
     for key, value in (copy() if copy is not None else attributes).items():
+        pair = bytearray()
+        _text_field(pair, 1, str(key))  # (the key first, as the compiled twin writes it)
         try:
             value_bytes = _any_value(value)
         except (TypeError, ValueError) as error:
             log.error("span attribute %s not exported: %s", key, error)
             continue
-        pair = bytearray()
-        _text_field(pair, 1, str(key))
         _bytes_field(pair, 2, value_bytes)
         _bytes_field(out, field, pair)
     return out
