@@ -56,10 +56,11 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from creditline.api import security
 from creditline.observability.telemetry import (
-    CALL_RECORD_KEY,
     CallRecord,
     Metrics,
     RootSampling,
+    reset_call_record,
+    set_call_record,
 )
 from creditline.v1 import charging_pb2 as pb
 
@@ -125,9 +126,12 @@ def _split_method(method: str) -> tuple[str, str]:
 
 def caller_context(context: ServicerContext) -> TraceContext:
     """The caller's trace context from its W3C trace headers; none when it sent none."""
-    headers = {key: value for key, value in context.invocation_metadata() or ()
-               if key in _TRACE_HEADERS and isinstance(value, str)}
-    return _PROPAGATOR.extract(headers, _NO_PARENT) if headers else _NO_PARENT
+    headers: dict[str, str] | None = None
+    for key, value in context.invocation_metadata() or ():
+        if key in _TRACE_HEADERS and isinstance(value, str):
+            headers = headers or {}
+            headers[key] = value
+    return _NO_PARENT if headers is None else _PROPAGATOR.extract(headers, _NO_PARENT)
 
 
 def _is_root(parent: TraceContext) -> bool:
@@ -147,9 +151,21 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     return grpc.StatusCode.UNKNOWN
 
 
-# A call's span (None without a tracer); when it was made the current span, the token
-# that undoes that; when it is recorded, its CallRecord.
-Started: TypeAlias = "tuple[Span | None, Token[TraceContext] | None, CallRecord | None]"
+# What a call's context was made: the OTel context and the call record made current.
+Attached: TypeAlias = "tuple[Token[TraceContext], Token[CallRecord | None]]"
+# A call's span (None without a tracer); when a context was made current for it, the
+# tokens that undo that; when it is recorded, its CallRecord.
+Started: TypeAlias = "tuple[Span | None, Attached | None, CallRecord | None]"
+
+
+def _attach(context: TraceContext, record: CallRecord | None) -> Attached:
+    return otel_context.attach(context), set_call_record(record)
+
+
+def _detach(attached: Attached) -> None:
+    context_token, record_token = attached
+    reset_call_record(record_token)
+    otel_context.detach(context_token)
 
 
 class Observer:
@@ -162,20 +178,22 @@ class Observer:
         self.roots = roots or RootSampling()
 
     def start(self, method: _Method, parent: TraceContext, request: Any = None,
-              links: list[Link] | None = None, *, current_anyway: bool = False) -> Started:
+              links: list[Link] | None = None, *, current_anyway: bool = False,
+              drawn: bool = False) -> Started:
         """The span (None without a tracer), with its method's and its request's
         attributes, made the current one with its CallRecord when it is recorded (for its
         children, its Redis calls and the log records) or `current_anyway` (a Stream's
         request: its children must not take the stream's span for their parent), and
-        what end() needs to undo that."""
+        what end() needs to undo that. drawn: a root already drawn (and let through) by the
+        root sampling."""
         if self.metrics is not None:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
             return None, None, None
-        if _is_root(parent) and not self.roots.traced():
+        if not drawn and _is_root(parent) and not self.roots.traced():
             # a root left out (RootSampling): no span at all; a Stream's request still
-            # hides the stream's span from its children
-            return None, otel_context.attach(_NO_SPAN) if current_anyway else None, None
+            # hides the stream's span (and record) from its children
+            return None, _attach(_NO_SPAN, None) if current_anyway else None, None
         # (all the attributes known at the start in one mapping: the SDK checks each
         # mapping it is given as a whole, then each value)
         attributes = {**method.attributes, **request_attributes(request)} if request \
@@ -183,12 +201,10 @@ class Observer:
         span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER,
                                       attributes, links)
         if not span.is_recording():
-            return span, otel_context.attach(trace.set_span_in_context(span, parent)) \
+            return span, _attach(trace.set_span_in_context(span, parent), None) \
                 if current_anyway else None, None
         record = CallRecord(span)
-        context = otel_context.set_value(CALL_RECORD_KEY, record,
-                                         trace.set_span_in_context(span, parent))
-        return span, otel_context.attach(context), record
+        return span, _attach(trace.set_span_in_context(span, parent), record), record
 
     def reads(self, started: Started) -> bool:
         """Whether the call's answer is read: for metrics, or a recorded span."""
@@ -196,9 +212,9 @@ class Observer:
 
     def end(self, method: _Method, started: Started, response: Any,
             status: grpc.StatusCode, error: BaseException | None) -> None:
-        _, token, record = started
-        if token is not None:
-            otel_context.detach(token)
+        _, attached, record = started
+        if attached is not None:
+            _detach(attached)
         if record is not None:
             _end_span(record, response, status, error)
         if self.metrics is not None:
@@ -303,16 +319,20 @@ class CallWrapper:
         observer, check_roles = self._observer, self._check_roles
         described = _Method.of(service, name, "unary")
         traced = observer.tracer is not None
+        # only a span to make: a root left out by the root sampling skips the rest
+        only_traced = traced and observer.metrics is None and not check_roles
+        roots = observer.roots
         self._count_from_zero(described)
 
         async def call(request: Any, context: ServicerContext) -> Any:
             if not self._observed:
                 await self._authorize(service, context)
                 return await inner(request, context)
-            started = observer.start(described, caller_context(context) if traced
-                                     else _NO_PARENT, request)
-            if started[0] is None and observer.metrics is None and not check_roles:
+            parent = caller_context(context) if traced else _NO_PARENT
+            drawn = only_traced and parent is _NO_PARENT
+            if drawn and not roots.traced():
                 return await inner(request, context)  # a root left out: nothing to record
+            started = observer.start(described, parent, request, drawn=drawn)
             start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None
