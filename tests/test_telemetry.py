@@ -537,7 +537,7 @@ def test_only_server_errors_make_an_error_span(status: grpc.StatusCode, error_sp
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     span = provider.get_tracer("test").start_span("call")
-    _end_span(CallRecord(span), None, status, RuntimeError("boom") if error_span else None)
+    _end_span(CallRecord(span, {}), None, status, RuntimeError("boom") if error_span else None)
     [ended] = exporter.get_finished_spans()
     assert (ended.status.status_code is StatusCode.ERROR) is error_span
     assert (ended.attributes or {})["rpc.grpc.status_code"] == status.value[0]

@@ -180,8 +180,9 @@ class Observer:
     def start(self, method: _Method, parent: TraceContext, request: Any = None,
               links: list[Link] | None = None, *, current_anyway: bool = False,
               drawn: bool = False) -> Started:
-        """The span (None without a tracer), with its method's and its request's
-        attributes, made the current one with its CallRecord when it is recorded (for its
+        """The span (None without a tracer); when it is recorded, its CallRecord with its
+        method's and its request's attributes, set when it ends; made the current one with
+        its CallRecord when it is recorded (for its
         children, its Redis calls and the log records) or `current_anyway` (a Stream's
         request: its children must not take the stream's span for their parent), and
         what end() needs to undo that. drawn: a root already drawn (and let through) by the
@@ -194,16 +195,15 @@ class Observer:
             # a root left out (RootSampling): no span at all; a Stream's request still
             # hides the stream's span (and record) from its children
             return None, _attach(_NO_SPAN, None) if current_anyway else None, None
-        # (all the attributes known at the start in one mapping: the SDK checks each
-        # mapping it is given as a whole, then each value)
-        attributes = {**method.attributes, **request_attributes(request)} if request \
-            is not None else method.attributes
-        span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER,
-                                      attributes, links)
+        # (no attributes at the start: all are set at the end, in one mapping, CallRecord
+        # says why; the samplers here do not read them)
+        span = self.tracer.start_span(method.span_name, parent, SpanKind.SERVER, None,
+                                      links)
         if not span.is_recording():
             return span, _attach(trace.set_span_in_context(span, parent), None) \
                 if current_anyway else None, None
-        record = CallRecord(span)
+        record = CallRecord(span, {**method.attributes, **request_attributes(request)}
+                            if request is not None else {**method.attributes})
         return span, _attach(trace.set_span_in_context(span, parent), record), record
 
     def reads(self, started: Started) -> bool:
@@ -223,10 +223,11 @@ class Observer:
 
 def _end_span(record: CallRecord, response: Any, status: grpc.StatusCode,
               error: BaseException | None) -> None:
-    """The span's attributes known at its end (its answer's, its Redis calls'), in one
-    mapping; its status; its error."""
+    """The span's attributes, in one mapping (its method's and request's, gathered at
+    its start, its answer's, its Redis calls'); its status; its error."""
     span = record.span
-    span.set_attributes({**answer_attributes(response, status), **record.attributes()})
+    record.attributes.update(answer_attributes(response, status))
+    span.set_attributes(record.end_attributes())
     if status in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, status.name))
     if error is not None and not isinstance(error, grpc.aio.AbortError) \

@@ -470,21 +470,25 @@ REDIS_DURATION_ATTRIBUTE = "creditline.redis.duration_s"
 
 @dataclass(slots=True)
 class CallRecord:
-    """A sampled call's span and what is summed for it while it runs: the count and time
-    of its Redis script calls, set on the span once, when it ends, with its answer's
-    attributes (set per script call, with a read-back to sum them, they cost a third
-    more attribute checks of the SDK's per sampled call)."""
+    """A sampled call's span and its attributes, gathered while it runs (its method's and
+    request's, then its answer's) with the count and time of its Redis script calls, and
+    set on the span once, when it ends. Why once: the SDK checks each mapping it is given
+    as a whole, then each value, under a lock; set at the start, at the end and per
+    script call (with a read-back to sum them), they were ~40 % of a sampled call's work
+    in the server's process (cProfile of bench/tracing_overhead.py's loop, 2026-12-07)."""
 
     span: Span
+    attributes: dict[str, Any]
     redis_calls: int = 0
     redis_duration_s: float = 0.0
 
-    def attributes(self) -> dict[str, Any]:
-        """The Redis attributes, when the call made a script call."""
-        if not self.redis_calls:
-            return {}
-        return {REDIS_CALLS_ATTRIBUTE: self.redis_calls,
-                REDIS_DURATION_ATTRIBUTE: self.redis_duration_s}
+    def end_attributes(self) -> dict[str, Any]:
+        """The attributes gathered, and the Redis ones when the call made a script call."""
+        attributes = self.attributes
+        if self.redis_calls:
+            attributes[REDIS_CALLS_ATTRIBUTE] = self.redis_calls
+            attributes[REDIS_DURATION_ATTRIBUTE] = self.redis_duration_s
+        return attributes
 
 
 # The running call's CallRecord, None outside a sampled call; set by the call wrapper with
