@@ -19,6 +19,8 @@ from creditline.native.otlp_spans_py import (
     FIXED32, FIXED64, FLAG_HAS_IS_REMOTE, FLAG_IS_REMOTE, LENGTH_DELIMITED, VARINT,
 )
 
+from opentelemetry.trace import SpanKind, StatusCode
+
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
@@ -33,6 +35,11 @@ cdef extern from "Python.h":
 
 
 log = logging.getLogger("creditline.native.otlp_spans_py")
+# Each enum member with its number, read once: an Enum's .value runs Python code
+# (enum.property) on every read; a member is found here by identity. The proto's kinds
+# start at 1 (INTERNAL); its status codes are the SDK's.
+_KIND_NUMBERS = tuple((kind, kind.value + 1) for kind in SpanKind)
+_STATUS_NUMBERS = tuple((code, code.value) for code in StatusCode)
 cdef enum:
     FIRST_CAPACITY = 4096  # bytes: a batch's first buffer (doubled as it grows)
 
@@ -295,11 +302,20 @@ cdef int _links(Buffer* out, span) except -1:
     return 0
 
 
+cdef unsigned long long _number(member, tuple numbers, int offset) except? 0:
+    """The number of an enum member in numbers; its .value + offset when it is not
+    there (another enum's member)."""
+    for known, number in numbers:
+        if member is known:
+            return number
+    return member.value + offset
+
+
 cdef int _status(Buffer* out, span) except -1:
     cdef Py_ssize_t start = _open(out, 15)
     status = span.status
     _text_field(out, 2, status.description)
-    _uint_field(out, 3, status.status_code.value)
+    _uint_field(out, 3, _number(status.status_code, _STATUS_NUMBERS, 0))
     _close(out, start)
     return 0
 
@@ -318,7 +334,7 @@ cdef int _span(Buffer* out, span) except -1:
     if parent is not None:
         _id_field(out, 4, parent.span_id, 8)
     _text_field(out, 5, span.name)
-    _uint_field(out, 6, span.kind.value + 1)  # (the proto's kinds start at 1: INTERNAL)
+    _uint_field(out, 6, _number(span.kind, _KIND_NUMBERS, 1))
     _fixed64_field(out, 7, span.start_time)
     _fixed64_field(out, 8, span.end_time)
     _key_values(out, span.attributes, 9)
