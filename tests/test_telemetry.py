@@ -597,6 +597,37 @@ async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_c
         assert "creditline.redis.calls" not in (stream.attributes or {})
 
 
+@pytest.mark.parametrize(("sampler", "traced"), [
+    ("parentbased_always_on", False), ("parentbased_traceidratio", False),
+    ("always_on", True), ("traceidratio", True)])
+async def test_a_callers_unsampled_trace_is_left_out_only_by_a_parent_based_sampler(
+        redis_process: RedisProcess, settings: Settings, checked_books: Books,
+        sampler: str, traced: bool) -> None:
+    """The wrapper leaves a caller's unsampled trace out ahead of the SDK (no span made)
+    only where the SDK's sampler would drop it too; always_on and traceidratio (ratio 1)
+    trace it in the caller's trace, as the SDK decides."""
+    spans = InMemorySpanExporter()
+    environ = {"OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": "1.0"}
+    running = await start_server(settings, redis_process.url,
+                                 build_telemetry(settings, environ, span_exporter=spans))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            account_id = f"unsampled{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            checked_books.track(account_id)
+            await admin_pb2_grpc.AdminStub(channel).CreateAccount(admin_pb.CreateAccountRequest(
+                account_id=account_id, initial_balance_micros=10**9))
+            answer = await charging_pb2_grpc.ChargingStub(channel).Event(
+                _sms_debit(account_id, "unsampled-caller"),
+                metadata=(("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"),))
+            assert answer.result_code == pb.SUCCESS
+    finally:
+        await stop_server(running, grace_s=1.0)
+    events = _by_name(spans.get_finished_spans(), "creditline.v1.Charging/Event")
+    assert len(events) == (1 if traced else 0)
+    if traced:
+        assert format(events[0].context.trace_id, "032x") == TRACE_ID
+
+
 def _sms_debit(account_id: str, session_id: str) -> pb.EventRequest:
     return pb.EventRequest(session_id=session_id, account_id=account_id,
                            action=pb.DIRECT_DEBIT, rating_groups=[pb.RatingGroupRequest(

@@ -28,7 +28,8 @@ creditline.redis.calls and creditline.redis.duration_s, the count and time of th
 Redis script calls (observability/telemetry.py's ScriptInstrument).
 Status ERROR only for server errors (the OTel convention for servers): a NOT_FOUND is the
 caller's. A child (rating) is a span only under a sampled parent. A call with no caller's
-trace context is first drawn by the root sampling (telemetry.RootSampling): one left out
+trace context is first drawn by the root sampling (telemetry.RootSampling), and with a
+parent-based sampler a caller's unsampled trace is left out there too: a call left out
 makes no span at all, and a unary one skips the rest of the wrapper when nothing else
 (metrics, the role check) needs it.
 A call refused by the role check is traced and counted with its status, and never reaches
@@ -134,10 +135,17 @@ def caller_context(context: ServicerContext) -> TraceContext:
     return _NO_PARENT if headers is None else _PROPAGATOR.extract(headers, _NO_PARENT)
 
 
-def _is_root(parent: TraceContext) -> bool:
-    """Whether a span in this context would start a trace: no caller's trace context, or
-    one that names no valid span (a malformed traceparent)."""
-    return parent is _NO_PARENT or not trace.get_current_span(parent).get_span_context().is_valid
+def _left_out(roots: RootSampling, parent: TraceContext) -> bool:
+    """Whether a call makes no span at all: a root (no caller's trace context, or one
+    naming no valid span: a malformed traceparent) the root sampling leaves out, or a
+    caller's unsampled trace when the SDK's sampler would drop its span anyway
+    (RootSampling.parent_based: why)."""
+    if parent is _NO_PARENT:
+        return not roots.traced()
+    caller = trace.get_current_span(parent).get_span_context()
+    if not caller.is_valid:
+        return not roots.traced()
+    return roots.parent_based and not caller.trace_flags.sampled
 
 
 def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -185,14 +193,14 @@ class Observer:
         its CallRecord when it is recorded (for its
         children, its Redis calls and the log records) or `current_anyway` (a Stream's
         request: its children must not take the stream's span for their parent), and
-        what end() needs to undo that. drawn: a root already drawn (and let through) by the
-        root sampling."""
+        what end() needs to undo that. drawn: already drawn (and let through) by the root
+        sampling."""
         if self.metrics is not None:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
             return None, None, None
-        if not drawn and _is_root(parent) and not self.roots.traced():
-            # a root left out (RootSampling): no span at all; a Stream's request still
+        if not drawn and _left_out(self.roots, parent):
+            # a call left out (RootSampling): no span at all; a Stream's request still
             # hides the stream's span (and record) from its children
             return None, _attach(_NO_SPAN, None) if current_anyway else None, None
         # (no attributes at the start: all are set at the end, in one mapping, CallRecord
@@ -320,7 +328,7 @@ class CallWrapper:
         observer, check_roles = self._observer, self._check_roles
         described = _Method.of(service, name, "unary")
         traced = observer.tracer is not None
-        # only a span to make: a root left out by the root sampling skips the rest
+        # only a span to make: a call left out by the root sampling skips the rest
         only_traced = traced and observer.metrics is None and not check_roles
         roots = observer.roots
         self._count_from_zero(described)
@@ -330,10 +338,9 @@ class CallWrapper:
                 await self._authorize(service, context)
                 return await inner(request, context)
             parent = caller_context(context) if traced else _NO_PARENT
-            drawn = only_traced and parent is _NO_PARENT
-            if drawn and not roots.traced():
-                return await inner(request, context)  # a root left out: nothing to record
-            started = observer.start(described, parent, request, drawn=drawn)
+            if only_traced and _left_out(roots, parent):
+                return await inner(request, context)  # left out: nothing to record
+            started = observer.start(described, parent, request, drawn=only_traced)
             start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None

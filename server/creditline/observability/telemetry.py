@@ -113,6 +113,10 @@ class RootSampling:
 
     ratio: float = 1.0
     draws: random.Random = field(default_factory=random.Random, compare=False)
+    # the SDK's sampler follows a caller's sampled flag (ParentBased, as every
+    # parentbased_* sampler does): a caller's unsampled trace can then be left out here
+    # too, with no span at all, where the SDK would make one and drop it
+    parent_based: bool = False
 
     def traced(self) -> bool:
         return self.ratio >= 1.0 or self.draws.random() < self.ratio
@@ -123,10 +127,10 @@ def tracing_sampling(environ: Mapping[str, str]) -> tuple[Sampler, RootSampling]
     variables: parentbased_traceidratio drawn ahead (RootSampling), the others by the SDK's
     sampler alone."""
     sampler = sampler_from(environ)
-    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
     if name == "parentbased_traceidratio":
-        return ParentBased(ALWAYS_ON), RootSampling(_ratio(environ))
-    return sampler, RootSampling()
+        return ParentBased(ALWAYS_ON), RootSampling(_ratio(environ), parent_based=True)
+    return sampler, RootSampling(parent_based=name.startswith("parentbased_"))
 
 
 def _ratio(environ: Mapping[str, str]) -> float:
