@@ -58,7 +58,6 @@ MODES: dict[str, tuple[Sampler, RootSampling] | None] = {
        for ratio in (0.01, 0.1, 1.0)},
 }
 GOALS = {"1%": 0.98, "10%": 0.95}
-NOMINAL_SHARES = {"1%": 0.01, "10%": 0.1}  # the share of calls each mode samples
 
 
 class EncodingExporter(SpanExporter):
@@ -316,8 +315,9 @@ async def _instructions(sessions: int, concurrency: int) -> None:
         goal = f"  (goal >= {GOALS[mode]})" if mode in GOALS else ""
         line = (f"  tracing {mode:>5}: {instructions:10,.0f}, ratio {off / instructions:.3f}"
                 f"; sampled {shares[mode]:6.1%} of calls")
-        share = NOMINAL_SHARES.get(mode)
-        if share is not None and shares[mode] < 1.0:
+        sampling = MODES[mode]
+        share = sampling[1].ratio if sampling is not None else None  # (the mode's own)
+        if share is not None and share < 1.0 and shares[mode] < 1.0:
             left_out = (instructions - off - shares[mode] * sampled) / (1.0 - shares[mode])
             exact = off + share * sampled + (1.0 - share) * left_out
             line += (f"; at exactly {share:.0%}: {exact:10,.0f}, ratio {off / exact:.3f} "

@@ -202,10 +202,7 @@ cdef int _any_value(Buffer* out, value) except -1:
     if type(value) is str:
         _text_bytes(out, 1, value)
     elif type(value) is tuple or type(value) is list:
-        start = _open(out, 5)
-        for item in value:
-            _close(out, _any_value_field(out, 1, item))
-        _close(out, start)
+        _array_value(out, value)
     elif isinstance(value, bool):
         _varint(out, (2 << 3) | VARINT)
         _varint(out, 1 if value else 0)
@@ -227,16 +224,22 @@ cdef int _any_value(Buffer* out, value) except -1:
         _varint(out, len(value))
         _raw(out, value, len(value))
     elif isinstance(value, Sequence):
-        start = _open(out, 5)
-        for item in value:
-            _close(out, _any_value_field(out, 1, item))
-        _close(out, start)
+        _array_value(out, value)
     elif isinstance(value, Mapping):
         start = _open(out, 6)
         _key_values(out, value, 1)
         _close(out, start)
     else:
         raise TypeError(f"invalid type {type(value).__name__} of value {value!r}")
+    return 0
+
+
+cdef int _array_value(Buffer* out, values) except -1:
+    """An AnyValue's ArrayValue: each item an AnyValue."""
+    cdef Py_ssize_t start = _open(out, 5)
+    for item in values:
+        _close(out, _any_value_field(out, 1, item))
+    _close(out, start)
     return 0
 
 

@@ -140,10 +140,8 @@ def _left_out(roots: RootSampling, parent: TraceContext) -> bool:
     naming no valid span: a malformed traceparent) the root sampling leaves out, or a
     caller's unsampled trace when the SDK's sampler would drop its span anyway
     (RootSampling.parent_based: why)."""
-    if parent is _NO_PARENT:
-        return not roots.traced()
-    caller = trace.get_current_span(parent).get_span_context()
-    if not caller.is_valid:
+    caller = None if parent is _NO_PARENT else trace.get_current_span(parent).get_span_context()
+    if caller is None or not caller.is_valid:
         return not roots.traced()
     return roots.parent_based and not caller.trace_flags.sampled
 
@@ -188,13 +186,12 @@ class Observer:
     def start(self, method: _Method, parent: TraceContext, request: Any = None,
               links: list[Link] | None = None, *, current_anyway: bool = False,
               drawn: bool = False) -> Started:
-        """The span (None without a tracer); when it is recorded, its CallRecord with its
-        method's and its request's attributes, set when it ends; made the current one with
-        its CallRecord when it is recorded (for its
-        children, its Redis calls and the log records) or `current_anyway` (a Stream's
-        request: its children must not take the stream's span for their parent), and
-        what end() needs to undo that. drawn: already drawn (and let through) by the root
-        sampling."""
+        """The span (None without a tracer) and, when it is recorded, its CallRecord
+        holding its method's and request's attributes (set when it ends). The span is made
+        the current one, with its record, when it is recorded (for its children, its
+        Redis calls and the log records) or `current_anyway` (a Stream's request: its
+        children must not take the stream's span for their parent); end() undoes that.
+        drawn: already drawn (and let through) by the root sampling."""
         if self.metrics is not None:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
@@ -234,8 +231,7 @@ def _end_span(record: CallRecord, response: Any, status: grpc.StatusCode,
     """The span's attributes, in one mapping (its method's and request's, gathered at
     its start, its answer's, its Redis calls'); its status; its error."""
     span = record.span
-    record.attributes.update(answer_attributes(response, status))
-    span.set_attributes(record.end_attributes())
+    span.set_attributes(record.end_attributes(answer_attributes(response, status)))
     if status in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, status.name))
     if error is not None and not isinstance(error, grpc.aio.AbortError) \

@@ -70,6 +70,7 @@ DEFAULT_SERVICE_NAME = "creditline"
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
                      5.0)
 _TRACE_EXPORTERS = ("none", "otlp", "console")
+DEFAULT_SAMPLER = "parentbased_always_on"  # (OpenTelemetry's default)
 _METRIC_EXPORTERS = ("none", "otlp", "console", "prometheus")
 _OTLP_PROTOCOLS = ("http/protobuf", "grpc")
 # OTEL_TRACES_SAMPLER's standard names -> the SDK's sampler, given the ratio (the SDK maps
@@ -127,7 +128,7 @@ def tracing_sampling(environ: Mapping[str, str]) -> tuple[Sampler, RootSampling]
     variables: parentbased_traceidratio drawn ahead (RootSampling), the others by the SDK's
     sampler alone."""
     sampler = sampler_from(environ)
-    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or DEFAULT_SAMPLER
     if name == "parentbased_traceidratio":
         return ParentBased(ALWAYS_ON), RootSampling(_ratio(environ), parent_based=True)
     return sampler, RootSampling(parent_based=name.startswith("parentbased_"))
@@ -147,7 +148,7 @@ def _ratio(environ: Mapping[str, str]) -> float:
 
 def sampler_from(environ: Mapping[str, str]) -> Sampler:
     """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, refused clearly when wrong."""
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    name = environ.get("OTEL_TRACES_SAMPLER", DEFAULT_SAMPLER).strip().lower()
     if name not in _SAMPLERS:
         raise TelemetryError(f"environment OTEL_TRACES_SAMPLER: {name!r} is not one of "
                              f"{', '.join(_SAMPLERS)}")
@@ -486,9 +487,11 @@ class CallRecord:
     redis_calls: int = 0
     redis_duration_s: float = 0.0
 
-    def end_attributes(self) -> dict[str, Any]:
-        """The attributes gathered, and the Redis ones when the call made a script call."""
+    def end_attributes(self, answer: Mapping[str, Any]) -> dict[str, Any]:
+        """The attributes gathered, the answer's, and the Redis ones when the call made a
+        script call."""
         attributes = self.attributes
+        attributes.update(answer)
         if self.redis_calls:
             attributes[REDIS_CALLS_ATTRIBUTE] = self.redis_calls
             attributes[REDIS_DURATION_ATTRIBUTE] = self.redis_duration_s
