@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -50,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.books import Books
 from tests.conftest import settings_with
 from tests.messages import RG_FREE, RG_PEAK_VOICE, RG_VOICE, block, ccr
-from tests.processes import serve, stop, wait_for_port
+from tests.processes import START_TIMEOUT_S, serve, stop, wait_for_port
 from tests.stream_client import charging_over
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -505,13 +506,29 @@ def _free_port_pair() -> int:
     raise AssertionError("no two free ports in a row")
 
 
+def _wait_until_serving(metrics_url: str, process: subprocess.Popen[str]) -> None:
+    """Until the worker behind `metrics_url` serves gRPC: its supervision's counter is
+    exposed only once its server has started (its metrics port opens before)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        try:
+            if "creditline_supervision_closures_total" in scrape(metrics_url):
+                return
+        except OSError:
+            pass  # its metrics port is not open yet
+        time.sleep(0.1)
+    pytest.fail(f"the worker behind {metrics_url} did not start")
+
+
 def test_one_scrape_per_worker_shows_every_workers_traffic() -> None:
     port, metrics_port = free_port(), _free_port_pair()
     process = serve("--listen-address", f"127.0.0.1:{port}", "--workers", "2",
                     "--metrics-listen-address", f"127.0.0.1:{metrics_port}")
     try:
         wait_for_port(port, process)
-        time.sleep(1)  # both workers have bound the port by now
+        for n in range(2):
+            _wait_until_serving(f"http://127.0.0.1:{metrics_port + n}/metrics", process)
         calls = 20
         for n in range(calls):  # new connections: the kernel spreads them over the workers
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel, pytest.raises(

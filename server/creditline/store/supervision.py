@@ -34,5 +34,7 @@ class Supervisor(PeriodicSweep):
                     partition, now_ms, self._batch):
                 if await self._store.close_if_stale(account_id, session_id, now_ms):
                     closed += 1
-        self.closed += closed
+                    # counted as it happens, not at the pass's end: a pass over many
+                    # partitions takes a while, and the metric reads this count
+                    self.closed += 1
         return closed
