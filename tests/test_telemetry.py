@@ -132,6 +132,36 @@ async def test_a_span_per_call_continuing_the_callers_trace(observed: Observed,
             and span.parent.span_id == rpc.context.span_id} == {"rating"}
 
 
+async def test_calls_at_once_each_continue_their_own_callers_trace(
+        observed: Observed, checked_books: Books) -> None:
+    """Each call's handler is chosen with its own metadata (handlers.ByMetadata): calls
+    made at once, some with a caller's trace and some without, never take another's."""
+    account_id = await _account(observed, checked_books, balance_micros=100_000_000)
+    observed.spans.clear()
+    callers = {f"at-once-{n}": uuid.uuid4().hex if n % 3 else None for n in range(24)}
+
+    async def event(session_id: str, trace_id: str | None) -> None:
+        metadata = () if trace_id is None else (
+            ("traceparent", f"00-{trace_id}-{PARENT_SPAN_ID}-01"),)
+        answer = await observed.charging.Event(pb.EventRequest(
+            session_id=session_id, account_id=account_id, action=pb.DIRECT_DEBIT,
+            rating_groups=[block(RG_VOICE, requested=1)]), metadata=metadata)
+        assert answer.result_code == pb.SUCCESS
+
+    await asyncio.gather(*(event(sid, trace) for sid, trace in callers.items()))
+    spans = _by_name(observed.spans.get_finished_spans(), "creditline.v1.Charging/Event")
+    by_session = {(span.attributes or {})["creditline.session_id"]: span for span in spans}
+    assert set(by_session) == set(callers)
+    for session_id, trace_id in callers.items():
+        span = by_session[session_id]
+        if trace_id is None:
+            assert span.parent is None
+            assert format(span.context.trace_id, "032x") not in callers.values()
+        else:
+            assert format(span.context.trace_id, "032x") == trace_id
+            assert span.parent is not None and span.parent.is_remote
+
+
 async def test_a_new_trace_without_trace_context(observed: Observed,
                                                 checked_books: Books) -> None:
     account_id = await _account(observed, checked_books)

@@ -12,7 +12,7 @@ sampled-out call then pays no parsing).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -90,9 +90,25 @@ def _handler(method: MethodDescriptor, implementation: Any) -> grpc.RpcMethodHan
 
 # Quoted: the stubs make RpcMethodHandler generic, the runtime class is not subscriptable.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+# A call's metadata as grpc gives it: (key, value) pairs, a value bytes for a -bin key.
+Metadata: TypeAlias = "Iterable[tuple[str, str | bytes]]"
+
+
+@dataclass(frozen=True, slots=True)
+class ByMetadata:
+    """A method whose handler is chosen for each call from the call's metadata, the one
+    grpc read to look the handler up (grpc.HandlerCallDetails.invocation_metadata): the
+    call wrapper's, to find a caller's trace context. Why there, not from the servicer
+    context: context.invocation_metadata() builds the metadata again on every call,
+    3-7 us a call (one user-agent header), ~3 % of a call's server CPU."""
+
+    for_call: Callable[[Metadata], Handler]
+
+
 # (the method's full name, its handler, its answer's message class: for answers written
-# as wire bytes, read only when a span or a metric needs them)
-Wrap: TypeAlias = "Callable[[str, Handler, type[Message]], Handler]"
+# as wire bytes, read only when a span or a metric needs them) -> its handler, or its
+# handler for each call
+Wrap: TypeAlias = "Callable[[str, Handler, type[Message]], Handler | ByMetadata]"
 
 
 if TYPE_CHECKING:  # generic in the stubs only, like RpcMethodHandler
@@ -105,15 +121,23 @@ class _Methods(_ServiceHandler):
     """The methods of one service by full name (grpc's own dictionary handler does the
     same)."""
 
-    def __init__(self, name: str, handlers: Mapping[str, Handler]) -> None:
+    def __init__(self, name: str, handlers: Mapping[str, Handler | ByMetadata]) -> None:
         self._name = name
-        self._handlers = {f"/{name}/{method}": handler for method, handler in handlers.items()}
+        self._handlers = {f"/{name}/{method}": handler for method, handler in handlers.items()
+                          if not isinstance(handler, ByMetadata)}
+        self._by_metadata = {f"/{name}/{method}": handler.for_call
+                             for method, handler in handlers.items()
+                             if isinstance(handler, ByMetadata)}
 
     def service_name(self) -> str:
         return self._name
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
-        return self._handlers.get(handler_call_details.method)
+        method = handler_call_details.method
+        for_call = self._by_metadata.get(method)
+        if for_call is not None:
+            return for_call(handler_call_details.invocation_metadata)
+        return self._handlers.get(method)
 
 
 def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
@@ -121,7 +145,7 @@ def add_service(server: grpc.aio.Server, servicer: object, service: ServiceDescr
     """Registers a servicer; `wrap` (the span, metrics and role check) gets each method's
     handler with its full name `/<service>/<method>` and returns the one to serve."""
     handlers = {m.name: _handler(m, getattr(servicer, m.name)) for m in service.methods}
-    if wrap is not None:
-        handlers = {m.name: wrap(f"/{service.full_name}/{m.name}", handlers[m.name],
-                                 GetMessageClass(m.output_type)) for m in service.methods}
-    server.add_generic_rpc_handlers((_Methods(service.full_name, handlers),))
+    wrapped: Mapping[str, Handler | ByMetadata] = handlers if wrap is None else {
+        m.name: wrap(f"/{service.full_name}/{m.name}", handlers[m.name],
+                     GetMessageClass(m.output_type)) for m in service.methods}
+    server.add_generic_rpc_handlers((_Methods(service.full_name, wrapped),))

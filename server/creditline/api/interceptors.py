@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import Token
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.protobuf.message import Message
@@ -56,6 +56,7 @@ from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind, Status, Stat
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from creditline.api import security
+from creditline.api.handlers import ByMetadata, Metadata
 from creditline.observability.telemetry import (
     CallRecord,
     Metrics,
@@ -125,10 +126,11 @@ def _split_method(method: str) -> tuple[str, str]:
     return service, name
 
 
-def caller_context(context: ServicerContext) -> TraceContext:
-    """The caller's trace context from its W3C trace headers; none when it sent none."""
+def caller_context(metadata: Metadata | None) -> TraceContext:
+    """The caller's trace context from its W3C trace headers in a call's metadata; none
+    (_NO_PARENT) when it sent none."""
     headers: dict[str, str] | None = None
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata or ():
         if key in _TRACE_HEADERS and isinstance(value, str):
             headers = headers or {}
             headers[key] = value
@@ -155,6 +157,14 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
         return code
     return grpc.StatusCode.UNKNOWN
+
+
+class UnaryCall(Protocol):
+    """A unary method's wrapped call: grpc calls it with (request, context); a call that
+    brings a caller's trace context, also with that (CallWrapper._for_caller)."""
+
+    def __call__(self, request: Any, context: ServicerContext,
+                 parent: TraceContext = ...) -> Awaitable[Any]: ...
 
 
 # What a call's context was made: the OTel context and the call record made current.
@@ -288,20 +298,43 @@ class CallWrapper:
         if metrics is not None and described.labels["rpc.service"] == _CHARGING:
             metrics.unable_to_comply.add(0, described.labels)
 
-    def wrap(self, method: str, handler: Handler, answer_class: type[Message]) -> Handler:
+    def wrap(self, method: str, handler: Handler, answer_class: type[Message]
+             ) -> Handler | ByMetadata:
         """The handler of `method` (`/<service>/<method>`) with the span, metrics and
-        role check around it; answer_class reads answers sent as wire bytes."""
+        role check around it; answer_class reads answers sent as wire bytes. A unary
+        method, traced: its handler for each call (ByMetadata), one of its own for a
+        call that brings a caller's trace context."""
         service, _ = _split_method(method)
         is_open = service in security.OPEN_SERVICES
         if handler.unary_unary is not None and not is_open:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary, answer_class),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+            call = self._unary(method, handler.unary_unary, answer_class)
+            unary = self._unary_handler(handler, call)
+            if self._observer.tracer is None:
+                return unary
+            return ByMetadata(lambda metadata: self._for_caller(
+                handler, call, caller_context(metadata)) or unary)
         observed = self._observed and service in _OBSERVED_STREAMS
         if is_open or not (self._check_roles or observed):
             return handler
         return self._streaming(method, handler, observed)
+
+    @staticmethod
+    def _unary_handler(handler: Handler,
+                       call: Callable[[Any, ServicerContext], Awaitable[Any]]) -> Handler:
+        return grpc.unary_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
+
+    def _for_caller(self, handler: Handler, call: UnaryCall, parent: TraceContext
+                    ) -> Handler | None:
+        """A call's own handler when it brings a caller's trace context (its parent);
+        None when it brings none: the method's shared handler serves it."""
+        if parent is _NO_PARENT:
+            return None
+
+        async def child(request: Any, context: ServicerContext) -> Any:
+            return await call(request, context, parent)
+        return self._unary_handler(handler, child)
 
     @property
     def stream_request(self) -> Callable[[pb.StreamRequest, StreamAnswerer],
@@ -319,7 +352,7 @@ class CallWrapper:
             raise
 
     def _unary(self, method: str, inner: Callable[..., Any], answer_class: type[Message]
-               ) -> Callable[[Any, ServicerContext], Awaitable[Any]]:
+               ) -> UnaryCall:
         service, name = _split_method(method)
         observer, check_roles = self._observer, self._check_roles
         described = _Method.of(service, name, "unary")
@@ -329,11 +362,11 @@ class CallWrapper:
         roots = observer.roots
         self._count_from_zero(described)
 
-        async def call(request: Any, context: ServicerContext) -> Any:
+        async def call(request: Any, context: ServicerContext,
+                       parent: TraceContext = _NO_PARENT) -> Any:
             if not self._observed:
                 await self._authorize(service, context)
                 return await inner(request, context)
-            parent = caller_context(context) if traced else _NO_PARENT
             if only_traced and _left_out(roots, parent):
                 return await inner(request, context)  # left out: nothing to record
             started = observer.start(described, parent, request, drawn=only_traced)
@@ -430,7 +463,8 @@ class CallWrapper:
 
         async def call(request: Any, context: ServicerContext) -> Any:
             started = None if observer is None else observer.start(
-                described, caller_context(context) if observer.tracer else _NO_PARENT)
+                described, caller_context(context.invocation_metadata())
+                if observer.tracer else _NO_PARENT)
             error: BaseException | None = None
             try:
                 return await self._stream(service, inner, request, context)
