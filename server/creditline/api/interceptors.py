@@ -12,7 +12,10 @@ of server CPU per call, the wrapper alone measures nothing.
 
 Spans are the SDK's (telemetry.Telemetry.tracer), by the rpc.* semantic conventions:
 - a unary call: a SERVER span `<service>/<method>`, child of the caller's trace when its
-  metadata carries W3C `traceparent` / `tracestate`;
+  metadata carries W3C `traceparent` / `tracestate` (read from the metadata grpc gives the
+  method's handler lookup, handlers.ByMetadata: such a call gets a handler of its own,
+  bound to its caller's trace context; a call without them is served by the method's
+  shared one);
 - Charging.Stream: a span for the stream, and one per request it carries (named by the
   request's kind, `creditline.v1.Charging/Update`, ...), each the root of a trace of its
   own (sampled on its own: a stream lives for hours) with a Link to the stream's span;
