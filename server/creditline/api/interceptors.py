@@ -43,6 +43,7 @@ check only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -164,7 +165,7 @@ def _status_code(context: ServicerContext, error: BaseException | None) -> grpc.
 
 class UnaryCall(Protocol):
     """A unary method's wrapped call: grpc calls it with (request, context); a call that
-    brings a caller's trace context, also with that (CallWrapper._for_caller)."""
+    brings a caller's trace context, also with that (CallWrapper._for_call)."""
 
     def __call__(self, request: Any, context: ServicerContext,
                  parent: TraceContext = ...) -> Awaitable[Any]: ...
@@ -314,8 +315,7 @@ class CallWrapper:
             unary = self._unary_handler(handler, call)
             if self._observer.tracer is None:
                 return unary
-            return ByMetadata(lambda metadata: self._for_caller(
-                handler, call, caller_context(metadata)) or unary)
+            return ByMetadata(functools.partial(self._for_call, handler, call, unary))
         observed = self._observed and service in _OBSERVED_STREAMS
         if is_open or not (self._check_roles or observed):
             return handler
@@ -328,12 +328,13 @@ class CallWrapper:
             call, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
-    def _for_caller(self, handler: Handler, call: UnaryCall, parent: TraceContext
-                    ) -> Handler | None:
-        """A call's own handler when it brings a caller's trace context (its parent);
-        None when it brings none: the method's shared handler serves it."""
+    def _for_call(self, handler: Handler, call: UnaryCall, unary: Handler,
+                  metadata: Metadata) -> Handler:
+        """One call's handler: the method's shared one (unary) when the call brings no
+        caller's trace context; else one of its own, bound to that context."""
+        parent = caller_context(metadata)
         if parent is _NO_PARENT:
-            return None
+            return unary
 
         async def child(request: Any, context: ServicerContext) -> Any:
             return await call(request, context, parent)
