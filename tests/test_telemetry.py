@@ -591,17 +591,22 @@ def test_only_server_errors_make_an_error_span(status: grpc.StatusCode, error_sp
     assert [event.name for event in ended.events] == (["exception"] if error_span else [])
 
 
+@pytest.mark.parametrize("with_metrics", [False, True])
 async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_callers(
-        redis_process: RedisProcess, settings: Settings, checked_books: Books) -> None:
+        redis_process: RedisProcess, settings: Settings, checked_books: Books,
+        with_metrics: bool) -> None:
     """OTEL_TRACES_SAMPLER=parentbased_traceidratio: the root sampling drawn ahead of the
     SDK traces about the ratio of calls with no trace context (the rest get no span at
     all), always a caller's sampled trace and never a caller's unsampled one; a Stream's
-    request left out gives its Redis call to no span (the stream's is not its parent)."""
+    request left out gives its Redis call to no span (the stream's is not its parent).
+    With metrics on too, every call is counted, traced or left out (a left-out unary call
+    is then served by the wrapper without a span; with tracing alone, unwrapped)."""
     spans = InMemorySpanExporter()
+    reader = InMemoryMetricReader() if with_metrics else None
     environ = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
                "OTEL_TRACES_SAMPLER_ARG": "0.2"}
-    running = await start_server(settings, redis_process.url,
-                                 build_telemetry(settings, environ, span_exporter=spans))
+    running = await start_server(settings, redis_process.url, build_telemetry(
+        settings, environ, span_exporter=spans, metric_reader=reader))
     calls = 400
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -642,6 +647,13 @@ async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_c
         # (the stream's own span is drawn as a root too; its requests' Redis calls are
         # never its own, traced or not)
         assert "creditline.redis.calls" not in (stream.attributes or {})
+    if reader is not None:
+        counted = {transport: sum(
+            point.value for point in _points(reader, "creditline.rpc.requests")
+            if point.attributes["rpc.method"] == "Event"
+            and point.attributes["creditline.transport"] == transport)
+            for transport in ("unary", "stream")}
+        assert counted == {"unary": calls + 40, "stream": 60}
 
 
 @pytest.mark.parametrize(("sampler", "traced"), [

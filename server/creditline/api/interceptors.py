@@ -33,8 +33,8 @@ Status ERROR only for server errors (the OTel convention for servers): a NOT_FOU
 caller's. A child (rating) is a span only under a sampled parent. A call with no caller's
 trace context is first drawn by the root sampling (telemetry.RootSampling), and with a
 parent-based sampler a caller's unsampled trace is left out there too: a call left out
-makes no span at all, and a unary one skips the rest of the wrapper when nothing else
-(metrics, the role check) needs it.
+makes no span at all, and a unary one (drawn when its handler is looked up) is served
+unwrapped when nothing else (metrics, the role check) needs the wrapper.
 A call refused by the role check is traced and counted with its status, and never reaches
 the servicer. Health is registered without the wrapper; reflection through it for the role
 check only.
@@ -168,7 +168,7 @@ class UnaryCall(Protocol):
     brings a caller's trace context, also with that (CallWrapper._for_call)."""
 
     def __call__(self, request: Any, context: ServicerContext,
-                 parent: TraceContext = ...) -> Awaitable[Any]: ...
+                 parent: TraceContext | None = ...) -> Awaitable[Any]: ...
 
 
 # What a call's context was made: the OTel context and the call record made current.
@@ -197,7 +197,7 @@ class Observer:
         self.metrics = metrics
         self.roots = roots or RootSampling()
 
-    def start(self, method: _Method, parent: TraceContext, request: Any = None,
+    def start(self, method: _Method, parent: TraceContext | None, request: Any = None,
               links: list[Link] | None = None, *, current_anyway: bool = False,
               drawn: bool = False) -> Started:
         """The span (None without a tracer) and, when it is recorded, its CallRecord
@@ -205,12 +205,12 @@ class Observer:
         the current one, with its record, when it is recorded (for its children, its
         Redis calls and the log records) or `current_anyway` (a Stream's request: its
         children must not take the stream's span for their parent); end() undoes that.
-        drawn: already drawn (and let through) by the root sampling."""
+        drawn: already drawn by the root sampling, and left out when parent is None."""
         if self.metrics is not None:
             self.metrics.in_flight.add(1, method.labels)
         if self.tracer is None:
             return None, None, None
-        if not drawn and _left_out(self.roots, parent):
+        if parent is None or (not drawn and _left_out(self.roots, parent)):
             # a call left out (RootSampling): no span at all; a Stream's request still
             # hides the stream's span (and record) from its children
             return None, _attach(_NO_SPAN, None) if current_anyway else None, None
@@ -288,6 +288,8 @@ class CallWrapper:
         self._observer = Observer(tracer, metrics, roots)
         self._observed = tracer is not None or metrics is not None
         self._check_roles = check_roles
+        # only a span to make: a unary call left out by the root sampling needs no wrapper
+        self._only_traced = tracer is not None and metrics is None and not check_roles
         self._stream_methods = {which: _Method.of(_CHARGING, name, "stream")
                                 for which, name in _STREAM_METHODS.items()}
         self._diameter_methods = {name: _Method.of(_CHARGING, name, "diameter")
@@ -315,7 +317,8 @@ class CallWrapper:
             unary = self._unary_handler(handler, call)
             if self._observer.tracer is None:
                 return unary
-            return ByMetadata(functools.partial(self._for_call, handler, call, unary))
+            return ByMetadata(functools.partial(self._for_call, handler, call, unary,
+                                                self._left_out_handler(handler, call)))
         observed = self._observed and service in _OBSERVED_STREAMS
         if is_open or not (self._check_roles or observed):
             return handler
@@ -328,11 +331,27 @@ class CallWrapper:
             call, request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer)
 
+    def _left_out_handler(self, handler: Handler, call: UnaryCall) -> Handler:
+        """A unary method's handler for the calls the root sampling leaves out: with only a
+        span to make, the method's own, unwrapped; else the wrapper without a span (its
+        metrics, its role check). Why unwrapped: the wrapper's coroutine is resumed at
+        each of the call's awaits; with its draw, a left-out call cost ~10k instructions
+        in the server (`python bench/tracing_overhead.py --instructions`, 2026-12-08)."""
+        if self._only_traced:
+            return handler
+
+        async def left_out(request: Any, context: ServicerContext) -> Any:
+            return await call(request, context, None)
+        return self._unary_handler(handler, left_out)
+
     def _for_call(self, handler: Handler, call: UnaryCall, unary: Handler,
-                  metadata: Metadata) -> Handler:
-        """One call's handler: the method's shared one (unary) when the call brings no
-        caller's trace context; else one of its own, bound to that context."""
+                  left_out: Handler, metadata: Metadata) -> Handler:
+        """One call's handler, the root sampling drawn for it: left_out's when it leaves
+        the call out; the method's shared one (unary) when the call brings no caller's
+        trace context; else one of its own, bound to that context."""
         parent = caller_context(metadata)
+        if _left_out(self._observer.roots, parent):
+            return left_out
         if parent is _NO_PARENT:
             return unary
 
@@ -360,20 +379,15 @@ class CallWrapper:
         service, name = _split_method(method)
         observer, check_roles = self._observer, self._check_roles
         described = _Method.of(service, name, "unary")
-        traced = observer.tracer is not None
-        # only a span to make: a call left out by the root sampling skips the rest
-        only_traced = traced and observer.metrics is None and not check_roles
-        roots = observer.roots
         self._count_from_zero(described)
 
         async def call(request: Any, context: ServicerContext,
-                       parent: TraceContext = _NO_PARENT) -> Any:
+                       parent: TraceContext | None = _NO_PARENT) -> Any:
+            # parent: None for a call the root sampling left out (drawn by _for_call)
             if not self._observed:
                 await self._authorize(service, context)
                 return await inner(request, context)
-            if only_traced and _left_out(roots, parent):
-                return await inner(request, context)  # left out: nothing to record
-            started = observer.start(described, parent, request, drawn=only_traced)
+            started = observer.start(described, parent, request, drawn=True)
             start_s = time.perf_counter()
             error: BaseException | None = None
             response: Any = None
