@@ -390,8 +390,8 @@ async def main(argv: Sequence[str]) -> int:
     # a long Redis deadline: on a crowded machine a call may wait, but must not fail;
     # no sweeps (supervision, renewals: 2 x 16 partitions' Redis calls every second) while
     # it is measured: their work goes by the clock, not by the calls, and under callgrind,
-    # ~50x slower, a run's sweeps added ~10k instructions to each call, more the longer a
-    # mode's run (at 10 %, a "left-out call" solved at +25k where the loop measures +5k)
+    # ~50x slower, a run's sweeps added ~20k instructions to each call (off: 588k -> 568k,
+    # 2026-12-07), more the longer a mode's run
     settings = replace(Settings(listen_address="127.0.0.1:0", plan_path=str(DEFAULT_PLAN_PATH)),
                        redis_max_connections=64, redis_call_timeout_s=30.0,
                        supervision_interval_s=SWEEP_INTERVAL_S,
