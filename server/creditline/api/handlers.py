@@ -100,7 +100,8 @@ class ByMetadata:
     grpc read to look the handler up (grpc.HandlerCallDetails.invocation_metadata): the
     call wrapper's, to find a caller's trace context. Why there, not from the servicer
     context: context.invocation_metadata() builds the metadata again on every call,
-    3-7 us a call (one user-agent header), ~3 % of a call's server CPU."""
+    3-7 us a call with one user-agent header, ~6k instructions, 1 % of a call's
+    (`python bench/tracing_overhead.py --instructions`, 1 % runs, 2026-12-08)."""
 
     for_call: Callable[[Metadata], Handler]
 
