@@ -266,10 +266,11 @@ INSTRUCTIONS_AT_ONCE = 2  # callgrind runs side by side (one per core)
 # The BatchSpanProcessor's timer under callgrind: an hour, so that batches are sent when
 # full (512 spans), as a server at speed sends them at 10 % (2,300 calls/s: 512 spans in
 # ~2 s, before the 5 s timer). Why: ~50x slower, a 10 % run had its timer send ~14-span
-# batches every 5 s, and counted +28k instructions a call more than with full batches
-# (2026-12-08, runs of 800 and 1,600 sessions: 609k against 581k a call). The export
-# thread's own count a span was the same; the rest is in the event loop's thread, not yet
-# explained, and not seen at speed (the saturated rounds at 10 %: 0.955-0.984 of off).
+# batches every 5 s; one pair of runs of 800 and 1,600 sessions counted 609k instructions
+# a call with it, 581k with full batches (2026-12-08), though a later run at an hour still
+# read 607.7k: the timer is part of what a 10 % run adds beyond its calls, not all. The
+# export thread's own count a span was the same; the rest is in the event loop's thread,
+# not yet explained (bench/README.md, "Issue 19, the night of 2026-12-07/08").
 CALLGRIND_SCHEDULE_DELAY_MS = str(3600 * 1000)
 
 
