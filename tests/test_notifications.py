@@ -23,6 +23,7 @@ from creditline.v1 import notifications_pb2 as npb
 from redis.asyncio import Redis
 
 from tests.messages import RG_SMS, RG_WEB, block, ccr
+from tests.waiting import until
 
 READ_TIMEOUT_S = 5.0
 
@@ -418,13 +419,6 @@ async def test_cursor_older_than_retention_is_refused(
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def _until(condition, timeout_s: float = READ_TIMEOUT_S) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
-
-
 async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reader_stopped(
         redis_process, settings):  # type: ignore[no-untyped-def]
     # a server of its own: the shared one may still hold other tests' subscriptions
@@ -449,7 +443,8 @@ async def test_streams_are_read_only_while_subscribed_and_resume_after_the_reade
             [e1] = await first.read(1)
             assert e1.session_id == "e1"
             first.cancel()
-            await _until(lambda: not hub.reading(partition))  # stops after its current read
+            # it stops after its current read
+            await until(lambda: not hub.reading(partition), READ_TIMEOUT_S)
             for n in range(2, 5):  # charged while nobody reads the streams
                 await sms(charging, acct, f"e{n}")
             resumed = await subscribe(notifications, account_ids=[acct], cursor=e1.cursor)

@@ -12,6 +12,7 @@ from creditline.v1 import admin_pb2 as admin_pb
 from creditline.v1 import charging_pb2 as pb
 
 from tests.messages import RG_VOICE, RG_WEB, block, ccr
+from tests.waiting import until
 
 
 async def test_stale_session_is_closed_once_by_supervision(
@@ -40,10 +41,7 @@ async def test_stale_session_is_closed_once_by_supervision(
 
     # the server's own sweep (every second) may have closed it while ours ran; its count
     # moves when its script's answer is read, which can come after ours
-    for _ in range(100):
-        if closures():
-            break
-        await asyncio.sleep(0.01)
+    await until(closures, timeout_s=1.0)
     # three more sweepers beside the server's own: the session is closed exactly once
     assert closures() == 1
 
