@@ -582,8 +582,12 @@ class Store:
         else:
             call = self._transport.evalsha(charge.script.sha, charge.script.source,
                                            script_keys, script_args)
-        return call if self._instrument is None else self._instrument.run(
-            "charge.lua", call, self.charge_operation)
+        instrument = self._instrument
+        if instrument is None or not (instrument.times_every_call
+                                      or instrument.records.get() is not None):
+            return call  # (ScriptInstrument.records says why not run() itself)
+        return instrument.run("charge.lua", call,
+                              "FCALL" if self._functions else "EVALSHA")
 
     def _script_call(self, script: _Named, name: str, keys: list[str],
                      args: list[int | str]) -> Awaitable[Any]:
