@@ -59,6 +59,12 @@ MODES: dict[str, tuple[Sampler, RootSampling] | None] = {
        for ratio in (0.01, 0.1, 1.0)},
 }
 GOALS = {"1%": 0.98, "10%": 0.95}
+# --instructions also counts 0 %: every root drawn and left out, what a left-out call
+# costs measured by itself, not solved from a mode's mix of sampled and left-out calls
+LEFT_OUT_MODE = "0%"
+INSTRUCTION_MODES = {"off": MODES["off"], LEFT_OUT_MODE: tracing_sampling(
+    {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0"}),
+    **{mode: sampling for mode, sampling in MODES.items() if mode != "off"}}
 
 
 class EncodingExporter(SpanExporter):
@@ -260,8 +266,13 @@ async def _rounds(settings: Settings, rounds: int, sessions: int, concurrency: i
     return runs
 
 
-# --instructions: each mode's server counted twice, with these many sessions and with
-# INSTRUCTION_SESSIONS_MORE more; the difference is the calls' own (no start, no imports).
+# --instructions: each mode's server counted twice, with --sessions and with
+# INSTRUCTIONS_LONGER times as many; the difference is the calls' own (no start, no
+# imports). Why 4x: the counts follow the timing of Redis replies and grpc batches, and two
+# runs of the same mode and size differed by 2-4 million instructions (2026-12-08); over
+# the 1,600 calls of 800 and 1,600 sessions that was +-1.5-2.7k a call, a left-out call's
+# whole cost, over the 4,800 calls of 800 and 3,200 it is a third of that.
+INSTRUCTIONS_LONGER = 4
 INSTRUCTIONS_AT_ONCE = 2  # callgrind runs side by side (one per core)
 # The BatchSpanProcessor's timer under callgrind: an hour, so that batches are sent when
 # full (512 spans), as a server at speed sends them at 10 % (2,300 calls/s: 512 spans in
@@ -308,40 +319,42 @@ async def _server_instructions(mode: str, sessions: int, concurrency: int, out_d
 
 async def _instructions(sessions: int, concurrency: int) -> None:
     """Instructions per call of each mode, and each mode's ratio to off: on a noisy
-    machine the steady figure (callgrind counts the same for the same work). Then the
-    same at exactly each mode's share of sampled calls: the roots are drawn at random, so
-    a run's share is off by chance (at 10 % over 1,600 calls, +-1.3 points, +-3.7k
-    instructions a call); a sampled call's cost is the 100 % run's, a left-out call's is
-    solved from each mode's run and its counted spans."""
-    more = sessions  # the second run has twice the sessions
+    machine the steady figure (callgrind counts nearly the same for the same work). Then
+    each mode at exactly its share of sampled calls: the roots are drawn at random, so a
+    run's share is off by chance (at 10 % over 4,800 calls, +-0.4 points, +-1k
+    instructions a call); the run's count is moved by what the calls it sampled too many
+    or too few cost more than left-out ones: a sampled call's cost is the 100 % run's, a
+    left-out call's the 0 % run's."""
+    longer = INSTRUCTIONS_LONGER * sessions
     at_once = asyncio.Semaphore(INSTRUCTIONS_AT_ONCE)
     with tempfile.TemporaryDirectory() as out_dir:
         async def counted(mode: str, count: int) -> Counted:
             async with at_once:
                 return await _server_instructions(mode, count, concurrency, out_dir)
 
-        runs = {mode: asyncio.gather(counted(mode, sessions), counted(mode, sessions + more))
-                for mode in MODES}
+        # (a mode's two runs side by side, each on a core: they share the machine's state)
+        runs = {mode: asyncio.gather(counted(mode, sessions), counted(mode, longer))
+                for mode in INSTRUCTION_MODES}
         results = dict(zip(runs, await asyncio.gather(*runs.values()), strict=True))
     per_call = {mode: (bigger.instructions - smaller.instructions) / (bigger.calls - smaller.calls)
                 for mode, (smaller, bigger) in results.items()}
     shares = {mode: (bigger.spans - smaller.spans) / (bigger.calls - smaller.calls)
               for mode, (smaller, bigger) in results.items()}
-    print(f"server instructions per call (callgrind; runs of {sessions} and "
-          f"{sessions + more} sessions, the difference over their calls):")
+    print(f"server instructions per call (callgrind; runs of {sessions} and {longer} "
+          f"sessions, the difference over their calls):")
     off = per_call["off"]
     sampled = per_call["100%"] - off  # what a sampled call adds
+    left_out = per_call[LEFT_OUT_MODE] - off  # what a left-out call adds
+    print(f"  a sampled call +{sampled:,.0f}, a left-out call +{left_out:,.0f}")
     for mode, instructions in per_call.items():
         goal = f"  (goal >= {GOALS[mode]})" if mode in GOALS else ""
         line = (f"  tracing {mode:>5}: {instructions:10,.0f}, ratio {off / instructions:.3f}"
                 f"; sampled {shares[mode]:6.1%} of calls")
-        sampling = MODES[mode]
+        sampling = INSTRUCTION_MODES[mode]
         share = sampling[1].ratio if sampling is not None else None  # (the mode's own)
-        if share is not None and share < 1.0 and shares[mode] < 1.0:
-            left_out = (instructions - off - shares[mode] * sampled) / (1.0 - shares[mode])
-            exact = off + share * sampled + (1.0 - share) * left_out
-            line += (f"; at exactly {share:.0%}: {exact:10,.0f}, ratio {off / exact:.3f} "
-                     f"(a left-out call +{left_out:,.0f}, a sampled one +{sampled:,.0f})")
+        if share is not None and 0.0 < share < 1.0:
+            exact = instructions + (share - shares[mode]) * (sampled - left_out)
+            line += f"; at exactly {share:.0%}: {exact:10,.0f}, ratio {off / exact:.3f}"
         print(line + goal)
 
 
@@ -378,7 +391,7 @@ async def main(argv: Sequence[str]) -> int:
     parser.add_argument("--client", nargs=5,
                         metavar=("TARGET", "RUN", "SESSIONS", "AT_ONCE", "RATE"),
                         help="(internal) be the load generator and print calls/s")
-    parser.add_argument("--one-mode", choices=list(MODES),
+    parser.add_argument("--one-mode", choices=list(INSTRUCTION_MODES),
                         help="(internal) serve one run of this mode (under callgrind)")
     args = parser.parse_args(argv)
     if args.client:
@@ -399,7 +412,7 @@ async def main(argv: Sequence[str]) -> int:
                        renewal_interval_s=SWEEP_INTERVAL_S)
     if args.one_mode:
         with RedisProcess() as redis:
-            run = await _measure(settings, redis.url, MODES[args.one_mode], "one",
+            run = await _measure(settings, redis.url, INSTRUCTION_MODES[args.one_mode], "one",
                                  args.sessions, args.concurrency)
         print(f"calls {run.calls} spans {run.spans}")
         return 0
