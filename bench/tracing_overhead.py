@@ -278,10 +278,9 @@ INSTRUCTIONS_AT_ONCE = 2  # callgrind runs side by side (one per core)
 # full (512 spans), as a server at speed sends them at 10 % (2,300 calls/s: 512 spans in
 # ~2 s, before the 5 s timer). Why: ~50x slower, a 10 % run had its timer send ~14-span
 # batches every 5 s; one pair of runs of 800 and 1,600 sessions counted 609k instructions
-# a call with it, 581k with full batches (2026-12-08), though a later run at an hour still
-# read 607.7k: the timer is part of what a 10 % run adds beyond its calls, not all. The
-# export thread's own count a span was the same; the rest is in the event loop's thread,
-# not yet explained (bench/README.md, "Issue 19, the night of 2026-12-07/08").
+# a call with it, 581k with full batches (2026-12-08); much of what a later run still
+# read beyond that was the noise of such short runs (INSTRUCTIONS_LONGER; bench/README.md,
+# "Issue 19, the morning of 2026-12-08").
 CALLGRIND_SCHEDULE_DELAY_MS = str(3600 * 1000)
 
 

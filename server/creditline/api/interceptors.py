@@ -352,8 +352,9 @@ class CallWrapper:
         One function, the scan and the draw inline, for the call that brings no trace
         headers (nearly every one). Through a partial and four functions (_for_call,
         caller_context, _left_out, RootSampling.traced), with ScriptInstrument.run, a
-        left-out call cost +10.1k instructions over tracing off; inline, +7.9k
-        (`python bench/tracing_overhead.py --instructions`, its 0 % runs, 2026-12-08)."""
+        left-out call cost +6.0k instructions over tracing off; inline, +1.5-2.6k (two
+        runs of `python bench/tracing_overhead.py --instructions`, its 0 % mode,
+        2026-12-08)."""
         roots = self._observer.roots
         draw, ratio = roots.draws.random, roots.ratio  # (random() < 1.0: ratio 1 always)
 
