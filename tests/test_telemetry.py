@@ -637,6 +637,9 @@ async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_c
     # 400 draws at 0.2: 80 expected; outside 45..120 happens less than once in 10^6 runs
     assert 45 <= len(roots) <= 120, len(roots)
     assert all(span.parent is None for span in roots)
+    # (the store times a sampled call's script call: it skips the timing only when
+    # nothing records it, a left-out call with metrics off)
+    assert all((span.attributes or {})["creditline.redis.calls"] == 1 for span in roots)
     followed = [span for span in events if session(span).startswith("caller-")]
     assert {session(span)[:9] for span in followed} == {"caller-01"} and len(followed) == 20
     assert {format(span.context.trace_id, "032x") for span in followed} == {TRACE_ID}
@@ -654,6 +657,10 @@ async def test_parentbased_traceidratio_traces_that_share_of_roots_and_follows_c
             and point.attributes["creditline.transport"] == transport)
             for transport in ("unary", "stream")}
         assert counted == {"unary": calls + 40, "stream": 60}
+        # every call's script call timed with metrics on, traced or left out
+        timed = sum(point.count for point in _points(reader, "creditline.redis.script.duration")
+                    if point.attributes["creditline.script"] == "charge.lua")
+        assert timed == calls + 40 + 60
 
 
 @pytest.mark.parametrize(("sampler", "traced"), [
