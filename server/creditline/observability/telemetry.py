@@ -343,7 +343,7 @@ class Telemetry:
     def script_instrument(self) -> ScriptInstrument | None:
         if not self.enabled:
             return None
-        return ScriptInstrument(self.metrics, self.tracer)
+        return ScriptInstrument(self.metrics)
 
     def traced_rater(self, rater: Rater) -> Rater:
         return rater if self.tracer is None else TracedRater(rater, self.tracer)
@@ -523,9 +523,8 @@ class ScriptInstrument:
     """Times one Redis script call: a latency sample, whether Redis is up, and on a sampled
     call's span the count and time of its script calls (a failed one: its exception)."""
 
-    def __init__(self, metrics: Metrics | None, tracer: Tracer | None = None) -> None:
+    def __init__(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
-        self._tracer = tracer
         # what a caller reads to skip run() itself on a call with nothing to record (only
         # tracing on, the call left out): `times_every_call or records.get() is not None`
         # says whether run() would time it. Why: run()'s Python call was ~1k instructions
@@ -540,9 +539,9 @@ class ScriptInstrument:
         """The call itself when there is nothing to record (a sampled-out call and no
         metrics): it then costs no extra coroutine or clock read. operation: EVALSHA or
         FCALL."""
-        record = None if self._tracer is None else _call_record.get()
-        if record is None and self._metrics is None:
-            return call
+        record = self.records.get()  # (None without a tracer: nothing sets it then)
+        if record is None and not self.times_every_call:
+            return call  # (the test a caller may make itself: see __init__)
         labels = self._labels.get((operation, script)) or self._new_labels(operation, script)
         return self._timed(labels, call, record)
 

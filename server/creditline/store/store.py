@@ -586,8 +586,7 @@ class Store:
         if instrument is None or not (instrument.times_every_call
                                       or instrument.records.get() is not None):
             return call  # (ScriptInstrument.records says why not run() itself)
-        return instrument.run("charge.lua", call,
-                              "FCALL" if self._functions else "EVALSHA")
+        return instrument.run("charge.lua", call, self.charge_operation)
 
     def _script_call(self, script: _Named, name: str, keys: list[str],
                      args: list[int | str]) -> Awaitable[Any]:
